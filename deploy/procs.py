@@ -1,0 +1,84 @@
+"""Background processes with pid files and logs under the state folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from kota.settings import StackSettings
+
+
+def pid_file(stack: StackSettings, name: str) -> Path:
+    return stack.run_dir / f"{name}.pid"
+
+
+def log_file(stack: StackSettings, name: str) -> Path:
+    return stack.logs_dir / f"{name}.log"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def running_pid(stack: StackSettings, name: str) -> int | None:
+    path = pid_file(stack, name)
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid) else None
+
+
+def spawn(stack: StackSettings, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+          cwd: Path | None = None, user: str | None = None) -> int:
+    """Start `argv` in its own session, output appended to logs/<name>.log; return its pid."""
+    stack.logs_dir.mkdir(parents=True, exist_ok=True)
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_file(stack, name), "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+                                user=user)
+    pid_file(stack, name).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def stop(stack: StackSettings, name: str, *, timeout_s: float = 20.0, hard: bool = False) -> bool:
+    """SIGTERM (or SIGKILL when `hard`), wait, then SIGKILL. Return whether it was running."""
+    pid = running_pid(stack, name)
+    if pid is None:
+        pid_file(stack, name).unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGKILL if hard else signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        while alive(pid):
+            _reap(pid)
+            time.sleep(0.05)
+    _reap(pid)
+    pid_file(stack, name).unlink(missing_ok=True)
+    return True
+
+
+def _reap(pid: int) -> None:
+    # Processes we started ourselves become zombies until reaped.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,205 @@
+"""The ingest gateway: MQTT (QoS 1) → parse and check → Kafka, acknowledging only what Kafka holds.
+
+    paho thread ──bounded queue──► asyncio: take a batch → parse → produce (idempotent, acks=all)
+                                            → await every send → MQTT ack
+Rejected input goes to the dead-letter topic with its original bytes and a reason, and is
+acknowledged only once that record is in Kafka too: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram, start_http_server
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ingest.mqtt_inbox import InboundMessage, MqttInbox
+from ingest.parse import ParseLimits, parse_message
+from kota.contract import (
+    DEADLETTER_TOPIC,
+    MQTT_SHARED_GROUP,
+    MQTT_TELEMETRY_FILTER,
+    READINGS_TOPIC,
+    Reading,
+    Rejection,
+    encode_dead_letter,
+    encode_device_batch,
+)
+from kota.registry import Device, load_devices
+from kota.settings import StackSettings
+
+log = logging.getLogger("kota.gateway")
+
+MESSAGES_IN = PromCounter("kota_gateway_messages_in", "MQTT messages received")
+READINGS_OUT = PromCounter("kota_gateway_readings_out", "readings acknowledged by Kafka")
+REJECTED = PromCounter("kota_gateway_rejected", "rejected readings or messages, by reason", ["reason"])
+QUEUE_DEPTH = Gauge("kota_gateway_queue_depth", "messages waiting between paho and Kafka")
+SEND_SECONDS = Histogram("kota_gateway_kafka_send_seconds", "time for Kafka to acknowledge a batch")
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KOTA_GATEWAY_", extra="ignore")
+
+    client_id: str = "kota-gateway-1"
+    shared_subscription: bool = True
+    queue_size: int = 20_000
+    batch_max_messages: int = 5_000
+    batch_wait_s: float = 0.05
+    registry_refresh_s: float = 10.0
+    max_payload_bytes: int = 256 * 1024
+    max_future_ms: int = 5 * 60 * 1000
+    max_age_ms: int = 7 * 24 * 3600 * 1000
+    log_burst_s: float = 10.0
+    metrics_enabled: bool = True
+
+
+class BurstLog:
+    """Log the first of a kind, then at most one summary per window: no log storms."""
+
+    def __init__(self, logger: logging.Logger, window_s: float) -> None:
+        self._log, self._window = logger, window_s
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e18) < self._window:
+            self._suppressed[key] += 1
+            return
+        more = self._suppressed.pop(key, 0)
+        suffix = f" (and {more} more like it in the last {self._window:.0f} s)" if more else ""
+        self._log.warning("%s%s", message, suffix)
+        self._last[key] = now
+
+
+class Gateway:
+    def __init__(self, *, stack: StackSettings, settings: GatewaySettings) -> None:
+        self._stack, self._settings = stack, settings
+        self._limits = ParseLimits(settings.max_payload_bytes, settings.max_future_ms, settings.max_age_ms)
+        topic_filter = (f"$share/{MQTT_SHARED_GROUP}/{MQTT_TELEMETRY_FILTER}" if settings.shared_subscription
+                        else MQTT_TELEMETRY_FILTER)
+        self._inbox = MqttInbox(host="127.0.0.1", port=stack.mqtt_port, client_id=settings.client_id,
+                                topic_filter=topic_filter, maxsize=settings.queue_size)
+        self._devices: dict[str, Device] = {}
+        self._devices_loaded_at = 0.0
+        self._producer: AIOKafkaProducer | None = None
+        self._burst = BurstLog(log, settings.log_burst_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self._settings.metrics_enabled:
+            start_http_server(self._stack.gateway_metrics_port, addr="127.0.0.1")
+        await self._refresh_devices(force=True)
+        self._producer = await self._start_producer(stop)
+        self._inbox.start()
+        try:
+            while not stop.is_set():
+                batch = await asyncio.to_thread(self._inbox.take_batch, self._settings.batch_max_messages,
+                                                self._settings.batch_wait_s)
+                QUEUE_DEPTH.set(self._inbox.depth)
+                if batch:
+                    await self._forward(batch, stop)
+                elif time.monotonic() - self._devices_loaded_at > self._settings.registry_refresh_s:
+                    await self._refresh_devices(force=True)
+        finally:
+            self._inbox.stop()
+            if self._producer is not None:
+                await self._producer.stop()
+
+    # -- registry ------------------------------------------------------------------------------
+    async def _refresh_devices(self, *, force: bool) -> None:
+        # An unknown device may have been provisioned a moment ago: re-read at most once a second.
+        if not force and time.monotonic() - self._devices_loaded_at < 1.0:
+            return
+        try:
+            self._devices = await asyncio.to_thread(self._load_devices)
+            self._devices_loaded_at = time.monotonic()
+        except psycopg.Error as exc:
+            self._burst.warning("registry", f"device registry unavailable, keeping {len(self._devices)} "
+                                            f"cached devices: {exc}")
+
+    def _load_devices(self) -> dict[str, Device]:
+        with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
+            return load_devices(conn)
+
+    # -- Kafka ---------------------------------------------------------------------------------
+    async def _start_producer(self, stop: asyncio.Event) -> AIOKafkaProducer:
+        while True:
+            producer = AIOKafkaProducer(bootstrap_servers=self._stack.kafka_bootstrap, acks="all",
+                                        enable_idempotence=True, linger_ms=5,
+                                        max_batch_size=512 * 1024, request_timeout_ms=30_000)
+            try:
+                await producer.start()
+                log.info("Kafka producer connected to %s", self._stack.kafka_bootstrap)
+                return producer
+            except KafkaError as exc:
+                await producer.stop()
+                self._burst.warning("kafka-start", f"Kafka not reachable at {self._stack.kafka_bootstrap}: {exc}")
+                if stop.is_set():
+                    raise
+                await asyncio.sleep(1.0)
+
+    async def _forward(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:
+        MESSAGES_IN.inc(len(batch))
+        if any(_device_of(m.topic) not in self._devices for m in batch):
+            await self._refresh_devices(force=False)
+        records: list[tuple[str, bytes, bytes]] = []
+        accepted = 0
+        rejected: Counter[str] = Counter()
+        for msg in batch:
+            result = parse_message(msg.topic, msg.payload, devices=self._devices,
+                                   received_ms=msg.received_ms, limits=self._limits)
+            by_device: defaultdict[str, list[Reading]] = defaultdict(list)
+            for reading in result.readings:
+                by_device[reading.device_id].append(reading)
+            for device_id, readings in by_device.items():
+                records.append((READINGS_TOPIC, device_id.encode(), encode_device_batch(readings)))
+                accepted += len(readings)
+            for rejection in result.rejections:
+                records.append((DEADLETTER_TOPIC, msg.topic.encode(),
+                                encode_dead_letter(topic=msg.topic, payload=msg.payload, rejection=rejection,
+                                                   received_ms=msg.received_ms)))
+                rejected[rejection.reason.value] += 1
+                self._log_rejection(msg, rejection)
+        await self._send_until_acknowledged(records, stop)
+        self._inbox.ack(batch)
+        READINGS_OUT.inc(accepted)
+        for reason, count in rejected.items():
+            REJECTED.labels(reason).inc(count)
+
+    async def _send_until_acknowledged(self, records: list[tuple[str, bytes, bytes]], stop: asyncio.Event) -> None:
+        """Send every record; on failure send them all again. A retry may duplicate a record in
+        Kafka, never lose one; the processor stores each reading once."""
+        while True:
+            assert self._producer is not None
+            started = time.perf_counter()
+            try:
+                futures = [await self._producer.send(topic, value=value, key=key) for topic, key, value in records]
+                await asyncio.gather(*futures)
+                SEND_SECONDS.observe(time.perf_counter() - started)
+                return
+            except KafkaError as exc:
+                self._burst.warning("kafka-send", f"Kafka send failed ({exc!r}); retrying {len(records)} records "
+                                                  "with a fresh producer; MQTT messages stay unacknowledged")
+                await self._producer.stop()
+                await asyncio.sleep(0.5)
+                self._producer = await self._start_producer(stop)
+
+    def _log_rejection(self, msg: InboundMessage, rejection: Rejection) -> None:
+        self._burst.warning(f"reject:{rejection.reason}",
+                            f"rejected {rejection.reason} on {msg.topic}: {rejection.message}")
+
+
+def _device_of(topic: str) -> str:
+    parts = topic.split("/")
+    return parts[3] if len(parts) == 5 else ""
+
+
+async def run_gateway(stack: StackSettings, settings: GatewaySettings, stop: asyncio.Event) -> None:
+    await Gateway(stack=stack, settings=settings).run(stop)

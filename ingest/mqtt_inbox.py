@@ -1,0 +1,108 @@
+"""paho-mqtt's network thread → a bounded queue. Nothing else happens on that thread.
+
+The queue is the backpressure: when it is full, `on_message` blocks, paho stops reading the
+socket, unacknowledged messages stay with the broker (QoS 1, persistent session), and memory
+stays flat. Messages are acknowledged by the asyncio side only after Kafka has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received_ms: int
+
+
+class MqttInbox:
+    def __init__(self, *, host: str, port: int, client_id: str, topic_filter: str, maxsize: int,
+                 username: str | None = None, password: str | None = None) -> None:
+        if maxsize <= 0:
+            raise ValueError("maxsize must be positive: an unbounded inbox is no backpressure")
+        self._topic_filter = topic_filter
+        self._queue: queue.Queue[InboundMessage] = queue.Queue(maxsize)
+        self._stopping = threading.Event()
+        self.connected = threading.Event()
+        self._host, self._port = host, port
+        # Persistent session (clean_session=False) + QoS 1 + manual ack: the broker keeps
+        # everything we have not acknowledged, across our crashes and restarts.
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                                   protocol=mqtt.MQTTv311, manual_ack=True)
+        if username:
+            self._client.username_pw_set(username, password)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=5)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._client.connect_async(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- paho's thread -------------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
+                    reason_code: mqtt.ReasonCode, _props: object) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT %s:%s refused the connection: %s", self._host, self._port, reason_code)
+            return
+        # Subscribe on every connect: peers lose subscriptions when the broker restarts
+        # without persistence; re-subscribing is harmless when the session kept it.
+        client.subscribe(self._topic_filter, qos=1)
+        self.connected.set()
+        log.info("MQTT connected to %s:%s, subscribed to %s", self._host, self._port, self._topic_filter)
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object,
+                       reason_code: mqtt.ReasonCode, _props: object) -> None:
+        self.connected.clear()
+        if not self._stopping.is_set():
+            log.warning("MQTT disconnected (%s); paho reconnects on its own", reason_code)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        item = InboundMessage(msg.mid, msg.qos, msg.topic, msg.payload, time.time_ns() // 1_000_000)
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue  # backpressure: hold paho's thread until the asyncio side catches up
+
+    # -- the asyncio side (called through asyncio.to_thread) -----------------------------------
+    def take_batch(self, max_items: int, wait_s: float) -> list[InboundMessage]:
+        try:
+            batch = [self._queue.get(timeout=wait_s)]
+        except queue.Empty:
+            return []
+        while len(batch) < max_items:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def ack(self, messages: list[InboundMessage]) -> None:
+        for m in messages:
+            if m.qos > 0:
+                self._client.ack(m.mid, m.qos)

@@ -1,0 +1,251 @@
+"""The `kota` command: one entry point for every part of the platform.
+
+    kota up / down / status        the whole local stack with a simulated city
+    kota gateway / processor / api the components, in the foreground
+    kota simulate                  a simulated city publishing over MQTT
+    kota migrate                   apply database migrations
+    kota devices add/list/disable  the device registry
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from kota.settings import StackSettings
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def _say(message: str) -> None:
+    print(f"kota: {message}", flush=True)
+
+
+def _run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+# -- stack -------------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from deploy import stack as local
+    from kota.schema import migrate
+
+    settings = StackSettings()
+    started = time.monotonic()
+    _say(f"state folder {settings.state_dir}")
+    try:
+        local.start_services(settings, _say)
+        backend, applied = migrate(settings.postgres_dsn)
+        _say(f"database schema up to date ({backend}{', applied ' + str(applied) if applied else ''})")
+        for name in ("gateway", "processor", "api"):
+            local.start_component(settings, name)
+        if not args.no_simulator:
+            local.start_component(settings, "simulate", "--devices", str(args.devices), "--interval",
+                                  str(args.interval), "--city", args.city, instance="simulator")
+        local.wait_until(lambda: _api_healthy(settings), "api", settings, timeout_s=60)
+    except local.StackError as exc:
+        _say(f"error: {exc}")
+        return 1
+    _say(f"up in {time.monotonic() - started:.0f} s")
+    _say(f"API           {settings.api_url}/api/v1/devices   (OpenAPI: {settings.api_url}/docs)")
+    _say(f"command page  {settings.api_url}/")
+    _say(f"health        {settings.api_url}/health")
+    _say(f"logs          {settings.logs_dir}")
+    return 0
+
+
+def _api_healthy(settings: StackSettings) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{settings.api_url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from deploy import procs
+    from deploy import stack as local
+
+    settings = StackSettings()
+    for name in sorted(p.stem for p in settings.run_dir.glob("*.pid")):
+        if name not in ("mosquitto", "kafka") and procs.stop(settings, name):
+            _say(f"{name} stopped")
+    if not args.keep_services:
+        local.stop_services(settings, _say)
+    _say(f"down; data kept in {settings.state_dir}")
+    return 0
+
+
+def cmd_status(_args: argparse.Namespace) -> int:
+    from deploy import stack as local
+
+    settings = StackSettings()
+    rows = local.status_rows(settings)
+    width = max(len(name) for name, _, _ in rows)
+    for name, state, where in rows:
+        print(f"{name:<{width}}  {state:<32}  {where}")
+    return 0 if all(state.startswith("running") for name, state, _ in rows[:3]) else 1
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from kota.schema import migrate
+
+    backend, applied = migrate(StackSettings().postgres_dsn)
+    _say(f"schema up to date on {backend}; applied now: {applied or 'nothing'}")
+    return 0
+
+
+# -- components --------------------------------------------------------------------------------
+def cmd_gateway(_args: argparse.Namespace) -> int:
+    from ingest.gateway import GatewaySettings, run_gateway
+
+    _setup_logging()
+    stack, settings = StackSettings(), GatewaySettings()
+    _run_until_signalled(lambda stop: run_gateway(stack, settings, stop))
+    return 0
+
+
+def cmd_processor(_args: argparse.Namespace) -> int:
+    from processing.processor import ProcessorSettings, run_processor
+
+    _setup_logging()
+    stack, settings = StackSettings(), ProcessorSettings()
+    _run_until_signalled(lambda stop: run_processor(stack, settings, stop))
+    return 0
+
+
+def cmd_api(_args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ops_api.main import create_app
+
+    _setup_logging()
+    stack = StackSettings()
+    uvicorn.run(create_app(stack), host="127.0.0.1", port=stack.api_port, log_level="warning")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from kota.registry import upsert_devices
+    from simulators.city import build_city
+    from simulators.publisher import run
+
+    _setup_logging()
+    stack = StackSettings()
+    city = build_city(args.city, args.devices, args.seed)
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        upsert_devices(conn, city.devices)
+    logging.getLogger("kota.simulator").info("city %s: %d devices provisioned, publishing every %.1f s",
+                                             city.city, len(city.devices), args.interval)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run(city, port=stack.mqtt_port, interval_s=args.interval, stop=stop, max_ticks=args.ticks)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# -- registry ----------------------------------------------------------------------------------
+def cmd_devices(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from kota.registry import load_devices, new_device, set_enabled, upsert_devices
+
+    stack = StackSettings()
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        if args.action == "add":
+            device = new_device(args.device_id, args.city, args.type, district=args.district, lat=args.lat,
+                                lon=args.lon)
+            upsert_devices(conn, [device])
+            _say(f"device {device.device_id} ({device.device_type}) registered in {device.city}/{device.domain}; "
+                 f"metrics: {', '.join(device.metrics)}")
+        elif args.action == "list":
+            for d in load_devices(conn, args.city).values():
+                state = "enabled" if d.enabled else "DISABLED"
+                print(f"{d.device_id:<36} {d.city:<12} {d.domain:<12} {d.device_type:<18} {state}")
+        else:
+            if not set_enabled(conn, args.device_id, args.action == "enable"):
+                _say(f"error: no device {args.device_id!r}")
+                return 1
+            _say(f"device {args.device_id} {args.action}d")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kota.registry import DEVICE_TYPES
+
+    parser = argparse.ArgumentParser(prog="kota", description="kotacerdas: smart-city sensor platform")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="install what is missing, start the stack and a simulated city")
+    up.add_argument("--devices", type=int, default=36, help="simulated devices (default 36)")
+    up.add_argument("--interval", type=float, default=5.0, help="seconds between readings (default 5)")
+    up.add_argument("--city", default="bandung", help="simulated city id (default bandung)")
+    up.add_argument("--no-simulator", action="store_true", help="start the platform without a simulated city")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop everything; stored data stays")
+    down.add_argument("--keep-services", action="store_true", help="stop only the project's processes")
+    down.set_defaults(func=cmd_down)
+
+    sub.add_parser("status", help="show each service and project process").set_defaults(func=cmd_status)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("gateway", help="run the MQTT → Kafka gateway in the foreground").set_defaults(func=cmd_gateway)
+    sub.add_parser("processor", help="run the stream processor in the foreground").set_defaults(func=cmd_processor)
+    sub.add_parser("api", help="run the ops API and page in the foreground").set_defaults(func=cmd_api)
+
+    sim = sub.add_parser("simulate", help="run a simulated city publishing over MQTT")
+    sim.add_argument("--devices", type=int, default=36)
+    sim.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
+    sim.add_argument("--city", default="bandung")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--ticks", type=int, default=None, help="stop after this many rounds")
+    sim.set_defaults(func=cmd_simulate)
+
+    dev = sub.add_parser("devices", help="manage the device registry")
+    dev_sub = dev.add_subparsers(dest="action", required=True)
+    add = dev_sub.add_parser("add", help="register a device")
+    add.add_argument("device_id")
+    add.add_argument("--city", required=True)
+    add.add_argument("--type", required=True, choices=sorted(DEVICE_TYPES))
+    add.add_argument("--district")
+    add.add_argument("--lat", type=float)
+    add.add_argument("--lon", type=float)
+    lst = dev_sub.add_parser("list", help="list devices")
+    lst.add_argument("--city")
+    for action in ("disable", "enable"):
+        p = dev_sub.add_parser(action, help=f"{action} a device")
+        p.add_argument("device_id")
+    dev.set_defaults(func=cmd_devices)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The wire contract: the canonical reading, topic names and rejection reasons.
+
+Defined once here and imported by every stage (simulators, ingest, processing, ops_api), so a
+change to the shape of a reading is a change in one file.
+
+MQTT (device side)
+    kota/{city}/{domain}/{device_id}/telemetry     a device publishes its own readings
+
+Kafka (inside the platform)
+    READINGS_TOPIC     one record per (MQTT message, device): key = device id (keeps each
+                       device in order), value = `encode_device_batch(...)`
+    DEADLETTER_TOPIC   one record per rejected message: original bytes, topic, reason, message
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+# -- topics ------------------------------------------------------------------------------------
+READINGS_TOPIC = "kota.readings"
+DEADLETTER_TOPIC = "kota.deadletter"
+KAFKA_TOPICS = (READINGS_TOPIC, DEADLETTER_TOPIC)
+
+MQTT_TOPIC_ROOT = "kota"
+MQTT_TELEMETRY_FILTER = f"{MQTT_TOPIC_ROOT}/+/+/+/telemetry"
+MQTT_SHARED_GROUP = "kota-gateways"
+
+DOMAINS = ("environment", "traffic", "utilities")
+
+# Identifiers travel in topics and keys: keep them to a safe, lower-case alphabet.
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+MAX_ID_LENGTH = 64
+
+
+def is_valid_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_ID_LENGTH and set(value) <= _ID_CHARS
+
+
+def device_telemetry_topic(city: str, domain: str, device_id: str) -> str:
+    return f"{MQTT_TOPIC_ROOT}/{city}/{domain}/{device_id}/telemetry"
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryTopic:
+    city: str
+    domain: str
+    device_id: str
+
+
+def parse_telemetry_topic(topic: str) -> TelemetryTopic | None:
+    """`kota/{city}/{domain}/{device}/telemetry` → its parts, or None if it is not one."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != MQTT_TOPIC_ROOT or parts[4] != "telemetry":
+        return None
+    _, city, domain, device_id, _ = parts
+    if domain not in DOMAINS or not is_valid_id(city) or not is_valid_id(device_id):
+        return None
+    return TelemetryTopic(city, domain, device_id)
+
+
+# -- canonical measurements --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """A canonical measurement: FIWARE Smart Data Models name, canonical unit, physical range."""
+
+    name: str
+    unit: str
+    low: float
+    high: float
+    description: str
+
+
+def _m(name: str, unit: str, low: float, high: float, description: str) -> Metric:
+    return Metric(name, unit, low, high, description)
+
+
+# Units are SenML / UCUM symbols. relativeHumidity is in percent, currentLevel in centimetres.
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        _m("pm1", "ug/m3", 0, 2000, "PM1 concentration"),
+        _m("pm25", "ug/m3", 0, 2000, "PM2.5 concentration"),
+        _m("pm10", "ug/m3", 0, 3000, "PM10 concentration"),
+        _m("no2", "ug/m3", 0, 5000, "nitrogen dioxide"),
+        _m("o3", "ug/m3", 0, 3000, "ozone"),
+        _m("co", "ug/m3", 0, 100000, "carbon monoxide"),
+        _m("so2", "ug/m3", 0, 5000, "sulphur dioxide"),
+        _m("hc", "ug/m3", 0, 5000, "hydrocarbons"),
+        _m("temperature", "Cel", -40, 70, "air temperature"),
+        _m("relativeHumidity", "%RH", 0, 100, "relative humidity, percent"),
+        _m("windSpeed", "m/s", 0, 100, "wind speed"),
+        _m("windDirection", "deg", 0, 360, "wind direction"),
+        _m("precipitation", "mm", 0, 500, "rain in the reporting period"),
+        _m("LAeq", "dB", 0, 160, "equivalent continuous sound level, A-weighted"),
+        _m("LAmax", "dB", 0, 180, "maximum sound level, A-weighted"),
+        _m("currentLevel", "cm", -500, 5000, "water level at a gate, centimetres"),
+        _m("flow", "m3/s", 0, 10000, "water flow"),
+        _m("intensity", "veh/min", 0, 1000, "vehicles counted per minute"),
+        _m("occupancy", "/", 0, 1, "lane occupancy, fraction 0-1"),
+        _m("averageVehicleSpeed", "km/h", 0, 250, "mean vehicle speed"),
+        _m("waterConsumption", "m3/h", 0, 100000, "water consumption rate"),
+        _m("pressure", "bar", 0, 50, "water network pressure"),
+        _m("activePower", "kW", 0, 100000, "electric active power"),
+        _m("activeEnergy", "kWh", 0, 1e12, "electric energy meter reading"),
+        _m("powerState", "/", 0, 2, "street light state: 0 off, 1 on, 2 fault"),
+        _m("illuminanceLevel", "lx", 0, 200000, "illuminance"),
+        _m("powerConsumption", "W", 0, 10000, "street light power draw"),
+    )
+}
+
+
+# -- the canonical reading ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One measurement, as every stage after the gateway sees it."""
+
+    ts_ms: int  # event time, UTC epoch milliseconds
+    city: str
+    domain: str
+    device_id: str
+    metric: str
+    value: float
+    unit: str
+    received_ms: int  # when the gateway received it, UTC epoch milliseconds
+    source: str  # how it arrived, e.g. "mqtt-json"
+
+
+WIRE_VERSION = 1
+
+
+def encode_device_batch(readings: list[Reading]) -> bytes:
+    """Readings of one device from one MQTT message → one Kafka record value.
+
+    All readings must share city, domain, device, receive time and source; only
+    (time, metric, value, unit) are repeated, which keeps records small.
+    """
+    first = readings[0]
+    body = {
+        "v": WIRE_VERSION,
+        "city": first.city,
+        "domain": first.domain,
+        "device": first.device_id,
+        "recv": first.received_ms,
+        "src": first.source,
+        "r": [[r.ts_ms, r.metric, r.value, r.unit] for r in readings],
+    }
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_device_batch(value: bytes) -> list[Reading]:
+    body = json.loads(value)
+    if body.get("v") != WIRE_VERSION:
+        raise ValueError(f"unsupported wire version {body.get('v')!r}")
+    city, domain, device, recv, src = body["city"], body["domain"], body["device"], body["recv"], body["src"]
+    return [Reading(int(ts), city, domain, device, metric, float(val), unit, recv, src)
+            for ts, metric, val, unit in body["r"]]
+
+
+# -- rejections --------------------------------------------------------------------------------
+class Reason(StrEnum):
+    """Stable reason codes for rejected input. Integrators and dashboards key on these."""
+
+    MALFORMED_JSON = "malformed_json"
+    NOT_UTF8 = "not_utf8"
+    OVERSIZED = "oversized"
+    BAD_TOPIC = "bad_topic"
+    BAD_SHAPE = "bad_shape"
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_DISABLED = "device_disabled"
+    WRONG_CITY_OR_DOMAIN = "wrong_city_or_domain"
+    UNKNOWN_METRIC = "unknown_metric"
+    WRONG_TYPE = "wrong_type"
+    NOT_FINITE = "not_finite"
+    OUT_OF_RANGE = "out_of_range"
+    TIME_IN_FUTURE = "time_in_future"
+    TIME_TOO_OLD = "time_too_old"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: Reason
+    message: str  # for a person: what was wrong and how to fix it
+
+
+def encode_dead_letter(*, topic: str, payload: bytes, rejection: Rejection, received_ms: int) -> bytes:
+    body = {
+        "v": WIRE_VERSION,
+        "reason": rejection.reason.value,
+        "message": rejection.message,
+        "topic": topic,
+        "received_ms": received_ms,
+        "payload_b64": base64.b64encode(payload).decode(),
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_dead_letter(value: bytes) -> dict[str, object]:
+    body: dict[str, object] = json.loads(value)
+    body["payload"] = base64.b64decode(str(body.pop("payload_b64")))
+    return body
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

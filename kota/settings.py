@@ -1,0 +1,92 @@
+"""Stack settings: one object that tells every component where the local services are.
+
+All values come from `KOTA_*` environment variables (pydantic-settings). Ports default to
+values that do not clash with services a machine usually runs (1883, 5432, 9092 stay free);
+`KOTA_PORT_OFFSET` shifts them all at once, which is how the test suite runs its own stack
+beside a developer's.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_state_dir() -> Path:
+    # Inside the checkout when we run from one (the usual case), else in the user's home.
+    if (PROJECT_ROOT / "pyproject.toml").exists():
+        return PROJECT_ROOT / ".kota"
+    return Path.home() / ".kota"
+
+
+class StackSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KOTA_", extra="ignore")
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    port_offset: int = 0
+
+    mqtt_base_port: int = 18830
+    postgres_base_port: int = 15432
+    kafka_base_port: int = 19092
+    kafka_controller_base_port: int = 19093
+    api_base_port: int = 18000
+    gateway_metrics_base_port: int = 18091
+    processor_metrics_base_port: int = 18092
+
+    kafka_partitions: int = 4
+    kafka_heap: str = "512m"
+    database: str = "kota"
+
+    # -- derived addresses -------------------------------------------------------------------
+    @property
+    def mqtt_port(self) -> int:
+        return self.mqtt_base_port + self.port_offset
+
+    @property
+    def postgres_port(self) -> int:
+        return self.postgres_base_port + self.port_offset
+
+    @property
+    def kafka_port(self) -> int:
+        return self.kafka_base_port + self.port_offset
+
+    @property
+    def kafka_controller_port(self) -> int:
+        return self.kafka_controller_base_port + self.port_offset
+
+    @property
+    def api_port(self) -> int:
+        return self.api_base_port + self.port_offset
+
+    @property
+    def gateway_metrics_port(self) -> int:
+        return self.gateway_metrics_base_port + self.port_offset
+
+    @property
+    def processor_metrics_port(self) -> int:
+        return self.processor_metrics_base_port + self.port_offset
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def postgres_dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.postgres_port} user=postgres dbname={self.database}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @cached_property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @cached_property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"

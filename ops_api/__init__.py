@@ -1,0 +1,1 @@
+"""Ops API: FastAPI service and command-centre page, reading what processing stored."""

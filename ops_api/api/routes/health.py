@@ -1,0 +1,81 @@
+"""GET /health: does each dependency really answer?"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+
+from aiokafka.client import AIOKafkaClient
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
+
+from ops_api import queries
+from ops_api.api.deps import Connection, Stack
+
+router = APIRouter(tags=["health"])
+
+# MQTT 3.1.1 CONNECT, clean session, keepalive 5 s, client id "kota-health". A CONNACK of any
+# return code (0 accepted, 5 not authorised) proves the broker is up and speaking MQTT.
+_MQTT_CONNECT = bytes([0x10, 23, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 5, 0, 11]) + b"kota-health"
+
+
+class DependencyHealth(BaseModel):
+    ok: bool
+    detail: str
+    latency_ms: float
+
+
+class Health(BaseModel):
+    status: str
+    dependencies: dict[str, DependencyHealth]
+    last_reading_at: dt.datetime | None
+
+
+async def _timed(check: object) -> DependencyHealth:
+    started = time.perf_counter()
+    try:
+        detail = await asyncio.wait_for(check, timeout=3)  # type: ignore[arg-type]
+        ok = True
+    except Exception as exc:  # noqa: BLE001 - a health check reports every failure
+        detail, ok = f"{type(exc).__name__}: {exc}", False
+    return DependencyHealth(ok=ok, detail=str(detail), latency_ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+async def _mqtt(port: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(_MQTT_CONNECT)
+        await writer.drain()
+        connack = await reader.readexactly(4)
+        if connack[0] != 0x20:
+            raise ConnectionError(f"unexpected reply {connack!r}")
+        return f"broker answered CONNACK (code {connack[3]})"
+    finally:
+        writer.close()
+
+
+async def _kafka(bootstrap: str) -> str:
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2500)
+    try:
+        await client.bootstrap()
+        cluster = await client.fetch_all_metadata()
+        return f"{len(cluster.brokers())} broker(s), {len(cluster.topics())} topic(s)"
+    finally:
+        await client.close()
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(conn: Connection, stack: Stack, response: Response) -> Health:
+    async def database() -> str:
+        await conn.execute("SELECT 1")
+        return "PostgreSQL answered"
+
+    db, kafka, mqtt = await asyncio.gather(_timed(database()), _timed(_kafka(stack.kafka_bootstrap)),
+                                           _timed(_mqtt(stack.mqtt_port)))
+    last = await queries.last_reading_time(conn) if db.ok else None
+    deps = {"postgres": db, "kafka": kafka, "mqtt": mqtt}
+    ok = all(d.ok for d in deps.values())
+    if not ok:
+        response.status_code = 503
+    return Health(status="ok" if ok else "degraded", dependencies=deps, last_reading_at=last)

@@ -1,0 +1,1 @@
+"""Processing: Kafka → micro-batches → TimescaleDB/PostgreSQL, exactly once."""

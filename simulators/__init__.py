@@ -1,0 +1,1 @@
+"""Simulators: a simulated city publishing over MQTT as real devices would."""

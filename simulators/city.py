@@ -1,0 +1,86 @@
+"""A small simulated city: devices across districts, each with believable values.
+
+Deterministic: the same seed gives the same devices and the same stream of values for the same
+tick numbers. Values follow a daily cycle (rush hours, night lows) with sensor noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kota.registry import Device, new_device
+
+# Districts of a Bandung-like city, centred near (-6.91, 107.61).
+DISTRICTS = [
+    ("coblong", -6.887, 107.613), ("sukajadi", -6.884, 107.590), ("bandung-wetan", -6.905, 107.617),
+    ("regol", -6.934, 107.606), ("kiaracondong", -6.925, 107.646), ("cicendo", -6.903, 107.584),
+]
+
+# Share of each device type in the simulated city.
+MIX = [("air_quality", 3), ("noise", 2), ("water_level", 2), ("traffic_corridor", 4),
+       ("water_meter", 2), ("electricity_meter", 2), ("street_light", 3)]
+
+
+@dataclass(frozen=True)
+class SimulatedCity:
+    city: str
+    devices: list[Device]
+    seed: int
+
+
+def build_city(city: str = "bandung", n_devices: int = 36, seed: int = 1) -> SimulatedCity:
+    rng = np.random.default_rng(seed)
+    weights = np.array([w for _, w in MIX], dtype=float)
+    counts = np.floor(weights / weights.sum() * n_devices).astype(int)
+    counts[np.argsort(-weights)[: n_devices - counts.sum()]] += 1  # hand out the remainder
+    devices = []
+    for (device_type, _), count in zip(MIX, counts, strict=True):
+        for i in range(count):
+            district, lat, lon = DISTRICTS[int(rng.integers(len(DISTRICTS)))]
+            devices.append(new_device(
+                f"{city}-{device_type.replace('_', '-')}-{i + 1:03d}", city, device_type, district=district,
+                lat=round(lat + float(rng.normal(0, 0.006)), 5), lon=round(lon + float(rng.normal(0, 0.006)), 5)))
+    return SimulatedCity(city, devices, seed)
+
+
+def _daily(hour: float, peak: float, width: float = 2.5) -> float:
+    """A smooth bump around `peak` o'clock, 0..1."""
+    d = min(abs(hour - peak), 24 - abs(hour - peak))
+    return math.exp(-(d / width) ** 2)
+
+
+def values_at(device: Device, ts_ms: int, rng: np.random.Generator) -> dict[str, float]:
+    """Believable values for one device at one time (local time WIB = UTC+7)."""
+    hour = ((ts_ms / 3_600_000) + 7) % 24
+    rush = max(_daily(hour, 7.5), _daily(hour, 17.5))
+    night = _daily(hour, 2.0, 4.0)
+    noise = rng.normal
+    t = device.device_type
+    if t == "air_quality":
+        pm25 = max(1.0, 25 + 35 * rush + noise(0, 3))
+        return {"pm25": pm25, "pm10": pm25 * 1.6 + noise(0, 3), "no2": max(1, 30 + 50 * rush + noise(0, 4)),
+                "o3": max(1, 40 + 60 * _daily(hour, 13, 3) + noise(0, 4)), "co": max(50, 900 + 1500 * rush + noise(0, 80)),
+                "so2": max(1, 15 + 10 * rush + noise(0, 2)), "temperature": 23 + 7 * _daily(hour, 14, 4) + noise(0, 0.3),
+                "relativeHumidity": min(100, 85 - 25 * _daily(hour, 14, 4) + noise(0, 2))}
+    if t == "noise":
+        laeq = 48 + 22 * rush + 8 * (1 - night) + noise(0, 1.5)
+        return {"LAeq": laeq, "LAmax": laeq + 12 + abs(noise(0, 3))}
+    if t == "water_level":
+        return {"currentLevel": max(0, 60 + 10 * math.sin(ts_ms / 3_600_000 / 6) + noise(0, 1))}
+    if t == "traffic_corridor":
+        occupancy = min(0.95, max(0.02, 0.12 + 0.6 * rush + noise(0, 0.03)))
+        return {"occupancy": occupancy, "averageVehicleSpeed": max(3, 55 * (1 - occupancy) + noise(0, 2)),
+                "intensity": max(0, 8 + 40 * rush - 6 * night + noise(0, 2))}
+    if t == "water_meter":
+        return {"waterConsumption": max(0, 2 + 3 * _daily(hour, 6.5) + 2 * _daily(hour, 19) + noise(0, 0.2)),
+                "pressure": max(0.5, 3.2 - 0.8 * rush + noise(0, 0.05))}
+    if t == "electricity_meter":
+        power = max(0, 40 + 50 * _daily(hour, 19, 3) + 20 * _daily(hour, 13, 4) + noise(0, 3))
+        return {"activePower": power, "activeEnergy": 1e5 + ts_ms / 3_600_000 * 60}
+    if t == "street_light":
+        on = 1.0 if hour >= 18 or hour < 6 else 0.0
+        return {"powerState": on, "powerConsumption": max(0.0, on * 120 + noise(0, 2)) if on else 0.0}
+    raise ValueError(f"no simulation for device type {t!r}")
