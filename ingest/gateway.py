@@ -88,14 +88,15 @@ class Gateway:
         self._inbox = MqttInbox(host="127.0.0.1", port=stack.mqtt_port, client_id=settings.client_id,
                                 topic_filter=topic_filter, maxsize=settings.queue_size)
         self._devices: dict[str, Device] = {}
-        self._devices_loaded_at = 0.0
+        self._devices_loaded_at = 0.0  # monotonic, for the periodic refresh
+        self._devices_as_of_ms = 0  # wall clock when the registry was read
         self._producer: AIOKafkaProducer | None = None
         self._burst = BurstLog(log, settings.log_burst_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._settings.metrics_enabled:
             start_http_server(self._stack.gateway_metrics_port, addr="127.0.0.1")
-        await self._refresh_devices(force=True)
+        await self._refresh_devices()
         self._producer = await self._start_producer(stop)
         self._inbox.start()
         try:
@@ -106,20 +107,19 @@ class Gateway:
                 if batch:
                     await self._forward(batch, stop)
                 elif time.monotonic() - self._devices_loaded_at > self._settings.registry_refresh_s:
-                    await self._refresh_devices(force=True)
+                    await self._refresh_devices()
         finally:
             self._inbox.stop()
             if self._producer is not None:
                 await self._producer.stop()
 
     # -- registry ------------------------------------------------------------------------------
-    async def _refresh_devices(self, *, force: bool) -> None:
-        # An unknown device may have been provisioned a moment ago: re-read at most once a second.
-        if not force and time.monotonic() - self._devices_loaded_at < 1.0:
-            return
+    async def _refresh_devices(self) -> None:
+        as_of_ms = time.time_ns() // 1_000_000
         try:
             self._devices = await asyncio.to_thread(self._load_devices)
             self._devices_loaded_at = time.monotonic()
+            self._devices_as_of_ms = as_of_ms
         except psycopg.Error as exc:
             self._burst.warning("registry", f"device registry unavailable, keeping {len(self._devices)} "
                                             f"cached devices: {exc}")
@@ -147,8 +147,11 @@ class Gateway:
 
     async def _forward(self, batch: list[InboundMessage], stop: asyncio.Event) -> None:
         MESSAGES_IN.inc(len(batch))
-        if any(_device_of(m.topic) not in self._devices for m in batch):
-            await self._refresh_devices(force=False)
+        # Never call a device unknown on the word of a registry read older than its message:
+        # it may have been provisioned a moment ago.
+        if any(_device_of(m.topic) not in self._devices and m.received_ms >= self._devices_as_of_ms
+               for m in batch):
+            await self._refresh_devices()
         records: list[tuple[str, bytes, bytes]] = []
         accepted = 0
         rejected: Counter[str] = Counter()

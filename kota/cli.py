@@ -1,6 +1,7 @@
 """The `kota` command: one entry point for every part of the platform.
 
     kota up / down / status        the whole local stack with a simulated city
+    kota install                   what `kota up` installs, without starting anything
     kota gateway / processor / api the components, in the foreground
     kota simulate                  a simulated city publishing over MQTT
     kota migrate                   apply database migrations
@@ -78,6 +79,18 @@ def _api_healthy(settings: StackSettings) -> bool:
         return httpx.get(f"{settings.api_url}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def cmd_install(_args: argparse.Namespace) -> int:
+    from deploy import stack as local
+
+    try:
+        local.install_missing(StackSettings(), _say)
+    except local.StackError as exc:
+        _say(f"error: {exc}")
+        return 1
+    _say("system packages and Kafka libraries present")
+    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -209,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--keep-services", action="store_true", help="stop only the project's processes")
     down.set_defaults(func=cmd_down)
 
+    sub.add_parser("install", help="install missing system packages and the Kafka broker, start nothing"
+                   ).set_defaults(func=cmd_install)
     sub.add_parser("status", help="show each service and project process").set_defaults(func=cmd_status)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("gateway", help="run the MQTT → Kafka gateway in the foreground").set_defaults(func=cmd_gateway)

@@ -1,0 +1,55 @@
+"""Fixtures that start (or reuse) the real local stack once per test session.
+
+The test stack has its own state folder (.kota-test/) and ports shifted by KOTA_TEST_PORT_OFFSET
+(default 100), so it runs beside a developer's `kota up` without touching its data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from deploy import procs
+from deploy import stack as local
+from kota.schema import migrate
+from kota.settings import PROJECT_ROOT, StackSettings
+
+PIPELINE = ("gateway", "processor", "api")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackSettings]:
+    settings = StackSettings(state_dir=PROJECT_ROOT / ".kota-test",
+                             port_offset=int(os.environ.get("KOTA_TEST_PORT_OFFSET", "100")))
+    local.start_services(settings, lambda message: print(f"test stack: {message}"))
+    migrate(settings.postgres_dsn)
+    yield settings
+    for name in PIPELINE:
+        procs.stop(settings, name)
+    if os.environ.get("CI"):
+        local.stop_services(settings, lambda message: None)
+
+
+def api_healthy(settings: StackSettings) -> bool:
+    try:
+        return httpx.get(f"{settings.api_url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack: StackSettings) -> StackSettings:
+    """Gateway, processor and API running as real background processes against the test stack."""
+    for name in PIPELINE:
+        local.start_component(stack, name)
+    local.wait_until(lambda: api_healthy(stack), "api", stack, timeout_s=60)
+    return stack
+
+
+@pytest.fixture
+def api(pipeline: StackSettings) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=pipeline.api_url, timeout=10) as client:
+        yield client

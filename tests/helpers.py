@@ -1,0 +1,67 @@
+"""Small helpers for tests against the real stack."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+
+from kota.contract import device_telemetry_topic
+from kota.registry import Device, new_device, upsert_devices
+from kota.settings import StackSettings
+
+T = TypeVar("T")
+
+
+def unique_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_for(check: Callable[[], T], *, timeout_s: float = 30.0, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    last: T = check()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
+        time.sleep(0.2)
+        last = check()
+    return last
+
+
+def provision(stack: StackSettings, device_type: str, city: str = "testkota", **kwargs: object) -> Device:
+    device = new_device(unique_id(device_type.replace("_", "-")), city, device_type, **kwargs)
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        upsert_devices(conn, [device])
+    return device
+
+
+def mqtt_client(stack: StackSettings) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique_id("test"), protocol=mqtt.MQTTv311)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", stack.mqtt_port, keepalive=30)
+    client.loop_start()
+    return client
+
+
+def publish(client: mqtt.Client, device: Device, payload: object, *, topic: str | None = None) -> None:
+    """Publish at QoS 1 and wait until the broker has acknowledged it."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    info = client.publish(topic or device_telemetry_topic(device.city, device.domain, device.device_id), body, qos=1)
+    info.wait_for_publish(timeout=10)
+    assert info.is_published(), "broker did not acknowledge the publish"
+
+
+def stored_readings(stack: StackSettings, device_id: str) -> list[tuple[int, str, float]]:
+    """(epoch ms, metric, value) of every stored reading of a device, oldest first."""
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        rows = conn.execute(
+            "SELECT (extract(epoch FROM ts) * 1000)::bigint, metric, value FROM readings "
+            "WHERE device_id = %s ORDER BY ts, metric", (device_id,)).fetchall()
+    return [(int(ts), metric, value) for ts, metric, value in rows]

@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+
+from kota.cli import build_parser
+
+SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "kota.cli", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "usage: kota " + command in result.stdout
+
+
+def test_parser_knows_every_subcommand():
+    choices = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    assert set(SUBCOMMANDS) <= set(choices)
+
+
+@pytest.mark.stack
+def test_status_shows_services_and_processes(pipeline):
+    env = {"KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset)}
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "kota.cli", "status"], capture_output=True, text=True,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    for name in ("mosquitto", "postgres", "kafka", "gateway", "processor", "api"):
+        assert "running" in lines[name], result.stdout
+
+
+@pytest.mark.stack
+def test_devices_cli_adds_lists_and_disables(pipeline):
+    import os
+    import uuid
+
+    env = {**os.environ, "KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset)}
+    device_id = f"cli-{uuid.uuid4().hex[:8]}"
+
+    def kota(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "kota.cli", "devices", *args], capture_output=True,
+                                text=True, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    assert "registered" in kota("add", device_id, "--city", "clikota", "--type", "noise")
+    assert f"{device_id}" in kota("list", "--city", "clikota")
+    kota("disable", device_id)
+    line = next(x for x in kota("list", "--city", "clikota").splitlines() if x.startswith(device_id))
+    assert "DISABLED" in line

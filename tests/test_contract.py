@@ -1,0 +1,44 @@
+from kota.contract import (
+    Reading,
+    Reason,
+    Rejection,
+    decode_dead_letter,
+    decode_device_batch,
+    device_telemetry_topic,
+    encode_dead_letter,
+    encode_device_batch,
+    parse_telemetry_topic,
+)
+
+
+def test_device_batch_round_trip_keeps_every_field():
+    readings = [Reading(1_732_240_000_000 + i, "bandung", "environment", "aq-1", m, v, "ug/m3",
+                        1_732_240_000_500, "mqtt-json")
+                for i, (m, v) in enumerate([("pm25", 31.5), ("pm10", 50.0), ("no2", 0.0)])]
+    assert decode_device_batch(encode_device_batch(readings)) == readings
+
+
+def test_decode_refuses_other_wire_versions():
+    import pytest
+
+    with pytest.raises(ValueError, match="wire version"):
+        decode_device_batch(b'{"v": 99, "city": "x", "domain": "x", "device": "x", "recv": 0, "src": "x", "r": []}')
+
+
+def test_telemetry_topic_round_trip_and_refusals():
+    topic = device_telemetry_topic("bandung", "traffic", "corridor-7")
+    parsed = parse_telemetry_topic(topic)
+    assert parsed is not None and (parsed.city, parsed.domain, parsed.device_id) == ("bandung", "traffic", "corridor-7")
+    assert parse_telemetry_topic("kota/bandung/weather/x/telemetry") is None  # unknown domain
+    assert parse_telemetry_topic("kota/Bandung/traffic/x/telemetry") is None  # ids are lower-case
+    assert parse_telemetry_topic("kota/bandung/traffic/x/attributes") is None
+    assert parse_telemetry_topic("kota/bandung/traffic/telemetry") is None
+
+
+def test_dead_letter_keeps_original_bytes_and_reason():
+    payload = b"\xff\xfe not json"
+    record = encode_dead_letter(topic="kota/a/traffic/b/telemetry", payload=payload,
+                                rejection=Rejection(Reason.NOT_UTF8, "payload is not UTF-8"), received_ms=5)
+    body = decode_dead_letter(record)
+    assert body["payload"] == payload
+    assert body["reason"] == "not_utf8" and body["topic"] == "kota/a/traffic/b/telemetry"

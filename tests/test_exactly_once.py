@@ -1,0 +1,74 @@
+"""Nothing lost, nothing doubled: kill -9 of the processor mid-stream, and duplicates on Kafka."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from deploy import procs
+from deploy import stack as local
+from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
+from tests.helpers import mqtt_client, provision, publish, stored_readings, wait_for
+
+pytestmark = pytest.mark.stack
+
+MESSAGES = 400
+PER_MESSAGE = 10
+
+
+def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
+    gate = provision(pipeline, "water_level")
+    start = int(time.time() * 1000) - 3 * 3_600_000  # 4,000 one-second readings end well before now
+    expected = [(start + i * 1000, "currentLevel", float(i % 500)) for i in range(MESSAGES * PER_MESSAGE)]
+    done = threading.Event()
+
+    def stream() -> None:
+        client = mqtt_client(pipeline)
+        try:
+            for m in range(MESSAGES):
+                chunk = expected[m * PER_MESSAGE:(m + 1) * PER_MESSAGE]
+                publish(client, gate, [{"ts": ts, "values": {"currentLevel": v}} for ts, _, v in chunk])
+                time.sleep(0.01)
+        finally:
+            client.disconnect()
+            done.set()
+
+    publisher = threading.Thread(target=stream)
+    publisher.start()
+    try:
+        wait_for(lambda: len(stored_readings(pipeline, gate.device_id)) > 200, what="the first readings")
+        assert procs.stop(pipeline, "processor", hard=True), "processor was not running"
+        stored_at_kill = len(stored_readings(pipeline, gate.device_id))
+        time.sleep(1.0)  # the stream goes on while the processor is dead
+        local.start_component(pipeline, "processor")
+    finally:
+        publisher.join(timeout=120)
+    assert done.is_set()
+    assert stored_at_kill < len(expected), "the kill came too late to prove anything"
+    wait_for(lambda: len(stored_readings(pipeline, gate.device_id)) >= len(expected), timeout_s=60,
+             what="every reading after the restart")
+    time.sleep(1.0)  # would a replay add doubles?
+    assert stored_readings(pipeline, gate.device_id) == expected
+
+
+async def _send_twice(stack, readings: list[Reading]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for _ in range(2):  # what a gateway retry after a lost acknowledgement looks like
+            await producer.send_and_wait(READINGS_TOPIC, encode_device_batch(readings),
+                                         key=readings[0].device_id.encode())
+    finally:
+        await producer.stop()
+
+
+def test_a_reading_twice_on_kafka_is_stored_once(pipeline):
+    meter = provision(pipeline, "water_meter")
+    now = int(time.time() * 1000)
+    readings = [Reading(now, meter.city, meter.domain, meter.device_id, "pressure", 3.1, "bar", now, "test")]
+    asyncio.run(_send_twice(pipeline, readings))
+    wait_for(lambda: stored_readings(pipeline, meter.device_id), what="the reading")
+    time.sleep(1.0)
+    assert stored_readings(pipeline, meter.device_id) == [(now, "pressure", 3.1)]
