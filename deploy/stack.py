@@ -146,7 +146,7 @@ log_type error
 log_type warning
 log_type notice
 log_timestamp_format %Y-%m-%dT%H:%M:%S
-""" + (f"user mosquitto\n" if IS_ROOT else ""))
+""" + ("user mosquitto\n" if IS_ROOT else ""))
     if IS_ROOT:
         shutil.chown(conf, "mosquitto", "mosquitto")
     return conf

@@ -81,7 +81,7 @@ class MqttInbox:
             log.warning("MQTT disconnected (%s); paho reconnects on its own", reason_code)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
-        item = InboundMessage(msg.mid, msg.qos, msg.topic, msg.payload, time.time_ns() // 1_000_000)
+        item = InboundMessage(msg.mid, msg.qos, msg.topic, bytes(msg.payload), time.time_ns() // 1_000_000)
         while not self._stopping.is_set():
             try:
                 self._queue.put(item, timeout=0.5)

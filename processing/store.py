@@ -65,7 +65,7 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str,
         cur = await conn.execute(
             "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s "
             "AND partition = ANY(%s) ORDER BY partition FOR UPDATE", (group, topic, partitions))
-        stored = dict(await cur.fetchall())
+        stored: dict[int, int] = dict(await cur.fetchall())
 
         skipped = 0
         rows = 0

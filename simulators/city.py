@@ -61,9 +61,12 @@ def values_at(device: Device, ts_ms: int, rng: np.random.Generator) -> dict[str,
     t = device.device_type
     if t == "air_quality":
         pm25 = max(1.0, 25 + 35 * rush + noise(0, 3))
-        return {"pm25": pm25, "pm10": pm25 * 1.6 + noise(0, 3), "no2": max(1, 30 + 50 * rush + noise(0, 4)),
-                "o3": max(1, 40 + 60 * _daily(hour, 13, 3) + noise(0, 4)), "co": max(50, 900 + 1500 * rush + noise(0, 80)),
-                "so2": max(1, 15 + 10 * rush + noise(0, 2)), "temperature": 23 + 7 * _daily(hour, 14, 4) + noise(0, 0.3),
+        return {"pm25": pm25, "pm10": pm25 * 1.6 + noise(0, 3),
+                "no2": max(1, 30 + 50 * rush + noise(0, 4)),
+                "o3": max(1, 40 + 60 * _daily(hour, 13, 3) + noise(0, 4)),
+                "co": max(50, 900 + 1500 * rush + noise(0, 80)),
+                "so2": max(1, 15 + 10 * rush + noise(0, 2)),
+                "temperature": 23 + 7 * _daily(hour, 14, 4) + noise(0, 0.3),
                 "relativeHumidity": min(100, 85 - 25 * _daily(hour, 14, 4) + noise(0, 2))}
     if t == "noise":
         laeq = 48 + 22 * rush + 8 * (1 - night) + noise(0, 1.5)

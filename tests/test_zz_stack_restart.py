@@ -1,19 +1,29 @@
-"""`kota down` then `kota up` keeps stored data, and the pipeline resumes on its own.
+"""`kota down` then `kota up` keeps stored data, and the pipeline comes back by itself.
 
-Runs last (file name): it restarts the services under the running gateway and processor.
+Runs last (file name): it stops and starts the whole test stack with the real commands.
 """
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-from deploy import stack as local
+from deploy.stack import component_env
 from tests.helpers import mqtt_client, provision, publish, stored_readings, wait_for
 
 pytestmark = pytest.mark.stack
 
 
-def test_services_restart_keeps_data_and_pipeline_reconnects(pipeline):
+def kota(stack, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "kota.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, **component_env(stack)}, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_kota_down_then_up_keeps_data_and_the_pipeline_resumes(pipeline):
     light = provision(pipeline, "street_light")
     now = int(time.time() * 1000)
     client = mqtt_client(pipeline)
@@ -21,13 +31,16 @@ def test_services_restart_keeps_data_and_pipeline_reconnects(pipeline):
     client.disconnect()
     wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 2, what="readings before restart")
 
-    local.stop_services(pipeline, lambda m: None)
-    local.start_services(pipeline, lambda m: None)
+    down = kota(pipeline, "down")
+    assert "postgres stopped" in down and "kafka stopped" in down and "processor stopped" in down
+    up = kota(pipeline, "up", "--no-simulator")
+    assert "postgres started" in up and "up in" in up
 
     assert len(stored_readings(pipeline, light.device_id)) == 2
     client = mqtt_client(pipeline)
     publish(client, light, {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
     client.disconnect()
     wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 4, timeout_s=90,
-             what="gateway and processor to reconnect and store new readings")
+             what="new readings after kota up")
     assert stored_readings(pipeline, light.device_id)[-2:] == [(now, "powerConsumption", 0.0), (now, "powerState", 0.0)]
+    assert "already running" in kota(pipeline, "up", "--no-simulator")  # idempotent
