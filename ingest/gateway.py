@@ -18,21 +18,24 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram, start_http_server
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ingest.dedupe import RecentReadings
 from ingest.mqtt_inbox import InboundMessage, MqttInbox
 from ingest.parse import ParseLimits, parse_message
 from kota.contract import (
     DEADLETTER_TOPIC,
+    MQTT_INGEST_FILTER,
     MQTT_SHARED_GROUP,
-    MQTT_TELEMETRY_FILTER,
     READINGS_TOPIC,
     Reading,
+    Reason,
     Rejection,
     encode_dead_letter,
     encode_device_batch,
 )
-from kota.registry import Device, load_devices
+from kota.registry import Device, Gateway, load_devices, load_gateways
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.gateway")
@@ -48,6 +51,8 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOTA_GATEWAY_", extra="ignore")
 
     client_id: str = "kota-gateway-1"
+    mqtt_username: str = "kota-ingest"
+    mqtt_password: SecretStr | None = None
     shared_subscription: bool = True
     queue_size: int = 20_000
     batch_max_messages: int = 5_000
@@ -57,6 +62,7 @@ class GatewaySettings(BaseSettings):
     max_future_ms: int = 5 * 60 * 1000
     max_age_ms: int = 7 * 24 * 3600 * 1000
     log_burst_s: float = 10.0
+    duplicate_memory: int = 400_000
     metrics_enabled: bool = True
 
 
@@ -79,15 +85,19 @@ class BurstLog:
         self._last[key] = now
 
 
-class Gateway:
+class IngestGateway:
     def __init__(self, *, stack: StackSettings, settings: GatewaySettings) -> None:
         self._stack, self._settings = stack, settings
         self._limits = ParseLimits(settings.max_payload_bytes, settings.max_future_ms, settings.max_age_ms)
-        topic_filter = (f"$share/{MQTT_SHARED_GROUP}/{MQTT_TELEMETRY_FILTER}" if settings.shared_subscription
-                        else MQTT_TELEMETRY_FILTER)
+        topic_filter = (f"$share/{MQTT_SHARED_GROUP}/{MQTT_INGEST_FILTER}" if settings.shared_subscription
+                        else MQTT_INGEST_FILTER)
+        password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         self._inbox = MqttInbox(host="127.0.0.1", port=stack.mqtt_port, client_id=settings.client_id,
-                                topic_filter=topic_filter, maxsize=settings.queue_size)
+                                topic_filter=topic_filter, maxsize=settings.queue_size,
+                                username=settings.mqtt_username, password=password)
+        self._recent = RecentReadings(settings.duplicate_memory)
         self._devices: dict[str, Device] = {}
+        self._gateways: dict[str, Gateway] = {}
         self._devices_loaded_at = 0.0  # monotonic, for the periodic refresh
         self._devices_as_of_ms = 0  # wall clock when the registry was read
         self._producer: AIOKafkaProducer | None = None
@@ -117,16 +127,16 @@ class Gateway:
     async def _refresh_devices(self) -> None:
         as_of_ms = time.time_ns() // 1_000_000
         try:
-            self._devices = await asyncio.to_thread(self._load_devices)
+            self._devices, self._gateways = await asyncio.to_thread(self._load_registry)
             self._devices_loaded_at = time.monotonic()
             self._devices_as_of_ms = as_of_ms
         except psycopg.Error as exc:
             self._burst.warning("registry", f"device registry unavailable, keeping {len(self._devices)} "
                                             f"cached devices: {exc}")
 
-    def _load_devices(self) -> dict[str, Device]:
+    def _load_registry(self) -> tuple[dict[str, Device], dict[str, Gateway]]:
         with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
-            return load_devices(conn)
+            return load_devices(conn), load_gateways(conn)
 
     # -- Kafka ---------------------------------------------------------------------------------
     async def _start_producer(self, stop: asyncio.Event) -> AIOKafkaProducer:
@@ -149,18 +159,22 @@ class Gateway:
         MESSAGES_IN.inc(len(batch))
         # Never call a device unknown on the word of a registry read older than its message:
         # it may have been provisioned a moment ago.
-        if any(_device_of(m.topic) not in self._devices and m.received_ms >= self._devices_as_of_ms
-               for m in batch):
+        if any(_sender_of(m.topic) not in self._devices and _sender_of(m.topic) not in self._gateways
+               and m.received_ms >= self._devices_as_of_ms for m in batch):
             await self._refresh_devices()
         records: list[tuple[str, bytes, bytes]] = []
         accepted = 0
         rejected: Counter[str] = Counter()
         for msg in batch:
-            result = parse_message(msg.topic, msg.payload, devices=self._devices,
+            result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
                                    received_ms=msg.received_ms, limits=self._limits)
             by_device: defaultdict[str, list[Reading]] = defaultdict(list)
             for reading in result.readings:
-                by_device[reading.device_id].append(reading)
+                if self._recent.seen_before(reading.device_id, reading.metric, reading.ts_ms):
+                    result.reject(Reason.DUPLICATE, f"{reading.device_id} {reading.metric} at ts {reading.ts_ms} "
+                                                    "was already accepted")
+                else:
+                    by_device[reading.device_id].append(reading)
             for device_id, readings in by_device.items():
                 records.append((READINGS_TOPIC, device_id.encode(), encode_device_batch(readings)))
                 accepted += len(readings)
@@ -199,10 +213,10 @@ class Gateway:
                             f"rejected {rejection.reason} on {msg.topic}: {rejection.message}")
 
 
-def _device_of(topic: str) -> str:
+def _sender_of(topic: str) -> str:
     parts = topic.split("/")
     return parts[3] if len(parts) == 5 else ""
 
 
 async def run_gateway(stack: StackSettings, settings: GatewaySettings, stop: asyncio.Event) -> None:
-    await Gateway(stack=stack, settings=settings).run(stop)
+    await IngestGateway(stack=stack, settings=settings).run(stop)

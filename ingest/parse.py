@@ -1,15 +1,21 @@
 """Turn one MQTT message into canonical readings and rejections. Pure: no I/O, no clock.
 
-Accepted payloads on `kota/{city}/{domain}/{device}/telemetry` (see docs/integrators.md):
-    {"ts": 1732240000000, "values": {"pm25": 31.5, "pm10": 50}}   one timestamp (epoch ms)
-    {"pm25": 31.5, "pm10": 50}                                  values alone: receive time is used
-    [{"ts": ..., "values": {...}}, ...]                         several timestamps
+The four accepted forms (docs/integrators.md has examples):
+
+    kota/{city}/{domain}/{device}/telemetry   {"ts": ms, "values": {"pm25": 31.5}}, {"pm25": 31.5}
+                                              (receive time is used) or a list of {"ts", "values"}
+    kota/{city}/{domain}/{device}/senml       SenML JSON (RFC 8428): [{"bn": ..., "bt": s, "n": "pm25",
+                                              "u": "ug/m3", "v": 31.5}, ...]
+    kota/{city}/gateway/{gateway}/telemetry   {"device-a": <any device payload>, "device-b": ...}
+    kota/{city}/gateway/{gateway}/senml       SenML whose names are "{device}/{metric}"
+
 Each bad value is rejected on its own with a reason; the good values of the same message pass.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +23,15 @@ from kota.contract import (
     Reading,
     Reason,
     Rejection,
+    TelemetryTopic,
+    convert_unit,
     is_finite_number,
     parse_telemetry_topic,
 )
-from kota.registry import Device
+from kota.registry import Device, Gateway
+
+# SenML times below 2**28 seconds are relative to "now" (RFC 8428, section 4.5.3).
+SENML_RELATIVE_LIMIT_S = 2**28
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +46,23 @@ class ParseResult:
     readings: list[Reading]
     rejections: list[Rejection]
 
+    def reject(self, reason: Reason, message: str) -> None:
+        self.rejections.append(Rejection(reason, message))
 
-def _reject(reason: Reason, message: str) -> ParseResult:
-    return ParseResult([], [Rejection(reason, message)])
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """One value as sent, before checks: device id, time (ms or None), metric, value, unit or None."""
+
+    device_id: str
+    ts_ms: Any
+    metric: str
+    value: Any
+    unit: str | None
 
 
-def _keep_non_finite(constant: str) -> float:
-    # json.loads would accept NaN/Infinity silently; keep them so they get their own reason.
-    return float(constant)
+class _BadShape(Exception):
+    pass
 
 
 def parse_message(
@@ -50,98 +70,198 @@ def parse_message(
     payload: bytes,
     *,
     devices: dict[str, Device],
+    gateways: dict[str, Gateway] | None = None,
     received_ms: int,
     limits: ParseLimits,
 ) -> ParseResult:
+    result = ParseResult([], [])
     where = parse_telemetry_topic(topic)
     if where is None:
-        return _reject(Reason.BAD_TOPIC, f"topic {topic!r} is not kota/{{city}}/{{domain}}/{{device}}/telemetry")
+        result.reject(Reason.BAD_TOPIC, f"topic {topic!r} is not kota/{{city}}/{{domain|gateway}}/{{id}}/"
+                                        "{telemetry|senml}")
+        return result
     if len(payload) > limits.max_payload_bytes:
-        return _reject(Reason.OVERSIZED,
-                       f"payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}")
-    device = devices.get(where.device_id)
-    if device is None:
-        return _reject(Reason.UNKNOWN_DEVICE, f"device {where.device_id!r} is not registered")
-    if not device.enabled:
-        return _reject(Reason.DEVICE_DISABLED, f"device {where.device_id!r} is disabled")
-    if (device.city, device.domain) != (where.city, where.domain):
-        return _reject(Reason.WRONG_CITY_OR_DOMAIN,
-                       f"device {device.device_id!r} belongs to {device.city}/{device.domain}, "
-                       f"not {where.city}/{where.domain}")
+        result.reject(Reason.OVERSIZED, f"payload of {len(payload)} bytes exceeds the limit of "
+                                        f"{limits.max_payload_bytes}")
+        return result
+    sender_problem = _check_sender(where, devices, gateways or {})
+    if sender_problem is not None:
+        result.rejections.append(sender_problem)
+        return result
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return _reject(Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
+        result.reject(Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
+        return result
     try:
-        body = json.loads(text, parse_constant=_keep_non_finite)
+        body = json.loads(text, parse_constant=float)  # keep NaN/Infinity: they get their own reason
     except (json.JSONDecodeError, RecursionError) as exc:
-        return _reject(Reason.MALFORMED_JSON, f"payload is not JSON: {exc}")
+        result.reject(Reason.MALFORMED_JSON, f"payload is not JSON: {exc}")
+        return result
 
-    entries = _entries(body)
-    if entries is None:
-        return _reject(Reason.BAD_SHAPE,
-                       'expected {"ts": ms, "values": {...}}, {"metric": value, ...} or a list of '
-                       '{"ts", "values"} objects')
-    result = ParseResult([], [])
-    for ts, values in entries:
-        _check_entry(device, ts, values, received_ms, limits, result)
+    try:
+        if where.is_senml:
+            candidates = list(_senml_candidates(body, where, received_ms))
+        elif where.is_gateway:
+            candidates = list(_gateway_candidates(body))
+        else:
+            candidates = list(_device_candidates(where.sender_id, body))
+    except _BadShape as exc:
+        result.reject(Reason.BAD_SHAPE, str(exc))
+        return result
+
+    source = "mqtt-" + ("gateway-" if where.is_gateway else "") + ("senml" if where.is_senml else "json")
+    for candidate in candidates:
+        device = _resolve_device(candidate.device_id, where, devices, result)
+        if device is not None:
+            _check_value(device, candidate, received_ms, limits, source, result)
     return result
 
 
-def _entries(body: Any) -> list[tuple[Any, dict[str, Any]]] | None:
-    """Normalise the accepted shapes to (ts or None, values) pairs."""
+def _check_sender(where: TelemetryTopic, devices: dict[str, Device],
+                  gateways: dict[str, Gateway]) -> Rejection | None:
+    if where.is_gateway:
+        gateway = gateways.get(where.sender_id)
+        if gateway is None:
+            return Rejection(Reason.UNKNOWN_DEVICE, f"gateway {where.sender_id!r} is not registered")
+        if not gateway.enabled:
+            return Rejection(Reason.DEVICE_DISABLED, f"gateway {where.sender_id!r} is disabled")
+        if gateway.city != where.city:
+            return Rejection(Reason.WRONG_CITY_OR_DOMAIN,
+                             f"gateway {gateway.gateway_id!r} belongs to {gateway.city}, not {where.city}")
+        return None
+    device = devices.get(where.sender_id)
+    if device is None:
+        return Rejection(Reason.UNKNOWN_DEVICE, f"device {where.sender_id!r} is not registered")
+    if not device.enabled:
+        return Rejection(Reason.DEVICE_DISABLED, f"device {where.sender_id!r} is disabled")
+    if (device.city, device.domain) != (where.city, where.domain):
+        return Rejection(Reason.WRONG_CITY_OR_DOMAIN,
+                         f"device {device.device_id!r} belongs to {device.city}/{device.domain}, "
+                         f"not {where.city}/{where.domain}")
+    return None
+
+
+def _resolve_device(device_id: str, where: TelemetryTopic, devices: dict[str, Device],
+                    result: ParseResult) -> Device | None:
+    device = devices.get(device_id)
+    if not where.is_gateway:
+        return device  # the sender itself, checked already
+    if device is None:
+        result.reject(Reason.UNKNOWN_DEVICE, f"device {device_id!r} is not registered")
+        return None
+    if device.gateway_id != where.sender_id or device.city != where.city:
+        result.reject(Reason.NOT_BOUND, f"device {device_id!r} is not bound to gateway {where.sender_id!r}")
+        return None
+    if not device.enabled:
+        result.reject(Reason.DEVICE_DISABLED, f"device {device_id!r} is disabled")
+        return None
+    return device
+
+
+# -- the JSON forms ------------------------------------------------------------------------------
+_DEVICE_SHAPE = 'expected {"ts": ms, "values": {...}}, {"metric": value, ...} or a list of {"ts", "values"}'
+
+
+def _device_candidates(device_id: str, body: Any) -> Iterator[_Candidate]:
     items = body if isinstance(body, list) else [body]
-    entries = []
     for item in items:
         if not isinstance(item, dict) or not item:
-            return None
+            raise _BadShape(_DEVICE_SHAPE)
         if "values" in item:
             if not isinstance(item["values"], dict) or set(item) - {"ts", "values"}:
-                return None
-            entries.append((item.get("ts"), item["values"]))
+                raise _BadShape(_DEVICE_SHAPE)
+            ts, values = item.get("ts"), item["values"]
         elif isinstance(body, list):
-            return None  # inside a list each entry must say its ts and values
+            raise _BadShape(_DEVICE_SHAPE)  # inside a list each entry says its ts and values
         else:
-            entries.append((None, item))
-    return entries
+            ts, values = None, item
+        for metric, value in values.items():
+            yield _Candidate(device_id, ts, metric, value, None)
 
 
-def _check_entry(device: Device, ts: Any, values: dict[str, Any], received_ms: int,
-                 limits: ParseLimits, result: ParseResult) -> None:
-    if ts is None:
-        ts = received_ms
-    elif not is_finite_number(ts):
-        result.rejections.append(Rejection(Reason.WRONG_TYPE, f"ts {ts!r} is not epoch milliseconds"))
+def _gateway_candidates(body: Any) -> Iterator[_Candidate]:
+    if not isinstance(body, dict) or not body:
+        raise _BadShape('expected {"device-id": <device payload>, ...}')
+    for device_id, device_body in body.items():
+        yield from _device_candidates(str(device_id), device_body)
+
+
+# -- SenML (RFC 8428) ----------------------------------------------------------------------------
+def _senml_candidates(body: Any, where: TelemetryTopic, received_ms: int) -> Iterator[_Candidate]:
+    if isinstance(body, dict):
+        body = [body]
+    if not isinstance(body, list) or not body or not all(isinstance(r, dict) for r in body):
+        raise _BadShape("expected a SenML pack: a JSON array of records")
+    base_name, base_time, base_unit, base_value = "", 0.0, None, 0.0
+    for record in body:
+        base_name = record.get("bn", base_name)
+        base_time = record.get("bt", base_time)
+        base_unit = record.get("bu", base_unit)
+        base_value = record.get("bv", base_value)
+        if not isinstance(base_name, str) or not is_finite_number(base_time) or not is_finite_number(base_value):
+            raise _BadShape("SenML bn must be a string, bt and bv numbers")
+        name = base_name + str(record.get("n", ""))
+        if where.is_gateway:
+            device_id, _, metric = name.partition("/")
+        else:
+            device_id, metric = where.sender_id, name.replace(":", "/").rsplit("/", 1)[-1]
+        if not metric:
+            raise _BadShape(f"SenML record names no measurement: {record!r}")
+        t = record.get("t", 0)
+        if is_finite_number(t):
+            seconds = base_time + t
+            ts: Any = (received_ms + round(seconds * 1000) if seconds < SENML_RELATIVE_LIMIT_S
+                       else round(seconds * 1000))
+        else:
+            ts = t  # rejected as a wrong type below
+        if "v" in record:
+            value = record["v"] + base_value if is_finite_number(record["v"]) else record["v"]
+        elif "vb" in record:
+            value = record["vb"]
+        else:
+            value = record.get("vs", record.get("vd", record.get("s")))
+        yield _Candidate(device_id, ts, metric, value, record.get("u", base_unit))
+
+
+# -- one value -----------------------------------------------------------------------------------
+def _check_value(device: Device, c: _Candidate, received_ms: int, limits: ParseLimits, source: str,
+                 result: ParseResult) -> None:
+    ts = received_ms if c.ts_ms is None else c.ts_ms
+    if not is_finite_number(ts):
+        result.reject(Reason.WRONG_TYPE, f"ts {ts!r} is not epoch milliseconds")
         return
     ts = int(ts)
     if ts > received_ms + limits.max_future_ms:
-        result.rejections.append(Rejection(
-            Reason.TIME_IN_FUTURE, f"ts {ts} is {(ts - received_ms) / 1000:.0f} s ahead of the gateway clock"))
+        result.reject(Reason.TIME_IN_FUTURE, f"{c.metric} at ts {ts} is {(ts - received_ms) / 1000:.0f} s ahead "
+                                             "of the gateway clock")
         return
     if ts < received_ms - limits.max_age_ms:
-        result.rejections.append(Rejection(
-            Reason.TIME_TOO_OLD, f"ts {ts} is older than {limits.max_age_ms // 3_600_000} h; use `kota replay`"))
+        result.reject(Reason.TIME_TOO_OLD, f"{c.metric} at ts {ts} is older than "
+                                           f"{limits.max_age_ms // 3_600_000} h; use `kota replay`")
         return
-    for metric, value in values.items():
-        spec = device.metrics.get(metric)
-        if spec is None:
-            result.rejections.append(Rejection(
-                Reason.UNKNOWN_METRIC,
-                f"metric {metric!r} is not declared for device {device.device_id!r} "
-                f"(declared: {', '.join(sorted(device.metrics))})"))
-            continue
-        if isinstance(value, bool):
-            value = float(value)  # on/off style metrics: true/false are 1/0
-        if not isinstance(value, int | float):
-            result.rejections.append(Rejection(
-                Reason.WRONG_TYPE, f"{metric} = {value!r} is a {type(value).__name__}, expected a number"))
-            continue
-        if not is_finite_number(value):
-            result.rejections.append(Rejection(Reason.NOT_FINITE, f"{metric} = {value!r} is not a finite number"))
-            continue
-        if not spec.low <= value <= spec.high:
-            result.rejections.append(Rejection(
-                Reason.OUT_OF_RANGE, f"{metric} = {value} is outside [{spec.low}, {spec.high}] {spec.unit}"))
-            continue
-        result.readings.append(Reading(ts, device.city, device.domain, device.device_id, metric,
-                                       float(value), spec.unit, received_ms, "mqtt-json"))
+    spec = device.metrics.get(c.metric)
+    if spec is None:
+        result.reject(Reason.UNKNOWN_METRIC, f"metric {c.metric!r} is not declared for device {device.device_id!r} "
+                                             f"(declared: {', '.join(sorted(device.metrics))})")
+        return
+    value = c.value
+    if isinstance(value, bool):
+        value = float(value)  # on/off style metrics: true/false are 1/0
+    if not isinstance(value, int | float):
+        result.reject(Reason.WRONG_TYPE, f"{c.metric} = {value!r} is a {type(value).__name__}, expected a number")
+        return
+    if not is_finite_number(value):
+        result.reject(Reason.NOT_FINITE, f"{c.metric} = {value!r} is not a finite number")
+        return
+    if c.unit is not None:
+        if not isinstance(c.unit, str) or (converted := convert_unit(value, c.unit, spec.unit)) is None:
+            result.reject(Reason.WRONG_UNIT, f"{c.metric} in {c.unit!r} cannot be converted to its declared "
+                                             f"unit {spec.unit!r}")
+            return
+        value = converted
+    if not spec.low <= value <= spec.high:
+        result.reject(Reason.OUT_OF_RANGE, f"{c.metric} = {value} is outside [{spec.low}, {spec.high}] {spec.unit}")
+        return
+    result.readings.append(Reading(ts, device.city, device.domain, device.device_id, c.metric, float(value),
+                                   spec.unit, received_ms, source))

@@ -45,6 +45,7 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, Non
 
 # -- stack -------------------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
+    from deploy import mqtt_access
     from deploy import stack as local
     from kota.schema import migrate
 
@@ -55,6 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         local.start_services(settings, _say)
         backend, applied = migrate(settings.postgres_dsn)
         _say(f"database schema up to date ({backend}{', applied ' + str(applied) if applied else ''})")
+        mqtt_access.sync(settings)
         for name in ("gateway", "processor", "api"):
             local.start_component(settings, name)
         if not args.no_simulator:
@@ -159,21 +161,26 @@ def cmd_api(_args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import psycopg
 
-    from kota.registry import upsert_devices
+    from deploy import mqtt_access
+    from kota.registry import Gateway, new_password, upsert_devices, upsert_gateway
     from simulators.city import build_city
-    from simulators.publisher import run
+    from simulators.publisher import MqttLogin, run
 
     _setup_logging()
     stack = StackSettings()
     city = build_city(args.city, args.devices, args.seed)
+    password = new_password()  # a fresh one each run: the simulator is its own integrator
     with psycopg.connect(stack.postgres_dsn) as conn:
+        upsert_gateway(conn, Gateway(city.gateway_id, city.city), password)
         upsert_devices(conn, city.devices)
-    logging.getLogger("kota.simulator").info("city %s: %d devices provisioned, publishing every %.1f s",
-                                             city.city, len(city.devices), args.interval)
+    mqtt_access.sync(stack)
+    logging.getLogger("kota.simulator").info("city %s: %d devices provisioned behind gateway %s, publishing every "
+                                             "%.1f s", city.city, len(city.devices), city.gateway_id, args.interval)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        run(city, port=stack.mqtt_port, interval_s=args.interval, stop=stop, max_ticks=args.ticks)
+        run(city, login=MqttLogin(stack.mqtt_port, city.gateway_id, password), gateway_id=city.gateway_id,
+            interval_s=args.interval, stop=stop, max_ticks=args.ticks)
     except KeyboardInterrupt:
         pass
     return 0
@@ -181,27 +188,65 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 # -- registry ----------------------------------------------------------------------------------
 def cmd_devices(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import psycopg
 
-    from kota.registry import load_devices, new_device, set_enabled, upsert_devices
+    from deploy import mqtt_access, pki
+    from kota.contract import device_telemetry_topic, gateway_telemetry_topic
+    from kota.registry import (
+        Gateway,
+        load_devices,
+        load_gateways,
+        new_device,
+        new_password,
+        set_enabled,
+        upsert_devices,
+        upsert_gateway,
+    )
 
     stack = StackSettings()
+    if args.action == "cert":
+        pair = pki.issue(stack, args.device_id, Path(args.out))
+        ca = pki.ensure_ca(stack)
+        _say(f"certificate {pair.cert}, key {pair.key} (CN={args.device_id}); CA certificate {ca.cert}")
+        _say(f"connect with TLS to port {stack.mqtt_mtls_port}: the certificate is the device's identity")
+        return 0
     with psycopg.connect(stack.postgres_dsn) as conn:
-        if args.action == "add":
-            device = new_device(args.device_id, args.city, args.type, district=args.district, lat=args.lat,
-                                lon=args.lon)
-            upsert_devices(conn, [device])
-            _say(f"device {device.device_id} ({device.device_type}) registered in {device.city}/{device.domain}; "
-                 f"metrics: {', '.join(device.metrics)}")
+        if args.action in ("add", "add-gateway"):
+            password = args.password or new_password()
+            try:
+                if args.action == "add":
+                    device = new_device(args.device_id, args.city, args.type, district=args.district, lat=args.lat,
+                                        lon=args.lon, gateway_id=args.gateway)
+                    upsert_devices(conn, [device], {device.device_id: password})
+                    topic = device_telemetry_topic(device.city, device.domain, device.device_id)
+                    _say(f"device {device.device_id} ({device.device_type}) registered in {device.city}/"
+                         f"{device.domain}; metrics: {', '.join(device.metrics)}")
+                else:
+                    upsert_gateway(conn, Gateway(args.device_id, args.city), password)
+                    topic = gateway_telemetry_topic(args.city, args.device_id)
+                    _say(f"gateway {args.device_id} registered in {args.city}")
+            except (ValueError, psycopg.errors.ForeignKeyViolation) as exc:
+                _say(f"error: {str(exc).splitlines()[0]}")
+                return 1
+            _say(f"MQTT username {args.device_id}  password {password}  (shown once; only its hash is kept)")
+            _say(f"publish to {topic} on port {stack.mqtt_port} (TLS: {stack.mqtt_tls_port})")
         elif args.action == "list":
             for d in load_devices(conn, args.city).values():
                 state = "enabled" if d.enabled else "DISABLED"
-                print(f"{d.device_id:<36} {d.city:<12} {d.domain:<12} {d.device_type:<18} {state}")
+                via = f"via {d.gateway_id}" if d.gateway_id else ""
+                print(f"{d.device_id:<36} {d.city:<12} {d.domain:<12} {d.device_type:<18} {state:<9} {via}")
+            for g in load_gateways(conn).values():
+                if args.city in (None, g.city):
+                    print(f"{g.gateway_id:<36} {g.city:<12} {'gateway':<12} {'gateway':<18} "
+                          f"{'enabled' if g.enabled else 'DISABLED'}")
         else:
             if not set_enabled(conn, args.device_id, args.action == "enable"):
-                _say(f"error: no device {args.device_id!r}")
+                _say(f"error: no device or gateway {args.device_id!r}")
                 return 1
-            _say(f"device {args.device_id} {args.action}d")
+            _say(f"{args.device_id} {args.action}d")
+    mqtt_access.sync(stack)
     return 0
 
 
@@ -240,13 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("devices", help="manage the device registry")
     dev_sub = dev.add_subparsers(dest="action", required=True)
-    add = dev_sub.add_parser("add", help="register a device")
+    add = dev_sub.add_parser("add", help="register a device and print its MQTT password")
     add.add_argument("device_id")
     add.add_argument("--city", required=True)
     add.add_argument("--type", required=True, choices=sorted(DEVICE_TYPES))
+    add.add_argument("--gateway", help="gateway allowed to publish for this device")
+    add.add_argument("--password", help="MQTT password (default: a random one, printed once)")
     add.add_argument("--district")
     add.add_argument("--lat", type=float)
     add.add_argument("--lon", type=float)
+    gw = dev_sub.add_parser("add-gateway", help="register a gateway device and print its MQTT password")
+    gw.add_argument("device_id", metavar="gateway_id")
+    gw.add_argument("--city", required=True)
+    gw.add_argument("--password", help="MQTT password (default: a random one, printed once)")
+    cert = dev_sub.add_parser("cert", help="issue a client certificate (CN = device id) from the local CA")
+    cert.add_argument("device_id")
+    cert.add_argument("--out", required=True, help="folder for <device>.crt and <device>.key")
     lst = dev_sub.add_parser("list", help="list devices")
     lst.add_argument("--city")
     for action in ("disable", "enable"):

@@ -3,8 +3,11 @@
 Defined once here and imported by every stage (simulators, ingest, processing, ops_api), so a
 change to the shape of a reading is a change in one file.
 
-MQTT (device side)
-    kota/{city}/{domain}/{device_id}/telemetry     a device publishes its own readings
+MQTT (device side; docs/integrators.md is the integrators' version)
+    kota/{city}/{domain}/{device_id}/telemetry     a device publishes its own readings (JSON)
+    kota/{city}/{domain}/{device_id}/senml         the same, as SenML (RFC 8428)
+    kota/{city}/gateway/{gateway_id}/telemetry     a gateway publishes for its bound devices
+    kota/{city}/gateway/{gateway_id}/senml         the same, as SenML with names "{device}/{metric}"
 
 Kafka (inside the platform)
     READINGS_TOPIC     one record per (MQTT message, device): key = device id (keeps each
@@ -26,8 +29,10 @@ DEADLETTER_TOPIC = "kota.deadletter"
 KAFKA_TOPICS = (READINGS_TOPIC, DEADLETTER_TOPIC)
 
 MQTT_TOPIC_ROOT = "kota"
-MQTT_TELEMETRY_FILTER = f"{MQTT_TOPIC_ROOT}/+/+/+/telemetry"
-MQTT_SHARED_GROUP = "kota-gateways"
+MQTT_INGEST_FILTER = f"{MQTT_TOPIC_ROOT}/+/+/+/+"
+MQTT_SHARED_GROUP = "kota-ingest"
+GATEWAY_SEGMENT = "gateway"
+FORMATS = ("telemetry", "senml")
 
 DOMAINS = ("environment", "traffic", "utilities")
 
@@ -40,26 +45,41 @@ def is_valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and set(value) <= _ID_CHARS
 
 
-def device_telemetry_topic(city: str, domain: str, device_id: str) -> str:
-    return f"{MQTT_TOPIC_ROOT}/{city}/{domain}/{device_id}/telemetry"
+def device_telemetry_topic(city: str, domain: str, device_id: str, fmt: str = "telemetry") -> str:
+    return f"{MQTT_TOPIC_ROOT}/{city}/{domain}/{device_id}/{fmt}"
+
+
+def gateway_telemetry_topic(city: str, gateway_id: str, fmt: str = "telemetry") -> str:
+    return f"{MQTT_TOPIC_ROOT}/{city}/{GATEWAY_SEGMENT}/{gateway_id}/{fmt}"
+
+
+def device_topics(city: str, domain: str, device_id: str) -> tuple[str, ...]:
+    return tuple(device_telemetry_topic(city, domain, device_id, fmt) for fmt in FORMATS)
+
+
+def gateway_topics(city: str, gateway_id: str) -> tuple[str, ...]:
+    return tuple(gateway_telemetry_topic(city, gateway_id, fmt) for fmt in FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
 class TelemetryTopic:
     city: str
-    domain: str
-    device_id: str
+    domain: str | None  # None on a gateway topic: its devices say their own
+    sender_id: str  # the device, or the gateway, that published
+    is_gateway: bool
+    is_senml: bool
 
 
 def parse_telemetry_topic(topic: str) -> TelemetryTopic | None:
-    """`kota/{city}/{domain}/{device}/telemetry` → its parts, or None if it is not one."""
+    """A telemetry topic → its parts, or None if it is not one of the four forms above."""
     parts = topic.split("/")
-    if len(parts) != 5 or parts[0] != MQTT_TOPIC_ROOT or parts[4] != "telemetry":
+    if len(parts) != 5 or parts[0] != MQTT_TOPIC_ROOT or parts[4] not in FORMATS:
         return None
-    _, city, domain, device_id, _ = parts
-    if domain not in DOMAINS or not is_valid_id(city) or not is_valid_id(device_id):
+    _, city, domain, sender_id, fmt = parts
+    is_gateway = domain == GATEWAY_SEGMENT
+    if not (is_gateway or domain in DOMAINS) or not is_valid_id(city) or not is_valid_id(sender_id):
         return None
-    return TelemetryTopic(city, domain, device_id)
+    return TelemetryTopic(city, None if is_gateway else domain, sender_id, is_gateway, fmt == "senml")
 
 
 # -- canonical measurements --------------------------------------------------------------------
@@ -111,6 +131,39 @@ METRICS: dict[str, Metric] = {
         _m("powerConsumption", "W", 0, 10000, "street light power draw"),
     )
 }
+
+
+# A value in a known convertible unit is converted to the canonical one: value * scale + offset.
+UNIT_CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {
+    ("K", "Cel"): (1.0, -273.15),
+    ("m", "cm"): (100.0, 0.0),
+    ("mm", "cm"): (0.1, 0.0),
+    ("mg/m3", "ug/m3"): (1000.0, 0.0),
+    ("m/s", "km/h"): (3.6, 0.0),
+    ("km/h", "m/s"): (1 / 3.6, 0.0),
+    ("W", "kW"): (0.001, 0.0),
+    ("kW", "W"): (1000.0, 0.0),
+    ("Wh", "kWh"): (0.001, 0.0),
+    ("J", "kWh"): (1 / 3.6e6, 0.0),
+    ("Pa", "bar"): (1e-5, 0.0),
+    ("kPa", "bar"): (0.01, 0.0),
+    ("%", "/"): (0.01, 0.0),
+    ("/", "%RH"): (100.0, 0.0),
+    ("%", "%RH"): (1.0, 0.0),
+    ("m3/s", "m3/h"): (3600.0, 0.0),
+    ("l/s", "m3/h"): (3.6, 0.0),
+}
+
+
+def convert_unit(value: float, from_unit: str, to_unit: str) -> float | None:
+    """`value` in `to_unit`, or None when there is no known conversion."""
+    if from_unit == to_unit:
+        return value
+    factor = UNIT_CONVERSIONS.get((from_unit, to_unit))
+    if factor is None:
+        return None
+    scale, offset = factor
+    return value * scale + offset
 
 
 # -- the canonical reading ---------------------------------------------------------------------
@@ -172,12 +225,15 @@ class Reason(StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     DEVICE_DISABLED = "device_disabled"
     WRONG_CITY_OR_DOMAIN = "wrong_city_or_domain"
+    NOT_BOUND = "device_not_bound"  # a gateway published for a device that is not bound to it
     UNKNOWN_METRIC = "unknown_metric"
+    WRONG_UNIT = "wrong_unit"  # a unit that is neither the declared one nor convertible to it
     WRONG_TYPE = "wrong_type"
     NOT_FINITE = "not_finite"
     OUT_OF_RANGE = "out_of_range"
     TIME_IN_FUTURE = "time_in_future"
     TIME_TOO_OLD = "time_too_old"
+    DUPLICATE = "duplicate"  # same device, metric and time as a reading accepted moments ago
 
 
 @dataclass(frozen=True, slots=True)

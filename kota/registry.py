@@ -6,7 +6,10 @@ from the contract's catalogue unless the integrator narrows the range for that d
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import secrets
 from dataclasses import asdict, dataclass, field
 
 import psycopg
@@ -50,6 +53,7 @@ class Device:
     lon: float | None = None
     metrics: dict[str, MetricSpec] = field(default_factory=dict)
     enabled: bool = True
+    gateway_id: str | None = None  # the gateway device allowed to publish for it, if any
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
@@ -72,37 +76,112 @@ def new_device(device_id: str, city: str, device_type: str, **kwargs: object) ->
                   **kwargs)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """One MQTT connection publishing for many devices of one city."""
+
+    gateway_id: str
+    city: str
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.gateway_id) or not is_valid_id(self.city):
+            raise ValueError("gateway id and city: use 1-64 of a-z 0-9 - _ .")
+
+
+# -- MQTT credentials --------------------------------------------------------------------------
+PASSWORD_ITERATIONS = 1000
+
+
+def new_password() -> str:
+    """A random device password, shown once to the integrator; only its hash is stored."""
+    return secrets.token_urlsafe(18)
+
+
+def hash_mqtt_password(password: str, *, salt: bytes | None = None) -> str:
+    """Mosquitto's `$7$` format (salted PBKDF2-SHA512), so the broker checks it natively."""
+    salt = salt or secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PASSWORD_ITERATIONS, 64)
+    return f"$7${PASSWORD_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
 def _metrics_json(device: Device) -> str:
     return json.dumps({name: asdict(spec) for name, spec in device.metrics.items()})
 
 
-def upsert_devices(conn: psycopg.Connection, devices: list[Device]) -> None:
+def upsert_devices(conn: psycopg.Connection, devices: list[Device],
+                   passwords: dict[str, str] | None = None) -> None:
+    """Register or update devices. A device's password changes only when one is given for it."""
+    passwords = passwords or {}
     with conn.cursor() as cur:
         cur.executemany(
-            """INSERT INTO devices (device_id, city, domain, device_type, district, lat, lon, metrics, enabled)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)
+            """INSERT INTO devices (device_id, city, domain, device_type, district, lat, lon, metrics, enabled,
+                                    gateway_id, mqtt_password_hash)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
                ON CONFLICT (device_id) DO UPDATE SET
                  city = EXCLUDED.city, domain = EXCLUDED.domain, device_type = EXCLUDED.device_type,
                  district = EXCLUDED.district, lat = EXCLUDED.lat, lon = EXCLUDED.lon,
-                 metrics = EXCLUDED.metrics, enabled = EXCLUDED.enabled, updated_at = now()""",
+                 metrics = EXCLUDED.metrics, enabled = EXCLUDED.enabled, gateway_id = EXCLUDED.gateway_id,
+                 mqtt_password_hash = coalesce(EXCLUDED.mqtt_password_hash, devices.mqtt_password_hash),
+                 updated_at = now()""",
             [(d.device_id, d.city, d.domain, d.device_type, d.district, d.lat, d.lon, _metrics_json(d),
-              d.enabled) for d in devices],
+              d.enabled, d.gateway_id,
+              hash_mqtt_password(passwords[d.device_id]) if d.device_id in passwords else None)
+             for d in devices],
         )
 
 
+def upsert_gateway(conn: psycopg.Connection, gateway: Gateway, password: str | None = None) -> None:
+    conn.execute(
+        """INSERT INTO gateways (gateway_id, city, enabled, mqtt_password_hash) VALUES (%s, %s, %s, %s)
+           ON CONFLICT (gateway_id) DO UPDATE SET city = EXCLUDED.city, enabled = EXCLUDED.enabled,
+             mqtt_password_hash = coalesce(EXCLUDED.mqtt_password_hash, gateways.mqtt_password_hash),
+             updated_at = now()""",
+        (gateway.gateway_id, gateway.city, gateway.enabled, hash_mqtt_password(password) if password else None))
+
+
+def load_gateways(conn: psycopg.Connection) -> dict[str, Gateway]:
+    rows = conn.execute("SELECT gateway_id, city, enabled FROM gateways ORDER BY gateway_id").fetchall()
+    return {r[0]: Gateway(r[0], r[1], r[2]) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAccount:
+    """What the broker needs to know about one sender: who, its password hash, where it may write."""
+
+    username: str
+    password_hash: str | None
+    write_topics: tuple[str, ...]
+
+
+def mqtt_accounts(conn: psycopg.Connection) -> list[MqttAccount]:
+    """Every enabled device and gateway, with the topics it may publish to (its own only)."""
+    from kota.contract import device_topics, gateway_topics
+
+    accounts = [MqttAccount(r[0], r[3], device_topics(r[1], r[2], r[0])) for r in conn.execute(
+        "SELECT device_id, city, domain, mqtt_password_hash FROM devices WHERE enabled ORDER BY device_id")]
+    accounts += [MqttAccount(r[0], r[2], gateway_topics(r[1], r[0])) for r in conn.execute(
+        "SELECT gateway_id, city, mqtt_password_hash FROM gateways WHERE enabled ORDER BY gateway_id")]
+    return accounts
+
+
 def set_enabled(conn: psycopg.Connection, device_id: str, enabled: bool) -> bool:
+    """Enable or disable a device (or a gateway) by id."""
     cur = conn.execute("UPDATE devices SET enabled = %s, updated_at = now() WHERE device_id = %s",
                        (enabled, device_id))
+    if cur.rowcount == 0:
+        cur = conn.execute("UPDATE gateways SET enabled = %s, updated_at = now() WHERE gateway_id = %s",
+                           (enabled, device_id))
     return cur.rowcount == 1
 
 
 def load_devices(conn: psycopg.Connection, city: str | None = None) -> dict[str, Device]:
-    query = ("SELECT device_id, city, domain, device_type, district, lat, lon, metrics, enabled "
+    query = ("SELECT device_id, city, domain, device_type, district, lat, lon, metrics, enabled, gateway_id "
              "FROM devices")
     rows = conn.execute(query + (" WHERE city = %s" if city else "") + " ORDER BY device_id",
                         (city,) if city else ()).fetchall()
     return {
         row[0]: Device(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
-                       {n: MetricSpec(**spec) for n, spec in row[7].items()}, row[8])
+                       {n: MetricSpec(**spec) for n, spec in row[7].items()}, row[8], row[9])
         for row in rows
     }

@@ -31,6 +31,8 @@ class StackSettings(BaseSettings):
     port_offset: int = 0
 
     mqtt_base_port: int = 18830
+    mqtt_tls_base_port: int = 18831  # TLS, username and password
+    mqtt_mtls_base_port: int = 18832  # mutual TLS: the client certificate names the device
     postgres_base_port: int = 15432
     kafka_base_port: int = 19092
     kafka_controller_base_port: int = 19093
@@ -46,6 +48,14 @@ class StackSettings(BaseSettings):
     @property
     def mqtt_port(self) -> int:
         return self.mqtt_base_port + self.port_offset
+
+    @property
+    def mqtt_tls_port(self) -> int:
+        return self.mqtt_tls_base_port + self.port_offset
+
+    @property
+    def mqtt_mtls_port(self) -> int:
+        return self.mqtt_mtls_base_port + self.port_offset
 
     @property
     def postgres_port(self) -> int:

@@ -30,6 +30,11 @@ class SimulatedCity:
     devices: list[Device]
     seed: int
 
+    @property
+    def gateway_id(self) -> str:
+        """The simulated city's devices all publish through this one gateway."""
+        return f"{self.city}-sim-gateway"
+
 
 def build_city(city: str = "bandung", n_devices: int = 36, seed: int = 1) -> SimulatedCity:
     rng = np.random.default_rng(seed)
@@ -42,7 +47,8 @@ def build_city(city: str = "bandung", n_devices: int = 36, seed: int = 1) -> Sim
             district, lat, lon = DISTRICTS[int(rng.integers(len(DISTRICTS)))]
             devices.append(new_device(
                 f"{city}-{device_type.replace('_', '-')}-{i + 1:03d}", city, device_type, district=district,
-                lat=round(lat + float(rng.normal(0, 0.006)), 5), lon=round(lon + float(rng.normal(0, 0.006)), 5)))
+                lat=round(lat + float(rng.normal(0, 0.006)), 5), lon=round(lon + float(rng.normal(0, 0.006)), 5),
+                gateway_id=f"{city}-sim-gateway"))
     return SimulatedCity(city, devices, seed)
 
 

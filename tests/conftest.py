@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from deploy import procs
+from deploy import mqtt_access, procs
 from deploy import stack as local
 from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
@@ -26,6 +26,7 @@ def stack() -> Iterator[StackSettings]:
                              port_offset=int(os.environ.get("KOTA_TEST_PORT_OFFSET", "100")))
     local.start_services(settings, lambda message: print(f"test stack: {message}"))
     migrate(settings.postgres_dsn)
+    mqtt_access.sync(settings)
     yield settings
     for name in PIPELINE:
         procs.stop(settings, name)

@@ -10,11 +10,12 @@ from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion
 
+from deploy import mqtt_access
 from kota.contract import device_telemetry_topic
-from kota.registry import Device, new_device, upsert_devices
+from kota.registry import Device, Gateway, new_device, new_password, upsert_devices, upsert_gateway
 from kota.settings import StackSettings
+from simulators.publisher import MqttLogin, connect
 
 T = TypeVar("T")
 
@@ -35,19 +36,33 @@ def wait_for(check: Callable[[], T], *, timeout_s: float = 30.0, what: str = "co
     return last
 
 
+PASSWORDS: dict[str, str] = {}  # what the tests' integrators were told at provisioning
+
+
 def provision(stack: StackSettings, device_type: str, city: str = "testkota", **kwargs: object) -> Device:
+    """Register a device with a fresh password, as `kota devices add` does, and reload the broker."""
     device = new_device(unique_id(device_type.replace("_", "-")), city, device_type, **kwargs)
+    PASSWORDS[device.device_id] = new_password()
     with psycopg.connect(stack.postgres_dsn) as conn:
-        upsert_devices(conn, [device])
+        upsert_devices(conn, [device], {device.device_id: PASSWORDS[device.device_id]})
+    mqtt_access.sync(stack)
     return device
 
 
-def mqtt_client(stack: StackSettings) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique_id("test"), protocol=mqtt.MQTTv311)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", stack.mqtt_port, keepalive=30)
-    client.loop_start()
-    return client
+def provision_gateway(stack: StackSettings, city: str = "testkota") -> Gateway:
+    gateway = Gateway(unique_id("gw"), city)
+    PASSWORDS[gateway.gateway_id] = new_password()
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        upsert_gateway(conn, gateway, PASSWORDS[gateway.gateway_id])
+    mqtt_access.sync(stack)
+    return gateway
+
+
+def mqtt_client(stack: StackSettings, username: str, *, client_id: str | None = None,
+                clean_session: bool = True) -> mqtt.Client:
+    """A real MQTT client logged in as `username` with the password it was provisioned with."""
+    return connect(MqttLogin(stack.mqtt_port, username, PASSWORDS[username]), client_id or unique_id("test"),
+                   clean_session=clean_session)
 
 
 def publish(client: mqtt.Client, device: Device, payload: object, *, topic: str | None = None) -> None:

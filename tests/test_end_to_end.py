@@ -16,13 +16,15 @@ def test_readings_published_over_mqtt_are_served_by_the_api(pipeline, api):
     air = provision(pipeline, "air_quality", district="coblong", lat=-6.89, lon=107.61)
     gate = provision(pipeline, "water_level")
     now = int(time.time() * 1000)
-    client = mqtt_client(pipeline)
+    client = mqtt_client(pipeline, air.device_id)
+    client2 = mqtt_client(pipeline, gate.device_id)
     try:
         publish(client, air, {"ts": now - 2000, "values": {"pm25": 20.0, "pm10": 35.0}})
         publish(client, air, {"ts": now - 1000, "values": {"pm25": 42.5, "pm10": 61.0}})
-        publish(client, gate, {"currentLevel": 154.0})
+        publish(client2, gate, {"currentLevel": 154.0})
     finally:
         client.disconnect()
+        client2.disconnect()
 
     latest = wait_for(lambda: api.get(f"/api/v1/devices/{air.device_id}/latest").json()["values"] or None,
                       what="latest values of the air-quality station")
@@ -74,7 +76,7 @@ async def _dead_letters_for(stack, topic: str, expected: int) -> list[dict]:
 def test_bad_input_goes_to_the_dead_letter_topic_with_reason_and_original_bytes(pipeline):
     device = provision(pipeline, "noise")
     topic = device_telemetry_topic(device.city, device.domain, device.device_id)
-    client = mqtt_client(pipeline)
+    client = mqtt_client(pipeline, device.device_id)
     try:
         publish(client, device, b"{broken")
         publish(client, device, {"LAeq": 400})

@@ -25,7 +25,7 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
     done = threading.Event()
 
     def stream() -> None:
-        client = mqtt_client(pipeline)
+        client = mqtt_client(pipeline, gate.device_id)
         try:
             for m in range(MESSAGES):
                 chunk = expected[m * PER_MESSAGE:(m + 1) * PER_MESSAGE]

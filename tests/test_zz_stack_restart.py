@@ -26,7 +26,7 @@ def kota(stack, *args: str) -> str:
 def test_kota_down_then_up_keeps_data_and_the_pipeline_resumes(pipeline):
     light = provision(pipeline, "street_light")
     now = int(time.time() * 1000)
-    client = mqtt_client(pipeline)
+    client = mqtt_client(pipeline, light.device_id)
     publish(client, light, {"ts": now - 5000, "values": {"powerState": 1, "powerConsumption": 118.0}})
     client.disconnect()
     wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 2, what="readings before restart")
@@ -37,7 +37,7 @@ def test_kota_down_then_up_keeps_data_and_the_pipeline_resumes(pipeline):
     assert "postgres started" in up and "up in" in up
 
     assert len(stored_readings(pipeline, light.device_id)) == 2
-    client = mqtt_client(pipeline)
+    client = mqtt_client(pipeline, light.device_id)
     publish(client, light, {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
     client.disconnect()
     wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 4, timeout_s=90,

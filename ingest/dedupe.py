@@ -1,0 +1,28 @@
+"""Remember recently accepted readings to flag duplicates, in bounded memory.
+
+Two generations of hashed keys: when the young one fills, it becomes the old one and the old one
+is dropped. So the memory holds between `capacity / 2` and `capacity` of the latest keys, with
+O(1) work per reading. A duplicate older than that window still reaches Kafka, and the database
+stores it once (its primary key); this check is for the integrator's feedback, not for safety.
+"""
+
+from __future__ import annotations
+
+
+class RecentReadings:
+    def __init__(self, capacity: int = 400_000) -> None:
+        if capacity < 2:
+            raise ValueError("capacity must be at least 2")
+        self._half = capacity // 2
+        self._young: set[int] = set()
+        self._old: set[int] = set()
+
+    def seen_before(self, device_id: str, metric: str, ts_ms: int) -> bool:
+        """True if this (device, metric, time) was seen recently; otherwise remember it."""
+        key = hash((device_id, metric, ts_ms))
+        if key in self._young or key in self._old:
+            return True
+        if len(self._young) >= self._half:
+            self._old, self._young = self._young, set()
+        self._young.add(key)
+        return False
