@@ -5,6 +5,12 @@
 - A device may publish only to its own topics, a gateway only to its own (the ingest gateway
   then checks that each device in its messages is bound to it). Senders may not subscribe.
 - Only the platform's ingest account reads telemetry.
+
+Devices are locked out of a freshly started broker until an ingest gateway has subscribed again:
+Mosquitto 2.0.11 (Debian 12) does not restore shared subscriptions from persistence, so anything
+a device published in between would have no subscriber and be dropped after its PUBACK. Refused
+instead, a device keeps its messages and retries (tests/test_gateway.py restarts the broker
+mid-stream to prove it).
 """
 
 from __future__ import annotations
@@ -13,16 +19,21 @@ import os
 import secrets
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
 
 from deploy import procs
-from kota.contract import MQTT_TOPIC_ROOT
+from kota.contract import INGEST_PROBE_TOPIC, MQTT_TOPIC_ROOT
 from kota.registry import hash_mqtt_password, mqtt_accounts
 from kota.settings import StackSettings
 
 INGEST_USER = "kota-ingest"
+LOCK_FILE = "devices-locked"
 
 
 def _mosquitto_owned(path: Path) -> None:
@@ -50,12 +61,12 @@ def ingest_password(stack: StackSettings, folder: Path) -> str:
 def write_access_files(stack: StackSettings, folder: Path, *, with_registry: bool = True) -> None:
     """Write passwd and acl into the broker's folder; the registry part only once the schema exists."""
     accounts = []
-    if with_registry:
+    if with_registry and not (folder / LOCK_FILE).exists():
         with psycopg.connect(stack.postgres_dsn) as conn:
             accounts = mqtt_accounts(conn)
     passwd = [f"{INGEST_USER}:{hash_mqtt_password(ingest_password(stack, folder))}"]
     acl = ["# Generated from the device registry by kota (deploy/mqtt_access.py); edits are overwritten.",
-           f"user {INGEST_USER}", f"topic read {MQTT_TOPIC_ROOT}/#", ""]
+           f"user {INGEST_USER}", f"topic read {MQTT_TOPIC_ROOT}/#", f"topic write {INGEST_PROBE_TOPIC}", ""]
     for account in accounts:
         if account.password_hash:
             passwd.append(f"{account.username}:{account.password_hash}")
@@ -82,3 +93,66 @@ def sync(stack: StackSettings) -> None:
 
     write_access_files(stack, mosquitto_dir(stack))
     reload_broker(stack)
+
+
+def lock_devices(stack: StackSettings, folder: Path) -> None:
+    """Before the broker starts: only the ingest account may connect."""
+    (folder / LOCK_FILE).touch()
+    write_access_files(stack, folder, with_registry=False)
+
+
+def unlock_devices(stack: StackSettings) -> None:
+    from deploy.stack import mosquitto_dir
+
+    (mosquitto_dir(stack) / LOCK_FILE).unlink(missing_ok=True)
+    sync(stack)
+
+
+def devices_locked(stack: StackSettings) -> bool:
+    from deploy.stack import mosquitto_dir
+
+    return (mosquitto_dir(stack) / LOCK_FILE).exists()
+
+
+def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool:
+    """True once a publish to the ingest probe topic finds a subscriber.
+
+    MQTT 5 PUBACK reason 0x10 means "no matching subscribers". ($SYS subscription counts would be
+    simpler, but Mosquitto leaves shared subscriptions out of them.)
+    """
+    from deploy.stack import mosquitto_dir
+
+    password = ingest_password(stack, mosquitto_dir(stack))
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kota-ingest-check-{secrets.token_hex(4)}",
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(INGEST_USER, password)
+    answers: dict[int, int] = {}
+    answered = threading.Condition()
+
+    def on_publish(_c: object, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
+        with answered:
+            answers[mid] = reason.value
+            answered.notify_all()
+
+    client.on_publish = on_publish
+    deadline = time.monotonic() + timeout_s
+    try:
+        client.connect("127.0.0.1", stack.mqtt_port, keepalive=10)
+        client.loop_start()
+        while time.monotonic() < deadline:
+            mid = client.publish(INGEST_PROBE_TOPIC, b"probe", qos=1).mid
+
+            def has_answer(probe: int = mid) -> bool:
+                return probe in answers
+
+            with answered:
+                answered.wait_for(has_answer, timeout=max(0.1, deadline - time.monotonic()))
+            if answers.get(mid) == 0:
+                return True
+            time.sleep(0.3)
+        return False
+    except OSError:
+        return False
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -175,6 +175,8 @@ max_inflight_messages 1000
 max_queued_messages 0
 max_queued_bytes 0
 max_packet_size 1048576
+# $SYS/broker/subscriptions/count every second: tells when an ingest gateway has subscribed.
+sys_interval 1
 log_dest stdout
 log_type error
 log_type warning
@@ -186,7 +188,11 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
     return conf.read_text() != before
 
 
-def start_mosquitto(stack: StackSettings, say: Say) -> None:
+def start_mosquitto(stack: StackSettings, say: Say, *, open_devices: bool = True) -> None:
+    """Start the broker with devices locked out (see deploy/mqtt_access.py); with `open_devices`,
+    let them in as soon as an ingest gateway has subscribed (the caller does it otherwise)."""
+    from deploy import mqtt_access
+
     changed = write_mosquitto_config(stack)
     if procs.running_pid(stack, "mosquitto"):
         if not changed:
@@ -194,9 +200,25 @@ def start_mosquitto(stack: StackSettings, say: Say) -> None:
             return
         say("mosquitto configuration changed: restarting it")
         procs.stop(stack, "mosquitto")
+    mqtt_access.lock_devices(stack, mosquitto_dir(stack))
     procs.spawn(stack, "mosquitto", [str(MOSQUITTO_BIN), "-c", str(mosquitto_dir(stack) / "mosquitto.conf")])
     wait_until(lambda: mqtt_answers(stack.mqtt_port), "mosquitto", stack, timeout_s=20)
     say(f"mosquitto started on port {stack.mqtt_port}")
+    if open_devices:
+        open_devices_when_ingest_subscribed(stack, say)
+
+
+def open_devices_when_ingest_subscribed(stack: StackSettings, say: Say, timeout_s: float = 30.0) -> None:
+    from deploy import mqtt_access
+
+    if not mqtt_access.devices_locked(stack):
+        return
+    if mqtt_access.wait_for_ingest_subscription(stack, timeout_s):
+        mqtt_access.unlock_devices(stack)
+        say("an ingest gateway is subscribed: devices may connect")
+    else:
+        say(f"no ingest gateway subscribed within {timeout_s:.0f} s: devices stay locked out so that nothing "
+            "they send is lost; `kota up` starts a gateway and lets them in")
 
 
 def mqtt_answers(port: int) -> bool:
@@ -429,9 +451,9 @@ def wait_until(check: Callable[[], bool], what: str, stack: StackSettings, *, ti
     raise StackError(f"{what} did not answer within {timeout_s:.0f} s; see {procs.log_file(stack, what)}")
 
 
-def start_services(stack: StackSettings, say: Say) -> None:
+def start_services(stack: StackSettings, say: Say, *, open_devices: bool = True) -> None:
     install_missing(stack, say)
-    start_mosquitto(stack, say)
+    start_mosquitto(stack, say, open_devices=open_devices)
     start_postgres(stack, say)
     start_kafka(stack, say)
 

@@ -26,6 +26,7 @@ from ingest.mqtt_inbox import InboundMessage, MqttInbox
 from ingest.parse import ParseLimits, parse_message
 from kota.contract import (
     DEADLETTER_TOPIC,
+    INGEST_PROBE_TOPIC,
     MQTT_INGEST_FILTER,
     MQTT_SHARED_GROUP,
     READINGS_TOPIC,
@@ -42,6 +43,7 @@ log = logging.getLogger("kota.gateway")
 
 MESSAGES_IN = PromCounter("kota_gateway_messages_in", "MQTT messages received")
 READINGS_OUT = PromCounter("kota_gateway_readings_out", "readings acknowledged by Kafka")
+PROBES = PromCounter("kota_gateway_probes", "platform probes acknowledged (not readings)")
 REJECTED = PromCounter("kota_gateway_rejected", "rejected readings or messages, by reason", ["reason"])
 QUEUE_DEPTH = Gauge("kota_gateway_queue_depth", "messages waiting between paho and Kafka")
 SEND_SECONDS = Histogram("kota_gateway_kafka_send_seconds", "time for Kafka to acknowledge a batch")
@@ -166,6 +168,9 @@ class IngestGateway:
         accepted = 0
         rejected: Counter[str] = Counter()
         for msg in batch:
+            if msg.topic == INGEST_PROBE_TOPIC:
+                PROBES.inc()
+                continue
             result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
                                    received_ms=msg.received_ms, limits=self._limits)
             by_device: defaultdict[str, list[Reading]] = defaultdict(list)

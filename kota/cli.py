@@ -6,6 +6,7 @@
     kota simulate                  a simulated city publishing over MQTT
     kota migrate                   apply database migrations
     kota devices add/list/disable  the device registry
+    kota deadletters               rejected input, with reasons
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     _say(f"state folder {settings.state_dir}")
     try:
-        local.start_services(settings, _say)
+        local.start_services(settings, _say, open_devices=False)
         backend, applied = migrate(settings.postgres_dsn)
         _say(f"database schema up to date ({backend}{', applied ' + str(applied) if applied else ''})")
         mqtt_access.sync(settings)
         for name in ("gateway", "processor", "api"):
             local.start_component(settings, name)
+        local.open_devices_when_ingest_subscribed(settings, _say)
         if not args.no_simulator:
             local.start_component(settings, "simulate", "--devices", str(args.devices), "--interval",
                                   str(args.interval), "--city", args.city, instance="simulator")
@@ -162,9 +164,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import psycopg
 
     from deploy import mqtt_access
+    from kota.mqtt import MqttLogin
     from kota.registry import Gateway, new_password, upsert_devices, upsert_gateway
     from simulators.city import build_city
-    from simulators.publisher import MqttLogin, run
+    from simulators.publisher import run
 
     _setup_logging()
     stack = StackSettings()
@@ -250,6 +253,24 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    from ingest.deadletters import read_dead_letters
+
+    stack = StackSettings()
+
+    def show(letter: dict[str, Any]) -> None:
+        print(f"{letter['reason']:<20} {letter['topic']}  {letter['message']}", flush=True)
+
+    since_ms = int((time.time() - args.since) * 1000)
+    seen = asyncio.run(read_dead_letters(stack.kafka_bootstrap, device=args.device, since_ms=since_ms,
+                                         wait_for=args.wait_for, follow=args.follow, timeout_s=args.timeout,
+                                         show=show))
+    if args.wait_for and not seen:
+        _say(f"no {args.wait_for} rejection within {args.timeout:.0f} s")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kota.registry import DEVICE_TYPES
 
@@ -282,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--ticks", type=int, default=None, help="stop after this many rounds")
     sim.set_defaults(func=cmd_simulate)
+
+    dl = sub.add_parser("deadletters", help="show rejected input with its reason (the dead-letter topic)")
+    dl.add_argument("--device", help="only rejections naming this device or gateway")
+    dl.add_argument("--since", type=float, default=3600, help="seconds back to look (default 3600)")
+    dl.add_argument("--follow", action="store_true", help="keep showing new rejections")
+    dl.add_argument("--wait-for", metavar="REASON", help="wait until a rejection with this reason appears")
+    dl.add_argument("--timeout", type=float, default=30, help="seconds to wait with --wait-for (default 30)")
+    dl.set_defaults(func=cmd_deadletters)
 
     dev = sub.add_parser("devices", help="manage the device registry")
     dev_sub = dev.add_subparsers(dest="action", required=True)

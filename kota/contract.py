@@ -33,6 +33,9 @@ MQTT_INGEST_FILTER = f"{MQTT_TOPIC_ROOT}/+/+/+/+"
 MQTT_SHARED_GROUP = "kota-ingest"
 GATEWAY_SEGMENT = "gateway"
 FORMATS = ("telemetry", "senml")
+# The platform asks "is an ingest gateway subscribed?" by publishing here (MQTT 5: the broker's
+# PUBACK says whether any subscriber matched). Gateways acknowledge it and forward nothing.
+INGEST_PROBE_TOPIC = f"{MQTT_TOPIC_ROOT}/_platform/probe/ingest/telemetry"
 
 DOMAINS = ("environment", "traffic", "utilities")
 

@@ -24,7 +24,7 @@ PIPELINE = ("gateway", "processor", "api")
 def stack() -> Iterator[StackSettings]:
     settings = StackSettings(state_dir=PROJECT_ROOT / ".kota-test",
                              port_offset=int(os.environ.get("KOTA_TEST_PORT_OFFSET", "100")))
-    local.start_services(settings, lambda message: print(f"test stack: {message}"))
+    local.start_services(settings, lambda message: print(f"test stack: {message}"), open_devices=False)
     migrate(settings.postgres_dsn)
     mqtt_access.sync(settings)
     yield settings
@@ -46,6 +46,7 @@ def pipeline(stack: StackSettings) -> StackSettings:
     """Gateway, processor and API running as real background processes against the test stack."""
     for name in PIPELINE:
         local.start_component(stack, name)
+    local.open_devices_when_ingest_subscribed(stack, print)
     local.wait_until(lambda: api_healthy(stack), "api", stack, timeout_s=60)
     return stack
 

@@ -13,9 +13,9 @@ import psycopg
 
 from deploy import mqtt_access
 from kota.contract import device_telemetry_topic
+from kota.mqtt import MqttLogin, connect
 from kota.registry import Device, Gateway, new_device, new_password, upsert_devices, upsert_gateway
 from kota.settings import StackSettings
-from simulators.publisher import MqttLogin, connect
 
 T = TypeVar("T")
 

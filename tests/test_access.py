@@ -9,8 +9,8 @@ import pytest
 from deploy import mqtt_access, pki
 from deploy.stack import mosquitto_dir
 from kota.contract import MQTT_TOPIC_ROOT, device_telemetry_topic
+from kota.mqtt import MqttLogin, connect
 from kota.registry import set_enabled
-from simulators.publisher import MqttLogin, connect
 from tests.helpers import PASSWORDS, mqtt_client, provision, publish, stored_readings, unique_id, wait_for
 
 pytestmark = pytest.mark.stack

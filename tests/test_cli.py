@@ -5,7 +5,8 @@ import pytest
 
 from kota.cli import build_parser
 
-SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices"]
+SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices",
+               "deadletters"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

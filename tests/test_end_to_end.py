@@ -57,7 +57,7 @@ def test_health_reports_each_dependency(api):
     assert all(dep["ok"] for dep in body["dependencies"].values())
 
 
-async def _dead_letters_for(stack, topic: str, expected: int) -> list[dict]:
+async def _dead_letters_for(stack, topic: str, expected: int, since_ms: int = 0) -> list[dict]:
     consumer = AIOKafkaConsumer(DEADLETTER_TOPIC, bootstrap_servers=stack.kafka_bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
@@ -67,7 +67,8 @@ async def _dead_letters_for(stack, topic: str, expected: int) -> list[dict]:
         while len(found) < expected and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
-                found += [body for r in records if (body := decode_dead_letter(r.value))["topic"] == topic]
+                found += [body for r in records if (body := decode_dead_letter(r.value))["topic"] == topic
+                          and int(body["received_ms"]) >= since_ms]
     finally:
         await consumer.stop()
     return found
