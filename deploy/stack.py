@@ -170,7 +170,7 @@ persistence true
 persistence_location {folder}/
 autosave_interval 5
 # Deliver many QoS 1 messages before their acks: the gateway acknowledges in batches.
-max_inflight_messages 1000
+max_inflight_messages 10000
 # While the gateway is down the broker holds its messages; bounded by memory, not by count.
 max_queued_messages 0
 max_queued_bytes 0

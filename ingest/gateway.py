@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram, start_http_server
 from pydantic import SecretStr
@@ -104,6 +105,11 @@ class IngestGateway:
         self._devices_as_of_ms = 0  # wall clock when the registry was read
         self._producer: AIOKafkaProducer | None = None
         self._burst = BurstLog(log, settings.log_burst_s)
+        # (topic, key) → partition, computed once per device with Kafka's own (murmur2)
+        # partitioner: in aiokafka it is pure Python and was a third of the send cost per record.
+        self._partition_of: dict[tuple[str, bytes], int] = {}
+        self._partitions: dict[str, list[int]] = {}
+        self._partitioner = DefaultPartitioner()
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._settings.metrics_enabled:
@@ -199,19 +205,59 @@ class IngestGateway:
         """Send every record; on failure send them all again. A retry may duplicate a record in
         Kafka, never lose one; the processor stores each reading once."""
         while True:
-            assert self._producer is not None
             started = time.perf_counter()
             try:
-                futures = [await self._producer.send(topic, value=value, key=key) for topic, key, value in records]
-                await asyncio.gather(*futures)
+                await asyncio.gather(*await self._send_batched(records))
                 SEND_SECONDS.observe(time.perf_counter() - started)
                 return
             except KafkaError as exc:
                 self._burst.warning("kafka-send", f"Kafka send failed ({exc!r}); retrying {len(records)} records "
                                                   "with a fresh producer; MQTT messages stay unacknowledged")
+                assert self._producer is not None
                 await self._producer.stop()
                 await asyncio.sleep(0.5)
                 self._producer = await self._start_producer(stop)
+                self._partitions.clear()  # the topics may have been re-partitioned meanwhile
+                self._partition_of.clear()
+
+    async def _send_batched(self, records: list[tuple[str, bytes, bytes]]) -> list[asyncio.Future[object]]:
+        """Records, still one per device and keyed by its id, go to Kafka as one batch per partition.
+
+        aiokafka's send() costs about 18 us a record (a future each, Python-level partitioning);
+        a BatchBuilder per partition costs a fraction of that. Order within a partition, and so
+        per device, is the order of `records`.
+        """
+        producer = self._producer
+        assert producer is not None
+        by_partition: defaultdict[tuple[str, int], list[tuple[bytes, bytes]]] = defaultdict(list)
+        for topic, key, value in records:
+            by_partition[(topic, await self._partition(topic, key))].append((key, value))
+        futures = []
+        for (topic, partition), items in by_partition.items():
+            batch = producer.create_batch()
+            for key, value in items:
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start anew
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    if batch.append(key=key, value=value, timestamp=None) is None:  # larger than any batch
+                        futures.append(await producer.send(topic, value=value, key=key, partition=partition))
+                        batch = producer.create_batch()
+            if batch.record_count():
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
+
+    async def _partition(self, topic: str, key: bytes) -> int:
+        """Kafka's own (murmur2) choice for this key, computed once per key: a device stays on one partition."""
+        cached = self._partition_of.get((topic, key))
+        if cached is not None:
+            return cached
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            assert self._producer is not None
+            partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+        partition: int = self._partitioner(key, partitions, partitions)
+        self._partition_of[(topic, key)] = partition
+        return partition
 
     def _log_rejection(self, msg: InboundMessage, rejection: Rejection) -> None:
         self._burst.warning(f"reject:{rejection.reason}",

@@ -15,9 +15,12 @@ Each bad value is rejected on its own with a reason; the good values of the same
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from kota.contract import (
     Reading,
@@ -50,15 +53,9 @@ class ParseResult:
         self.rejections.append(Rejection(reason, message))
 
 
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    """One value as sent, before checks: device id, time (ms or None), metric, value, unit or None."""
-
-    device_id: str
-    ts_ms: Any
-    metric: str
-    value: Any
-    unit: str | None
+# One value as sent, before checks: (device id, time in ms or None, metric, value, unit or None).
+# A plain tuple: this is the hot path, one per reading.
+_Candidate = tuple[str, Any, str, Any, str | None]
 
 
 class _BadShape(Exception):
@@ -89,15 +86,11 @@ def parse_message(
         result.rejections.append(sender_problem)
         return result
     try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        result.reject(Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
-        return result
-    try:
-        body = json.loads(text, parse_constant=float)  # keep NaN/Infinity: they get their own reason
-    except (json.JSONDecodeError, RecursionError) as exc:
-        result.reject(Reason.MALFORMED_JSON, f"payload is not JSON: {exc}")
-        return result
+        body = orjson.loads(payload)  # fast path; it also refuses bad UTF-8 and NaN
+    except orjson.JSONDecodeError:
+        body = _slow_decode(payload, result)
+        if body is None:
+            return result
 
     try:
         if where.is_senml:
@@ -111,11 +104,28 @@ def parse_message(
         return result
 
     source = "mqtt-" + ("gateway-" if where.is_gateway else "") + ("senml" if where.is_senml else "json")
+    device: Device | None = None
     for candidate in candidates:
-        device = _resolve_device(candidate.device_id, where, devices, result)
+        if device is None or device.device_id != candidate[0]:
+            device = _resolve_device(candidate[0], where, devices, result)
         if device is not None:
             _check_value(device, candidate, received_ms, limits, source, result)
     return result
+
+
+def _slow_decode(payload: bytes, result: ParseResult) -> Any:
+    """Say exactly why orjson refused: not UTF-8, not JSON, or JSON with NaN/Infinity (kept, so that
+    those values get their own reason)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        result.reject(Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
+        return None
+    try:
+        return json.loads(text, parse_constant=float)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        result.reject(Reason.MALFORMED_JSON, f"payload is not JSON: {exc}")
+        return None
 
 
 def _check_sender(where: TelemetryTopic, devices: dict[str, Device],
@@ -177,7 +187,7 @@ def _device_candidates(device_id: str, body: Any) -> Iterator[_Candidate]:
         else:
             ts, values = None, item
         for metric, value in values.items():
-            yield _Candidate(device_id, ts, metric, value, None)
+            yield (device_id, ts, metric, value, None)
 
 
 def _gateway_candidates(body: Any) -> Iterator[_Candidate]:
@@ -221,47 +231,49 @@ def _senml_candidates(body: Any, where: TelemetryTopic, received_ms: int) -> Ite
             value = record["vb"]
         else:
             value = record.get("vs", record.get("vd", record.get("s")))
-        yield _Candidate(device_id, ts, metric, value, record.get("u", base_unit))
+        yield (device_id, ts, metric, value, record.get("u", base_unit))
 
 
 # -- one value -----------------------------------------------------------------------------------
 def _check_value(device: Device, c: _Candidate, received_ms: int, limits: ParseLimits, source: str,
                  result: ParseResult) -> None:
-    ts = received_ms if c.ts_ms is None else c.ts_ms
-    if not is_finite_number(ts):
+    _, ts, metric, value, unit = c
+    if ts is None:
+        ts = received_ms
+    elif type(ts) is not int and not is_finite_number(ts):
         result.reject(Reason.WRONG_TYPE, f"ts {ts!r} is not epoch milliseconds")
         return
     ts = int(ts)
     if ts > received_ms + limits.max_future_ms:
-        result.reject(Reason.TIME_IN_FUTURE, f"{c.metric} at ts {ts} is {(ts - received_ms) / 1000:.0f} s ahead "
+        result.reject(Reason.TIME_IN_FUTURE, f"{metric} at ts {ts} is {(ts - received_ms) / 1000:.0f} s ahead "
                                              "of the gateway clock")
         return
     if ts < received_ms - limits.max_age_ms:
-        result.reject(Reason.TIME_TOO_OLD, f"{c.metric} at ts {ts} is older than "
+        result.reject(Reason.TIME_TOO_OLD, f"{metric} at ts {ts} is older than "
                                            f"{limits.max_age_ms // 3_600_000} h; use `kota replay`")
         return
-    spec = device.metrics.get(c.metric)
+    spec = device.metrics.get(metric)
     if spec is None:
-        result.reject(Reason.UNKNOWN_METRIC, f"metric {c.metric!r} is not declared for device {device.device_id!r} "
+        result.reject(Reason.UNKNOWN_METRIC, f"metric {metric!r} is not declared for device {device.device_id!r} "
                                              f"(declared: {', '.join(sorted(device.metrics))})")
         return
-    value = c.value
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is bool:
         value = float(value)  # on/off style metrics: true/false are 1/0
-    if not isinstance(value, int | float):
-        result.reject(Reason.WRONG_TYPE, f"{c.metric} = {value!r} is a {type(value).__name__}, expected a number")
+    elif kind is not float and kind is not int:
+        result.reject(Reason.WRONG_TYPE, f"{metric} = {value!r} is a {kind.__name__}, expected a number")
         return
-    if not is_finite_number(value):
-        result.reject(Reason.NOT_FINITE, f"{c.metric} = {value!r} is not a finite number")
+    elif not math.isfinite(value):
+        result.reject(Reason.NOT_FINITE, f"{metric} = {value!r} is not a finite number")
         return
-    if c.unit is not None:
-        if not isinstance(c.unit, str) or (converted := convert_unit(value, c.unit, spec.unit)) is None:
-            result.reject(Reason.WRONG_UNIT, f"{c.metric} in {c.unit!r} cannot be converted to its declared "
+    if unit is not None:
+        if not isinstance(unit, str) or (converted := convert_unit(value, unit, spec.unit)) is None:
+            result.reject(Reason.WRONG_UNIT, f"{metric} in {unit!r} cannot be converted to its declared "
                                              f"unit {spec.unit!r}")
             return
         value = converted
     if not spec.low <= value <= spec.high:
-        result.reject(Reason.OUT_OF_RANGE, f"{c.metric} = {value} is outside [{spec.low}, {spec.high}] {spec.unit}")
+        result.reject(Reason.OUT_OF_RANGE, f"{metric} = {value} is outside [{spec.low}, {spec.high}] {spec.unit}")
         return
-    result.readings.append(Reading(ts, device.city, device.domain, device.device_id, c.metric, float(value),
+    result.readings.append(Reading(ts, device.city, device.domain, device.device_id, metric, float(value),
                                    spec.unit, received_ms, source))
