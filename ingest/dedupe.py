@@ -8,6 +8,8 @@ stores it once (its primary key); this check is for the integrator's feedback, n
 
 from __future__ import annotations
 
+from kota.contract import Reading
+
 
 class RecentReadings:
     def __init__(self, capacity: int = 400_000) -> None:
@@ -26,3 +28,20 @@ class RecentReadings:
             self._old, self._young = self._young, set()
         self._young.add(key)
         return False
+
+    def split_new(self, readings: list[Reading]) -> tuple[list[Reading], list[Reading]]:
+        """(new readings, duplicates), remembering the new ones. One call per message: the hot path."""
+        new: list[Reading] = []
+        duplicates: list[Reading] = []
+        young, old, half = self._young, self._old, self._half
+        for reading in readings:
+            key = hash((reading.device_id, reading.metric, reading.ts_ms))
+            if key in young or key in old:
+                duplicates.append(reading)
+                continue
+            if len(young) >= half:
+                self._old, old = young, young
+                self._young = young = set()
+            young.add(key)
+            new.append(reading)
+        return new, duplicates

@@ -179,13 +179,12 @@ class IngestGateway:
                 continue
             result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
                                    received_ms=msg.received_ms, limits=self._limits)
+            new, duplicates = self._recent.split_new(result.readings)
+            for dup in duplicates:
+                result.reject(Reason.DUPLICATE, f"{dup.device_id} {dup.metric} at ts {dup.ts_ms} was already accepted")
             by_device: defaultdict[str, list[Reading]] = defaultdict(list)
-            for reading in result.readings:
-                if self._recent.seen_before(reading.device_id, reading.metric, reading.ts_ms):
-                    result.reject(Reason.DUPLICATE, f"{reading.device_id} {reading.metric} at ts {reading.ts_ms} "
-                                                    "was already accepted")
-                else:
-                    by_device[reading.device_id].append(reading)
+            for reading in new:
+                by_device[reading.device_id].append(reading)
             for device_id, readings in by_device.items():
                 records.append((READINGS_TOPIC, device_id.encode(), encode_device_batch(readings)))
                 accepted += len(readings)

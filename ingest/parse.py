@@ -53,8 +53,7 @@ class ParseResult:
         self.rejections.append(Rejection(reason, message))
 
 
-# One value as sent, before checks: (device id, time in ms or None, metric, value, unit or None).
-# A plain tuple: this is the hot path, one per reading.
+# A SenML value as sent, before checks: (device id, time in ms or None, metric, value, unit or None).
 _Candidate = tuple[str, Any, str, Any, str | None]
 
 
@@ -92,24 +91,16 @@ def parse_message(
         if body is None:
             return result
 
+    source = "mqtt-" + ("gateway-" if where.is_gateway else "") + ("senml" if where.is_senml else "json")
     try:
         if where.is_senml:
-            candidates = list(_senml_candidates(body, where, received_ms))
-        elif where.is_gateway:
-            candidates = list(_gateway_candidates(body))
+            _check_senml(body, where, devices, received_ms, limits, source, result)
         else:
-            candidates = list(_device_candidates(where.sender_id, body))
+            _check_json(body, where, devices, received_ms, limits, source, result)
     except _BadShape as exc:
-        result.reject(Reason.BAD_SHAPE, str(exc))
-        return result
-
-    source = "mqtt-" + ("gateway-" if where.is_gateway else "") + ("senml" if where.is_senml else "json")
-    device: Device | None = None
-    for candidate in candidates:
-        if device is None or device.device_id != candidate[0]:
-            device = _resolve_device(candidate[0], where, devices, result)
-        if device is not None:
-            _check_value(device, candidate, received_ms, limits, source, result)
+        # A message whose shape is wrong anywhere is refused whole: we cannot tell what it meant.
+        result.readings.clear()
+        result.rejections[:] = [Rejection(Reason.BAD_SHAPE, str(exc))]
     return result
 
 
@@ -173,31 +164,71 @@ def _resolve_device(device_id: str, where: TelemetryTopic, devices: dict[str, De
 _DEVICE_SHAPE = 'expected {"ts": ms, "values": {...}}, {"metric": value, ...} or a list of {"ts", "values"}'
 
 
-def _device_candidates(device_id: str, body: Any) -> Iterator[_Candidate]:
+def _entries(body: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """A device payload → (ts or None, values) pairs."""
     items = body if isinstance(body, list) else [body]
+    entries = []
     for item in items:
         if not isinstance(item, dict) or not item:
             raise _BadShape(_DEVICE_SHAPE)
         if "values" in item:
-            if not isinstance(item["values"], dict) or set(item) - {"ts", "values"}:
+            values = item["values"]
+            if not isinstance(values, dict) or len(item) > 2 or (len(item) == 2 and "ts" not in item):
                 raise _BadShape(_DEVICE_SHAPE)
-            ts, values = item.get("ts"), item["values"]
+            entries.append((item.get("ts"), values))
         elif isinstance(body, list):
             raise _BadShape(_DEVICE_SHAPE)  # inside a list each entry says its ts and values
         else:
-            ts, values = None, item
-        for metric, value in values.items():
-            yield (device_id, ts, metric, value, None)
+            entries.append((None, item))
+    return entries
 
 
-def _gateway_candidates(body: Any) -> Iterator[_Candidate]:
-    if not isinstance(body, dict) or not body:
-        raise _BadShape('expected {"device-id": <device payload>, ...}')
-    for device_id, device_body in body.items():
-        yield from _device_candidates(str(device_id), device_body)
+def _check_json(body: Any, where: TelemetryTopic, devices: dict[str, Device], received_ms: int,
+                limits: ParseLimits, source: str, result: ParseResult) -> None:
+    # The hot path: no intermediate objects per value, one device lookup per device.
+    if where.is_gateway:
+        if not isinstance(body, dict) or not body:
+            raise _BadShape('expected {"device-id": <device payload>, ...}')
+        parts = [(str(device_id), _entries(device_body)) for device_id, device_body in body.items()]
+    else:
+        parts = [(where.sender_id, _entries(body))]
+    readings = result.readings
+    for device_id, entries in parts:
+        device = _resolve_device(device_id, where, devices, result)
+        if device is None:
+            continue
+        declared, city, domain = device.metrics, device.city, device.domain
+        for ts, values in entries:
+            if ts is None:
+                ts = received_ms
+            elif type(ts) is not int or not received_ms - limits.max_age_ms <= ts <= received_ms + limits.max_future_ms:
+                for metric, value in values.items():  # the full check says exactly what is wrong
+                    _check_value(device, ts, metric, value, None, received_ms, limits, source, result)
+                continue
+            for metric, value in values.items():
+                spec = declared.get(metric)
+                kind = type(value)
+                # Fast path: a declared metric, a plain number, inside its range (NaN fails the
+                # comparison). Anything else takes the full check, which names the reason.
+                if spec is not None and (kind is float or kind is int) and spec.low <= value <= spec.high:
+                    readings.append(Reading(ts, city, domain, device.device_id, metric, float(value), spec.unit,
+                                            received_ms, source))
+                else:
+                    _check_value(device, ts, metric, value, None, received_ms, limits, source, result)
 
 
 # -- SenML (RFC 8428) ----------------------------------------------------------------------------
+def _check_senml(body: Any, where: TelemetryTopic, devices: dict[str, Device], received_ms: int,
+                 limits: ParseLimits, source: str, result: ParseResult) -> None:
+    candidates = list(_senml_candidates(body, where, received_ms))  # the shape is checked whole first
+    device: Device | None = None
+    for device_id, ts, metric, value, unit in candidates:
+        if device is None or device.device_id != device_id:
+            device = _resolve_device(device_id, where, devices, result)
+        if device is not None:
+            _check_value(device, ts, metric, value, unit, received_ms, limits, source, result)
+
+
 def _senml_candidates(body: Any, where: TelemetryTopic, received_ms: int) -> Iterator[_Candidate]:
     if isinstance(body, dict):
         body = [body]
@@ -235,9 +266,8 @@ def _senml_candidates(body: Any, where: TelemetryTopic, received_ms: int) -> Ite
 
 
 # -- one value -----------------------------------------------------------------------------------
-def _check_value(device: Device, c: _Candidate, received_ms: int, limits: ParseLimits, source: str,
-                 result: ParseResult) -> None:
-    _, ts, metric, value, unit = c
+def _check_value(device: Device, ts: Any, metric: str, value: Any, unit: str | None, received_ms: int,
+                 limits: ParseLimits, source: str, result: ParseResult) -> None:
     if ts is None:
         ts = received_ms
     elif type(ts) is not int and not is_finite_number(ts):
