@@ -1,11 +1,13 @@
 """Database writes of the processor: one transaction per micro-batch, offsets included.
 
-Exactly-once rests on three things done together in `write_batch`:
+Exactly-once rests on four things done together in `write_batch`:
 1. the partition offsets are locked (`FOR UPDATE`) and records at or before what is stored are
    skipped, so a rebalance race or a replay after a crash cannot apply a record twice;
 2. readings are COPYed into a staging table and inserted with `ON CONFLICT DO NOTHING`, so a
    reading that reached Kafka twice (a gateway retry) is stored once;
-3. the new offsets are written in the same transaction as the data they produced.
+3. one-minute aggregates are merged from exactly the rows that insert added (`RETURNING`), so
+   they always equal an aggregation of the stored readings;
+4. the new offsets are written in the same transaction as the data they produced.
 """
 
 from __future__ import annotations
@@ -39,6 +41,37 @@ CREATE TEMP TABLE IF NOT EXISTS staging_readings (
     ts_ms bigint NOT NULL, device_id text NOT NULL, metric text NOT NULL,
     value double precision NOT NULL, unit text NOT NULL, received_ms bigint NOT NULL
 ) ON COMMIT DELETE ROWS
+"""
+
+
+STORE_AND_AGGREGATE = """
+WITH inserted AS (
+    INSERT INTO readings (ts, device_id, metric, value, received_at)
+    SELECT timestamptz 'epoch' + ts_ms * interval '1 millisecond', device_id, metric, value,
+           timestamptz 'epoch' + received_ms * interval '1 millisecond'
+    FROM staging_readings
+    ON CONFLICT DO NOTHING
+    RETURNING device_id, metric, ts, value
+), partials AS (
+    SELECT device_id, metric, date_bin('1 minute', ts, timestamptz 'epoch') AS bucket,
+           count(*) AS n, sum(value) AS sum, sum(value * value) AS sum_sq, min(value) AS min, max(value) AS max,
+           min(ts) AS first_ts, (array_agg(value ORDER BY ts))[1] AS first_value,
+           max(ts) AS last_ts, (array_agg(value ORDER BY ts DESC))[1] AS last_value
+    FROM inserted GROUP BY 1, 2, 3
+), merged AS (
+    INSERT INTO agg_1m AS a (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value,
+                             last_ts, last_value)
+    SELECT * FROM partials
+    ON CONFLICT (device_id, metric, bucket) DO UPDATE SET
+        n = a.n + EXCLUDED.n, sum = a.sum + EXCLUDED.sum, sum_sq = a.sum_sq + EXCLUDED.sum_sq,
+        min = least(a.min, EXCLUDED.min), max = greatest(a.max, EXCLUDED.max),
+        first_value = CASE WHEN EXCLUDED.first_ts < a.first_ts THEN EXCLUDED.first_value ELSE a.first_value END,
+        first_ts = least(a.first_ts, EXCLUDED.first_ts),
+        last_value = CASE WHEN EXCLUDED.last_ts > a.last_ts THEN EXCLUDED.last_value ELSE a.last_value END,
+        last_ts = greatest(a.last_ts, EXCLUDED.last_ts)
+    RETURNING 1
+)
+SELECT count(*), (SELECT count(*) FROM merged) FROM inserted
 """
 
 
@@ -81,13 +114,9 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str,
                         for r in readings:
                             await copy.write_row((r.ts_ms, r.device_id, r.metric, r.value, r.unit, r.received_ms))
                             rows += 1
-        cur = await conn.execute("""
-            INSERT INTO readings (ts, device_id, metric, value, received_at)
-            SELECT timestamptz 'epoch' + ts_ms * interval '1 millisecond', device_id, metric, value,
-                   timestamptz 'epoch' + received_ms * interval '1 millisecond'
-            FROM staging_readings
-            ON CONFLICT DO NOTHING""")
-        inserted = cur.rowcount
+        cur = await conn.execute(STORE_AND_AGGREGATE)
+        row = await cur.fetchone()
+        inserted = int(row[0]) if row else 0
         await conn.execute("""
             INSERT INTO latest_values (device_id, metric, ts, value, unit)
             SELECT DISTINCT ON (device_id, metric) device_id, metric,

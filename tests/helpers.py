@@ -80,3 +80,30 @@ def stored_readings(stack: StackSettings, device_id: str) -> list[tuple[int, str
             "SELECT (extract(epoch FROM ts) * 1000)::bigint, metric, value FROM readings "
             "WHERE device_id = %s ORDER BY ts, metric", (device_id,)).fetchall()
     return [(int(ts), metric, value) for ts, metric, value in rows]
+
+
+AGG_COLUMNS = "bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts, last_value"
+
+
+def stored_minute_aggregates(stack: StackSettings, device_id: str) -> list[tuple]:
+    """The processor's one-minute partials of a device, rounded for comparison."""
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        rows = conn.execute(f"SELECT metric, {AGG_COLUMNS} FROM agg_1m WHERE device_id = %s ORDER BY metric, bucket",
+                            (device_id,)).fetchall()
+    return [_rounded(r) for r in rows]
+
+
+def minute_aggregates_from_readings(stack: StackSettings, device_id: str) -> list[tuple]:
+    """The same partials computed from scratch from the stored raw readings: what a clean run gives."""
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        rows = conn.execute(
+            """SELECT metric, date_bin('1 minute', ts, timestamptz 'epoch') AS bucket, count(*), sum(value),
+                      sum(value * value), min(value), max(value), min(ts), (array_agg(value ORDER BY ts))[1],
+                      max(ts), (array_agg(value ORDER BY ts DESC))[1]
+               FROM readings WHERE device_id = %s GROUP BY metric, bucket ORDER BY metric, bucket""",
+            (device_id,)).fetchall()
+    return [_rounded(r) for r in rows]
+
+
+def _rounded(row: tuple) -> tuple:
+    return tuple(round(v, 6) if isinstance(v, float) else v for v in row)

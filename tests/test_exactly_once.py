@@ -10,7 +10,15 @@ from aiokafka import AIOKafkaProducer
 from deploy import procs
 from deploy import stack as local
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
-from tests.helpers import mqtt_client, provision, publish, stored_readings, wait_for
+from tests.helpers import (
+    minute_aggregates_from_readings,
+    mqtt_client,
+    provision,
+    publish,
+    stored_minute_aggregates,
+    stored_readings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -51,6 +59,10 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
              what="every reading after the restart")
     time.sleep(1.0)  # would a replay add doubles?
     assert stored_readings(pipeline, gate.device_id) == expected
+    # The one-minute aggregates equal a clean aggregation of what is stored: nothing merged twice.
+    aggregates = stored_minute_aggregates(pipeline, gate.device_id)
+    assert aggregates == minute_aggregates_from_readings(pipeline, gate.device_id)
+    assert sum(row[2] for row in aggregates) == len(expected)
 
 
 async def _send_twice(stack, readings: list[Reading]) -> None:
@@ -72,3 +84,27 @@ def test_a_reading_twice_on_kafka_is_stored_once(pipeline):
     wait_for(lambda: stored_readings(pipeline, meter.device_id), what="the reading")
     time.sleep(1.0)
     assert stored_readings(pipeline, meter.device_id) == [(now, "pressure", 3.1)]
+    [aggregate] = stored_minute_aggregates(pipeline, meter.device_id)
+    assert aggregate[2] == 1  # counted once
+
+
+def test_minute_aggregates_merge_out_of_order_arrivals(pipeline):
+    gate = provision(pipeline, "water_level")
+    minute = (int(time.time() * 1000) // 60_000 - 5) * 60_000
+    client = mqtt_client(pipeline, gate.device_id)
+    try:  # one minute's readings, newest first, in three messages
+        publish(client, gate, {"ts": minute + 50_000, "values": {"currentLevel": 70.0}})
+        publish(client, gate, {"ts": minute + 10_000, "values": {"currentLevel": 40.0}})
+        publish(client, gate, [{"ts": minute + 30_000, "values": {"currentLevel": 90.0}},
+                               {"ts": minute + 70_000, "values": {"currentLevel": 10.0}}])  # next minute
+    finally:
+        client.disconnect()
+    wait_for(lambda: len(stored_readings(pipeline, gate.device_id)) == 4, what="four readings")
+    first, second = stored_minute_aggregates(pipeline, gate.device_id)
+    _, bucket, n, total, sum_sq, low, high, first_ts, first_value, last_ts, last_value = first
+    assert (n, total, sum_sq, low, high, first_value, last_value) == (3, 200.0, 14600.0, 40.0, 90.0, 40.0, 70.0)
+    assert int(bucket.timestamp() * 1000) == minute
+    assert int(first_ts.timestamp() * 1000) == minute + 10_000 and int(last_ts.timestamp() * 1000) == minute + 50_000
+    assert second[2:4] == (1, 10.0)
+    assert stored_minute_aggregates(pipeline, gate.device_id) == minute_aggregates_from_readings(
+        pipeline, gate.device_id)
