@@ -1,0 +1,117 @@
+"""The Python side of the detectors: validate and coerce, mask NaN, call the kernels, grow state.
+
+    detector = Detectors()
+    ids = detector.series_ids(keys)               # dense ids for (device, metric) keys
+    scores, reasons = detector.score(ids, ts_ms, values)
+    snapshot = detector.snapshot(); detector.restore(snapshot)   # exact, for checkpoints
+
+Contract (shared by every detector, tested in tests/test_kernels.py): scores lie in [0, 1], high
+means anomalous, 0 until a series is warmed up; the constructor only stores parameters; a
+snapshot restored gives the same scores as the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from processing import kernels
+
+
+class Detectors:
+    def __init__(self, params: np.ndarray | None = None, *, initial_series: int = 1024) -> None:
+        self.params = np.ascontiguousarray(kernels.DEFAULT_PARAMS if params is None else params, dtype=np.float64)
+        if self.params.shape != kernels.DEFAULT_PARAMS.shape:
+            raise ValueError(f"params must have {kernels.DEFAULT_PARAMS.shape[0]} entries")
+        self._ids: dict[Hashable, int] = {}
+        self.state = np.zeros((initial_series, kernels.STATE_COLUMNS))
+        self.hourly = np.zeros((initial_series, kernels.HOURS, 3))
+        self.low = np.full(initial_series, -np.inf)
+        self.high = np.full(initial_series, np.inf)
+
+    @property
+    def n_series(self) -> int:
+        return len(self._ids)
+
+    def series_ids(self, keys: Iterable[Hashable], ranges: dict[Hashable, tuple[float, float]] | None = None
+                   ) -> np.ndarray:
+        """Dense ids for series keys, creating state for new ones (with their physical range if given)."""
+        ids = []
+        for key in keys:
+            sid = self._ids.get(key)
+            if sid is None:
+                sid = self._ids[key] = len(self._ids)
+                self._grow(sid + 1)
+                if ranges and key in ranges:
+                    self.low[sid], self.high[sid] = ranges[key]
+            ids.append(sid)
+        return np.asarray(ids, dtype=np.int64)
+
+    def _grow(self, needed: int) -> None:
+        size = self.state.shape[0]
+        if needed <= size:
+            return
+        new = max(needed, size * 2)
+        self.state = np.concatenate([self.state, np.zeros((new - size, kernels.STATE_COLUMNS))])
+        self.hourly = np.concatenate([self.hourly, np.zeros((new - size, kernels.HOURS, 3))])
+        self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
+        self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
+
+    def score(self, series: np.ndarray, ts_ms: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores in [0, 1] and reason codes for a batch in arrival order. NaN scores 0 and teaches nothing."""
+        series = np.ascontiguousarray(series, dtype=np.int64)
+        ts = np.ascontiguousarray(ts_ms, dtype=np.float64)
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        if not (series.ndim == ts.ndim == values.ndim == 1 and series.shape == ts.shape == values.shape):
+            raise ValueError("series, ts_ms and values must be 1-d arrays of one length")
+        if series.size and (series.min() < 0 or series.max() >= self.n_series):
+            raise ValueError("unknown series id: get ids from series_ids()")
+        scores = np.zeros(series.shape[0])
+        reasons = np.zeros(series.shape[0], dtype=np.int64)
+        finite = np.isfinite(values) & np.isfinite(ts)
+        if finite.all():
+            kernels.detect_batch(series, ts, values, self.low, self.high, self.state, self.hourly, self.params,
+                                 scores, reasons)
+        elif finite.any():
+            idx = np.flatnonzero(finite)
+            sub_scores = np.zeros(idx.size)
+            sub_reasons = np.zeros(idx.size, dtype=np.int64)
+            kernels.detect_batch(series[idx], ts[idx], values[idx], self.low, self.high, self.state, self.hourly,
+                                 self.params, sub_scores, sub_reasons)
+            scores[idx], reasons[idx] = sub_scores, sub_reasons
+        return scores, reasons
+
+    def silence(self, now_ms: float, factor: float = 5.0) -> np.ndarray:
+        """Dropout scores per series id, for a timer: silent for more than `factor` usual intervals."""
+        out = np.zeros(self.n_series)
+        kernels.silence_scores(float(now_ms), self.state[: self.n_series], self.params[kernels.P_WARMUP], factor,
+                               out)
+        return out
+
+    def snapshot(self) -> DetectorSnapshot:
+        n = self.n_series
+        return DetectorSnapshot(dict(self._ids), self.state[:n].copy(), self.hourly[:n].copy(), self.low[:n].copy(),
+                                self.high[:n].copy(), self.params.copy())
+
+    def restore(self, snapshot: DetectorSnapshot) -> None:
+        self.__init__(snapshot.params, initial_series=max(1024, len(snapshot.ids)))  # type: ignore[misc]
+        self._ids = dict(snapshot.ids)
+        n = len(snapshot.ids)
+        self.state[:n] = snapshot.state
+        self.hourly[:n] = snapshot.hourly
+        self.low[:n] = snapshot.low
+        self.high[:n] = snapshot.high
+
+
+@dataclass(frozen=True)
+class DetectorSnapshot:
+    """Everything a restart needs to score exactly as before: series ids, state arrays, parameters."""
+
+    ids: dict[Hashable, int]
+    state: np.ndarray
+    hourly: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    params: np.ndarray

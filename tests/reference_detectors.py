@@ -1,0 +1,98 @@
+"""A slow, obvious reference for processing/kernels.py: the same method in plain Python, one reading
+at a time, state in a dict per series. Tests hold the kernels to it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from processing import kernels as k
+
+
+@dataclass
+class SeriesState:
+    count: int = 0
+    mean: float = 0.0
+    mad: float = 0.0
+    fast: float = 0.0
+    slow: float = 0.0
+    slow_mad: float = 0.0
+    last_value: float = 0.0
+    last_ts: float = 0.0
+    run: int = 0
+    interval: float = 0.0
+    rate: float = 0.0
+    hours: dict[int, list[float]] = field(default_factory=dict)  # hour → [mean, mad, count]
+
+
+def score_of(z: float, floor: float, scale: float) -> float:
+    return 0.0 if z <= floor else (z - floor) / (z - floor + scale)
+
+
+def reference_scores(readings: list[tuple[int, float, float]], params, ranges: dict[int, tuple[float, float]],
+                     states: dict[int, SeriesState]) -> list[tuple[float, int]]:
+    (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
+     clip) = (float(p) for p in params)
+    out = []
+    for sid, t, x in readings:
+        if not (math.isfinite(x) and math.isfinite(t)):
+            out.append((0.0, k.NONE))
+            continue
+        low, high = ranges.get(sid, (-math.inf, math.inf))
+        if x < low or x > high:
+            out.append((1.0, k.OUT_OF_RANGE))
+            continue
+        st = states.setdefault(sid, SeriesState())
+        hour = int((t // 3_600_000) % 24)
+        if st.count == 0:
+            st.mean = st.fast = st.slow = st.last_value = x
+            st.last_ts, st.count = t, 1
+            st.hours[hour] = [x, 0.0, 1.0]
+            out.append((0.0, k.NONE))
+            continue
+        eps = 1e-9 + 1e-3 * abs(st.mean)
+        scale = 1.4826 * st.mad + eps
+        z = abs(x - st.mean) / scale
+        hm, hmad, hn = st.hours.get(hour, [0.0, 0.0, 0.0])
+        if hn >= hour_warmup:
+            z = min(z, abs(x - hm) / (1.4826 * hmad + eps))
+        dt = t - st.last_ts
+        rate = abs(x - st.last_value) / dt if dt > 0 else 0.0
+        st.run = st.run + 1 if st.last_value == x else 0
+
+        result = (0.0, k.NONE)
+        if st.count >= warmup:
+            candidates = [(score_of(z, z_floor, z_scale), k.SPIKE if x > st.mean else k.DIP)]
+            shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
+            candidates.append((score_of(shift, z_floor, z_scale), k.LEVEL_SHIFT))
+            if st.mad > eps and st.run >= stuck_min:
+                candidates.append((st.run / (st.run + stuck_min), k.STUCK))
+            if st.rate > 0 and dt > 0:
+                candidates.append((score_of(rate / st.rate, 2 * z_floor, 2 * z_scale), k.RATE_OF_CHANGE))
+            best = candidates[0]
+            for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
+                if c[0] > best[0]:
+                    best = c
+            if best[0] > 0:
+                result = best
+        out.append(result)
+
+        warm = st.count >= warmup
+        limit = clip * scale
+        clipped = st.mean + min(max(x - st.mean, -limit), limit) if warm else x
+        old_mean = st.mean
+        st.mean = old_mean + alpha * (clipped - old_mean) if warm else old_mean + (x - old_mean) / (st.count + 1)
+        st.mad += (alpha if warm else 1 / (st.count + 1)) * (abs(clipped - old_mean) - st.mad)
+        st.fast += fast_alpha * (clipped - st.fast)
+        old_slow = st.slow
+        st.slow = old_slow + slow_alpha * (clipped - old_slow)
+        st.slow_mad += slow_alpha * (abs(clipped - old_slow) - st.slow_mad)
+        hour_mean = hm if hn > 0 else x
+        a = hour_alpha if hn >= 1 / hour_alpha else 1 / (hn + 1)
+        st.hours[hour] = [hour_mean + a * (x - hour_mean), hmad + a * (abs(x - hour_mean) - hmad), hn + 1]
+        if dt > 0:
+            st.interval = dt if st.interval == 0 else st.interval + 0.05 * (dt - st.interval)
+            st.rate = rate if st.rate == 0 else st.rate + rate_alpha * (rate - st.rate)
+        st.last_value, st.last_ts = x, t
+        st.count += 1
+    return out

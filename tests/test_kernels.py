@@ -1,0 +1,134 @@
+"""The detector kernels agree with their plain reference and keep the detector contract.
+
+Run once more with NUMBA_DISABLE_JIT=1 (test_the_same_tests_pass_without_the_jit) so that the
+kernels' Python source is what runs and coverage sees it.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from processing import kernels as k
+from processing.detect import Detectors
+from tests.reference_detectors import reference_scores
+
+
+def run_both(series, ts, values, ranges=None, batches=1):
+    detector = Detectors()
+    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges)
+    scores, reasons = [], []
+    for chunk in np.array_split(np.arange(len(series)), batches) if len(series) else [np.arange(0)]:
+        s, r = detector.score(np.asarray(series)[chunk], np.asarray(ts)[chunk], np.asarray(values)[chunk])
+        scores += list(s)
+        reasons += list(r)
+    reference = reference_scores(list(zip(series, ts, values, strict=True)), k.DEFAULT_PARAMS, ranges or {}, {})
+    return np.array(scores), np.array(reasons), reference
+
+
+def assert_agree(scores, reasons, reference):
+    assert len(scores) == len(reference)
+    np.testing.assert_allclose(scores, [r[0] for r in reference], rtol=1e-9, atol=1e-12)
+    assert list(reasons) == [r[1] for r in reference]
+
+
+def random_stream(seed, n=3000, n_series=7):
+    rng = np.random.default_rng(seed)
+    series = rng.integers(0, n_series, n)
+    ts = np.cumsum(rng.integers(1, 120_000, n)).astype(float)
+    values = rng.normal(20, 3, n) + 8 * np.sin(ts / 3_600_000 / 24 * 2 * np.pi)
+    spikes = rng.random(n) < 0.01
+    values[spikes] += rng.choice([-40, 40], spikes.sum())
+    return series, ts, values
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("batches", [1, 13])
+def test_random_streams_agree_with_the_reference_in_any_batching(seed, batches):
+    assert_agree(*run_both(*random_stream(seed), batches=batches))
+
+
+def test_nan_scores_zero_and_teaches_nothing():
+    series, ts, values = random_stream(4, n=500, n_series=2)
+    with_nan = values.copy()
+    with_nan[::17] = np.nan
+    scores, reasons, reference = run_both(series, ts, with_nan)
+    assert_agree(scores, reasons, reference)
+    assert (scores[::17] == 0).all() and (reasons[::17] == k.NONE).all()
+
+
+def test_constant_runs_are_stuck_only_for_series_that_usually_move():
+    rng = np.random.default_rng(5)
+    moving = list(rng.normal(10, 1, 100)) + [7.25] * 40
+    flat = [3.0] * 140
+    series = [0] * 140 + [1] * 140
+    ts = [i * 60_000.0 for i in range(140)] * 2
+    scores, reasons, reference = run_both(series, ts, moving + flat)
+    assert_agree(scores, reasons, reference)
+    assert k.STUCK in set(reasons[:140])
+    assert set(reasons[140:]) == {k.NONE}  # a flat series that was always flat is not "stuck"
+
+
+def test_single_element_series_and_empty_batch():
+    assert_agree(*run_both([0], [0.0], [1.0]))
+    assert_agree(*run_both([], [], []))
+
+
+def test_out_of_declared_range_scores_one():
+    scores, reasons, reference = run_both([0, 0, 0], [0.0, 1.0, 2.0], [5.0, 500.0, -1.0], ranges={0: (0.0, 100.0)})
+    assert_agree(scores, reasons, reference)
+    assert list(reasons) == [k.NONE, k.OUT_OF_RANGE, k.OUT_OF_RANGE] and list(scores[1:]) == [1.0, 1.0]
+
+
+def test_scores_stay_in_unit_interval_and_zero_while_warming_up():
+    series, ts, values = random_stream(6, n=4000, n_series=3)
+    scores, _, _ = run_both(series, ts, values)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    first_reads = {s: i for i, s in reversed(list(enumerate(series)))}
+    warm = int(k.DEFAULT_PARAMS[k.P_WARMUP])
+    for s in set(series):
+        idx = np.flatnonzero(series == s)[:warm]
+        assert (scores[idx] == 0).all(), first_reads[s]
+
+
+def test_snapshot_restored_gives_identical_scores():
+    series, ts, values = random_stream(7)
+    a = Detectors()
+    a.series_ids(range(7))
+    a.score(series[:1500], ts[:1500], values[:1500])
+    b = Detectors()
+    b.restore(a.snapshot())
+    np.testing.assert_array_equal(a.score(series[1500:], ts[1500:], values[1500:])[0],
+                                  b.score(series[1500:], ts[1500:], values[1500:])[0])
+
+
+def test_a_labelled_stream_scores_its_anomalies_above_its_normal_points():
+    rng = np.random.default_rng(8)
+    n = 3000
+    values = rng.normal(100, 5, n)
+    anomalies = rng.choice(np.arange(500, n), 20, replace=False)
+    values[anomalies] += 60
+    scores, _, _ = run_both(np.zeros(n, dtype=int), np.arange(n) * 60_000.0, values)
+    normal = np.setdiff1d(np.arange(500, n), anomalies)
+    assert scores[anomalies].mean() > 0.5 > 10 * scores[normal].mean()
+
+
+def test_silence_is_scored_on_a_timer():
+    detector = Detectors()
+    ids = detector.series_ids(["quiet", "chatty"])
+    for step in range(60):
+        detector.score(ids, np.array([step * 60_000.0] * 2), np.array([1.0 + step % 3, 2.0 + step % 2]))
+    detector.score(ids[1:], np.array([61 * 60_000.0 * 4]), np.array([2.0]))  # only "chatty" speaks again
+    silence = detector.silence(now_ms=61 * 60_000.0 * 4)
+    assert silence[0] > 0.5 and silence[1] == 0.0
+
+
+def test_the_same_tests_pass_without_the_jit():
+    if os.environ.get("NUMBA_DISABLE_JIT") == "1":
+        pytest.skip("already running without the JIT")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "not without_the_jit"], env={**os.environ, "NUMBA_DISABLE_JIT": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
