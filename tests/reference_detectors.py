@@ -20,6 +20,9 @@ class SeriesState:
     last_value: float = 0.0
     last_ts: float = 0.0
     run: int = 0
+    longest_run: int = 0
+    quiet_until: float = 0.0
+    quiet_score: float = 0.0
     interval: float = 0.0
     rate: float = 0.0
     hours: dict[int, list[float]] = field(default_factory=dict)  # hour → [mean, mad, count]
@@ -32,7 +35,7 @@ def score_of(z: float, floor: float, scale: float) -> float:
 def reference_scores(readings: list[tuple[int, float, float]], params, ranges: dict[int, tuple[float, float]],
                      states: dict[int, SeriesState]) -> list[tuple[float, int]]:
     (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
-     clip) = (float(p) for p in params)
+     clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin) = (float(p) for p in params)
     out = []
     for sid, t, x in readings:
         if not (math.isfinite(x) and math.isfinite(t)):
@@ -58,21 +61,30 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             z = min(z, abs(x - hm) / (1.4826 * hmad + eps))
         dt = t - st.last_ts
         rate = abs(x - st.last_value) / dt if dt > 0 else 0.0
-        st.run = st.run + 1 if st.last_value == x else 0
+        if st.last_value == x:
+            st.run += 1
+        else:
+            st.longest_run = max(st.longest_run, st.run)
+            st.run = 0
 
         result = (0.0, k.NONE)
         if st.count >= warmup:
-            candidates = [(score_of(z, z_floor, z_scale), k.SPIKE if x > st.mean else k.DIP)]
+            candidates = [(score_of(w_spike * z, z_floor, z_scale), k.SPIKE if x > st.mean else k.DIP)]
             shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
-            candidates.append((score_of(shift, z_floor, z_scale), k.LEVEL_SHIFT))
-            if st.mad > eps and st.run >= stuck_min:
-                candidates.append((st.run / (st.run + stuck_min), k.STUCK))
+            candidates.append((score_of(w_shift * shift, z_floor, z_scale), k.LEVEL_SHIFT))
+            stuck_after = max(stuck_min, 2 * st.longest_run)
+            if st.mad > eps and st.run >= stuck_after:
+                candidates.append((score_of(w_stuck * z_floor * st.run / stuck_after, z_floor, z_scale), k.STUCK))
             if st.rate > 0 and dt > 0:
-                candidates.append((score_of(rate / st.rate, 2 * z_floor, 2 * z_scale), k.RATE_OF_CHANGE))
+                candidates.append((score_of(w_rate * rate / st.rate / 2, z_floor, z_scale), k.RATE_OF_CHANGE))
             best = candidates[0]
             for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
                 if c[0] > best[0]:
                     best = c
+            if st.count < st.quiet_until and best[0] <= st.quiet_score + quiet_margin:
+                best = (0.0, best[1])  # same event, already signalled
+            elif best[0] > quiet_level:
+                st.quiet_until, st.quiet_score = st.count + quiet_points, best[0]
             if best[0] > 0:
                 result = best
         out.append(result)

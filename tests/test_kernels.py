@@ -16,15 +16,15 @@ from processing.detect import Detectors
 from tests.reference_detectors import reference_scores
 
 
-def run_both(series, ts, values, ranges=None, batches=1):
-    detector = Detectors()
+def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS):
+    detector = Detectors(params)
     detector.series_ids(range(int(max(series, default=-1)) + 1), ranges)
     scores, reasons = [], []
     for chunk in np.array_split(np.arange(len(series)), batches) if len(series) else [np.arange(0)]:
         s, r = detector.score(np.asarray(series)[chunk], np.asarray(ts)[chunk], np.asarray(values)[chunk])
         scores += list(s)
         reasons += list(r)
-    reference = reference_scores(list(zip(series, ts, values, strict=True)), k.DEFAULT_PARAMS, ranges or {}, {})
+    reference = reference_scores(list(zip(series, ts, values, strict=True)), params, ranges or {}, {})
     return np.array(scores), np.array(reasons), reference
 
 
@@ -46,8 +46,20 @@ def random_stream(seed, n=3000, n_series=7):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("batches", [1, 13])
-def test_random_streams_agree_with_the_reference_in_any_batching(seed, batches):
-    assert_agree(*run_both(*random_stream(seed), batches=batches))
+@pytest.mark.parametrize("params", [k.DEFAULT_PARAMS, k.ALL_DETECTORS_PARAMS], ids=["default", "all-on"])
+def test_random_streams_agree_with_the_reference_in_any_batching(seed, batches, params):
+    scores, reasons, reference = run_both(*random_stream(seed), batches=batches, params=params)
+    assert_agree(scores, reasons, reference)
+    if params is k.ALL_DETECTORS_PARAMS:
+        assert k.RATE_OF_CHANGE in set(reasons)  # the rate path is exercised, not just agreed on
+
+
+def test_a_water_level_rising_fast_is_a_rate_of_change():
+    levels = [80.0 + 0.5 * (i % 3) for i in range(200)] + [80.0 + 15.0 * i for i in range(1, 6)]
+    scores, reasons, reference = run_both([0] * 205, [i * 60_000.0 for i in range(205)], levels,
+                                          params=k.ALL_DETECTORS_PARAMS)
+    assert_agree(scores, reasons, reference)
+    assert reasons[200] in (k.RATE_OF_CHANGE, k.SPIKE) and scores[200] > 0.3
 
 
 def test_nan_scores_zero_and_teaches_nothing():
@@ -108,7 +120,8 @@ def test_a_labelled_stream_scores_its_anomalies_above_its_normal_points():
     rng = np.random.default_rng(8)
     n = 3000
     values = rng.normal(100, 5, n)
-    anomalies = rng.choice(np.arange(500, n), 20, replace=False)
+    # spaced wider than the quiet period: each is its own event
+    anomalies = 500 + 120 * np.arange(20) + rng.integers(0, 20, 20)
     values[anomalies] += 60
     scores, _, _ = run_both(np.zeros(n, dtype=int), np.arange(n) * 60_000.0, values)
     normal = np.setdiff1d(np.arange(500, n), anomalies)
@@ -132,3 +145,14 @@ def test_the_same_tests_pass_without_the_jit():
                              "-k", "not without_the_jit"], env={**os.environ, "NUMBA_DISABLE_JIT": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_a_flapping_series_signals_once_per_event_not_per_reading():
+    rng = np.random.default_rng(9)
+    values = rng.normal(50, 1, 400)
+    values[200:260:2] += 30  # flapping: every other reading for a while
+    scores, _, _ = run_both(np.zeros(400, dtype=int), np.arange(400) * 60_000.0, values)
+    quiet = int(k.DEFAULT_PARAMS[k.P_QUIET_POINTS])
+    signalled = np.flatnonzero(scores[200:260] > k.DEFAULT_PARAMS[k.P_QUIET_LEVEL])
+    assert 1 <= signalled.size <= 2, signalled  # the first, and at most one clear escalation
+    assert quiet >= 60
