@@ -223,11 +223,12 @@ def open_devices_when_ingest_subscribed(stack: StackSettings, say: Say, timeout_
 
 def mqtt_answers(port: int) -> bool:
     """Send an MQTT CONNECT and expect a CONNACK (any return code: the broker is alive)."""
-    packet = bytes([0x10, 23, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 5, 0, 11]) + b"kota-health"
+    from kota.mqtt import HEALTH_CONNECT, is_connack
+
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(packet)
-            return sock.recv(4)[:1] == b"\x20"
+            sock.sendall(HEALTH_CONNECT)
+            return is_connack(sock.recv(4))
     except OSError:
         return False
 

@@ -9,6 +9,15 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+# MQTT 3.1.1 CONNECT, clean session, keepalive 5 s, client id "kota-health", no login. A CONNACK of
+# any return code (0 accepted, 5 not authorised) proves the broker is up and speaking MQTT: health
+# checks send it raw so they need no credentials and no client library.
+HEALTH_CONNECT = bytes([0x10, 23, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 5, 0, 11]) + b"kota-health"
+
+
+def is_connack(reply: bytes) -> bool:
+    return len(reply) >= 4 and reply[0] == 0x20
+
 
 @dataclass(frozen=True)
 class MqttLogin:

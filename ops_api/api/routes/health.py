@@ -12,14 +12,12 @@ from aiokafka.client import AIOKafkaClient
 from fastapi import APIRouter, Response
 from pydantic import BaseModel
 
+from kota.mqtt import HEALTH_CONNECT, is_connack
 from ops_api import queries
 from ops_api.api.deps import Connection, Stack
 
 router = APIRouter(tags=["health"])
 
-# MQTT 3.1.1 CONNECT, clean session, keepalive 5 s, client id "kota-health". A CONNACK of any
-# return code (0 accepted, 5 not authorised) proves the broker is up and speaking MQTT.
-_MQTT_CONNECT = bytes([0x10, 23, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 5, 0, 11]) + b"kota-health"
 
 
 class DependencyHealth(BaseModel):
@@ -46,10 +44,10 @@ async def _timed(check: Coroutine[Any, Any, str]) -> DependencyHealth:
 async def _mqtt(port: int) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(_MQTT_CONNECT)
+        writer.write(HEALTH_CONNECT)
         await writer.drain()
         connack = await reader.readexactly(4)
-        if connack[0] != 0x20:
+        if not is_connack(connack):
             raise ConnectionError(f"unexpected reply {connack!r}")
         return f"broker answered CONNACK (code {connack[3]})"
     finally:
