@@ -12,8 +12,10 @@ snapshot restored gives the same scores as the original.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+import io
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +37,14 @@ class Detectors:
     def n_series(self) -> int:
         return len(self._ids)
 
-    def series_ids(self, keys: Iterable[Hashable], ranges: dict[Hashable, tuple[float, float]] | None = None
+    def knows(self, key: Hashable) -> bool:
+        return key in self._ids
+
+    def keys(self) -> list[Any]:
+        """Series keys in id order."""
+        return list(self._ids)
+
+    def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None
                    ) -> np.ndarray:
         """Dense ids for series keys, creating state for new ones (with their physical range if given)."""
         ids = []
@@ -115,3 +124,19 @@ class DetectorSnapshot:
     low: np.ndarray
     high: np.ndarray
     params: np.ndarray
+
+
+def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
+    """Series keys in id order and the arrays as one .npz blob: what `detector_checkpoints` stores."""
+    keys = sorted(snapshot.ids, key=snapshot.ids.__getitem__)
+    buffer = io.BytesIO()
+    np.savez(buffer, state=snapshot.state, hourly=snapshot.hourly, low=snapshot.low, high=snapshot.high,
+             params=snapshot.params)
+    return [list(k) if isinstance(k, tuple) else [k] for k in keys], buffer.getvalue()  # type: ignore[list-item]
+
+
+def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
+    with np.load(io.BytesIO(blob)) as arrays:
+        ids: dict[Hashable, int] = {tuple(key): i for i, key in enumerate(series)}
+        return DetectorSnapshot(ids, arrays["state"], arrays["hourly"], arrays["low"], arrays["high"],
+                                arrays["params"])

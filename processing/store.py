@@ -7,16 +7,25 @@ Exactly-once rests on four things done together in `write_batch`:
    reading that reached Kafka twice (a gateway retry) is stored once;
 3. one-minute aggregates are merged from exactly the rows that insert added (`RETURNING`), so
    they always equal an aggregation of the stored readings;
-4. the new offsets are written in the same transaction as the data they produced.
+4. the new offsets are written in the same transaction as the data they produced, together with
+   what was derived from those readings: anomalies (keyed by reading and reason), alert changes,
+   air-quality and flood-gate status, late readings and the detectors' checkpoint.
+Anomalies carry the offset of their record, so those from records an earlier transaction already
+applied are dropped here, while the detectors still saw them (which is how a restart replays
+detector state from its checkpoint without writing anything twice).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
+from psycopg.types.json import Jsonb
 
+from kota.alerts import AlertChange, Signal, apply_signals, auto_clear
 from kota.contract import Reading
+from processing import ispu
+from processing.rules import WATER_LEVEL, RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +39,48 @@ class PartitionSlice:
 
 
 @dataclass(frozen=True, slots=True)
+class AnomalyRow:
+    """A reading a detector scored at or above the threshold, with the Kafka position it came from."""
+
+    partition: int
+    offset: int
+    device_id: str
+    metric: str
+    ts_ms: int
+    value: float
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Detector state of one partition as of `next_offset` (see processing.detect.serialize)."""
+
+    partition: int
+    next_offset: int
+    series: list[list[str]]
+    state: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WritePolicy:
+    allowed_lateness_ms: int = 2 * 86_400_000
+    rules: RulePolicy = field(default_factory=RulePolicy)
+    clear_after_s: dict[str, float] = field(default_factory=lambda: {"dropout": 0.0})
+    default_clear_after_s: float = 600.0
+    track_rollups: bool = True  # plain PostgreSQL: mark changed hours for processing.maintenance
+    use_copy: bool = True  # False for servers without COPY FROM STDIN (the PGlite TimescaleDB test server)
+    insert_chunk: int = 500
+
+
+@dataclass(frozen=True, slots=True)
 class BatchOutcome:
     readings_in: int
     readings_stored: int
     records_skipped: int  # already applied by an earlier transaction (replay after crash or rebalance)
+    late: int = 0
+    anomalies: int = 0
+    alert_changes: list[AlertChange] = field(default_factory=list)
 
 
 STAGING_DDL = """
@@ -75,6 +122,31 @@ SELECT count(*), (SELECT count(*) FROM merged) FROM inserted
 """
 
 
+# Ordered, so that two processors marking the same hours cannot deadlock.
+MARK_ROLLUPS_DIRTY = """
+INSERT INTO rollup_dirty (hour)
+SELECT DISTINCT date_bin('1 hour', kota_ms(ts_ms), timestamptz 'epoch') FROM staging_readings ORDER BY 1
+ON CONFLICT DO NOTHING
+"""
+
+UPSERT_LATEST = """
+INSERT INTO latest_values (device_id, metric, ts, value, unit)
+SELECT DISTINCT ON (device_id, metric) device_id, metric,
+       timestamptz 'epoch' + ts_ms * interval '1 millisecond', value, unit
+FROM staging_readings ORDER BY device_id, metric, ts_ms DESC
+ON CONFLICT (device_id, metric) DO UPDATE
+  SET ts = EXCLUDED.ts, value = EXCLUDED.value, unit = EXCLUDED.unit
+  WHERE latest_values.ts <= EXCLUDED.ts
+"""
+
+async def load_checkpoints(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]
+                           ) -> dict[int, Checkpoint]:
+    cur = await conn.execute(
+        "SELECT partition, next_offset, series, state FROM detector_checkpoints "
+        "WHERE consumer_group = %s AND topic = %s AND partition = ANY(%s)", (group, topic, partitions))
+    return {p: Checkpoint(p, o, series, bytes(state)) for p, o, series, state in await cur.fetchall()}
+
+
 async def load_offsets(conn: psycopg.AsyncConnection, group: str, topic: str,
                        partitions: list[int]) -> dict[int, int]:
     cur = await conn.execute(
@@ -83,8 +155,10 @@ async def load_offsets(conn: psycopg.AsyncConnection, group: str, topic: str,
     return {p: o for p, o in await cur.fetchall() if o >= 0}
 
 
-async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str,
-                      slices: list[PartitionSlice]) -> BatchOutcome:
+async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, slices: list[PartitionSlice],
+                      anomalies: list[AnomalyRow] | None = None, checkpoints: list[Checkpoint] | None = None,
+                      policy: WritePolicy | None = None) -> BatchOutcome:
+    policy = policy or WritePolicy()
     readings_in = sum(len(r) for s in slices for _, r in s.readings_by_offset)
     partitions = [s.partition for s in slices]
     async with conn.transaction():
@@ -101,33 +175,81 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str,
         stored: dict[int, int] = dict(await cur.fetchall())
 
         skipped = 0
-        rows = 0
-        async with conn.cursor() as cur:
-            async with cur.copy("COPY staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
-                                "FROM STDIN") as copy:
-                for s in slices:
-                    already = stored[s.partition]
-                    for offset, readings in s.readings_by_offset:
-                        if offset < already:
-                            skipped += 1
-                            continue
-                        for r in readings:
-                            await copy.write_row((r.ts_ms, r.device_id, r.metric, r.value, r.unit, r.received_ms))
-                            rows += 1
+        fresh: list[Reading] = []
+        late: list[Reading] = []
+        for s in slices:
+            already = stored[s.partition]
+            for offset, readings in s.readings_by_offset:
+                if offset < already:
+                    skipped += 1
+                    continue
+                for r in readings:
+                    (late if r.received_ms - r.ts_ms > policy.allowed_lateness_ms else fresh).append(r)
+        await _stage(conn, fresh, policy)
         cur = await conn.execute(STORE_AND_AGGREGATE)
         row = await cur.fetchone()
         inserted = int(row[0]) if row else 0
-        await conn.execute("""
-            INSERT INTO latest_values (device_id, metric, ts, value, unit)
-            SELECT DISTINCT ON (device_id, metric) device_id, metric,
-                   timestamptz 'epoch' + ts_ms * interval '1 millisecond', value, unit
-            FROM staging_readings ORDER BY device_id, metric, ts_ms DESC
-            ON CONFLICT (device_id, metric) DO UPDATE
-              SET ts = EXCLUDED.ts, value = EXCLUDED.value, unit = EXCLUDED.unit
-              WHERE latest_values.ts <= EXCLUDED.ts""")
+        await conn.execute(UPSERT_LATEST)
+        if policy.track_rollups:
+            await conn.execute(MARK_ROLLUPS_DIRTY)
+        if late:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO late_readings (device_id, metric, ts, value, received_at, reason) VALUES "
+                    "(%s, %s, kota_ms(%s), %s, kota_ms(%s), %s) ON CONFLICT DO NOTHING",
+                    [(r.device_id, r.metric, r.ts_ms, r.value, r.received_ms,
+                      f"arrived {(r.received_ms - r.ts_ms) / 3_600_000:.1f} h after its time; "
+                      f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
+
+        kept = [a for a in anomalies or () if a.offset >= stored[a.partition]]
+        if kept:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO anomalies (device_id, metric, ts, reason, value, score) VALUES (%s, %s, kota_ms(%s), "
+                    "%s, %s, %s) ON CONFLICT DO NOTHING",
+                    [(a.device_id, a.metric, a.ts_ms, a.reason, a.value, a.score) for a in kept])
+        signals: list[Signal] = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
+                                 for a in kept]
+        stations: dict[str, int] = {}
+        gates: dict[str, list[tuple[int, float]]] = {}
+        for r in fresh:
+            if r.metric in ispu.CONCENTRATION_EDGES:
+                stations[r.device_id] = max(stations.get(r.device_id, r.ts_ms), r.ts_ms)
+            elif r.metric == WATER_LEVEL:
+                gates.setdefault(r.device_id, []).append((r.ts_ms, r.value))
+        signals += await evaluate_air_quality(conn, stations, policy.rules)
+        signals += await evaluate_flood_gates(conn, gates, policy.rules)
+        changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s)
+        changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
+
+        for c in checkpoints or ():
+            await conn.execute(
+                "INSERT INTO detector_checkpoints (consumer_group, topic, partition, next_offset, series, state) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "
+                "next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state, "
+                "saved_at = now() WHERE detector_checkpoints.next_offset <= EXCLUDED.next_offset",
+                (group, topic, c.partition, c.next_offset, Jsonb(c.series), c.state))
         async with conn.cursor() as cur:
             await cur.executemany(
                 "UPDATE stream_offsets SET next_offset = %s, updated_at = now() "
                 "WHERE consumer_group = %s AND topic = %s AND partition = %s AND next_offset < %s",
                 [(s.next_offset, group, topic, s.partition, s.next_offset) for s in slices])
-    return BatchOutcome(readings_in=readings_in, readings_stored=inserted, records_skipped=skipped)
+    return BatchOutcome(readings_in=readings_in, readings_stored=inserted, records_skipped=skipped, late=len(late),
+                        anomalies=len(kept), alert_changes=changes)
+
+
+async def _stage(conn: psycopg.AsyncConnection, readings: list[Reading], policy: WritePolicy) -> None:
+    rows = ((r.ts_ms, r.device_id, r.metric, r.value, r.unit, r.received_ms) for r in readings)
+    if policy.use_copy:
+        async with conn.cursor() as cur:
+            async with cur.copy("COPY staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
+                                "FROM STDIN") as copy:
+                for row in rows:
+                    await copy.write_row(row)
+        return
+    values = list(rows)
+    for start in range(0, len(values), policy.insert_chunk):
+        chunk = values[start:start + policy.insert_chunk]
+        async with conn.cursor() as cur:
+            await cur.executemany("INSERT INTO staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
+                                  "VALUES (%s, %s, %s, %s, %s, %s)", chunk)

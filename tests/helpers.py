@@ -107,3 +107,19 @@ def minute_aggregates_from_readings(stack: StackSettings, device_id: str) -> lis
 
 def _rounded(row: tuple) -> tuple:
     return tuple(round(v, 6) if isinstance(v, float) else v for v in row)
+
+
+def query(stack: StackSettings, sql: str, params: tuple | dict | None = None) -> list[tuple]:
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        return conn.execute(sql.encode(), params).fetchall()
+
+
+def publish_series(stack: StackSettings, device: Device, metric: str, points: list[tuple[int, float]],
+                   per_message: int = 100) -> None:
+    """Publish (epoch ms, value) points of one metric, `per_message` to a message, in order."""
+    client = mqtt_client(stack, device.device_id)
+    try:
+        for start in range(0, len(points), per_message):
+            publish(client, device, [{"ts": ts, "values": {metric: v}} for ts, v in points[start:start + per_message]])
+    finally:
+        client.disconnect()

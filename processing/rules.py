@@ -1,0 +1,164 @@
+"""Domain rules on top of the detectors, evaluated inside the batch transaction.
+
+- Air quality: each station's ISPU over the averaging window (mean of the one-minute aggregates
+  ending at its newest reading), with category and critical pollutant, kept in `station_ispu`; a
+  signal while the station is Tidak Sehat or worse.
+- Flood gates: Siaga status per gate from its thresholds (`flood_gates`, or the defaults here),
+  kept in `gate_status` with the rate of rise; a signal while a gate is at Siaga 3 or above (each
+  step up escalates its alert) and a separate one when the water rises faster than the gate's
+  limit, so operators hear of a fast rise before a threshold is crossed.
+
+Both read what this same transaction just merged into `agg_1m`, so they see every stored reading
+exactly once, whatever order batches arrive in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from kota.alerts import Severity, Signal
+from processing import ispu
+
+WATER_LEVEL = "currentLevel"
+
+# Severity by ISPU category (index in ispu.CATEGORIES) and by Siaga level.
+ISPU_SEVERITY: dict[int, Severity] = {2: "minor", 3: "major", 4: "critical"}
+SIAGA_SEVERITY: dict[int, Severity] = {3: "minor", 2: "major", 1: "critical"}
+
+
+@dataclass(frozen=True, slots=True)
+class RulePolicy:
+    ispu_window_minutes: int = 60
+    # Default gate thresholds in cm (Katulampa's, from ../shared/docs/domain.md); per gate in flood_gates.
+    siaga3_cm: float = 80.0
+    siaga2_cm: float = 150.0
+    siaga1_cm: float = 200.0
+    rise_cm_per_h: float = 30.0
+    rise_window_minutes: int = 15
+
+
+def siaga_for(level_cm: float, thresholds: tuple[float, float, float]) -> int:
+    """4 (normal) down to 1 (most severe): one step for each threshold the level is above."""
+    siaga3, siaga2, siaga1 = thresholds
+    return 4 - (level_cm > siaga3) - (level_cm > siaga2) - (level_cm > siaga1)
+
+
+async def evaluate_air_quality(conn: psycopg.AsyncConnection, newest_ms: dict[str, int], policy: RulePolicy
+                               ) -> list[Signal]:
+    """ISPU for the stations that sent pollutants in this batch; `newest_ms` is each one's newest reading."""
+    if not newest_ms:
+        return []
+    window_ms = policy.ispu_window_minutes * 60_000
+    cur = await conn.execute(
+        "SELECT k.device_id, a.metric, sum(a.sum) / sum(a.n) "
+        "FROM unnest(%s::text[], %s::bigint[]) AS k(device_id, t_ms) "
+        "JOIN agg_1m a ON a.device_id = k.device_id AND a.metric = ANY(%s) "
+        "AND a.bucket > kota_ms(k.t_ms - %s) AND a.bucket <= kota_ms(k.t_ms) "
+        "GROUP BY 1, 2",
+        (list(newest_ms), list(newest_ms.values()), list(ispu.POLLUTANTS), window_ms))
+    concentrations: dict[str, dict[str, float]] = {}
+    for device_id, metric, mean in await cur.fetchall():
+        concentrations.setdefault(device_id, {})[metric] = mean
+    signals = []
+    rows = []
+    for device_id, values in concentrations.items():
+        result = ispu.station_ispu(values)
+        if result is None:
+            continue
+        t_ms = newest_ms[device_id]
+        rank = ispu.CATEGORIES.index(result.category)
+        subs = {p: (round(v, 1) if math.isfinite(v) else "> 500") for p, v in result.sub_indices.items()}
+        rows.append((device_id, t_ms, result.value, result.category.name, result.critical, Jsonb(subs),
+                     policy.ispu_window_minutes))
+        if rank in ISPU_SEVERITY:
+            signals.append(Signal(
+                device_id, "air_quality_unhealthy", result.critical, ISPU_SEVERITY[rank], t_ms, result.value,
+                f"ISPU {result.label} ({result.category.name}), critical pollutant {result.critical}",
+                {"ispu": result.label, "category": result.category.name, "critical": result.critical}))
+    if rows:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO station_ispu (device_id, ts, ispu, category, critical, sub_indices, window_minutes) "
+                "VALUES (%s, kota_ms(%s), %s, %s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET ts = EXCLUDED.ts, "
+                "ispu = EXCLUDED.ispu, category = EXCLUDED.category, critical = EXCLUDED.critical, "
+                "sub_indices = EXCLUDED.sub_indices, window_minutes = EXCLUDED.window_minutes, updated_at = now() "
+                "WHERE station_ispu.ts <= EXCLUDED.ts", rows)
+    return signals
+
+
+async def evaluate_flood_gates(conn: psycopg.AsyncConnection, levels: dict[str, list[tuple[int, float]]],
+                               policy: RulePolicy) -> list[Signal]:
+    """Siaga status and rate of rise for the gates that sent water levels in this batch."""
+    if not levels:
+        return []
+    gates = list(levels)
+    cur = await conn.execute("SELECT device_id, siaga3_cm, siaga2_cm, siaga1_cm, rise_cm_per_h FROM flood_gates "
+                             "WHERE device_id = ANY(%s)", (gates,))
+    configured = {row[0]: row[1:] for row in await cur.fetchall()}
+    cur = await conn.execute("SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, siaga FROM gate_status "
+                             "WHERE device_id = ANY(%s)", (gates,))
+    status = {device_id: (ts_ms, siaga) for device_id, ts_ms, siaga in await cur.fetchall()}
+    newest = {g: max(levels[g]) for g in gates}  # (ts_ms, level) of each gate's newest reading
+    cur = await conn.execute(
+        "SELECT k.device_id, (extract(epoch FROM r.last_ts) * 1000)::bigint, r.last_value "
+        "FROM unnest(%s::text[], %s::bigint[]) AS k(device_id, t_ms) CROSS JOIN LATERAL ("
+        "  SELECT last_ts, last_value FROM agg_1m a WHERE a.device_id = k.device_id AND a.metric = %s "
+        "  AND a.bucket <= kota_ms(k.t_ms - %s) ORDER BY a.bucket DESC LIMIT 1) r",
+        (gates, [newest[g][0] for g in gates], WATER_LEVEL, policy.rise_window_minutes * 60_000))
+    earlier = {device_id: (ts_ms, value) for device_id, ts_ms, value in await cur.fetchall()}
+
+    signals: list[Signal] = []
+    rows = []
+    for gate in gates:
+        siaga3, siaga2, siaga1, rise_limit = configured.get(
+            gate, (policy.siaga3_cm, policy.siaga2_cm, policy.siaga1_cm, policy.rise_cm_per_h))
+        thresholds = (siaga3, siaga2, siaga1)
+        status_ts, current = status.get(gate, (-1, 4))
+        for ts_ms, level in sorted(levels[gate]):
+            siaga = siaga_for(level, thresholds)
+            if siaga <= 3:
+                step = f", up from Siaga {current}" if ts_ms > status_ts and siaga < current else ""
+                signals.append(Signal(gate, "flood_siaga", WATER_LEVEL, SIAGA_SEVERITY[siaga], ts_ms, level,
+                                      f"Siaga {siaga}: water at {level:.0f} cm{step}",
+                                      {"siaga": siaga, "thresholds_cm": list(thresholds)}))
+            if ts_ms > status_ts:
+                status_ts, current = ts_ms, siaga
+        ts_ms, level = newest[gate]
+        rise = None
+        if gate in earlier and ts_ms > earlier[gate][0]:
+            rise = (level - earlier[gate][1]) / ((ts_ms - earlier[gate][0]) / 3_600_000)
+            if rise > rise_limit:
+                signals.append(Signal(gate, "flood_rising", WATER_LEVEL, "major", ts_ms, level,
+                                      f"water rising {rise:.0f} cm/h (limit {rise_limit:.0f}), now {level:.0f} cm",
+                                      {"rise_cm_per_h": round(rise, 1)}))
+        rows.append((gate, status_ts, level if status_ts == ts_ms else None, current, rise))
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO gate_status (device_id, ts, level_cm, siaga, rise_cm_per_h) VALUES (%s, kota_ms(%s), "
+            "coalesce(%s, 0), %s, %s) ON CONFLICT (device_id) DO UPDATE SET ts = EXCLUDED.ts, "
+            "level_cm = EXCLUDED.level_cm, siaga = EXCLUDED.siaga, rise_cm_per_h = EXCLUDED.rise_cm_per_h, "
+            "updated_at = now() WHERE gate_status.ts < EXCLUDED.ts", [r for r in rows if r[2] is not None])
+    return signals
+
+
+def detector_signal(device_id: str, metric: str, ts_ms: int, value: float, score: float, reason: str) -> Signal:
+    """The alert signal for a detector's anomaly. Severity: impossible values and fast rises are major;
+    spikes, dips and level shifts are major when the score is high, minor otherwise; a stuck sensor
+    is a warning (the reading may still be right); a silent one is minor."""
+    severity: Severity
+    if reason in ("out_of_range", "rate_of_change"):
+        severity = "major"
+    elif reason == "stuck":
+        severity = "warning"
+    elif reason == "dropout":
+        severity = "minor"
+    else:
+        severity = "major" if score >= 0.8 else "minor"
+    label = reason.replace("_", " ")
+    message = (f"{metric} silent for much longer than usual" if reason == "dropout"
+               else f"{label} in {metric}: {value:g} (score {score:.2f})")
+    return Signal(device_id, reason, metric, severity, ts_ms, value, message, {"score": round(score, 3)})

@@ -1,0 +1,149 @@
+"""Detection, domain rules and alerts through the real pipeline (MQTT -> gateway -> Kafka -> processor -> DB)."""
+
+import asyncio
+import time
+
+import psycopg
+import pytest
+
+from kota import alerts
+from tests.helpers import provision, publish_series, query, stored_readings, wait_for
+
+pytestmark = pytest.mark.stack
+
+MINUTE = 60_000
+
+
+def _alerts(stack, device_id: str) -> list[tuple]:
+    return query(stack, "SELECT alert_id, alert_type, severity, state, count, cleared_by, message FROM alerts "
+                        "WHERE device_id = %s ORDER BY alert_id", (device_id,))
+
+
+def _events(stack, alert_id: int) -> list[tuple]:
+    return query(stack, "SELECT action, actor, severity FROM alert_events WHERE alert_id = %s ORDER BY event_id",
+                 (alert_id,))
+
+
+def _steady(start_ms: int, n: int, step_ms: int, level: float) -> list[tuple[int, float]]:
+    return [(start_ms + i * step_ms, level + 0.01 * (i % 7)) for i in range(n)]
+
+
+def test_a_flapping_series_raises_one_alert_that_counts_repeats_and_clears_itself(pipeline):
+    meter = provision(pipeline, "water_meter")
+    start = int(time.time() * 1000) - 5 * 3_600_000
+    step = 10_000
+    normal = _steady(start, 200, step, 3.0)
+    # Spikes every 20th reading for 400 readings: far more often than the clear-after time (600 s).
+    flapping = [(start + (200 + i) * step, 40.0 if i % 20 == 0 else 3.0 + 0.01 * (i % 7)) for i in range(400)]
+    calm = _steady(start + 600 * step, 100, step, 3.0)  # 1,000 s of normal readings: longer than 600 s
+    publish_series(pipeline, meter, "pressure", normal + flapping)
+    wait_for(lambda: len(stored_readings(pipeline, meter.device_id)) == 600, what="the flapping readings")
+    [(alert_id, alert_type, severity, state, count, _, message)] = wait_for(
+        lambda: _alerts(pipeline, meter.device_id), what="an alert")
+    anomalies = query(pipeline, "SELECT count(*) FROM anomalies WHERE device_id = %s", (meter.device_id,))[0][0]
+    assert (alert_type, state) == ("spike", "active")
+    assert count == anomalies >= 2, "every anomaly counted on the one open alert"
+    assert "pressure" in message
+
+    publish_series(pipeline, meter, "pressure", calm)
+    wait_for(lambda: _alerts(pipeline, meter.device_id)[0][3] == "cleared", what="the automatic clear")
+    [(_, _, _, state, _, cleared_by, _)] = _alerts(pipeline, meter.device_id)
+    assert cleared_by == alerts.SYSTEM_ACTOR
+    assert [e[0] for e in _events(pipeline, alert_id)] == ["raised", "cleared"]
+
+
+async def _act(stack, action, alert_id: int, actor: str, comment: str):
+    async with await psycopg.AsyncConnection.connect(stack.postgres_dsn) as conn:
+        return await action(conn, alert_id, actor, comment)
+
+
+def test_operators_acknowledge_and_clear_and_a_new_anomaly_then_raises_a_new_alert(pipeline):
+    meter = provision(pipeline, "electricity_meter")
+    start = int(time.time() * 1000) - 4 * 3_600_000
+    publish_series(pipeline, meter, "activePower", _steady(start, 100, 10_000, 5.0) + [(start + 100 * 10_000, 500.0)])
+    [(alert_id, _, severity, *_)] = wait_for(lambda: _alerts(pipeline, meter.device_id), what="an alert")
+    assert severity == "major"
+
+    asyncio.run(_act(pipeline, alerts.acknowledge, alert_id, "operator-ani", "looking"))
+    with pytest.raises(alerts.AlertStateError, match="already acknowledged"):
+        asyncio.run(_act(pipeline, alerts.acknowledge, alert_id, "operator-ani", "again"))
+    asyncio.run(_act(pipeline, alerts.clear, alert_id, "operator-budi", "meter replaced"))
+    with pytest.raises(alerts.AlertStateError, match="already cleared"):
+        asyncio.run(_act(pipeline, alerts.clear, alert_id, "operator-budi", "twice"))
+    with pytest.raises(LookupError):
+        asyncio.run(_act(pipeline, alerts.clear, 10**12, "operator-budi", "no such alert"))
+    assert _events(pipeline, alert_id) == [("raised", alerts.SYSTEM_ACTOR, "major"),
+                                           ("acknowledged", "operator-ani", "major"),
+                                           ("cleared", "operator-budi", "major")]
+    acked_by, cleared_by = query(pipeline, "SELECT acknowledged_by, cleared_by FROM alerts WHERE alert_id = %s",
+                                 (alert_id,))[0]
+    assert (acked_by, cleared_by) == ("operator-ani", "operator-budi")
+
+    later = start + 200 * 10_000
+    publish_series(pipeline, meter, "activePower", _steady(later, 150, 10_000, 5.0) + [(later + 150 * 10_000, 900.0)])
+    wait_for(lambda: len(_alerts(pipeline, meter.device_id)) == 2, what="a second, new alert")
+    assert [a[3] for a in _alerts(pipeline, meter.device_id)] == ["cleared", "active"]
+
+
+def test_air_quality_station_gets_ispu_and_an_alert_when_it_turns_unhealthy(pipeline):
+    station = provision(pipeline, "air_quality")
+    start = (int(time.time() * 1000) // MINUTE - 30) * MINUTE
+    publish_series(pipeline, station, "pm10", [(start + i * MINUTE, 40.0) for i in range(10)])
+    publish_series(pipeline, station, "pm25", [(start + i * MINUTE, 12.0) for i in range(10)])
+    wait_for(lambda: query(pipeline, "SELECT 1 FROM station_ispu WHERE device_id = %s", (station.device_id,)),
+             what="the station's ISPU")
+    assert _alerts(pipeline, station.device_id) == []  # Baik: no alert
+    # An episode: PM2.5 at 300 ug/m3 for 20 minutes; the mean over the hour moves into Sangat Tidak Sehat.
+    publish_series(pipeline, station, "pm25", [(start + (10 + i) * MINUTE, 300.0) for i in range(20)])
+    wait_for(lambda: query(pipeline, "SELECT category FROM station_ispu WHERE device_id = %s",
+                           (station.device_id,))[0][0] == "Sangat Tidak Sehat", what="the episode in the ISPU")
+    ispu, critical, subs = query(pipeline, "SELECT ispu, critical, sub_indices FROM station_ispu WHERE device_id = %s",
+                                 (station.device_id,))[0]
+    mean_pm25 = (10 * 12.0 + 20 * 300.0) / 30
+    assert critical == "pm25" and 200 < ispu <= 300
+    assert subs["pm25"] == pytest.approx(round((300 - 200) / (250.4 - 150.4) * (mean_pm25 - 150.4) + 200, 1))
+    [(_, alert_type, severity, state, *_)] = wait_for(lambda: _alerts(pipeline, station.device_id), what="alert")
+    assert (alert_type, severity, state) == ("air_quality_unhealthy", "major", "active")
+
+
+def test_flood_gate_steps_up_through_siaga_levels_and_a_fast_rise_alerts_first(pipeline):
+    gate = provision(pipeline, "water_level")
+    with psycopg.connect(pipeline.postgres_dsn) as conn:  # this gate's own thresholds (cm)
+        conn.execute("INSERT INTO flood_gates VALUES (%s, 100, 150, 200, 40)", (gate.device_id,))
+    start = (int(time.time() * 1000) // MINUTE - 120) * MINUTE
+    rising = [(start + i * MINUTE, 20.0 + 2.0 * i) for i in range(100)]  # 2 cm a minute: 120 cm/h, up to 218 cm
+    publish_series(pipeline, gate, "currentLevel", rising[:30], per_message=10)  # up to 78 cm: Siaga 4
+    wait_for(lambda: _alerts(pipeline, gate.device_id), what="the fast-rise alert")
+    assert [a[1] for a in _alerts(pipeline, gate.device_id)] == ["flood_rising"], "rise alert before any threshold"
+    publish_series(pipeline, gate, "currentLevel", rising[30:], per_message=10)
+    wait_for(lambda: query(pipeline, "SELECT siaga FROM gate_status WHERE device_id = %s",
+                           (gate.device_id,))[0][0] == 1, what="Siaga 1")
+    siaga = {a[1]: a for a in _alerts(pipeline, gate.device_id)}["flood_siaga"]
+    assert (siaga[2], siaga[3]) == ("critical", "active")
+    assert [(e[0], e[2]) for e in _events(pipeline, siaga[0])] == [
+        ("raised", "minor"), ("escalated", "major"), ("escalated", "critical")], "one alert, escalated each step up"
+    level, rise = query(pipeline, "SELECT level_cm, rise_cm_per_h FROM gate_status WHERE device_id = %s",
+                        (gate.device_id,))[0]
+    assert level == 218.0 and rise == pytest.approx(120.0, rel=0.05)
+
+
+def test_a_reading_later_than_the_allowed_lateness_is_kept_aside_and_counted(pipeline):
+    meter = provision(pipeline, "water_meter")
+    three_days_ago = int(time.time() * 1000) - 3 * 86_400_000  # the gateway takes up to 7 days; windows close at 2
+    publish_series(pipeline, meter, "pressure", [(three_days_ago, 2.5)])
+    [(reason,)] = wait_for(lambda: query(pipeline, "SELECT reason FROM late_readings WHERE device_id = %s",
+                                         (meter.device_id,)), what="the late reading")
+    assert "allowed lateness is 48.0 h" in reason
+    assert stored_readings(pipeline, meter.device_id) == []
+    assert query(pipeline, "SELECT count(*) FROM agg_1m WHERE device_id = %s", (meter.device_id,)) == [(0,)]
+
+
+def test_a_silent_series_raises_a_dropout_alert_on_the_timer_and_clears_when_data_returns(pipeline):
+    light = provision(pipeline, "street_light")
+    now = int(time.time() * 1000)
+    publish_series(pipeline, light, "powerConsumption", _steady(now - 40_000, 40, 1000, 60.0))  # one a second
+    [(alert_id, alert_type, severity, state, *_)] = wait_for(
+        lambda: _alerts(pipeline, light.device_id), timeout_s=60, what="the dropout alert")
+    assert (alert_type, severity, state) == ("dropout", "minor", "active")
+    publish_series(pipeline, light, "powerConsumption", [(int(time.time() * 1000), 61.0)])
+    wait_for(lambda: _alerts(pipeline, light.device_id)[0][3] == "cleared", what="clear on return")
