@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from processing import kernels as k
-from processing.detect import Detectors
+from processing.detect import Detectors, deserialize, serialize
 from tests.reference_detectors import reference_scores
 
 
@@ -156,3 +156,24 @@ def test_a_flapping_series_signals_once_per_event_not_per_reading():
     signalled = np.flatnonzero(scores[200:260] > k.DEFAULT_PARAMS[k.P_QUIET_LEVEL])
     assert 1 <= signalled.size <= 2, signalled  # the first, and at most one clear escalation
     assert quiet >= 60
+
+
+def test_a_serialized_checkpoint_restores_exactly_the_same_scores():
+    rng = np.random.default_rng(7)
+    keys = [("dev-a", "pm25"), ("dev-b", "currentLevel"), ("dev-a", "pm10")]
+    picks = rng.integers(0, 3, 3000)
+    ts = np.arange(3000, dtype=np.float64) * 60_000
+    values = rng.normal(50, 5, 3000)
+    values[2500] = 500.0
+    original = Detectors()
+    ids = original.series_ids([keys[i] for i in picks[:2000]], {keys[1]: (-500.0, 5000.0)})
+    original.score(ids, ts[:2000], values[:2000])
+    restored = Detectors()
+    restored.restore(deserialize(*serialize(original.snapshot())))
+    later = [keys[i] for i in picks[2000:]]
+    expected = original.score(original.series_ids(later), ts[2000:], values[2000:])
+    got = restored.score(restored.series_ids(later), ts[2000:], values[2000:])
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert expected[0].max() > 0.5  # the restored copy saw the spike too
+    assert restored.keys() == original.keys()

@@ -1,0 +1,47 @@
+"""Time-series queries that answer the same on both storage backends.
+
+Raw readings come from `readings`; 1-minute windows from `agg_1m` (kept by the processor);
+hourly and daily ones from `agg_1h` and `agg_1d`, which are continuous aggregates under
+TimescaleDB and project-maintained rollup tables on plain PostgreSQL, with the same columns.
+Every query walks the (device_id, metric, time) primary key, so a page stays an index range scan
+however many months are stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Literal
+
+import psycopg
+
+Resolution = Literal["raw", "1m", "1h", "1d"]
+RESOLUTIONS: dict[str, str] = {"1m": "agg_1m", "1h": "agg_1h", "1d": "agg_1d"}
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    ts: dt.datetime  # the reading's time, or the window's start
+    count: int
+    mean: float
+    min: float
+    max: float
+    first: float
+    last: float
+
+
+def query_series(conn: psycopg.Connection, device_id: str, metric: str, resolution: Resolution,
+                 start: dt.datetime, end: dt.datetime, *, limit: int = 1000) -> list[Point]:
+    """Points in [start, end), oldest first, at most `limit` (page on with start = last ts + 1 µs)."""
+    if resolution == "raw":
+        rows = conn.execute(
+            "SELECT ts, 1, value, value, value, value, value FROM readings "
+            "WHERE device_id = %s AND metric = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
+            (device_id, metric, start, end, limit)).fetchall()
+    else:
+        table = RESOLUTIONS[resolution]
+        rows = conn.execute(
+            f"SELECT bucket, n, sum / n, min, max, first_value, last_value FROM {table} "  # noqa: S608 (fixed names)
+            "WHERE device_id = %s AND metric = %s AND bucket >= %s AND bucket < %s ORDER BY bucket LIMIT %s",
+            (device_id, metric, start, end, limit)).fetchall()
+    return [Point(ts, int(n), mean, low, high, first, last) for ts, n, mean, low, high, first, last in rows]
