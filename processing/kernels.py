@@ -184,3 +184,55 @@ def silence_scores(now_ms: float, state: np.ndarray, warmup: float, factor: floa
         if gap > factor:
             excess = gap - factor
             scores[s] = excess / (excess + factor)
+
+
+@njit(cache=True)
+def minute_partials(series: np.ndarray, ts: np.ndarray, values: np.ndarray, width_ms: float,
+                    out_series: np.ndarray, out_bucket: np.ndarray, out_stats: np.ndarray) -> int:
+    """Tumbling-window partials of a batch: one row per (series, window) in `out_*`; returns the row count.
+
+    `out_stats` columns: n, sum, sum of squares, min, max, first time, first value, last time, last
+    value (the same mergeable partials as the agg_1m table). Outputs must hold len(series) rows.
+    """
+    n = series.shape[0]
+    if n == 0:
+        return 0
+    buckets = np.floor(ts / width_ms)
+    lowest = buckets.min()
+    span = buckets.max() - lowest + 1.0
+    keys = series.astype(np.float64) * span + (buckets - lowest)
+    order = np.argsort(keys, kind="mergesort")  # stable: equal times keep arrival order
+    rows = -1
+    previous = -1.0
+    for j in range(n):
+        i = order[j]
+        x = values[i]
+        t = ts[i]
+        if keys[i] != previous:
+            rows += 1
+            previous = keys[i]
+            out_series[rows] = series[i]
+            out_bucket[rows] = buckets[i] * width_ms
+            out_stats[rows, 0] = 0.0
+            out_stats[rows, 1] = 0.0
+            out_stats[rows, 2] = 0.0
+            out_stats[rows, 3] = x
+            out_stats[rows, 4] = x
+            out_stats[rows, 5] = t
+            out_stats[rows, 6] = x
+            out_stats[rows, 7] = t
+            out_stats[rows, 8] = x
+        out_stats[rows, 0] += 1.0
+        out_stats[rows, 1] += x
+        out_stats[rows, 2] += x * x
+        if x < out_stats[rows, 3]:
+            out_stats[rows, 3] = x
+        if x > out_stats[rows, 4]:
+            out_stats[rows, 4] = x
+        if t < out_stats[rows, 5]:
+            out_stats[rows, 5] = t
+            out_stats[rows, 6] = x
+        if t >= out_stats[rows, 7]:
+            out_stats[rows, 7] = t
+            out_stats[rows, 8] = x
+    return rows + 1

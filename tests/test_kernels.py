@@ -177,3 +177,25 @@ def test_a_serialized_checkpoint_restores_exactly_the_same_scores():
     np.testing.assert_array_equal(got[1], expected[1])
     assert expected[0].max() > 0.5  # the restored copy saw the spike too
     assert restored.keys() == original.keys()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 2000])
+def test_minute_partials_equal_a_plain_grouping(n):
+    rng = np.random.default_rng(n)
+    series = rng.integers(0, 5, n).astype(np.int64)
+    ts = np.sort(rng.uniform(0, 10 * 60_000, n)).round()
+    ts[rng.random(n) < 0.1] -= 120_000  # some late arrivals, out of order
+    values = rng.normal(10, 3, n)
+    out_series, out_bucket, out_stats = np.empty(n, np.int64), np.empty(n), np.empty((n, 9))
+    rows = k.minute_partials(series, ts, values, 60_000.0, out_series, out_bucket, out_stats)
+    expected: dict[tuple[int, float], list[tuple[float, float]]] = {}
+    for s, t, x in zip(series.tolist(), ts.tolist(), values.tolist(), strict=True):
+        expected.setdefault((s, t // 60_000 * 60_000), []).append((t, x))
+    assert rows == len(expected)
+    for i in range(rows):
+        points = expected[(int(out_series[i]), float(out_bucket[i]))]
+        xs = [x for _, x in points]
+        first = min(points, key=lambda p: p[0])
+        last = max(reversed(points), key=lambda p: p[0])  # the last to arrive among equal times
+        np.testing.assert_allclose(out_stats[i], [len(xs), sum(xs), sum(x * x for x in xs), min(xs), max(xs),
+                                                  first[0], first[1], last[0], last[1]])

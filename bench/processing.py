@@ -1,0 +1,259 @@
+"""Processing benchmark: the detector and aggregation kernels, the processor from Kafka into the
+database with exactly-once on, and the database write paths.
+
+    .venv/bin/python -m bench.processing [--quick]
+
+1. Kernels, one core: 1M readings over 10k series, micro-batches of 10k, through every detector
+   (rate of change on too) and one-minute partials. Baselines in the same run: the same detector
+   logic in plain Python (tests/reference_detectors.py) and River's HalfSpaceTrees, each timed on a
+   slice and reported as readings/s, with the ratio.
+2. Processor: readings queued on Kafka while the processor is stopped, then drained into the
+   database by one `kota processor` (exactly-once transactions, detection, rules, alerts); the rate
+   is taken between 10% and 90% stored, which leaves start-up out.
+3. Database writes: the same rows into a fresh table by COPY and by executemany, interleaved.
+
+Runs its own stack (.kota-bench/, ports shifted by 200), shared with bench.ingest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+
+import numpy as np
+import psycopg
+
+from kota.settings import StackSettings
+from processing import kernels
+from processing.detect import Detectors
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def synthetic_stream(n: int, n_series: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Readings of n_series sensors reporting in turn (random order within each round), with daily
+    cycles, noise and rare spikes; event times increase like a live stream."""
+    rng = np.random.default_rng(seed)
+    series = np.concatenate([rng.permutation(n_series) for _ in range(n // n_series + 1)])[:n].astype(np.int64)
+    rounds = np.arange(n) // n_series
+    ts = 1_790_000_000_000.0 + rounds * 10_000.0 + (np.arange(n) % n_series) * (10_000.0 / n_series)
+    daily = np.sin(2 * np.pi * ts / 86_400_000.0)
+    values = 50.0 + 10.0 * (series % 7) + 8.0 * daily + rng.normal(0, 1.5, n)
+    values[rng.random(n) < 1e-4] += 80.0
+    return series, ts, values
+
+
+def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_river: int) -> dict[str, float]:
+    series, ts, values = synthetic_stream(n, n_series)
+    detectors = Detectors(kernels.ALL_DETECTORS_PARAMS, initial_series=n_series)
+    ids = detectors.series_ids(range(n_series))
+    assert (ids == np.arange(n_series)).all()
+    out_series = np.empty(batch, np.int64)
+    out_bucket = np.empty(batch)
+    out_stats = np.empty((batch, 9))
+    # Warm the JIT (compiled on first call, or loaded from numba's cache) on a copy of the state.
+    warm = Detectors(kernels.ALL_DETECTORS_PARAMS, initial_series=n_series)
+    warm.series_ids(range(n_series))
+    warm.score(series[:batch], ts[:batch], values[:batch])
+    kernels.minute_partials(series[:batch], ts[:batch], values[:batch], 60_000.0, out_series, out_bucket, out_stats)
+
+    started = time.process_time()
+    windows = 0
+    for start in range(0, n, batch):
+        stop = start + batch
+        detectors.score(series[start:stop], ts[start:stop], values[start:stop])
+        windows += kernels.minute_partials(series[start:stop], ts[start:stop], values[start:stop], 60_000.0,
+                                           out_series, out_bucket, out_stats)
+    kernel_s = time.process_time() - started
+    results = {"kernels": n / kernel_s}
+    say(f"kernels: {n:,} readings over {n_series:,} series in {kernel_s:.3f} s CPU "
+        f"({results['kernels']:,.0f} readings/s, {windows:,} one-minute partials)")
+
+    from tests.reference_detectors import reference_scores
+
+    params = kernels.ALL_DETECTORS_PARAMS
+    ranges = {s: (-np.inf, np.inf) for s in range(n_series)}
+    states: dict = {}
+    rows = list(zip(series[:slice_python].tolist(), ts[:slice_python].tolist(), values[:slice_python].tolist(),
+                    strict=True))
+    started = time.process_time()
+    reference_scores(rows, params, ranges, states)
+    partials: dict[tuple[int, int], list[float]] = {}
+    for s, t, x in rows:  # the same one-minute partials in plain Python
+        p = partials.setdefault((s, int(t // 60_000)), [0, 0.0, 0.0, x, x])
+        p[0] += 1
+        p[1] += x
+        p[2] += x * x
+        p[3] = min(p[3], x)
+        p[4] = max(p[4], x)
+    python_s = time.process_time() - started
+    results["python"] = slice_python / python_s
+    say(f"plain Python, same logic: {slice_python:,} readings in {python_s:.2f} s CPU "
+        f"({results['python']:,.0f} readings/s)")
+
+    from river import anomaly
+
+    # River learns one model per series too; models are built before the clock starts, on a stream of
+    # 100 series so each model sees enough readings to reach its steady per-reading cost.
+    r_series, r_ts, r_values = synthetic_stream(slice_river, 100, seed=2)
+    models = {s: anomaly.HalfSpaceTrees(n_trees=10, height=6, window_size=50, seed=1) for s in range(100)}
+    started = time.process_time()
+    for s, t, x in zip(r_series.tolist(), r_ts.tolist(), r_values.tolist(), strict=True):
+        features = {"value": (x - 50.0) / 120.0, "hour": (t // 3_600_000 % 24) / 24.0}
+        models[s].score_one(features)
+        models[s].learn_one(features)
+    river_s = time.process_time() - started
+    results["river"] = slice_river / river_s
+    say(f"River HalfSpaceTrees (10 trees, height 6, one model per series): {slice_river:,} readings in "
+        f"{river_s:.2f} s CPU ({results['river']:,.0f} readings/s)")
+    say(f"kernels vs plain Python: {results['kernels'] / results['python']:,.0f}x; "
+        f"vs River HalfSpaceTrees: {results['kernels'] / results['river']:,.0f}x; goal 20,000,000 readings/s")
+    return results
+
+
+def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
+    data = [(1_790_000_000_000 + i * 1000, f"bench-{i % 1000:04d}", "pressure", float(i % 97), "bar",
+             1_790_000_000_000 + i * 1000) for i in range(rows)]
+    timings: dict[str, list[float]] = {"copy": [], "executemany": []}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            for method in ("copy", "executemany"):
+                conn.execute("DROP TABLE IF EXISTS bench_writes")
+                conn.execute("CREATE UNLOGGED TABLE bench_writes (ts_ms bigint, device_id text, metric text, "
+                             "value double precision, unit text, received_ms bigint)")
+                started = time.perf_counter()
+                with conn.transaction(), conn.cursor() as cur:
+                    if method == "copy":
+                        with cur.copy("COPY bench_writes FROM STDIN") as copy:
+                            for row in data:
+                                copy.write_row(row)
+                    else:
+                        cur.executemany("INSERT INTO bench_writes VALUES (%s, %s, %s, %s, %s, %s)", data)
+                timings[method].append(time.perf_counter() - started)
+        conn.execute("DROP TABLE IF EXISTS bench_writes")
+    rates = {m: rows / statistics.median(t) for m, t in timings.items()}
+    say(f"database writes of {rows:,} rows, median of {rounds}: COPY {rates['copy']:,.0f} rows/s, "
+        f"executemany {rates['executemany']:,.0f} rows/s ({rates['copy'] / rates['executemany']:.1f}x)")
+    return rates
+
+
+def drain_backlog(stack: StackSettings) -> None:
+    """Let the processor catch up with whatever earlier runs (bench.ingest) left on the topic, so the
+    timed drain holds this run's readings only."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from deploy import stack as local
+    from kota.contract import READINGS_TOPIC
+
+    async def end_offsets() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap)
+        await consumer.start()
+        try:
+            await consumer.topics()  # fetches the cluster's metadata
+            partitions = [TopicPartition(READINGS_TOPIC, p)
+                          for p in consumer.partitions_for_topic(READINGS_TOPIC) or ()]
+            return sum((await consumer.end_offsets(partitions)).values())
+        finally:
+            await consumer.stop()
+
+    def stored_offsets() -> int:
+        with psycopg.connect(stack.postgres_dsn) as conn:
+            row = conn.execute("SELECT coalesce(sum(next_offset), 0) FROM stream_offsets "
+                               "WHERE consumer_group = 'kota-processor'").fetchone()
+        return int(row[0]) if row else 0
+
+    local.start_component(stack, "processor")
+    target = asyncio.run(end_offsets())
+    while stored_offsets() < target:
+        say(f"processor catching up with an earlier backlog: {target - stored_offsets():,} records to go")
+        time.sleep(5)
+
+
+def bench_processor(readings: int) -> float:
+    from aiokafka import AIOKafkaProducer
+
+    from deploy import procs
+    from deploy import stack as local
+    from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
+    from kota.schema import migrate
+    from kota.settings import PROJECT_ROOT
+
+    stack = StackSettings(state_dir=PROJECT_ROOT / ".kota-bench", port_offset=200)
+    local.start_services(stack, say, open_devices=False)
+    migrate(stack.postgres_dsn)
+    drain_backlog(stack)
+    procs.stop(stack, "processor")
+    run = f"bench{time.time_ns() % 10**9}"
+    n_devices, per_record = 2_000, 50
+    now = int(time.time() * 1000)
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", linger_ms=20,
+                                    max_batch_size=1 << 20)
+        await producer.start()
+        try:
+            pending = []
+            per_device = readings // n_devices
+            for offset in range(0, per_device, per_record):
+                for d in range(n_devices):
+                    device = f"{run}-{d:05d}"
+                    batch = [Reading(now - 3_600_000 + (offset + i) * 10_000, "benchkota",
+                                     "environment", device, "pm25", float(20 + (d + offset + i) % 17), "ug/m3",
+                                     now, "bench") for i in range(per_record)]
+                    pending.append(await producer.send(READINGS_TOPIC, encode_device_batch(batch),
+                                                       key=device.encode()))
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+
+    say(f"queueing {readings:,} readings of {n_devices:,} devices on Kafka with the processor stopped")
+    asyncio.run(produce())
+
+    def stored() -> int:
+        with psycopg.connect(stack.postgres_dsn) as conn:
+            row = conn.execute("SELECT coalesce(sum(n), 0) FROM agg_1m WHERE device_id LIKE %s",
+                               (run + "%",)).fetchone()
+        return int(row[0]) if row else 0
+
+    local.start_component(stack, "processor")
+    marks: dict[float, float] = {}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        count = stored()
+        for fraction in (0.1, 0.9):
+            if fraction not in marks and count >= fraction * readings:
+                marks[fraction] = time.monotonic()
+        if count >= readings:
+            break
+        time.sleep(0.25)
+    rate = 0.8 * readings / (marks[0.9] - marks[0.1])
+    say(f"processor, Kafka to database with exactly-once on: {rate:,.0f} readings/s "
+        f"(10% to 90% of {readings:,}; goal 100,000)")
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--only", choices=("kernels", "processor", "writes"))
+    args = parser.parse_args()
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    if args.only in (None, "kernels"):
+        bench_kernels(100_000 if args.quick else 1_000_000, 10_000, 10_000, 3_000 if args.quick else 20_000,
+                      1_000 if args.quick else 5_000)
+    if args.only in (None, "processor"):
+        bench_processor(50_000 if args.quick else 400_000)
+    if args.only in (None, "writes"):
+        from kota.settings import PROJECT_ROOT
+
+        stack = StackSettings(state_dir=PROJECT_ROOT / ".kota-bench", port_offset=200)
+        bench_database_writes(stack.postgres_dsn, 20_000 if args.quick else 100_000, 3)
+
+
+if __name__ == "__main__":
+    main()
