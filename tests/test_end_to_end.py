@@ -26,8 +26,11 @@ def test_readings_published_over_mqtt_are_served_by_the_api(pipeline, api):
         client.disconnect()
         client2.disconnect()
 
-    latest = wait_for(lambda: api.get(f"/api/v1/devices/{air.device_id}/latest").json()["values"] or None,
-                      what="latest values of the air-quality station")
+    def newest_stored() -> list[dict] | None:  # both messages: they may be stored in separate batches
+        values = api.get(f"/api/v1/devices/{air.device_id}/latest").json()["values"]
+        return values if len(stored_readings(pipeline, air.device_id)) == 4 else None
+
+    latest = wait_for(newest_stored, what="latest values of the air-quality station")
     assert {v["metric"]: v["value"] for v in latest} == {"pm25": 42.5, "pm10": 61.0}
     assert all(v["unit"] == "ug/m3" for v in latest)
 
