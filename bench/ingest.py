@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench import start_bench_stack
 from deploy import mqtt_access, procs
 from deploy import stack as local
 from kota.contract import READINGS_TOPIC, device_telemetry_topic, gateway_telemetry_topic
 from kota.mqtt import MqttLogin, connect
 from kota.registry import Gateway, new_device, upsert_devices, upsert_gateway
-from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
 
 PASSWORD = "bench-secret"
@@ -66,15 +66,15 @@ def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def setup(stack: StackSettings) -> None:
-    local.start_services(stack, say, open_devices=False)
-    migrate(stack.postgres_dsn)
+def setup() -> StackSettings:
+    stack = start_bench_stack(say)
     with psycopg.connect(stack.postgres_dsn) as conn:
         upsert_gateway(conn, Gateway(GATEWAY, "benchkota"), PASSWORD)
         devices = [new_device(SINGLE, "benchkota", "water_level")]
         devices += [new_device(d, "benchkota", "water_level", gateway_id=GATEWAY) for d in BATCH_DEVICES]
         upsert_devices(conn, devices, {d.device_id: PASSWORD for d in devices})
     mqtt_access.unlock_devices(stack)
+    return stack
 
 
 def cpu_seconds(pid: int) -> float:
@@ -197,8 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each bridge and payload (default 3)")
     args = parser.parse_args()
     scale, repeats = (0.1, 1) if args.quick else (1.0, args.repeats)
-    stack = StackSettings(state_dir=PROJECT_ROOT / ".kota-bench", port_offset=200)
-    setup(stack)
+    stack = setup()
     base = int(time.time() * 1000) - 3 * 86_400_000  # distinct timestamps per run, all in the accepted past
     sizes = {("kota", "single"): 10_000, ("naive", "single"): 2_000,
              ("kota", "batch"): 1_000, ("naive", "batch"): 200}

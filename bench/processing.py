@@ -27,6 +27,7 @@ import time
 import numpy as np
 import psycopg
 
+from bench import start_bench_stack
 from kota.settings import StackSettings
 from processing import kernels
 from processing.detect import Detectors
@@ -175,18 +176,13 @@ def drain_backlog(stack: StackSettings) -> None:
         time.sleep(5)
 
 
-def bench_processor(readings: int) -> float:
+def bench_processor(stack: StackSettings, readings: int) -> float:
     from aiokafka import AIOKafkaProducer
 
     from deploy import procs
     from deploy import stack as local
     from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
-    from kota.schema import migrate
-    from kota.settings import PROJECT_ROOT
 
-    stack = StackSettings(state_dir=PROJECT_ROOT / ".kota-bench", port_offset=200)
-    local.start_services(stack, say, open_devices=False)
-    migrate(stack.postgres_dsn)
     drain_backlog(stack)
     procs.stop(stack, "processor")
     run = f"bench{time.time_ns() % 10**9}"
@@ -247,13 +243,12 @@ def main() -> None:
     if args.only in (None, "kernels"):
         bench_kernels(100_000 if args.quick else 1_000_000, 10_000, 10_000, 3_000 if args.quick else 20_000,
                       1_000 if args.quick else 5_000)
-    if args.only in (None, "processor"):
-        bench_processor(50_000 if args.quick else 400_000)
-    if args.only in (None, "writes"):
-        from kota.settings import PROJECT_ROOT
-
-        stack = StackSettings(state_dir=PROJECT_ROOT / ".kota-bench", port_offset=200)
-        bench_database_writes(stack.postgres_dsn, 20_000 if args.quick else 100_000, 3)
+    if args.only in (None, "processor", "writes"):
+        stack = start_bench_stack(say)
+        if args.only in (None, "processor"):
+            bench_processor(stack, 50_000 if args.quick else 400_000)
+        if args.only in (None, "writes"):
+            bench_database_writes(stack.postgres_dsn, 20_000 if args.quick else 100_000, 3)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from psycopg.types.json import Jsonb
 
 Severity = Literal["critical", "major", "minor", "warning"]
 SEVERITY_RANK: dict[str, int] = {"warning": 1, "minor": 2, "major": 3, "critical": 4}
-STATES = ("active", "acknowledged", "cleared")
 SYSTEM_ACTOR = "kota-processor"
 
 

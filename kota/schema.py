@@ -116,6 +116,13 @@ def partition_name(day: dt.date) -> str:
     return f"readings_p{day:%Y%m%d}"
 
 
+def daily_partitions(conn: psycopg.Connection) -> dict[str, dt.date]:
+    """The daily partitions of `readings` (named by `partition_name`) and their days."""
+    names = conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                         "WHERE i.inhparent = 'readings'::regclass AND c.relname ~ '^readings_p[0-9]{8}$'")
+    return {name: dt.datetime.strptime(name.removeprefix("readings_p"), "%Y%m%d").date() for (name,) in names}
+
+
 def ensure_partitions(conn: psycopg.Connection, first_day: dt.date, days_ahead: int = 0) -> list[str]:
     """Create daily partitions of `readings` from `first_day` for `days_ahead` more days.
 
@@ -124,9 +131,7 @@ def ensure_partitions(conn: psycopg.Connection, first_day: dt.date, days_ahead: 
     failure is logged rather than raised so ingestion never stops over it.
     """
     created = []
-    existing = {row[0] for row in conn.execute(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = 'readings'::regclass")}
+    existing = daily_partitions(conn)
     for offset in range(days_ahead + 1):
         day = first_day + dt.timedelta(days=offset)
         name = partition_name(day)

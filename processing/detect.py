@@ -32,6 +32,9 @@ class Detectors:
         self.hourly = np.zeros((initial_series, kernels.HOURS, 3))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
+        # Wall-clock ms of each series' newest arrival, kept by the caller (mark_arrivals) for
+        # dropouts on a live feed; not part of snapshots. NaN: not seen since this object was made.
+        self.arrivals = np.full(initial_series, np.nan)
 
     @property
     def n_series(self) -> int:
@@ -67,6 +70,7 @@ class Detectors:
         self.hourly = np.concatenate([self.hourly, np.zeros((new - size, kernels.HOURS, 3))])
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
+        self.arrivals = np.concatenate([self.arrivals, np.full(new - size, np.nan)])
 
     def score(self, series: np.ndarray, ts_ms: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores in [0, 1] and reason codes for a batch in arrival order. NaN scores 0 and teaches nothing."""
@@ -92,11 +96,18 @@ class Detectors:
             scores[idx], reasons[idx] = sub_scores, sub_reasons
         return scores, reasons
 
-    def silence(self, now_ms: float, factor: float = 5.0) -> np.ndarray:
-        """Dropout scores per series id, for a timer: silent for more than `factor` usual intervals."""
-        out = np.zeros(self.n_series)
-        kernels.silence_scores(float(now_ms), self.state[: self.n_series], self.params[kernels.P_WARMUP], factor,
-                               out)
+    def mark_arrivals(self, series: np.ndarray, now_ms: float) -> None:
+        self.arrivals[series] = now_ms
+
+    def silence(self, now_ms: float, factor: float = 5.0, *, since_arrival: bool = False) -> np.ndarray:
+        """Dropout scores per series id, for a timer: silent for more than `factor` usual intervals,
+        counted from each series' newest event time, or from its newest arrival (`since_arrival`),
+        which is what a live feed wants when replayed or late data carries old event times."""
+        n = self.n_series
+        last_seen = self.arrivals[:n] if since_arrival else self.state[:n, kernels.LAST_TS]
+        out = np.zeros(n)
+        kernels.silence_scores(float(now_ms), self.state[:n], np.ascontiguousarray(last_seen),
+                               self.params[kernels.P_WARMUP], factor, out)
         return out
 
     def snapshot(self) -> DetectorSnapshot:

@@ -173,14 +173,16 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
 
 
 @njit(cache=True)
-def silence_scores(now_ms: float, state: np.ndarray, warmup: float, factor: float, scores: np.ndarray) -> None:
-    """Dropout, checked on a timer: silence longer than `factor` times the usual interval scores > 0."""
+def silence_scores(now_ms: float, state: np.ndarray, last_seen: np.ndarray, warmup: float, factor: float,
+                   scores: np.ndarray) -> None:
+    """Dropout, checked on a timer: silence since `last_seen` (ms, per series; NaN for never) longer
+    than `factor` times the usual interval scores > 0."""
     for s in range(state.shape[0]):
         scores[s] = 0.0
         interval = state[s, INTERVAL]
         if state[s, COUNT] < warmup or interval <= 0.0:
             continue
-        gap = (now_ms - state[s, LAST_TS]) / interval
+        gap = (now_ms - last_seen[s]) / interval
         if gap > factor:
             excess = gap - factor
             scores[s] = excess / (excess + factor)

@@ -17,37 +17,34 @@ import logging
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import sql
 
-from kota.schema import Backend
+from kota.schema import Backend, daily_partitions
 
 log = logging.getLogger("kota.maintenance")
 
 _LOCK_ID = 0x6B6F7462
-# Merging partials: counts and sums add, min and max combine, first and last go by their times.
-ROLL_UP_HOURS = """
-INSERT INTO agg_1h (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts, last_value)
-SELECT a.device_id, a.metric, h.hour, sum(n), sum(sum), sum(sum_sq), min(min), max(max),
+
+
+def _roll_up(target: str, source: str, width: str) -> sql.Composed:
+    """Recompute `target` windows of `width` (starts given as a parameter) by merging `source`'s
+    partials: counts and sums add, min and max combine, first and last go by their times."""
+    return sql.SQL("""
+INSERT INTO {target} (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts, last_value)
+SELECT a.device_id, a.metric, w.start, sum(n), sum(sum), sum(sum_sq), min(min), max(max),
        min(first_ts), (array_agg(first_value ORDER BY first_ts))[1],
        max(last_ts), (array_agg(last_value ORDER BY last_ts DESC))[1]
-FROM unnest(%s::timestamptz[]) AS h(hour)
-JOIN agg_1m a ON a.bucket >= h.hour AND a.bucket < h.hour + interval '1 hour'
-GROUP BY a.device_id, a.metric, h.hour
+FROM unnest(%s::timestamptz[]) AS w(start)
+JOIN {source} a ON a.bucket >= w.start AND a.bucket < w.start + {width}::interval
+GROUP BY a.device_id, a.metric, w.start
 ON CONFLICT (device_id, metric, bucket) DO UPDATE SET n = EXCLUDED.n, sum = EXCLUDED.sum,
     sum_sq = EXCLUDED.sum_sq, min = EXCLUDED.min, max = EXCLUDED.max, first_ts = EXCLUDED.first_ts,
     first_value = EXCLUDED.first_value, last_ts = EXCLUDED.last_ts, last_value = EXCLUDED.last_value
-"""
-ROLL_UP_DAYS = """
-INSERT INTO agg_1d (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts, last_value)
-SELECT a.device_id, a.metric, d.day, sum(n), sum(sum), sum(sum_sq), min(min), max(max),
-       min(first_ts), (array_agg(first_value ORDER BY first_ts))[1],
-       max(last_ts), (array_agg(last_value ORDER BY last_ts DESC))[1]
-FROM unnest(%s::timestamptz[]) AS d(day)
-JOIN agg_1h a ON a.bucket >= d.day AND a.bucket < d.day + interval '1 day'
-GROUP BY a.device_id, a.metric, d.day
-ON CONFLICT (device_id, metric, bucket) DO UPDATE SET n = EXCLUDED.n, sum = EXCLUDED.sum,
-    sum_sq = EXCLUDED.sum_sq, min = EXCLUDED.min, max = EXCLUDED.max, first_ts = EXCLUDED.first_ts,
-    first_value = EXCLUDED.first_value, last_ts = EXCLUDED.last_ts, last_value = EXCLUDED.last_value
-"""
+""").format(target=sql.Identifier(target), source=sql.Identifier(source), width=sql.Literal(width))
+
+
+ROLL_UP_HOURS = _roll_up("agg_1h", "agg_1m", "1 hour")
+ROLL_UP_DAYS = _roll_up("agg_1d", "agg_1h", "1 day")
 RETAINED_BY_DELETE = {"agg_1m": "bucket", "agg_1h": "bucket", "agg_1d": "bucket", "anomalies": "ts",
                       "late_readings": "ts"}
 
@@ -95,11 +92,7 @@ def apply_retention(conn: psycopg.Connection, now: dt.datetime, report: Maintena
         "SELECT table_name, keep_days FROM retention_settings WHERE keep_days IS NOT NULL"))
     if "readings" in keep:
         cutoff = (now - dt.timedelta(days=keep["readings"])).date()
-        partitions = conn.execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = 'readings'::regclass AND c.relname ~ '^readings_p[0-9]{8}$' ORDER BY 1").fetchall()
-        for (name,) in partitions:
-            day = dt.datetime.strptime(name.removeprefix("readings_p"), "%Y%m%d").date()
+        for name, day in sorted(daily_partitions(conn).items()):
             if day < cutoff:
                 conn.execute(f"DROP TABLE {name}")  # noqa: S608 (a partition name we made)
                 report.partitions_dropped.append(name)

@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kota.alerts import Signal, apply_signals
 from kota.contract import READINGS_TOPIC, Reading, decode_device_batch
+from kota.registry import Device, load_devices
 from kota.schema import Backend, ensure_partitions, storage_backend
 from kota.settings import StackSettings
 from processing import kernels, maintenance
@@ -97,7 +98,6 @@ class Processor:
         self._backend: Backend = "postgres"
         self._detectors: dict[int, Detectors] = {}
         self._last_checkpoint: dict[int, float] = {}
-        self._last_arrival: dict[int, np.ndarray] = {}  # wall clock of each series' newest reading
         self._silent: dict[int, set[int]] = {}  # series already signalled as dropped out
         self._ranges: dict[str, dict[str, tuple[float, float]]] = {}
         self._ranges_loaded_at = 0.0
@@ -128,7 +128,7 @@ class Processor:
                     await self._consumer.seek_to_beginning(tp)
                 self._last_checkpoint[p] = -math.inf
             self._detectors[p] = detectors
-            self._last_arrival[p] = np.full(detectors.n_series, time.time())
+            detectors.mark_arrivals(np.arange(detectors.n_series), time.time() * 1000)
             self._silent[p] = set()
         log.info("assigned partitions %s; database offsets %s; detector checkpoints at %s", partitions, stored,
                  {p: c.next_offset for p, c in checkpoints.items()})
@@ -136,11 +136,20 @@ class Processor:
     def forget(self, partitions: set[int]) -> None:
         """Drop the state of revoked partitions: whoever gets them next restores from the checkpoint."""
         for p in partitions:
-            for table in (self._detectors, self._last_checkpoint, self._last_arrival, self._silent):
+            for table in (self._detectors, self._last_checkpoint, self._silent):
                 table.pop(p, None)  # type: ignore[attr-defined]
 
     async def _connect(self) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(self._stack.postgres_dsn, connect_timeout=5)
+
+    async def _reconnect_if_broken(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
+        """A fresh connection if `conn` is gone; `conn` itself while the database is still down."""
+        if not (conn.closed or conn.broken):
+            return conn
+        try:
+            return await self._connect()
+        except psycopg.OperationalError:
+            return conn
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._settings.metrics_enabled:
@@ -190,11 +199,7 @@ class Processor:
                 # Database down or restarting: wait and retry the same batch; nothing is dropped.
                 log.warning("database unavailable (%s); retrying batch in %.0f s", exc, self._settings.retry_wait_s)
                 await asyncio.sleep(self._settings.retry_wait_s)
-                if conn.closed or conn.broken:
-                    try:
-                        conn = await self._connect()
-                    except psycopg.OperationalError:
-                        continue
+                conn = await self._reconnect_if_broken(conn)
         READINGS_IN.inc(outcome.readings_in)
         READINGS_STORED.inc(outcome.readings_stored)
         DUPLICATES.inc(outcome.readings_in - outcome.readings_stored - outcome.late)
@@ -209,13 +214,12 @@ class Processor:
         """Score every on-time reading, in partition order; keep what crosses the threshold."""
         anomalies: list[AnomalyRow] = []
         checkpoints: list[Checkpoint] = []
-        lateness = self._policy.allowed_lateness_ms
         threshold = self._settings.anomaly_threshold
-        now = time.time()
+        now_ms = time.time() * 1000
         for s in slices:
             detectors = self._detectors.setdefault(s.partition, Detectors())
             rows = [(offset, r) for offset, readings in s.readings_by_offset for r in readings
-                    if r.received_ms - r.ts_ms <= lateness]
+                    if not self._policy.is_late(r)]
             keys = [(r.device_id, r.metric) for _, r in rows]
             ranges = {k: self._range(k) for k in set(keys) if not detectors.knows(k)}
             ids = detectors.series_ids(keys, ranges)
@@ -226,11 +230,7 @@ class Processor:
                 anomalies.append(AnomalyRow(s.partition, offset, r.device_id, r.metric, r.ts_ms, r.value,
                                             float(scores[i]), REASONS[reasons[i]]))
                 ANOMALIES.labels(REASONS[reasons[i]]).inc()
-            arrival = self._last_arrival.setdefault(s.partition, np.zeros(0))
-            if arrival.shape[0] < detectors.n_series:
-                arrival = self._last_arrival[s.partition] = np.concatenate(
-                    [arrival, np.full(detectors.n_series - arrival.shape[0], now)])
-            arrival[ids] = now
+            detectors.mark_arrivals(ids, now_ms)
             self._silent.setdefault(s.partition, set()).difference_update(ids.tolist())
             if time.monotonic() - self._last_checkpoint.get(s.partition, -math.inf) >= \
                     self._settings.checkpoint_interval_s:
@@ -249,30 +249,28 @@ class Processor:
         if not unknown or time.monotonic() - self._ranges_loaded_at < 5.0:
             return
         self._ranges_loaded_at = time.monotonic()
+
+        def load() -> dict[str, Device]:
+            with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
+                return load_devices(conn)
+
         try:
-            async with await self._connect() as conn:
-                cur = await conn.execute("SELECT device_id, metrics FROM devices")
-                self._ranges = {
-                    device_id: {m: (float(spec.get("low", -math.inf)), float(spec.get("high", math.inf)))
-                                for m, spec in (metrics or {}).items()}
-                    for device_id, metrics in await cur.fetchall()}
+            devices = await asyncio.to_thread(load)
         except psycopg.OperationalError as exc:
             log.warning("device ranges not refreshed (%s)", exc)
+            return
+        self._ranges = {d.device_id: {m: (spec.low, spec.high) for m, spec in d.metrics.items()}
+                        for d in devices.values()}
 
     async def _check_dropouts(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
         """Signal series silent for much longer than their usual interval (wall clock since last arrival)."""
-        now = time.time()
+        now_ms = time.time() * 1000
         signals: list[Signal] = []
         for p, detectors in self._detectors.items():
-            n = detectors.n_series
-            arrival = self._last_arrival.get(p, np.zeros(0))[:n]
-            interval_s = detectors.state[:n, kernels.INTERVAL] / 1000.0
-            warm = (detectors.state[:n, kernels.COUNT] >= detectors.params[kernels.P_WARMUP]) & (interval_s > 0)
-            silent = np.flatnonzero(warm & (now - arrival > self._settings.dropout_factor * interval_s))
-            keys = detectors.keys()
-            for sid in silent.tolist():
-                if sid in self._silent[p]:
-                    continue
+            silence = detectors.silence(now_ms, self._settings.dropout_factor, since_arrival=True)
+            newly_silent = [sid for sid in np.flatnonzero(silence > 0).tolist() if sid not in self._silent[p]]
+            keys = detectors.keys() if newly_silent else []
+            for sid in newly_silent:
                 self._silent[p].add(sid)
                 device_id, metric = keys[sid]
                 last_ts = int(detectors.state[sid, kernels.LAST_TS])
@@ -290,11 +288,7 @@ class Processor:
             log.warning("dropout alerts not written (%s); will retry", exc)
             for p in self._silent:
                 self._silent[p].clear()
-            if conn.closed or conn.broken:
-                try:
-                    conn = await self._connect()
-                except psycopg.OperationalError:
-                    pass
+            conn = await self._reconnect_if_broken(conn)
         return conn
 
     async def _maintain(self) -> None:

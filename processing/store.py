@@ -72,6 +72,10 @@ class WritePolicy:
     use_copy: bool = True  # False for servers without COPY FROM STDIN (the PGlite TimescaleDB test server)
     insert_chunk: int = 500
 
+    def is_late(self, reading: Reading) -> bool:
+        """Later than the allowed lateness after its time (by the gateway's receive time): kept aside."""
+        return reading.received_ms - reading.ts_ms > self.allowed_lateness_ms
+
 
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
@@ -184,7 +188,7 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                     skipped += 1
                     continue
                 for r in readings:
-                    (late if r.received_ms - r.ts_ms > policy.allowed_lateness_ms else fresh).append(r)
+                    (late if policy.is_late(r) else fresh).append(r)
         await _stage(conn, fresh, policy)
         cur = await conn.execute(STORE_AND_AGGREGATE)
         row = await cur.fetchone()

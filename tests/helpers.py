@@ -85,23 +85,23 @@ def stored_readings(stack: StackSettings, device_id: str) -> list[tuple[int, str
 AGG_COLUMNS = "bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts, last_value"
 
 
-def stored_minute_aggregates(stack: StackSettings, device_id: str) -> list[tuple]:
-    """The processor's one-minute partials of a device, rounded for comparison."""
+def stored_minute_aggregates(stack: StackSettings, device_id: str, table: str = "agg_1m") -> list[tuple]:
+    """The partials of a device in an aggregate table (agg_1m, agg_1h or agg_1d), rounded for comparison."""
     with psycopg.connect(stack.postgres_dsn) as conn:
-        rows = conn.execute(f"SELECT metric, {AGG_COLUMNS} FROM agg_1m WHERE device_id = %s ORDER BY metric, bucket",
-                            (device_id,)).fetchall()
+        rows = conn.execute(f"SELECT metric, {AGG_COLUMNS} FROM {table} WHERE device_id = %s "  # noqa: S608
+                            "ORDER BY metric, bucket", (device_id,)).fetchall()
     return [_rounded(r) for r in rows]
 
 
-def minute_aggregates_from_readings(stack: StackSettings, device_id: str) -> list[tuple]:
+def minute_aggregates_from_readings(stack: StackSettings, device_id: str, width: str = "1 minute") -> list[tuple]:
     """The same partials computed from scratch from the stored raw readings: what a clean run gives."""
     with psycopg.connect(stack.postgres_dsn) as conn:
         rows = conn.execute(
-            """SELECT metric, date_bin('1 minute', ts, timestamptz 'epoch') AS bucket, count(*), sum(value),
+            """SELECT metric, date_bin(%s::interval, ts, timestamptz 'epoch') AS bucket, count(*), sum(value),
                       sum(value * value), min(value), max(value), min(ts), (array_agg(value ORDER BY ts))[1],
                       max(ts), (array_agg(value ORDER BY ts DESC))[1]
                FROM readings WHERE device_id = %s GROUP BY metric, bucket ORDER BY metric, bucket""",
-            (device_id,)).fetchall()
+            (width, device_id)).fetchall()
     return [_rounded(r) for r in rows]
 
 

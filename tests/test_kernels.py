@@ -199,3 +199,16 @@ def test_minute_partials_equal_a_plain_grouping(n):
         last = max(reversed(points), key=lambda p: p[0])  # the last to arrive among equal times
         np.testing.assert_allclose(out_stats[i], [len(xs), sum(xs), sum(x * x for x in xs), min(xs), max(xs),
                                                   first[0], first[1], last[0], last[1]])
+
+
+def test_silence_since_arrival_counts_from_the_wall_clock_not_event_time():
+    detector = Detectors()
+    ids = detector.series_ids(["replayed"])
+    for step in range(60):  # a recording from long ago, arriving now
+        detector.score(ids, np.array([step * 60_000.0]), np.array([1.0 + step % 3]))
+    now_ms = 1_800_000_000_000.0
+    detector.mark_arrivals(ids, now_ms)
+    assert detector.silence(now_ms)[0] > 0.5  # by event time it looks silent for decades
+    assert detector.silence(now_ms + 60_000.0, since_arrival=True)[0] == 0.0
+    assert detector.silence(now_ms + 60 * 60_000.0, since_arrival=True)[0] > 0.5
+    assert Detectors().silence(now_ms, since_arrival=True).shape == (0,)

@@ -70,6 +70,12 @@ def _check_exact(stack, prefix: str, devices: list[str], per_device: int, start_
     assert differences == [(0,)]
 
 
+def _stored_anomalies(stack, prefix: str) -> set[tuple[str, int, str]]:
+    return {(d, int(ts), reason) for d, ts, reason in query(
+        stack, "SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, reason FROM anomalies "
+               "WHERE device_id LIKE %s", (prefix + "%",))}
+
+
 def _offline_anomalies(devices: list[str], per_device: int, start_ms: int) -> set[tuple[str, int, str]]:
     threshold = ProcessorSettings().anomaly_threshold
     found = set()
@@ -101,11 +107,8 @@ def test_a_million_readings_through_repeated_kill_minus_9_are_stored_exactly_onc
     time.sleep(2.0)  # would a replay add anything?
     _check_exact(pipeline, prefix, devices, per_device, start_ms)
     # Detector state came back from checkpoints: the anomalies are those of one clean pass.
-    stored = {(d, int(ts), reason) for d, ts, reason in query(
-        pipeline, "SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, reason FROM anomalies "
-                  "WHERE device_id LIKE %s", (prefix + "%",))}
     expected = _offline_anomalies(devices, per_device, start_ms)
-    assert expected and stored == expected
+    assert expected and _stored_anomalies(pipeline, prefix) == expected
 
 
 def test_two_processors_share_the_partitions_and_store_the_same_result(pipeline):
@@ -124,9 +127,6 @@ def test_two_processors_share_the_partitions_and_store_the_same_result(pipeline)
                  what="every reading")
         time.sleep(1.0)
         _check_exact(pipeline, prefix, devices, per_device, start_ms)
-        stored = {(d, int(ts), reason) for d, ts, reason in query(
-            pipeline, "SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, reason FROM anomalies "
-                      "WHERE device_id LIKE %s", (prefix + "%",))}
-        assert stored == _offline_anomalies(devices, per_device, start_ms)
+        assert _stored_anomalies(pipeline, prefix) == _offline_anomalies(devices, per_device, start_ms)
     finally:
         procs.stop(pipeline, "processor-b")

@@ -8,26 +8,17 @@ import pytest
 
 from kota.schema import ensure_partitions, partition_name
 from processing.maintenance import apply_retention, roll_up
-from tests.helpers import provision, publish_series, query, stored_readings, wait_for
+from tests.helpers import (
+    minute_aggregates_from_readings,
+    provision,
+    publish_series,
+    query,
+    stored_minute_aggregates,
+    stored_readings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.stack
-
-ROLLUP_COLUMNS = "bucket, n, round(sum::numeric, 6), round(sum_sq::numeric, 6), min, max, first_ts, first_value, " \
-                 "last_ts, last_value"
-
-
-def _rollup(stack, table: str, device_id: str) -> list[tuple]:
-    return query(stack, f"SELECT {ROLLUP_COLUMNS} FROM {table} WHERE device_id = %s ORDER BY bucket",  # noqa: S608
-                 (device_id,))
-
-
-def _from_readings(stack, width: str, device_id: str) -> list[tuple]:
-    return query(stack, f"""
-        SELECT date_bin(interval '{width}', ts, timestamptz 'epoch') AS bucket, count(*),
-               round(sum(value)::numeric, 6), round(sum(value * value)::numeric, 6), min(value), max(value),
-               min(ts), (array_agg(value ORDER BY ts))[1], max(ts), (array_agg(value ORDER BY ts DESC))[1]
-        FROM readings WHERE device_id = %s GROUP BY 1 ORDER BY 1""", (device_id,))  # noqa: S608
-
 
 def test_hourly_and_daily_rollups_equal_an_aggregation_of_the_raw_readings(pipeline):
     meter = provision(pipeline, "water_meter")
@@ -41,13 +32,15 @@ def test_hourly_and_daily_rollups_equal_an_aggregation_of_the_raw_readings(pipel
     def rolled_up() -> bool:
         with psycopg.connect(pipeline.postgres_dsn, autocommit=True) as conn:
             roll_up(conn)  # the processor's job may have taken the dirty hours already: either way
-        return (_rollup(pipeline, "agg_1h", meter.device_id) == _from_readings(pipeline, "1 hour", meter.device_id)
-                and _rollup(pipeline, "agg_1d", meter.device_id) == _from_readings(pipeline, "1 day", meter.device_id))
+        return all(stored_minute_aggregates(pipeline, meter.device_id, table)
+                   == minute_aggregates_from_readings(pipeline, meter.device_id, width)
+                   for table, width in (("agg_1h", "1 hour"), ("agg_1d", "1 day")))
 
     wait_for(rolled_up, what="hourly and daily rollups equal to the readings")
-    assert len(_rollup(pipeline, "agg_1h", meter.device_id)) >= 30
-    assert len(_rollup(pipeline, "agg_1d", meter.device_id)) >= 2
-    assert sum(row[1] for row in _rollup(pipeline, "agg_1d", meter.device_id)) == len(points)
+    assert len(stored_minute_aggregates(pipeline, meter.device_id, "agg_1h")) >= 30
+    daily = stored_minute_aggregates(pipeline, meter.device_id, "agg_1d")
+    assert len(daily) >= 2
+    assert sum(row[2] for row in daily) == len(points)
 
 
 def test_retention_drops_old_partitions_and_deletes_old_rollups(stack):
