@@ -65,12 +65,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             local.start_component(settings, "simulate", "--devices", str(args.devices), "--interval",
                                   str(args.interval), "--city", args.city, instance="simulator")
         local.wait_until(lambda: _api_healthy(settings), "api", settings, timeout_s=60)
+        token = ensure_demo_operator(settings, args.city)
     except local.StackError as exc:
         _say(f"error: {exc}")
         return 1
     _say(f"up in {time.monotonic() - started:.0f} s")
     _say(f"API           {settings.api_url}/api/v1/devices   (OpenAPI: {settings.api_url}/docs)")
-    _say(f"command page  {settings.api_url}/")
+    _say(f"command page  {settings.api_url}/#token={token}")
+    _say(f"demo operator token (city {args.city}): {token}")
     _say(f"health        {settings.api_url}/health")
     _say(f"logs          {settings.logs_dir}")
     return 0
@@ -196,6 +198,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     import psycopg
 
     from deploy import mqtt_access, pki
+    from kota import accounts
     from kota.contract import device_telemetry_topic, gateway_telemetry_topic
     from kota.registry import (
         Gateway,
@@ -224,6 +227,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
                                         lon=args.lon, gateway_id=args.gateway)
                     upsert_devices(conn, [device], {device.device_id: password})
                     topic = device_telemetry_topic(device.city, device.domain, device.device_id)
+                    accounts.record(conn, _cli_actor(), "device.created", "device", device.device_id, device.city,
+                                    {"device_type": device.device_type, "district": device.district})
                     _say(f"device {device.device_id} ({device.device_type}) registered in {device.city}/"
                          f"{device.domain}; metrics: {', '.join(device.metrics)}")
                 else:
@@ -248,9 +253,72 @@ def cmd_devices(args: argparse.Namespace) -> int:
             if not set_enabled(conn, args.device_id, args.action == "enable"):
                 _say(f"error: no device or gateway {args.device_id!r}")
                 return 1
+            accounts.record(conn, _cli_actor(), "device.changed", "device", args.device_id, None,
+                            {"enabled": args.action == "enable"})
             _say(f"{args.device_id} {args.action}d")
     mqtt_access.sync(stack)
     return 0
+
+
+def _cli_actor() -> str:
+    """Who the audit log names for a command-line change: the machine account that ran it."""
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from kota import accounts
+
+    stack = StackSettings()
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        try:
+            if args.action == "add":
+                user = accounts.User(args.user_id, args.role, tuple(args.city or ()), args.name)
+                accounts.upsert_user(conn, user, actor=_cli_actor())
+                scope = "every city" if user.role == "admin" else ", ".join(user.cities)
+                _say(f"user {user.user_id} saved: {user.role} for {scope}")
+                if not args.no_token:
+                    token = accounts.issue_token(conn, user.user_id, label="created with the user", actor=_cli_actor())
+                    _say(f"API token (shown once; only its hash is kept): {token}")
+            elif args.action == "token":
+                token = accounts.issue_token(conn, args.user_id, label=args.label, actor=_cli_actor())
+                _say(f"API token for {args.user_id} (shown once; only its hash is kept): {token}")
+            elif args.action == "revoke":
+                _say(f"{accounts.revoke_tokens(conn, args.user_id, actor=_cli_actor())} token(s) revoked")
+            else:
+                for user, tokens in accounts.list_users(conn):
+                    scope = "*" if user.role == "admin" else ",".join(user.cities)
+                    print(f"{user.user_id:<24} {user.role:<11} {tokens:>2} token(s)  {scope}")
+        except (ValueError, LookupError) as exc:
+            _say(f"error: {exc}")
+            return 1
+    return 0
+
+
+def ensure_demo_operator(stack: StackSettings, city: str) -> str:
+    """The local stack's demo operator for the simulated city, and a token for it (kept in the state
+    folder, so `kota up` prints the same one each time until it is revoked)."""
+    import psycopg
+
+    from kota import accounts
+
+    token_file = stack.state_dir / "demo-operator.token"
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        user = accounts.User("demo-operator", "operator", (city,), "Demo operator")
+        known = accounts.get_user(conn, user.user_id)
+        if known is None or city not in known.cities:
+            accounts.upsert_user(conn, accounts.User(user.user_id, "operator",
+                                                     tuple(sorted({city, *(known.cities if known else ())})),
+                                                     user.display_name), actor="kota-up")
+        if token_file.exists() and accounts.token_is_live(conn, token := token_file.read_text().strip()):
+            return token
+        token = accounts.issue_token(conn, user.user_id, label="kota up", actor="kota-up")
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    return token
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
@@ -336,6 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = dev_sub.add_parser(action, help=f"{action} a device")
         p.add_argument("device_id")
     dev.set_defaults(func=cmd_devices)
+
+    users = sub.add_parser("users", help="ops accounts and API tokens")
+    users_sub = users.add_subparsers(dest="action", required=True)
+    uadd = users_sub.add_parser("add", help="create or update an account and print a token for it")
+    uadd.add_argument("user_id")
+    uadd.add_argument("--role", required=True, choices=["operator", "integrator", "admin"])
+    uadd.add_argument("--city", action="append", help="a city in scope (repeat for a province user)")
+    uadd.add_argument("--name", help="display name")
+    uadd.add_argument("--no-token", action="store_true", help="do not issue a token now")
+    utok = users_sub.add_parser("token", help="issue another API token for an account")
+    utok.add_argument("user_id")
+    utok.add_argument("--label", help="what the token is for")
+    urev = users_sub.add_parser("revoke", help="revoke every token of an account")
+    urev.add_argument("user_id")
+    users_sub.add_parser("list", help="list accounts")
+    users.set_defaults(func=cmd_users)
     return parser
 
 

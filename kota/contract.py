@@ -21,7 +21,7 @@ import base64
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import orjson
 
@@ -39,7 +39,8 @@ FORMATS = ("telemetry", "senml")
 # PUBACK says whether any subscriber matched). Gateways acknowledge it and forward nothing.
 INGEST_PROBE_TOPIC = f"{MQTT_TOPIC_ROOT}/_platform/probe/ingest/telemetry"
 
-DOMAINS = ("environment", "traffic", "utilities")
+Domain = Literal["environment", "traffic", "utilities"]
+DOMAINS: tuple[str, ...] = get_args(Domain)
 
 # Identifiers travel in topics and keys: keep them to a safe, lower-case alphabet.
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")

@@ -30,18 +30,27 @@ class Point:
     last: float
 
 
+def series_sql(resolution: Resolution) -> str:
+    """The page query for one resolution; parameters (device_id, metric, start, end, limit)."""
+    if resolution == "raw":
+        return ("SELECT ts, 1, value, value, value, value, value FROM readings "
+                "WHERE device_id = %s AND metric = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s")
+    table = RESOLUTIONS[resolution]
+    return (f"SELECT bucket, n, sum / n, min, max, first_value, last_value FROM {table} "  # noqa: S608 (fixed names)
+            "WHERE device_id = %s AND metric = %s AND bucket >= %s AND bucket < %s ORDER BY bucket LIMIT %s")
+
+
+def to_points(rows: list[tuple]) -> list[Point]:  # type: ignore[type-arg]
+    return [Point(ts, int(n), mean, low, high, first, last) for ts, n, mean, low, high, first, last in rows]
+
+
 def query_series(conn: psycopg.Connection, device_id: str, metric: str, resolution: Resolution,
                  start: dt.datetime, end: dt.datetime, *, limit: int = 1000) -> list[Point]:
     """Points in [start, end), oldest first, at most `limit` (page on with start = last ts + 1 µs)."""
-    if resolution == "raw":
-        rows = conn.execute(
-            "SELECT ts, 1, value, value, value, value, value FROM readings "
-            "WHERE device_id = %s AND metric = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
-            (device_id, metric, start, end, limit)).fetchall()
-    else:
-        table = RESOLUTIONS[resolution]
-        rows = conn.execute(
-            f"SELECT bucket, n, sum / n, min, max, first_value, last_value FROM {table} "  # noqa: S608 (fixed names)
-            "WHERE device_id = %s AND metric = %s AND bucket >= %s AND bucket < %s ORDER BY bucket LIMIT %s",
-            (device_id, metric, start, end, limit)).fetchall()
-    return [Point(ts, int(n), mean, low, high, first, last) for ts, n, mean, low, high, first, last in rows]
+    return to_points(conn.execute(series_sql(resolution), (device_id, metric, start, end, limit)).fetchall())
+
+
+async def query_series_async(conn: psycopg.AsyncConnection, device_id: str, metric: str, resolution: Resolution,
+                             start: dt.datetime, end: dt.datetime, *, limit: int = 1000) -> list[Point]:
+    cur = await conn.execute(series_sql(resolution), (device_id, metric, start, end, limit))
+    return to_points(await cur.fetchall())

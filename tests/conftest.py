@@ -10,9 +10,11 @@ import os
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 
 from deploy import mqtt_access, procs
+from kota import accounts
 from deploy import stack as local
 from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
@@ -51,7 +53,16 @@ def pipeline(stack: StackSettings) -> StackSettings:
     return stack
 
 
+@pytest.fixture(scope="session")
+def admin_token(stack: StackSettings) -> str:
+    """A token of an admin account (every city) for tests that are not about access."""
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        accounts.upsert_user(conn, accounts.User("test-admin", "admin", ()), actor="tests")
+        return accounts.issue_token(conn, "test-admin", label="tests", actor="tests")
+
+
 @pytest.fixture
-def api(pipeline: StackSettings) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=pipeline.api_url, timeout=10) as client:
+def api(pipeline: StackSettings, admin_token: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=pipeline.api_url, timeout=10,
+                      headers={"Authorization": f"Bearer {admin_token}"}) as client:
         yield client

@@ -38,7 +38,10 @@ def test_readings_published_over_mqtt_are_served_by_the_api(pipeline, api):
                            what="latest water level")
     assert [(v["metric"], v["value"], v["unit"]) for v in gate_latest] == [("currentLevel", 154.0, "cm")]
 
-    listed = {d["device_id"]: d for d in api.get("/api/v1/devices", params={"city": "testkota"}).json()}
+    collection = api.get("/api/v1/devices", params={"city": "testkota"}).json()
+    assert collection["type"] == "FeatureCollection"
+    listed = {f["id"]: f["properties"] | {"geometry": f["geometry"]} for f in collection["features"]}
+    assert listed[air.device_id]["geometry"] == {"type": "Point", "coordinates": [107.61, -6.89]}
     assert listed[air.device_id]["latest"]["pm25"]["value"] == 42.5
     assert listed[air.device_id]["district"] == "coblong"
     assert listed[air.device_id]["last_seen"] is not None

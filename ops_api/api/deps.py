@@ -10,9 +10,12 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from kota.settings import StackSettings
+from ops_api.live import LiveHub
+from ops_api.settings import ApiSettings
 
 
 async def _connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection in autocommit: reads cost no BEGIN/COMMIT; writes open a transaction."""
     pool: AsyncConnectionPool = request.app.state.pool
     async with pool.connection() as conn:
         yield conn
@@ -23,5 +26,17 @@ def _stack(request: Request) -> StackSettings:
     return stack
 
 
+def _settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.app.state.settings
+    return settings
+
+
+def _hub(request: Request) -> LiveHub:
+    hub: LiveHub = request.app.state.hub
+    return hub
+
+
 Connection = Annotated[AsyncConnection, Depends(_connection)]
 Stack = Annotated[StackSettings, Depends(_stack)]
+Settings = Annotated[ApiSettings, Depends(_settings)]
+Hub = Annotated[LiveHub, Depends(_hub)]

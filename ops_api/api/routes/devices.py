@@ -1,14 +1,29 @@
+"""Devices: the city map as GeoJSON, detail, latest values, time series, and device management."""
+
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+import orjson
+import psycopg
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 
+from deploy import mqtt_access
+from kota import accounts
+from kota.contract import Domain
+from kota.registry import DEVICE_TYPES, new_device, new_password, upsert_devices
+from kota.series import Resolution, query_series_async
 from ops_api import queries
-from ops_api.api.deps import Connection
+from ops_api.api.deps import Connection, Settings, Stack
+from ops_api.api.errors import READ, responses
+from ops_api.auth import Caller, Principal, require, require_city
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+Status = Literal["online", "stale", "offline"]
 
 
 class LatestValue(BaseModel):
@@ -18,7 +33,50 @@ class LatestValue(BaseModel):
     ts: dt.datetime
 
 
-class DeviceSummary(BaseModel):
+class FeatureProperties(BaseModel):
+    device_id: str
+    city: str
+    domain: str
+    device_type: str
+    district: str | None
+    enabled: bool
+    status: Status = Field(description="online, stale or offline, from the newest stored reading")
+    last_seen: dt.datetime | None
+    latest: dict[str, dict[str, Any]] = Field(description="metric → {value, unit, ts}")
+    ispu: dict[str, Any] | None = Field(None, description="air-quality stations: ISPU with category and colour")
+
+
+class Feature(BaseModel):
+    type: Literal["Feature"] = "Feature"
+    id: str
+    geometry: dict[str, Any] | None = Field(description="GeoJSON Point [lon, lat], or null without a location")
+    properties: FeatureProperties
+
+
+class FeatureCollection(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "type": "FeatureCollection", "generated_at": "2026-11-22T08:00:00Z",
+        "features": [{"type": "Feature", "id": "bandung-air-quality-001",
+                      "geometry": {"type": "Point", "coordinates": [107.613, -6.887]},
+                      "properties": {"device_id": "bandung-air-quality-001", "city": "bandung",
+                                     "domain": "environment", "device_type": "air_quality", "district": "coblong",
+                                     "enabled": True, "status": "online", "last_seen": "2026-11-22T07:59:58Z",
+                                     "latest": {"pm25": {"value": 41.2, "unit": "ug/m3",
+                                                         "ts": "2026-11-22T07:59:58Z"}},
+                                     "ispu": {"value": 96, "display": "96", "category": "Sedang",
+                                              "category_en": "Moderate", "colour": "biru", "hex": "#1f6fd1"}}}]}]})
+    type: Literal["FeatureCollection"] = "FeatureCollection"
+    generated_at: dt.datetime
+    features: list[Feature]
+
+
+class MetricDeclaration(BaseModel):
+    unit: str
+    low: float
+    high: float
+
+
+class DeviceDetail(BaseModel):
     device_id: str
     city: str
     domain: str
@@ -27,8 +85,14 @@ class DeviceSummary(BaseModel):
     lat: float | None
     lon: float | None
     enabled: bool
-    last_seen: dt.datetime | None = Field(description="time of the newest stored reading")
-    latest: dict[str, dict[str, object]] = Field(description="metric → {value, unit, ts}")
+    gateway_id: str | None
+    status: Status
+    last_seen: dt.datetime | None
+    open_alerts: int
+    metrics: dict[str, MetricDeclaration] = Field(description="declared metrics: canonical unit and valid range")
+    latest: list[LatestValue]
+    created_at: dt.datetime
+    updated_at: dt.datetime
 
 
 class DeviceLatest(BaseModel):
@@ -36,17 +100,197 @@ class DeviceLatest(BaseModel):
     values: list[LatestValue]
 
 
-@router.get("", response_model=list[DeviceSummary])
-async def list_devices(conn: Connection, city: str | None = None) -> list[dict[str, object]]:
-    """Registered devices with their newest value per metric."""
-    return await queries.list_devices(conn, city)
+class SeriesPoint(BaseModel):
+    ts: dt.datetime = Field(description="the reading's time, or the window's start")
+    count: int
+    mean: float
+    min: float
+    max: float
+    first: float
+    last: float
 
 
-@router.get("/{device_id}/latest", response_model=DeviceLatest,
-            responses={404: {"description": "device not registered"}})
-async def device_latest(device_id: str, conn: Connection) -> DeviceLatest:
+class Series(BaseModel):
+    device_id: str
+    metric: str
+    resolution: Resolution
+    start: dt.datetime
+    end: dt.datetime
+    points: list[SeriesPoint]
+    next_start: dt.datetime | None = Field(description="pass as `start` for the next page; null on the last page")
+
+
+class NewDevice(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "device_id": "bandung-noise-042", "city": "bandung", "device_type": "noise", "district": "coblong",
+        "lat": -6.887, "lon": 107.613}]})
+    device_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    city: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    device_type: str = Field(description=f"one of {', '.join(DEVICE_TYPES)}")
+    district: str | None = Field(None, max_length=64)
+    lat: float | None = Field(None, ge=-90, le=90)
+    lon: float | None = Field(None, ge=-180, le=180)
+
+
+class CreatedDevice(BaseModel):
+    device: DeviceDetail
+    mqtt_username: str
+    mqtt_password: str = Field(description="shown once; only its hash is kept")
+
+
+class DeviceChange(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"enabled": False}]})
+    enabled: bool | None = None
+    district: str | None = Field(None, max_length=64)
+    lat: float | None = Field(None, ge=-90, le=90)
+    lon: float | None = Field(None, ge=-180, le=180)
+
+
+class SnapshotCache:
+    """The city map for concurrent callers: one query per key per `ttl_s`, serialised once."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Any, ...], tuple[float, bytes]] = {}
+        self._locks: dict[tuple[Any, ...], asyncio.Lock] = {}
+
+    async def get(self, key: tuple[Any, ...], ttl_s: float, build: Any) -> bytes:
+        hit = self._entries.get(key)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            hit = self._entries.get(key)
+            if hit and hit[0] > time.monotonic():
+                return hit[1]
+            body: bytes = await build()
+            if len(self._entries) > 1000:
+                self._entries.clear()
+            self._entries[key] = (time.monotonic() + ttl_s, body)
+            return body
+
+
+def _feature(row: dict[str, Any]) -> dict[str, Any]:
+    has_point = row["lat"] is not None and row["lon"] is not None
+    return {"type": "Feature", "id": row["device_id"],
+            "geometry": {"type": "Point", "coordinates": [row["lon"], row["lat"]]} if has_point else None,
+            "properties": {"device_id": row["device_id"], "city": row["city"], "domain": row["domain"],
+                           "device_type": row["device_type"], "district": row["district"], "enabled": row["enabled"],
+                           "status": row["status"], "last_seen": row["last_seen"], "latest": row["latest"],
+                           "ispu": queries.ispu_view(row["ispu"], row["category"]) if row["category"] else None}}
+
+
+@router.get("", response_class=Response, responses={200: {"model": FeatureCollection,
+                                                          "content": {"application/geo+json": {}}}, **READ})
+async def list_devices(request: Request, caller: Caller, conn: Connection, settings: Settings,
+                       city: str | None = None, domain: Domain | None = None,
+                       district: str | None = None) -> Response:
+    """Devices of the caller's cities as a GeoJSON FeatureCollection: status, latest values, district,
+    and ISPU for air-quality stations. Shared by concurrent callers for `KOTA_API_SNAPSHOT_CACHE_S`."""
+    if city is not None:
+        require_city(caller, city)
+
+    async def build() -> bytes:
+        rows = await queries.devices(conn, caller.city_filter(), settings, city=city, domain=domain, district=district)
+        return orjson.dumps({"type": "FeatureCollection", "generated_at": dt.datetime.now(dt.UTC),
+                             "features": [_feature(r) for r in rows]})
+
+    cache: SnapshotCache = request.app.state.snapshots
+    body = await cache.get((caller.cities, city, domain, district), settings.snapshot_cache_s, build)
+    return Response(body, media_type="application/geo+json")
+
+
+async def _detail(conn: Any, caller: Principal, settings: Any, device_id: str) -> DeviceDetail:
+    row = await queries.device(conn, caller.city_filter(), settings, device_id)
+    if row is None:
+        raise HTTPException(404, "device not found")
+    latest = [LatestValue(**r) for r in await queries.latest_values(conn, device_id)]
+    return DeviceDetail(**row, latest=latest)
+
+
+@router.get("/{device_id}", response_model=DeviceDetail, responses=READ)
+async def device_detail(device_id: str, caller: Caller, conn: Connection, settings: Settings) -> DeviceDetail:
+    """One device: where it is, what it declares (units and valid ranges), its status and latest values."""
+    return await _detail(conn, caller, settings, device_id)
+
+
+@router.get("/{device_id}/latest", response_model=DeviceLatest, responses=READ)
+async def device_latest(device_id: str, caller: Caller, conn: Connection) -> DeviceLatest:
     """The newest stored value of each metric of one device."""
-    if not await queries.device_exists(conn, device_id):
-        raise HTTPException(status_code=404, detail="device not found")
+    if await queries.device_city(conn, caller.city_filter(), device_id) is None:
+        raise HTTPException(404, "device not found")
     rows = await queries.latest_values(conn, device_id)
     return DeviceLatest(device_id=device_id, values=[LatestValue(**r) for r in rows])
+
+
+@router.get("/{device_id}/series", response_model=Series, responses=READ)
+async def device_series(
+        device_id: str, caller: Caller, conn: Connection,
+        metric: Annotated[str, Query(min_length=1, max_length=64, examples=["pm25"])],
+        resolution: Resolution = "1m",
+        start: Annotated[dt.datetime | None, Query(description="inclusive; default: end minus one day")] = None,
+        end: Annotated[dt.datetime | None, Query(description="exclusive; default: now")] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1440) -> Series:
+    """A device's metric at raw, 1-minute, hourly or daily resolution, oldest first. Every page is an
+    index range scan of its table, so it stays fast on months of data; follow `next_start` to page on."""
+    if await queries.device_city(conn, caller.city_filter(), device_id) is None:
+        raise HTTPException(404, "device not found")
+    end = _aware(end) if end else dt.datetime.now(dt.UTC)
+    start = _aware(start) if start else end - dt.timedelta(days=1)
+    if start >= end:
+        raise HTTPException(422, "start must be before end")
+    points = await query_series_async(conn, device_id, metric, resolution, start, end, limit=limit)
+    next_start = points[-1].ts + dt.timedelta(microseconds=1) if len(points) == limit else None
+    return Series(device_id=device_id, metric=metric, resolution=resolution, start=start, end=end,
+                  points=[SeriesPoint(ts=p.ts, count=p.count, mean=p.mean, min=p.min, max=p.max, first=p.first,
+                                      last=p.last) for p in points], next_start=next_start)
+
+
+def _aware(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
+@router.post("", response_model=CreatedDevice, status_code=201, responses=responses(401, 403, 404, 409))
+async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack: Stack,
+                        settings: Settings) -> CreatedDevice:
+    """Register a device of a known type in one of the caller's cities (integrators and admins). The
+    answer holds its MQTT password, once; the broker accepts the device within a second."""
+    require(caller, "integrator", doing="manage devices")
+    require_city(caller, body.city)
+    if body.device_type not in DEVICE_TYPES:
+        raise HTTPException(422, f"unknown device type {body.device_type!r}; one of {', '.join(DEVICE_TYPES)}")
+    device = new_device(body.device_id, body.city, body.device_type, district=body.district, lat=body.lat,
+                        lon=body.lon)
+    password = new_password()
+
+    def register() -> None:
+        with psycopg.connect(stack.postgres_dsn) as sync_conn:
+            if sync_conn.execute("SELECT 1 FROM devices WHERE device_id = %s", (device.device_id,)).fetchone():
+                raise HTTPException(409, "device id already registered")
+            upsert_devices(sync_conn, [device], {device.device_id: password})
+            accounts.record(sync_conn, caller.user_id, "device.created", "device", device.device_id, device.city,
+                            {"device_type": device.device_type, "district": device.district})
+        mqtt_access.sync(stack)
+
+    await asyncio.to_thread(register)
+    return CreatedDevice(device=await _detail(conn, caller, settings, device.device_id),
+                         mqtt_username=device.device_id, mqtt_password=password)
+
+
+@router.patch("/{device_id}", response_model=DeviceDetail, responses=responses(401, 403, 404))
+async def change_device(device_id: str, body: DeviceChange, caller: Caller, conn: Connection, stack: Stack,
+                        settings: Settings) -> DeviceDetail:
+    """Enable or disable a device, or move it (integrators and admins). Disabling closes its MQTT access."""
+    require(caller, "integrator", doing="manage devices")
+    city = await queries.device_city(conn, caller.city_filter(), device_id)
+    if city is None:
+        raise HTTPException(404, "device not found")
+    changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None or k != "enabled"}
+    if changes:
+        async with conn.transaction():
+            columns = ", ".join(f"{name} = %({name})s" for name in changes)  # names from the model, not the caller
+            await conn.execute(f"UPDATE devices SET {columns}, updated_at = now() WHERE device_id = %(device_id)s",  # noqa: S608
+                               {**changes, "device_id": device_id})
+            await accounts.record_async(conn, caller.user_id, "device.changed", "device", device_id, city, changes)
+        if "enabled" in changes:
+            await asyncio.to_thread(mqtt_access.sync, stack)
+    return await _detail(conn, caller, settings, device_id)

@@ -1,23 +1,28 @@
-"""GET /health: does each dependency really answer?"""
+"""GET /health: does each dependency really answer, how far behind is the processor, how fast is it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Coroutine
 from typing import Any
 
+import httpx
+from aiokafka import TopicPartition
 from aiokafka.client import AIOKafkaClient
-from fastapi import APIRouter, Response
-from pydantic import BaseModel
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
 
+from kota.contract import READINGS_TOPIC
 from kota.mqtt import HEALTH_CONNECT, is_connack
+from kota.settings import StackSettings
 from ops_api import queries
-from ops_api.api.deps import Connection, Stack
+from ops_api.api.deps import Connection, Hub, Stack
+from processing.processor import ProcessorSettings
 
 router = APIRouter(tags=["health"])
-
 
 
 class DependencyHealth(BaseModel):
@@ -26,10 +31,47 @@ class DependencyHealth(BaseModel):
     latency_ms: float
 
 
+class ProcessorHealth(BaseModel):
+    consumer_lag: int | None = Field(description="readings records in Kafka not yet stored (all partitions)")
+    lag_by_partition: dict[str, int]
+    readings_per_s: float | None = Field(description="readings newly stored per second, over the last sampling")
+    last_batch_at: dt.datetime | None
+
+
 class Health(BaseModel):
     status: str
     dependencies: dict[str, DependencyHealth]
     last_reading_at: dt.datetime | None
+    processor: ProcessorHealth
+    live_clients: int
+
+
+class ProcessorWatch:
+    """Samples the processor's Prometheus counters every few seconds, for its throughput."""
+
+    def __init__(self, stack: StackSettings, every_s: float = 5.0) -> None:
+        self._url = f"http://127.0.0.1:{stack.processor_metrics_port}/metrics"
+        self._every_s = every_s
+        self._last: tuple[float, float] | None = None
+        self.readings_per_s: float | None = None
+        self.last_batch_at: dt.datetime | None = None
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    self._sample((await client.get(self._url)).text)
+                await asyncio.sleep(self._every_s)
+
+    def _sample(self, text: str) -> None:
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        stored = float(values.get("kota_processor_readings_stored_total", "nan"))
+        batch = float(values.get("kota_processor_last_batch_unixtime", "0"))
+        now = time.monotonic()
+        if self._last is not None and stored >= self._last[1]:
+            self.readings_per_s = round((stored - self._last[1]) / (now - self._last[0]), 1)
+        self._last = (now, stored)
+        self.last_batch_at = dt.datetime.fromtimestamp(batch, dt.UTC) if batch > 0 else None
 
 
 async def _timed(check: Coroutine[Any, Any, str]) -> DependencyHealth:
@@ -64,8 +106,24 @@ async def _kafka(bootstrap: str) -> str:
         await client.close()
 
 
+async def _lag(conn: Connection, hub: Hub) -> dict[str, int]:
+    """End offset of each readings partition minus the offset the processor stored with its data
+    (the processor keeps its offsets in PostgreSQL, not in Kafka)."""
+    consumer = hub.consumer
+    if consumer is None:
+        return {}
+    partitions = [TopicPartition(READINGS_TOPIC, p) for p in sorted(consumer.partitions_for_topic(READINGS_TOPIC)
+                                                                     or ())]
+    ends = await asyncio.wait_for(consumer.end_offsets(partitions), timeout=3)
+    cur = await conn.execute("SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s "
+                             "AND topic = %s", (ProcessorSettings().group_id, READINGS_TOPIC))
+    stored: dict[int, int] = dict(await cur.fetchall())
+    return {str(tp.partition): max(0, end - stored.get(tp.partition, 0)) for tp, end in ends.items()}
+
+
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
-async def health(conn: Connection, stack: Stack, response: Response) -> Health:
+async def health(request: Request, conn: Connection, stack: Stack, hub: Hub, response: Response) -> Health:
+    """Each dependency, the processor's Kafka lag and throughput, and the newest stored reading."""
     async def database() -> str:
         await conn.execute("SELECT 1")
         return "PostgreSQL answered"
@@ -73,8 +131,16 @@ async def health(conn: Connection, stack: Stack, response: Response) -> Health:
     db, kafka, mqtt = await asyncio.gather(_timed(database()), _timed(_kafka(stack.kafka_bootstrap)),
                                            _timed(_mqtt(stack.mqtt_port)))
     last = await queries.last_reading_time(conn) if db.ok else None
+    lag: dict[str, int] = {}
+    if db.ok and kafka.ok:
+        with contextlib.suppress(Exception):
+            lag = await _lag(conn, hub)
     deps = {"postgres": db, "kafka": kafka, "mqtt": mqtt}
     ok = all(d.ok for d in deps.values())
     if not ok:
         response.status_code = 503
-    return Health(status="ok" if ok else "degraded", dependencies=deps, last_reading_at=last)
+    watch: ProcessorWatch = request.app.state.watch
+    return Health(status="ok" if ok else "degraded", dependencies=deps, last_reading_at=last,
+                  processor=ProcessorHealth(consumer_lag=sum(lag.values()) if lag else None, lag_by_partition=lag,
+                                            readings_per_s=watch.readings_per_s, last_batch_at=watch.last_batch_at),
+                  live_clients=hub.clients)

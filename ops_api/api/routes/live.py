@@ -1,0 +1,116 @@
+"""Live feed over WebSocket and Server-Sent Events: readings and alert changes, filtered.
+
+WebSocket frames are JSON arrays of events (everything waiting is sent at once). Close codes:
+4401 no or bad token, 4404 a city or device outside the caller's scope, 4408 dropped as too slow
+(the reason says how far behind). SSE sends one `event:` per event, and `event: dropped` before
+ending a slow client's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+
+from ops_api import queries
+from ops_api.api.errors import READ
+from ops_api.auth import Principal, authenticate, bearer_token
+from ops_api.live import Filter, LiveHub
+
+router = APIRouter(prefix="/api/v1/live", tags=["live"])
+KINDS = ("readings", "alert")
+HEARTBEAT_S = 15.0
+
+Cities = Annotated[list[str] | None, Query(description="only these cities (default: all of the caller's)")]
+Domains = Annotated[list[str] | None, Query(description="only these domains")]
+Devices = Annotated[list[str] | None, Query(alias="device_id", description="only these devices")]
+Types = Annotated[list[str] | None, Query(alias="type", description="readings and/or alert (default both)")]
+
+
+async def _filter(app: object, caller: Principal, cities: list[str] | None, domains: list[str] | None,
+                  devices: list[str] | None, types: list[str] | None) -> Filter:
+    for city in cities or ():
+        if not caller.sees(city):
+            raise HTTPException(404, "city not found")
+    if devices:
+        async with app.state.pool.connection() as conn:  # type: ignore[attr-defined]
+            for device_id in devices:
+                if await queries.device_city(conn, caller.city_filter(), device_id) is None:
+                    raise HTTPException(404, "device not found")
+    unknown = set(types or ()) - set(KINDS)
+    if unknown:
+        raise HTTPException(422, f"unknown event type {sorted(unknown)[0]!r}; use readings or alert")
+    return Filter(caller.cities, frozenset(cities or ()), frozenset(domains or ()), frozenset(devices or ()),
+                  frozenset(types or KINDS))
+
+
+@router.websocket("")
+async def live_websocket(websocket: WebSocket, city: Cities = None, domain: Domains = None,
+                         device: Devices = None, kind: Types = None) -> None:
+    await websocket.accept()
+    app = websocket.app
+    try:
+        caller = await authenticate(app.state.pool, app.state.tokens, bearer_token(websocket))  # type: ignore[arg-type]
+        live_filter = await _filter(app, caller, city, domain, device, kind)
+    except HTTPException as exc:
+        await websocket.close(code=4000 + exc.status_code, reason=str(exc.detail))
+        return
+    hub: LiveHub = app.state.hub
+    subscriber = hub.subscribe(live_filter)
+
+    async def write() -> None:
+        while (batch := await subscriber.take()) is not None:
+            await websocket.send_text((b"[" + b",".join(batch) + b"]").decode())
+        await websocket.close(code=4408, reason=subscriber.dropped or "dropped")
+
+    async def read_until_gone() -> None:
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                await websocket.receive_text()  # clients say nothing; this notices them leaving
+
+    tasks = {asyncio.create_task(write()), asyncio.create_task(read_until_gone())}
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hub.unsubscribe(subscriber)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+@router.get("/sse", response_class=StreamingResponse, responses={
+    200: {"content": {"text/event-stream": {"example": 'event: alert\ndata: {"type": "alert", "alert_id": 17}\n\n'}},
+          "description": "a stream of `readings` and `alert` events"}, **READ})
+async def live_sse(request: Request, city: Cities = None, domain: Domains = None, device: Devices = None,
+                   kind: Types = None) -> StreamingResponse:
+    """The live feed as Server-Sent Events, for clients without WebSocket (token in the Authorization
+    header, or `?token=` for EventSource)."""
+    caller = await authenticate(request.app.state.pool, request.app.state.tokens, bearer_token(request))
+    live_filter = await _filter(request.app, caller, city, domain, device, kind)
+    hub: LiveHub = request.app.state.hub
+    subscriber = hub.subscribe(live_filter)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield b": connected\n\n"
+            while True:
+                try:
+                    batch = await asyncio.wait_for(subscriber.take(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield b": heartbeat\n\n"
+                    continue
+                if batch is None:
+                    yield b'event: dropped\ndata: {"reason": "' + (subscriber.dropped or "").encode() + b'"}\n\n'
+                    return
+                yield b"".join(b"event: " + (b"alert" if m.startswith(b'{"type":"alert"') else b"readings")
+                               + b"\ndata: " + m + b"\n\n" for m in batch)
+        finally:
+            hub.unsubscribe(subscriber)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

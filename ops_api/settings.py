@@ -1,0 +1,32 @@
+"""Ops API settings (`KOTA_API_*`): what operators see as online, limits, caches, live feed bounds."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KOTA_API_", extra="ignore")
+
+    # Device status from the newest stored reading: online, then stale, then offline.
+    stale_after_s: float = 300.0
+    offline_after_s: float = 1800.0
+    # Local time of the cities served: "usual for this hour and weekday" is reckoned in it.
+    timezone: str = "Asia/Jakarta"
+    # Noise: default limit for a sensor without its own row in noise_limits (KepMenLH 48/1996, residential).
+    noise_limit_dba: float = 55.0
+    # Traffic: free-flow speed when a corridor has no history yet.
+    free_flow_kmh: float = 60.0
+    baseline_weeks: int = 4
+    # Water: flow that never drops below this over the window is a suspected leak (minimum night flow).
+    leak_window_h: float = 3.0
+    leak_min_flow_m3h: float = 0.5
+    # Street lights: "on" drawing less than this is a failed lamp.
+    lamp_fault_w: float = 10.0
+    # Verified tokens are trusted this long before the database is asked again (revocation delay).
+    token_cache_s: float = 10.0
+    # The city-wide device snapshot is shared by concurrent callers for this long.
+    snapshot_cache_s: float = 1.0
+    # Live feed: events a client may have waiting before it is dropped as too slow.
+    live_queue_events: int = 1000
+    live_kafka_enabled: bool = True
