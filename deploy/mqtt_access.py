@@ -15,10 +15,12 @@ mid-stream to prove it).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -29,10 +31,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from deploy import procs
 from kota.contract import INGEST_PROBE_TOPIC, MQTT_TOPIC_ROOT
+from kota.mqtt import is_connack, login_connect
 from kota.registry import hash_mqtt_password, mqtt_accounts
 from kota.settings import StackSettings
 
 INGEST_USER = "kota-ingest"
+RELOAD_PROBE_USER = "kota-reload-probe"  # may connect, may neither publish nor subscribe
+RELOAD_PROBE_FILE = "reload.nonce"
 LOCK_FILE = "devices-locked"
 
 
@@ -64,7 +69,9 @@ def write_access_files(stack: StackSettings, folder: Path, *, with_registry: boo
     if with_registry and not (folder / LOCK_FILE).exists():
         with psycopg.connect(stack.postgres_dsn) as conn:
             accounts = mqtt_accounts(conn)
-    passwd = [f"{INGEST_USER}:{hash_mqtt_password(ingest_password(stack, folder))}"]
+    nonce = secrets.token_urlsafe(16)  # what reload_broker checks to know these files are loaded
+    passwd = [f"{INGEST_USER}:{hash_mqtt_password(ingest_password(stack, folder))}",
+              f"{RELOAD_PROBE_USER}:{hash_mqtt_password(nonce)}"]
     acl = ["# Generated from the device registry by kota (deploy/mqtt_access.py); edits are overwritten.",
            f"user {INGEST_USER}", f"topic read {MQTT_TOPIC_ROOT}/#", f"topic write {INGEST_PROBE_TOPIC}", ""]
     for account in accounts:
@@ -76,23 +83,59 @@ def write_access_files(stack: StackSettings, folder: Path, *, with_registry: boo
         acl.append("")
     _write_atomically(folder / "passwd", "\n".join(passwd) + "\n")
     _write_atomically(folder / "acl", "\n".join(acl) + "\n")
+    _write_atomically(folder / RELOAD_PROBE_FILE, nonce)
 
 
-def reload_broker(stack: StackSettings) -> bool:
-    """SIGHUP makes Mosquitto re-read its password and ACL files without dropping connections."""
+def reload_broker(stack: StackSettings, *, timeout_s: float = 10.0) -> bool:
+    """SIGHUP makes Mosquitto re-read its password and ACL files without dropping connections.
+
+    Mosquitto folds a SIGHUP that arrives while it is reloading into that reload, which may already
+    have read the old files: two registry changes in quick succession could leave the second one
+    unloaded. So each write carries a fresh password for a probe account (it may do nothing else),
+    and this waits until the broker accepts it, signalling again if it does not.
+    """
+    from deploy.stack import mosquitto_dir
+
     pid = procs.running_pid(stack, "mosquitto")
     if pid is None:
         return False
-    os.kill(pid, signal.SIGHUP)
-    return True
+    nonce_file = mosquitto_dir(stack) / RELOAD_PROBE_FILE
+    nonce = nonce_file.read_text().strip() if nonce_file.exists() else None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        os.kill(pid, signal.SIGHUP)
+        if nonce is None:
+            return True
+        for _ in range(10):
+            time.sleep(0.05)
+            if _probe_accepted(stack.mqtt_port, nonce):
+                return True
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Mosquitto did not load the new access files within {timeout_s:.0f} s")
+
+
+def _probe_accepted(port: int, password: str) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(login_connect(f"{RELOAD_PROBE_USER}-{os.getpid()}", RELOAD_PROBE_USER, password))
+            reply = sock.recv(4)
+            sock.sendall(b"\xe0\x00")  # DISCONNECT
+            return is_connack(reply) and reply[3] == 0
+    except OSError:
+        return False
 
 
 def sync(stack: StackSettings) -> None:
     """After a registry change: regenerate the files and reload the broker."""
     from deploy.stack import mosquitto_dir
 
-    write_access_files(stack, mosquitto_dir(stack))
-    reload_broker(stack)
+    folder = mosquitto_dir(stack)
+    # One writer at a time across processes (CLI, API, tests): files generated from an older read of
+    # the registry must never overwrite newer ones, and each reload waits for its own files.
+    with open(folder / "sync.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_access_files(stack, folder)
+        reload_broker(stack)
 
 
 def lock_devices(stack: StackSettings, folder: Path) -> None:

@@ -66,16 +66,30 @@ def missing_packages() -> list[str]:
     return missing
 
 
+def install_packages(packages: list[str], say: Say) -> None:
+    if not packages:
+        return
+    if not IS_ROOT:
+        raise StackError(f"missing system packages; run: sudo apt-get install -y {' '.join(packages)}")
+    say(f"installing Debian packages: {' '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], check=True, env=env)
+
+
 def install_missing(stack: StackSettings, say: Say) -> None:
-    packages = missing_packages()
-    if packages:
-        if not IS_ROOT:
-            raise StackError(f"missing system packages; run: sudo apt-get install -y {' '.join(packages)}")
-        say(f"installing Debian packages: {' '.join(packages)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], check=True, env=env)
+    install_packages(missing_packages(), say)
     _install_kafka_libs(stack, say)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium(say: Say) -> Path:
+    """Debian's Chromium, for the page's browser test (Playwright drives it; no browser download)."""
+    if not CHROMIUM.exists():
+        install_packages(["chromium"], say)
+    return CHROMIUM
 
 
 def kafka_dir(stack: StackSettings) -> Path:

@@ -15,6 +15,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 HEALTH_CONNECT = bytes([0x10, 23, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 5, 0, 11]) + b"kota-health"
 
 
+def login_connect(client_id: str, username: str, password: str) -> bytes:
+    """A raw MQTT 3.1.1 CONNECT with username and password (clean session, 10 s keep-alive)."""
+    def field(text: str) -> bytes:
+        raw = text.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
+    body = field("MQTT") + bytes([4, 0xC2, 0, 10]) + field(client_id) + field(username) + field(password)
+    assert len(body) < 128, "one-byte remaining length"
+    return bytes([0x10, len(body)]) + body
+
+
 def is_connack(reply: bytes) -> bool:
     return len(reply) >= 4 and reply[0] == 0x20
 

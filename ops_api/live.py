@@ -158,6 +158,8 @@ class LiveHub:
                     await consumer.stop()
 
     def _publish_records(self, values: Iterable[bytes | None]) -> None:
+        if not self._subscribers:
+            return  # nobody is watching: do not spend a core decoding the whole stream
         for value in values:
             try:
                 body = orjson.loads(value or b"")

@@ -182,7 +182,8 @@ async def water_levels(conn: AsyncConnection, city: str, district: str | None) -
 # -- Smart Living --------------------------------------------------------------------------------
 async def traffic(conn: AsyncConnection, city: str, district: str | None, settings: ApiSettings) -> list[Row]:
     """Corridors now, against the usual for this hour and weekday (mean of the same local hour and
-    weekday over the last weeks) and against their free-flow speed (95th percentile of hourly means)."""
+    weekday over the last weeks) and against their free-flow speed (95th percentile of the past
+    weeks' complete hourly means)."""
     rows = await _all(conn, """
         WITH here AS (SELECT now() AT TIME ZONE %(tz)s AS local)
         SELECT d.device_id, d.district, d.lat, d.lon, sp.ts, sp.value AS speed_kmh, oc.value AS occupancy,
@@ -205,7 +206,8 @@ async def traffic(conn: AsyncConnection, city: str, district: str | None, settin
         LEFT JOIN LATERAL (
             SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY h.sum / h.n) AS speed FROM agg_1h h
             WHERE h.device_id = d.device_id AND h.metric = 'averageVehicleSpeed'
-              AND h.bucket >= now() - make_interval(weeks => %(weeks)s)) ff ON true
+              AND h.bucket >= now() - make_interval(weeks => %(weeks)s)
+              AND h.bucket < date_trunc('hour', now())) ff ON true
         WHERE d.city = %(city)s AND (%(district)s::text IS NULL OR d.district = %(district)s)
           AND d.metrics ? 'averageVehicleSpeed'
         ORDER BY d.device_id""",
