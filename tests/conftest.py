@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from deploy import mqtt_access, procs
-from kota import accounts
 from deploy import stack as local
+from kota import accounts
 from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
 

@@ -68,7 +68,8 @@ def world(pipeline: StackSettings) -> World:
     hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
     with psycopg.connect(pipeline.postgres_dsn) as conn:
         for weeks, speed in ((1, 50.0), (2, 40.0)):
-            _seed_hourly(conn, devices["road"].device_id, "averageVehicleSpeed", hour - dt.timedelta(weeks=weeks), speed)
+            _seed_hourly(conn, devices["road"].device_id, "averageVehicleSpeed", hour - dt.timedelta(weeks=weeks),
+                         speed)
         for days in (1, 2):
             _seed_hourly(conn, devices["meter"].device_id, "waterConsumption", hour - dt.timedelta(days=days), 0.6)
         users = {"operator_a": accounts.User(unique_id("op-a"), "operator", (city_a,)),
@@ -183,7 +184,8 @@ def test_roles_answer_403_with_a_stable_detail(world):
     new = {"device_id": unique_id("noise"), "city": world.city_a, "device_type": "noise"}
     with world.client("integrator_a") as integrator:
         response = integrator.post(f"/api/v1/alerts/{alert_id}/acknowledge", json={})
-        assert (response.status_code, response.json()) == (403, {"detail": "role integrator may not acknowledge alerts"})
+        assert (response.status_code, response.json()) == (
+            403, {"detail": "role integrator may not acknowledge alerts"})
         response = integrator.post(f"/api/v1/alerts/{alert_id}/clear", json={})
         assert (response.status_code, response.json()) == (403, {"detail": "role integrator may not clear alerts"})
         assert integrator.get("/api/v1/audit").json() == {"detail": "role integrator may not read the audit log"}
