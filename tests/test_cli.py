@@ -6,7 +6,7 @@ import pytest
 from kota.cli import build_parser
 
 SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices",
-               "deadletters"]
+               "deadletters", "users"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -53,3 +53,40 @@ def test_devices_cli_adds_lists_and_disables(pipeline):
     kota("disable", device_id)
     line = next(x for x in kota("list", "--city", "clikota").splitlines() if x.startswith(device_id))
     assert "DISABLED" in line
+
+
+@pytest.mark.stack
+def test_users_cli_makes_accounts_whose_tokens_the_api_accepts_until_revoked(pipeline, tmp_path):
+    import os
+    import re
+    import uuid
+
+    import httpx
+
+    from kota.cli import ensure_demo_operator
+
+    env = {**os.environ, "KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset),
+           "KOTA_API_TOKEN_CACHE_S": "0"}
+    user = f"prov-{uuid.uuid4().hex[:8]}"
+
+    def kota(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "kota.cli", *argv], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    out = kota("users", "add", user, "--role", "operator", "--city", "bandung", "--city", "bogor")
+    token = re.search(r"(kota_\S+)", out).group(1)
+    me = httpx.get(f"{pipeline.api_url}/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json()
+    assert me == {"user_id": user, "role": "operator", "cities": ["bandung", "bogor"]}
+    assert f"{user}" in kota("users", "list")
+    assert "1 token(s) revoked" in kota("users", "revoke", user)
+    bad = subprocess.run([sys.executable, "-m", "kota.cli", "users", "add", "x", "--role", "operator"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "needs at least one city" in bad.stdout + bad.stderr
+
+    # kota up's demo operator: the same token on every run while it stays valid.
+    stack = pipeline.model_copy(update={"state_dir": tmp_path})
+    first = ensure_demo_operator(stack, "bandung")
+    assert ensure_demo_operator(stack, "bandung") == first
+    demo = httpx.get(f"{pipeline.api_url}/api/v1/me", headers={"Authorization": f"Bearer {first}"}).json()
+    assert (demo["user_id"], demo["role"], "bandung" in demo["cities"]) == ("demo-operator", "operator", True)

@@ -1,0 +1,228 @@
+"""Ops API benchmark: query latency at 50 concurrent clients, and live-feed lag at 200 WebSocket clients.
+
+    .venv/bin/python -m bench.api [--clients 50] [--requests 2000] [--ws-clients 200] [--rate 5000]
+
+Against the real bench stack (.kota-bench/, ports +200) with gateway, processor and API running:
+- Latency p50/p99 for the latest values of one device among 10,000, for a day of 1-minute series,
+  and for the whole 10,000-device city map, each against `/api/v1/me` in the same run (auth and
+  framework only, no query): the floor a query endpoint cannot beat on this machine.
+- Live-feed lag (client receive time minus gateway receive time) at 200 WebSocket clients while a
+  simulated city publishes about 5,000 readings/s, against one client on the same feed; and the API
+  process's memory before and after the clients connect.
+Goals (issue #6): p99 under 50 ms for the queries, feed lag under 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import psycopg
+import websockets
+
+from bench import start_bench_stack
+from deploy import mqtt_access, procs
+from deploy import stack as local
+from kota import accounts
+from kota.mqtt import MqttLogin
+from kota.registry import Gateway, new_device, new_password, upsert_devices, upsert_gateway
+from kota.settings import StackSettings
+from simulators.city import build_city
+from simulators.publisher import run as publish_city
+
+CITY = "benchkota"
+LIVE_CITY = "benchlive"
+
+
+def say(message: str) -> None:
+    print(f"bench.api: {message}", flush=True)
+
+
+def seed(stack: StackSettings, devices: int) -> tuple[str, list[str]]:
+    """10,000 devices with latest values, and a day of 1-minute aggregates for 200 of them."""
+    ids = [f"{CITY}-aq-{i:05d}" for i in range(devices)]
+    now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        known = conn.execute("SELECT count(*) FROM devices WHERE city = %s", (CITY,)).fetchone()
+        if not known or known[0] < devices:
+            say(f"seeding {devices} devices, their latest values and a day of 1-minute aggregates")
+            rng = np.random.default_rng(7)
+            upsert_devices(conn, [new_device(d, CITY, "air_quality", district=f"d{i % 30}",
+                                             lat=-6.9 + rng.normal(0, 0.05), lon=107.6 + rng.normal(0, 0.05))
+                                  for i, d in enumerate(ids)])
+            with conn.cursor().copy("COPY latest_values (device_id, metric, ts, value, unit) FROM STDIN") as copy:
+                for d in ids:
+                    for metric in ("pm25", "pm10", "no2"):
+                        copy.write_row((d, metric, now, float(rng.uniform(5, 80)), "ug/m3"))
+            with conn.cursor().copy("COPY agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, "
+                                    "first_value, last_ts, last_value) FROM STDIN") as copy:
+                for d in ids[:200]:
+                    for minute in range(1440):
+                        bucket = now - dt.timedelta(minutes=minute)
+                        v = float(rng.uniform(5, 80))
+                        copy.write_row((d, "pm25", bucket, 1, v, v * v, v, v, bucket, v, bucket, v))
+        user = accounts.User("bench-operator", "operator", (CITY, LIVE_CITY))
+        accounts.upsert_user(conn, user, actor="bench")
+        token = accounts.issue_token(conn, user.user_id, label="bench.api", actor="bench")
+    return token, ids
+
+
+async def latency(stack: StackSettings, token: str, clients: int, requests: int,
+                  path_for: Callable[[random.Random], str]) -> list[float]:
+    times: list[float] = []
+    per_client = max(1, requests // clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {token}"},
+                                 limits=limits, timeout=30) as client:
+        async def worker(seed_value: int) -> None:
+            rnd = random.Random(seed_value)
+            for _ in range(per_client):
+                started = time.perf_counter()
+                response = await client.get(path_for(rnd))
+                times.append(time.perf_counter() - started)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+    return times
+
+
+def quantiles(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return (ordered[len(ordered) // 2] * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000)
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: float, api_pid: int
+                   ) -> tuple[list[float], int, float, float, int]:
+    """Lags (s) seen by `ws_clients` clients over `seconds`; readings seen by one client; RSS before and after."""
+    lags: list[float] = []
+    readings_seen = [0]
+    dropped = [0]
+    url = f"ws://127.0.0.1:{stack.api_port}/api/v1/live?city={LIVE_CITY}&type=readings&token={token}"
+    rss_before = rss_mib(api_pid)
+    stop_at = time.monotonic() + seconds + 3
+
+    async def client(index: int) -> None:
+        async with websockets.connect(url, max_size=None) as ws:
+            await asyncio.sleep(3 - index * 0.01)  # all connected before anyone counts
+            while time.monotonic() < stop_at:
+                try:
+                    frame = await asyncio.wait_for(ws.recv(), timeout=max(0.1, stop_at - time.monotonic()))
+                except TimeoutError:
+                    break
+                except websockets.ConnectionClosed as closed:
+                    dropped[0] += 1
+                    say(f"client {index} closed: {closed}")
+                    return
+                now_ms = time.time() * 1000
+                for event in json.loads(frame):
+                    lags.append((now_ms - event["received_ms"]) / 1000)
+                    if index == 0:
+                        readings_seen[0] += len(event["readings"])
+
+    tasks = [asyncio.create_task(client(i)) for i in range(ws_clients)]
+    await asyncio.sleep(4)
+    rss_connected = rss_mib(api_pid)
+    await asyncio.gather(*tasks)
+    say(f"API memory: {rss_before:.0f} MiB before, {rss_connected:.0f} MiB with {ws_clients} clients, "
+        f"{rss_mib(api_pid):.0f} MiB at the end")
+    return lags, readings_seen[0], rss_before, rss_connected, dropped[0]
+
+
+def start_simulated_city(stack: StackSettings, readings_per_s: int) -> tuple[threading.Event, threading.Thread]:
+    # The simulator's mix averages about 3.6 readings per device per tick.
+    city = build_city(LIVE_CITY, n_devices=max(10, int(readings_per_s / 3.6)), seed=3)
+    password = new_password()
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        upsert_gateway(conn, Gateway(city.gateway_id, city.city), password)
+        upsert_devices(conn, city.devices)
+    mqtt_access.sync(stack)
+    stop = threading.Event()
+    thread = threading.Thread(target=publish_city, daemon=True, kwargs={
+        "city": city, "login": MqttLogin(stack.mqtt_port, city.gateway_id, password), "gateway_id": city.gateway_id,
+        "interval_s": 1.0, "stop": stop})
+    thread.start()
+    say(f"simulated city {LIVE_CITY}: {len(city.devices)} devices publishing every second")
+    return stop, thread
+
+
+def _api_up(stack: StackSettings) -> bool:
+    try:
+        return httpx.get(f"{stack.api_url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=2_000)
+    parser.add_argument("--ws-clients", type=int, default=200)
+    parser.add_argument("--rate", type=int, default=5_000, help="simulated readings per second")
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+
+    stack = start_bench_stack(say)
+    for name in ("gateway", "processor", "api"):
+        local.start_component(stack, name)
+    local.open_devices_when_ingest_subscribed(stack, say)
+    local.wait_until(lambda: _api_up(stack), "api", stack, timeout_s=60)
+    token, ids = seed(stack, args.devices)
+    series_ids = ids[:200]
+    start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).isoformat()
+
+    cases = {
+        "floor: /api/v1/me (auth only)": lambda r: "/api/v1/me",
+        f"latest values, 1 of {args.devices} devices": lambda r: f"/api/v1/devices/{r.choice(ids)}/latest",
+        "1-minute series, one day (1440 points)": lambda r: (f"/api/v1/devices/{r.choice(series_ids)}/series"
+                                                           f"?metric=pm25&resolution=1m&start={start}"),
+        f"city map, {args.devices} devices (GeoJSON)": lambda r: f"/api/v1/devices?city={CITY}",
+    }
+    asyncio.run(latency(stack, token, args.clients, args.clients * 4, cases[next(iter(cases))]))  # warm up
+    say(f"latency at {args.clients} concurrent clients, {args.requests} requests each case:")
+    floor_p99 = None
+    for name, path_for in cases.items():
+        times = asyncio.run(latency(stack, token, args.clients, args.requests, path_for))
+        p50, p99 = quantiles(times)
+        floor_p99 = floor_p99 or p99
+        say(f"  {name:<42} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  ({p99 / floor_p99:4.1f}x floor p99)  "
+            f"{len(times) / sum(times) * args.clients:6.0f} req/s")
+
+    stop, thread = start_simulated_city(stack, args.rate)
+    try:
+        api_pid = procs.running_pid(stack, "api")
+        assert api_pid is not None
+        time.sleep(3)
+        one, seen_one, *_ = asyncio.run(feed_lag(stack, token, 1, args.seconds, api_pid))
+        many, seen, before, connected, dropped = asyncio.run(
+            feed_lag(stack, token, args.ws_clients, args.seconds, api_pid))
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    for label, lags, readings in (("1 client (baseline)", one, seen_one), (f"{args.ws_clients} clients", many, seen)):
+        p50, p99 = quantiles(lags)
+        say(f"live feed, {label:<22} lag p50 {p50 / 1000:5.2f} s  p99 {p99 / 1000:5.2f} s  max "
+            f"{max(lags):5.2f} s  ({readings / args.seconds:,.0f} readings/s reached a client; "
+            f"mean {statistics.fmean(lags):.2f} s)")
+    say(f"dropped clients: {dropped}; API memory {before:.0f} → {connected:.0f} MiB with {args.ws_clients} clients")
+
+
+if __name__ == "__main__":
+    main()
