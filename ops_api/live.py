@@ -1,9 +1,10 @@
 """The live feed: readings from Kafka and alert changes from PostgreSQL, fanned out to clients.
 
-One Kafka consumer (no group, all partitions, from the end) and one LISTEN connection per API
-process, however many clients are connected. Each event is serialised once and the same bytes are
-offered to every client whose filter matches. Each client has a bounded queue: a client that lets
-it fill is dropped with a reason, so one slow reader never slows the others and memory stays flat.
+One Kafka consumer (no group, all partitions, from the end; running only while some client wants
+readings) and one LISTEN connection per API process, however many clients are connected. Each
+event is serialised once and the same bytes are offered to every client whose filter matches.
+Each client has a bounded queue: a client that lets it fill is dropped with a reason, so one slow
+reader never slows the others and memory stays flat.
 
 Readings come from the stream the gateway writes, so the feed shows a reading as soon as it is
 accepted (before the processor has stored it); alert changes are announced by the database on commit.
@@ -96,6 +97,7 @@ class LiveHub:
         self._kafka_enabled = kafka_enabled
         self._subscribers: set[Subscriber] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None  # the Kafka reader, only while someone wants readings
         self.consumer: AIOKafkaConsumer | None = None
         self.last_event_at: float | None = None
 
@@ -104,11 +106,17 @@ class LiveHub:
         subscriber = Subscriber(live_filter, self._queue_events)
         self._subscribers.add(subscriber)
         CLIENTS.set(len(self._subscribers))
+        if "readings" in live_filter.types and self._kafka_enabled and self._reader is None:
+            self._reader = asyncio.create_task(self._read_kafka(), name="live-readings")
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
         CLIENTS.set(len(self._subscribers))
+        if self._reader is not None and not any("readings" in s.filter.types for s in self._subscribers):
+            # Nobody wants readings: stop reading the whole stream (it costs a core on a busy city).
+            self._reader.cancel()
+            self._reader = None
 
     @property
     def clients(self) -> int:
@@ -126,10 +134,10 @@ class LiveHub:
     # -- sources -------------------------------------------------------------------------------
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._listen_alerts(), name="live-alerts"))
-        if self._kafka_enabled:
-            self._tasks.append(asyncio.create_task(self._read_kafka(), name="live-readings"))
 
     async def stop(self) -> None:
+        if self._reader is not None:
+            self._tasks.append(self._reader)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -158,8 +166,6 @@ class LiveHub:
                     await consumer.stop()
 
     def _publish_records(self, values: Iterable[bytes | None]) -> None:
-        if not self._subscribers:
-            return  # nobody is watching: do not spend a core decoding the whole stream
         for value in values:
             try:
                 body = orjson.loads(value or b"")

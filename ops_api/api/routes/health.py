@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import httpx
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
@@ -106,15 +106,20 @@ async def _kafka(bootstrap: str) -> str:
         await client.close()
 
 
-async def _lag(conn: Connection, hub: Hub) -> dict[str, int]:
+async def _lag(conn: Connection, hub: Hub, stack: StackSettings) -> dict[str, int]:
     """End offset of each readings partition minus the offset the processor stored with its data
     (the processor keeps its offsets in PostgreSQL, not in Kafka)."""
-    consumer = hub.consumer
-    if consumer is None:
-        return {}
-    partitions = [TopicPartition(READINGS_TOPIC, p) for p in sorted(consumer.partitions_for_topic(READINGS_TOPIC)
-                                                                     or ())]
-    ends = await asyncio.wait_for(consumer.end_offsets(partitions), timeout=3)
+    consumer, own = hub.consumer, hub.consumer is None
+    if consumer is None:  # the live feed is not reading Kafka now: ask with a short-lived consumer
+        consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=None, request_timeout_ms=3000)
+        await asyncio.wait_for(consumer.start(), timeout=3)
+    try:
+        # The stack creates the topic with this many partitions (deploy/stack.py create_topics).
+        partitions = [TopicPartition(READINGS_TOPIC, p) for p in range(stack.kafka_partitions)]
+        ends = await asyncio.wait_for(consumer.end_offsets(partitions), timeout=3)
+    finally:
+        if own:
+            await consumer.stop()
     cur = await conn.execute("SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s "
                              "AND topic = %s", (ProcessorSettings().group_id, READINGS_TOPIC))
     stored: dict[int, int] = dict(await cur.fetchall())
@@ -134,7 +139,7 @@ async def health(request: Request, conn: Connection, stack: Stack, hub: Hub, res
     lag: dict[str, int] = {}
     if db.ok and kafka.ok:
         with contextlib.suppress(Exception):
-            lag = await _lag(conn, hub)
+            lag = await _lag(conn, hub, stack)
     deps = {"postgres": db, "kafka": kafka, "mqtt": mqtt}
     ok = all(d.ok for d in deps.values())
     if not ok:
