@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from deploy import procs
 from kota.contract import INGEST_PROBE_TOPIC, MQTT_TOPIC_ROOT
-from kota.mqtt import is_connack, login_connect
+from kota.mqtt import connack_code, login_connect
 from kota.registry import hash_mqtt_password, mqtt_accounts
 from kota.settings import StackSettings
 
@@ -115,14 +114,7 @@ def reload_broker(stack: StackSettings, *, timeout_s: float = 10.0) -> bool:
 
 
 def _probe_accepted(port: int, password: str) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(login_connect(f"{RELOAD_PROBE_USER}-{os.getpid()}", RELOAD_PROBE_USER, password))
-            reply = sock.recv(4)
-            sock.sendall(b"\xe0\x00")  # DISCONNECT
-            return is_connack(reply) and reply[3] == 0
-    except OSError:
-        return False
+    return connack_code(port, login_connect(f"{RELOAD_PROBE_USER}-{os.getpid()}", RELOAD_PROBE_USER, password)) == 0
 
 
 def sync(stack: StackSettings) -> None:

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -237,14 +236,9 @@ def open_devices_when_ingest_subscribed(stack: StackSettings, say: Say, timeout_
 
 def mqtt_answers(port: int) -> bool:
     """Send an MQTT CONNECT and expect a CONNACK (any return code: the broker is alive)."""
-    from kota.mqtt import HEALTH_CONNECT, is_connack
+    from kota.mqtt import HEALTH_CONNECT, connack_code
 
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(HEALTH_CONNECT)
-            return is_connack(sock.recv(4))
-    except OSError:
-        return False
+    return connack_code(port, HEALTH_CONNECT) is not None
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------

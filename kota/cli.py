@@ -307,15 +307,14 @@ def ensure_demo_operator(stack: StackSettings, city: str) -> str:
 
     token_file = stack.state_dir / "demo-operator.token"
     with psycopg.connect(stack.postgres_dsn) as conn:
-        user = accounts.User("demo-operator", "operator", (city,), "Demo operator")
-        known = accounts.get_user(conn, user.user_id)
-        if known is None or city not in known.cities:
-            accounts.upsert_user(conn, accounts.User(user.user_id, "operator",
-                                                     tuple(sorted({city, *(known.cities if known else ())})),
-                                                     user.display_name), actor="kota-up")
+        known = accounts.get_user(conn, "demo-operator")
+        if known is None or city not in known.cities:  # keep the cities of earlier runs, add this one
+            cities = tuple(sorted({city, *(known.cities if known else ())}))
+            accounts.upsert_user(conn, accounts.User("demo-operator", "operator", cities, "Demo operator"),
+                                 actor="kota-up")
         if token_file.exists() and accounts.token_is_live(conn, token := token_file.read_text().strip()):
             return token
-        token = accounts.issue_token(conn, user.user_id, label="kota up", actor="kota-up")
+        token = accounts.issue_token(conn, "demo-operator", label="kota up", actor="kota-up")
     token_file.write_text(token)
     token_file.chmod(0o600)
     return token

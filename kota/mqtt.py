@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,20 @@ def login_connect(client_id: str, username: str, password: str) -> bytes:
 
 def is_connack(reply: bytes) -> bool:
     return len(reply) >= 4 and reply[0] == 0x20
+
+
+def connack_code(port: int, connect_packet: bytes) -> int | None:
+    """Send one raw CONNECT to the local broker; the CONNACK's return code, or None without one."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(connect_packet)
+            reply = sock.recv(4)
+            if not is_connack(reply):
+                return None
+            sock.sendall(b"\xe0\x00")  # DISCONNECT
+            return reply[3]
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)

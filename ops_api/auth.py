@@ -95,6 +95,6 @@ def require(principal: Principal, *roles: Role, doing: str) -> None:
         raise HTTPException(403, f"role {principal.role} may not {doing}")
 
 
-def require_city(principal: Principal, city: str, *, what: str = "city") -> None:
+def require_city(principal: Principal, city: str) -> None:
     if not principal.sees(city):
-        raise HTTPException(404, f"{what} not found")
+        raise HTTPException(404, "city not found")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -99,7 +98,6 @@ class LiveHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None  # the Kafka reader, only while someone wants readings
         self.consumer: AIOKafkaConsumer | None = None
-        self.last_event_at: float | None = None
 
     # -- clients -------------------------------------------------------------------------------
     def subscribe(self, live_filter: Filter) -> Subscriber:
@@ -124,7 +122,6 @@ class LiveHub:
 
     def publish(self, kind: str, city: str, domain: str, device_id: str, event: dict[str, Any]) -> None:
         EVENTS.labels(kind).inc()
-        self.last_event_at = time.time()
         message: bytes | None = None
         for subscriber in self._subscribers:
             if subscriber.filter.matches(kind, city, domain, device_id):

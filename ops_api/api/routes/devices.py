@@ -16,7 +16,7 @@ from deploy import mqtt_access
 from kota import accounts
 from kota.contract import Domain
 from kota.registry import DEVICE_TYPES, new_device, new_password, upsert_devices
-from kota.series import Resolution, query_series_async
+from kota.series import Point, Resolution, query_series_async
 from ops_api import queries
 from ops_api.api.deps import Connection, Settings, Stack
 from ops_api.api.errors import READ, responses
@@ -100,23 +100,13 @@ class DeviceLatest(BaseModel):
     values: list[LatestValue]
 
 
-class SeriesPoint(BaseModel):
-    ts: dt.datetime = Field(description="the reading's time, or the window's start")
-    count: int
-    mean: float
-    min: float
-    max: float
-    first: float
-    last: float
-
-
 class Series(BaseModel):
     device_id: str
     metric: str
     resolution: Resolution
     start: dt.datetime
     end: dt.datetime
-    points: list[SeriesPoint]
+    points: list[Point] = Field(description="ts is the reading's time, or the window's start")
     next_start: dt.datetime | None = Field(description="pass as `start` for the next page; null on the last page")
 
 
@@ -241,8 +231,7 @@ async def device_series(
     points = await query_series_async(conn, device_id, metric, resolution, start, end, limit=limit)
     next_start = points[-1].ts + dt.timedelta(microseconds=1) if len(points) == limit else None
     return Series(device_id=device_id, metric=metric, resolution=resolution, start=start, end=end,
-                  points=[SeriesPoint(ts=p.ts, count=p.count, mean=p.mean, min=p.min, max=p.max, first=p.first,
-                                      last=p.last) for p in points], next_start=next_start)
+                  points=points, next_start=next_start)
 
 
 def _aware(ts: dt.datetime) -> dt.datetime:
