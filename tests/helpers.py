@@ -73,6 +73,15 @@ def publish(client: mqtt.Client, device: Device, payload: object, *, topic: str 
     assert info.is_published(), "broker did not acknowledge the publish"
 
 
+def send(stack: StackSettings, device: Device, payload: object) -> None:
+    """Connect as the device, publish one message at QoS 1 (acknowledged), disconnect."""
+    client = mqtt_client(stack, device.device_id)
+    try:
+        publish(client, device, payload)
+    finally:
+        client.disconnect()
+
+
 def stored_readings(stack: StackSettings, device_id: str) -> list[tuple[int, str, float]]:
     """(epoch ms, metric, value) of every stored reading of a device, oldest first."""
     with psycopg.connect(stack.postgres_dsn) as conn:

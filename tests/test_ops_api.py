@@ -21,7 +21,7 @@ import websockets
 from kota import accounts
 from kota.registry import Device
 from kota.settings import StackSettings
-from tests.helpers import mqtt_client, provision, publish, unique_id, wait_for
+from tests.helpers import PASSWORDS, provision, send, unique_id, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -44,14 +44,6 @@ def _seed_hourly(conn: psycopg.Connection, device_id: str, metric: str, bucket: 
     conn.execute("INSERT INTO agg_1h (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, "
                  "last_ts, last_value) VALUES (%s, %s, %s, 60, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                  (device_id, metric, bucket, mean * 60, mean * mean * 60, mean, mean, bucket, mean, bucket, mean))
-
-
-def _send(stack: StackSettings, device: Device, payload: object) -> None:
-    client = mqtt_client(stack, device.device_id)
-    try:
-        publish(client, device, payload)
-    finally:
-        client.disconnect()
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +74,18 @@ def world(pipeline: StackSettings) -> World:
             accounts.upsert_user(conn, user, actor="tests")
             tokens[name] = accounts.issue_token(conn, user.user_id, actor="tests")
 
-    _send(pipeline, devices["air"], [{"ts": now - 60_000, "values": {"pm25": 100.0}},
+    send(pipeline, devices["air"], [{"ts": now - 60_000, "values": {"pm25": 100.0}},
                                      {"ts": now, "values": {"pm25": 100.0}}])
-    _send(pipeline, devices["air_b"], {"ts": now, "values": {"pm25": 10.0}})
-    _send(pipeline, devices["gate"], {"ts": now, "values": {"currentLevel": 160.0}})
-    _send(pipeline, devices["noise"], {"ts": now, "values": {"LAeq": 70.0, "LAmax": 82.0}})
-    _send(pipeline, devices["road"], {"ts": now, "values": {"averageVehicleSpeed": 20.0, "occupancy": 0.6,
+    send(pipeline, devices["air_b"], {"ts": now, "values": {"pm25": 10.0}})
+    send(pipeline, devices["gate"], {"ts": now, "values": {"currentLevel": 160.0}})
+    send(pipeline, devices["noise"], {"ts": now, "values": {"LAeq": 70.0, "LAmax": 82.0}})
+    send(pipeline, devices["road"], {"ts": now, "values": {"averageVehicleSpeed": 20.0, "occupancy": 0.6,
                                                              "intensity": 30.0}})
     # Three hours of flow that never drops below 1.2 m3/h: the shape of a leak.
-    _send(pipeline, devices["meter"], [{"ts": now - i * 60_000, "values": {"waterConsumption": 1.2}}
+    send(pipeline, devices["meter"], [{"ts": now - i * 60_000, "values": {"waterConsumption": 1.2}}
                                        for i in range(180)])
-    _send(pipeline, devices["lamp_fault"], {"ts": now, "values": {"powerState": 1, "powerConsumption": 0.0}})
-    _send(pipeline, devices["lamp_off"], {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
+    send(pipeline, devices["lamp_fault"], {"ts": now, "values": {"powerState": 1, "powerConsumption": 0.0}})
+    send(pipeline, devices["lamp_off"], {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
 
     w = World(pipeline, city_a, city_b, devices, tokens)
     with w.client("admin") as admin:
@@ -217,9 +209,8 @@ def test_an_integrator_manages_devices_of_their_city_only_and_each_change_is_aud
     device = Device(device_id, world.city_a, "environment", "noise")
     with world.client("integrator_a") as integrator:
         integrator.patch(f"/api/v1/devices/{device_id}", json={"enabled": True})
-    from tests.helpers import PASSWORDS
     PASSWORDS[device_id] = body["mqtt_password"]
-    _send(world.stack, device, {"LAeq": 51.0})
+    send(world.stack, device, {"LAeq": 51.0})
     with world.client("operator_a") as operator:
         wait_for(lambda: operator.get(f"/api/v1/devices/{device_id}/latest").json()["values"], what="new device")
         audit = operator.get("/api/v1/audit", params={"city": world.city_a}).json()["entries"]
@@ -369,8 +360,8 @@ async def test_websocket_feed_carries_readings_of_the_callers_cities_only(world)
     async with (websockets.connect(_ws_url(world, "operator_b")) as ws_b,
                 websockets.connect(_ws_url(world, "operator_a", city=world.city_a)) as ws_a):
         await asyncio.sleep(1.0)  # the hub reads Kafka from its end: let the subscriptions settle
-        await asyncio.to_thread(_send, world.stack, world.devices["noise"], {"LAeq": 61.5, "LAmax": 70.0})
-        await asyncio.to_thread(_send, world.stack, world.devices["air_b"], {"pm25": 12.5})
+        await asyncio.to_thread(send, world.stack, world.devices["noise"], {"LAeq": 61.5, "LAmax": 70.0})
+        await asyncio.to_thread(send, world.stack, world.devices["air_b"], {"pm25": 12.5})
         event_a = await _next_event(ws_a, "readings")
         event_b = await _next_event(ws_b, "readings")
     assert event_a["device_id"] == world.devices["noise"].device_id

@@ -13,7 +13,7 @@ from playwright.sync_api import expect, sync_playwright
 from deploy import stack as local
 from kota import accounts
 from kota.settings import PROJECT_ROOT
-from tests.helpers import mqtt_client, provision, publish, unique_id, wait_for
+from tests.helpers import provision, send, unique_id, wait_for
 
 pytestmark = pytest.mark.stack
 SCREENSHOTS = PROJECT_ROOT / "test-output"
@@ -29,15 +29,11 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
         accounts.upsert_user(conn, user, actor="tests")
         token = accounts.issue_token(conn, user.user_id, actor="tests")
 
-    def send(device, values: dict) -> None:
-        client = mqtt_client(pipeline, device.device_id)
-        try:
-            publish(client, device, {"ts": int(time.time() * 1000), "values": values})
-        finally:
-            client.disconnect()
+    def send_now(device, values: dict) -> None:
+        send(pipeline, device, {"ts": int(time.time() * 1000), "values": values})
 
-    send(air, {"pm25": 30.0})
-    send(gate, {"currentLevel": 170.0})  # Siaga 2: an alert to acknowledge
+    send_now(air, {"pm25": 30.0})
+    send_now(gate, {"currentLevel": 170.0})  # Siaga 2: an alert to acknowledge
     with psycopg.connect(pipeline.postgres_dsn) as conn:
         wait_for(lambda: conn.execute("SELECT 1 FROM alerts WHERE device_id = %s AND state = 'active'",
                                       (gate.device_id,)).fetchone(), what="the gate's alert")
@@ -64,7 +60,7 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
 
         gate_level = page.locator(f'td[data-device="{gate.device_id}"][data-metric="currentLevel"]')
         expect(gate_level).to_have_text("170 cm")
-        send(gate, {"currentLevel": 182.0})  # arrives over the live feed, no reload
+        send_now(gate, {"currentLevel": 182.0})  # arrives over the live feed, no reload
         expect(gate_level).to_have_text("182 cm", timeout=15_000)
         expect(page.locator("#live-count")).not_to_have_text("0")
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from deploy.stack import component_env
-from tests.helpers import mqtt_client, provision, publish, stored_readings, wait_for
+from tests.helpers import provision, send, stored_readings, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -26,9 +26,7 @@ def kota(stack, *args: str) -> str:
 def test_kota_down_then_up_keeps_data_and_the_pipeline_resumes(pipeline):
     light = provision(pipeline, "street_light")
     now = int(time.time() * 1000)
-    client = mqtt_client(pipeline, light.device_id)
-    publish(client, light, {"ts": now - 5000, "values": {"powerState": 1, "powerConsumption": 118.0}})
-    client.disconnect()
+    send(pipeline, light, {"ts": now - 5000, "values": {"powerState": 1, "powerConsumption": 118.0}})
     wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 2, what="readings before restart")
 
     down = kota(pipeline, "down")
@@ -37,9 +35,7 @@ def test_kota_down_then_up_keeps_data_and_the_pipeline_resumes(pipeline):
     assert "postgres started" in up and "up in" in up
 
     assert len(stored_readings(pipeline, light.device_id)) == 2
-    client = mqtt_client(pipeline, light.device_id)
-    publish(client, light, {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
-    client.disconnect()
+    send(pipeline, light, {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
     wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 4, timeout_s=90,
              what="new readings after kota up")
     assert stored_readings(pipeline, light.device_id)[-2:] == [(now, "powerConsumption", 0.0), (now, "powerState", 0.0)]
