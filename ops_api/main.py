@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import psycopg
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Histogram, make_asgi_app
 from psycopg_pool import AsyncConnectionPool
@@ -76,6 +77,12 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
         REQUEST_SECONDS.labels(request.method, getattr(route, "path", "unmatched"),
                                str(response.status_code)).observe(time.perf_counter() - started)
         return response
+
+    @app.exception_handler(psycopg.DataError)
+    async def value_postgres_cannot_hold(request: Request, error: psycopg.DataError) -> JSONResponse:
+        # SQLSTATE class 22 is about the values a caller sent (a NUL byte in a city, a number out of
+        # range): their mistake, answered like any other validation failure, not a 500.
+        return JSONResponse({"detail": f"invalid value: {error}"}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     async def page() -> RedirectResponse:

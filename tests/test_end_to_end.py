@@ -27,8 +27,9 @@ def test_readings_published_over_mqtt_are_served_by_the_api(pipeline, api):
         client2.disconnect()
 
     def newest_stored() -> list[dict] | None:  # both messages: they may be stored in separate batches
-        values = api.get(f"/api/v1/devices/{air.device_id}/latest").json()["values"]
-        return values if len(stored_readings(pipeline, air.device_id)) == 4 else None
+        if len(stored_readings(pipeline, air.device_id)) < 4:
+            return None  # ask the API only once both are stored, or it may answer the older pair
+        return api.get(f"/api/v1/devices/{air.device_id}/latest").json()["values"]
 
     latest = wait_for(newest_stored, what="latest values of the air-quality station")
     assert {v["metric"]: v["value"] for v in latest} == {"pm25": 42.5, "pm10": 61.0}
@@ -54,6 +55,12 @@ def test_unknown_device_answers_404(api):
     response = api.get("/api/v1/devices/no-such-device/latest")
     assert response.status_code == 404
     assert response.json()["detail"] == "device not found"
+
+
+def test_a_value_postgres_cannot_store_answers_422(api):
+    response = api.get("/api/v1/devices", params={"city": "bandung\x00"})
+    assert response.status_code == 422
+    assert "NUL" in response.json()["detail"]
 
 
 def test_health_reports_each_dependency(api):
