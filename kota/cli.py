@@ -162,30 +162,70 @@ def cmd_api(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_time(text: str) -> int:
+    """An ISO date or time (local WIB when it has no zone), or `today`/`yesterday`: epoch ms."""
+    import datetime as dt
+
+    wib = dt.timezone(dt.timedelta(hours=7))
+    midnight = dt.datetime.now(wib).replace(hour=0, minute=0, second=0, microsecond=0)
+    named = {"today": midnight, "yesterday": midnight - dt.timedelta(days=1)}
+    moment = named.get(text) or dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=wib)
+    return int(moment.timestamp() * 1000)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import psycopg
 
     from deploy import mqtt_access
     from kota.mqtt import MqttLogin
     from kota.registry import Gateway, new_password, upsert_devices, upsert_gateway
+    from simulators.anomalies import Injector, plan, write_labels
     from simulators.city import build_city
     from simulators.publisher import run
+    from simulators.stream import FORMS, CityStream, device_forms
 
     _setup_logging()
     stack = StackSettings()
     city = build_city(args.city, args.devices, args.seed)
-    password = new_password()  # a fresh one each run: the simulator is its own integrator
+    forms = tuple(args.forms.split(","))
+    if not forms or set(forms) - set(FORMS):
+        raise SystemExit(f"--forms: a comma-separated choice of {', '.join(FORMS)}")
+    interval_ms = int(args.interval * 1000)
+    start_ms = _parse_time(args.start) if args.start else None
+    hours = args.hours if args.hours is not None else 24.0 if start_ms is not None else None
+    ticks = args.ticks if args.ticks is not None else int(hours * 3_600_000 // interval_ms) if hours else None
+    plan_start = start_ms if start_ms is not None else time.time_ns() // 1_000_000
+    # an open-ended live run gets a week of anomalies planned ahead
+    plan_end = plan_start + (ticks * interval_ms if ticks is not None else 7 * 86_400_000)
+    anomalies = plan(city, plan_start, plan_end, interval_ms, args.anomalies_per_day)
+    labels = Path(args.labels or stack.state_dir / f"simulator-{city.city}-labels.json")
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    write_labels(labels, city, anomalies, start_ms=plan_start, end_ms=plan_end, interval_ms=interval_ms)
+
+    forms_of = device_forms(city, forms, args.single_devices)
+    gateway_password = new_password()  # fresh ones each run: the simulator is its own integrator
+    device_passwords = {d: new_password() for d, form in forms_of.items() if form == "single"}
     with psycopg.connect(stack.postgres_dsn) as conn:
-        upsert_gateway(conn, Gateway(city.gateway_id, city.city), password)
-        upsert_devices(conn, city.devices)
+        upsert_gateway(conn, Gateway(city.gateway_id, city.city), gateway_password)
+        upsert_devices(conn, city.devices, device_passwords)
     mqtt_access.sync(stack)
-    logging.getLogger("kota.simulator").info("city %s: %d devices provisioned behind gateway %s, publishing every "
-                                             "%.1f s", city.city, len(city.devices), city.gateway_id, args.interval)
+    logins = {city.gateway_id: MqttLogin(stack.mqtt_port, city.gateway_id, gateway_password)}
+    logins |= {d: MqttLogin(stack.mqtt_port, d, p) for d, p in device_passwords.items()}
+    pace = (f"{args.rate:g} readings/s" if args.rate else "as fast as the broker acknowledges" if start_ms
+            else f"every {args.interval:g} s")
+    logging.getLogger("kota.simulator").info(
+        "city %s: %d devices (%s), %d anomalies planned (labels: %s); publishing %s", city.city,
+        len(city.devices), ", ".join(f"{sum(1 for f in forms_of.values() if f == form)} {form}" for form in forms),
+        len(anomalies), labels, pace)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        run(city, login=MqttLogin(stack.mqtt_port, city.gateway_id, password), gateway_id=city.gateway_id,
-            interval_s=args.interval, stop=stop, max_ticks=args.ticks)
+        run(CityStream(city, Injector(anomalies), forms_of), logins=logins, stop=stop, interval_ms=interval_ms,
+            start_ms=start_ms, max_ticks=ticks, rate=args.rate, count_log=Path(args.counts) if args.counts else None)
     except KeyboardInterrupt:
         pass
     return 0
@@ -369,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--city", default="bandung")
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--ticks", type=int, default=None, help="stop after this many rounds")
+    sim.add_argument("--start", help="simulate from this time (ISO, local WIB without a zone, or today/yesterday) "
+                                     "instead of the clock; sends as fast as the broker takes it unless --rate")
+    sim.add_argument("--hours", type=float, default=None,
+                     help="simulated span (default: 24 with --start; without --start it runs until stopped)")
+    sim.add_argument("--rate", type=float, default=None, help="at most this many readings per second")
+    sim.add_argument("--forms", default="batch,senml,single",
+                     help="message forms the devices use, round-robin: batch (gateway JSON), senml (gateway "
+                          "SenML), single (the device's own topic and login)")
+    sim.add_argument("--single-devices", type=int, default=12,
+                     help="at most this many devices publish for themselves (one MQTT connection each)")
+    sim.add_argument("--anomalies-per-day", type=int, default=None,
+                     help="single-sensor anomalies per simulated day (default: one per six devices, at least 6)")
+    sim.add_argument("--labels", help="where to write the ground truth (default: STATE_DIR/simulator-CITY-labels.json)")
+    sim.add_argument("--counts", help="write what was sent and acknowledged here (JSON) when the run ends")
     sim.set_defaults(func=cmd_simulate)
 
     dl = sub.add_parser("deadletters", help="show rejected input with its reason (the dead-letter topic)")

@@ -1,13 +1,16 @@
 """A small simulated city: devices across districts, each with believable values.
 
-Deterministic: the same seed gives the same devices and the same stream of values for the same
-tick numbers. Values follow a daily cycle (rush hours, night lows) with sensor noise.
+Deterministic: the same seed gives the same devices and, for the same times and random
+generator, the same values. Values follow a daily cycle (rush hours, night lows) with sensor noise,
+and a shared weather: afternoon showers wash pollution out of the air and, an hour or two later,
+raise the water at every gate.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -58,15 +61,49 @@ def _daily(hour: float, peak: float, width: float = 2.5) -> float:
     return math.exp(-(d / width) ** 2)
 
 
-def values_at(device: Device, ts_ms: int, rng: np.random.Generator) -> dict[str, float]:
-    """Believable values for one device at one time (local time WIB = UTC+7)."""
+DAY_MS = 86_400_000
+WIB_MS = 7 * 3_600_000  # Western Indonesian Time, UTC+7
+
+
+@lru_cache(maxsize=64)
+def _showers(seed: int, day: int) -> tuple[tuple[float, float, float], ...]:
+    """The showers of one local day: (start hour, length in hours, intensity 0..1). Most days in
+    the wet season have one in the afternoon; some have none."""
+    rng = np.random.default_rng([seed, 0x5241494E, day])  # "RAIN": a stream of its own
+    if rng.random() < 0.35:
+        return ()
+    return ((float(rng.uniform(13, 17)), float(rng.uniform(1, 3)), float(rng.uniform(0.3, 1.0))),)
+
+
+def weather(seed: int, ts_ms: int) -> tuple[float, float]:
+    """(rain now 0..1, wetness 0..~1.5): wetness is the rain of the past hours, peaking about
+    1.5 h after a shower, which is how the gates' water follows it."""
+    local = ts_ms + WIB_MS
+    day, hour = divmod(local, DAY_MS)
+    hour_now = hour / 3_600_000
+    rain = wet = 0.0
+    for back in (0, 1):
+        for start, length, intensity in _showers(seed, int(day) - back):
+            since_start = hour_now + 24 * back - start
+            if 0 <= since_start <= length:
+                rain = max(rain, intensity)
+            since_end = since_start - length / 2  # the response to the shower's middle
+            if since_end > 0:
+                wet += intensity * length / 2 * (since_end / 1.5) * math.exp(1 - since_end / 1.5)
+    return rain, wet
+
+
+def values_at(device: Device, ts_ms: int, rng: np.random.Generator, seed: int = 1) -> dict[str, float]:
+    """Believable values for one device at one time (local time WIB = UTC+7) in the weather of
+    the city with this seed."""
     hour = ((ts_ms / 3_600_000) + 7) % 24
+    rain, wet = weather(seed, ts_ms)
     rush = max(_daily(hour, 7.5), _daily(hour, 17.5))
     night = _daily(hour, 2.0, 4.0)
     noise = rng.normal
     t = device.device_type
     if t == "air_quality":
-        pm25 = max(1.0, 25 + 35 * rush + noise(0, 3))
+        pm25 = max(1.0, (25 + 35 * rush) * (1 - 0.5 * rain) + noise(0, 3))
         return {"pm25": pm25, "pm10": pm25 * 1.6 + noise(0, 3),
                 "no2": max(1, 30 + 50 * rush + noise(0, 4)),
                 "o3": max(1, 40 + 60 * _daily(hour, 13, 3) + noise(0, 4)),
@@ -75,10 +112,10 @@ def values_at(device: Device, ts_ms: int, rng: np.random.Generator) -> dict[str,
                 "temperature": 23 + 7 * _daily(hour, 14, 4) + noise(0, 0.3),
                 "relativeHumidity": min(100, 85 - 25 * _daily(hour, 14, 4) + noise(0, 2))}
     if t == "noise":
-        laeq = 48 + 22 * rush + 8 * (1 - night) + noise(0, 1.5)
+        laeq = 48 + 22 * rush + 8 * (1 - night) + 4 * rain + noise(0, 1.5)
         return {"LAeq": laeq, "LAmax": laeq + 12 + abs(noise(0, 3))}
     if t == "water_level":
-        return {"currentLevel": max(0, 60 + 10 * math.sin(ts_ms / 3_600_000 / 6) + noise(0, 1))}
+        return {"currentLevel": max(0, 60 + 10 * math.sin(ts_ms / 3_600_000 / 6) + 30 * wet + noise(0, 1))}
     if t == "traffic_corridor":
         occupancy = min(0.95, max(0.02, 0.12 + 0.6 * rush + noise(0, 0.03)))
         return {"occupancy": occupancy, "averageVehicleSpeed": max(3, 55 * (1 - occupancy) + noise(0, 2)),

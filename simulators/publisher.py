@@ -1,4 +1,13 @@
-"""Publish a simulated city over MQTT as its gateway would: one connection, batches of devices, QoS 1."""
+"""Publish a simulated city over MQTT, QoS 1, paced in one of three ways.
+
+- live (no start time): one tick every `interval_s` of wall-clock time, stamped with the clock;
+- simulated time from a start (`start_ms`): ticks `interval_ms` apart in event time, sent as fast
+  as the broker acknowledges them (each connection keeps at most `max_queued` unacknowledged);
+- either, capped at `rate` readings per second.
+
+It counts what the broker acknowledged (PUBACK), not what it handed to the socket, so a test or a
+fault drill knows exactly how many readings the platform owes the database.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +15,102 @@ import json
 import logging
 import threading
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import numpy as np
+import paho.mqtt.client as mqtt
 
-from kota.contract import gateway_telemetry_topic
 from kota.mqtt import MqttLogin, connect
-from simulators.city import SimulatedCity, values_at
+from simulators.stream import CityStream
 
 log = logging.getLogger("kota.simulator")
 
 
-def run(city: SimulatedCity, *, login: MqttLogin, gateway_id: str, interval_s: float, stop: threading.Event,
-        max_ticks: int | None = None, devices_per_message: int = 100) -> int:
-    """Publish every device's values each tick until `stop` is set (or `max_ticks`); return messages sent."""
-    rng = np.random.default_rng(city.seed)
-    client = connect(login, f"kota-simulator-{city.city}")
-    topic = gateway_telemetry_topic(city.city, gateway_id)
-    sent = 0
+@dataclass
+class Sent:
+    ticks: int = 0
+    messages: int = 0
+    readings: int = 0  # handed to the client library
+    acknowledged_messages: int = 0
+    acknowledged_readings: int = 0  # the broker answered PUBACK: the gateway owes these to Kafka
+    first_ts_ms: int | None = None
+    last_ts_ms: int | None = None
+
+
+class _Connection:
+    """One MQTT connection with a bounded queue: publishing waits while it is full."""
+
+    def __init__(self, login: MqttLogin, client_id: str, sent: Sent, lock: threading.Lock, max_queued: int) -> None:
+        self.client = connect(login, client_id)
+        self.client.max_queued_messages_set(max_queued)
+        self._sent, self._lock = sent, lock
+        self._readings_by_mid: dict[int, int] = {}
+        self.client.on_publish = self._on_publish
+
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+        with self._lock:
+            readings = self._readings_by_mid.pop(mid, 0)
+            self._sent.acknowledged_messages += 1
+            self._sent.acknowledged_readings += readings
+
+    def publish(self, topic: str, payload: bytes, readings: int, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            with self._lock:  # the ack may arrive before publish() returns: register under the lock
+                info = self.client.publish(topic, payload, qos=1)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    self._readings_by_mid[info.mid] = readings
+                    return True
+            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
+                raise RuntimeError(f"MQTT publish failed: {mqtt.error_string(info.rc)}")
+            time.sleep(0.002)  # the broker is behind: wait for acknowledgements
+        return False
+
+    def drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._readings_by_mid and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def run(stream: CityStream, *, logins: dict[str, MqttLogin], stop: threading.Event, interval_ms: int,
+        start_ms: int | None = None, max_ticks: int | None = None, rate: float | None = None,
+        max_queued: int = 1000, count_log: Path | None = None) -> Sent:
+    """Publish until `stop` (or `max_ticks`); `logins` holds one login per sender (gateway or device)."""
+    sent, lock = Sent(), threading.Lock()
+    connections = {sender: _Connection(login, f"kota-sim-{sender}", sent, lock, max_queued)
+                   for sender, login in logins.items()}
+    began = time.monotonic()
     tick = 0
     try:
         while not stop.is_set() and (max_ticks is None or tick < max_ticks):
-            started = time.monotonic()
-            ts_ms = time.time_ns() // 1_000_000
-            for first in range(0, len(city.devices), devices_per_message):
-                chunk = city.devices[first:first + devices_per_message]
-                body = {d.device_id: {"ts": ts_ms, "values": {k: round(v, 3) for k, v in
-                                                             values_at(d, ts_ms, rng).items()}} for d in chunk}
-                client.publish(topic, json.dumps(body), qos=1)
-                sent += 1
-            tick += 1
-            if tick == 1 or tick % 60 == 0:
-                log.info("tick %d: %d devices published (%d messages so far)", tick, len(city.devices), sent)
-            stop.wait(max(0.0, interval_s - (time.monotonic() - started)))
+            tick_started = time.monotonic()
+            ts_ms = start_ms + tick * interval_ms if start_ms is not None else time.time_ns() // 1_000_000
+            messages = stream.tick(tick, ts_ms)
+            for message in messages:
+                if not connections[message.sender].publish(message.topic, message.payload, message.readings, stop):
+                    break
+                sent.messages += 1
+                sent.readings += message.readings
+            sent.ticks = tick = tick + 1
+            sent.first_ts_ms = sent.first_ts_ms or ts_ms
+            sent.last_ts_ms = ts_ms
+            if tick == 1 or tick % 600 == 0:
+                log.info("tick %d (%s): %d readings sent, %d acknowledged, %.0f readings/s", tick,
+                         time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts_ms / 1000 + 7 * 3600)), sent.readings,
+                         sent.acknowledged_readings, sent.readings / max(time.monotonic() - began, 1e-9))
+            if rate:  # hold the average at `rate` readings/s
+                stop.wait(max(0.0, began + sent.readings / rate - time.monotonic()))
+            elif start_ms is None:
+                stop.wait(max(0.0, interval_ms / 1000 - (time.monotonic() - tick_started)))
     finally:
-        client.loop_stop()
-        client.disconnect()
+        for connection in connections.values():
+            connection.drain(timeout_s=30)
+            connection.close()
+        if count_log is not None:
+            count_log.write_text(json.dumps(asdict(sent)) + "\n")
+        log.info("stopped after %d ticks: %d readings sent, %d acknowledged by the broker", sent.ticks,
+                 sent.readings, sent.acknowledged_readings)
     return sent

@@ -1,7 +1,11 @@
+import json
+
 import numpy as np
 
 from kota.contract import DOMAINS
-from simulators.city import build_city, values_at
+from simulators.anomalies import Injector, plan
+from simulators.city import build_city, values_at, weather
+from simulators.stream import FORMS, CityStream, device_forms
 
 
 def test_same_seed_same_city_and_values():
@@ -29,3 +33,98 @@ def test_simulated_values_stay_inside_declared_ranges_over_a_day():
             for metric, value in values_at(device, ts, rng).items():
                 spec = device.metrics[metric]
                 assert spec.low <= value <= spec.high, (device.device_id, metric, value)
+
+
+DAY_MS = 86_400_000
+MIDNIGHT_WIB = 1_795_046_400_000 - 7 * 3_600_000  # a local midnight
+
+
+def _stream(seed: int, devices: int = 36, interval_ms: int = 60_000, hours: int = 24):
+    city = build_city("bandung", devices, seed=seed)
+    anomalies = plan(city, MIDNIGHT_WIB, MIDNIGHT_WIB + hours * 3_600_000, interval_ms)
+    return city, anomalies, CityStream(city, Injector(anomalies), device_forms(city, FORMS, 12))
+
+
+def _bytes_of(stream: CityStream, ticks: int, interval_ms: int = 60_000) -> bytes:
+    return b"".join(m.topic.encode() + m.payload for k in range(ticks)
+                    for m in stream.tick(k, MIDNIGHT_WIB + k * interval_ms))
+
+
+def test_same_seed_same_stream_byte_for_byte_and_another_seed_differs():
+    first, second, other = (_bytes_of(_stream(seed)[2], 300) for seed in (5, 5, 6))
+    assert first == second
+    assert first != other
+
+
+def test_a_day_plans_every_kind_of_anomaly_without_overlap_on_a_device():
+    city, anomalies, _ = _stream(seed=1, devices=60)
+    kinds = {a.kind for a in anomalies}
+    assert {"flood_wave", "pollution_episode", "leak"} <= kinds
+    assert len(kinds & {"spike", "level_shift", "stuck", "drift", "dropout"}) >= 3
+    windows: dict[str, list[tuple[int, int]]] = {}
+    for anomaly in anomalies:
+        assert anomaly.start_ms >= MIDNIGHT_WIB + 2 * 3_600_000, "the first two hours are for learning"
+        for device_id in anomaly.devices:
+            windows.setdefault(device_id, []).append(anomaly.window(device_id))
+    for spans in windows.values():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def _series(stream: CityStream, device_id: str, metric: str, ticks: int = 1440) -> dict[int, float]:
+    out = {}
+    for k in range(ticks):
+        ts = MIDNIGHT_WIB + k * 60_000
+        for message in stream.tick(k, ts):
+            body = json.loads(message.payload)
+            if message.topic.endswith("/senml"):
+                out |= {ts: r["v"] for r in body if r["n"] == f"{device_id}/{metric}"}  # noqa: B035 (one a tick)
+            elif message.sender == device_id:
+                out[ts] = body["values"][metric]
+            elif device_id in body:
+                out[ts] = body[device_id]["values"][metric]
+    return out
+
+
+def test_injected_anomalies_bend_the_stream_as_labelled():
+    city, anomalies, stream = _stream(seed=1, devices=60)
+    flood = next(a for a in anomalies if a.kind == "flood_wave")
+    upstream, downstream = flood.devices[0], flood.devices[-1]
+    assert flood.window(downstream)[0] > flood.window(upstream)[0], "the wave reaches downstream later"
+    levels = _series(stream, upstream, "currentLevel")
+    first, last = flood.window(upstream)
+    inside = [v for t, v in levels.items() if first <= t < last]
+    outside = [v for t, v in levels.items() if t < first]
+    assert max(inside) > max(outside) + 100
+    for anomaly in anomalies:
+        if anomaly.kind == "stuck":
+            values = _series(stream, anomaly.devices[0], anomaly.metric)
+            first, last = anomaly.window(anomaly.devices[0])
+            assert len({v for t, v in values.items() if first <= t < last}) == 1
+        if anomaly.kind == "dropout":
+            device = next(d for d in city.devices if d.device_id == anomaly.devices[0])
+            metric = next(iter(device.metrics))
+            first, last = anomaly.window(device.device_id)
+            assert not [t for t in _series(stream, device.device_id, metric) if first <= t < last]
+
+
+def test_showers_wash_out_pollution_and_raise_the_gates_later():
+    times = range(MIDNIGHT_WIB, MIDNIGHT_WIB + 10 * DAY_MS, 600_000)
+    rain = {t: weather(1, t) for t in times}
+    assert any(r > 0 for r, _ in rain.values()) and any(r == 0 for r, _ in rain.values())
+    raining = max(rain, key=lambda t: rain[t][0])
+    wettest = max((t for t in rain if raining <= t < raining + 12 * 3_600_000), key=lambda t: rain[t][1])
+    assert wettest > raining, "the water follows the rain"
+
+    # The same moment in a city whose weather was dry then (another seed): cleaner air in the rain,
+    # higher water at the gates after it.
+    dry_seed = next(s for s in range(2, 200) if weather(s, raining) == (0.0, 0.0) and weather(s, wettest)[1] == 0)
+    devices = build_city("bandung", 36, seed=1).devices
+    station = next(d for d in devices if d.device_type == "air_quality")
+    gate = next(d for d in devices if d.device_type == "water_level")
+
+    def mean(device, metric, ts, seed):
+        return np.mean([values_at(device, ts, np.random.default_rng(i), seed)[metric] for i in range(50)])
+
+    assert mean(station, "pm25", raining, 1) < mean(station, "pm25", raining, dry_seed)
+    assert mean(gate, "currentLevel", wettest, 1) > mean(gate, "currentLevel", wettest, dry_seed) + 5
