@@ -231,6 +231,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from simulators import scorecard
+
+    stack = StackSettings()
+    labels_path = Path(args.labels or stack.state_dir / f"simulator-{args.city}-labels.json")
+    if not labels_path.exists():
+        raise SystemExit(f"no labels file at {labels_path}: run `kota simulate` (or `kota replay`) first, or "
+                         "pass --labels")
+    document = json.loads(labels_path.read_text())
+    card = scorecard.load(stack.postgres_dsn, document)
+    text = scorecard.report(card)
+    out = Path(args.out or stack.state_dir / "scorecards")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{document['city']}-scorecard.txt").write_text(text)
+    print(text, end="")
+    labels = document["labels"]
+    device = args.device or next((x["device_id"] for x in labels if x["kind"] == "flood_wave"),
+                                 labels[0]["device_id"] if labels else None)
+    if device:
+        png = out / f"{device}.png"
+        scorecard.picture(stack.postgres_dsn, document, device, png)
+        print(f"report: {out / (document['city'] + '-scorecard.txt')}\npicture of {device}: {png}")
+    return 0
+
+
 # -- registry ----------------------------------------------------------------------------------
 def cmd_devices(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -424,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--labels", help="where to write the ground truth (default: STATE_DIR/simulator-CITY-labels.json)")
     sim.add_argument("--counts", help="write what was sent and acknowledged here (JSON) when the run ends")
     sim.set_defaults(func=cmd_simulate)
+
+    sc = sub.add_parser("score", help="compare what the platform detected with a labels file: precision, recall, "
+                                      "F1, NAB score, time to detect and to alert per anomaly kind")
+    sc.add_argument("--city", default="bandung", help="whose simulator labels to read (default file)")
+    sc.add_argument("--labels", help="labels file (default: STATE_DIR/simulator-CITY-labels.json)")
+    sc.add_argument("--out", help="folder for the report and picture (default: STATE_DIR/scorecards)")
+    sc.add_argument("--device", help="draw this device (default: the first flood-wave gate)")
+    sc.set_defaults(func=cmd_score)
 
     dl = sub.add_parser("deadletters", help="show rejected input with its reason (the dead-letter topic)")
     dl.add_argument("--device", help="only rejections naming this device or gateway")

@@ -55,11 +55,13 @@ class MqttLogin:
     key_file: str | None = None
 
 
-def connect(login: MqttLogin, client_id: str, *, timeout_s: float = 15.0, clean_session: bool = True) -> mqtt.Client:
-    """Connect and wait for the broker's yes, retrying a refusal (a registry reload may be under way)."""
+def connect(login: MqttLogin, client_id: str, *, timeout_s: float = 15.0, clean_session: bool = True,
+            max_queued: int = 0) -> mqtt.Client:
+    """Connect and wait for the broker's yes, retrying a refusal (a registry reload may be under way).
+    With `max_queued`, publish() answers MQTT_ERR_QUEUE_SIZE while that many are unacknowledged."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                          clean_session=clean_session)
-    client.max_queued_messages_set(0)
+    client.max_queued_messages_set(max_queued)
     client.max_inflight_messages_set(200)
     client.reconnect_delay_set(1, 2)
     if login.username:

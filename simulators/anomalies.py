@@ -79,26 +79,32 @@ def plan(city: SimulatedCity, start_ms: int, end_ms: int, interval_ms: int, per_
     for device in city.devices:
         by_type.setdefault(device.device_type, []).append(device)
 
-    # City events first: they need several devices free at once.
+    def start_between(earliest: float, latest: float) -> int | None:
+        earliest = max(earliest, quiet_until)
+        return tick_at(rng.uniform(earliest, latest)) if latest >= earliest else None
+
+    # City events first: they need several devices free at once. Each fits inside the span.
     for day in range(int(days)):
         day_start = start_ms + day * 24 * HOUR_MS
+        day_end = min(end_ms, day_start + 24 * HOUR_MS)
         gates = sorted(by_type.get("water_level", []), key=lambda d: -(d.lat or 0))  # upstream is north
-        if len(gates) >= 2 and span >= 8 * HOUR_MS:
-            first = tick_at(max(quiet_until, day_start + rng.uniform(3, 16) * HOUR_MS))
+        travel = (len(gates) - 1) * FLOOD_LAG_MS
+        first = start_between(day_start + 3 * HOUR_MS, day_end - 5 * HOUR_MS - travel)
+        if len(gates) >= 2 and first is not None:
             offsets = {g.device_id: i * FLOOD_LAG_MS for i, g in enumerate(gates)}
             book(Anomaly("flood_wave", tuple(offsets), "currentLevel", first, first + 5 * HOUR_MS, 170.0, offsets))
         stations = by_type.get("air_quality", [])
-        if stations:
+        first = start_between(day_start + 3 * HOUR_MS, day_end - 3 * HOUR_MS)
+        if stations and first is not None:
             district = stations[int(rng.integers(len(stations)))].district
             in_district = tuple(d.device_id for d in stations if d.district == district)
-            first = tick_at(max(quiet_until, day_start + rng.uniform(3, 18) * HOUR_MS))
-            if first + 3 * HOUR_MS <= end_ms and all(free(d, first, first + 3 * HOUR_MS) for d in in_district):
+            if all(free(d, first, first + 3 * HOUR_MS) for d in in_district):
                 book(Anomaly("pollution_episode", in_district, "pm25", first, first + 3 * HOUR_MS, 140.0))
         meters = by_type.get("water_meter", [])
-        if meters and span >= 8 * HOUR_MS:
+        first = start_between(day_start + 2 * HOUR_MS, day_end - 6 * HOUR_MS)
+        if meters and first is not None:
             meter = meters[int(rng.integers(len(meters)))]
-            first = tick_at(max(quiet_until, day_start + rng.uniform(2, 10) * HOUR_MS))
-            last = min(end_ms, first + 10 * HOUR_MS)
+            last = min(day_end, first + 10 * HOUR_MS)
             if free(meter.device_id, first, last):
                 book(Anomaly("leak", (meter.device_id,), "waterConsumption", first, last, 1.5))
 

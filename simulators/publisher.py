@@ -41,25 +41,35 @@ class _Connection:
     """One MQTT connection with a bounded queue: publishing waits while it is full."""
 
     def __init__(self, login: MqttLogin, client_id: str, sent: Sent, lock: threading.Lock, max_queued: int) -> None:
-        self.client = connect(login, client_id)
-        self.client.max_queued_messages_set(max_queued)
+        self.client = connect(login, client_id, max_queued=max_queued)
         self._sent, self._lock = sent, lock
         self._readings_by_mid: dict[int, int] = {}
+        self._early: set[int] = set()
         self.client.on_publish = self._on_publish
 
     def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
         with self._lock:
-            readings = self._readings_by_mid.pop(mid, 0)
-            self._sent.acknowledged_messages += 1
-            self._sent.acknowledged_readings += readings
+            if mid in self._readings_by_mid:
+                self._acknowledge(self._readings_by_mid.pop(mid))
+            else:
+                self._early.add(mid)  # acknowledged before publish() returned its mid
+
+    def _acknowledge(self, readings: int) -> None:
+        self._sent.acknowledged_messages += 1
+        self._sent.acknowledged_readings += readings
 
     def publish(self, topic: str, payload: bytes, readings: int, stop: threading.Event) -> bool:
         while not stop.is_set():
-            with self._lock:  # the ack may arrive before publish() returns: register under the lock
-                info = self.client.publish(topic, payload, qos=1)
-                if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                    self._readings_by_mid[info.mid] = readings
-                    return True
+            # not under self._lock: paho calls on_publish holding its own lock, which publish() takes too
+            info = self.client.publish(topic, payload, qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                with self._lock:
+                    if info.mid in self._early:
+                        self._early.discard(info.mid)
+                        self._acknowledge(readings)
+                    else:
+                        self._readings_by_mid[info.mid] = readings
+                return True
             if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
                 raise RuntimeError(f"MQTT publish failed: {mqtt.error_string(info.rc)}")
             time.sleep(0.002)  # the broker is behind: wait for acknowledgements

@@ -6,7 +6,7 @@ import pytest
 from kota.cli import build_parser
 
 SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices",
-               "deadletters", "users"]
+               "deadletters", "users", "score"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
