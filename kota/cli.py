@@ -231,6 +231,98 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    import json
+    import threading
+    from pathlib import Path
+
+    import psycopg
+    from tqdm import tqdm
+
+    from deploy import mqtt_access
+    from ingest.gateway import GatewaySettings
+    from kota.contract import gateway_telemetry_topic
+    from kota.mqtt import MqttLogin
+    from kota.registry import Gateway, new_password, upsert_devices, upsert_gateway
+    from simulators import replay
+    from simulators.publisher import Connection, Sent
+
+    stack = StackSettings()
+    path = Path(args.file)
+    kind, mapping = replay.mapping_for(path, args.format, metric=args.metric,
+                                       mapping_file=Path(args.mapping) if args.mapping else None)
+    parsed = replay.parse(path, mapping, since_ms=_parse_time(args.since) if args.since else None,
+                          until_ms=_parse_time(args.until) if args.until else None)
+    if not parsed.rows:
+        raise SystemExit(f"{path.name}: no rows to replay")
+    now = time.time_ns() // 1_000_000
+    first, last = parsed.rows[0].ts_ms, parsed.rows[-1].ts_ms
+    shift = now - last if args.times == "shift" else 0
+    limits = GatewaySettings()
+    oldest_age, newest_ahead = now - (first + shift), last + shift - now
+    if oldest_age > limits.max_age_ms - 60_000 or newest_ahead > limits.max_future_ms:
+        raise SystemExit(
+            f"{path.name} spans {(last - first) / 86_400_000:.1f} days ({args.times} times: oldest "
+            f"{oldest_age / 86_400_000:.1f} days ago); the gateway takes readings up to "
+            f"{limits.max_age_ms / 86_400_000:.0f} days old and {limits.max_future_ms / 60_000:.0f} min ahead "
+            "(KOTA_GATEWAY_MAX_AGE_MS), so some would be refused. Replay part of it with --since/--until.")
+    gateway_id = f"{args.city}-replay-gateway"
+    devices = replay.devices_for(parsed, mapping, args.city, gateway_id)
+    password = new_password()
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        upsert_gateway(conn, Gateway(gateway_id, args.city), password)
+        upsert_devices(conn, list(devices.values()))
+    mqtt_access.sync(stack)
+    skipped = sum(parsed.skipped.values())
+    times = f"shifted by {shift / 86_400_000:.2f} days" if shift else "as recorded"
+    print(f"{path.name} ({kind}): {len(parsed.rows)} rows, {parsed.readings} readings from {len(devices)} device(s) "
+          f"to city {args.city}; {skipped} empty or invalid values and {sum(parsed.bad_rows.values())} unreadable "
+          f"rows left out; times {times}")
+    if kind == "nab":
+        windows = path.parent.parent / "combined_windows.json"
+        labels_path = Path(args.labels or stack.state_dir / f"replay-{args.city}-labels.json")
+        [device] = devices.values()
+        metric = next(iter(device.metrics))
+        labels = [x for x in (replay.nab_labels(path, windows, device, metric, shift) if windows.exists() else [])
+                  if x["end_ms"] >= first + shift and x["start_ms"] <= last + shift]  # the replayed part's
+        labels_path.write_text(json.dumps({"city": args.city, "seed": None, "start_ms": first + shift,
+                                           "end_ms": last + shift + 1, "interval_ms": None, "labels": labels},
+                                          indent=1))
+        print(f"{len(labels)} NAB window(s) written to {labels_path} (for kota score)")
+
+    sent, lock, stop = Sent(), threading.Lock(), threading.Event()
+    connection = Connection(MqttLogin(stack.mqtt_port, gateway_id, password), f"kota-replay-{args.city}", sent, lock,
+                            max_queued=1000)
+    topic = gateway_telemetry_topic(args.city, gateway_id)
+    began = time.monotonic()
+    rows_done = 0
+    try:
+        with tqdm(total=parsed.readings, unit=" readings", unit_scale=True, smoothing=0.1) as bar:
+            for payload, readings, rows in replay.batches(parsed.rows, devices, 1 if args.speed else 500, shift):
+                if args.speed:  # wait for the first row of this message, replay time
+                    due = (parsed.rows[rows_done].ts_ms - first) / 1000 / args.speed
+                    time.sleep(max(0.0, began + due - time.monotonic()))
+                connection.publish(topic, payload, readings, stop)
+                sent.messages += 1
+                sent.readings += readings
+                rows_done += rows
+                bar.update(readings)
+    except KeyboardInterrupt:
+        print("interrupted")
+    finally:
+        connection.drain(timeout_s=30)
+        connection.close()
+    print(f"sent {sent.readings} readings in {sent.messages} messages, {sent.acknowledged_readings} acknowledged by "
+          f"the broker, in {time.monotonic() - began:.1f} s")
+    for reason, count in sorted((parsed.skipped + parsed.bad_rows).items()):
+        print(f"  left out: {count} {reason}")
+    if args.counts:
+        Path(args.counts).write_text(json.dumps({"rows": len(parsed.rows), "readings": sent.readings,
+                                                 "acknowledged_readings": sent.acknowledged_readings,
+                                                 "skipped": dict(parsed.skipped), "bad_rows": dict(parsed.bad_rows)}))
+    return 0 if sent.acknowledged_readings == parsed.readings else 1
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -452,6 +544,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--labels", help="where to write the ground truth (default: STATE_DIR/simulator-CITY-labels.json)")
     sim.add_argument("--counts", help="write what was sent and acknowledged here (JSON) when the run ends")
     sim.set_defaults(func=cmd_simulate)
+
+    rp = sub.add_parser("replay", help="replay a recorded file through MQTT as its devices (NAB, Beijing air "
+                                       "quality, Jakarta ISPU, or any CSV with a mapping)")
+    rp.add_argument("file")
+    rp.add_argument("--format", default="auto", choices=["auto", "nab", "beijing", "jakarta", "csv"])
+    rp.add_argument("--mapping", help="JSON mapping of a CSV's columns to devices and metrics (docs/replay.md)")
+    rp.add_argument("--metric", help="the metric a NAB file's value is (default from its name: speed, occupancy, "
+                                     "TravelTime)")
+    rp.add_argument("--city", default="replay", help="city the replayed devices belong to")
+    rp.add_argument("--speed", type=float, default=None,
+                    help="1 = real time, 60 = a minute a second; default: as fast as the broker takes it")
+    rp.add_argument("--times", choices=["shift", "original"], default="shift",
+                    help="shift: the last row lands now, spacing kept (default); original: as recorded")
+    rp.add_argument("--since", help="only rows at or after this time (ISO; WIB when no zone)")
+    rp.add_argument("--until", help="only rows before this time")
+    rp.add_argument("--labels", help="where a NAB replay writes its shifted windows "
+                                     "(default: STATE_DIR/replay-CITY-labels.json)")
+    rp.add_argument("--counts", help="write rows, readings sent and acknowledged here (JSON)")
+    rp.set_defaults(func=cmd_replay)
 
     sc = sub.add_parser("score", help="compare what the platform detected with a labels file: precision, recall, "
                                       "F1, NAB score, time to detect and to alert per anomaly kind")

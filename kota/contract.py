@@ -116,6 +116,12 @@ METRICS: dict[str, Metric] = {
         _m("co", "ug/m3", 0, 100000, "carbon monoxide"),
         _m("so2", "ug/m3", 0, 5000, "sulphur dioxide"),
         _m("hc", "ug/m3", 0, 5000, "hydrocarbons"),
+        # ISPU as an agency publishes it (the day's index and each pollutant's sub-index), for
+        # stations that report indices rather than concentrations. Stored as sent: the platform's own
+        # ISPU is computed from concentrations.
+        _m("ispu", "1", 0, 1000, "published ISPU, the day's index"),
+        *(_m(f"ispu{p}", "1", 0, 1000, f"published ISPU sub-index for {p.upper()}")
+          for p in ("Pm25", "Pm10", "So2", "Co", "O3", "No2")),
         _m("temperature", "Cel", -40, 70, "air temperature"),
         _m("relativeHumidity", "%RH", 0, 100, "relative humidity, percent"),
         _m("windSpeed", "m/s", 0, 100, "wind speed"),
@@ -128,6 +134,7 @@ METRICS: dict[str, Metric] = {
         _m("intensity", "veh/min", 0, 1000, "vehicles counted per minute"),
         _m("occupancy", "/", 0, 1, "lane occupancy, fraction 0-1"),
         _m("averageVehicleSpeed", "km/h", 0, 250, "mean vehicle speed"),
+        _m("travelTime", "s", 0, 86400, "time to travel the corridor"),
         _m("waterConsumption", "m3/h", 0, 100000, "water consumption rate"),
         _m("pressure", "bar", 0, 50, "water network pressure"),
         _m("activePower", "kW", 0, 100000, "electric active power"),

@@ -37,7 +37,7 @@ class Sent:
     last_ts_ms: int | None = None
 
 
-class _Connection:
+class Connection:
     """One MQTT connection with a bounded queue: publishing waits while it is full."""
 
     def __init__(self, login: MqttLogin, client_id: str, sent: Sent, lock: threading.Lock, max_queued: int) -> None:
@@ -90,7 +90,7 @@ def run(stream: CityStream, *, logins: dict[str, MqttLogin], stop: threading.Eve
         max_queued: int = 1000, count_log: Path | None = None) -> Sent:
     """Publish until `stop` (or `max_ticks`); `logins` holds one login per sender (gateway or device)."""
     sent, lock = Sent(), threading.Lock()
-    connections = {sender: _Connection(login, f"kota-sim-{sender}", sent, lock, max_queued)
+    connections = {sender: Connection(login, f"kota-sim-{sender}", sent, lock, max_queued)
                    for sender, login in logins.items()}
     began = time.monotonic()
     tick = 0

@@ -6,7 +6,8 @@ import pytest
 from kota.cli import build_parser
 
 SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices",
-               "deadletters", "users", "score"]
+               "deadletters", "users", "score",
+               "replay"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
