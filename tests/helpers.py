@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -89,6 +92,29 @@ def stored_readings(stack: StackSettings, device_id: str) -> list[tuple[int, str
             "SELECT (extract(epoch FROM ts) * 1000)::bigint, metric, value FROM readings "
             "WHERE device_id = %s ORDER BY ts, metric", (device_id,)).fetchall()
     return [(int(ts), metric, value) for ts, metric, value in rows]
+
+
+def stored_count_in_city(stack: StackSettings, city: str) -> int:
+    """How many readings are stored for the devices of one city."""
+    [(n,)] = query(stack, "SELECT count(*) FROM readings r JOIN devices d USING (device_id) WHERE d.city = %s",
+                   (city,))
+    return int(n)
+
+
+def run_kota(stack: StackSettings, *argv: str, env: dict[str, str] | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`kota ARGV...` against the test stack, as a user would run it."""
+    env = {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset),
+           **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kota.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def kota_ok(stack: StackSettings, *argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """`kota ARGV...` that must succeed: what it printed."""
+    result = run_kota(stack, *argv, env=env, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
 
 
 AGG_COLUMNS = "bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts, last_value"

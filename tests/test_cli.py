@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from kota.cli import build_parser
+from tests.helpers import kota_ok, run_kota
 
 SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices",
                "deadletters", "users", "score",
@@ -24,30 +25,20 @@ def test_parser_knows_every_subcommand():
 
 @pytest.mark.stack
 def test_status_shows_services_and_processes(pipeline):
-    env = {"KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset)}
-    import os
-
-    result = subprocess.run([sys.executable, "-m", "kota.cli", "status"], capture_output=True, text=True,
-                            env={**os.environ, **env})
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    out = kota_ok(pipeline, "status")
+    lines = {line.split()[0]: line for line in out.splitlines()}
     for name in ("mosquitto", "postgres", "kafka", "gateway", "processor", "api"):
-        assert "running" in lines[name], result.stdout
+        assert "running" in lines[name], out
 
 
 @pytest.mark.stack
 def test_devices_cli_adds_lists_and_disables(pipeline):
-    import os
     import uuid
 
-    env = {**os.environ, "KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset)}
     device_id = f"cli-{uuid.uuid4().hex[:8]}"
 
     def kota(*args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "kota.cli", "devices", *args], capture_output=True,
-                                text=True, env=env)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
+        return kota_ok(pipeline, "devices", *args)
 
     assert "registered" in kota("add", device_id, "--city", "clikota", "--type", "noise")
     assert f"{device_id}" in kota("list", "--city", "clikota")
@@ -58,7 +49,6 @@ def test_devices_cli_adds_lists_and_disables(pipeline):
 
 @pytest.mark.stack
 def test_users_cli_makes_accounts_whose_tokens_the_api_accepts_until_revoked(pipeline, tmp_path):
-    import os
     import re
     import uuid
 
@@ -66,14 +56,11 @@ def test_users_cli_makes_accounts_whose_tokens_the_api_accepts_until_revoked(pip
 
     from kota.cli import ensure_demo_operator
 
-    env = {**os.environ, "KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset),
-           "KOTA_API_TOKEN_CACHE_S": "0"}
+    env = {"KOTA_API_TOKEN_CACHE_S": "0"}
     user = f"prov-{uuid.uuid4().hex[:8]}"
 
     def kota(*argv: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "kota.cli", *argv], capture_output=True, text=True, env=env)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout + result.stderr
+        return kota_ok(pipeline, *argv, env=env)
 
     out = kota("users", "add", user, "--role", "operator", "--city", "bandung", "--city", "bogor")
     token = re.search(r"(kota_\S+)", out).group(1)
@@ -81,8 +68,7 @@ def test_users_cli_makes_accounts_whose_tokens_the_api_accepts_until_revoked(pip
     assert me == {"user_id": user, "role": "operator", "cities": ["bandung", "bogor"]}
     assert f"{user}" in kota("users", "list")
     assert "1 token(s) revoked" in kota("users", "revoke", user)
-    bad = subprocess.run([sys.executable, "-m", "kota.cli", "users", "add", "x", "--role", "operator"],
-                         capture_output=True, text=True, env=env)
+    bad = run_kota(pipeline, "users", "add", "x", "--role", "operator", env=env)
     assert bad.returncode == 1 and "needs at least one city" in bad.stdout + bad.stderr
 
     # kota up's demo operator: the same token on every run while it stays valid.

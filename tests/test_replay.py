@@ -2,29 +2,23 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulators.replay import BEIJING, JAKARTA, mapping_for, parse
-from tests.helpers import query, unique_id, wait_for
+from tests.helpers import query, run_kota, stored_count_in_city, unique_id, wait_for
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _kota(pipeline, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset)}
-    return subprocess.run([sys.executable, "-m", "kota.cli", "replay", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+def _kota(pipeline, *args: str):
+    return run_kota(pipeline, "replay", *args)
 
 
 def _stored(pipeline, city: str, expected: int) -> int:
     def count() -> int | None:
-        [(n,)] = query(pipeline, "SELECT count(*) FROM readings r JOIN devices d USING (device_id) WHERE d.city = %s",
-                       (city,))
+        n = stored_count_in_city(pipeline, city)
         return n if n >= expected else None
     return wait_for(count, timeout_s=60, what=f"{expected} readings of {city}")
 

@@ -3,23 +3,12 @@ message forms; then `kota score` reads back what the platform detected."""
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import query, unique_id, wait_for
+from tests.helpers import kota_ok, stored_count_in_city, unique_id, wait_for
 
 pytestmark = pytest.mark.stack
-
-
-def _kota(pipeline, *args: str, timeout: float = 300) -> str:
-    env = {**os.environ, "KOTA_STATE_DIR": str(pipeline.state_dir), "KOTA_PORT_OFFSET": str(pipeline.port_offset)}
-    result = subprocess.run([sys.executable, "-m", "kota.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
@@ -27,15 +16,14 @@ def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
     # Ten simulated hours that ended an hour ago: inside the gateway's and the processor's windows.
     start = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=11)).replace(second=0, microsecond=0)
     labels, counts, out = tmp_path / "labels.json", tmp_path / "counts.json", tmp_path / "score"
-    _kota(pipeline, "simulate", "--city", city, "--devices", "24", "--seed", "11", "--start", start.isoformat(),
+    kota_ok(pipeline, "simulate", "--city", city, "--devices", "24", "--seed", "11", "--start", start.isoformat(),
           "--hours", "10", "--interval", "60", "--labels", str(labels), "--counts", str(counts))
     sent = json.loads(counts.read_text())
     assert sent["ticks"] == 600
     assert sent["acknowledged_readings"] == sent["readings"] > 24 * 600 * 1.5
 
     def stored() -> int | None:
-        [(n,)] = query(pipeline, "SELECT count(*) FROM readings r JOIN devices d USING (device_id) WHERE d.city = %s",
-                       (city,))
+        n = stored_count_in_city(pipeline, city)
         return n if n >= sent["readings"] else None
 
     assert wait_for(stored, timeout_s=120, what="every acknowledged reading stored") == sent["readings"]
@@ -45,7 +33,7 @@ def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
     document = json.loads(labels.read_text())
     kinds = {x["kind"] for x in document["labels"]}
     assert "flood_wave" in kinds
-    report = _kota(pipeline, "score", "--labels", str(labels), "--out", str(out))
+    report = kota_ok(pipeline, "score", "--labels", str(labels), "--out", str(out))
     assert f"Scorecard for {city}" in report
     flood = next(line for line in report.splitlines() if line.startswith("flood_wave"))
     gates = sum(1 for x in document["labels"] if x["kind"] == "flood_wave")
