@@ -19,9 +19,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kota.settings import StackSettings
+
+if TYPE_CHECKING:
+    from kota.registry import Device
 
 
 def _setup_logging() -> None:
@@ -175,15 +178,30 @@ def _parse_time(text: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def _register_behind_gateway(stack: StackSettings, gateway_id: str, city: str, devices: list[Device],
+                             device_passwords: dict[str, str] | None = None) -> str:
+    """Register a gateway with a fresh password and the devices behind it, let the broker know; the password.
+    The simulator and replays do this on every run: each is its own integrator."""
     import psycopg
 
     from deploy import mqtt_access
-    from kota.mqtt import MqttLogin
     from kota.registry import Gateway, new_password, upsert_devices, upsert_gateway
-    from simulators.anomalies import Injector, plan, write_labels
+
+    password = new_password()
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        upsert_gateway(conn, Gateway(gateway_id, city), password)
+        upsert_devices(conn, devices, device_passwords)
+    mqtt_access.sync(stack)
+    return password
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from kota.mqtt import MqttLogin
+    from kota.registry import new_password
+    from simulators.anomalies import Injector, label_entries, plan, write_labels
     from simulators.city import build_city
     from simulators.publisher import run
     from simulators.stream import FORMS, CityStream, device_forms
@@ -203,23 +221,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     plan_end = plan_start + (ticks * interval_ms if ticks is not None else 7 * 86_400_000)
     anomalies = plan(city, plan_start, plan_end, interval_ms, args.anomalies_per_day)
     labels = Path(args.labels or stack.state_dir / f"simulator-{city.city}-labels.json")
-    labels.parent.mkdir(parents=True, exist_ok=True)
-    write_labels(labels, city, anomalies, start_ms=plan_start, end_ms=plan_end, interval_ms=interval_ms)
+    write_labels(labels, city=city.city, seed=city.seed, start_ms=plan_start, end_ms=plan_end,
+                 interval_ms=interval_ms, labels=label_entries(anomalies))
 
     forms_of = device_forms(city, forms, args.single_devices)
-    gateway_password = new_password()  # fresh ones each run: the simulator is its own integrator
     device_passwords = {d: new_password() for d, form in forms_of.items() if form == "single"}
-    with psycopg.connect(stack.postgres_dsn) as conn:
-        upsert_gateway(conn, Gateway(city.gateway_id, city.city), gateway_password)
-        upsert_devices(conn, city.devices, device_passwords)
-    mqtt_access.sync(stack)
+    gateway_password = _register_behind_gateway(stack, city.gateway_id, city.city, city.devices, device_passwords)
     logins = {city.gateway_id: MqttLogin(stack.mqtt_port, city.gateway_id, gateway_password)}
     logins |= {d: MqttLogin(stack.mqtt_port, d, p) for d, p in device_passwords.items()}
     pace = (f"{args.rate:g} readings/s" if args.rate else "as fast as the broker acknowledges" if start_ms
             else f"every {args.interval:g} s")
     logging.getLogger("kota.simulator").info(
         "city %s: %d devices (%s), %d anomalies planned (labels: %s); publishing %s", city.city,
-        len(city.devices), ", ".join(f"{sum(1 for f in forms_of.values() if f == form)} {form}" for form in forms),
+        len(city.devices), ", ".join(f"{n} {form}" for form, n in Counter(forms_of.values()).items()),
         len(anomalies), labels, pace)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -236,15 +250,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    import psycopg
     from tqdm import tqdm
 
-    from deploy import mqtt_access
     from ingest.gateway import GatewaySettings
     from kota.contract import gateway_telemetry_topic
     from kota.mqtt import MqttLogin
-    from kota.registry import Gateway, new_password, upsert_devices, upsert_gateway
     from simulators import replay
+    from simulators.anomalies import write_labels
     from simulators.publisher import Connection, Sent
 
     stack = StackSettings()
@@ -268,11 +280,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "(KOTA_GATEWAY_MAX_AGE_MS), so some would be refused. Replay part of it with --since/--until.")
     gateway_id = f"{args.city}-replay-gateway"
     devices = replay.devices_for(parsed, mapping, args.city, gateway_id)
-    password = new_password()
-    with psycopg.connect(stack.postgres_dsn) as conn:
-        upsert_gateway(conn, Gateway(gateway_id, args.city), password)
-        upsert_devices(conn, list(devices.values()))
-    mqtt_access.sync(stack)
+    password = _register_behind_gateway(stack, gateway_id, args.city, list(devices.values()))
     skipped = sum(parsed.skipped.values())
     times = f"shifted by {shift / 86_400_000:.2f} days" if shift else "as recorded"
     print(f"{path.name} ({kind}): {len(parsed.rows)} rows, {parsed.readings} readings from {len(devices)} device(s) "
@@ -285,9 +293,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         metric = next(iter(device.metrics))
         labels = [x for x in (replay.nab_labels(path, windows, device, metric, shift) if windows.exists() else [])
                   if x["end_ms"] >= first + shift and x["start_ms"] <= last + shift]  # the replayed part's
-        labels_path.write_text(json.dumps({"city": args.city, "seed": None, "start_ms": first + shift,
-                                           "end_ms": last + shift + 1, "interval_ms": None, "labels": labels},
-                                          indent=1))
+        write_labels(labels_path, city=args.city, seed=None, start_ms=first + shift, end_ms=last + shift + 1,
+                     interval_ms=None, labels=labels)
         print(f"{len(labels)} NAB window(s) written to {labels_path} (for kota score)")
 
     sent, lock, stop = Sent(), threading.Lock(), threading.Event()
@@ -295,17 +302,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
                             max_queued=1000)
     topic = gateway_telemetry_topic(args.city, gateway_id)
     began = time.monotonic()
-    rows_done = 0
     try:
         with tqdm(total=parsed.readings, unit=" readings", unit_scale=True, smoothing=0.1) as bar:
-            for payload, readings, rows in replay.batches(parsed.rows, devices, 1 if args.speed else 500, shift):
+            for payload, readings, row_ts in replay.batches(parsed.rows, devices, 1 if args.speed else 500, shift):
                 if args.speed:  # wait for the first row of this message, replay time
-                    due = (parsed.rows[rows_done].ts_ms - first) / 1000 / args.speed
-                    time.sleep(max(0.0, began + due - time.monotonic()))
+                    time.sleep(max(0.0, began + (row_ts - first) / 1000 / args.speed - time.monotonic()))
                 connection.publish(topic, payload, readings, stop)
                 sent.messages += 1
                 sent.readings += readings
-                rows_done += rows
                 bar.update(readings)
     except KeyboardInterrupt:
         print("interrupted")
@@ -324,17 +328,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from simulators import scorecard
+    from simulators.anomalies import read_labels
 
     stack = StackSettings()
     labels_path = Path(args.labels or stack.state_dir / f"simulator-{args.city}-labels.json")
     if not labels_path.exists():
         raise SystemExit(f"no labels file at {labels_path}: run `kota simulate` (or `kota replay`) first, or "
                          "pass --labels")
-    document = json.loads(labels_path.read_text())
+    document = read_labels(labels_path)
     card = scorecard.load(stack.postgres_dsn, document)
     text = scorecard.report(card)
     out = Path(args.out or stack.state_dir / "scorecards")
@@ -549,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "quality, Jakarta ISPU, or any CSV with a mapping)")
     rp.add_argument("file")
     rp.add_argument("--format", default="auto", choices=["auto", "nab", "beijing", "jakarta", "csv"])
-    rp.add_argument("--mapping", help="JSON mapping of a CSV's columns to devices and metrics (docs/replay.md)")
+    rp.add_argument("--mapping", help="JSON mapping of a CSV's columns to devices and metrics "
+                                      "(docs/testing_streams.md)")
     rp.add_argument("--metric", help="the metric a NAB file's value is (default from its name: speed, occupancy, "
                                      "TravelTime)")
     rp.add_argument("--city", default="replay", help="city the replayed devices belong to")

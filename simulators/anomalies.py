@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -161,21 +162,26 @@ class Injector:
         return values
 
 
-def write_labels(path: Path, city: SimulatedCity, anomalies: list[Anomaly], *, start_ms: int, end_ms: int,
-                 interval_ms: int) -> None:
+def label_entries(anomalies: list[Anomaly]) -> list[dict[str, object]]:
     """The ground truth: one entry per anomaly per device, with its event-time window."""
-    labels = []
+    labels: list[dict[str, object]] = []
     for anomaly in anomalies:
         for device_id in anomaly.devices:
             first, last = anomaly.window(device_id)
             labels.append({"kind": anomaly.kind, "device_id": device_id, "metric": anomaly.metric,
                            "start_ms": first, "end_ms": last, "magnitude": anomaly.magnitude})
-    document = {"city": city.city, "seed": city.seed, "start_ms": start_ms, "end_ms": end_ms,
-                "interval_ms": interval_ms, "labels": labels}
+    return labels
+
+
+def write_labels(path: Path, *, city: str, seed: int | None, start_ms: int, end_ms: int, interval_ms: int | None,
+                 labels: list[dict[str, object]]) -> None:
+    """A labels file, as `kota score` reads it: the simulator's, or a NAB replay's windows."""
+    document = {"city": city, "seed": seed, "start_ms": start_ms, "end_ms": end_ms, "interval_ms": interval_ms,
+                "labels": labels}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n")
 
 
-def read_labels(path: Path) -> dict[str, object]:
-    document: dict[str, object] = json.loads(path.read_text())
+def read_labels(path: Path) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(path.read_text())
     return document
-

@@ -4,7 +4,7 @@ A mapping says how a CSV file becomes readings: its delimiter, where the time is
 format, or year/month/day/hour columns) and in which time zone, which column names the device (or
 one fixed device), the device type, and which columns are which metric in which unit. NAB, the
 Beijing air-quality files and the Jakarta ISPU file have built-in mappings (`mapping_for`); any
-other CSV takes a JSON mapping of the same shape (see docs/replay.md).
+other CSV takes a JSON mapping of the same shape (see docs/testing_streams.md).
 
 Every row is accounted for: each value becomes a reading or is counted as skipped with a reason
 (empty, not a number, outside the metric's range); the replay prints both counts, and the
@@ -117,7 +117,8 @@ def mapping_for(path: Path, kind: str = "auto", *, metric: str | None = None, ma
     if kind == "jakarta":
         return kind, JAKARTA
     if mapping_file is None:
-        raise ValueError(f"{path.name}: not a known format; describe its columns with --mapping (docs/replay.md)")
+        raise ValueError(f"{path.name}: not a known format; describe its columns with --mapping "
+                         "(docs/testing_streams.md)")
     return "csv", Mapping.from_json(json.loads(mapping_file.read_text()))
 
 
@@ -209,18 +210,19 @@ def devices_for(parsed: Parsed, m: Mapping, city: str, gateway_id: str) -> dict[
 def batches(rows: list[Row], devices: dict[str, Device], per_message: int = 500, shift_ms: int = 0
             ) -> Iterator[tuple[bytes, int, int]]:
     """Gateway JSON messages of about `per_message` readings, times moved by `shift_ms`:
-    (payload, readings, rows)."""
+    (payload, readings, recorded time of its first row, which paced replays wait for)."""
     body: dict[str, list[dict[str, object]]] = {}
-    readings = count = 0
+    readings = first_ts = 0
     for row in rows:
+        if not body:
+            first_ts = row.ts_ms
         body.setdefault(devices[row.device].device_id, []).append({"ts": row.ts_ms + shift_ms, "values": row.values})
         readings += len(row.values)
-        count += 1
         if readings >= per_message:
-            yield json.dumps(body, separators=(",", ":")).encode(), readings, count
-            body, readings, count = {}, 0, 0
+            yield json.dumps(body, separators=(",", ":")).encode(), readings, first_ts
+            body, readings = {}, 0
     if body:
-        yield json.dumps(body, separators=(",", ":")).encode(), readings, count
+        yield json.dumps(body, separators=(",", ":")).encode(), readings, first_ts
 
 
 def nab_labels(path: Path, windows_file: Path, device: Device, metric: str, shift_ms: int) -> list[dict[str, Any]]:
