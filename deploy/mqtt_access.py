@@ -41,9 +41,20 @@ LOCK_FILE = "devices-locked"
 
 
 def _mosquitto_owned(path: Path) -> None:
-    if os.geteuid() == 0:
+    # Only where a local broker runs as its own user (not in a deployment's access sidecar).
+    if os.geteuid() == 0 and shutil.which("mosquitto") and _has_user("mosquitto"):
         shutil.chown(path, "mosquitto", "mosquitto")
         os.chmod(path, 0o600)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -62,14 +73,16 @@ def ingest_password(stack: StackSettings, folder: Path) -> str:
     return secret.read_text().strip()
 
 
-def write_access_files(stack: StackSettings, folder: Path, *, with_registry: bool = True) -> None:
-    """Write passwd and acl into the broker's folder; the registry part only once the schema exists."""
+def write_access_files(stack: StackSettings, folder: Path, *, with_registry: bool = True,
+                       ingest_secret: str | None = None) -> None:
+    """Write passwd and acl into the broker's folder; the registry part only once the schema exists.
+    `ingest_secret` is the gateways' password where a deployment hands it out (else made here)."""
     accounts = []
     if with_registry and not (folder / LOCK_FILE).exists():
         with psycopg.connect(stack.postgres_dsn) as conn:
             accounts = mqtt_accounts(conn)
     nonce = secrets.token_urlsafe(16)  # what reload_broker checks to know these files are loaded
-    passwd = [f"{INGEST_USER}:{hash_mqtt_password(ingest_password(stack, folder))}",
+    passwd = [f"{INGEST_USER}:{hash_mqtt_password(ingest_secret or ingest_password(stack, folder))}",
               f"{RELOAD_PROBE_USER}:{hash_mqtt_password(nonce)}"]
     acl = ["# Generated from the device registry by kota (deploy/mqtt_access.py); edits are overwritten.",
            f"user {INGEST_USER}", f"topic read {MQTT_TOPIC_ROOT}/#", f"topic write {INGEST_PROBE_TOPIC}", ""]
@@ -128,6 +141,39 @@ def sync(stack: StackSettings) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         write_access_files(stack, folder)
         reload_broker(stack)
+
+
+def registry_version(conn: psycopg.Connection) -> tuple:
+    """Changes whenever an account is added, removed, enabled, disabled or given a new password."""
+    return conn.execute(
+        "SELECT (SELECT count(*) FROM devices), (SELECT max(updated_at) FROM devices),"
+        " (SELECT count(*) FROM gateways), (SELECT max(updated_at) FROM gateways)").fetchone()
+
+
+def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Path, *, ingest_secret: str,
+                        every_s: float, once: bool = False) -> None:
+    """For a broker on another host or in another container (deploy/compose, deploy/k8s): keep
+    its passwd and acl files, in a folder both share, in step with the registry, and SIGHUP the
+    broker (its `pid_file`, in a shared process namespace) after each change."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seen = None
+    while True:
+        try:
+            with psycopg.connect(stack.postgres_dsn, connect_timeout=5) as conn:
+                version = registry_version(conn)
+            if version != seen:
+                write_access_files(stack, folder, ingest_secret=ingest_secret)
+                if broker_pid_file.exists():
+                    os.kill(int(broker_pid_file.read_text().split()[0]), signal.SIGHUP)
+                seen = version
+                print(f"broker access files written to {folder} for registry version {version}", flush=True)
+        except (psycopg.Error, OSError, ValueError) as exc:
+            if once:
+                raise
+            print(f"broker access: {exc}; retrying in {every_s:.0f} s", flush=True)
+        if once:
+            return
+        time.sleep(every_s)
 
 
 def lock_devices(stack: StackSettings, folder: Path) -> None:

@@ -443,7 +443,7 @@ async def create_topics(stack: StackSettings) -> None:
     try:
         existing = set(await admin.list_topics())
         wanted = [NewTopic(name, num_partitions=stack.kafka_partitions if name != DEADLETTER_TOPIC else 1,
-                           replication_factor=1) for name in KAFKA_TOPICS if name not in existing]
+                           replication_factor=stack.kafka_replication) for name in KAFKA_TOPICS if name not in existing]
         if wanted:
             await admin.create_topics(wanted)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter, defaultdict
 
@@ -53,6 +54,8 @@ SEND_SECONDS = Histogram("kota_gateway_kafka_send_seconds", "time for Kafka to a
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOTA_GATEWAY_", extra="ignore")
 
+    # Each gateway keeps its own persistent MQTT session under this id. "{hostname}" is replaced,
+    # so replicas in containers (deploy/compose, deploy/k8s) get distinct, stable ids.
     client_id: str = "kota-gateway-1"
     mqtt_username: str = "kota-ingest"
     mqtt_password: SecretStr | None = None
@@ -95,7 +98,8 @@ class IngestGateway:
         topic_filter = (f"$share/{MQTT_SHARED_GROUP}/{MQTT_INGEST_FILTER}" if settings.shared_subscription
                         else MQTT_INGEST_FILTER)
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
-        self._inbox = MqttInbox(host="127.0.0.1", port=stack.mqtt_port, client_id=settings.client_id,
+        client_id = settings.client_id.format(hostname=socket.gethostname())
+        self._inbox = MqttInbox(host=stack.mqtt_host, port=stack.mqtt_port, client_id=client_id,
                                 topic_filter=topic_filter, maxsize=settings.queue_size,
                                 username=settings.mqtt_username, password=password)
         self._recent = RecentReadings(settings.duplicate_memory)
@@ -113,7 +117,7 @@ class IngestGateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._settings.metrics_enabled:
-            start_http_server(self._stack.gateway_metrics_port, addr="127.0.0.1")
+            start_http_server(self._stack.gateway_metrics_port, addr=self._stack.bind_host)
         await self._refresh_devices()
         self._producer = await self._start_producer(stop)
         self._inbox.start()

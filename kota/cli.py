@@ -127,11 +127,17 @@ def cmd_status(_args: argparse.Namespace) -> int:
     return 0 if all(state.startswith("running") for name, state, _ in rows[:3]) else 1
 
 
-def cmd_migrate(_args: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
     from kota.schema import migrate
 
-    backend, applied = migrate(StackSettings().postgres_dsn)
+    stack = StackSettings()
+    backend, applied = migrate(stack.postgres_dsn)
     _say(f"schema up to date on {backend}; applied now: {applied or 'nothing'}")
+    if args.kafka_topics:
+        from deploy.stack import create_topics
+
+        asyncio.run(create_topics(stack))
+        _say(f"kafka topics present on {stack.kafka_bootstrap} ({stack.kafka_partitions} readings partitions)")
     return 0
 
 
@@ -161,7 +167,7 @@ def cmd_api(_args: argparse.Namespace) -> int:
 
     _setup_logging()
     stack = StackSettings()
-    uvicorn.run(create_app(stack), host="127.0.0.1", port=stack.api_port, log_level="warning")
+    uvicorn.run(create_app(stack), host=stack.bind_host, port=stack.api_port, log_level="warning")
     return 0
 
 
@@ -227,8 +233,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     forms_of = device_forms(city, forms, args.single_devices)
     device_passwords = {d: new_password() for d, form in forms_of.items() if form == "single"}
     gateway_password = _register_behind_gateway(stack, city.gateway_id, city.city, city.devices, device_passwords)
-    logins = {city.gateway_id: MqttLogin(stack.mqtt_port, city.gateway_id, gateway_password)}
-    logins |= {d: MqttLogin(stack.mqtt_port, d, p) for d, p in device_passwords.items()}
+    logins = {city.gateway_id: MqttLogin(stack.mqtt_port, city.gateway_id, gateway_password, host=stack.mqtt_host)}
+    logins |= {d: MqttLogin(stack.mqtt_port, d, p, host=stack.mqtt_host) for d, p in device_passwords.items()}
     pace = (f"{args.rate:g} readings/s" if args.rate else "as fast as the broker acknowledges" if start_ms
             else f"every {args.interval:g} s")
     logging.getLogger("kota.simulator").info(
@@ -298,8 +304,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"{len(labels)} NAB window(s) written to {labels_path} (for kota score)")
 
     sent, lock, stop = Sent(), threading.Lock(), threading.Event()
-    connection = Connection(MqttLogin(stack.mqtt_port, gateway_id, password), f"kota-replay-{args.city}", sent, lock,
-                            max_queued=1000)
+    login = MqttLogin(stack.mqtt_port, gateway_id, password, host=stack.mqtt_host)
+    connection = Connection(login, f"kota-replay-{args.city}", sent, lock, max_queued=1000)
     topic = gateway_telemetry_topic(args.city, gateway_id)
     began = time.monotonic()
     try:
@@ -484,6 +490,22 @@ def ensure_demo_operator(stack: StackSettings, city: str) -> str:
     return token
 
 
+def cmd_broker_access(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deploy import mqtt_access
+    from ingest.gateway import GatewaySettings
+
+    secret = GatewaySettings().mqtt_password
+    if secret is None:
+        _say("broker-access needs KOTA_GATEWAY_MQTT_PASSWORD: the password the gateways log in with")
+        return 2
+    mqtt_access.serve_broker_access(StackSettings(), Path(args.folder), Path(args.broker_pid_file),
+                                    ingest_secret=secret.get_secret_value(),
+                                    every_s=args.every, once=args.once)
+    return 0
+
+
 def cmd_deadletters(args: argparse.Namespace) -> int:
     from ingest.deadletters import read_dead_letters
 
@@ -522,7 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("install", help="install missing system packages and the Kafka broker, start nothing"
                    ).set_defaults(func=cmd_install)
     sub.add_parser("status", help="show each service and project process").set_defaults(func=cmd_status)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    mig = sub.add_parser("migrate", help="apply database migrations")
+    mig.add_argument("--kafka-topics", action="store_true",
+                     help="also create the Kafka topics (`kota up` does; a deployment's init job asks for it)")
+    mig.set_defaults(func=cmd_migrate)
     sub.add_parser("gateway", help="run the MQTT → Kafka gateway in the foreground").set_defaults(func=cmd_gateway)
     sub.add_parser("processor", help="run the stream processor in the foreground").set_defaults(func=cmd_processor)
     sub.add_parser("api", help="run the ops API and page in the foreground").set_defaults(func=cmd_api)
@@ -576,6 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", help="folder for the report and picture (default: STATE_DIR/scorecards)")
     sc.add_argument("--device", help="draw this device (default: the first flood-wave gate)")
     sc.set_defaults(func=cmd_score)
+
+    ba = sub.add_parser("broker-access", help="keep a remote broker's password and ACL files in step with the "
+                        "registry (a sidecar in deploy/compose and deploy/k8s; `kota up` does this itself)")
+    ba.add_argument("--folder", required=True, help="where the broker reads passwd and acl")
+    ba.add_argument("--broker-pid-file", required=True, help="the broker's pid_file, signalled after each change")
+    ba.add_argument("--every", type=float, default=5.0, help="seconds between registry checks")
+    ba.add_argument("--once", action="store_true", help="write the files once and exit")
+    ba.set_defaults(func=cmd_broker_access)
 
     dl = sub.add_parser("deadletters", help="show rejected input with its reason (the dead-letter topic)")
     dl.add_argument("--device", help="only rejections naming this device or gateway")

@@ -31,10 +31,10 @@ def is_connack(reply: bytes) -> bool:
     return len(reply) >= 4 and reply[0] == 0x20
 
 
-def connack_code(port: int, connect_packet: bytes) -> int | None:
+def connack_code(port: int, connect_packet: bytes, host: str = "127.0.0.1") -> int | None:
     """Send one raw CONNECT to the local broker; the CONNACK's return code, or None without one."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        with socket.create_connection((host, port), timeout=2) as sock:
             sock.sendall(connect_packet)
             reply = sock.recv(4)
             if not is_connack(reply):
@@ -53,6 +53,7 @@ class MqttLogin:
     ca_file: str | None = None  # TLS when set
     cert_file: str | None = None  # client certificate (mutual TLS)
     key_file: str | None = None
+    host: str = "127.0.0.1"
 
 
 def connect(login: MqttLogin, client_id: str, *, timeout_s: float = 15.0, clean_session: bool = True,
@@ -79,7 +80,7 @@ def connect(login: MqttLogin, client_id: str, *, timeout_s: float = 15.0, clean_
             accepted.set()
 
     client.on_connect = on_connect
-    client.connect_async("127.0.0.1", login.port, keepalive=30)
+    client.connect_async(login.host, login.port, keepalive=30)
     client.loop_start()
     if not accepted.wait(timeout_s):
         client.loop_stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,20 @@ class StackSettings(BaseSettings):
     gateway_metrics_base_port: int = 18091
     processor_metrics_base_port: int = 18092
 
+    # Hosts: every service on this machine by default. A deployment over several machines or
+    # containers names them (deploy/compose, deploy/k8s); `bind_host` is where the API and the
+    # metrics endpoints listen (0.0.0.0 inside a container).
+    mqtt_host: str = "127.0.0.1"
+    kafka_host: str = "127.0.0.1"
+    postgres_host: str = "127.0.0.1"
+    postgres_user: str = "postgres"
+    postgres_password: SecretStr | None = None
+    api_host: str = "127.0.0.1"
+    processor_host: str = "127.0.0.1"  # where the API reads the processor's metrics
+    bind_host: str = "127.0.0.1"
+
     kafka_partitions: int = 4
+    kafka_replication: int = 1  # 3 on a cluster of brokers (deploy/k8s)
     kafka_heap: str = "512m"
     database: str = "kota"
 
@@ -83,15 +96,18 @@ class StackSettings(BaseSettings):
 
     @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        return f"{self.kafka_host}:{self.kafka_port}"
 
     @property
     def postgres_dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.postgres_port} user=postgres dbname={self.database}"
+        dsn = f"host={self.postgres_host} port={self.postgres_port} user={self.postgres_user} dbname={self.database}"
+        if self.postgres_password:
+            dsn += f" password={self.postgres_password.get_secret_value()}"
+        return dsn
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.api_host}:{self.api_port}"
 
     @cached_property
     def logs_dir(self) -> Path:

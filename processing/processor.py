@@ -153,7 +153,7 @@ class Processor:
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._settings.metrics_enabled:
-            start_http_server(self._stack.processor_metrics_port, addr="127.0.0.1")
+            start_http_server(self._stack.processor_metrics_port, addr=self._stack.bind_host)
         with psycopg.connect(self._stack.postgres_dsn) as sync_conn:
             self._backend = storage_backend(sync_conn)
         self._policy = dataclasses.replace(self._policy, track_rollups=self._backend == "postgres")

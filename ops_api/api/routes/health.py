@@ -50,7 +50,7 @@ class ProcessorWatch:
     """Samples the processor's Prometheus counters every few seconds, for its throughput."""
 
     def __init__(self, stack: StackSettings, every_s: float = 5.0) -> None:
-        self._url = f"http://127.0.0.1:{stack.processor_metrics_port}/metrics"
+        self._url = f"http://{stack.processor_host}:{stack.processor_metrics_port}/metrics"
         self._every_s = every_s
         self._last: tuple[float, float] | None = None
         self.readings_per_s: float | None = None
@@ -83,8 +83,8 @@ async def _timed(check: Coroutine[Any, Any, str]) -> DependencyHealth:
     return DependencyHealth(ok=ok, detail=detail, latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
 
-async def _mqtt(port: int) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _mqtt(host: str, port: int) -> str:
+    reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(HEALTH_CONNECT)
         await writer.drain()
@@ -134,7 +134,7 @@ async def health(request: Request, conn: Connection, stack: Stack, hub: Hub, res
         return "PostgreSQL answered"
 
     db, kafka, mqtt = await asyncio.gather(_timed(database()), _timed(_kafka(stack.kafka_bootstrap)),
-                                           _timed(_mqtt(stack.mqtt_port)))
+                                           _timed(_mqtt(stack.mqtt_host, stack.mqtt_port)))
     last = await queries.last_reading_time(conn) if db.ok else None
     lag: dict[str, int] = {}
     if db.ok and kafka.ok:
