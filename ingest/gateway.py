@@ -70,6 +70,9 @@ class GatewaySettings(BaseSettings):
     log_burst_s: float = 10.0
     duplicate_memory: int = 400_000
     metrics_enabled: bool = True
+    # Drain mode (`kota gateway --drain CLIENT_ID`): forward what a departed gateway's session
+    # holds, then exit once nothing has come for this long.
+    drain_quiet_s: float = 3.0
 
 
 class BurstLog:
@@ -92,8 +95,9 @@ class BurstLog:
 
 
 class IngestGateway:
-    def __init__(self, *, stack: StackSettings, settings: GatewaySettings) -> None:
+    def __init__(self, *, stack: StackSettings, settings: GatewaySettings, drain: bool = False) -> None:
         self._stack, self._settings = stack, settings
+        self._drain = drain
         self._limits = ParseLimits(settings.max_payload_bytes, settings.max_future_ms, settings.max_age_ms)
         topic_filter = (f"$share/{MQTT_SHARED_GROUP}/{MQTT_INGEST_FILTER}" if settings.shared_subscription
                         else MQTT_INGEST_FILTER)
@@ -101,7 +105,7 @@ class IngestGateway:
         client_id = settings.client_id.format(hostname=socket.gethostname())
         self._inbox = MqttInbox(host=stack.mqtt_host, port=stack.mqtt_port, client_id=client_id,
                                 topic_filter=topic_filter, maxsize=settings.queue_size,
-                                username=settings.mqtt_username, password=password)
+                                username=settings.mqtt_username, password=password, drain=drain)
         self._recent = RecentReadings(settings.duplicate_memory)
         self._devices: dict[str, Device] = {}
         self._gateways: dict[str, Gateway] = {}
@@ -121,13 +125,22 @@ class IngestGateway:
         await self._refresh_devices()
         self._producer = await self._start_producer(stop)
         self._inbox.start()
+        last_message = time.monotonic()
+        drained = 0
         try:
             while not stop.is_set():
                 batch = await asyncio.to_thread(self._inbox.take_batch, self._settings.batch_max_messages,
                                                 self._settings.batch_wait_s)
                 QUEUE_DEPTH.set(self._inbox.depth)
                 if batch:
+                    last_message = time.monotonic()
+                    drained += len(batch)
                     await self._forward(batch, stop)
+                elif self._drain and self._inbox.unsubscribed.is_set() and \
+                        time.monotonic() - last_message > self._settings.drain_quiet_s:
+                    log.info("drained %d message(s) from session %s", drained, self._inbox.client_id)
+                    print(f"drained {drained} message(s) from session {self._inbox.client_id}", flush=True)
+                    return
                 elif time.monotonic() - self._devices_loaded_at > self._settings.registry_refresh_s:
                     await self._refresh_devices()
         finally:
@@ -272,5 +285,6 @@ def _sender_of(topic: str) -> str:
     return parts[3] if len(parts) == 5 else ""
 
 
-async def run_gateway(stack: StackSettings, settings: GatewaySettings, stop: asyncio.Event) -> None:
-    await IngestGateway(stack=stack, settings=settings).run(stop)
+async def run_gateway(stack: StackSettings, settings: GatewaySettings, stop: asyncio.Event,
+                      drain: bool = False) -> None:
+    await IngestGateway(stack=stack, settings=settings, drain=drain).run(stop)

@@ -30,14 +30,18 @@ class InboundMessage:
 
 class MqttInbox:
     def __init__(self, *, host: str, port: int, client_id: str, topic_filter: str, maxsize: int,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None, drain: bool = False) -> None:
         if maxsize <= 0:
             raise ValueError("maxsize must be positive: an unbounded inbox is no backpressure")
         self._topic_filter = topic_filter
+        # Drain: take over a departed gateway's session only to empty it (see IngestGateway.drain).
+        self._drain = drain
+        self.unsubscribed = threading.Event()
         self._queue: queue.Queue[InboundMessage] = queue.Queue(maxsize)
         self._stopping = threading.Event()
         self.connected = threading.Event()
         self._host, self._port = host, port
+        self.client_id = client_id
         # Persistent session (clean_session=False) + QoS 1 + manual ack: the broker keeps
         # everything we have not acknowledged, across our crashes and restarts.
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
@@ -48,6 +52,7 @@ class MqttInbox:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_unsubscribe = lambda *_args: self.unsubscribed.set()
 
     @property
     def depth(self) -> int:
@@ -67,6 +72,12 @@ class MqttInbox:
                     reason_code: mqtt.ReasonCode, _props: object) -> None:
         if reason_code.is_failure:
             log.error("MQTT %s:%s refused the connection: %s", self._host, self._port, reason_code)
+            return
+        if self._drain:
+            # What the session holds still comes; nothing new is routed to it after this.
+            client.unsubscribe(self._topic_filter)
+            self.connected.set()
+            log.info("MQTT connected to %s:%s to drain this session", self._host, self._port)
             return
         # Subscribe on every connect: peers lose subscriptions when the broker restarts
         # without persistence; re-subscribing is harmless when the session kept it.

@@ -142,12 +142,27 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 # -- components --------------------------------------------------------------------------------
-def cmd_gateway(_args: argparse.Namespace) -> int:
+def local_ingest_secret(stack: StackSettings) -> str | None:
+    from deploy.stack import mosquitto_dir
+
+    secret = mosquitto_dir(stack) / "ingest.secret"
+    return secret.read_text().strip() if secret.exists() else None
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from pydantic import SecretStr
+
     from ingest.gateway import GatewaySettings, run_gateway
 
     _setup_logging()
     stack, settings = StackSettings(), GatewaySettings()
-    _run_until_signalled(lambda stop: run_gateway(stack, settings, stop))
+    if settings.mqtt_password is None and (secret := local_ingest_secret(stack)):
+        settings = settings.model_copy(update={"mqtt_password": SecretStr(secret)})  # run by hand beside `kota up`
+    if args.drain:
+        # A gateway scaled away for good: the broker may still hold (and keep routing to) its
+        # persistent session's share of the subscription. Forward that, unsubscribe, exit.
+        settings = settings.model_copy(update={"client_id": args.drain, "metrics_enabled": False})
+    _run_until_signalled(lambda stop: run_gateway(stack, settings, stop, drain=bool(args.drain)))
     return 0
 
 
@@ -548,7 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--kafka-topics", action="store_true",
                      help="also create the Kafka topics (`kota up` does; a deployment's init job asks for it)")
     mig.set_defaults(func=cmd_migrate)
-    sub.add_parser("gateway", help="run the MQTT → Kafka gateway in the foreground").set_defaults(func=cmd_gateway)
+    gwp = sub.add_parser("gateway", help="run the MQTT → Kafka gateway in the foreground")
+    gwp.add_argument("--drain", metavar="CLIENT_ID",
+                     help="after scaling gateways down: forward what the departed gateway CLIENT_ID's broker session "
+                          "still holds, take it out of the shared subscription, and exit")
+    gwp.set_defaults(func=cmd_gateway)
     sub.add_parser("processor", help="run the stream processor in the foreground").set_defaults(func=cmd_processor)
     sub.add_parser("api", help="run the ops API and page in the foreground").set_defaults(func=cmd_api)
 

@@ -223,8 +223,13 @@ class Processor:
             keys = [(r.device_id, r.metric) for _, r in rows]
             ranges = {k: self._range(k) for k in set(keys) if not detectors.knows(k)}
             ids = detectors.series_ids(keys, ranges)
-            scores, reasons = detectors.score(ids, np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows)),
-                                              np.fromiter((r.value for _, r in rows), np.float64, len(rows)))
+            ts = np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows))
+            values = np.fromiter((r.value for _, r in rows), np.float64, len(rows))
+            # Each series in event-time order within the batch (a stable sort: in-order series keep
+            # their order). Several gateways can swap two messages of one device on the way to Kafka.
+            order = np.argsort(ts, kind="stable")
+            scores, reasons = np.empty(len(rows)), np.empty(len(rows), np.int64)
+            scores[order], reasons[order] = detectors.score(ids[order], ts[order], values[order])
             for i in np.flatnonzero(scores >= threshold):
                 offset, r = rows[i]
                 anomalies.append(AnomalyRow(s.partition, offset, r.device_id, r.metric, r.ts_ms, r.value,
