@@ -4,24 +4,21 @@ Kafka consumer group) store exactly what one of each stores, for the same simula
 from __future__ import annotations
 
 import datetime as dt
-import json
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from deploy import procs
 from deploy import stack as local
-from kota.settings import StackSettings
 from tests.helpers import (
+    city_result,
     kota_ok,
     mqtt_client,
     provision,
     publish,
-    query,
-    stored_count_in_city,
+    simulate,
     stored_readings,
     unique_id,
     wait_for,
@@ -48,34 +45,11 @@ def _answers(port: int) -> bool:
         return False
 
 
-def simulate_and_read_back(stack: StackSettings, city: str, start: dt.datetime, folder: Path) -> dict[str, object]:
-    """Run the same simulated city under another name; what it stored, with the city name taken out."""
-    counts = folder / f"{city}-counts.json"
-    kota_ok(stack, "simulate", "--city", city, "--devices", "24", "--seed", "5", "--start", start.isoformat(),
-            "--hours", "3", "--interval", "30", "--labels", str(folder / f"{city}-labels.json"),
-            "--counts", str(counts))
-    sent = json.loads(counts.read_text())
-    assert sent["acknowledged_readings"] == sent["readings"]
-    wait_for(lambda: stored_count_in_city(stack, city) >= sent["readings"], timeout_s=180,
-             what=f"every reading of {city}")
-    time.sleep(1.0)  # would anything arrive twice?
-    cut = len(city) + 1
-    readings = query(stack, "SELECT substr(device_id, %s), metric, ts, value FROM readings r "
-                            "JOIN devices d USING (device_id) WHERE d.city = %s", (cut + 1, city))
-    minutes = query(stack, "SELECT substr(device_id, %s), metric, bucket, n, round(sum::numeric, 6), min, max, "
-                           "first_ts, last_ts FROM agg_1m a JOIN devices d USING (device_id) WHERE d.city = %s",
-                    (cut + 1, city))
-    # Dropout anomalies depend on wall-clock silence, not on the stream: not comparable between runs.
-    anomalies = query(stack, "SELECT substr(device_id, %s), metric, ts, reason FROM anomalies a "
-                             "JOIN devices d USING (device_id) WHERE d.city = %s AND reason <> 'dropout'",
-                      (cut + 1, city))
-    return {"sent": sent["readings"], "stored": len(readings), "readings": sorted(readings),
-            "minutes": sorted(minutes), "anomalies": sorted(anomalies)}
-
-
 def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline, tmp_path):
     start = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=4)).replace(second=0, microsecond=0)
-    one_of_each = simulate_and_read_back(pipeline, unique_id("one"), start, tmp_path)
+    one_city, two_city = unique_id("one"), unique_id("two")
+    sent_one = simulate(pipeline, one_city, start, tmp_path)
+    one_of_each = city_result(pipeline, one_city)
 
     gateway_port, processor_port = _free_port(), _free_port()
     offset = pipeline.port_offset
@@ -92,7 +66,8 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
         wait_for(lambda: _answers(gateway_port), what="the second gateway's metrics")
         ports = {"gateway": pipeline.gateway_metrics_port, "gateway-b": gateway_port}
         before = {name: _counter(port, "kota_gateway_readings_out") for name, port in ports.items()}
-        two_of_each = simulate_and_read_back(pipeline, unique_id("two"), start, tmp_path)
+        sent_two = simulate(pipeline, two_city, start, tmp_path)
+        two_of_each = city_result(pipeline, two_city)
         shares = {name: _counter(port, "kota_gateway_readings_out") - before[name] for name, port in ports.items()}
         stored_by_b = _counter(processor_port, "kota_processor_readings_stored")
     finally:
@@ -113,11 +88,11 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
         finally:
             drained = kota_ok(pipeline, "gateway", "--drain", "kota-gateway-b", timeout=120)
     print(f"gateway shares: {shares}; second processor stored {stored_by_b:.0f} "
-          f"of {two_of_each['sent']} readings")
-    assert all(share > 0.2 * two_of_each["sent"] for share in shares.values()), f"both gateways work: {shares}"
-    assert sum(shares.values()) == two_of_each["sent"], "every reading went to Kafka once"
+          f"of {sent_two} readings")
+    assert all(share > 0.2 * sent_two for share in shares.values()), f"both gateways work: {shares}"
+    assert sum(shares.values()) == sent_two, "every reading went to Kafka once"
     assert stored_by_b > 0, "the second processor stored part of the stream"
-    assert two_of_each["stored"] == two_of_each["sent"] == one_of_each["sent"]
+    assert len(two_of_each["readings"]) == sent_two == sent_one == len(one_of_each["readings"])
     for part in ("readings", "minutes", "anomalies"):
         assert two_of_each[part] == one_of_each[part], f"{part} differ from one gateway and one processor"
 
