@@ -62,7 +62,9 @@ class Connection:
         while not stop.is_set():
             # not under self._lock: paho calls on_publish holding its own lock, which publish() takes too
             info = self.client.publish(topic, payload, qos=1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            # "Not connected" (the broker is restarting): paho keeps the message in its bounded
+            # queue and sends it after reconnecting; the PUBACK is what counts, as always.
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 with self._lock:
                     if info.mid in self._early:
                         self._early.discard(info.mid)
