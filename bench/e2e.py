@@ -14,8 +14,9 @@ a window of `--seconds` it measures:
   is included;
 - CPU share of each component (user + system seconds over the window, of all cores).
 
-A rate is sustained when the gateway and the processor both carry at least 95 % of it and the
-p99 to the database is under 2 s; the highest such rate is the result. Baseline, measured in the
+A rate is sustained when at least 90 % of it reaches the gateway (the simulators' pacing runs a
+few % short), the processor stores at least 95 % of what the gateway forwards, and the p99 to the
+database is under 2 s; the highest such rate is the result. Baseline, measured in the
 same run: the generator's ceiling, the same simulators publishing as fast as the broker
 acknowledges with the whole pipeline running. The ratio of the sustained rate to it says how much
 of what this machine can offer the platform keeps up with; absolute figures vary with the machine.
@@ -170,8 +171,10 @@ class Step:
 
     @property
     def sustained(self) -> bool:
+        """The offered load got in (the simulators' pacing runs a few % short), the processor stored
+        what the gateway forwarded, and the database p99 stayed under 2 s."""
         assert self.offered is not None
-        return (self.gateway_rate >= 0.95 * self.offered and self.stored_rate >= 0.95 * self.offered
+        return (self.gateway_rate >= 0.9 * self.offered and self.stored_rate >= 0.95 * self.gateway_rate
                 and self.db[1] < 2.0)
 
 
@@ -189,7 +192,20 @@ def start_simulators(stack: StackSettings, rate: float | None, count: int, devic
     return sims
 
 
+def wait_idle(stack: StackSettings, timeout_s: float = 600) -> None:
+    """Until nothing moves through the gateway or the processor for 2 s: no backlog from before."""
+    deadline = time.monotonic() + timeout_s
+    last = pipeline_counts(stack)
+    while time.monotonic() < deadline:
+        time.sleep(2.0)
+        now = pipeline_counts(stack)
+        if now == last:
+            return
+        last = now
+
+
 def run_step(stack: StackSettings, token: str, rate: float | None, args: argparse.Namespace) -> Step:
+    wait_idle(stack)
     per_sim = (rate or 50_000) / args.simulators
     devices = max(PROBES, int(per_sim * TICK_S / READINGS_PER_DEVICE_TICK))
     sims = start_simulators(stack, rate, args.simulators, devices)
@@ -215,16 +231,16 @@ def run_step(stack: StackSettings, token: str, rate: float | None, args: argpars
             s.send_signal(signal.SIGTERM)
         for s in sims:
             s.wait(60)
-    # Drain: how long after the simulators stop until the processor has stored what the gateway sent.
+    # Drain: how long after the simulators stop until the processor has stored the backlog: its
+    # count unchanged for 3 s (one batch can take over a second to commit under load).
     stopped = time.monotonic()
-    while True:
-        out, stored = pipeline_counts(stack)
-        time.sleep(0.5)
-        if pipeline_counts(stack)[1] == stored and stored >= out - 1:  # idle, caught up
-            break
-        if time.monotonic() - stopped > 300:
-            break
-    drain_s = time.monotonic() - stopped
+    stored, still_since = pipeline_counts(stack)[1], time.monotonic()
+    while time.monotonic() - stopped < 600 and time.monotonic() - still_since < 3.0:
+        time.sleep(0.25)
+        now = pipeline_counts(stack)[1]
+        if now != stored:
+            stored, still_since = now, time.monotonic()
+    drain_s = max(0.0, still_since - stopped)
     cores = os.cpu_count() or 1
     return Step(
         label=f"{rate:,.0f}/s" if rate else "ceiling", offered=rate,
@@ -286,7 +302,7 @@ def main() -> None:
         step = run_step(stack, token, rate, args)
         report(step)
         steps.append(step)
-        if not step.sustained and step.stored_rate < 0.8 * rate:
+        if not step.sustained and step.stored_rate < 0.8 * step.gateway_rate:
             say("far behind: higher rates skipped")
             break
     ceiling = run_step(stack, token, None, args)
