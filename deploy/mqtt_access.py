@@ -145,9 +145,11 @@ def sync(stack: StackSettings) -> None:
 
 def registry_version(conn: psycopg.Connection) -> tuple:
     """Changes whenever an account is added, removed, enabled, disabled or given a new password."""
-    return conn.execute(
+    row = conn.execute(
         "SELECT (SELECT count(*) FROM devices), (SELECT max(updated_at) FROM devices),"
         " (SELECT count(*) FROM gateways), (SELECT max(updated_at) FROM gateways)").fetchone()
+    assert row is not None  # a SELECT without FROM always gives one row
+    return tuple(row)
 
 
 def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Path, *, ingest_secret: str,

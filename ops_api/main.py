@@ -44,8 +44,11 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # check: a pooled connection is tested as it is handed out, so the first requests after a
+        # database restart get fresh connections instead of the dead ones (tests/test_faults.py).
         async with AsyncConnectionPool(stack.postgres_dsn, min_size=2, max_size=20, open=False,
-                                       kwargs={"autocommit": True}) as pool:
+                                       kwargs={"autocommit": True},
+                                       check=AsyncConnectionPool.check_connection) as pool:
             app.state.pool = pool
             await app.state.hub.start()
             watcher = asyncio.create_task(app.state.watch.run())

@@ -116,3 +116,13 @@ def test_database_down_for_a_while_makes_the_processor_wait_and_retry(pipeline, 
         f.seek(log_size)
         assert "database unavailable" in f.read(), "the processor said it was waiting for the database"
     assert procs.running_pid(pipeline, "processor"), "and it did not exit"
+
+
+def test_the_api_answers_from_its_first_request_after_a_postgresql_restart(pipeline, api):
+    for _ in range(3):  # fill the API's pool with connections that the restart will break
+        assert api.get("/api/v1/cities").status_code == 200
+    assert local.stop_postgres(pipeline)
+    local.start_postgres(pipeline, lambda m: None)
+    answers = [api.get("/api/v1/cities").status_code for _ in range(10)]
+    assert answers == [200] * 10, answers
+    assert api.get("/health").status_code == 200

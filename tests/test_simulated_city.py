@@ -13,8 +13,12 @@ pytestmark = pytest.mark.stack
 
 def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
     city = unique_id("sim")  # the test stack outlives a run: a city of its own
-    # Ten simulated hours that ended an hour ago: inside the gateway's and the processor's windows.
-    start = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=11)).replace(second=0, microsecond=0)
+    # Ten simulated hours from the last midnight (WIB) that leaves them over an hour before now:
+    # always the same time of day (a morning: the afternoon showers that raise the gates on their
+    # own stay out of it), and inside the gateway's and the processor's windows (at most 35 h old).
+    wib = dt.timezone(dt.timedelta(hours=7))
+    latest_start = dt.datetime.now(wib) - dt.timedelta(hours=11)
+    start = latest_start.replace(hour=0, minute=0, second=0, microsecond=0)
     labels, counts, out = tmp_path / "labels.json", tmp_path / "counts.json", tmp_path / "score"
     kota_ok(pipeline, "simulate", "--city", city, "--devices", "24", "--seed", "11", "--start", start.isoformat(),
           "--hours", "10", "--interval", "60", "--labels", str(labels), "--counts", str(counts))
