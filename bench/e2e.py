@@ -16,10 +16,11 @@ a window of `--seconds` it measures:
 
 A rate is sustained when at least 90 % of it reaches the gateway (the simulators' pacing runs a
 few % short), the processor stores at least 95 % of what the gateway forwards, and the p99 to the
-database is under 2 s; the highest such rate is the result. Baseline, measured in the
-same run: the generator's ceiling, the same simulators publishing as fast as the broker
-acknowledges with the whole pipeline running. The ratio of the sustained rate to it says how much
-of what this machine can offer the platform keeps up with; absolute figures vary with the machine.
+database is under 2 s; the highest such rate is the result. Baseline, measured in the same run:
+the generator's ceiling, the same simulators publishing as fast as the broker acknowledges (their
+own count of PUBACKs per second) with the whole pipeline running. The ratio of the sustained rate
+to it says how much of what this machine can offer the platform keeps up with; absolute figures
+vary with the machine.
 
 Runs on the benchmarks' stack (.kota-bench/, ports shifted by 200), left running afterwards.
 """
@@ -168,6 +169,7 @@ class Step:
     live: tuple[float, float]
     cpu: dict[str, float]
     drain_s: float
+    acknowledged_rate: float  # what the broker acknowledged to the simulators, per second of their run
 
     @property
     def sustained(self) -> bool:
@@ -178,12 +180,18 @@ class Step:
                 and self.db[1] < 2.0)
 
 
+def counts_file(stack: StackSettings, k: int) -> Path:
+    return stack.state_dir / f"bench-e2e-simulator-{k}.json"
+
+
 def start_simulators(stack: StackSettings, rate: float | None, count: int, devices: int) -> list[subprocess.Popen]:
     env = {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset)}
     sims = []
     for k in range(count):
+        counts_file(stack, k).unlink(missing_ok=True)
         argv = [sys.executable, "-m", "kota.cli", "simulate", "--city", f"e2e{k}d{devices}", "--devices", str(devices),
-                "--interval", str(TICK_S), "--seed", str(k + 1), "--anomalies-per-day", "0"]
+                "--interval", str(TICK_S), "--seed", str(k + 1), "--anomalies-per-day", "0",
+                "--counts", str(counts_file(stack, k))]
         if rate:
             argv += ["--rate", str(int(rate / count))]
         else:
@@ -248,14 +256,21 @@ def run_step(stack: StackSettings, token: str, rate: float | None, args: argpars
         db=(weighted_percentile(probes.db_lags, probes.db_weights, 50),
             weighted_percentile(probes.db_lags, probes.db_weights, 99)),
         live=(weighted_percentile(probes.live_lags, None, 50), weighted_percentile(probes.live_lags, None, 99)),
-        cpu={name: (cpu1[name] - cpu0[name]) / (elapsed * cores) for name in cpu0}, drain_s=drain_s)
+        cpu={name: (cpu1[name] - cpu0[name]) / (elapsed * cores) for name in cpu0}, drain_s=drain_s,
+        acknowledged_rate=sum(_acknowledged_rate(counts_file(stack, k)) for k in range(args.simulators)))
+
+
+def _acknowledged_rate(path: Path) -> float:
+    sent = json.loads(path.read_text())
+    seconds = (sent["last_ts_ms"] - sent["first_ts_ms"]) / 1000  # live mode: event time is wall time
+    return sent["acknowledged_readings"] / seconds if seconds > 0 else 0.0
 
 
 def report(step: Step) -> None:
     verdict = "" if step.offered is None else ("  sustained" if step.sustained else "  NOT sustained")
-    say(f"{step.label:>10}  gateway {step.gateway_rate:8,.0f}/s  stored {step.stored_rate:8,.0f}/s  "
-        f"to DB p50 {step.db[0]:5.2f} s p99 {step.db[1]:5.2f} s  live p50 {step.live[0]:5.2f} s "
-        f"p99 {step.live[1]:5.2f} s  drain {step.drain_s:4.1f} s{verdict}")
+    say(f"{step.label:>10}  broker acks {step.acknowledged_rate:8,.0f}/s  gateway {step.gateway_rate:8,.0f}/s  "
+        f"stored {step.stored_rate:8,.0f}/s  to DB p50 {step.db[0]:5.2f} s p99 {step.db[1]:5.2f} s  "
+        f"live p50 {step.live[0]:5.2f} s p99 {step.live[1]:5.2f} s  drain {step.drain_s:4.1f} s{verdict}")
     say("            CPU share of 2 cores: " + ", ".join(f"{k} {v:.0%}" for k, v in step.cpu.items()))
 
 
@@ -312,8 +327,9 @@ def main() -> None:
         say("no rate was sustained")
         return
     say(f"highest sustained rate: {best.offered:,.0f} readings/s (p99 to DB {best.db[1]:.2f} s, to live feed "
-        f"{best.live[1]:.2f} s); generator ceiling in this run: {ceiling.gateway_rate:,.0f}/s through the "
-        f"gateway; sustained / ceiling = {best.offered / max(ceiling.gateway_rate, 1):.2f}")
+        f"{best.live[1]:.2f} s); baseline, the simulators' ceiling (broker acknowledgements as fast as they "
+        f"come, same run): {ceiling.acknowledged_rate:,.0f}/s; sustained / ceiling = "
+        f"{best.offered / max(ceiling.acknowledged_rate, 1):.2f}")
     say("goal: 50,000 readings/s with p99 under 2 s (ThingsBoard's published run: 33,333/s on 36 vCPUs)")
 
 
