@@ -235,13 +235,13 @@ def run_step(stack: StackSettings, token: str, rate: float | None, args: argpars
         cpu1, (out1, stored1), elapsed = cpu_by_component(pids), pipeline_counts(stack), time.monotonic() - began
         probes.stop.set()
     finally:
+        stopped = time.monotonic()
         for s in sims:
             s.send_signal(signal.SIGTERM)
         for s in sims:
             s.wait(60)
     # Drain: how long after the simulators stop until the processor has stored the backlog: its
     # count unchanged for 3 s (one batch can take over a second to commit under load).
-    stopped = time.monotonic()
     stored, still_since = pipeline_counts(stack)[1], time.monotonic()
     while time.monotonic() - stopped < 600 and time.monotonic() - still_since < 3.0:
         time.sleep(0.25)

@@ -55,20 +55,12 @@ def run_with_fault(stack: StackSettings, start: dt.datetime, folder, clean: dict
     assert stored["minutes"] == clean["minutes"], "minute aggregates differ from a clean run"
 
 
-def test_kill_minus_9_of_the_gateway(pipeline, start, tmp_path, clean_run):
+@pytest.mark.parametrize("component", ["gateway", "processor"])
+def test_kill_minus_9(pipeline, start, tmp_path, clean_run, component):
     def fault() -> None:
-        assert procs.stop(pipeline, "gateway", hard=True)
+        assert procs.stop(pipeline, component, hard=True)
         time.sleep(1.0)
-        local.start_component(pipeline, "gateway")
-
-    run_with_fault(pipeline, start, tmp_path, clean_run, fault)
-
-
-def test_kill_minus_9_of_the_processor(pipeline, start, tmp_path, clean_run):
-    def fault() -> None:
-        assert procs.stop(pipeline, "processor", hard=True)
-        time.sleep(1.0)
-        local.start_component(pipeline, "processor")
+        local.start_component(pipeline, component)
 
     run_with_fault(pipeline, start, tmp_path, clean_run, fault)
 
