@@ -103,7 +103,14 @@ def stream_with_fault(stack, fault: Callable[[], None]) -> None:
         counts = readings_in_kafka(stack, ids, since=topic_ends)
         return counts if set(counts) >= expected else None
 
-    counts = wait_for(all_in_kafka, timeout_s=120, what="every reading in Kafka")
+    try:
+        counts = wait_for(all_in_kafka, timeout_s=120, what="every reading in Kafka")
+    except AssertionError:
+        missing = expected - set(readings_in_kafka(stack, ids, since=topic_ends))
+        ts_missing = sorted({ts for _, _, ts in missing})
+        raise AssertionError(f"{len(missing)} of {len(expected)} acknowledged readings never reached Kafka; "
+                             f"their times span {ts_missing[0]}..{ts_missing[-1]} ms "
+                             f"(stream start {start})") from None
     assert set(counts) == expected
     duplicates = sum(counts.values()) - len(counts)
     print(f"{len(expected)} readings in Kafka, {duplicates} duplicates there (the processor stores each once)")
