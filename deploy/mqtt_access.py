@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from deploy import procs
 from kota.contract import INGEST_PROBE_TOPIC, MQTT_TOPIC_ROOT
 from kota.mqtt import connack_code, login_connect
-from kota.registry import hash_mqtt_password, mqtt_accounts
+from kota.registry import hash_mqtt_password, mqtt_accounts, registry_version
 from kota.settings import StackSettings
 
 INGEST_USER = "kota-ingest"
@@ -141,15 +141,6 @@ def sync(stack: StackSettings) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         write_access_files(stack, folder)
         reload_broker(stack)
-
-
-def registry_version(conn: psycopg.Connection) -> tuple:
-    """Changes whenever an account is added, removed, enabled, disabled or given a new password."""
-    row = conn.execute(
-        "SELECT (SELECT count(*) FROM devices), (SELECT max(updated_at) FROM devices),"
-        " (SELECT count(*) FROM gateways), (SELECT max(updated_at) FROM gateways)").fetchone()
-    assert row is not None  # a SELECT without FROM always gives one row
-    return tuple(row)
 
 
 def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Path, *, ingest_secret: str,

@@ -38,7 +38,7 @@ from kota.contract import (
     encode_dead_letter,
     encode_device_batch,
 )
-from kota.registry import Device, Gateway, load_devices, load_gateways
+from kota.registry import Device, Gateway, load_devices, load_gateways, registry_version
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.gateway")
@@ -111,6 +111,7 @@ class IngestGateway:
         self._gateways: dict[str, Gateway] = {}
         self._devices_loaded_at = 0.0  # monotonic, for the periodic refresh
         self._devices_as_of_ms = 0  # wall clock when the registry was read
+        self._registry_version: tuple = ()  # kota.registry.registry_version at that read
         self._producer: AIOKafkaProducer | None = None
         self._burst = BurstLog(log, settings.log_burst_s)
         # (topic, key) → partition, computed once per device with Kafka's own (murmur2)
@@ -161,7 +162,20 @@ class IngestGateway:
 
     def _load_registry(self) -> tuple[dict[str, Device], dict[str, Gateway]]:
         with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
+            # One transaction on one snapshot: the version describes exactly the devices read with it.
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            self._registry_version = registry_version(conn)
             return load_devices(conn), load_gateways(conn)
+
+    async def _registry_changed(self) -> bool:
+        def read() -> tuple:
+            with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
+                return registry_version(conn)
+
+        try:
+            return await asyncio.to_thread(read) != self._registry_version
+        except psycopg.Error:
+            return False  # the database is away: decide on what we have
 
     # -- Kafka ---------------------------------------------------------------------------------
     async def _start_producer(self, stop: asyncio.Event) -> AIOKafkaProducer:
@@ -188,6 +202,7 @@ class IngestGateway:
                and m.received_ms >= self._devices_as_of_ms for m in batch):
             await self._refresh_devices()
         records: list[tuple[str, bytes, bytes]] = []
+        registry_rechecked = False
         accepted = 0
         rejected: Counter[str] = Counter()
         for msg in batch:
@@ -196,6 +211,16 @@ class IngestGateway:
                 continue
             result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
                                    received_ms=msg.received_ms, limits=self._limits)
+            if not registry_rechecked and msg.received_ms >= self._devices_as_of_ms and any(
+                    r.reason is Reason.UNKNOWN_DEVICE for r in result.rejections):
+                # A device behind a known gateway, registered after our last read of the registry
+                # (`kota devices add --gateway`, a replay's devices). Once per batch, a cheap check
+                # whether the registry changed, so a flood of unknown devices costs no full reads.
+                registry_rechecked = True
+                if await self._registry_changed():
+                    await self._refresh_devices()
+                    result = parse_message(msg.topic, msg.payload, devices=self._devices,
+                                           gateways=self._gateways, received_ms=msg.received_ms, limits=self._limits)
             new, duplicates = self._recent.split_new(result.readings)
             for dup in duplicates:
                 result.reject(Reason.DUPLICATE, f"{dup.device_id} {dup.metric} at ts {dup.ts_ms} was already accepted")

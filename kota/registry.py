@@ -185,3 +185,12 @@ def load_devices(conn: psycopg.Connection, city: str | None = None) -> dict[str,
                        {n: MetricSpec(**spec) for n, spec in row[7].items()}, row[8], row[9])
         for row in rows
     }
+
+
+def registry_version(conn: psycopg.Connection) -> tuple:
+    """Changes whenever an account is added, removed, enabled, disabled or given a new password."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM devices), (SELECT max(updated_at) FROM devices),"
+        " (SELECT count(*) FROM gateways), (SELECT max(updated_at) FROM gateways)").fetchone()
+    assert row is not None  # a SELECT without FROM always gives one row
+    return tuple(row)

@@ -57,6 +57,24 @@ def test_gateway_metrics_count_messages_readings_and_rejections_by_reason(pipeli
         assert name in text
 
 
+def test_a_device_added_behind_a_known_gateway_is_accepted_at_once(pipeline):
+    """The gateway's registry is read when a message names an unknown sender. A device added behind
+    a gateway it already knows must not be refused as unknown in the moment before the next read."""
+    gateway = provision_gateway(pipeline)
+    first = provision(pipeline, "noise", gateway_id=gateway.gateway_id)
+    client = mqtt_client(pipeline, gateway.gateway_id)
+    topic = gateway_telemetry_topic(gateway.city, gateway.gateway_id)
+    now = int(time.time() * 1000)
+    try:
+        publish(client, first, {first.device_id: [{"ts": now - 2000, "values": {"LAeq": 51.0}}]}, topic=topic)
+        wait_for(lambda: stored_readings(pipeline, first.device_id), what="the known gateway's first reading")
+        second = provision(pipeline, "noise", gateway_id=gateway.gateway_id)
+        publish(client, second, {second.device_id: [{"ts": now - 1000, "values": {"LAeq": 52.0}}]}, topic=topic)
+    finally:
+        client.disconnect()
+    assert [(m, v) for _, m, v in wait_for(lambda: stored_readings(pipeline, second.device_id))] == [("LAeq", 52.0)]
+
+
 # -- faults ------------------------------------------------------------------------------------
 DEVICES = 10
 MESSAGES = 1000
