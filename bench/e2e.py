@@ -49,6 +49,7 @@ from deploy import procs
 from deploy import stack as local
 from deploy.stack import postgres_paths
 from kota import accounts
+from kota.metrics import scrape
 from kota.settings import PROJECT_ROOT, StackSettings
 
 READINGS_PER_DEVICE_TICK = 3.6  # the simulator's device mix averages about this many readings per device and tick
@@ -98,14 +99,10 @@ def cpu_by_component(pids: dict[str, list[int]]) -> dict[str, float]:
 
 
 # -- counters ----------------------------------------------------------------------------------
-def counter(port: int, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}_total"))
-
-
 def pipeline_counts(stack: StackSettings) -> tuple[float, float]:
-    return (counter(stack.gateway_metrics_port, "kota_gateway_readings_out"),
-            counter(stack.processor_metrics_port, "kota_processor_readings_stored"))
+    """Readings the gateway has sent to Kafka and the processor has newly stored, since they started."""
+    return (scrape(stack.gateway_metrics_port).get("kota_gateway_readings_out_total", 0.0),
+            scrape(stack.processor_metrics_port).get("kota_processor_readings_stored_total", 0.0))
 
 
 # -- latency probes ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from deploy import procs
 from deploy import stack as local
+from kota.metrics import scrape
 from tests.helpers import (
     city_result,
     kota_ok,
@@ -31,11 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _counter(port: int, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}_total"))
 
 
 def _answers(port: int) -> bool:
@@ -65,11 +61,11 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
                  log.read_text().splitlines()[-1], timeout_s=60, what="the second processor to get partitions")
         wait_for(lambda: _answers(gateway_port), what="the second gateway's metrics")
         ports = {"gateway": pipeline.gateway_metrics_port, "gateway-b": gateway_port}
-        before = {name: _counter(port, "kota_gateway_readings_out") for name, port in ports.items()}
+        before = {name: scrape(port)["kota_gateway_readings_out_total"] for name, port in ports.items()}
         sent_two = simulate(pipeline, two_city, start, tmp_path)
         two_of_each = city_result(pipeline, two_city)
-        shares = {name: _counter(port, "kota_gateway_readings_out") - before[name] for name, port in ports.items()}
-        stored_by_b = _counter(processor_port, "kota_processor_readings_stored")
+        shares = {name: scrape(port)["kota_gateway_readings_out_total"] - before[name] for name, port in ports.items()}
+        stored_by_b = scrape(processor_port)["kota_processor_readings_stored_total"]
     finally:
         procs.stop(pipeline, "gateway-b")
         procs.stop(pipeline, "processor-b")

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from kota.contract import READINGS_TOPIC
+from kota.metrics import samples
 from kota.mqtt import HEALTH_CONNECT, is_connack
 from kota.settings import StackSettings
 from ops_api import queries
@@ -64,9 +65,9 @@ class ProcessorWatch:
                 await asyncio.sleep(self._every_s)
 
     def _sample(self, text: str) -> None:
-        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        stored = float(values.get("kota_processor_readings_stored_total", "nan"))
-        batch = float(values.get("kota_processor_last_batch_unixtime", "0"))
+        values = samples(text)
+        stored = values.get("kota_processor_readings_stored_total", float("nan"))
+        batch = values.get("kota_processor_last_batch_unixtime", 0.0)
         now = time.monotonic()
         if self._last is not None and stored >= self._last[1]:
             self.readings_per_s = round((stored - self._last[1]) / (now - self._last[0]), 1)
