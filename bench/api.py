@@ -151,13 +151,6 @@ def start_simulated_city(stack: StackSettings, readings_per_s: int) -> None:
     say(f"simulated city {LIVE_CITY}: {devices} devices publishing every second")
 
 
-def _api_up(stack: StackSettings) -> bool:
-    try:
-        return httpx.get(f"{stack.api_url}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10_000)
@@ -172,7 +165,7 @@ def main() -> None:
     for name in ("gateway", "processor", "api"):
         local.start_component(stack, name)
     local.open_devices_when_ingest_subscribed(stack, say)
-    local.wait_until(lambda: _api_up(stack), "api", stack, timeout_s=60)
+    local.wait_until(lambda: local.api_healthy(stack), "api", stack, timeout_s=60)
     token, ids = seed(stack, args.devices)
     series_ids = ids[:200]
     start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -241,6 +241,16 @@ def mqtt_answers(port: int) -> bool:
     return connack_code(port, HEALTH_CONNECT) is not None
 
 
+def api_healthy(stack: StackSettings) -> bool:
+    """The ops API answers /health with 200: it runs and every dependency answers it."""
+    import httpx
+
+    try:
+        return httpx.get(f"{stack.api_url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PostgresPaths:

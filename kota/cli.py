@@ -67,7 +67,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.no_simulator:
             local.start_component(settings, "simulate", "--devices", str(args.devices), "--interval",
                                   str(args.interval), "--city", args.city, instance="simulator")
-        local.wait_until(lambda: _api_healthy(settings), "api", settings, timeout_s=60)
+        local.wait_until(lambda: local.api_healthy(settings), "api", settings, timeout_s=60)
         token = ensure_demo_operator(settings, args.city)
     except local.StackError as exc:
         _say(f"error: {exc}")
@@ -79,15 +79,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"health        {settings.api_url}/health")
     _say(f"logs          {settings.logs_dir}")
     return 0
-
-
-def _api_healthy(settings: StackSettings) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{settings.api_url}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def cmd_install(_args: argparse.Namespace) -> int:

@@ -36,20 +36,13 @@ def stack() -> Iterator[StackSettings]:
         local.stop_services(settings, lambda message: None)
 
 
-def api_healthy(settings: StackSettings) -> bool:
-    try:
-        return httpx.get(f"{settings.api_url}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def pipeline(stack: StackSettings) -> StackSettings:
     """Gateway, processor and API running as real background processes against the test stack."""
     for name in PIPELINE:
         local.start_component(stack, name)
     local.open_devices_when_ingest_subscribed(stack, print)
-    local.wait_until(lambda: api_healthy(stack), "api", stack, timeout_s=60)
+    local.wait_until(lambda: local.api_healthy(stack), "api", stack, timeout_s=60)
     return stack
 
 
