@@ -99,6 +99,16 @@ def write_access_files(stack: StackSettings, folder: Path, *, with_registry: boo
 
 
 def reload_broker(stack: StackSettings, *, timeout_s: float = 10.0) -> bool:
+    """Reload the local broker's access files; False when it is not running."""
+    from deploy.stack import mosquitto_dir
+
+    pid = procs.running_pid(stack, "mosquitto")
+    if pid is None:
+        return False
+    return signal_until_loaded(pid, mosquitto_dir(stack), stack.mqtt_host, stack.mqtt_port, timeout_s=timeout_s)
+
+
+def signal_until_loaded(pid: int, folder: Path, host: str, port: int, *, timeout_s: float = 10.0) -> bool:
     """SIGHUP makes Mosquitto re-read its password and ACL files without dropping connections.
 
     Mosquitto folds a SIGHUP that arrives while it is reloading into that reload, which may already
@@ -106,12 +116,7 @@ def reload_broker(stack: StackSettings, *, timeout_s: float = 10.0) -> bool:
     unloaded. So each write carries a fresh password for a probe account (it may do nothing else),
     and this waits until the broker accepts it, signalling again if it does not.
     """
-    from deploy.stack import mosquitto_dir
-
-    pid = procs.running_pid(stack, "mosquitto")
-    if pid is None:
-        return False
-    nonce_file = mosquitto_dir(stack) / RELOAD_PROBE_FILE
+    nonce_file = folder / RELOAD_PROBE_FILE
     nonce = nonce_file.read_text().strip() if nonce_file.exists() else None
     deadline = time.monotonic() + timeout_s
     while True:
@@ -120,14 +125,15 @@ def reload_broker(stack: StackSettings, *, timeout_s: float = 10.0) -> bool:
             return True
         for _ in range(10):
             time.sleep(0.05)
-            if _probe_accepted(stack.mqtt_port, nonce):
+            if _probe_accepted(host, port, nonce):
                 return True
         if time.monotonic() > deadline:
             raise TimeoutError(f"Mosquitto did not load the new access files within {timeout_s:.0f} s")
 
 
-def _probe_accepted(port: int, password: str) -> bool:
-    return connack_code(port, login_connect(f"{RELOAD_PROBE_USER}-{os.getpid()}", RELOAD_PROBE_USER, password)) == 0
+def _probe_accepted(host: str, port: int, password: str) -> bool:
+    probe = login_connect(f"{RELOAD_PROBE_USER}-{os.getpid()}", RELOAD_PROBE_USER, password)
+    return connack_code(port, probe, host) == 0
 
 
 def sync(stack: StackSettings) -> None:
@@ -146,8 +152,9 @@ def sync(stack: StackSettings) -> None:
 def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Path, *, ingest_secret: str,
                         every_s: float, once: bool = False) -> None:
     """For a broker on another host or in another container (deploy/compose, deploy/k8s): keep
-    its passwd and acl files, in a folder both share, in step with the registry, and SIGHUP the
-    broker (its `pid_file`, in a shared process namespace) after each change."""
+    its passwd and acl files, in a folder both share, in step with the registry, and reload the
+    broker (SIGHUP to its `pid_file`, in a shared process namespace) after each change, as the
+    local stack does (`signal_until_loaded`)."""
     folder.mkdir(parents=True, exist_ok=True)
     seen = None
     while True:
@@ -156,8 +163,9 @@ def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Pat
                 version = registry_version(conn)
             if version != seen:
                 write_access_files(stack, folder, ingest_secret=ingest_secret)
-                if broker_pid_file.exists():
-                    os.kill(int(broker_pid_file.read_text().split()[0]), signal.SIGHUP)
+                if broker_pid_file.exists():  # not yet, when this writes the files a broker starts with
+                    signal_until_loaded(int(broker_pid_file.read_text().split()[0]), folder, stack.mqtt_host,
+                                        stack.mqtt_port)
                 seen = version
                 print(f"broker access files written to {folder} for registry version {version}", flush=True)
         except (psycopg.Error, OSError, ValueError) as exc:

@@ -278,7 +278,9 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
     conf = (DEPLOY / "compose" / "mosquitto.conf").read_text().replace("/mosquitto/", f"{root}/")
     conf = conf.replace("listener 1883", f"listener {port} 127.0.0.1")
     (root / "mosquitto.conf").write_text(conf + ("user mosquitto\n" if os.geteuid() == 0 else ""))
-    env = {**os.environ, **component_env(pipeline), "KOTA_GATEWAY_MQTT_PASSWORD": "ingest-secret"}
+    # The sidecar reaches its broker as compose's KOTA_MQTT_HOST does: here, this test's broker.
+    env = {**os.environ, **component_env(pipeline), "KOTA_GATEWAY_MQTT_PASSWORD": "ingest-secret",
+           "KOTA_MQTT_BASE_PORT": str(port - pipeline.port_offset)}
     argv = [sys.executable, "-m", "kota.cli", "broker-access", "--folder", str(root / "access"),
             "--broker-pid-file", str(root / "run" / "mosquitto.pid")]
     subprocess.run(argv + ["--once"], env=env, check=True, timeout=60)  # access-init
