@@ -38,6 +38,7 @@ INGEST_USER = "kota-ingest"
 RELOAD_PROBE_USER = "kota-reload-probe"  # may connect, may neither publish nor subscribe
 RELOAD_PROBE_FILE = "reload.nonce"
 LOCK_FILE = "devices-locked"
+INGEST_CREDENTIAL_FILE = "ingest.secret"
 
 
 def _mosquitto_owned(path: Path) -> None:
@@ -66,11 +67,18 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def ingest_password(stack: StackSettings, folder: Path) -> str:
     """The ingest gateways' MQTT password, made once per state folder."""
-    secret = folder / "ingest.secret"
-    if not secret.exists():
-        secret.write_text(secrets.token_urlsafe(24))
-        os.chmod(secret, 0o600)
+    if (known := existing_ingest_password(folder)) is not None:
+        return known
+    secret = folder / INGEST_CREDENTIAL_FILE
+    secret.write_text(secrets.token_urlsafe(24))
+    os.chmod(secret, 0o600)
     return secret.read_text().strip()
+
+
+def existing_ingest_password(folder: Path) -> str | None:
+    """The password ingest_password made in this folder, if it has made one (none is made here)."""
+    secret = folder / INGEST_CREDENTIAL_FILE
+    return secret.read_text().strip() if secret.exists() else None
 
 
 def write_access_files(stack: StackSettings, folder: Path, *, with_registry: bool = True,

@@ -133,21 +133,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 # -- components --------------------------------------------------------------------------------
-def local_ingest_secret(stack: StackSettings) -> str | None:
-    from deploy.stack import mosquitto_dir
-
-    secret = mosquitto_dir(stack) / "ingest.secret"
-    return secret.read_text().strip() if secret.exists() else None
-
-
 def cmd_gateway(args: argparse.Namespace) -> int:
     from pydantic import SecretStr
 
+    from deploy.mqtt_access import existing_ingest_password
+    from deploy.stack import mosquitto_dir
     from ingest.gateway import GatewaySettings, run_gateway
 
     _setup_logging()
     stack, settings = StackSettings(), GatewaySettings()
-    if settings.mqtt_password is None and (secret := local_ingest_secret(stack)):
+    if settings.mqtt_password is None and (secret := existing_ingest_password(mosquitto_dir(stack))):
         settings = settings.model_copy(update={"mqtt_password": SecretStr(secret)})  # run by hand beside `kota up`
     if args.drain:
         # A gateway scaled away for good: the broker may still hold (and keep routing to) its
