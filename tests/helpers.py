@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,13 @@ from kota.registry import Device, Gateway, new_device, new_password, upsert_devi
 from kota.settings import StackSettings
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a second instance of something."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def unique_id(prefix: str) -> str:
@@ -103,13 +111,19 @@ def stored_count_in_city(stack: StackSettings, city: str) -> int:
     return int(n)
 
 
+def kota_command(stack: StackSettings, *argv: str, env: dict[str, str] | None = None
+                 ) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `kota ARGV...` against the test stack."""
+    return ([sys.executable, "-m", "kota.cli", *argv],
+            {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset),
+             **(env or {})})
+
+
 def run_kota(stack: StackSettings, *argv: str, env: dict[str, str] | None = None,
              timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`kota ARGV...` against the test stack, as a user would run it."""
-    env = {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset),
-           **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kota.cli", *argv], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    command, full_env = kota_command(stack, *argv, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def kota_ok(stack: StackSettings, *argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
@@ -172,11 +186,9 @@ def simulate(stack: StackSettings, city: str, start: dt.datetime, folder: Path, 
     `city`; `during` breaks something while it runs. Wait until every acknowledged reading is
     stored; return how many that is (from the simulator's own count)."""
     counts = folder / f"{city}-counts.json"
-    argv = [sys.executable, "-m", "kota.cli", "simulate", "--city", city, *SIMULATION, "--start", start.isoformat(),
-            "--labels", str(folder / f"{city}-labels.json"), "--counts", str(counts)]
-    if rate:
-        argv += ["--rate", str(rate)]
-    env = {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset)}
+    pace = ("--rate", str(rate)) if rate else ()
+    argv, env = kota_command(stack, "simulate", "--city", city, *SIMULATION, "--start", start.isoformat(),
+                             "--labels", str(folder / f"{city}-labels.json"), "--counts", str(counts), *pace)
     with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sim:
         if during is not None:
             during()

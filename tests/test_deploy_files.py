@@ -254,7 +254,6 @@ def test_deploy_doc_names_every_file_and_command():
 def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry(pipeline):
     import os
     import shutil
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -264,11 +263,9 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
     from deploy.stack import component_env
     from kota.mqtt import MqttLogin, connack_code, connect, login_connect
     from kota.registry import set_enabled
-    from tests.helpers import PASSWORDS, provision, unique_id, wait_for
+    from tests.helpers import PASSWORDS, free_port, provision, unique_id, wait_for
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # Not pytest's tmp_path: the broker drops to user mosquitto, which may not enter that.
     root = Path(tempfile.mkdtemp(prefix="kota-broker-access-", dir="/tmp"))
     os.chmod(root, 0o755)

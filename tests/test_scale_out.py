@@ -4,7 +4,6 @@ Kafka consumer group) store exactly what one of each stores, for the same simula
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import time
 
 import httpx
@@ -15,6 +14,7 @@ from deploy import stack as local
 from kota.metrics import scrape
 from tests.helpers import (
     city_result,
+    free_port,
     kota_ok,
     mqtt_client,
     provision,
@@ -26,12 +26,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.stack
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(port: int) -> bool:
@@ -47,7 +41,7 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
     sent_one = simulate(pipeline, one_city, start, tmp_path)
     one_of_each = city_result(pipeline, one_city)
 
-    gateway_port, processor_port = _free_port(), _free_port()
+    gateway_port, processor_port = free_port(), free_port()
     offset = pipeline.port_offset
     local.start_component(pipeline, "gateway", instance="gateway-b", env={
         "KOTA_GATEWAY_CLIENT_ID": "kota-gateway-b", "KOTA_GATEWAY_METRICS_BASE_PORT": str(gateway_port - offset)})
