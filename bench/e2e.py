@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def counts_file(stack: StackSettings, k: int) -> Path:
 
 
 def start_simulators(stack: StackSettings, rate: float | None, count: int, devices: int) -> list[subprocess.Popen]:
-    env = {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset)}
+    env = {**os.environ, **local.component_env(stack)}
     sims = []
     for k in range(count):
         counts_file(stack, k).unlink(missing_ok=True)
@@ -197,20 +198,19 @@ def start_simulators(stack: StackSettings, rate: float | None, count: int, devic
     return sims
 
 
-def wait_idle(stack: StackSettings, timeout_s: float = 600) -> None:
-    """Until nothing moves through the gateway or the processor for 2 s: no backlog from before."""
-    deadline = time.monotonic() + timeout_s
-    last = pipeline_counts(stack)
-    while time.monotonic() < deadline:
-        time.sleep(2.0)
-        now = pipeline_counts(stack)
-        if now == last:
-            return
-        last = now
+def last_change(read: Callable[[], object], still_s: float, timeout_s: float = 600) -> float:
+    """Poll `read` until its value has stayed the same for `still_s`; when it last changed (monotonic)."""
+    started = value_since = time.monotonic()
+    value = read()
+    while time.monotonic() - value_since < still_s and time.monotonic() - started < timeout_s:
+        time.sleep(0.25)
+        if (now := read()) != value:
+            value, value_since = now, time.monotonic()
+    return value_since
 
 
 def run_step(stack: StackSettings, token: str, rate: float | None, args: argparse.Namespace) -> Step:
-    wait_idle(stack)
+    last_change(lambda: pipeline_counts(stack), still_s=2.0)  # no backlog from before: nothing moves for 2 s
     per_sim = (rate or 50_000) / args.simulators
     devices = max(PROBES, int(per_sim * TICK_S / READINGS_PER_DEVICE_TICK))
     sims = start_simulators(stack, rate, args.simulators, devices)
@@ -239,13 +239,7 @@ def run_step(stack: StackSettings, token: str, rate: float | None, args: argpars
             s.wait(60)
     # Drain: how long after the simulators stop until the processor has stored the backlog: its
     # count unchanged for 3 s (one batch can take over a second to commit under load).
-    stored, still_since = pipeline_counts(stack)[1], time.monotonic()
-    while time.monotonic() - stopped < 600 and time.monotonic() - still_since < 3.0:
-        time.sleep(0.25)
-        now = pipeline_counts(stack)[1]
-        if now != stored:
-            stored, still_since = now, time.monotonic()
-    drain_s = max(0.0, still_since - stopped)
+    drain_s = max(0.0, last_change(lambda: pipeline_counts(stack)[1], still_s=3.0) - stopped)
     cores = os.cpu_count() or 1
     return Step(
         label=f"{rate:,.0f}/s" if rate else "ceiling", offered=rate,
