@@ -25,11 +25,15 @@ class City(BaseModel):
     districts: list[str] | None
 
 
-class AirQualityStation(BaseModel):
+class PlacedDevice(BaseModel):
+    """What every device row of a view starts with: which device, and where it is on the map."""
     device_id: str
     district: str | None
     lat: float | None
     lon: float | None
+
+
+class AirQualityStation(PlacedDevice):
     ts: dt.datetime | None = Field(description="time of the newest reading in the averaging window")
     ispu: dict[str, Any] = Field(description="value (null above 500: see display), display, category, colour, hex")
     critical: str | None = Field(description="the pollutant with the highest sub-index")
@@ -37,11 +41,7 @@ class AirQualityStation(BaseModel):
     window_minutes: int | None
 
 
-class NoiseSensor(BaseModel):
-    device_id: str
-    district: str | None
-    lat: float | None
-    lon: float | None
+class NoiseSensor(PlacedDevice):
     ts: dt.datetime | None
     laeq: float | None = Field(description="newest LAeq, dB(A)")
     lamax: float | None
@@ -52,11 +52,7 @@ class NoiseSensor(BaseModel):
     excess_db: float
 
 
-class WaterGate(BaseModel):
-    device_id: str
-    district: str | None
-    lat: float | None
-    lon: float | None
+class WaterGate(PlacedDevice):
     ts: dt.datetime | None
     level_cm: float | None
     siaga: int | None = Field(description="4 normal … 1 most severe")
@@ -77,11 +73,7 @@ class Environment(BaseModel):
     water_levels: list[WaterGate]
 
 
-class Corridor(BaseModel):
-    device_id: str
-    district: str | None
-    lat: float | None
-    lon: float | None
+class Corridor(PlacedDevice):
     ts: dt.datetime | None
     speed_kmh: float | None
     occupancy: float | None
@@ -95,11 +87,7 @@ class Corridor(BaseModel):
     speed_vs_usual_pct: float | None
 
 
-class Meter(BaseModel):
-    device_id: str
-    district: str | None
-    lat: float | None
-    lon: float | None
+class Meter(PlacedDevice):
     device_type: str
     metric: str
     latest: float | None
