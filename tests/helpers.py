@@ -17,13 +17,20 @@ from typing import TypeVar
 import paho.mqtt.client as mqtt
 import psycopg
 
-from deploy import mqtt_access
+from deploy import mqtt_access, procs
 from kota.contract import device_telemetry_topic
 from kota.mqtt import MqttLogin, connect
 from kota.registry import Device, Gateway, new_device, new_password, upsert_devices, upsert_gateway
 from kota.settings import StackSettings
 
 T = TypeVar("T")
+
+
+def wait_for_partitions(stack: StackSettings, instance: str) -> None:
+    """Until a second processor started as `instance` has been given Kafka partitions of its own."""
+    log = procs.log_file(stack, instance)
+    wait_for(lambda: "assigned partitions [" in log.read_text() and "assigned partitions []" not in
+             log.read_text().splitlines()[-1], timeout_s=60, what=f"{instance} to get partitions")
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
 from processing.detect import Detectors
 from processing.kernels import REASONS
 from processing.processor import ProcessorSettings
-from tests.helpers import query, unique_id, wait_for
+from tests.helpers import query, unique_id, wait_for, wait_for_partitions
 
 pytestmark = pytest.mark.stack
 
@@ -119,9 +119,7 @@ def test_two_processors_share_the_partitions_and_store_the_same_result(pipeline)
     local.start_component(pipeline, "processor", instance="processor-b",
                           env={"KOTA_PROCESSOR_METRICS_ENABLED": "false"})
     try:
-        log = procs.log_file(pipeline, "processor-b")
-        wait_for(lambda: "assigned partitions [" in log.read_text() and "assigned partitions []" not in
-                 log.read_text().splitlines()[-1], timeout_s=60, what="the second processor to get partitions")
+        wait_for_partitions(pipeline, "processor-b")
         asyncio.run(_produce(pipeline, devices, per_device, start_ms))
         wait_for(lambda: _stored_count(pipeline, prefix) == len(devices) * per_device, timeout_s=180,
                  what="every reading")

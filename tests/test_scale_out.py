@@ -23,6 +23,7 @@ from tests.helpers import (
     stored_readings,
     unique_id,
     wait_for,
+    wait_for_partitions,
 )
 
 pytestmark = pytest.mark.stack
@@ -50,9 +51,7 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
     device = provision(pipeline, "noise")
     now = int(time.time() * 1000)
     try:
-        log = procs.log_file(pipeline, "processor-b")
-        wait_for(lambda: "assigned partitions [" in log.read_text() and "assigned partitions []" not in
-                 log.read_text().splitlines()[-1], timeout_s=60, what="the second processor to get partitions")
+        wait_for_partitions(pipeline, "processor-b")
         wait_for(lambda: _answers(gateway_port), what="the second gateway's metrics")
         ports = {"gateway": pipeline.gateway_metrics_port, "gateway-b": gateway_port}
         before = {name: scrape(port)["kota_gateway_readings_out_total"] for name, port in ports.items()}
