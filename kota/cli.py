@@ -315,8 +315,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 if args.speed:  # wait for the first row of this message, replay time
                     time.sleep(max(0.0, began + (row_ts - first) / 1000 / args.speed - time.monotonic()))
                 connection.publish(topic, payload, readings, stop)
-                sent.messages += 1
-                sent.readings += readings
                 bar.update(readings)
     except KeyboardInterrupt:
         print("interrupted")

@@ -59,6 +59,7 @@ class Connection:
         self._sent.acknowledged_readings += readings
 
     def publish(self, topic: str, payload: bytes, readings: int, stop: threading.Event) -> bool:
+        """Hand one message to paho (counted as sent), waiting while the queue is full; False if stopped."""
         while not stop.is_set():
             # not under self._lock: paho calls on_publish holding its own lock, which publish() takes too
             info = self.client.publish(topic, payload, qos=1)
@@ -66,6 +67,8 @@ class Connection:
             # queue and sends it after reconnecting; the PUBACK is what counts, as always.
             if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 with self._lock:
+                    self._sent.messages += 1
+                    self._sent.readings += readings
                     if info.mid in self._early:
                         self._early.discard(info.mid)
                         self._acknowledge(readings)
@@ -104,8 +107,6 @@ def run(stream: CityStream, *, logins: dict[str, MqttLogin], stop: threading.Eve
             for message in messages:
                 if not connections[message.sender].publish(message.topic, message.payload, message.readings, stop):
                     break
-                sent.messages += 1
-                sent.readings += message.readings
             sent.ticks = tick = tick + 1
             sent.first_ts_ms = sent.first_ts_ms or ts_ms
             sent.last_ts_ms = ts_ms
