@@ -1,11 +1,13 @@
 """Ops API benchmark: query latency at 50 concurrent clients, and live-feed lag at 200 WebSocket clients.
 
-    .venv/bin/python -m bench.api [--clients 50] [--requests 2000] [--ws-clients 200] [--rate 5000]
+    .venv/bin/python -m bench.api [--clients 50] [--seconds 20] [--ws-clients 200] [--rate 5000]
 
 Against the real bench stack (.kota-bench/, ports +200) with gateway, processor and API running:
 - Latency p50/p99 for the latest values of one device among 10,000, for a day of 1-minute series,
   and for the whole 10,000-device city map, each against `/api/v1/me` in the same run (auth and
-  framework only, no query): the floor a query endpoint cannot beat on this machine.
+  framework only, no query): the floor a query endpoint cannot beat on this machine. The load comes
+  from wrk (Debian's, installed if missing): 50 connections, each sending its next request as soon
+  as the last is answered.
 - Live-feed lag (client receive time minus gateway receive time) at 200 WebSocket clients while a
   simulated city publishes about 5,000 readings/s, against one client on the same feed; and the API
   process's memory before and after the clients connect.
@@ -18,22 +20,26 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import random
+import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 
-import httpx
 import numpy as np
 import psycopg
 import websockets
 
 from bench import start_bench_stack
+from bench.e2e import component_pids, cpu_by_component
 from deploy import procs
 from deploy import stack as local
 from kota import accounts
 from kota.registry import new_device, upsert_devices
 from kota.settings import StackSettings
+from ops_api.settings import ApiSettings
 
 CITY = "benchkota"
 LIVE_CITY = "benchlive"
@@ -72,24 +78,25 @@ def seed(stack: StackSettings, devices: int) -> tuple[str, list[str]]:
     return token, ids
 
 
-async def latency(stack: StackSettings, token: str, clients: int, requests: int,
-                  path_for: Callable[[random.Random], str]) -> list[float]:
-    times: list[float] = []
-    per_client = max(1, requests // clients)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {token}"},
-                                 limits=limits, timeout=30) as client:
-        async def worker(seed_value: int) -> None:
-            rnd = random.Random(seed_value)
-            for _ in range(per_client):
-                started = time.perf_counter()
-                response = await client.get(path_for(rnd))
-                times.append(time.perf_counter() - started)
-                if response.status_code != 200:
-                    raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+WRK_SCRIPT = Path(__file__).parent / "wrk" / "paths.lua"
 
-        await asyncio.gather(*(worker(i) for i in range(clients)))
-    return times
+
+def latency(stack: StackSettings, token: str, clients: int, seconds: float, paths: list[str]) -> dict[str, float]:
+    """wrk (C, one thread) holding `clients` connections busy for `seconds`, each request a random
+    path from `paths`: p50/p99/max in ms and requests/s. A load generator in Python took more CPU
+    than the API it measured (httpx: 1.3 ms of client CPU per request), which is what it then timed."""
+    if shutil.which("wrk") is None:
+        local.install_packages(["wrk"], say)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
+        listing.write("\n".join(paths) + "\n")
+        listing.flush()
+        out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--timeout", "30s",
+                              "-s", str(WRK_SCRIPT), "-H", f"Authorization: Bearer {token}", stack.api_url,
+                              "--", listing.name],
+                             capture_output=True, text=True, check=True).stdout
+    result: dict[str, float] = json.loads(out[out.index("JSON ") + 5:].splitlines()[0])
+    result["per_s"] = result["requests"] / result["seconds"]
+    return result
 
 
 def quantiles(times: list[float]) -> tuple[float, float]:
@@ -98,10 +105,13 @@ def quantiles(times: list[float]) -> tuple[float, float]:
 
 
 def rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status").read().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of `kota api` and its worker processes."""
+    total = 0.0
+    for member in procs.group_pids(pid):
+        for line in open(f"/proc/{member}/status").read().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: float, api_pid: int
@@ -131,8 +141,9 @@ async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: f
                     readings_seen[0] += sum(len(event["readings"]) for event in json.loads(frame))
                 # The frame's oldest event (the first) has waited longest: its lag stands for the frame.
                 # Read just that number, so 200 clients in one Python process can keep up with the feed.
-                at = frame.index('"received_ms":') + 14
-                lags.append((now_ms - int(frame[at:frame.index(",", at)])) / 1000)
+                text = frame if isinstance(frame, str) else frame.decode()
+                at = text.index('"received_ms":') + 14
+                lags.append((now_ms - int(text[at:text.index(",", at)])) / 1000)
 
     tasks = [asyncio.create_task(client(i)) for i in range(ws_clients)]
     await asyncio.sleep(4)
@@ -155,10 +166,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--requests", type=int, default=2_000)
     parser.add_argument("--ws-clients", type=int, default=200)
     parser.add_argument("--rate", type=int, default=5_000, help="simulated readings per second")
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--only", choices=("latency", "live"))
     args = parser.parse_args()
 
     stack = start_bench_stack(say)
@@ -171,30 +182,46 @@ def main() -> None:
     start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     cases = {
-        "floor: /api/v1/me (auth only)": lambda r: "/api/v1/me",
-        f"latest values, 1 of {args.devices} devices": lambda r: f"/api/v1/devices/{r.choice(ids)}/latest",
-        "1-minute series, one day (1440 points)": lambda r: (f"/api/v1/devices/{r.choice(series_ids)}/series"
-                                                           f"?metric=pm25&resolution=1m&start={start}"),
-        f"city map, {args.devices} devices (GeoJSON)": lambda r: f"/api/v1/devices?city={CITY}",
+        "floor: /api/v1/me (auth only)": ["/api/v1/me"],
+        f"latest values, 1 of {args.devices} devices": [f"/api/v1/devices/{d}/latest" for d in ids],
+        "1-minute series, one day (1440 points)": [f"/api/v1/devices/{d}/series?metric=pm25&resolution=1m"
+                                                   f"&start={start}" for d in series_ids],
+        f"city map, {args.devices} devices (GeoJSON)": [f"/api/v1/devices?city={CITY}"],
     }
-    asyncio.run(latency(stack, token, args.clients, args.clients * 4, cases[next(iter(cases))]))  # warm up
-    say(f"latency at {args.clients} concurrent clients, {args.requests} requests each case:")
-    floor_p99 = None
-    for name, path_for in cases.items():
-        times = asyncio.run(latency(stack, token, args.clients, args.requests, path_for))
-        p50, p99 = quantiles(times)
-        floor_p99 = floor_p99 or p99
-        say(f"  {name:<42} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  ({p99 / floor_p99:4.1f}x floor p99)  "
-            f"{len(times) / sum(times) * args.clients:6.0f} req/s")
+    if args.only != "live":
+        query_latency(stack, token, args.clients, args.seconds, cases)
+    if args.only != "latency":
+        live_feed_lag(stack, token, args)
 
+
+def query_latency(stack: StackSettings, token: str, clients: int, seconds: float, cases: dict[str, list[str]]
+                  ) -> None:
+    for paths in cases.values():  # warm up: every worker's pool filled, every statement prepared
+        latency(stack, token, clients, 3, paths)
+    say(f"latency at {clients} concurrent clients (wrk, {seconds:.0f} s each), "
+        f"{ApiSettings().workers} API worker processes:")
+    floor_p99 = None
+    for name, paths in cases.items():
+        r = latency(stack, token, clients, seconds, paths)
+        floor_p99 = floor_p99 or r["p99_ms"]
+        say(f"  {name:<42} p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+            f"({r['p99_ms'] / floor_p99:4.1f}x floor p99)  {r['per_s']:6.0f} req/s"
+            + (f"  ({r['errors']:.0f} socket errors, {r['non2xx']:.0f} not 200)" if r["errors"] or r["non2xx"] else ""))
+
+
+def live_feed_lag(stack: StackSettings, token: str, args: argparse.Namespace) -> None:
     start_simulated_city(stack, args.rate)
     try:
         api_pid = procs.running_pid(stack, "api")
         assert api_pid is not None
         time.sleep(3)
         one, seen_one, *_ = asyncio.run(feed_lag(stack, token, 1, args.seconds, api_pid))
+        simulator = procs.running_pid(stack, "simulator")
+        pids = {**component_pids(stack, [simulator] if simulator else []), "bench clients": [os.getpid()]}
+        cpu0, began = cpu_by_component(pids), time.monotonic()
         many, seen, before, connected, dropped = asyncio.run(
             feed_lag(stack, token, args.ws_clients, args.seconds, api_pid))
+        cpu1, elapsed = cpu_by_component(pids), time.monotonic() - began
     finally:
         procs.stop(stack, "simulator")
     if not many:
@@ -205,6 +232,8 @@ def main() -> None:
             f"{max(lags):5.2f} s  ({readings / args.seconds:,.0f} readings/s reached a client; "
             f"mean {statistics.fmean(lags):.2f} s)")
     say(f"dropped clients: {dropped}; API memory {before:.0f} → {connected:.0f} MiB with {args.ws_clients} clients")
+    say(f"CPU with {args.ws_clients} clients (share of one core): " + ", ".join(
+        f"{name} {(cpu1[name] - cpu0[name]) / elapsed:.0%}" for name in cpu0))
 
 
 if __name__ == "__main__":

@@ -86,8 +86,8 @@ def _children(pid: int) -> list[int]:
 
 
 def component_pids(stack: StackSettings, simulators: list[int]) -> dict[str, list[int]]:
-    pids = {name: [pid] for name in ("mosquitto", "kafka", "gateway", "processor", "api")
-            if (pid := procs.running_pid(stack, name))}
+    pids = {name: procs.group_pids(pid) for name in ("mosquitto", "kafka", "gateway", "processor", "api")
+            if (pid := procs.running_pid(stack, name))}  # the group: `kota api` runs worker processes
     postmaster = int(postgres_paths(stack).data.joinpath("postmaster.pid").read_text().split()[0])
     pids["postgres"] = [postmaster, *_children(postmaster)]
     pids["simulators"] = simulators
@@ -320,7 +320,7 @@ def main() -> None:
     say(f"highest sustained rate: {best.offered:,.0f} readings/s (p99 to DB {best.db[1]:.2f} s, to live feed "
         f"{best.live[1]:.2f} s); baseline, the simulators' ceiling (broker acknowledgements as fast as they "
         f"come, same run): {ceiling.acknowledged_rate:,.0f}/s; sustained / ceiling = "
-        f"{best.offered / max(ceiling.acknowledged_rate, 1):.2f}")
+        f"{(best.offered or 0) / max(ceiling.acknowledged_rate, 1):.2f}")
     say("goal: 50,000 readings/s with p99 under 2 s (ThingsBoard's published run: 33,333/s on 36 vCPUs)")
 
 

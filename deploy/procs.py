@@ -61,19 +61,41 @@ def stop(stack: StackSettings, name: str, *, timeout_s: float = 20.0, hard: bool
     if pid is None:
         pid_file(stack, name).unlink(missing_ok=True)
         return False
-    os.kill(pid, signal.SIGKILL if hard else signal.SIGTERM)
+    _signal_group(pid, signal.SIGKILL if hard else signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while alive(pid) and time.monotonic() < deadline:
         _reap(pid)
         time.sleep(0.1)
     if alive(pid):
-        os.kill(pid, signal.SIGKILL)
+        _signal_group(pid, signal.SIGKILL)
         while alive(pid):
             _reap(pid)
             time.sleep(0.05)
     _reap(pid)
     pid_file(stack, name).unlink(missing_ok=True)
     return True
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Signal the process and what it started (spawn makes each a session leader): a kill -9 of
+    `kota api` must not leave its worker processes holding the port."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+
+
+def group_pids(pid: int) -> list[int]:
+    """The processes of `pid`'s process group (itself and the workers it started)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pid:  # field 5 of /proc/PID/stat: the process group
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def _reap(pid: int) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -165,10 +167,21 @@ def cmd_api(_args: argparse.Namespace) -> int:
     import uvicorn
 
     from ops_api.main import create_app
+    from ops_api.settings import ApiSettings
 
     _setup_logging()
-    stack = StackSettings()
-    uvicorn.run(create_app(stack), host=stack.bind_host, port=stack.api_port, log_level="warning")
+    stack, settings = StackSettings(), ApiSettings()
+    serve = {"host": stack.bind_host, "port": stack.api_port, "log_level": "warning", "access_log": False}
+    if settings.workers <= 1:
+        uvicorn.run(create_app(stack, settings), **serve)  # type: ignore[arg-type]
+        return 0
+    # Worker processes count into one set of Prometheus files, so /metrics adds them all up
+    # whichever worker answers. Set before the workers start, and emptied: old files are old counts.
+    metrics_dir = stack.run_dir / "api-metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    uvicorn.run("ops_api.main:create_app", factory=True, workers=settings.workers, **serve)  # type: ignore[arg-type]
     return 0
 
 

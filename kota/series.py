@@ -50,7 +50,22 @@ def query_series(conn: psycopg.Connection, device_id: str, metric: str, resoluti
     return to_points(conn.execute(series_sql(resolution), (device_id, metric, start, end, limit)).fetchall())
 
 
-async def query_series_async(conn: psycopg.AsyncConnection, device_id: str, metric: str, resolution: Resolution,
-                             start: dt.datetime, end: dt.datetime, *, limit: int = 1000) -> list[Point]:
-    cur = await conn.execute(series_sql(resolution), (device_id, metric, start, end, limit))
-    return to_points(await cur.fetchall())
+# The page as one JSON array made by the database. Building it in Python (rows, Point objects, JSON)
+# cost the API's single thread about 12 ms for a day of 1-minute points; json_agg costs the database
+# about as much, but in its own processes, beside the API: bench/api.py went from 46 to 116 requests/s.
+# Times are written as pydantic writes them elsewhere in the API (UTC, `Z`, no zero fraction).
+# A row subselect, not json_build_object: json_agg writes rows compactly, json_build_object with spaces.
+_POINT_JSON = """(SELECT point FROM (SELECT (rtrim(to_json(p.t AT TIME ZONE 'UTC')::text, '"') || 'Z"')::json AS ts,
+    p.n AS count, p.mean, p.lo AS min, p.hi AS max, p.f AS first, p.l AS last) AS point)"""
+
+
+async def query_series_json(conn: psycopg.AsyncConnection, device_id: str, metric: str, resolution: Resolution,
+                            start: dt.datetime, end: dt.datetime, *, limit: int = 1000
+                            ) -> tuple[bytes, int, dt.datetime | None]:
+    """query_series's page as a JSON array of points, with its length and last point's time."""
+    cur = await conn.execute(
+        f"SELECT coalesce(json_agg({_POINT_JSON} ORDER BY p.t), '[]'::json)::text, count(*), max(p.t) "  # noqa: S608
+        f"FROM ({series_sql(resolution)}) AS p(t, n, mean, lo, hi, f, l)", (device_id, metric, start, end, limit))
+    row = await cur.fetchone()
+    assert row is not None  # an aggregate always answers one row
+    return row[0].encode(), int(row[1]), row[2]

@@ -1,10 +1,11 @@
 """The live feed: readings from Kafka and alert changes from PostgreSQL, fanned out to clients.
 
 One Kafka consumer (no group, all partitions, from the end; running only while some client wants
-readings) and one LISTEN connection per API process, however many clients are connected. Each
-event is serialised once and the same bytes are offered to every client whose filter matches.
-Each client has a bounded queue: a client that lets it fill is dropped with a reason, so one slow
-reader never slows the others and memory stays flat.
+readings) and one LISTEN connection per API process, however many clients are connected. Clients
+with the same filter form a group: each event is matched once per group and serialised once, and
+each fetch from Kafka becomes one frame per group, shared by every client in it. Each client has a
+bounded queue (in events): a client that lets it fill is dropped with a reason, so one slow reader
+never slows the others, and memory stays flat because the frames waiting are shared.
 
 Readings come from the stream the gateway writes, so the feed shows a reading as soon as it is
 accepted (before the processor has stored it); alert changes are announced by the database on commit.
@@ -22,7 +23,7 @@ from typing import Any
 
 import orjson
 import psycopg
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from kota.contract import READINGS_TOPIC
@@ -30,7 +31,7 @@ from kota.settings import StackSettings
 
 log = logging.getLogger("kota.api.live")
 
-CLIENTS = Gauge("kota_api_live_clients", "connected live-feed clients")
+CLIENTS = Gauge("kota_api_live_clients", "connected live-feed clients", multiprocess_mode="livesum")
 DROPPED = Counter("kota_api_live_dropped_clients", "live-feed clients dropped", ["reason"])
 EVENTS = Counter("kota_api_live_events", "events received for the live feed", ["type"])
 ALERT_CHANNEL = "kota_alert_events"
@@ -55,30 +56,59 @@ class Filter:
                 and (not self.devices or device_id in self.devices))
 
 
+@dataclass(eq=False, slots=True)
+class Frame:
+    """The events one filter group got in one flush, serialised once and shared by all its clients."""
+
+    events: list[bytes]
+    _text: str | None = None
+
+    @property
+    def text(self) -> str:
+        """As a WebSocket frame: a JSON array, built once however many clients send it."""
+        if self._text is None:
+            self._text = (b"[" + b",".join(self.events) + b"]").decode()
+        return self._text
+
+
+def frame_text(frames: list[Frame]) -> str:
+    """One JSON array of everything a client had waiting (usually one frame: no copy)."""
+    if len(frames) == 1:
+        return frames[0].text
+    return "[" + ",".join(f.text[1:-1] for f in frames if f.events) + "]"
+
+
+def frame_events(frames: list[Frame]) -> list[bytes]:
+    return [event for frame in frames for event in frame.events]
+
+
 @dataclass(eq=False)
 class Subscriber:
-    """One client's bounded mailbox. The writer takes everything waiting at once, so a busy feed
-    costs one wake-up and one frame per batch, not per event."""
+    """One client's bounded mailbox of shared frames. The writer takes everything waiting at once,
+    so a busy feed costs one wake-up and one send per flush, not per event."""
 
     filter: Filter
-    capacity: int
-    pending: deque[bytes] = field(default_factory=deque)
+    capacity: int  # events
+    pending: deque[Frame] = field(default_factory=deque)
+    waiting_events: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     dropped: str | None = None
 
-    def offer(self, message: bytes) -> None:
+    def offer(self, frame: Frame) -> None:
         if self.dropped:
             return
-        if len(self.pending) >= self.capacity:
+        if self.waiting_events + len(frame.events) > self.capacity:
             self.dropped = SLOW_CLIENT.format(n=self.capacity)
             DROPPED.labels("slow").inc()
-            self.pending.clear()  # free the memory now, not when the socket closes
+            self.pending.clear()  # let go of the frames now, not when the socket closes
+            self.waiting_events = 0
         else:
-            self.pending.append(message)
+            self.pending.append(frame)
+            self.waiting_events += len(frame.events)
         self.ready.set()
 
-    async def take(self) -> list[bytes] | None:
-        """Everything waiting (at least one message), or None once dropped."""
+    async def take(self) -> list[Frame] | None:
+        """Every frame waiting (at least one), or None once dropped."""
         while not self.pending and not self.dropped:
             self.ready.clear()
             await self.ready.wait()
@@ -86,7 +116,16 @@ class Subscriber:
             return None
         taken = list(self.pending)
         self.pending.clear()
+        self.waiting_events = 0
         return taken
+
+
+@dataclass(eq=False)
+class _Group:
+    """Clients with the same filter: an event is matched and queued once for all of them."""
+
+    subscribers: set[Subscriber] = field(default_factory=set)
+    collected: list[bytes] = field(default_factory=list)
 
 
 class LiveHub:
@@ -94,39 +133,59 @@ class LiveHub:
         self._stack = stack
         self._queue_events = queue_events
         self._kafka_enabled = kafka_enabled
-        self._subscribers: set[Subscriber] = set()
+        # By filter: 200 operators watching the same city cost one match per event, not 200.
+        self._groups: dict[Filter, _Group] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None  # the Kafka reader, only while someone wants readings
+        self._positioned = asyncio.Event()
         self.consumer: AIOKafkaConsumer | None = None
 
     # -- clients -------------------------------------------------------------------------------
     def subscribe(self, live_filter: Filter) -> Subscriber:
         subscriber = Subscriber(live_filter, self._queue_events)
-        self._subscribers.add(subscriber)
-        CLIENTS.set(len(self._subscribers))
+        self._groups.setdefault(live_filter, _Group()).subscribers.add(subscriber)
+        CLIENTS.set(self.clients)
         if "readings" in live_filter.types and self._kafka_enabled and self._reader is None:
             self._reader = asyncio.create_task(self._read_kafka(), name="live-readings")
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.discard(subscriber)
-        CLIENTS.set(len(self._subscribers))
-        if self._reader is not None and not any("readings" in s.filter.types for s in self._subscribers):
+        group = self._groups.get(subscriber.filter)
+        if group is not None:
+            group.subscribers.discard(subscriber)
+            if not group.subscribers:
+                del self._groups[subscriber.filter]
+        CLIENTS.set(self.clients)
+        if self._reader is not None and not any("readings" in f.types for f in self._groups):
             # Nobody wants readings: stop reading the whole stream (it costs a core on a busy city).
             self._reader.cancel()
             self._reader = None
 
     @property
     def clients(self) -> int:
-        return len(self._subscribers)
+        return sum(len(group.subscribers) for group in self._groups.values())
 
     def publish(self, kind: str, city: str, domain: str, device_id: str, event: dict[str, Any]) -> None:
+        """Send one event to every client whose filter matches, now."""
+        self._collect(kind, city, domain, device_id, event)
+        self.flush()
+
+    def _collect(self, kind: str, city: str, domain: str, device_id: str, event: dict[str, Any]) -> None:
         EVENTS.labels(kind).inc()
         message: bytes | None = None
-        for subscriber in self._subscribers:
-            if subscriber.filter.matches(kind, city, domain, device_id):
+        for live_filter, group in self._groups.items():
+            if live_filter.matches(kind, city, domain, device_id):
                 message = message or orjson.dumps(event)
-                subscriber.offer(message)
+                group.collected.append(message)
+
+    def flush(self) -> None:
+        """Hand each group's collected events to its clients as one shared frame."""
+        for group in self._groups.values():
+            if group.collected:
+                frame = Frame(group.collected)
+                group.collected = []
+                for subscriber in group.subscribers:
+                    subscriber.offer(frame)
 
     # -- sources -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -141,28 +200,47 @@ class LiveHub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    async def readings_live(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the Kafka reader has fixed its place at the end of the stream: from then on no
+        accepted reading can pass a subscribed client by. False if Kafka did not answer in time."""
+        if self._reader is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._positioned.wait(), timeout_s)
+        return self._positioned.is_set()
+
     async def _read_kafka(self) -> None:
         while True:
-            consumer = AIOKafkaConsumer(READINGS_TOPIC, bootstrap_servers=self._stack.kafka_bootstrap, group_id=None,
-                                        auto_offset_reset="latest", enable_auto_commit=False, fetch_max_wait_ms=50)
+            consumer = AIOKafkaConsumer(bootstrap_servers=self._stack.kafka_bootstrap, group_id=None,
+                                        enable_auto_commit=False, fetch_max_wait_ms=50)
             try:
                 await consumer.start()
                 self.consumer = consumer
+                await consumer.topics()  # the cluster's metadata, for the partitions
+                partitions = [TopicPartition(READINGS_TOPIC, p)
+                              for p in sorted(consumer.partitions_for_topic(READINGS_TOPIC) or ())]
+                consumer.assign(partitions)
+                await consumer.seek_to_end(*partitions)
+                for partition in partitions:
+                    await consumer.position(partition)  # asks the broker now, not at the first fetch
+                self._positioned.set()
                 while True:
                     batches = await consumer.getmany(timeout_ms=500, max_records=2000)
                     for records in batches.values():
-                        self._publish_records(r.value for r in records)
+                        self._collect_records(r.value for r in records)
+                    self.flush()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the feed outlives a Kafka restart
                 log.exception("live feed: Kafka reader failed; retrying in 2 s")
                 await asyncio.sleep(2)
             finally:
+                self._positioned.clear()
                 self.consumer = None
                 with contextlib.suppress(Exception):
                     await consumer.stop()
 
-    def _publish_records(self, values: Iterable[bytes | None]) -> None:
+    def _collect_records(self, values: Iterable[bytes | None]) -> None:
         for value in values:
             try:
                 body = orjson.loads(value or b"")
@@ -171,7 +249,7 @@ class LiveHub:
                          "readings": [{"ts": ts, "metric": m, "value": v, "unit": u} for ts, m, v, u in body["r"]]}
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # not the wire format: the processor counts these; the feed just skips them
-            self.publish("readings", event["city"], event["domain"], event["device_id"], event)
+            self._collect("readings", event["city"], event["domain"], event["device_id"], event)
 
     async def _listen_alerts(self) -> None:
         while True:

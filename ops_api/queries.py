@@ -111,6 +111,18 @@ async def device_city(conn: AsyncConnection, scope: list[str] | None, device_id:
     return row["city"] if row else None
 
 
+async def latest_values_in_scope(conn: AsyncConnection, scope: list[str] | None, device_id: str) -> list[Row] | None:
+    """The device's latest values, or None when the caller may not see the device: one round trip."""
+    rows = await _all(conn, """
+        SELECT lv.metric, lv.value, lv.unit, lv.ts
+        FROM devices d LEFT JOIN latest_values lv USING (device_id)
+        WHERE d.device_id = %s AND (%s::text[] IS NULL OR d.city = ANY(%s))
+        ORDER BY lv.metric""", (device_id, scope, scope))
+    if not rows:
+        return None
+    return [r for r in rows if r["metric"] is not None]  # a device with no values yet: one row of NULLs
+
+
 async def latest_values(conn: AsyncConnection, device_id: str) -> list[Row]:
     return await _all(conn, "SELECT metric, value, unit, ts FROM latest_values WHERE device_id = %s ORDER BY metric",
                       (device_id,))

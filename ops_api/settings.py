@@ -23,10 +23,14 @@ class ApiSettings(BaseSettings):
     leak_min_flow_m3h: float = 0.5
     # Street lights: "on" drawing less than this is a failed lamp.
     lamp_fault_w: float = 10.0
+    # Server processes sharing the port: Python serves one request at a time per process, so this
+    # machine's two cores need two (bench/api.py). Each runs its own live-feed reader.
+    workers: int = 2
     # Verified tokens are trusted this long before the database is asked again (revocation delay).
     token_cache_s: float = 10.0
     # The city-wide device snapshot is shared by concurrent callers for this long.
     snapshot_cache_s: float = 1.0
-    # Live feed: events a client may have waiting before it is dropped as too slow.
-    live_queue_events: int = 1000
+    # Live feed: events a client may have waiting before it is dropped as too slow (a few seconds of
+    # a busy city; the frames waiting are shared by the clients of one filter, so this costs little).
+    live_queue_events: int = 5000
     live_kafka_enabled: bool = True

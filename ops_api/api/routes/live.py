@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from ops_api import queries
 from ops_api.api.errors import READ
 from ops_api.auth import Principal, authenticate, bearer_token
-from ops_api.live import Filter, LiveHub
+from ops_api.live import Filter, LiveHub, Subscriber, frame_events, frame_text
 
 router = APIRouter(prefix="/api/v1/live", tags=["live"])
 KINDS = ("readings", "alert")
@@ -51,20 +51,31 @@ async def _filter(app: object, caller: Principal, cities: list[str] | None, doma
 @router.websocket("")
 async def live_websocket(websocket: WebSocket, city: Cities = None, domain: Domains = None,
                          device: Devices = None, kind: Types = None) -> None:
-    await websocket.accept()
     app = websocket.app
     try:
         caller = await authenticate(app.state.pool, app.state.tokens, bearer_token(websocket))  # type: ignore[arg-type]
         live_filter = await _filter(app, caller, city, domain, device, kind)
     except HTTPException as exc:
+        await websocket.accept()  # accepted, so the client gets the close code and reason
         await websocket.close(code=4000 + exc.status_code, reason=str(exc.detail))
         return
     hub: LiveHub = app.state.hub
     subscriber = hub.subscribe(live_filter)
+    try:
+        if "readings" in live_filter.types:
+            # Open the socket once the feed really is live: a client (the page) takes "open" to
+            # mean that every reading from now on will reach it.
+            await hub.readings_live()
+        await websocket.accept()
+        await _serve(websocket, subscriber)
+    finally:
+        hub.unsubscribe(subscriber)
 
+
+async def _serve(websocket: WebSocket, subscriber: Subscriber) -> None:
     async def write() -> None:
-        while (batch := await subscriber.take()) is not None:
-            await websocket.send_text((b"[" + b",".join(batch) + b"]").decode())
+        while (frames := await subscriber.take()) is not None:
+            await websocket.send_text(frame_text(frames))
         await websocket.close(code=4408, reason=subscriber.dropped or "dropped")
 
     async def read_until_gone() -> None:
@@ -76,7 +87,6 @@ async def live_websocket(websocket: WebSocket, city: Cities = None, domain: Doma
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        hub.unsubscribe(subscriber)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -95,21 +105,27 @@ async def live_sse(request: Request, city: Cities = None, domain: Domains = None
     live_filter = await _filter(request.app, caller, city, domain, device, kind)
     hub: LiveHub = request.app.state.hub
     subscriber = hub.subscribe(live_filter)
+    if "readings" in live_filter.types:
+        try:
+            await hub.readings_live()  # as for the WebSocket: the stream starts once it is live
+        except BaseException:
+            hub.unsubscribe(subscriber)  # the client left while waiting: stream() never runs
+            raise
 
     async def stream() -> AsyncIterator[bytes]:
         try:
             yield b": connected\n\n"
             while True:
                 try:
-                    batch = await asyncio.wait_for(subscriber.take(), HEARTBEAT_S)
+                    frames = await asyncio.wait_for(subscriber.take(), HEARTBEAT_S)
                 except TimeoutError:
                     yield b": heartbeat\n\n"
                     continue
-                if batch is None:
+                if frames is None:
                     yield b'event: dropped\ndata: {"reason": "' + (subscriber.dropped or "").encode() + b'"}\n\n'
                     return
                 yield b"".join(b"event: " + (b"alert" if m.startswith(b'{"type":"alert"') else b"readings")
-                               + b"\ndata: " + m + b"\n\n" for m in batch)
+                               + b"\ndata: " + m + b"\n\n" for m in frame_events(frames))
         finally:
             hub.unsubscribe(subscriber)
 
