@@ -100,7 +100,7 @@ def latency(stack: StackSettings, token: str, clients: int, seconds: float, path
 
 
 def quantiles(times: list[float]) -> tuple[float, float]:
-    ordered = sorted(times)
+    ordered = sorted(times) or [float("nan")]
     return (ordered[len(ordered) // 2] * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000)
 
 
@@ -123,10 +123,12 @@ async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: f
     url = f"ws://127.0.0.1:{stack.api_port}/api/v1/live?city={LIVE_CITY}&type=readings&token={token}"
     rss_before = rss_mib(api_pid)
     stop_at = time.monotonic() + seconds + 3
+    # Counted: readings the gateway received once every client had connected and was reading.
+    # Each client reads from the moment it connects; what it catches up on before then is not counted.
+    count_from_ms = (time.time() + 3) * 1000
 
     async def client(index: int) -> None:
-        async with websockets.connect(url, max_size=None) as ws:
-            await asyncio.sleep(3 - index * 0.01)  # all connected before anyone counts
+        async with websockets.connect(url, max_size=None, compression=None) as ws:
             while time.monotonic() < stop_at:
                 try:
                     frame = await asyncio.wait_for(ws.recv(), timeout=max(0.1, stop_at - time.monotonic()))
@@ -137,13 +139,16 @@ async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: f
                     say(f"client {index} closed: {closed}")
                     return
                 now_ms = time.time() * 1000
-                if index == 0:  # one client decodes everything, to count what reached it
-                    readings_seen[0] += sum(len(event["readings"]) for event in json.loads(frame))
                 # The frame's oldest event (the first) has waited longest: its lag stands for the frame.
                 # Read just that number, so 200 clients in one Python process can keep up with the feed.
                 text = frame if isinstance(frame, str) else frame.decode()
                 at = text.index('"received_ms":') + 14
-                lags.append((now_ms - int(text[at:text.index(",", at)])) / 1000)
+                received_ms = int(text[at:text.index(",", at)])
+                if received_ms < count_from_ms:
+                    continue
+                lags.append((now_ms - received_ms) / 1000)
+                if index == 0:  # one client decodes everything, to count what reached it
+                    readings_seen[0] += sum(len(event["readings"]) for event in json.loads(frame))
 
     tasks = [asyncio.create_task(client(i)) for i in range(ws_clients)]
     await asyncio.sleep(4)

@@ -147,19 +147,20 @@ def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
 def drain_backlog(stack: StackSettings) -> None:
     """Let the processor catch up with whatever earlier runs (bench.ingest) left on the topic, so the
     timed drain holds this run's readings only."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     from deploy import stack as local
     from kota.contract import READINGS_TOPIC
 
     async def end_offsets() -> int:
-        consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap)
+        # Subscribed (no group), so the partitions are known once it starts: partitions_for_topic
+        # after topics() answers None, because topics() does not update the consumer's metadata.
+        consumer = AIOKafkaConsumer(READINGS_TOPIC, bootstrap_servers=stack.kafka_bootstrap)
         await consumer.start()
         try:
-            await consumer.topics()  # fetches the cluster's metadata
-            partitions = [TopicPartition(READINGS_TOPIC, p)
-                          for p in consumer.partitions_for_topic(READINGS_TOPIC) or ()]
-            return sum((await consumer.end_offsets(partitions)).values())
+            while not consumer.assignment():
+                await asyncio.sleep(0.01)
+            return sum((await consumer.end_offsets(list(consumer.assignment()))).values())
         finally:
             await consumer.stop()
 

@@ -171,7 +171,10 @@ def cmd_api(_args: argparse.Namespace) -> int:
 
     _setup_logging()
     stack, settings = StackSettings(), ApiSettings()
-    serve = {"host": stack.bind_host, "port": stack.api_port, "log_level": "warning", "access_log": False}
+    # No permessage-deflate on the live feed: it compresses each client's copy of every frame
+    # separately, so 200 clients on one busy city cost 200 compressions of the same bytes.
+    serve = {"host": stack.bind_host, "port": stack.api_port, "log_level": "warning", "access_log": False,
+             "ws_per_message_deflate": False}
     if settings.workers <= 1:
         uvicorn.run(create_app(stack, settings), **serve)  # type: ignore[arg-type]
         return 0

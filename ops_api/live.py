@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Gauge
 
 from kota.contract import READINGS_TOPIC
@@ -211,15 +211,14 @@ class LiveHub:
 
     async def _read_kafka(self) -> None:
         while True:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self._stack.kafka_bootstrap, group_id=None,
-                                        enable_auto_commit=False, fetch_max_wait_ms=50)
+            consumer = AIOKafkaConsumer(READINGS_TOPIC, bootstrap_servers=self._stack.kafka_bootstrap, group_id=None,
+                                        auto_offset_reset="latest", enable_auto_commit=False, fetch_max_wait_ms=50)
             try:
                 await consumer.start()
                 self.consumer = consumer
-                await consumer.topics()  # the cluster's metadata, for the partitions
-                partitions = [TopicPartition(READINGS_TOPIC, p)
-                              for p in sorted(consumer.partitions_for_topic(READINGS_TOPIC) or ())]
-                consumer.assign(partitions)
+                while not consumer.assignment():  # without a group: every partition, once metadata is in
+                    await asyncio.sleep(0.01)
+                partitions = consumer.assignment()
                 await consumer.seek_to_end(*partitions)
                 for partition in partitions:
                     await consumer.position(partition)  # asks the broker now, not at the first fetch
