@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -75,9 +76,13 @@ class RequestTimer:
 
 
 class IdleCheck:
-    """The pool's `check`: test a connection that sat idle, so the first requests after a database
-    restart get fresh connections instead of dead ones (tests/test_faults.py); hand one that was in
-    use a moment ago straight out. Testing every checkout cost a round trip per request under load.
+    """The pool's `check`: test a connection before handing it out only when it may be dead, so the
+    first requests after a database restart get fresh connections (tests/test_faults.py) without
+    every request paying a round trip for the test.
+
+    May be dead: its socket has something to read (an idle connection is sent nothing, unless the
+    server is saying goodbye, as a restart does), or it sat unused longer than `after_s` (a server
+    gone without a word, as behind a broken network).
     """
 
     def __init__(self, after_s: float) -> None:
@@ -89,8 +94,16 @@ class IdleCheck:
 
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
         returned = self._returned.get(conn)
-        if returned is None or time.monotonic() - returned > self._after_s:
+        if returned is None or time.monotonic() - returned > self._after_s or _has_input(conn):
             await AsyncConnectionPool.check_connection(conn)
+
+
+def _has_input(conn: psycopg.AsyncConnection[Any]) -> bool:
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 def _metrics_registry() -> CollectorRegistry:
@@ -108,7 +121,7 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        idle_check = IdleCheck(after_s=1.0)
+        idle_check = IdleCheck(after_s=10.0)
         # A small pool per worker: on two cores, four connections per worker kept the database as
         # busy as it can be; twenty queued the same work in more processes (bench/api.py, latest
         # values at 50 clients: p99 216 ms with 20, 142-157 ms with 4).
