@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    from kota.logs import setup_logging
+
+    setup_logging()
 
 
 def _say(message: str) -> None:

@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram, make_asgi_
 from psycopg_pool import AsyncConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kota.logs import setup_logging
 from kota.settings import StackSettings
 from ops_api.api.routes import access, alerts, cities, devices, health, live
 from ops_api.auth import TokenCache
@@ -118,6 +119,7 @@ def _metrics_registry() -> CollectorRegistry:
 def create_app(stack: StackSettings | None = None, settings: ApiSettings | None = None) -> FastAPI:
     stack = stack or StackSettings()
     settings = settings or ApiSettings()
+    setup_logging()  # in a worker process uvicorn started, nothing else has (a no-op when `kota api` has)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
