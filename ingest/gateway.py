@@ -218,10 +218,11 @@ class IngestGateway:
             result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
                                    received_ms=msg.received_ms, limits=self._limits)
             if not registry_rechecked and msg.received_ms >= self._devices_as_of_ms and any(
-                    r.reason is Reason.UNKNOWN_DEVICE for r in result.rejections):
+                    r.reason in (Reason.UNKNOWN_DEVICE, Reason.DEVICE_DISABLED) for r in result.rejections):
                 # A device behind a known gateway, registered after our last read of the registry
-                # (`kota devices add --gateway`, a replay's devices). Once per batch, a cheap check
-                # whether the registry changed, so a flood of unknown devices costs no full reads.
+                # (`kota devices add --gateway`, a replay's devices), or one enabled again a moment
+                # ago (the broker already lets it in). Once per batch, a cheap check whether the
+                # registry changed, so a flood of such messages costs no full reads.
                 registry_rechecked = True
                 if await self._registry_changed():
                     await self._refresh_devices()
