@@ -200,9 +200,12 @@ class LiveHub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def readings_live(self, timeout_s: float = 5.0) -> bool:
-        """Wait until the Kafka reader has fixed its place at the end of the stream: from then on no
-        accepted reading can pass a subscribed client by. False if Kafka did not answer in time."""
+    async def live_for(self, live_filter: Filter, timeout_s: float = 5.0) -> bool:
+        """Wait, for a client that wants readings, until the Kafka reader has fixed its place at the
+        end of the stream: from then on no accepted reading can pass it by. A client (the page)
+        takes an open socket to mean exactly that. False if Kafka did not answer in time."""
+        if "readings" not in live_filter.types:
+            return True
         if self._reader is None:
             return False
         with contextlib.suppress(TimeoutError):

@@ -62,10 +62,7 @@ async def live_websocket(websocket: WebSocket, city: Cities = None, domain: Doma
     hub: LiveHub = app.state.hub
     subscriber = hub.subscribe(live_filter)
     try:
-        if "readings" in live_filter.types:
-            # Open the socket once the feed really is live: a client (the page) takes "open" to
-            # mean that every reading from now on will reach it.
-            await hub.readings_live()
+        await hub.live_for(live_filter)
         await websocket.accept()
         await _serve(websocket, subscriber)
     finally:
@@ -105,12 +102,11 @@ async def live_sse(request: Request, city: Cities = None, domain: Domains = None
     live_filter = await _filter(request.app, caller, city, domain, device, kind)
     hub: LiveHub = request.app.state.hub
     subscriber = hub.subscribe(live_filter)
-    if "readings" in live_filter.types:
-        try:
-            await hub.readings_live()  # as for the WebSocket: the stream starts once it is live
-        except BaseException:
-            hub.unsubscribe(subscriber)  # the client left while waiting: stream() never runs
-            raise
+    try:
+        await hub.live_for(live_filter)  # as for the WebSocket: the stream starts once it is live
+    except BaseException:
+        hub.unsubscribe(subscriber)  # the client left while waiting: stream() never runs
+        raise
 
     async def stream() -> AsyncIterator[bytes]:
         try:
