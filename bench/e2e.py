@@ -73,23 +73,11 @@ def _cpu_s(pid: int, *, with_children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
 def component_pids(stack: StackSettings, simulators: list[int]) -> dict[str, list[int]]:
     pids = {name: procs.group_pids(pid) for name in ("mosquitto", "kafka", "gateway", "processor", "api")
             if (pid := procs.running_pid(stack, name))}  # the group: `kota api` runs worker processes
     postmaster = int(postgres_paths(stack).data.joinpath("postmaster.pid").read_text().split()[0])
-    pids["postgres"] = [postmaster, *_children(postmaster)]
+    pids["postgres"] = [postmaster, *procs.children(postmaster)]
     pids["simulators"] = simulators
     return pids
 

@@ -147,22 +147,8 @@ def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
 def drain_backlog(stack: StackSettings) -> None:
     """Let the processor catch up with whatever earlier runs (bench.ingest) left on the topic, so the
     timed drain holds this run's readings only."""
-    from aiokafka import AIOKafkaConsumer
-
     from deploy import stack as local
-    from kota.contract import READINGS_TOPIC
-
-    async def end_offsets() -> int:
-        # Subscribed (no group), so the partitions are known once it starts: partitions_for_topic
-        # after topics() answers None, because topics() does not update the consumer's metadata.
-        consumer = AIOKafkaConsumer(READINGS_TOPIC, bootstrap_servers=stack.kafka_bootstrap)
-        await consumer.start()
-        try:
-            while not consumer.assignment():
-                await asyncio.sleep(0.01)
-            return sum((await consumer.end_offsets(list(consumer.assignment()))).values())
-        finally:
-            await consumer.stop()
+    from tests.kafka_counts import end_offsets
 
     def stored_offsets() -> int:
         with psycopg.connect(stack.postgres_dsn) as conn:
@@ -171,7 +157,7 @@ def drain_backlog(stack: StackSettings) -> None:
         return int(row[0]) if row else 0
 
     local.start_component(stack, "processor")
-    target = asyncio.run(end_offsets())
+    target = sum(end_offsets(stack).values())
     while stored_offsets() < target:
         say(f"processor catching up with an earlier backlog: {target - stored_offsets():,} records to go")
         time.sleep(5)

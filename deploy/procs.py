@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kota.settings import StackSettings
@@ -85,17 +86,23 @@ def _signal_group(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def group_pids(pid: int) -> list[int]:
-    """The processes of `pid`'s process group (itself and the workers it started)."""
-    pids = []
+def _stats() -> Iterator[tuple[int, list[str]]]:
+    """Every process's pid and its /proc/PID/stat fields after the command name (state, ppid, pgrp, …)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        if int(fields[2]) == pid:  # field 5 of /proc/PID/stat: the process group
-            pids.append(int(stat.parent.name))
-    return pids
+
+
+def group_pids(pid: int) -> list[int]:
+    """The processes of `pid`'s process group (itself and the workers it started)."""
+    return [member for member, fields in _stats() if int(fields[2]) == pid]
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started itself."""
+    return [child for child, fields in _stats() if int(fields[1]) == pid]
 
 
 def _reap(pid: int) -> None:
