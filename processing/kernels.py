@@ -18,7 +18,10 @@ timer, silence much longer than the series' usual reporting interval.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import config, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # Reason codes, stable: stored with anomalies and shown to operators.
 NONE, SPIKE, DIP, LEVEL_SHIFT, STUCK, RATE_OF_CHANGE, OUT_OF_RANGE, DROPOUT = range(8)
@@ -29,6 +32,7 @@ REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "ou
  QUIET_SCORE) = range(14)
 STATE_COLUMNS = 14
 HOURS = 24
+PREFETCH_AHEAD = 12  # readings; tried 12 and 24 on 10,000 series, no difference
 HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
 
 # Parameters, in one float64 array so a kernel call stays a plain function of arrays.
@@ -49,6 +53,32 @@ ALL_DETECTORS_PARAMS = DEFAULT_PARAMS.copy()
 ALL_DETECTORS_PARAMS[P_W_RATE] = 1.0
 
 
+if config.DISABLE_JIT:  # type: ignore[attr-defined]
+    def _prefetch(array: np.ndarray, row: int) -> None:
+        """Without the JIT there is nothing to prefetch."""
+else:
+    @intrinsic
+    def _prefetch(typingctx, array, row):  # type: ignore[no-untyped-def]
+        """Ask the CPU to start loading `array[row]` into cache (LLVM's prefetch: numba has no API).
+
+        The detector touches a different series' state on almost every reading, so with 10,000 series
+        each reading waits on memory; loading a dozen readings ahead hides most of that wait.
+        """
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            array_struct = context.make_array(signature.args[0])(context, builder, args[0])
+            row_stride = cgutils.unpack_tuple(builder, array_struct.strides)[0]
+            address = builder.gep(builder.bitcast(array_struct.data, cgutils.voidptr_t),
+                                  [builder.mul(args[1], row_stride)])
+            i32 = ir.IntType(32)
+            signature_ir = ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t, i32, i32, i32])
+            fn = builder.module.declare_intrinsic("llvm.prefetch", [cgutils.voidptr_t], signature_ir)
+            # read, high temporal locality, data cache
+            builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(array, row), codegen
+
+
 @njit(cache=True)
 def _score(z: float, floor: float, scale: float) -> float:
     """Map a robust z-like distance to [0, 1): 0 up to `floor`, 0.5 at `floor + scale`."""
@@ -63,24 +93,44 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
                  state: np.ndarray, hourly: np.ndarray, params: np.ndarray,
                  scores: np.ndarray, reasons: np.ndarray) -> None:
     """Score each reading of the batch in order, updating `state` and `hourly` in place."""
+    # Speed (bench.processing; about 2x in all): parameters and each series' state are read into
+    # locals once per reading and written back once (numba cannot prove the output arrays do not
+    # alias the state, so with direct indexing every store sent later state reads back to memory);
+    # the state of the reading a dozen ahead is prefetched; a score's division is done only when
+    # the score can be above 0.
     warmup = params[P_WARMUP]
     alpha = params[P_ALPHA]
     hour_alpha = params[P_HOUR_ALPHA]
+    hour_warmup = params[P_HOUR_WARMUP]
     fast_alpha = params[P_FAST_ALPHA]
     slow_alpha = params[P_SLOW_ALPHA]
     z_floor = params[P_Z_FLOOR]
     z_scale = params[P_Z_SCALE]
+    stuck_min = params[P_STUCK_MIN]
+    rate_alpha = params[P_RATE_ALPHA]
     clip = params[P_CLIP]
-    for i in range(series.shape[0]):
+    w_spike = params[P_W_SPIKE]
+    w_shift = params[P_W_SHIFT]
+    w_stuck = params[P_W_STUCK]
+    w_rate = params[P_W_RATE]
+    quiet_level = params[P_QUIET_LEVEL]
+    quiet_points = params[P_QUIET_POINTS]
+    quiet_margin = params[P_QUIET_MARGIN]
+    hour_rows = hourly.reshape(hourly.shape[0] * HOURS, 3)
+    count = series.shape[0]
+    for i in range(count):
+        if i + PREFETCH_AHEAD < count:
+            coming = series[i + PREFETCH_AHEAD]
+            _prefetch(state, coming)
+            _prefetch(hour_rows, coming * HOURS + (np.int64(ts[i + PREFETCH_AHEAD]) // 3_600_000) % HOURS)
         s = series[i]
         x = values[i]
         t = ts[i]
-        scores[i] = 0.0
-        reasons[i] = NONE
         if x < low[s] or x > high[s]:
             scores[i] = 1.0
             reasons[i] = OUT_OF_RANGE
             continue  # impossible values teach the baseline nothing
+        h = (np.int64(t) // 3_600_000) % HOURS
         n = state[s, COUNT]
         if n == 0.0:
             state[s, MEAN] = x
@@ -89,62 +139,83 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             state[s, LAST_VALUE] = x
             state[s, LAST_TS] = t
             state[s, COUNT] = 1.0
-            h = int((t // 3_600_000) % HOURS)
             hourly[s, h, HOUR_MEAN] = x
             hourly[s, h, HOUR_COUNT] = 1.0
+            scores[i] = 0.0
+            reasons[i] = NONE
             continue
 
         mean = state[s, MEAN]
         mad = state[s, MAD]
+        fast = state[s, FAST]
+        slow = state[s, SLOW]
+        slow_mad = state[s, SLOW_MAD]
+        last_value = state[s, LAST_VALUE]
+        last_ts = state[s, LAST_TS]
+        run = state[s, RUN]
+        interval = state[s, INTERVAL]
+        typical_rate = state[s, RATE]
+        longest_run = state[s, LONGEST_RUN]
+        quiet_until = state[s, QUIET_UNTIL]
+        quiet_score = state[s, QUIET_SCORE]
+        hour_mean = hourly[s, h, HOUR_MEAN]
+        hour_mad = hourly[s, h, HOUR_MAD]
+        hn = hourly[s, h, HOUR_COUNT]
+
         eps = 1e-9 + 1e-3 * abs(mean)
         scale = 1.4826 * mad + eps
-        z = abs(x - mean) / scale
-        h = int((t // 3_600_000) % HOURS)
-        if hourly[s, h, HOUR_COUNT] >= params[P_HOUR_WARMUP]:
-            hour_scale = 1.4826 * hourly[s, h, HOUR_MAD] + eps
-            z_hour = abs(x - hourly[s, h, HOUR_MEAN]) / hour_scale
-            if z_hour < z:
-                z = z_hour  # a usual value for this hour of the day is not a spike
 
-        dt = t - state[s, LAST_TS]
-        step = abs(x - state[s, LAST_VALUE])
+        dt = t - last_ts
+        step = abs(x - last_value)
         rate = step / dt if dt > 0 else 0.0
-        if state[s, LAST_VALUE] == x:
-            state[s, RUN] += 1.0
+        if last_value == x:
+            run += 1.0
         else:
-            if state[s, RUN] > state[s, LONGEST_RUN]:
-                state[s, LONGEST_RUN] = state[s, RUN]  # runs this long are part of how the series behaves
-            state[s, RUN] = 0.0
+            if run > longest_run:
+                longest_run = run  # runs this long are part of how the series behaves
+            run = 0.0
 
+        best = 0.0
+        reason = NONE
         if n >= warmup:
-            best = _score(params[P_W_SPIKE] * z, z_floor, z_scale)
-            reason = SPIKE if x > mean else DIP
-            shift = abs(state[s, FAST] - state[s, SLOW]) / (1.4826 * state[s, SLOW_MAD] + eps)
-            shift_score = _score(params[P_W_SHIFT] * shift, z_floor, z_scale)
-            if shift_score > best:
-                best = shift_score
-                reason = LEVEL_SHIFT
-            stuck_after = max(params[P_STUCK_MIN], 2.0 * state[s, LONGEST_RUN])
-            if mad > eps and state[s, RUN] >= stuck_after:
+            # Divisions only where a score can be above 0 (w * d / scale > floor): most readings are normal.
+            distance = abs(x - mean)
+            if w_spike * distance > z_floor * scale:
+                z = distance / scale
+                if hn >= hour_warmup:
+                    z_hour = abs(x - hour_mean) / (1.4826 * hour_mad + eps)
+                    if z_hour < z:
+                        z = z_hour  # a usual value for this hour of the day is not a spike
+                best = _score(w_spike * z, z_floor, z_scale)
+                if best > 0.0:
+                    reason = SPIKE if x > mean else DIP
+            shift_scale = 1.4826 * slow_mad + eps
+            if w_shift * abs(fast - slow) > z_floor * shift_scale:
+                shift_score = _score(w_shift * (abs(fast - slow) / shift_scale), z_floor, z_scale)
+                if shift_score > best:
+                    best = shift_score
+                    reason = LEVEL_SHIFT
+            stuck_after = max(stuck_min, 2.0 * longest_run)
+            if mad > eps and run >= stuck_after:
                 # as long as the usual stuck threshold: z at the floor; twice as long: z twice the floor
-                stuck_score = _score(params[P_W_STUCK] * z_floor * state[s, RUN] / stuck_after, z_floor, z_scale)
+                stuck_score = _score(w_stuck * z_floor * run / stuck_after, z_floor, z_scale)
                 if stuck_score > best:
                     best = stuck_score
                     reason = STUCK
-            typical_rate = state[s, RATE]
-            if typical_rate > 0.0 and dt > 0:
-                rate_score = _score(params[P_W_RATE] * rate / typical_rate / 2.0, z_floor, z_scale)
+            if typical_rate > 0.0 and dt > 0 and w_rate * rate > 2.0 * z_floor * typical_rate:
+                rate_score = _score(w_rate * rate / typical_rate / 2.0, z_floor, z_scale)
                 if rate_score > best:
                     best = rate_score
                     reason = RATE_OF_CHANGE
-            if n < state[s, QUIET_UNTIL] and best <= state[s, QUIET_SCORE] + params[P_QUIET_MARGIN]:
+            if n < quiet_until and best <= quiet_score + quiet_margin:
                 best = 0.0  # the same event, already signalled
-            elif best > params[P_QUIET_LEVEL]:
-                state[s, QUIET_UNTIL] = n + params[P_QUIET_POINTS]
-                state[s, QUIET_SCORE] = best
-            if best > 0.0:
-                scores[i] = best
-                reasons[i] = reason
+            elif best > quiet_level:
+                quiet_until = n + quiet_points
+                quiet_score = best
+            if best == 0.0:
+                reason = NONE
+        scores[i] = best
+        reasons[i] = reason
 
         # Update the baselines, clipping the new value so one outlier cannot drag them far.
         deviation = x - mean
@@ -152,21 +223,24 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         clipped = mean + min(max(deviation, -limit), limit) if n >= warmup else x
         state[s, MEAN] = mean + alpha * (clipped - mean) if n >= warmup else mean + (x - mean) / (n + 1.0)
         state[s, MAD] = mad + (alpha if n >= warmup else 1.0 / (n + 1.0)) * (abs(clipped - mean) - mad)
-        state[s, FAST] += fast_alpha * (clipped - state[s, FAST])
-        slow = state[s, SLOW]
+        state[s, FAST] = fast + fast_alpha * (clipped - fast)
         state[s, SLOW] = slow + slow_alpha * (clipped - slow)
-        state[s, SLOW_MAD] += slow_alpha * (abs(clipped - slow) - state[s, SLOW_MAD])
-        hn = hourly[s, h, HOUR_COUNT]
-        hour_mean = hourly[s, h, HOUR_MEAN] if hn > 0 else x
+        state[s, SLOW_MAD] = slow_mad + slow_alpha * (abs(clipped - slow) - slow_mad)
+        if hn <= 0:
+            hour_mean = x
         a = hour_alpha if hn >= 1.0 / hour_alpha else 1.0 / (hn + 1.0)
-        hourly[s, h, HOUR_MAD] += a * (abs(x - hour_mean) - hourly[s, h, HOUR_MAD])
+        hourly[s, h, HOUR_MAD] = hour_mad + a * (abs(x - hour_mean) - hour_mad)
         hourly[s, h, HOUR_MEAN] = hour_mean + a * (x - hour_mean)
         hourly[s, h, HOUR_COUNT] = hn + 1.0
         if dt > 0:
-            state[s, INTERVAL] = dt if state[s, INTERVAL] == 0.0 else state[s, INTERVAL] + 0.05 * (
-                dt - state[s, INTERVAL])
-            state[s, RATE] = rate if state[s, RATE] == 0.0 else state[s, RATE] + params[P_RATE_ALPHA] * (
-                rate - state[s, RATE])
+            interval = dt if interval == 0.0 else interval + 0.05 * (dt - interval)
+            typical_rate = rate if typical_rate == 0.0 else typical_rate + rate_alpha * (rate - typical_rate)
+        state[s, RUN] = run
+        state[s, LONGEST_RUN] = longest_run
+        state[s, INTERVAL] = interval
+        state[s, RATE] = typical_rate
+        state[s, QUIET_UNTIL] = quiet_until
+        state[s, QUIET_SCORE] = quiet_score
         state[s, LAST_VALUE] = x
         state[s, LAST_TS] = t
         state[s, COUNT] = n + 1.0
@@ -191,50 +265,57 @@ def silence_scores(now_ms: float, state: np.ndarray, last_seen: np.ndarray, warm
 @njit(cache=True)
 def minute_partials(series: np.ndarray, ts: np.ndarray, values: np.ndarray, width_ms: float,
                     out_series: np.ndarray, out_bucket: np.ndarray, out_stats: np.ndarray) -> int:
-    """Tumbling-window partials of a batch: one row per (series, window) in `out_*`; returns the row count.
+    """Tumbling-window partials of a batch: one row per (series, window) in `out_*`, in order of
+    each window's first reading; returns the row count.
 
     `out_stats` columns: n, sum, sum of squares, min, max, first time, first value, last time, last
     value (the same mergeable partials as the agg_1m table). Outputs must hold len(series) rows.
+    One pass in arrival order: each series keeps a chain of its rows, newest first, so a reading
+    finds its window in a step or two (readings mostly arrive in time order). Sorting the batch by
+    (series, window) instead cost 13x more (bench.processing).
     """
     n = series.shape[0]
     if n == 0:
         return 0
-    buckets = np.floor(ts / width_ms)
-    lowest = buckets.min()
-    span = buckets.max() - lowest + 1.0
-    keys = series.astype(np.float64) * span + (buckets - lowest)
-    order = np.argsort(keys, kind="mergesort")  # stable: equal times keep arrival order
-    rows = -1
-    previous = -1.0
-    for j in range(n):
-        i = order[j]
+    newest_row = np.full(series.max() + 1, -1, np.int64)  # per series: its newest row in this batch
+    older_row = np.empty(n, np.int64)  # per row: the same series' row before it, -1 at the end
+    rows = 0
+    for i in range(n):
+        s = series[i]
         x = values[i]
         t = ts[i]
-        if keys[i] != previous:
+        bucket = np.floor(t / width_ms) * width_ms
+        r = newest_row[s]
+        while r >= 0 and out_bucket[r] != bucket:
+            r = older_row[r]
+        if r < 0:
+            r = rows
             rows += 1
-            previous = keys[i]
-            out_series[rows] = series[i]
-            out_bucket[rows] = buckets[i] * width_ms
-            out_stats[rows, 0] = 0.0
-            out_stats[rows, 1] = 0.0
-            out_stats[rows, 2] = 0.0
-            out_stats[rows, 3] = x
-            out_stats[rows, 4] = x
-            out_stats[rows, 5] = t
-            out_stats[rows, 6] = x
-            out_stats[rows, 7] = t
-            out_stats[rows, 8] = x
-        out_stats[rows, 0] += 1.0
-        out_stats[rows, 1] += x
-        out_stats[rows, 2] += x * x
-        if x < out_stats[rows, 3]:
-            out_stats[rows, 3] = x
-        if x > out_stats[rows, 4]:
-            out_stats[rows, 4] = x
-        if t < out_stats[rows, 5]:
-            out_stats[rows, 5] = t
-            out_stats[rows, 6] = x
-        if t >= out_stats[rows, 7]:
-            out_stats[rows, 7] = t
-            out_stats[rows, 8] = x
-    return rows + 1
+            older_row[r] = newest_row[s]
+            newest_row[s] = r
+            out_series[r] = s
+            out_bucket[r] = bucket
+            out_stats[r, 0] = 1.0
+            out_stats[r, 1] = x
+            out_stats[r, 2] = x * x
+            out_stats[r, 3] = x
+            out_stats[r, 4] = x
+            out_stats[r, 5] = t
+            out_stats[r, 6] = x
+            out_stats[r, 7] = t
+            out_stats[r, 8] = x
+            continue
+        out_stats[r, 0] += 1.0
+        out_stats[r, 1] += x
+        out_stats[r, 2] += x * x
+        if x < out_stats[r, 3]:
+            out_stats[r, 3] = x
+        if x > out_stats[r, 4]:
+            out_stats[r, 4] = x
+        if t < out_stats[r, 5]:
+            out_stats[r, 5] = t
+            out_stats[r, 6] = x
+        if t >= out_stats[r, 7]:  # equal times: the later arrival is the last value
+            out_stats[r, 7] = t
+            out_stats[r, 8] = x
+    return rows
