@@ -91,17 +91,22 @@ def parse_telemetry_topic(topic: str) -> TelemetryTopic | None:
 # -- canonical measurements --------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Metric:
-    """A canonical measurement: FIWARE Smart Data Models name, canonical unit, physical range."""
+    """A canonical measurement: FIWARE Smart Data Models name, canonical unit, physical range.
+
+    `state`: the value is a code (0 off, 1 on, 2 fault), not a quantity; the anomaly detectors judge
+    it only against its range (a lamp switching on is not a spike).
+    """
 
     name: str
     unit: str
     low: float
     high: float
     description: str
+    state: bool = False
 
 
-def _m(name: str, unit: str, low: float, high: float, description: str) -> Metric:
-    return Metric(name, unit, low, high, description)
+def _m(name: str, unit: str, low: float, high: float, description: str, *, state: bool = False) -> Metric:
+    return Metric(name, unit, low, high, description, state)
 
 
 # Units are SenML / UCUM symbols. relativeHumidity is in percent, currentLevel in centimetres.
@@ -139,7 +144,7 @@ METRICS: dict[str, Metric] = {
         _m("pressure", "bar", 0, 50, "water network pressure"),
         _m("activePower", "kW", 0, 100000, "electric active power"),
         _m("activeEnergy", "kWh", 0, 1e12, "electric energy meter reading"),
-        _m("powerState", "/", 0, 2, "street light state: 0 off, 1 on, 2 fault"),
+        _m("powerState", "/", 0, 2, "street light state: 0 off, 1 on, 2 fault", state=True),
         _m("illuminanceLevel", "lx", 0, 200000, "illuminance"),
         _m("powerConsumption", "W", 0, 10000, "street light power draw"),
     )

@@ -13,7 +13,7 @@ snapshot restored gives the same scores as the original.
 from __future__ import annotations
 
 import io
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Container, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ class Detectors:
         self.hourly = np.zeros((initial_series, kernels.HOURS, 3))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
+        self.measured = np.ones(initial_series)  # 0.0: a state code, judged only by its range
         # Wall-clock ms of each series' newest arrival, kept by the caller (mark_arrivals) for
         # dropouts on a live feed; not part of snapshots. NaN: not seen since this object was made.
         self.arrivals = np.full(initial_series, np.nan)
@@ -47,9 +48,10 @@ class Detectors:
         """Series keys in id order."""
         return list(self._ids)
 
-    def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None
-                   ) -> np.ndarray:
-        """Dense ids for series keys, creating state for new ones (with their physical range if given)."""
+    def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None,
+                   codes: Container[Hashable] = ()) -> np.ndarray:
+        """Dense ids for series keys, creating state for new ones, with their physical range if given;
+        keys in `codes` are state codes (on/off/fault), which only the range detector judges."""
         ids = []
         for key in keys:
             sid = self._ids.get(key)
@@ -58,6 +60,8 @@ class Detectors:
                 self._grow(sid + 1)
                 if ranges and key in ranges:
                     self.low[sid], self.high[sid] = ranges[key]
+                if key in codes:
+                    self.measured[sid] = 0.0
             ids.append(sid)
         return np.asarray(ids, dtype=np.int64)
 
@@ -70,6 +74,7 @@ class Detectors:
         self.hourly = np.concatenate([self.hourly, np.zeros((new - size, kernels.HOURS, 3))])
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
+        self.measured = np.concatenate([self.measured, np.ones(new - size)])
         self.arrivals = np.concatenate([self.arrivals, np.full(new - size, np.nan)])
 
     def score(self, series: np.ndarray, ts_ms: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,14 +90,14 @@ class Detectors:
         reasons = np.zeros(series.shape[0], dtype=np.int64)
         finite = np.isfinite(values) & np.isfinite(ts)
         if finite.all():
-            kernels.detect_batch(series, ts, values, self.low, self.high, self.state, self.hourly, self.params,
-                                 scores, reasons)
+            kernels.detect_batch(series, ts, values, self.low, self.high, self.measured, self.state, self.hourly,
+                                 self.params, scores, reasons)
         elif finite.any():
             idx = np.flatnonzero(finite)
             sub_scores = np.zeros(idx.size)
             sub_reasons = np.zeros(idx.size, dtype=np.int64)
-            kernels.detect_batch(series[idx], ts[idx], values[idx], self.low, self.high, self.state, self.hourly,
-                                 self.params, sub_scores, sub_reasons)
+            kernels.detect_batch(series[idx], ts[idx], values[idx], self.low, self.high, self.measured, self.state,
+                                 self.hourly, self.params, sub_scores, sub_reasons)
             scores[idx], reasons[idx] = sub_scores, sub_reasons
         return scores, reasons
 
@@ -113,7 +118,7 @@ class Detectors:
     def snapshot(self) -> DetectorSnapshot:
         n = self.n_series
         return DetectorSnapshot(dict(self._ids), self.state[:n].copy(), self.hourly[:n].copy(), self.low[:n].copy(),
-                                self.high[:n].copy(), self.params.copy())
+                                self.high[:n].copy(), self.params.copy(), self.measured[:n].copy())
 
     def restore(self, snapshot: DetectorSnapshot) -> None:
         self.__init__(snapshot.params, initial_series=max(1024, len(snapshot.ids)))  # type: ignore[misc]
@@ -123,6 +128,7 @@ class Detectors:
         self.hourly[:n] = snapshot.hourly
         self.low[:n] = snapshot.low
         self.high[:n] = snapshot.high
+        self.measured[:n] = snapshot.measured
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,7 @@ class DetectorSnapshot:
     low: np.ndarray
     high: np.ndarray
     params: np.ndarray
+    measured: np.ndarray
 
 
 def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
@@ -142,12 +149,14 @@ def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
     keys = sorted(snapshot.ids, key=snapshot.ids.__getitem__)
     buffer = io.BytesIO()
     np.savez(buffer, state=snapshot.state, hourly=snapshot.hourly, low=snapshot.low, high=snapshot.high,
-             params=snapshot.params)
+             params=snapshot.params, measured=snapshot.measured)
     return [list(k) if isinstance(k, tuple) else [k] for k in keys], buffer.getvalue()  # type: ignore[list-item]
 
 
 def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
     with np.load(io.BytesIO(blob)) as arrays:
         ids: dict[Hashable, int] = {tuple(key): i for i, key in enumerate(series)}
+        # Checkpoints written before state codes existed have no "measured": every series was measured.
+        measured = arrays["measured"] if "measured" in arrays.files else np.ones(len(ids))
         return DetectorSnapshot(ids, arrays["state"], arrays["hourly"], arrays["low"], arrays["high"],
-                                arrays["params"])
+                                arrays["params"], measured)

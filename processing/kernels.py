@@ -90,9 +90,14 @@ def _score(z: float, floor: float, scale: float) -> float:
 
 @njit(cache=True)
 def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np.ndarray, high: np.ndarray,
-                 state: np.ndarray, hourly: np.ndarray, params: np.ndarray,
+                 measured: np.ndarray, state: np.ndarray, hourly: np.ndarray, params: np.ndarray,
                  scores: np.ndarray, reasons: np.ndarray) -> None:
-    """Score each reading of the batch in order, updating `state` and `hourly` in place."""
+    """Score each reading of the batch in order, updating `state` and `hourly` in place.
+
+    Per series: `low`/`high` the declared physical range; `measured` 1.0 for a measured quantity,
+    0.0 for a state code (on/off/fault), which only the range judges: a lamp switching on is not a
+    spike, and a lamp staying on is not a stuck sensor.
+    """
     # Speed (bench.processing; about 2x in all): parameters and each series' state are read into
     # locals once per reading and written back once (numba cannot prove the output arrays do not
     # alias the state, so with direct indexing every store sent later state reads back to memory);
@@ -122,11 +127,13 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         if i + PREFETCH_AHEAD < count:
             coming = series[i + PREFETCH_AHEAD]
             _prefetch(state, coming)
+            _prefetch(measured, coming)
             _prefetch(hour_rows, coming * HOURS + (np.int64(ts[i + PREFETCH_AHEAD]) // 3_600_000) % HOURS)
         s = series[i]
         x = values[i]
         t = ts[i]
-        if x < low[s] or x > high[s]:
+        floor = low[s]
+        if x < floor or x > high[s]:
             scores[i] = 1.0
             reasons[i] = OUT_OF_RANGE
             continue  # impossible values teach the baseline nothing
@@ -177,7 +184,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
 
         best = 0.0
         reason = NONE
-        if n >= warmup:
+        if n >= warmup and measured[s] != 0.0:
             # Divisions only where a score can be above 0 (w * d / scale > floor): most readings are normal.
             distance = abs(x - mean)
             if w_spike * distance > z_floor * scale:
@@ -196,8 +203,9 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
                     best = shift_score
                     reason = LEVEL_SHIFT
             stuck_after = max(stuck_min, 2.0 * longest_run)
-            if mad > eps and run >= stuck_after:
-                # as long as the usual stuck threshold: z at the floor; twice as long: z twice the floor
+            if mad > eps and run >= stuck_after and x > floor:
+                # As long as the usual stuck threshold: z at the floor; twice as long: z twice the floor.
+                # Resting at the bottom of its range (no power, no flow, no vehicles) is not stuck.
                 stuck_score = _score(w_stuck * z_floor * run / stuck_after, z_floor, z_scale)
                 if stuck_score > best:
                     best = stuck_score

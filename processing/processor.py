@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kota.alerts import Signal, apply_signals
-from kota.contract import READINGS_TOPIC, Reading, decode_device_batch
+from kota.contract import METRICS, READINGS_TOPIC, Reading, decode_device_batch
 from kota.registry import Device, load_devices
 from kota.schema import Backend, ensure_partitions, storage_backend
 from kota.settings import StackSettings
@@ -48,6 +48,8 @@ from processing.store import (
 )
 
 log = logging.getLogger("kota.processor")
+
+ABSENT_RECHECK_S = 60.0  # how long a device missing from the registry is taken as still missing
 
 READINGS_IN = Counter("kota_processor_readings_in", "readings consumed from Kafka")
 READINGS_STORED = Counter("kota_processor_readings_stored", "readings newly stored")
@@ -100,7 +102,10 @@ class Processor:
         self._last_checkpoint: dict[int, float] = {}
         self._silent: dict[int, set[int]] = {}  # series already signalled as dropped out
         self._ranges: dict[str, dict[str, tuple[float, float]]] = {}
-        self._ranges_loaded_at = 0.0
+        # Devices with readings on the topic but not in the registry (deleted since), as of the last
+        # load: they do not trigger another load until ABSENT_RECHECK_S has passed.
+        self._absent: set[str] = set()
+        self._absent_since = 0.0
         self._policy = WritePolicy(
             allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
             rules=RulePolicy(ispu_window_minutes=settings.ispu_window_minutes),
@@ -221,8 +226,10 @@ class Processor:
             rows = [(offset, r) for offset, readings in s.readings_by_offset for r in readings
                     if not self._policy.is_late(r)]
             keys = [(r.device_id, r.metric) for _, r in rows]
-            ranges = {k: self._range(k) for k in set(keys) if not detectors.knows(k)}
-            ids = detectors.series_ids(keys, ranges)
+            new_keys = {k for k in keys if not detectors.knows(k)}
+            ranges = {k: self._range(k) for k in new_keys}
+            codes = {k for k in new_keys if (metric := METRICS.get(k[1])) is not None and metric.state}
+            ids = detectors.series_ids(keys, ranges, codes)
             ts = np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows))
             values = np.fromiter((r.value for _, r in rows), np.float64, len(rows))
             # Each series in event-time order within the batch (a stable sort: in-order series keep
@@ -248,12 +255,15 @@ class Processor:
         return self._ranges.get(key[0], {}).get(key[1], (-math.inf, math.inf))
 
     async def _refresh_ranges(self, slices: list[PartitionSlice]) -> None:
-        """Declared metric ranges per device, for the range detector; reloaded when a new device shows up."""
-        unknown = any(r.device_id not in self._ranges for s in slices for _, readings in s.readings_by_offset
-                      for r in readings)
-        if not unknown or time.monotonic() - self._ranges_loaded_at < 5.0:
+        """Declared metric ranges per device, for the range detector (and the resting-at-the-floor
+        rule); reloaded before a device's first readings are scored, since a series keeps the range
+        it was created with."""
+        if time.monotonic() - self._absent_since >= ABSENT_RECHECK_S:
+            self._absent.clear()
+        unknown = {r.device_id for s in slices for _, readings in s.readings_by_offset for r in readings
+                   if r.device_id not in self._ranges} - self._absent
+        if not unknown:
             return
-        self._ranges_loaded_at = time.monotonic()
 
         def load() -> dict[str, Device]:
             with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
@@ -266,6 +276,9 @@ class Processor:
             return
         self._ranges = {d.device_id: {m: (spec.low, spec.high) for m, spec in d.metrics.items()}
                         for d in devices.values()}
+        if not self._absent:
+            self._absent_since = time.monotonic()
+        self._absent |= unknown - self._ranges.keys()
 
     async def _check_dropouts(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
         """Signal series silent for much longer than their usual interval (wall clock since last arrival)."""

@@ -33,7 +33,9 @@ def score_of(z: float, floor: float, scale: float) -> float:
 
 
 def reference_scores(readings: list[tuple[int, float, float]], params, ranges: dict[int, tuple[float, float]],
-                     states: dict[int, SeriesState]) -> list[tuple[float, int]]:
+                     states: dict[int, SeriesState], codes: frozenset[int] = frozenset()
+                     ) -> list[tuple[float, int]]:
+    """`codes`: series whose values are state codes, judged only against their range."""
     (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
      clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin) = (float(p) for p in params)
     out = []
@@ -68,12 +70,12 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             st.run = 0
 
         result = (0.0, k.NONE)
-        if st.count >= warmup:
+        if st.count >= warmup and sid not in codes:
             candidates = [(score_of(w_spike * z, z_floor, z_scale), k.SPIKE if x > st.mean else k.DIP)]
             shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
             candidates.append((score_of(w_shift * shift, z_floor, z_scale), k.LEVEL_SHIFT))
             stuck_after = max(stuck_min, 2 * st.longest_run)
-            if st.mad > eps and st.run >= stuck_after:
+            if st.mad > eps and st.run >= stuck_after and x > low:
                 candidates.append((score_of(w_stuck * z_floor * st.run / stuck_after, z_floor, z_scale), k.STUCK))
             if st.rate > 0 and dt > 0:
                 candidates.append((score_of(w_rate * rate / st.rate / 2, z_floor, z_scale), k.RATE_OF_CHANGE))

@@ -149,3 +149,20 @@ def test_a_silent_series_raises_a_dropout_alert_on_the_timer_and_clears_when_dat
     assert (alert_type, severity, state) == ("dropout", "minor", "active")
     publish_series(pipeline, light, "powerConsumption", [(int(time.time() * 1000), 61.0)])
     wait_for(lambda: _alerts(pipeline, light.device_id)[0][3] == "cleared", what="clear on return")
+
+
+def test_a_street_light_switching_off_and_on_is_not_an_anomaly(pipeline):
+    # powerState is a state code (judged only by its range); power resting at 0 W by day is "off",
+    # not a stuck sensor. Before both rules, the first simulated day had 38 such false detections.
+    light = provision(pipeline, "street_light")
+    start = (int(time.time() * 1000) // 3_600_000 - 5) * 3_600_000
+    night = range(0, 120)  # then 120 minutes of day
+    state = [(start + i * MINUTE, 1.0 if i in night else 0.0) for i in range(240)]
+    power = [(start + i * MINUTE, 120.0 + (i * 7 % 5) if i in night else 0.0) for i in range(240)]
+    publish_series(pipeline, light, "powerState", state)
+    publish_series(pipeline, light, "powerConsumption", power)
+    wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 480, what="the street light's readings")
+    # Anomalies are written in the transaction that stores their readings: all are there now.
+    reasons = query(pipeline, "SELECT metric, reason FROM anomalies WHERE device_id = %s", (light.device_id,))
+    assert not [r for r in reasons if r[0] == "powerState"], reasons
+    assert ("powerConsumption", "stuck") not in reasons, reasons

@@ -16,15 +16,15 @@ from processing.detect import Detectors, deserialize, serialize
 from tests.reference_detectors import reference_scores
 
 
-def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS):
+def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset()):
     detector = Detectors(params)
-    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges)
+    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges, codes)
     scores, reasons = [], []
     for chunk in np.array_split(np.arange(len(series)), batches) if len(series) else [np.arange(0)]:
         s, r = detector.score(np.asarray(series)[chunk], np.asarray(ts)[chunk], np.asarray(values)[chunk])
         scores += list(s)
         reasons += list(r)
-    reference = reference_scores(list(zip(series, ts, values, strict=True)), params, ranges or {}, {})
+    reference = reference_scores(list(zip(series, ts, values, strict=True)), params, ranges or {}, {}, codes)
     return np.array(scores), np.array(reasons), reference
 
 
@@ -81,6 +81,32 @@ def test_constant_runs_are_stuck_only_for_series_that_usually_move():
     assert_agree(scores, reasons, reference)
     assert k.STUCK in set(reasons[:140])
     assert set(reasons[140:]) == {k.NONE}  # a flat series that was always flat is not "stuck"
+
+
+def test_a_run_resting_at_the_bottom_of_the_range_is_not_stuck():
+    # A street light's power by day, a meter with no flow at night: zero is how "off" reads.
+    rng = np.random.default_rng(8)
+    moving = list(rng.normal(120, 2, 100))
+    series = [0] * 160 + [1] * 160
+    ts = [i * 60_000.0 for i in range(160)] * 2
+    values = moving + [0.0] * 60 + moving + [117.5] * 60
+    scores, reasons, reference = run_both(series, ts, values, ranges={0: (0.0, 10_000.0), 1: (0.0, 10_000.0)})
+    assert_agree(scores, reasons, reference)
+    assert k.STUCK not in set(reasons[:160])
+    assert k.STUCK in set(reasons[160:])  # the same run above the floor is a stuck sensor
+
+
+def test_a_state_code_is_judged_only_by_its_range():
+    # A street light's powerState: off by day, on by night, one fault code out of range.
+    day = [0.0] * 100 + [1.0] * 100 + [0.0] * 100
+    values = day + [1.0, 0.0, 7.0]
+    ts = [i * 60_000.0 for i in range(len(values))]
+    series = [0] * len(values)
+    scores, reasons, reference = run_both(series, ts, values, ranges={0: (0.0, 2.0)}, codes={0})
+    assert_agree(scores, reasons, reference)
+    assert set(reasons[:-1]) == {k.NONE} and reasons[-1] == k.OUT_OF_RANGE
+    _, measured_reasons, _ = run_both(series, ts, values, ranges={0: (0.0, 2.0)})
+    assert set(measured_reasons[:-1]) - {k.NONE}  # judged as a quantity, the switching looks anomalous
 
 
 def test_single_element_series_and_empty_batch():
@@ -166,7 +192,7 @@ def test_a_serialized_checkpoint_restores_exactly_the_same_scores():
     values = rng.normal(50, 5, 3000)
     values[2500] = 500.0
     original = Detectors()
-    ids = original.series_ids([keys[i] for i in picks[:2000]], {keys[1]: (-500.0, 5000.0)})
+    ids = original.series_ids([keys[i] for i in picks[:2000]], {keys[1]: (-500.0, 5000.0)}, codes={keys[2]})
     original.score(ids, ts[:2000], values[:2000])
     restored = Detectors()
     restored.restore(deserialize(*serialize(original.snapshot())))
@@ -177,6 +203,7 @@ def test_a_serialized_checkpoint_restores_exactly_the_same_scores():
     np.testing.assert_array_equal(got[1], expected[1])
     assert expected[0].max() > 0.5  # the restored copy saw the spike too
     assert restored.keys() == original.keys()
+    assert [restored.measured[restored.series_ids([key])[0]] for key in keys] == [1.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 2000])
