@@ -158,5 +158,8 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         ids: dict[Hashable, int] = {tuple(key): i for i, key in enumerate(series)}
         # Checkpoints written before state codes existed have no "measured": every series was measured.
         measured = arrays["measured"] if "measured" in arrays.files else np.ones(len(ids))
+        params = arrays["params"]
+        if params.shape[0] < kernels.DEFAULT_PARAMS.shape[0]:  # written before newer parameters: their defaults
+            params = np.concatenate([params, kernels.DEFAULT_PARAMS[params.shape[0]:]])
         return DetectorSnapshot(ids, arrays["state"], arrays["hourly"], arrays["low"], arrays["high"],
-                                arrays["params"], measured)
+                                params, measured)

@@ -119,9 +119,11 @@ class Processor:
             checkpoints = await load_checkpoints(conn, self._settings.group_id, READINGS_TOPIC, partitions)
         for p in partitions:
             tp = TopicPartition(READINGS_TOPIC, p)
-            detectors = Detectors()
+            detectors = self._new_detectors()
             if p in checkpoints:
                 detectors.restore(deserialize(checkpoints[p].series, checkpoints[p].state))
+                # A setting, not learned state: a checkpoint from before it existed says 0 (off).
+                detectors.params[kernels.P_GAP_FACTOR] = self._settings.dropout_factor
                 self._consumer.seek(tp, checkpoints[p].next_offset)
                 self._last_checkpoint[p] = time.monotonic()
             else:
@@ -222,7 +224,9 @@ class Processor:
         threshold = self._settings.anomaly_threshold
         now_ms = time.time() * 1000
         for s in slices:
-            detectors = self._detectors.setdefault(s.partition, Detectors())
+            detectors = self._detectors.get(s.partition)
+            if detectors is None:
+                detectors = self._detectors[s.partition] = self._new_detectors()
             rows = [(offset, r) for offset, readings in s.readings_by_offset for r in readings
                     if not self._policy.is_late(r)]
             keys = [(r.device_id, r.metric) for _, r in rows]
@@ -250,6 +254,14 @@ class Processor:
                 checkpoints.append(Checkpoint(s.partition, s.next_offset, series, blob))
                 self._last_checkpoint[s.partition] = time.monotonic()
         return anomalies, checkpoints
+
+    def _new_detectors(self) -> Detectors:
+        """The kernels' defaults, plus dropouts seen in event time: a reading that ends a silence of
+        more than `dropout_factor` usual intervals is a dropout anomaly. The timer finds a silence
+        while it lasts, but only by the wall clock, so a replayed or fast-forwarded stream needs this."""
+        params = kernels.DEFAULT_PARAMS.copy()
+        params[kernels.P_GAP_FACTOR] = self._settings.dropout_factor
+        return Detectors(params)
 
     def _range(self, key: tuple[str, str]) -> tuple[float, float]:
         return self._ranges.get(key[0], {}).get(key[1], (-math.inf, math.inf))

@@ -37,7 +37,8 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
                      ) -> list[tuple[float, int]]:
     """`codes`: series whose values are state codes, judged only against their range."""
     (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
-     clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin) = (float(p) for p in params)
+     clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin, gap_factor) = (
+        float(p) for p in params)
     out = []
     for sid, t, x in readings:
         if not (math.isfinite(x) and math.isfinite(t)):
@@ -79,6 +80,9 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
                 candidates.append((score_of(w_stuck * z_floor * st.run / stuck_after, z_floor, z_scale), k.STUCK))
             if st.rate > 0 and dt > 0:
                 candidates.append((score_of(w_rate * rate / st.rate / 2, z_floor, z_scale), k.RATE_OF_CHANGE))
+            if gap_factor > 0 and st.interval > 0 and dt > gap_factor * st.interval:
+                excess = dt / st.interval - gap_factor
+                candidates.append((excess / (excess + gap_factor), k.DROPOUT))
             best = candidates[0]
             for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
                 if c[0] > best[0]:

@@ -4,6 +4,7 @@ Run once more with NUMBA_DISABLE_JIT=1 (test_the_same_tests_pass_without_the_jit
 kernels' Python source is what runs and coverage sees it.
 """
 
+import io
 import os
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def test_random_streams_agree_with_the_reference_in_any_batching(seed, batches, 
     scores, reasons, reference = run_both(*random_stream(seed), batches=batches, params=params)
     assert_agree(scores, reasons, reference)
     if params is k.ALL_DETECTORS_PARAMS:
-        assert k.RATE_OF_CHANGE in set(reasons)  # the rate path is exercised, not just agreed on
+        # the rate and gap paths are exercised, not just agreed on
+        assert {k.RATE_OF_CHANGE, k.DROPOUT} <= set(reasons)
 
 
 def test_a_water_level_rising_fast_is_a_rate_of_change():
@@ -107,6 +109,33 @@ def test_a_state_code_is_judged_only_by_its_range():
     assert set(reasons[:-1]) == {k.NONE} and reasons[-1] == k.OUT_OF_RANGE
     _, measured_reasons, _ = run_both(series, ts, values, ranges={0: (0.0, 2.0)})
     assert set(measured_reasons[:-1]) - {k.NONE}  # judged as a quantity, the switching looks anomalous
+
+
+def test_a_reading_after_a_long_silence_in_event_time_is_a_dropout():
+    params = k.DEFAULT_PARAMS.copy()
+    params[k.P_GAP_FACTOR] = 5.0
+    ts = [i * 60_000.0 for i in range(100)] + [(100 + 90) * 60_000.0]  # then 90 minutes of nothing
+    values = [10.0 + (i % 4) for i in range(101)]
+    scores, reasons, reference = run_both([0] * 101, ts, values, params=params)
+    assert_agree(scores, reasons, reference)
+    assert reasons[-1] == k.DROPOUT and scores[-1] > 0.5 and set(reasons[:-1]) == {k.NONE}
+    assert run_both([0] * 101, ts, values)[1][-1] == k.NONE  # off in the kernels' defaults
+
+
+def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
+    detector = Detectors()
+    detector.score(detector.series_ids(["a"]), np.array([0.0]), np.array([1.0]))
+    series, blob = serialize(detector.snapshot())
+    with np.load(io.BytesIO(blob)) as arrays:
+        old = dict(arrays)
+    old["params"] = old["params"][:k.P_GAP_FACTOR]  # as written before the gap detector existed
+    del old["measured"]
+    buffer = io.BytesIO()
+    np.savez(buffer, **old)
+    restored = deserialize(series, buffer.getvalue())
+    np.testing.assert_array_equal(restored.params, k.DEFAULT_PARAMS)
+    assert list(restored.measured) == [1.0]
+    Detectors().restore(restored)
 
 
 def test_single_element_series_and_empty_batch():
