@@ -242,7 +242,8 @@ def _percent_change(now: float | None, usual: float | None) -> float | None:
 
 async def utilities(conn: AsyncConnection, city: str, district: str | None, settings: ApiSettings) -> list[Row]:
     """Meters: the last hour's mean against the same local hour over the previous week; water meters
-    whose flow never dropped below the leak floor over the leak window are suspected leaks."""
+    whose lowest flow over the leak window stays `leak_min_flow_m3h` above the lowest they usually
+    reach in those hours (median over earlier days) are suspected leaks."""
     rows = await _all(conn, """
         WITH meters AS (
             SELECT d.device_id, d.district, d.lat, d.lon, d.device_type,
@@ -257,21 +258,32 @@ async def utilities(conn: AsyncConnection, city: str, district: str | None, sett
                   AND h.bucket >= now() - interval '8 days' AND h.bucket < date_trunc('hour', now()) - interval '1 hour'
                   AND extract(hour FROM h.bucket AT TIME ZONE %(tz)s) = extract(hour FROM now() AT TIME ZONE %(tz)s)
                ) AS baseline_mean,
-               leak.minutes AS leak_window_minutes, leak.floor AS leak_window_min_flow
+               leak.minutes AS leak_window_minutes, leak.floor AS leak_window_min_flow,
+               usual.floor AS leak_usual_min_flow, coalesce(usual.days, 0) AS leak_history_days
         FROM meters m
         LEFT JOIN latest_values lv ON lv.device_id = m.device_id AND lv.metric = m.metric
         LEFT JOIN LATERAL (
             SELECT count(*) AS minutes, min(a.min) AS floor FROM agg_1m a
             WHERE m.metric = 'waterConsumption' AND a.device_id = m.device_id AND a.metric = m.metric
               AND a.bucket >= now() - make_interval(secs => %(leak_s)s)) leak ON true
+        LEFT JOIN LATERAL (
+            SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY day.floor) AS floor, count(*) AS days
+            FROM (SELECT min(h.min) AS floor FROM generate_series(1, %(leak_days)s) AS d(n)
+                  JOIN agg_1h h ON h.device_id = m.device_id AND h.metric = m.metric
+                   AND h.bucket >= now() - make_interval(days => d.n, secs => %(leak_s)s)
+                   AND h.bucket < now() - make_interval(days => d.n)
+                  GROUP BY d.n) day
+            WHERE m.metric = 'waterConsumption') usual ON true
         ORDER BY m.device_id""",
-        {"city": city, "district": district, "tz": settings.timezone, "leak_s": settings.leak_window_h * 3600})
+        {"city": city, "district": district, "tz": settings.timezone, "leak_s": settings.leak_window_h * 3600,
+         "leak_days": settings.leak_history_days})
     needed_minutes = settings.leak_window_h * 60 * 0.8  # most of the window must be covered by data
     for r in rows:
         r["vs_baseline_pct"] = _percent_change(r["last_hour_mean"], r["baseline_mean"])
+        floor, usual = r["leak_window_min_flow"], r["leak_usual_min_flow"]
         r["suspected_leak"] = bool(r["metric"] == "waterConsumption" and r["leak_window_minutes"] >= needed_minutes
-                                   and r["leak_window_min_flow"] is not None
-                                   and r["leak_window_min_flow"] >= settings.leak_min_flow_m3h)
+                                   and floor is not None and usual is not None
+                                   and floor >= usual + settings.leak_min_flow_m3h)
     return rows
 
 

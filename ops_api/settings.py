@@ -18,9 +18,12 @@ class ApiSettings(BaseSettings):
     # Traffic: free-flow speed when a corridor has no history yet.
     free_flow_kmh: float = 60.0
     baseline_weeks: int = 4
-    # Water: flow that never drops below this over the window is a suspected leak (minimum night flow).
+    # Water (minimum night flow, at any hour): a meter whose lowest flow over the window stays this
+    # far above the lowest it usually reaches in those hours (median of the earlier days) is a
+    # suspected leak: water running that usually stops.
     leak_window_h: float = 3.0
     leak_min_flow_m3h: float = 0.5
+    leak_history_days: int = 7
     # Street lights: "on" drawing less than this is a failed lamp.
     lamp_fault_w: float = 10.0
     # Server processes sharing the port: Python serves one request at a time per process, so this

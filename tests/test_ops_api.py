@@ -51,6 +51,7 @@ def world(pipeline: StackSettings) -> World:
     city_a, city_b = unique_id("kota-a"), unique_id("kota-b")
     kinds = {"air": ("air_quality", "coblong"), "gate": ("water_level", "regol"), "noise": ("noise", "coblong"),
              "road": ("traffic_corridor", "coblong"), "meter": ("water_meter", "regol"),
+             "meter_usual": ("water_meter", "regol"),
              "lamp_fault": ("street_light", "coblong"), "lamp_off": ("street_light", "coblong")}
     devices = {name: provision(pipeline, device_type, city=city_a, district=district, lat=-6.9, lon=107.6)
                for name, (device_type, district) in kinds.items()}
@@ -64,6 +65,8 @@ def world(pipeline: StackSettings) -> World:
                          speed)
         for days in (1, 2):
             _seed_hourly(conn, devices["meter"].device_id, "waterConsumption", hour - dt.timedelta(days=days), 0.6)
+            _seed_hourly(conn, devices["meter_usual"].device_id, "waterConsumption", hour - dt.timedelta(days=days),
+                         1.0)
         users = {"operator_a": accounts.User(unique_id("op-a"), "operator", (city_a,)),
                  "integrator_a": accounts.User(unique_id("int-a"), "integrator", (city_a,)),
                  "operator_b": accounts.User(unique_id("op-b"), "operator", (city_b,)),
@@ -81,18 +84,21 @@ def world(pipeline: StackSettings) -> World:
     send(pipeline, devices["noise"], {"ts": now, "values": {"LAeq": 70.0, "LAmax": 82.0}})
     send(pipeline, devices["road"], {"ts": now, "values": {"averageVehicleSpeed": 20.0, "occupancy": 0.6,
                                                              "intensity": 30.0}})
-    # Three hours of flow that never drops below 1.2 m3/h: the shape of a leak.
-    send(pipeline, devices["meter"], [{"ts": now - i * 60_000, "values": {"waterConsumption": 1.2}}
-                                       for i in range(180)])
+    # Three hours of flow that never drops below 1.2 m3/h: a leak where the meter usually gets down to
+    # 0.6 at these hours, but ordinary where it usually gets down to 1.0 (a building that never sleeps).
+    for meter in ("meter", "meter_usual"):
+        send(pipeline, devices[meter], [{"ts": now - i * 60_000, "values": {"waterConsumption": 1.2}}
+                                        for i in range(180)])
     send(pipeline, devices["lamp_fault"], {"ts": now, "values": {"powerState": 1, "powerConsumption": 0.0}})
     send(pipeline, devices["lamp_off"], {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
 
     w = World(pipeline, city_a, city_b, devices, tokens)
     with w.client("admin") as admin:
-        wait_for(lambda: len(admin.get(f"/api/v1/devices/{devices['meter'].device_id}/series",
-                                       params={"metric": "waterConsumption", "resolution": "raw",
-                                               "start": _iso(now - 4 * 3_600_000)}).json()["points"]) == 180,
-                 what="the meter's three hours stored")
+        for meter in ("meter", "meter_usual"):
+            wait_for(lambda m=meter: len(admin.get(f"/api/v1/devices/{devices[m].device_id}/series",
+                                                   params={"metric": "waterConsumption", "resolution": "raw",
+                                                           "start": _iso(now - 4 * 3_600_000)}).json()["points"])
+                     == 180, what=f"the {meter}'s three hours stored")
         for name in ("air", "gate", "noise", "road", "lamp_fault", "lamp_off", "air_b"):
             wait_for(lambda n=name: admin.get(f"/api/v1/devices/{devices[n].device_id}/latest").json()["values"],
                      what=f"{name} stored")
@@ -268,11 +274,15 @@ def test_smart_living_traffic_utilities_and_street_lighting(world):
     assert road["congestion_index"] == pytest.approx(1 - 20 / 49.5, abs=1e-3)
     assert road["speed_vs_usual_pct"] == pytest.approx(-55.6)
     assert road["congested"] is True
-    [meter] = living["utilities"]
+    meters = {m["device_id"]: m for m in living["utilities"]}
+    meter, usual = meters[world.devices["meter"].device_id], meters[world.devices["meter_usual"].device_id]
     assert meter["suspected_leak"] is True
+    assert (meter["leak_window_min_flow"], meter["leak_usual_min_flow"], meter["leak_history_days"]) == (1.2, 0.6, 2)
     assert meter["last_hour_mean"] == pytest.approx(1.2)
     assert meter["baseline_mean"] == pytest.approx(0.6)
     assert meter["vs_baseline_pct"] == pytest.approx(100.0)
+    # The same flow where the meter usually gets no lower than 1.0: within the 0.5 m3/h margin.
+    assert (usual["suspected_leak"], usual["leak_usual_min_flow"]) == (False, 1.0)
     assert living["street_lighting"] == [{"district": "coblong", "total": 2, "on": 0, "off": 1, "fault": 1,
                                           "offline": 0}]
 

@@ -96,9 +96,17 @@ class Meter(PlacedDevice):
     last_hour_mean: float | None
     baseline_mean: float | None = Field(description="mean of this local hour over the previous week")
     vs_baseline_pct: float | None
-    suspected_leak: bool = Field(description="flow never fell below the leak floor over the leak window")
-    leak_window_minutes: int
-    leak_window_min_flow: float | None
+    suspected_leak: bool = Field(description=(
+        "over the leak window (the last KOTA_API_LEAK_WINDOW_H hours) the flow never fell to within "
+        "KOTA_API_LEAK_MIN_FLOW_M3H of the lowest it usually reaches in those hours of the day "
+        "(median of the earlier days): water running that usually stops, the minimum-night-flow rule. "
+        "False without an earlier day to compare with."))
+    leak_window_minutes: int = Field(description="minutes of the leak window with data (80% needed)")
+    leak_window_min_flow: float | None = Field(description="lowest flow over the leak window")
+    leak_usual_min_flow: float | None = Field(
+        None, description="median, over up to KOTA_API_LEAK_HISTORY_DAYS earlier days, of the lowest flow in "
+                          "the same hours of the day")
+    leak_history_days: int = Field(0, description="earlier days with data in those hours")
 
 
 class LightingDistrict(BaseModel):
