@@ -100,6 +100,10 @@ class Processor:
         self._backend: Backend = "postgres"
         self._detectors: dict[int, Detectors] = {}
         self._last_checkpoint: dict[int, float] = {}
+        # Partitions being re-read from a detector checkpoint older than the stored offsets: a new
+        # checkpoint is due as soon as the re-read reaches that offset, not a whole interval later
+        # (a processor restarted more often than the interval re-read ever more on each start).
+        self._checkpoint_when_past: dict[int, int] = {}
         self._silent: dict[int, set[int]] = {}  # series already signalled as dropped out
         self._ranges: dict[str, dict[str, tuple[float, float]]] = {}
         # Devices with readings on the topic but not in the registry (deleted since), as of the last
@@ -126,6 +130,8 @@ class Processor:
                 detectors.params[kernels.P_GAP_FACTOR] = self._settings.dropout_factor
                 self._consumer.seek(tp, checkpoints[p].next_offset)
                 self._last_checkpoint[p] = time.monotonic()
+                if stored.get(p, -1) > checkpoints[p].next_offset:
+                    self._checkpoint_when_past[p] = stored[p]
             else:
                 # No detector state yet: the detectors start learning here, and the first batch
                 # writes a checkpoint, so from then on a restart resumes with the same state.
@@ -143,7 +149,7 @@ class Processor:
     def forget(self, partitions: set[int]) -> None:
         """Drop the state of revoked partitions: whoever gets them next restores from the checkpoint."""
         for p in partitions:
-            for table in (self._detectors, self._last_checkpoint, self._silent):
+            for table in (self._detectors, self._last_checkpoint, self._silent, self._checkpoint_when_past):
                 table.pop(p, None)  # type: ignore[attr-defined]
 
     async def _connect(self) -> psycopg.AsyncConnection:
@@ -248,8 +254,10 @@ class Processor:
                 ANOMALIES.labels(REASONS[reasons[i]]).inc()
             detectors.mark_arrivals(ids, now_ms)
             self._silent.setdefault(s.partition, set()).difference_update(ids.tolist())
-            if time.monotonic() - self._last_checkpoint.get(s.partition, -math.inf) >= \
+            caught_up = s.next_offset >= self._checkpoint_when_past.get(s.partition, math.inf)
+            if caught_up or time.monotonic() - self._last_checkpoint.get(s.partition, -math.inf) >= \
                     self._settings.checkpoint_interval_s:
+                self._checkpoint_when_past.pop(s.partition, None)
                 series, blob = serialize(detectors.snapshot())
                 checkpoints.append(Checkpoint(s.partition, s.next_offset, series, blob))
                 self._last_checkpoint[s.partition] = time.monotonic()

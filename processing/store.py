@@ -212,8 +212,10 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                     "INSERT INTO anomalies (device_id, metric, ts, reason, value, score) VALUES (%s, %s, kota_ms(%s), "
                     "%s, %s, %s) ON CONFLICT DO NOTHING",
                     [(a.device_id, a.metric, a.ts_ms, a.reason, a.value, a.score) for a in kept])
+        # A dropout from the detectors is a gap seen in event time, over by the time it is seen (data
+        # came back): stored as an anomaly, not alerted. The processor's timer alerts while a silence lasts.
         signals: list[Signal] = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
-                                 for a in kept]
+                                 for a in kept if a.reason != "dropout"]
         stations: dict[str, int] = {}
         gates: dict[str, list[tuple[int, float]]] = {}
         for r in fresh:

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from deploy import procs
 from deploy import stack as local
@@ -15,6 +16,7 @@ from tests.helpers import (
     mqtt_client,
     provision,
     publish,
+    query,
     stored_minute_aggregates,
     stored_readings,
     wait_for,
@@ -43,12 +45,16 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
             client.disconnect()
             done.set()
 
+    partitions = list(range(pipeline.kafka_partitions))
+    partition = DefaultPartitioner()(gate.device_id.encode(), partitions, partitions)  # the gateway's choice
     publisher = threading.Thread(target=stream)
     publisher.start()
     try:
         wait_for(lambda: len(stored_readings(pipeline, gate.device_id)) > 200, what="the first readings")
         assert procs.stop(pipeline, "processor", hard=True), "processor was not running"
         stored_at_kill = len(stored_readings(pipeline, gate.device_id))
+        offset_at_kill = _stored_offset(pipeline, partition)
+        assert _checkpoint_offset(pipeline, partition) < offset_at_kill, "nothing to re-read: proves nothing"
         time.sleep(1.0)  # the stream goes on while the processor is dead
         local.start_component(pipeline, "processor")
     finally:
@@ -63,6 +69,22 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
     aggregates = stored_minute_aggregates(pipeline, gate.device_id)
     assert aggregates == minute_aggregates_from_readings(pipeline, gate.device_id)
     assert sum(row[2] for row in aggregates) == len(expected)
+    # The restarted processor re-read the gate's partition from its older detector checkpoint, and
+    # checkpoints again as soon as it is past where it was killed, not a whole checkpoint interval
+    # (30 s) later: restarted more often than that, it would re-read more on every start.
+    wait_for(lambda: _checkpoint_offset(pipeline, partition) >= offset_at_kill, timeout_s=15,
+             what="a detector checkpoint once caught up")
+
+
+def _stored_offset(stack, partition: int) -> int:
+    return query(stack, "SELECT next_offset FROM stream_offsets WHERE consumer_group = 'kota-processor' "
+                        "AND partition = %s", (partition,))[0][0]
+
+
+def _checkpoint_offset(stack, partition: int) -> int:
+    rows = query(stack, "SELECT next_offset FROM detector_checkpoints WHERE consumer_group = 'kota-processor' "
+                        "AND partition = %s", (partition,))
+    return rows[0][0] if rows else -1
 
 
 async def _send_twice(stack, readings: list[Reading]) -> None:
