@@ -24,7 +24,7 @@ import time
 import numpy as np
 import psycopg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import Counter, Gauge, start_http_server
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -81,6 +81,15 @@ class ProcessorSettings(BaseSettings):
     ispu_window_minutes: int = 60
 
 
+def new_detectors(settings: ProcessorSettings) -> Detectors:
+    """The kernels' defaults, plus dropouts seen in event time: a reading that ends a silence of more
+    than `dropout_factor` usual intervals is a dropout anomaly. The timer finds a silence while it
+    lasts, but only by the wall clock, so a replayed or fast-forwarded stream needs this."""
+    params = kernels.DEFAULT_PARAMS.copy()
+    params[kernels.P_GAP_FACTOR] = settings.dropout_factor
+    return Detectors(params)
+
+
 class SeekToDatabaseOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, processor: Processor) -> None:
         self._processor = processor
@@ -104,6 +113,9 @@ class Processor:
         # checkpoint is due as soon as the re-read reaches that offset, not a whole interval later
         # (a processor restarted more often than the interval re-read ever more on each start).
         self._checkpoint_when_past: dict[int, int] = {}
+        # Per partition, the offset of the next record the detectors' state expects (None: any).
+        self._detected_until: dict[int, int | None] = {}
+        self._sought_back: dict[int, int] = {}  # the last offset _in_step sought back to, per partition
         self._silent: dict[int, set[int]] = {}  # series already signalled as dropped out
         self._ranges: dict[str, dict[str, tuple[float, float]]] = {}
         # Devices with readings on the topic but not in the registry (deleted since), as of the last
@@ -129,6 +141,7 @@ class Processor:
                 # A setting, not learned state: a checkpoint from before it existed says 0 (off).
                 detectors.params[kernels.P_GAP_FACTOR] = self._settings.dropout_factor
                 self._consumer.seek(tp, checkpoints[p].next_offset)
+                self._detected_until[p] = checkpoints[p].next_offset
                 self._last_checkpoint[p] = time.monotonic()
                 if stored.get(p, -1) > checkpoints[p].next_offset:
                     self._checkpoint_when_past[p] = stored[p]
@@ -139,6 +152,7 @@ class Processor:
                     self._consumer.seek(tp, stored[p])
                 else:
                     await self._consumer.seek_to_beginning(tp)
+                self._detected_until[p] = stored.get(p)
                 self._last_checkpoint[p] = -math.inf
             self._detectors[p] = detectors
             detectors.mark_arrivals(np.arange(detectors.n_series), time.time() * 1000)
@@ -149,7 +163,8 @@ class Processor:
     def forget(self, partitions: set[int]) -> None:
         """Drop the state of revoked partitions: whoever gets them next restores from the checkpoint."""
         for p in partitions:
-            for table in (self._detectors, self._last_checkpoint, self._silent, self._checkpoint_when_past):
+            for table in (self._detectors, self._last_checkpoint, self._silent, self._checkpoint_when_past,
+                          self._detected_until):
                 table.pop(p, None)  # type: ignore[attr-defined]
 
     async def _connect(self) -> psycopg.AsyncConnection:
@@ -199,7 +214,9 @@ class Processor:
                                 ) -> psycopg.AsyncConnection:
         slices = [self._decode(tp, records) for tp, records in batch.items() if records]
         await self._refresh_ranges(slices)
-        anomalies, checkpoints = self._detect(slices)
+        slices, anomalies, checkpoints = self._detect(slices)
+        if not slices:
+            return conn
         while True:
             try:
                 if self._backend == "postgres":
@@ -223,16 +240,23 @@ class Processor:
         await self._commit_to_kafka(slices)
         return conn
 
-    def _detect(self, slices: list[PartitionSlice]) -> tuple[list[AnomalyRow], list[Checkpoint]]:
-        """Score every on-time reading, in partition order; keep what crosses the threshold."""
+    def _detect(self, slices: list[PartitionSlice]
+                ) -> tuple[list[PartitionSlice], list[AnomalyRow], list[Checkpoint]]:
+        """Score every on-time reading, in partition order; keep what crosses the threshold. Slices
+        that do not start where their partition's detectors left off are left out (to be read again)."""
+        detected: list[PartitionSlice] = []
         anomalies: list[AnomalyRow] = []
         checkpoints: list[Checkpoint] = []
         threshold = self._settings.anomaly_threshold
         now_ms = time.time() * 1000
         for s in slices:
+            # No await between these checks and the scoring: a rebalance can move the detectors only at an await.
             detectors = self._detectors.get(s.partition)
             if detectors is None:
-                detectors = self._detectors[s.partition] = self._new_detectors()
+                continue  # revoked during an await, or not set up yet: its owner reads these records from its seek
+            if not self._in_step(TopicPartition(READINGS_TOPIC, s.partition), s.first_offset):
+                continue
+            detected.append(s)
             rows = [(offset, r) for offset, readings in s.readings_by_offset for r in readings
                     if not self._policy.is_late(r)]
             keys = [(r.device_id, r.metric) for _, r in rows]
@@ -254,6 +278,7 @@ class Processor:
                 ANOMALIES.labels(REASONS[reasons[i]]).inc()
             detectors.mark_arrivals(ids, now_ms)
             self._silent.setdefault(s.partition, set()).difference_update(ids.tolist())
+            self._detected_until[s.partition] = s.next_offset
             caught_up = s.next_offset >= self._checkpoint_when_past.get(s.partition, math.inf)
             if caught_up or time.monotonic() - self._last_checkpoint.get(s.partition, -math.inf) >= \
                     self._settings.checkpoint_interval_s:
@@ -261,15 +286,33 @@ class Processor:
                 series, blob = serialize(detectors.snapshot())
                 checkpoints.append(Checkpoint(s.partition, s.next_offset, series, blob))
                 self._last_checkpoint[s.partition] = time.monotonic()
-        return anomalies, checkpoints
+        return detected, anomalies, checkpoints
+
+    def _in_step(self, tp: TopicPartition, first_offset: int) -> bool:
+        """Whether these records start where the partition's detector state left off. If not, seek
+        there and skip them: they come again in order. The seek to a checkpoint made on assignment
+        can be lost in the consumer's own start-up (it resumed at the committed offset after a
+        kill -9), and detectors that miss records see a false gap and drift from a clean run."""
+        assert self._consumer is not None
+        expected = self._detected_until.get(tp.partition)
+        if expected is None or first_offset == expected:
+            return True
+        if first_offset > expected and self._sought_back.get(tp.partition) == expected:
+            # Asked for once already and still not there: Kafka's retention has deleted them.
+            log.warning("partition %d: records %d to %d are no longer on Kafka; the detectors go on without them",
+                        tp.partition, expected, first_offset - 1)
+            return True
+        log.warning("partition %d: records from %d, but the detectors are at %d; reading again from there",
+                    tp.partition, first_offset, expected)
+        self._sought_back[tp.partition] = expected
+        try:
+            self._consumer.seek(tp, expected)
+        except IllegalStateError:
+            pass  # revoked meanwhile: its next owner starts from the stored checkpoint
+        return False
 
     def _new_detectors(self) -> Detectors:
-        """The kernels' defaults, plus dropouts seen in event time: a reading that ends a silence of
-        more than `dropout_factor` usual intervals is a dropout anomaly. The timer finds a silence
-        while it lasts, but only by the wall clock, so a replayed or fast-forwarded stream needs this."""
-        params = kernels.DEFAULT_PARAMS.copy()
-        params[kernels.P_GAP_FACTOR] = self._settings.dropout_factor
-        return Detectors(params)
+        return new_detectors(self._settings)
 
     def _range(self, key: tuple[str, str]) -> tuple[float, float]:
         return self._ranges.get(key[0], {}).get(key[1], (-math.inf, math.inf))

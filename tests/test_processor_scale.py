@@ -11,9 +11,8 @@ from aiokafka import AIOKafkaProducer
 from deploy import procs
 from deploy import stack as local
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
-from processing.detect import Detectors
 from processing.kernels import REASONS
-from processing.processor import ProcessorSettings
+from processing.processor import ProcessorSettings, new_detectors
 from tests.helpers import query, unique_id, wait_for, wait_for_partitions
 
 pytestmark = pytest.mark.stack
@@ -81,7 +80,7 @@ def _offline_anomalies(devices: list[str], per_device: int, start_ms: int) -> se
     found = set()
     for d, device_id in enumerate(devices):
         ts, values = _series(d, per_device, start_ms)
-        detectors = Detectors()
+        detectors = new_detectors(ProcessorSettings())  # as the processor makes them
         ids = detectors.series_ids([(device_id, "pressure")] * per_device)
         scores, reasons = detectors.score(ids, ts.astype(np.float64), values)
         found |= {(device_id, int(ts[i]), REASONS[reasons[i]]) for i in np.flatnonzero(scores >= threshold)}
