@@ -127,6 +127,12 @@ def signal_until_loaded(pid: int, folder: Path, host: str, port: int, *, timeout
     nonce_file = folder / RELOAD_PROBE_FILE
     nonce = nonce_file.read_text().strip() if nonce_file.exists() else None
     deadline = time.monotonic() + timeout_s
+    # A broker that has written its pid file may still be loading its files (a second or more with
+    # thousands of devices), and a SIGHUP before it sets its handler ends it. Wait until it answers.
+    while _probe_code(host, port, nonce or "") is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Mosquitto did not answer on port {port} within {timeout_s:.0f} s")
+        time.sleep(0.1)
     while True:
         os.kill(pid, signal.SIGHUP)
         if nonce is None:
@@ -140,8 +146,13 @@ def signal_until_loaded(pid: int, folder: Path, host: str, port: int, *, timeout
 
 
 def _probe_accepted(host: str, port: int, password: str) -> bool:
+    return _probe_code(host, port, password) == 0
+
+
+def _probe_code(host: str, port: int, password: str) -> int | None:
+    """The broker's CONNACK code for the probe account (0: accepted), or None when it does not answer."""
     probe = login_connect(f"{RELOAD_PROBE_USER}-{os.getpid()}", RELOAD_PROBE_USER, password)
-    return connack_code(port, probe, host) == 0
+    return connack_code(port, probe, host)
 
 
 def sync(stack: StackSettings) -> None:
