@@ -86,6 +86,12 @@ else:
 
 
 @njit(cache=True)
+def _hour_of_day(t_ms: float) -> int:
+    """0-23, UTC: the slot of the series' hour-of-day profile that an event time falls in."""
+    return int((np.int64(t_ms) // 3_600_000) % HOURS)
+
+
+@njit(cache=True)
 def _score(z: float, floor: float, scale: float) -> float:
     """Map a robust z-like distance to [0, 1): 0 up to `floor`, 0.5 at `floor + scale`."""
     excess = z - floor
@@ -135,7 +141,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             coming = series[i + PREFETCH_AHEAD]
             _prefetch(state, coming)
             _prefetch(measured, coming)
-            _prefetch(hour_rows, coming * HOURS + (np.int64(ts[i + PREFETCH_AHEAD]) // 3_600_000) % HOURS)
+            _prefetch(hour_rows, coming * HOURS + _hour_of_day(ts[i + PREFETCH_AHEAD]))
         s = series[i]
         x = values[i]
         t = ts[i]
@@ -144,7 +150,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             scores[i] = 1.0
             reasons[i] = OUT_OF_RANGE
             continue  # impossible values teach the baseline nothing
-        h = (np.int64(t) // 3_600_000) % HOURS
+        h = _hour_of_day(t)
         n = state[s, COUNT]
         if n == 0.0:
             state[s, MEAN] = x

@@ -135,7 +135,7 @@ class Processor:
             checkpoints = await load_checkpoints(conn, self._settings.group_id, READINGS_TOPIC, partitions)
         for p in partitions:
             tp = TopicPartition(READINGS_TOPIC, p)
-            detectors = self._new_detectors()
+            detectors = new_detectors(self._settings)
             if p in checkpoints:
                 detectors.restore(deserialize(checkpoints[p].series, checkpoints[p].state))
                 # A setting, not learned state: a checkpoint from before it existed says 0 (off).
@@ -310,9 +310,6 @@ class Processor:
         except IllegalStateError:
             pass  # revoked meanwhile: its next owner starts from the stored checkpoint
         return False
-
-    def _new_detectors(self) -> Detectors:
-        return new_detectors(self._settings)
 
     def _range(self, key: tuple[str, str]) -> tuple[float, float]:
         return self._ranges.get(key[0], {}).get(key[1], (-math.inf, math.inf))
