@@ -164,7 +164,7 @@ class Processor:
         """Drop the state of revoked partitions: whoever gets them next restores from the checkpoint."""
         for p in partitions:
             for table in (self._detectors, self._last_checkpoint, self._silent, self._checkpoint_when_past,
-                          self._detected_until):
+                          self._detected_until, self._sought_back):
                 table.pop(p, None)  # type: ignore[attr-defined]
 
     async def _connect(self) -> psycopg.AsyncConnection:
