@@ -5,7 +5,9 @@ import datetime as dt
 import psycopg
 import pytest
 
+from kota.registry import new_device, registry_version, set_enabled, upsert_devices
 from kota.schema import discover_migrations, ensure_partitions, migrate, partition_name, storage_backend
+from tests.helpers import unique_id
 
 pytestmark = pytest.mark.stack
 
@@ -43,3 +45,24 @@ def test_reading_lands_in_its_day_partition(stack):
         where = conn.execute("SELECT tableoid::regclass::text FROM readings WHERE device_id = 'schema-test'").fetchone()
         conn.execute("DELETE FROM readings WHERE device_id = 'schema-test'")
     assert where == (partition_name(day),)
+
+
+def test_registry_version_changes_when_a_change_commits_even_if_it_started_before_a_newer_one(stack):
+    """A gateway polls registry_version and reads the registry again when it changed. A change that
+    began before the poll and committed after it must still change the version; with "max(updated_at)"
+    it did not when another device's updated_at was newer (updated_at is the transaction's start)."""
+    newer, changed = unique_id("regver-newer"), unique_id("regver-changed")
+    with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+        upsert_devices(conn, [new_device(newer, "regverkota", "noise"), new_device(changed, "regverkota", "noise")])
+        # Another device changed later than the change below will have started.
+        conn.execute("UPDATE devices SET updated_at = now() + interval '1 hour' WHERE device_id = %s", (newer,))
+    with psycopg.connect(stack.postgres_dsn) as writer, psycopg.connect(stack.postgres_dsn, autocommit=True) as poller:
+        set_enabled(writer, changed, False)  # begun, not yet committed
+        before = registry_version(poller)
+        writer.commit()
+        after = registry_version(poller)
+        assert after != before, "the disabled device would stay enabled in every gateway's cache"
+        assert registry_version(poller) == after, "nothing changed since: no reason to read the registry again"
+    with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM devices WHERE device_id = ANY(%s)", ([newer, changed],))
+        assert registry_version(conn) != after, "a removed device is a change too"

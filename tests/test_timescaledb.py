@@ -18,6 +18,7 @@ from kota.contract import Reading
 from kota.schema import migrate, storage_backend
 from kota.series import query_series
 from processing.store import AnomalyRow, Checkpoint, PartitionSlice, WritePolicy, write_batch
+from tests.test_series import as_json, json_page
 
 DEVICE = "tsdb-gate-1"
 HOUR = 3_600_000
@@ -110,6 +111,10 @@ def test_processor_writes_and_rollups_answer_the_same_queries(tsdb):
             "SELECT o.next_offset, c.next_offset FROM stream_offsets o JOIN detector_checkpoints c "
             "USING (consumer_group, topic, partition) WHERE consumer_group = 'tsdb-test'").fetchall()
     assert [p.last for p in raw] == [r.value for r in readings]
+    for resolution, points in (("raw", raw), ("1m", minutes), ("1h", hours), ("1d", days)):
+        # What the API sends: the same page as JSON made by the database.
+        page = json_page(tsdb, DEVICE, "currentLevel", resolution, *span, limit=10_000, prepare_threshold=None)
+        assert page == (as_json(points), len(points), points[-1].ts), resolution
     assert len(minutes) == 200 and sum(p.count for p in minutes) == 200
     assert len(hours) == 4  # 200 minutes from 22:30: the hours of 22, 23, 00 and 01
     for resolution, points in (("1h", hours), ("1d", days)):
