@@ -161,5 +161,7 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         params = arrays["params"]
         if params.shape[0] < kernels.DEFAULT_PARAMS.shape[0]:  # written before newer parameters: their defaults
             params = np.concatenate([params, kernels.DEFAULT_PARAMS[params.shape[0]:]])
-        return DetectorSnapshot(ids, arrays["state"], arrays["hourly"], arrays["low"], arrays["high"],
-                                params, measured)
+        state = arrays["state"]
+        if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
+            state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)
+        return DetectorSnapshot(ids, state, arrays["hourly"], arrays["low"], arrays["high"], params, measured)

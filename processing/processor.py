@@ -76,6 +76,9 @@ class ProcessorSettings(BaseSettings):
     checkpoint_interval_s: float = 30.0
     dropout_check_s: float = 10.0
     dropout_factor: float = 5.0  # silent for this many usual intervals
+    # Spikes a series shows routinely score less (processing/kernels.py, P_ROUTINE_RATE); 0 turns it off,
+    # and every spike then scores as if it were the series' first.
+    routine_spike_rate: float = float(kernels.DEFAULT_PARAMS[kernels.P_ROUTINE_RATE])
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
     maintenance_interval_s: float = 60.0  # rollups and retention
     ispu_window_minutes: int = 60
@@ -85,9 +88,14 @@ def new_detectors(settings: ProcessorSettings) -> Detectors:
     """The kernels' defaults, plus dropouts seen in event time: a reading that ends a silence of more
     than `dropout_factor` usual intervals is a dropout anomaly. The timer finds a silence while it
     lasts, but only by the wall clock, so a replayed or fast-forwarded stream needs this."""
-    params = kernels.DEFAULT_PARAMS.copy()
+    return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings))
+
+
+def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarray:
+    """The detector parameters the processor's settings choose, in place (also on restored checkpoints)."""
     params[kernels.P_GAP_FACTOR] = settings.dropout_factor
-    return Detectors(params)
+    params[kernels.P_ROUTINE_RATE] = settings.routine_spike_rate
+    return params
 
 
 class SeekToDatabaseOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -138,8 +146,8 @@ class Processor:
             detectors = new_detectors(self._settings)
             if p in checkpoints:
                 detectors.restore(deserialize(checkpoints[p].series, checkpoints[p].state))
-                # A setting, not learned state: a checkpoint from before it existed says 0 (off).
-                detectors.params[kernels.P_GAP_FACTOR] = self._settings.dropout_factor
+                # Settings, not learned state: today's settings win over the ones a checkpoint was saved with.
+                apply_settings(detectors.params, self._settings)
                 self._consumer.seek(tp, checkpoints[p].next_offset)
                 self._detected_until[p] = checkpoints[p].next_offset
                 self._last_checkpoint[p] = time.monotonic()

@@ -25,6 +25,8 @@ class SeriesState:
     quiet_score: float = 0.0
     interval: float = 0.0
     rate: float = 0.0
+    routine: float = 0.0  # running rate of short big spikes and dips that came and went
+    outlier_run: int = 0
     hours: dict[int, list[float]] = field(default_factory=dict)  # hour → [mean, mad, count]
 
 
@@ -37,7 +39,8 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
                      ) -> list[tuple[float, int]]:
     """`codes`: series whose values are state codes, judged only against their range."""
     (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
-     clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin, gap_factor) = (
+     clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin, gap_factor, routine_alpha,
+     routine_rate, routine_level) = (
         float(p) for p in params)
     out = []
     for sid, t, x in readings:
@@ -72,7 +75,15 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
 
         result = (0.0, k.NONE)
         if st.count >= warmup and sid not in codes:
-            candidates = [(score_of(w_spike * z, z_floor, z_scale), k.SPIKE if x > st.mean else k.DIP)]
+            spike = score_of(w_spike * z, z_floor, z_scale)
+            big = spike > routine_level
+            spike_ended = 1.0 if not big and 0 < st.outlier_run <= k.SPIKE_MAX_RUN else 0.0
+            if routine_rate > 0 and spike > 0:
+                damp = routine_rate / (routine_rate + st.routine)
+                spike *= damp * damp
+            st.routine += routine_alpha * (spike_ended - st.routine)
+            st.outlier_run = st.outlier_run + 1 if big else 0
+            candidates = [(spike, k.SPIKE if x > st.mean else k.DIP)]
             shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
             candidates.append((score_of(w_shift * shift, z_floor, z_scale), k.LEVEL_SHIFT))
             stuck_after = max(stuck_min, 2 * st.longest_run)
