@@ -64,7 +64,9 @@ HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
 # 0.5 is a z above 7), so the usual tails of a noisy series do not; and only short ones, so a
 # series that switches level (a street light at dusk) has not "spiked" and keeps its sensitivity.
 # bench/nab: 52.7 without it, 65.7 with it (false positives 86 → 37; the two spiky artificial files
-# had 71 of the 86); rates 0.002-0.005 and memories of 500-2,000 readings gave 62-66.
+# had 71 of the 86); rates 0.002-0.005 and memories of 500-2,000 readings gave 62-66. The processor
+# turns it off by default (ProcessorSettings.routine_spike_rate): a sensor that starts flapping is
+# news for as long as it flaps.
 DEFAULT_PARAMS = np.array([30.0, 0.02, 0.1, 5.0, 0.3, 0.01, 3.0, 4.0, 12.0, 0.05, 4.0, 1.0, 1.0, 1.0, 0.0,
                            0.2, 100.0, 0.2, 0.0, 0.001, 0.003, 0.5])
 ALL_DETECTORS_PARAMS = DEFAULT_PARAMS.copy()

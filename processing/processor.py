@@ -76,9 +76,11 @@ class ProcessorSettings(BaseSettings):
     checkpoint_interval_s: float = 30.0
     dropout_check_s: float = 10.0
     dropout_factor: float = 5.0  # silent for this many usual intervals
-    # Spikes a series shows routinely score less (processing/kernels.py, P_ROUTINE_RATE); 0 turns it off,
-    # and every spike then scores as if it were the series' first.
-    routine_spike_rate: float = float(kernels.DEFAULT_PARAMS[kernels.P_ROUTINE_RATE])
+    # Spikes a series shows routinely score less (processing/kernels.py, P_ROUTINE_RATE; try 0.003, the
+    # kernels' default). Off here: a sensor that starts flapping would stop raising anomalies after a
+    # few spikes, and its alert would clear while it still flaps (test_detection_alerts' flapping
+    # test). Turn it on where series spike routinely by nature (bursts, pump starts).
+    routine_spike_rate: float = 0.0
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
     maintenance_interval_s: float = 60.0  # rollups and retention
     ispu_window_minutes: int = 60

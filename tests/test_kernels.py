@@ -308,9 +308,10 @@ def test_a_series_that_spikes_routinely_stops_alerting_on_every_spike_but_a_quie
 
 
 def test_the_processor_settings_choose_dropouts_and_routine_spikes_also_over_a_checkpoint():
-    settings = ProcessorSettings(dropout_factor=7.0, routine_spike_rate=0.0)
+    assert new_detectors(ProcessorSettings()).params[k.P_ROUTINE_RATE] == 0.0  # off unless asked for
+    settings = ProcessorSettings(dropout_factor=7.0, routine_spike_rate=0.004)
     detectors = new_detectors(settings)
-    assert detectors.params[k.P_GAP_FACTOR] == 7.0 and detectors.params[k.P_ROUTINE_RATE] == 0.0
+    assert detectors.params[k.P_GAP_FACTOR] == 7.0 and detectors.params[k.P_ROUTINE_RATE] == 0.004
     saved = Detectors()  # a checkpoint saved under other settings (the kernels' defaults)
     saved.series_ids(["a"])
     restored = Detectors()
