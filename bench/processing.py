@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import os
 import statistics
 import time
@@ -28,6 +29,7 @@ import numpy as np
 import psycopg
 
 from bench import start_bench_stack
+from kota.schema import partition_name
 from kota.settings import StackSettings
 from processing import kernels
 from processing.detect import Detectors
@@ -227,10 +229,6 @@ def database_state(stack: StackSettings, ts_ms: int) -> str:
     day), so that runs can be compared on like states. Measured when this was written: 19.9k readings/s
     into a partition of 15M rows with 1.6 GB of indexes (more than shared_buffers), then 16.8k and
     22.4k/s into a fresh one: at these sizes the host's run-to-run noise is larger than the effect."""
-    import datetime as dt
-
-    from kota.schema import partition_name
-
     name = partition_name(dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC).date())
     with psycopg.connect(stack.postgres_dsn) as conn:
         row = conn.execute(

@@ -87,14 +87,16 @@ class ProcessorSettings(BaseSettings):
 
 
 def new_detectors(settings: ProcessorSettings) -> Detectors:
-    """The kernels' defaults, plus dropouts seen in event time: a reading that ends a silence of more
-    than `dropout_factor` usual intervals is a dropout anomaly. The timer finds a silence while it
-    lasts, but only by the wall clock, so a replayed or fast-forwarded stream needs this."""
+    """The kernels' defaults with the processor's settings applied (apply_settings)."""
     return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings))
 
 
 def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarray:
-    """The detector parameters the processor's settings choose, in place (also on restored checkpoints)."""
+    """The detector parameters the processor's settings choose, in place (also on restored checkpoints):
+    - dropouts seen in event time: a reading that ends a silence of more than `dropout_factor` usual
+      intervals is a dropout anomaly. The timer finds a silence while it lasts, but only by the wall
+      clock, so a replayed or fast-forwarded stream needs this;
+    - routine-spike damping at `routine_spike_rate` (0: off)."""
     params[kernels.P_GAP_FACTOR] = settings.dropout_factor
     params[kernels.P_ROUTINE_RATE] = settings.routine_spike_rate
     return params

@@ -16,11 +16,10 @@ DEVICE = "seriesjson-meter-1"
 AWKWARD = [1e-300, -2.5e300, 0.1 + 0.2, -0.0, 42.0, 7.123456789012345]
 
 
-def _as_json(point: Point) -> dict[str, object]:
-    """A point as the API documents it: UTC time with `Z`, no zero fraction."""
-    stamp = point.ts.astimezone(dt.UTC).replace(tzinfo=None).isoformat() + "Z"
-    return {"ts": stamp, "count": point.count, "mean": point.mean, "min": point.min, "max": point.max,
-            "first": point.first, "last": point.last}
+def as_json(points: list[Point]) -> list[dict[str, object]]:
+    """Points as the API documents them: UTC times with `Z`, no zero fraction."""
+    return [{"ts": p.ts.astimezone(dt.UTC).replace(tzinfo=None).isoformat() + "Z", "count": p.count, "mean": p.mean,
+             "min": p.min, "max": p.max, "first": p.first, "last": p.last} for p in points]
 
 
 def json_page(dsn: str, *args: object, limit: int, **connect: object
@@ -30,10 +29,6 @@ def json_page(dsn: str, *args: object, limit: int, **connect: object
             return await query_series_json(conn, *args, limit=limit)  # type: ignore[arg-type]
     text, count, last = asyncio.run(run())
     return orjson.loads(text), count, last
-
-
-def as_json(points: list[Point]) -> list[dict[str, object]]:
-    return [_as_json(p) for p in points]
 
 
 def test_json_page_equals_rows_for_every_resolution(stack):
@@ -61,11 +56,11 @@ def test_json_page_equals_rows_for_every_resolution(stack):
             rows = query_series(conn, DEVICE, "flow", resolution, start, end, limit=100)
             assert len(rows) == len(AWKWARD), resolution
             points, count, last = json_page(stack.postgres_dsn, DEVICE, "flow", resolution, start, end, limit=100)
-            assert points == [_as_json(p) for p in rows], resolution
+            assert points == as_json(rows), resolution
             assert (count, last) == (len(rows), rows[-1].ts)
             # A page cut short by its limit, and an empty one.
             points, count, last = json_page(stack.postgres_dsn, DEVICE, "flow", resolution, start, end, limit=2)
-            assert points == [_as_json(p) for p in rows[:2]] and count == 2 and last == rows[1].ts
+            assert points == as_json(rows[:2]) and count == 2 and last == rows[1].ts
             empty = json_page(stack.postgres_dsn, DEVICE, "flow", resolution, end, end + dt.timedelta(days=1),
                               limit=100)
             assert empty == ([], 0, None)
