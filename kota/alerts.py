@@ -134,6 +134,32 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
     return changes
 
 
+# The alert types a repeat (a reading that would have been an anomaly but is not news:
+# processing.kernels.REPEAT) keeps open: the detectors' own, but for dropouts (a timer's business).
+HELD_BY_REPEATS = ("spike", "dip", "level_shift", "stuck", "rate_of_change")
+
+
+async def apply_repeats(conn: psycopg.AsyncConnection, repeats: Iterable[tuple[str, str, int, float]]) -> int:
+    """Count repeats (device_id, metric, ts_ms, value) on their metric's open detector alert and move its
+    last time and value to the newest: the series is not back to normal, so the clear-after time starts
+    again. No event and no change of severity: a repeat is not news. Returns the alerts updated."""
+    newest: dict[tuple[str, str], tuple[int, float, int]] = {}
+    for device_id, metric, ts_ms, value in repeats:
+        last_ts, last_value, n = newest.get((device_id, metric), (-1, 0.0, 0))
+        newest[(device_id, metric)] = (ts_ms, value, n + 1) if ts_ms > last_ts else (last_ts, last_value, n + 1)
+    if not newest:
+        return 0
+    cur = await conn.execute(
+        "UPDATE alerts a SET count = a.count + k.n, last_ts = greatest(a.last_ts, kota_ms(k.ts_ms)), "
+        "last_value = CASE WHEN kota_ms(k.ts_ms) > a.last_ts THEN k.value ELSE a.last_value END, updated_at = now() "
+        "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], %s::int[]) "
+        "AS k(device_id, metric, ts_ms, value, n) "
+        "WHERE a.device_id = k.device_id AND a.metric = k.metric AND a.alert_type = ANY(%s) AND a.state <> 'cleared'",
+        ([key[0] for key in newest], [key[1] for key in newest], [v[0] for v in newest.values()],
+         [v[1] for v in newest.values()], [v[2] for v in newest.values()], list(HELD_BY_REPEATS)))
+    return cur.rowcount
+
+
 async def auto_clear(conn: psycopg.AsyncConnection, device_ids: list[str]) -> list[AlertChange]:
     """Clear open alerts whose metric has reported normally for their clear-after time since the last signal."""
     if not device_ids:

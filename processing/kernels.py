@@ -25,8 +25,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # Reason codes, stable: stored with anomalies and shown to operators.
-NONE, SPIKE, DIP, LEVEL_SHIFT, STUCK, RATE_OF_CHANGE, OUT_OF_RANGE, DROPOUT = range(8)
-REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "out_of_range", "dropout")
+# REPEAT marks a reading that would have scored P_REPEAT_BELOW (the processor's anomaly threshold)
+# or more but does not because it is not news: inside the quiet period of an event already
+# signalled, or damped as a spike the series shows routinely. It is not an anomaly, but it is not
+# normal either: the processor keeps the metric's open alert from clearing itself while they go on.
+NONE, SPIKE, DIP, LEVEL_SHIFT, STUCK, RATE_OF_CHANGE, OUT_OF_RANGE, DROPOUT, REPEAT = range(9)
+REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "out_of_range", "dropout", "repeat")
 
 # Columns of the per-series state array.
 (COUNT, MEAN, MAD, FAST, SLOW, SLOW_MAD, LAST_VALUE, LAST_TS, RUN, INTERVAL, RATE, LONGEST_RUN, QUIET_UNTIL,
@@ -40,7 +44,7 @@ HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
 # Parameters, in one float64 array so a kernel call stays a plain function of arrays.
 (P_WARMUP, P_ALPHA, P_HOUR_ALPHA, P_HOUR_WARMUP, P_FAST_ALPHA, P_SLOW_ALPHA, P_Z_FLOOR, P_Z_SCALE,
  P_STUCK_MIN, P_RATE_ALPHA, P_CLIP, P_W_SPIKE, P_W_SHIFT, P_W_STUCK, P_W_RATE, P_QUIET_LEVEL, P_QUIET_POINTS,
- P_QUIET_MARGIN, P_GAP_FACTOR, P_ROUTINE_ALPHA, P_ROUTINE_RATE, P_ROUTINE_LEVEL) = range(22)
+ P_QUIET_MARGIN, P_GAP_FACTOR, P_ROUTINE_ALPHA, P_ROUTINE_RATE, P_ROUTINE_LEVEL, P_REPEAT_BELOW) = range(23)
 # The P_W_* weights scale each detector's z-like statistic before the common mapping to [0, 1]:
 # one threshold then means the same for every detector (0 turns a detector off).
 # After a score above P_QUIET_LEVEL a series stays quiet for P_QUIET_POINTS readings unless the score
@@ -64,11 +68,10 @@ HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
 # 0.5 is a z above 7), so the usual tails of a noisy series do not; and only short ones, so a
 # series that switches level (a street light at dusk) has not "spiked" and keeps its sensitivity.
 # bench/nab: 52.7 without it, 65.7 with it (false positives 86 → 37; the two spiky artificial files
-# had 71 of the 86); rates 0.002-0.005 and memories of 500-2,000 readings gave 62-66. The processor
-# turns it off by default (ProcessorSettings.routine_spike_rate): a sensor that starts flapping is
-# news for as long as it flaps.
+# had 71 of the 86); rates 0.002-0.005 and memories of 500-2,000 readings gave 62-66. A damped
+# spike is a REPEAT (above), so a sensor that starts flapping keeps its one alert open while it flaps.
 DEFAULT_PARAMS = np.array([30.0, 0.02, 0.1, 5.0, 0.3, 0.01, 3.0, 4.0, 12.0, 0.05, 4.0, 1.0, 1.0, 1.0, 0.0,
-                           0.2, 100.0, 0.2, 0.0, 0.001, 0.003, 0.5])
+                           0.2, 100.0, 0.2, 0.0, 0.001, 0.003, 0.5, 0.3])
 ALL_DETECTORS_PARAMS = DEFAULT_PARAMS.copy()
 ALL_DETECTORS_PARAMS[P_W_RATE] = 1.0
 ALL_DETECTORS_PARAMS[P_GAP_FACTOR] = 5.0
@@ -152,6 +155,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
     routine_alpha = params[P_ROUTINE_ALPHA]
     routine_rate = params[P_ROUTINE_RATE]
     routine_level = params[P_ROUTINE_LEVEL]
+    repeat_below = params[P_REPEAT_BELOW]
     hour_rows = hourly.reshape(hourly.shape[0] * HOURS, 3)
     count = series.shape[0]
     for i in range(count):
@@ -229,6 +233,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
                 best = _score(w_spike * z, z_floor, z_scale)
                 if best > 0.0:
                     reason = SPIKE if x > mean else DIP
+            undamped = best
             big = best > routine_level
             spike_ended = 1.0 if (not big and outlier_run > 0.0 and outlier_run <= SPIKE_MAX_RUN) else 0.0
             if routine_rate > 0.0 and best > 0.0:
@@ -261,6 +266,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
                 if gap_score > best:
                     best = gap_score
                     reason = DROPOUT
+            would_be = max(undamped, best)  # the score were it news
             if n < quiet_until and best <= quiet_score + quiet_margin:
                 best = 0.0  # the same event, already signalled
             elif best > quiet_level:
@@ -268,6 +274,8 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
                 quiet_score = best
             if best == 0.0:
                 reason = NONE
+            if best < repeat_below <= would_be:
+                reason = REPEAT
         scores[i] = best
         reasons[i] = reason
 

@@ -76,11 +76,10 @@ class ProcessorSettings(BaseSettings):
     checkpoint_interval_s: float = 30.0
     dropout_check_s: float = 10.0
     dropout_factor: float = 5.0  # silent for this many usual intervals
-    # Spikes a series shows routinely score less (processing/kernels.py, P_ROUTINE_RATE; try 0.003, the
-    # kernels' default). Off here: a sensor that starts flapping would stop raising anomalies after a
-    # few spikes, and its alert would clear while it still flaps (test_detection_alerts' flapping
-    # test). Turn it on where series spike routinely by nature (bursts, pump starts).
-    routine_spike_rate: float = 0.0
+    # Spikes a series shows routinely score less (processing/kernels.py, P_ROUTINE_RATE; 0 turns it
+    # off). A sensor that starts flapping raises one alert from its first spikes; the damped ones
+    # after them are repeats (kernels.REPEAT), which keep that alert from clearing while it flaps.
+    routine_spike_rate: float = 0.003
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
     maintenance_interval_s: float = 60.0  # rollups and retention
     ispu_window_minutes: int = 60
@@ -99,6 +98,7 @@ def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarra
     - routine-spike damping at `routine_spike_rate` (0: off)."""
     params[kernels.P_GAP_FACTOR] = settings.dropout_factor
     params[kernels.P_ROUTINE_RATE] = settings.routine_spike_rate
+    params[kernels.P_REPEAT_BELOW] = settings.anomaly_threshold
     return params
 
 
@@ -283,11 +283,12 @@ class Processor:
             order = np.argsort(ts, kind="stable")
             scores, reasons = np.empty(len(rows)), np.empty(len(rows), np.int64)
             scores[order], reasons[order] = detectors.score(ids[order], ts[order], values[order])
-            for i in np.flatnonzero(scores >= threshold):
+            for i in np.flatnonzero((scores >= threshold) | (reasons == kernels.REPEAT)):
                 offset, r = rows[i]
                 anomalies.append(AnomalyRow(s.partition, offset, r.device_id, r.metric, r.ts_ms, r.value,
                                             float(scores[i]), REASONS[reasons[i]]))
-                ANOMALIES.labels(REASONS[reasons[i]]).inc()
+                if reasons[i] != kernels.REPEAT:
+                    ANOMALIES.labels(REASONS[reasons[i]]).inc()
             detectors.mark_arrivals(ids, now_ms)
             self._silent.setdefault(s.partition, set()).difference_update(ids.tolist())
             self._detected_until[s.partition] = s.next_offset

@@ -1,8 +1,10 @@
 """Domain rules on top of the detectors, evaluated inside the batch transaction.
 
 - Air quality: each station's ISPU over the averaging window (mean of the one-minute aggregates
-  ending at its newest reading), with category and critical pollutant, kept in `station_ispu`; a
-  signal while the station is Tidak Sehat or worse.
+  ending at the minute evaluated), with category and critical pollutant, kept in `station_ispu`; a
+  signal while the station is Tidak Sehat or worse. Evaluated at every minute of event time the
+  batch holds readings for, not once per batch: a fast replay puts many minutes into one batch, and
+  what it finds must not depend on where batches happen to end.
 - Flood gates: Siaga status per gate from its thresholds (`flood_gates`, or the defaults here),
   kept in `gate_status` with the rate of rise; a signal while a gate is at Siaga 3 or above (each
   step up escalates its alert) and a separate one when the water rises faster than the gate's
@@ -15,15 +17,18 @@ exactly once, whatever order batches arrive in.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from kota.alerts import Severity, Signal
+from kota.contract import Reading
 from processing import ispu
 
 WATER_LEVEL = "currentLevel"
+MINUTE_MS = 60_000
 
 # Severity by ISPU category (index in ispu.CATEGORIES) and by Siaga level.
 ISPU_SEVERITY: dict[int, Severity] = {2: "minor", 3: "major", 4: "critical"}
@@ -47,46 +52,61 @@ def siaga_for(level_cm: float, thresholds: tuple[float, float, float]) -> int:
     return 4 - (level_cm > siaga3) - (level_cm > siaga2) - (level_cm > siaga1)
 
 
-async def evaluate_air_quality(conn: psycopg.AsyncConnection, newest_ms: dict[str, int], policy: RulePolicy
-                               ) -> list[Signal]:
-    """ISPU for the stations that sent pollutants in this batch; `newest_ms` is each one's newest reading."""
-    if not newest_ms:
+def air_quality_minutes(readings: Iterable[Reading]) -> dict[str, dict[int, int]]:
+    """For each station with pollutant readings: each minute bucket (epoch ms) they fall in, with the
+    newest reading time in it: the points `evaluate_air_quality` evaluates."""
+    minutes: dict[str, dict[int, int]] = {}
+    for r in readings:
+        if r.metric in ispu.CONCENTRATION_EDGES:
+            station = minutes.setdefault(r.device_id, {})
+            bucket = r.ts_ms - r.ts_ms % MINUTE_MS
+            if r.ts_ms > station.get(bucket, -1):
+                station[bucket] = r.ts_ms
+    return minutes
+
+
+async def evaluate_air_quality(conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]],
+                               policy: RulePolicy) -> list[Signal]:
+    """ISPU of each station at each minute in `minutes` (from `air_quality_minutes`): the mean of the
+    window's one-minute aggregates up to and including that minute. A signal for each unhealthy one;
+    `station_ispu` keeps the newest."""
+    points = [(device_id, t_ms) for device_id, buckets in minutes.items() for t_ms in sorted(buckets.values())]
+    if not points:
         return []
     window_ms = policy.ispu_window_minutes * 60_000
     cur = await conn.execute(
-        "SELECT k.device_id, a.metric, sum(a.sum) / sum(a.n) "
+        "SELECT k.device_id, k.t_ms, a.metric, sum(a.sum) / sum(a.n) "
         "FROM unnest(%s::text[], %s::bigint[]) AS k(device_id, t_ms) "
         "JOIN agg_1m a ON a.device_id = k.device_id AND a.metric = ANY(%s) "
         "AND a.bucket > kota_ms(k.t_ms - %s) AND a.bucket <= kota_ms(k.t_ms) "
-        "GROUP BY 1, 2",
-        (list(newest_ms), list(newest_ms.values()), list(ispu.POLLUTANTS), window_ms))
-    concentrations: dict[str, dict[str, float]] = {}
-    for device_id, metric, mean in await cur.fetchall():
-        concentrations.setdefault(device_id, {})[metric] = mean
+        "GROUP BY 1, 2, 3",
+        ([p[0] for p in points], [p[1] for p in points], list(ispu.POLLUTANTS), window_ms))
+    concentrations: dict[tuple[str, int], dict[str, float]] = {}
+    for device_id, t_ms, metric, mean in await cur.fetchall():
+        concentrations.setdefault((device_id, t_ms), {})[metric] = mean
     signals = []
-    rows = []
-    for device_id, values in concentrations.items():
-        result = ispu.station_ispu(values)
+    newest: dict[str, tuple] = {}
+    for device_id, t_ms in points:  # each station's minutes in time order
+        result = ispu.station_ispu(concentrations.get((device_id, t_ms), {}))
         if result is None:
             continue
-        t_ms = newest_ms[device_id]
         rank = ispu.CATEGORIES.index(result.category)
         subs = {p: (round(v, 1) if math.isfinite(v) else "> 500") for p, v in result.sub_indices.items()}
-        rows.append((device_id, t_ms, result.value, result.category.name, result.critical, Jsonb(subs),
-                     policy.ispu_window_minutes))
+        newest[device_id] = (device_id, t_ms, result.value, result.category.name, result.critical, Jsonb(subs),
+                             policy.ispu_window_minutes)
         if rank in ISPU_SEVERITY:
             signals.append(Signal(
                 device_id, "air_quality_unhealthy", result.critical, ISPU_SEVERITY[rank], t_ms, result.value,
                 f"ISPU {result.label} ({result.category.name}), critical pollutant {result.critical}",
                 {"ispu": result.label, "category": result.category.name, "critical": result.critical}))
-    if rows:
+    if newest:
         async with conn.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO station_ispu (device_id, ts, ispu, category, critical, sub_indices, window_minutes) "
                 "VALUES (%s, kota_ms(%s), %s, %s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET ts = EXCLUDED.ts, "
                 "ispu = EXCLUDED.ispu, category = EXCLUDED.category, critical = EXCLUDED.critical, "
                 "sub_indices = EXCLUDED.sub_indices, window_minutes = EXCLUDED.window_minutes, updated_at = now() "
-                "WHERE station_ispu.ts <= EXCLUDED.ts", rows)
+                "WHERE station_ispu.ts <= EXCLUDED.ts", list(newest.values()))
     return signals
 
 

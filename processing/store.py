@@ -22,10 +22,16 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg.types.json import Jsonb
 
-from kota.alerts import AlertChange, Signal, apply_signals, auto_clear
+from kota.alerts import AlertChange, Signal, apply_repeats, apply_signals, auto_clear
 from kota.contract import Reading
-from processing import ispu
-from processing.rules import WATER_LEVEL, RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates
+from processing.rules import (
+    WATER_LEVEL,
+    RulePolicy,
+    air_quality_minutes,
+    detector_signal,
+    evaluate_air_quality,
+    evaluate_flood_gates,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +46,9 @@ class PartitionSlice:
 
 @dataclass(frozen=True, slots=True)
 class AnomalyRow:
-    """A reading a detector scored at or above the threshold, with the Kafka position it came from."""
+    """A reading a detector scored at or above the threshold, with the Kafka position it came from; or,
+    with reason "repeat", one that would have been an anomaly but is not news (processing.kernels.REPEAT), which
+    is not stored as an anomaly but counts on, and holds open, its metric's open alert (kota.alerts.apply_repeats)."""
 
     partition: int
     offset: int
@@ -205,7 +213,9 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                       f"arrived {(r.received_ms - r.ts_ms) / 3_600_000:.1f} h after its time; "
                       f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
 
-        kept = [a for a in anomalies or () if a.offset >= stored[a.partition]]
+        kept = [a for a in anomalies or () if a.offset >= stored[a.partition] and a.reason != "repeat"]
+        repeats = [(a.device_id, a.metric, a.ts_ms, a.value) for a in anomalies or ()
+                   if a.offset >= stored[a.partition] and a.reason == "repeat"]
         if kept:
             async with conn.cursor() as cur:
                 await cur.executemany(
@@ -216,16 +226,14 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
         # came back): stored as an anomaly, not alerted. The processor's timer alerts while a silence lasts.
         signals: list[Signal] = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
                                  for a in kept if a.reason != "dropout"]
-        stations: dict[str, int] = {}
         gates: dict[str, list[tuple[int, float]]] = {}
         for r in fresh:
-            if r.metric in ispu.CONCENTRATION_EDGES:
-                stations[r.device_id] = max(stations.get(r.device_id, r.ts_ms), r.ts_ms)
-            elif r.metric == WATER_LEVEL:
+            if r.metric == WATER_LEVEL:
                 gates.setdefault(r.device_id, []).append((r.ts_ms, r.value))
-        signals += await evaluate_air_quality(conn, stations, policy.rules)
+        signals += await evaluate_air_quality(conn, air_quality_minutes(fresh), policy.rules)
         signals += await evaluate_flood_gates(conn, gates, policy.rules)
         changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s)
+        await apply_repeats(conn, repeats)
         changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
 
         for c in checkpoints or ():

@@ -40,7 +40,7 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
     """`codes`: series whose values are state codes, judged only against their range."""
     (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
      clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin, gap_factor, routine_alpha,
-     routine_rate, routine_level) = (
+     routine_rate, routine_level, repeat_below) = (
         float(p) for p in params)
     out = []
     for sid, t, x in readings:
@@ -76,6 +76,7 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
         result = (0.0, k.NONE)
         if st.count >= warmup and sid not in codes:
             spike = score_of(w_spike * z, z_floor, z_scale)
+            undamped = spike
             big = spike > routine_level
             spike_ended = 1.0 if not big and 0 < st.outlier_run <= k.SPIKE_MAX_RUN else 0.0
             if routine_rate > 0 and spike > 0:
@@ -98,12 +99,15 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
                 if c[0] > best[0]:
                     best = c
+            would_be = max(undamped, best[0])
             if st.count < st.quiet_until and best[0] <= st.quiet_score + quiet_margin:
                 best = (0.0, best[1])  # same event, already signalled
             elif best[0] > quiet_level:
                 st.quiet_until, st.quiet_score = st.count + quiet_points, best[0]
             if best[0] > 0:
                 result = best
+            if best[0] < repeat_below <= would_be:
+                result = (best[0], k.REPEAT)
         out.append(result)
 
         warm = st.count >= warmup

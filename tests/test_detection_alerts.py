@@ -44,7 +44,10 @@ def test_a_flapping_series_raises_one_alert_that_counts_repeats_and_clears_itsel
         lambda: _alerts(pipeline, meter.device_id), what="an alert")
     anomalies = query(pipeline, "SELECT count(*) FROM anomalies WHERE device_id = %s", (meter.device_id,))[0][0]
     assert (alert_type, state) == ("spike", "active")
-    assert count == anomalies >= 2, "every anomaly counted on the one open alert"
+    # The first flaps are anomalies; the rest are not news (quiet period, then routine for this
+    # sensor), but each still counts on the one alert (written with the readings: final now).
+    assert count == 20, "every flap counted"
+    assert 1 <= anomalies < 20
     assert "pressure" in message
 
     publish_series(pipeline, meter, "pressure", calm)

@@ -33,11 +33,15 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
     start = int(time.time() * 1000) - 3 * 3_600_000  # 4,000 one-second readings end well before now
     expected = [(start + i * 1000, "currentLevel", float(i % 500)) for i in range(MESSAGES * PER_MESSAGE)]
     done = threading.Event()
+    killed = threading.Event()
 
     def stream() -> None:
         client = mqtt_client(pipeline, gate.device_id)
         try:
             for m in range(MESSAGES):
+                if m == MESSAGES // 2:
+                    # Half the stream comes after the kill, however fast the processor kept up with the first half.
+                    killed.wait(timeout=120)
                 chunk = expected[m * PER_MESSAGE:(m + 1) * PER_MESSAGE]
                 publish(client, gate, [{"ts": ts, "values": {"currentLevel": v}} for ts, _, v in chunk])
                 time.sleep(0.01)
@@ -52,6 +56,7 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
     try:
         wait_for(lambda: len(stored_readings(pipeline, gate.device_id)) > 200, what="the first readings")
         assert procs.stop(pipeline, "processor", hard=True), "processor was not running"
+        killed.set()
         stored_at_kill = len(stored_readings(pipeline, gate.device_id))
         offset_at_kill = _stored_offset(pipeline, partition)
         time.sleep(1.0)  # the stream goes on while the processor is dead
