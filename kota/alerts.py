@@ -10,7 +10,8 @@ signal, so a flapping series keeps one alert instead of raising hundreds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,31 +41,6 @@ class Signal:
     details: dict[str, object] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Merged:
-    """The signals of one (device, type) in a batch, in time order."""
-
-    signals: list[Signal]
-
-    @property
-    def first(self) -> Signal:
-        return self.signals[0]
-
-    @property
-    def last(self) -> Signal:
-        return self.signals[-1]
-
-    def steps_up(self, above: str | None = None) -> list[Signal]:
-        """The signals that raised the severity beyond every one before them (and beyond `above`)."""
-        steps = []
-        rank = SEVERITY_RANK[above] if above else 0
-        for signal in self.signals:
-            if SEVERITY_RANK[signal.severity] > rank:
-                steps.append(signal)
-                rank = SEVERITY_RANK[signal.severity]
-        return steps
-
-
 @dataclass(frozen=True, slots=True)
 class AlertChange:
     alert_id: int
@@ -74,90 +50,164 @@ class AlertChange:
     severity: str
 
 
-def _merge(signals: Iterable[Signal]) -> dict[tuple[str, str], _Merged]:
-    merged: dict[tuple[str, str], _Merged] = {}
-    for signal in signals:
-        merged.setdefault((signal.device_id, signal.alert_type), _Merged([])).signals.append(signal)
-    for m in merged.values():
-        m.signals.sort(key=lambda signal: signal.ts_ms)
-    return merged
-
-
-async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal],
-                        clear_after_s: dict[str, float], default_clear_after_s: float) -> list[AlertChange]:
-    """Raise or update alerts for the signals, inside the caller's transaction."""
-    merged = _merge(signals)
-    if not merged:
-        return []
-    devices = [k[0] for k in merged]
-    types = [k[1] for k in merged]
-    cur = await conn.execute(
-        "SELECT a.device_id, a.alert_type, a.alert_id, a.severity FROM alerts a "
-        "JOIN unnest(%s::text[], %s::text[]) AS k(device_id, alert_type) USING (device_id, alert_type) "
-        "WHERE a.state <> 'cleared' ORDER BY a.alert_id FOR UPDATE OF a", (devices, types))
-    open_alerts = {(d, t): (alert_id, severity) for d, t, alert_id, severity in await cur.fetchall()}
-    changes: list[AlertChange] = []
-    for (device_id, alert_type), m in merged.items():
-        count = len(m.signals)
-        if (device_id, alert_type) in open_alerts:
-            alert_id, old = open_alerts[(device_id, alert_type)]
-            steps = m.steps_up(above=old)
-        else:
-            steps = m.steps_up()
-            raised = steps.pop(0)
-            cur = await conn.execute(
-                "INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, count, "
-                "first_ts, last_ts, last_value, details, clear_after_s) SELECT device_id, city, domain, %s, %s, %s, "
-                "%s, 0, kota_ms(%s), kota_ms(%s), %s, %s, %s FROM devices WHERE device_id = %s RETURNING alert_id",
-                (alert_type, raised.metric, raised.severity, raised.message, m.first.ts_ms, m.first.ts_ms,
-                 raised.value, Jsonb(raised.details), clear_after_s.get(alert_type, default_clear_after_s), device_id))
-            row = await cur.fetchone()
-            if row is None:
-                continue  # the device was deleted from the registry meanwhile: nobody to alert about
-            alert_id, old = row[0], raised.severity
-            await _event(conn, alert_id, "raised", SYSTEM_ACTOR, raised.severity, raised.message)
-            changes.append(AlertChange(alert_id, device_id, alert_type, "raised", raised.severity))
-        for step in steps:  # each step up is its own escalation, even inside one batch
-            await _event(conn, alert_id, "escalated", SYSTEM_ACTOR, step.severity, step.message)
-        severity = steps[-1].severity if steps else old
-        message = steps[-1].message if steps else None
-        await conn.execute(
-            "UPDATE alerts SET count = count + %s, last_ts = greatest(last_ts, kota_ms(%s)), "
-            "last_value = CASE WHEN kota_ms(%s) >= last_ts THEN %s ELSE last_value END, "
-            "severity = %s, message = coalesce(%s, message), details = details || %s, updated_at = now() "
-            "WHERE alert_id = %s",
-            (count, m.last.ts_ms, m.last.ts_ms, m.last.value, severity, message, Jsonb(m.last.details), alert_id))
-        if steps:
-            changes.append(AlertChange(alert_id, device_id, alert_type, "escalated", severity))
-        elif not changes or changes[-1].alert_id != alert_id:
-            changes.append(AlertChange(alert_id, device_id, alert_type, "updated", severity))
-    return changes
-
-
 # The alert types a repeat (a reading that would have been an anomaly but is not news:
 # processing.kernels.REPEAT) keeps open: the detectors' own, but for dropouts (a timer's business).
 HELD_BY_REPEATS = ("spike", "dip", "level_shift", "stuck", "rate_of_change")
 
 
-async def apply_repeats(conn: psycopg.AsyncConnection, repeats: Iterable[tuple[str, str, int, float]]) -> int:
-    """Count repeats (device_id, metric, ts_ms, value) on their metric's open detector alert and move its
-    last time and value to the newest: the series is not back to normal, so the clear-after time starts
-    again. No event and no change of severity: a repeat is not news. Returns the alerts updated."""
-    newest: dict[tuple[str, str], tuple[int, float, int]] = {}
-    for device_id, metric, ts_ms, value in repeats:
-        last_ts, last_value, n = newest.get((device_id, metric), (-1, 0.0, 0))
-        newest[(device_id, metric)] = (ts_ms, value, n + 1) if ts_ms > last_ts else (last_ts, last_value, n + 1)
-    if not newest:
-        return 0
+@dataclass(frozen=True, slots=True)
+class Repeat:
+    """A reading that would have been an anomaly but is not news: it counts on its metric's open
+    detector alert and holds it open, without an event or a change of severity."""
+
+    device_id: str
+    metric: str
+    ts_ms: int
+    value: float
+
+
+@dataclass(slots=True)
+class _Episode:
+    """What one batch does to one alert: the open alert it continues (alert_id) or a new one."""
+
+    device_id: str
+    alert_type: str
+    alert_id: int | None  # None: raised by this batch
+    severity: str | None  # as stored before this batch (None for a new alert)
+    metric: str
+    clear_after_ms: float
+    last_ts: int
+    signals: list[Signal] = field(default_factory=list)
+    repeats: list[Repeat] = field(default_factory=list)
+    cleared: bool = False
+
+    def steps_up(self) -> list[Signal]:
+        """The signals that raised the severity beyond every one before them (and beyond the stored one)."""
+        steps = []
+        rank = SEVERITY_RANK[self.severity] if self.severity else 0
+        for signal in self.signals:
+            if SEVERITY_RANK[signal.severity] > rank:
+                steps.append(signal)
+                rank = SEVERITY_RANK[signal.severity]
+        return steps
+
+
+def _cleared_between(times: list[int], after_ms: float, before_ms: int) -> bool:
+    """Whether the sorted reading times hold one in (after_ms, before_ms): the metric reported normally
+    past the clear-after time, so the alert cleared itself there."""
+    i = bisect.bisect_right(times, after_ms)
+    return i < len(times) and times[i] < before_ms
+
+
+def _episodes(signals: Iterable[Signal], repeats: Iterable[Repeat], open_alerts: dict[tuple[str, str], tuple],
+              clear_after_ms: Callable[[str], float], times: dict[tuple[str, str], list[int]]) -> list[_Episode]:
+    """Walk each (device, type)'s signals and repeats in event time, as a live stream would have met
+    them: an alert clears itself when its metric reported past its last time plus its clear-after
+    time, and the next signal then raises a new one. `times` holds the batch's reading times per
+    (device, metric), sorted; without them, nothing clears inside a batch."""
+    events: dict[tuple[str, str], list[tuple[int, int, Signal | Repeat]]] = {}
+    for signal in signals:
+        events.setdefault((signal.device_id, signal.alert_type), []).append((signal.ts_ms, 0, signal))
+    held: dict[str, list[Repeat]] = {}
+    for repeat in repeats:
+        held.setdefault(repeat.device_id, []).append(repeat)
+    for (device_id, alert_type) in list(open_alerts):
+        if alert_type in HELD_BY_REPEATS:
+            events.setdefault((device_id, alert_type), [])
+    for (device_id, alert_type), timeline in events.items():
+        if alert_type in HELD_BY_REPEATS:
+            timeline += [(r.ts_ms, 1, r) for r in held.get(device_id, ())]
+    episodes: list[_Episode] = []
+    for (device_id, alert_type), timeline in events.items():
+        timeline.sort(key=lambda event: (event[0], event[1]))
+        current: _Episode | None = None
+        if (device_id, alert_type) in open_alerts:
+            alert_id, severity, metric, last_ts, clear_after_s = open_alerts[(device_id, alert_type)]
+            current = _Episode(device_id, alert_type, alert_id, severity, metric, clear_after_s * 1000, last_ts)
+            episodes.append(current)
+        for ts_ms, _, event in timeline:
+            if current is not None and _cleared_between(times.get((device_id, current.metric), []),
+                                                        current.last_ts + current.clear_after_ms, ts_ms):
+                current.cleared = True
+                current = None
+            if isinstance(event, Signal):
+                if current is None:
+                    current = _Episode(device_id, alert_type, None, None, event.metric, clear_after_ms(alert_type),
+                                       ts_ms)
+                    episodes.append(current)
+                current.signals.append(event)
+            elif current is None or event.metric != current.metric:
+                continue  # a repeat holds only an open alert of its own metric
+            else:
+                current.repeats.append(event)
+            current.last_ts = max(current.last_ts, ts_ms)
+    return [e for e in episodes if e.signals or e.repeats or e.cleared]
+
+
+async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal],
+                        clear_after_s: dict[str, float], default_clear_after_s: float, *,
+                        repeats: Iterable[Repeat] = (), times: dict[tuple[str, str], list[int]] | None = None
+                        ) -> list[AlertChange]:
+    """Raise, update and clear alerts for a batch's signals and repeats, inside the caller's transaction.
+
+    `times`: the batch's reading times per (device, metric), sorted. With them, the outcome does not
+    depend on how readings fell into batches: an alert that would have cleared itself between two of
+    the batch's signals in a live stream clears there, and the later signal raises a new alert."""
+    signals = list(signals)
+    repeats = list(repeats)
+    devices = sorted({s.device_id for s in signals} | {r.device_id for r in repeats})
+    if not devices:
+        return []
     cur = await conn.execute(
-        "UPDATE alerts a SET count = a.count + k.n, last_ts = greatest(a.last_ts, kota_ms(k.ts_ms)), "
-        "last_value = CASE WHEN kota_ms(k.ts_ms) > a.last_ts THEN k.value ELSE a.last_value END, updated_at = now() "
-        "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], %s::int[]) "
-        "AS k(device_id, metric, ts_ms, value, n) "
-        "WHERE a.device_id = k.device_id AND a.metric = k.metric AND a.alert_type = ANY(%s) AND a.state <> 'cleared'",
-        ([key[0] for key in newest], [key[1] for key in newest], [v[0] for v in newest.values()],
-         [v[1] for v in newest.values()], [v[2] for v in newest.values()], list(HELD_BY_REPEATS)))
-    return cur.rowcount
+        "SELECT device_id, alert_type, alert_id, severity, metric, (extract(epoch FROM last_ts) * 1000)::bigint, "
+        "clear_after_s FROM alerts WHERE device_id = ANY(%s) AND state <> 'cleared' ORDER BY alert_id FOR UPDATE",
+        (devices,))
+    open_alerts = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
+    episodes = _episodes(signals, repeats, open_alerts,
+                         lambda alert_type: clear_after_s.get(alert_type, default_clear_after_s) * 1000, times or {})
+    changes: list[AlertChange] = []
+    for e in episodes:
+        steps = e.steps_up()
+        if e.alert_id is None:
+            raised = steps.pop(0)
+            cur = await conn.execute(
+                "INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, count, "
+                "first_ts, last_ts, last_value, details, clear_after_s) SELECT device_id, city, domain, %s, %s, %s, "
+                "%s, 0, kota_ms(%s), kota_ms(%s), %s, %s, %s FROM devices WHERE device_id = %s RETURNING alert_id",
+                (e.alert_type, raised.metric, raised.severity, raised.message, raised.ts_ms, raised.ts_ms,
+                 raised.value, Jsonb(raised.details), e.clear_after_ms / 1000, e.device_id))
+            row = await cur.fetchone()
+            if row is None:
+                continue  # the device was deleted from the registry meanwhile: nobody to alert about
+            e.alert_id, e.severity = row[0], raised.severity
+            await _event(conn, e.alert_id, "raised", SYSTEM_ACTOR, raised.severity, raised.message)
+            changes.append(AlertChange(e.alert_id, e.device_id, e.alert_type, "raised", raised.severity))
+        alert_id, stored_severity = e.alert_id, e.severity
+        assert stored_severity is not None  # set for an open alert and for one just raised
+        for step in steps:  # each step up is its own escalation, even inside one batch
+            await _event(conn, alert_id, "escalated", SYSTEM_ACTOR, step.severity, step.message)
+        if e.signals or e.repeats:
+            last = max([(s.ts_ms, s.value) for s in e.signals] + [(r.ts_ms, r.value) for r in e.repeats],
+                       key=lambda tv: tv[0])
+            severity = steps[-1].severity if steps else stored_severity
+            await conn.execute(
+                "UPDATE alerts SET count = count + %s, last_ts = greatest(last_ts, kota_ms(%s)), "
+                "last_value = CASE WHEN kota_ms(%s) >= last_ts THEN %s ELSE last_value END, "
+                "severity = %s, message = coalesce(%s, message), details = details || %s, updated_at = now() "
+                "WHERE alert_id = %s",
+                (len(e.signals) + len(e.repeats), last[0], last[0], last[1], severity,
+                 steps[-1].message if steps else None, Jsonb(e.signals[-1].details if e.signals else {}), alert_id))
+            if steps:
+                changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "escalated", severity))
+            elif e.signals and (not changes or changes[-1].alert_id != alert_id):
+                changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "updated", severity))
+        if e.cleared:
+            await conn.execute("UPDATE alerts SET state = 'cleared', cleared_at = now(), cleared_by = %s, "
+                               "updated_at = now() WHERE alert_id = %s", (SYSTEM_ACTOR, alert_id))
+            final = steps[-1].severity if steps else stored_severity
+            await _event(conn, alert_id, "cleared", SYSTEM_ACTOR, final, "back to normal")
+            changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "cleared", final))
+    return changes
 
 
 async def auto_clear(conn: psycopg.AsyncConnection, device_ids: list[str]) -> list[AlertChange]:

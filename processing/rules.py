@@ -6,7 +6,8 @@
   batch holds readings for, not once per batch: a fast replay puts many minutes into one batch, and
   what it finds must not depend on where batches happen to end.
 - Flood gates: Siaga status per gate from its thresholds (`flood_gates`, or the defaults here),
-  kept in `gate_status` with the rate of rise; a signal while a gate is at Siaga 3 or above (each
+  kept in `gate_status` with the rate of rise, stepping down only once the water is a deadband
+  below the threshold it crossed; a signal while a gate is at Siaga 3 or above (each
   step up escalates its alert) and a separate one when the water rises faster than the gate's
   limit, so operators hear of a fast rise before a threshold is crossed.
 
@@ -44,12 +45,23 @@ class RulePolicy:
     siaga1_cm: float = 200.0
     rise_cm_per_h: float = 30.0
     rise_window_minutes: int = 15
+    siaga_deadband_cm: float = 5.0  # below a threshold by this much before a gate's status steps down
 
 
-def siaga_for(level_cm: float, thresholds: tuple[float, float, float]) -> int:
-    """4 (normal) down to 1 (most severe): one step for each threshold the level is above."""
+def siaga_for(level_cm: float, thresholds: tuple[float, float, float], current: int = 4,
+              deadband_cm: float = 0.0) -> int:
+    """4 (normal) down to 1 (most severe): one step for each threshold the level is above. From a
+    more severe `current` status, each step down needs the level `deadband_cm` below that step's
+    threshold: water hovering at a threshold holds its status instead of flickering in and out of
+    it (and raising a new alert each time it comes back)."""
     siaga3, siaga2, siaga1 = thresholds
-    return 4 - (level_cm > siaga3) - (level_cm > siaga2) - (level_cm > siaga1)
+    siaga = 4 - (level_cm > siaga3) - (level_cm > siaga2) - (level_cm > siaga1)
+    step = current
+    while step < siaga:
+        if level_cm > thresholds[3 - step] - deadband_cm:
+            return step
+        step += 1
+    return siaga
 
 
 def air_quality_minutes(readings: Iterable[Reading]) -> dict[str, dict[int, int]]:
@@ -139,7 +151,7 @@ async def evaluate_flood_gates(conn: psycopg.AsyncConnection, levels: dict[str, 
         thresholds = (siaga3, siaga2, siaga1)
         status_ts, current = status.get(gate, (-1, 4))
         for ts_ms, level in sorted(levels[gate]):
-            siaga = siaga_for(level, thresholds)
+            siaga = siaga_for(level, thresholds, current if ts_ms > status_ts else 4, policy.siaga_deadband_cm)
             if siaga <= 3:
                 step = f", up from Siaga {current}" if ts_ms > status_ts and siaga < current else ""
                 signals.append(Signal(gate, "flood_siaga", WATER_LEVEL, SIAGA_SEVERITY[siaga], ts_ms, level,

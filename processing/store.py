@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg.types.json import Jsonb
 
-from kota.alerts import AlertChange, Signal, apply_repeats, apply_signals, auto_clear
+from kota.alerts import AlertChange, Repeat, Signal, apply_signals, auto_clear
 from kota.contract import Reading
 from processing.rules import (
     WATER_LEVEL,
@@ -48,7 +48,7 @@ class PartitionSlice:
 class AnomalyRow:
     """A reading a detector scored at or above the threshold, with the Kafka position it came from; or,
     with reason "repeat", one that would have been an anomaly but is not news (processing.kernels.REPEAT), which
-    is not stored as an anomaly but counts on, and holds open, its metric's open alert (kota.alerts.apply_repeats)."""
+    is not stored as an anomaly but counts on, and holds open, its metric's open alert (kota.alerts.apply_signals)."""
 
     partition: int
     offset: int
@@ -214,7 +214,7 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                       f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
 
         kept = [a for a in anomalies or () if a.offset >= stored[a.partition] and a.reason != "repeat"]
-        repeats = [(a.device_id, a.metric, a.ts_ms, a.value) for a in anomalies or ()
+        repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in anomalies or ()
                    if a.offset >= stored[a.partition] and a.reason == "repeat"]
         if kept:
             async with conn.cursor() as cur:
@@ -232,8 +232,8 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                 gates.setdefault(r.device_id, []).append((r.ts_ms, r.value))
         signals += await evaluate_air_quality(conn, air_quality_minutes(fresh), policy.rules)
         signals += await evaluate_flood_gates(conn, gates, policy.rules)
-        changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s)
-        await apply_repeats(conn, repeats)
+        changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s,
+                                      repeats=repeats, times=_reading_times(fresh, signals, repeats))
         changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
 
         for c in checkpoints or ():
@@ -250,6 +250,21 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                 [(s.next_offset, group, topic, s.partition, s.next_offset) for s in slices])
     return BatchOutcome(readings_in=readings_in, readings_stored=inserted, records_skipped=skipped, late=len(late),
                         anomalies=len(kept), alert_changes=changes)
+
+
+def _reading_times(readings: list[Reading], signals: list[Signal], repeats: list[Repeat]
+                   ) -> dict[tuple[str, str], list[int]]:
+    """Sorted reading times per (device, metric), for the devices with signals or repeats: where an
+    alert would have cleared itself between two of them (kota.alerts.apply_signals)."""
+    devices = {s.device_id for s in signals} | {r.device_id for r in repeats}
+    times: dict[tuple[str, str], list[int]] = {}
+    if devices:
+        for r in readings:
+            if r.device_id in devices:
+                times.setdefault((r.device_id, r.metric), []).append(r.ts_ms)
+        for t in times.values():
+            t.sort()
+    return times
 
 
 async def _stage(conn: psycopg.AsyncConnection, readings: list[Reading], policy: WritePolicy) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from kota.settings import PROJECT_ROOT
 from processing.ispu import CONCENTRATION_EDGES, ISPU_EDGES, category, station_ispu, sub_index
+from processing.rules import siaga_for
 
 JAKARTA = PROJECT_ROOT.parent / "shared" / "data" / "jakarta_ispu" / "ispu_dki_all.csv"
 
@@ -72,3 +73,15 @@ def test_published_jakarta_days_agree_with_our_categories_and_critical_pollutant
     assert category_checked > 5000
     assert category_agrees / category_checked >= 0.99, (category_agrees, category_checked)
     assert critical_agrees / critical_checked >= 0.98, (critical_agrees, critical_checked)
+
+
+def test_siaga_steps_up_at_each_threshold_and_down_only_past_the_deadband():
+    thresholds = (80.0, 150.0, 200.0)
+    assert [siaga_for(level, thresholds) for level in (80, 81, 150, 151, 200, 201)] == [4, 3, 3, 2, 2, 1]
+    # Water hovering at 80 cm after crossing it holds Siaga 3; 75 cm is the deadband's edge, below it normal.
+    assert [siaga_for(level, thresholds, current=3, deadband_cm=5) for level in (79.5, 76, 75, 74)] == [3, 3, 4, 4]
+    # From Siaga 1 each step down has its own deadband: 197 holds 1, 190 is 2, 146 holds 2, 144 is 3.
+    assert [siaga_for(level, thresholds, current=1, deadband_cm=5) for level in (197, 190, 146, 144, 60)] == [
+        1, 2, 2, 3, 4]
+    assert siaga_for(160, thresholds, current=3, deadband_cm=5) == 2  # stepping up needs no deadband
+    assert siaga_for(79, thresholds, deadband_cm=5) == 4  # from normal, the deadband changes nothing

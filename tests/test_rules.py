@@ -10,6 +10,7 @@ import datetime as dt
 import psycopg
 import pytest
 
+from kota import alerts
 from kota.contract import READINGS_TOPIC, Reading
 from processing import ispu
 from processing.store import PartitionSlice, WritePolicy, write_batch
@@ -21,8 +22,8 @@ MINUTE = 60_000
 
 
 def _pm25(minute: int) -> float:
-    """A pollution episode: clean air, a climb to 300 ug/m3 over minutes 30-50, then clearing."""
-    if 30 <= minute < 50:
+    """Two pollution episodes, 300 ug/m3 over minutes 30-50 and 150-170, in clean air."""
+    if 30 <= minute < 50 or 150 <= minute < 170:
         return 300.0
     return 12.0 + (minute % 5)
 
@@ -59,28 +60,70 @@ def _expected_unhealthy_minutes(minutes: int) -> list[int]:
     return unhealthy
 
 
+def _stretches(minutes: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive minutes, as (first, last)."""
+    runs: list[tuple[int, int]] = []
+    for m in minutes:
+        if runs and m == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], m)
+        else:
+            runs.append((m, m))
+    return runs
+
+
 def test_air_quality_alerts_do_not_depend_on_how_readings_were_batched(stack):
-    minutes = 120
+    minutes = 240
     start = (int(dt.datetime.now(dt.UTC).timestamp() * 1000) // 3_600_000 - 4) * 3_600_000
     outcomes = []
-    for minutes_per_batch in (1, 7, 120):
+    for minutes_per_batch in (1, 7, minutes):
         station = provision(stack, "air_quality")
         asyncio.run(_write_in_batches(stack.postgres_dsn, _readings(station.device_id, start, minutes),
                                       minutes_per_batch))
         alerts = query(stack, "SELECT alert_type, count, (extract(epoch FROM first_ts) * 1000)::bigint, "
-                              "(extract(epoch FROM last_ts) * 1000)::bigint, severity FROM alerts "
+                              "(extract(epoch FROM last_ts) * 1000)::bigint, severity, state FROM alerts "
                               "WHERE device_id = %s ORDER BY alert_id", (station.device_id,))
         now = query(stack, "SELECT (extract(epoch FROM ts) * 1000)::bigint, ispu, category FROM station_ispu "
                            "WHERE device_id = %s", (station.device_id,))
         outcomes.append((alerts, now))
 
-    unhealthy = _expected_unhealthy_minutes(minutes)
-    assert unhealthy, "the episode must reach Tidak Sehat for this test to mean anything"
-    first, last = unhealthy[0], unhealthy[-1]
-    assert unhealthy == list(range(first, last + 1)), "one unbroken stretch: one alert, never auto-cleared inside it"
+    stretches = _stretches(_expected_unhealthy_minutes(minutes))
+    assert len(stretches) == 2, "two unhealthy stretches, far more than the clear-after time (10 min) apart"
     (alerts, now) = outcomes[0]
-    assert [a[:4] for a in alerts] == [("air_quality_unhealthy", len(unhealthy),
-                                        start + first * MINUTE + 17_000, start + last * MINUTE + 17_000)]
+    # One alert per stretch, each minute counted; the first cleared itself before the second began.
+    assert [a[:4] for a in alerts] == [("air_quality_unhealthy", last - first + 1, start + first * MINUTE + 17_000,
+                                        start + last * MINUTE + 17_000) for first, last in stretches]
+    assert [a[5] for a in alerts] == ["cleared", "cleared"]
     assert now[0][0] == start + (minutes - 1) * MINUTE + 17_000
     assert outcomes[1] == outcomes[0], "seven minutes a batch"
     assert outcomes[2] == outcomes[0], "the whole replay in one batch"
+
+
+async def _apply(dsn: str, *args, **kwargs) -> list[alerts.AlertChange]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
+        return await alerts.apply_signals(conn, *args, **kwargs)
+
+
+def test_an_alert_clears_itself_between_two_signals_of_one_batch_where_readings_show_it_would_have(stack):
+    meter = provision(stack, "water_meter")
+    t0 = 1_800_000_000_000
+
+    def spike(minute: int) -> alerts.Signal:
+        return alerts.Signal(meter.device_id, "spike", "pressure", "major", t0 + minute * MINUTE, 40.0, "spike")
+
+    times = {(meter.device_id, "pressure"): [t0 + m * MINUTE for m in range(60)]}  # a reading every minute
+    signals = [spike(0), spike(1), spike(30), spike(31)]
+    repeats = [alerts.Repeat(meter.device_id, "pressure", t0 + 8 * MINUTE, 35.0),  # holds the first alert open
+               alerts.Repeat(meter.device_id, "pressure", t0 + 25 * MINUTE, 36.0)]  # too late: it had cleared
+    changes = asyncio.run(_apply(stack.postgres_dsn, signals, {}, 600.0, repeats=repeats, times=times))
+    rows = query(stack, "SELECT count, (extract(epoch FROM last_ts) * 1000)::bigint, last_value, state FROM alerts "
+                        "WHERE device_id = %s ORDER BY alert_id", (meter.device_id,))
+    # Cleared at minute 19 (the first reading past 8 + 10 minutes); the spike at minute 30 is a new alert.
+    assert rows == [(3, t0 + 8 * MINUTE, 35.0, "cleared"), (2, t0 + 31 * MINUTE, 40.0, "active")]
+    assert [c.action for c in changes] == ["raised", "cleared", "raised"]
+
+    # Without reading times (a timer's signals), nothing is taken to have cleared inside the batch.
+    later = [alerts.Signal(meter.device_id, "spike", "pressure", "major", t0 + m * MINUTE, 40.0, "spike")
+             for m in (100, 200)]
+    asyncio.run(_apply(stack.postgres_dsn, later, {}, 600.0))
+    assert query(stack, "SELECT count, state FROM alerts WHERE device_id = %s ORDER BY alert_id",
+                 (meter.device_id,))[1:] == [(4, "active")]
