@@ -187,6 +187,13 @@ def load_devices(conn: psycopg.Connection, city: str | None = None) -> dict[str,
     }
 
 
+def device_ranges(conn: psycopg.Connection, device_ids: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each listed device's declared metric ranges, (low, high) by metric; devices not in the registry are left out."""
+    rows = conn.execute("SELECT device_id, metrics FROM devices WHERE device_id = ANY(%s)", (device_ids,)).fetchall()
+    return {device_id: {name: ((spec := MetricSpec(**raw)).low, spec.high) for name, raw in metrics.items()}
+            for device_id, metrics in rows}
+
+
 def registry_version(conn: psycopg.Connection) -> tuple:
     """Changes whenever a transaction that wrote devices or gateways commits (migration 0006)."""
     row = conn.execute("SELECT version FROM registry_version").fetchone()
