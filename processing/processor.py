@@ -49,6 +49,7 @@ from processing.store import (
 
 log = logging.getLogger("kota.processor")
 
+EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 ABSENT_RECHECK_S = 60.0  # how long a device missing from the registry is taken as still missing
 
 READINGS_IN = Counter("kota_processor_readings_in", "readings consumed from Kafka")
@@ -408,8 +409,9 @@ class Processor:
         return PartitionSlice(tp.partition, records[0].offset, records[-1].offset + 1, by_offset)
 
     async def _ensure_partitions(self, slices: list[PartitionSlice]) -> None:
-        days = {dt.datetime.fromtimestamp(r.ts_ms / 1000, dt.UTC).date()
-                for s in slices for _, readings in s.readings_by_offset for r in readings}
+        # UTC days by integer division first: a datetime per reading took 1.0 s per million readings, this 0.2 s.
+        days = {dt.date.fromordinal(EPOCH_ORDINAL + day) for day in
+                {r.ts_ms // 86_400_000 for s in slices for _, readings in s.readings_by_offset for r in readings}}
         missing = days - self._partition_days
         if not missing:
             return
