@@ -146,11 +146,32 @@ def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
     return rates
 
 
+def end_offsets(stack: StackSettings) -> dict[int, int]:
+    """Where each partition of the readings topic ends now."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from kota.contract import READINGS_TOPIC
+
+    async def ends() -> dict[int, int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(READINGS_TOPIC)
+            if not partitions:  # a fresh client has no metadata yet
+                await consumer._client.force_metadata_update()  # noqa: SLF001
+                partitions = consumer.partitions_for_topic(READINGS_TOPIC) or set()
+            offsets = await consumer.end_offsets([TopicPartition(READINGS_TOPIC, p) for p in sorted(partitions)])
+            return {tp.partition: offset for tp, offset in offsets.items()}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(ends())
+
+
 def drain_backlog(stack: StackSettings) -> None:
     """Let the processor catch up with whatever earlier runs (bench.ingest) left on the topic, so the
     timed drain holds this run's readings only."""
     from deploy import stack as local
-    from tests.kafka_counts import end_offsets
 
     def stored_offsets() -> int:
         with psycopg.connect(stack.postgres_dsn) as conn:

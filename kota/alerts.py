@@ -165,48 +165,74 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
     open_alerts = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
     episodes = _episodes(signals, repeats, open_alerts,
                          lambda alert_type: clear_after_s.get(alert_type, default_clear_after_s) * 1000, times or {})
-    changes: list[AlertChange] = []
-    for e in episodes:
-        steps = e.steps_up()
-        if e.alert_id is None:
-            raised = steps.pop(0)
-            cur = await conn.execute(
+    # Statement by statement in sequence: round trips batched by psycopg's executemany (pipeline
+    # mode). One at a time, 2,000 series going silent together (a district's power cut) took 3.6 s
+    # to raise and 1.4 s to update, with the processor's loop waiting; now about 1.1 and 0.5 s (bench/alerts.py).
+    # One open alert per (device, type) is a unique index: the open alerts this batch clears are
+    # cleared first, and a new alert that clears within the batch is inserted cleared.
+    steps_of = {id(e): e.steps_up() for e in episodes}
+    cleared = [e.alert_id for e in episodes if e.alert_id is not None and e.cleared]
+    if cleared:
+        await conn.execute("UPDATE alerts SET state = 'cleared', cleared_at = now(), cleared_by = %s, "
+                           "updated_at = now() WHERE alert_id = ANY(%s)", (SYSTEM_ACTOR, cleared))
+    new = [e for e in episodes if e.alert_id is None]
+    if new:
+        async with conn.cursor() as cur:
+            await cur.executemany(
                 "INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, count, "
-                "first_ts, last_ts, last_value, details, clear_after_s) SELECT device_id, city, domain, %s, %s, %s, "
-                "%s, 0, kota_ms(%s), kota_ms(%s), %s, %s, %s FROM devices WHERE device_id = %s RETURNING alert_id",
-                (e.alert_type, raised.metric, raised.severity, raised.message, raised.ts_ms, raised.ts_ms,
-                 raised.value, Jsonb(raised.details), e.clear_after_ms / 1000, e.device_id))
-            row = await cur.fetchone()
-            if row is None:
-                continue  # the device was deleted from the registry meanwhile: nobody to alert about
-            e.alert_id, e.severity = row[0], raised.severity
-            await _event(conn, e.alert_id, "raised", SYSTEM_ACTOR, raised.severity, raised.message)
-            changes.append(AlertChange(e.alert_id, e.device_id, e.alert_type, "raised", raised.severity))
+                "first_ts, last_ts, last_value, details, clear_after_s, state, cleared_at, cleared_by) "
+                "SELECT device_id, city, domain, %s, %s, %s, %s, 0, kota_ms(%s), kota_ms(%s), %s, %s, %s, "
+                "CASE WHEN %s THEN 'cleared' ELSE 'active' END, CASE WHEN %s THEN now() END, %s "
+                "FROM devices WHERE device_id = %s RETURNING alert_id",
+                [(e.alert_type, r.metric, r.severity, r.message, r.ts_ms, r.ts_ms, r.value, Jsonb(r.details),
+                  e.clear_after_ms / 1000, e.cleared, e.cleared, SYSTEM_ACTOR if e.cleared else None, e.device_id)
+                 for e in new for r in steps_of[id(e)][:1]], returning=True)
+            for e in new:
+                row = await cur.fetchone()
+                if row is not None:  # None: the device left the registry meanwhile; nobody to alert about
+                    e.alert_id, e.severity = row[0], steps_of[id(e)][0].severity
+                cur.nextset()
+    new_ids = {id(e) for e in new}
+    changes: list[AlertChange] = []
+    events: list[tuple[int, str, str, str, str | None]] = []
+    updates: list[tuple] = []
+    for e in episodes:
+        if e.alert_id is None:
+            continue
         alert_id, stored_severity = e.alert_id, e.severity
         assert stored_severity is not None  # set for an open alert and for one just raised
+        steps = steps_of[id(e)]
+        if id(e) in new_ids:
+            raised = steps.pop(0)
+            events.append((alert_id, "raised", SYSTEM_ACTOR, raised.severity, raised.message))
+            changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "raised", raised.severity))
         for step in steps:  # each step up is its own escalation, even inside one batch
-            await _event(conn, alert_id, "escalated", SYSTEM_ACTOR, step.severity, step.message)
+            events.append((alert_id, "escalated", SYSTEM_ACTOR, step.severity, step.message))
         if e.signals or e.repeats:
             last = max([(s.ts_ms, s.value) for s in e.signals] + [(r.ts_ms, r.value) for r in e.repeats],
                        key=lambda tv: tv[0])
             severity = steps[-1].severity if steps else stored_severity
-            await conn.execute(
-                "UPDATE alerts SET count = count + %s, last_ts = greatest(last_ts, kota_ms(%s)), "
-                "last_value = CASE WHEN kota_ms(%s) >= last_ts THEN %s ELSE last_value END, "
-                "severity = %s, message = coalesce(%s, message), details = details || %s, updated_at = now() "
-                "WHERE alert_id = %s",
-                (len(e.signals) + len(e.repeats), last[0], last[0], last[1], severity,
-                 steps[-1].message if steps else None, Jsonb(e.signals[-1].details if e.signals else {}), alert_id))
+            updates.append((len(e.signals) + len(e.repeats), last[0], last[0], last[1], severity,
+                            steps[-1].message if steps else None,
+                            Jsonb(e.signals[-1].details if e.signals else {}), alert_id))
             if steps:
                 changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "escalated", severity))
             elif e.signals and (not changes or changes[-1].alert_id != alert_id):
                 changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "updated", severity))
         if e.cleared:
-            await conn.execute("UPDATE alerts SET state = 'cleared', cleared_at = now(), cleared_by = %s, "
-                               "updated_at = now() WHERE alert_id = %s", (SYSTEM_ACTOR, alert_id))
             final = steps[-1].severity if steps else stored_severity
-            await _event(conn, alert_id, "cleared", SYSTEM_ACTOR, final, "back to normal")
+            events.append((alert_id, "cleared", SYSTEM_ACTOR, final, "back to normal"))
             changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "cleared", final))
+    async with conn.cursor() as cur:
+        if updates:
+            await cur.executemany(
+                "UPDATE alerts SET count = count + %s, last_ts = greatest(last_ts, kota_ms(%s)), "
+                "last_value = CASE WHEN kota_ms(%s) >= last_ts THEN %s ELSE last_value END, "
+                "severity = %s, message = coalesce(%s, message), details = details || %s, updated_at = now() "
+                "WHERE alert_id = %s", updates)
+        if events:
+            await cur.executemany("INSERT INTO alert_events (alert_id, action, actor, severity, comment) "
+                                  "VALUES (%s, %s, %s, %s, %s)", events)
     return changes
 
 
