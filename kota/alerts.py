@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 Severity = Literal["critical", "major", "minor", "warning"]
 SEVERITY_RANK: dict[str, int] = {"warning": 1, "minor": 2, "major": 3, "critical": 4}
 SYSTEM_ACTOR = "kota-processor"
+INSERT_EVENT = "INSERT INTO alert_events (alert_id, action, actor, severity, comment) VALUES (%s, %s, %s, %s, %s)"
 
 
 class AlertStateError(ValueError):
@@ -68,23 +69,24 @@ class Repeat:
 
 @dataclass(slots=True)
 class _Episode:
-    """What one batch does to one alert: the open alert it continues (alert_id) or a new one."""
+    """What one batch does to one alert: the open alert it continues, or one it raises (is_new)."""
 
     device_id: str
     alert_type: str
-    alert_id: int | None  # None: raised by this batch
-    severity: str | None  # as stored before this batch (None for a new alert)
+    alert_id: int | None  # None for a new alert until it is inserted
+    severity: str  # as stored before this batch, or as raised
     metric: str
     clear_after_ms: float
     last_ts: int
     signals: list[Signal] = field(default_factory=list)
     repeats: list[Repeat] = field(default_factory=list)
     cleared: bool = False
+    is_new: bool = False  # raised by this batch, by its first signal
 
     def steps_up(self) -> list[Signal]:
-        """The signals that raised the severity beyond every one before them (and beyond the stored one)."""
+        """The signals that raised the severity beyond every one before them (and beyond `severity`)."""
         steps = []
-        rank = SEVERITY_RANK[self.severity] if self.severity else 0
+        rank = SEVERITY_RANK[self.severity]
         for signal in self.signals:
             if SEVERITY_RANK[signal.severity] > rank:
                 steps.append(signal)
@@ -111,7 +113,7 @@ def _episodes(signals: Iterable[Signal], repeats: Iterable[Repeat], open_alerts:
     held: dict[str, list[Repeat]] = {}
     for repeat in repeats:
         held.setdefault(repeat.device_id, []).append(repeat)
-    for (device_id, alert_type) in list(open_alerts):
+    for (device_id, alert_type) in open_alerts:
         if alert_type in HELD_BY_REPEATS:
             events.setdefault((device_id, alert_type), [])
     for (device_id, alert_type), timeline in events.items():
@@ -132,8 +134,8 @@ def _episodes(signals: Iterable[Signal], repeats: Iterable[Repeat], open_alerts:
                 current = None
             if isinstance(event, Signal):
                 if current is None:
-                    current = _Episode(device_id, alert_type, None, None, event.metric, clear_after_ms(alert_type),
-                                       ts_ms)
+                    current = _Episode(device_id, alert_type, None, event.severity, event.metric,
+                                       clear_after_ms(alert_type), ts_ms, is_new=True)
                     episodes.append(current)
                 current.signals.append(event)
             elif current is None or event.metric != current.metric:
@@ -170,12 +172,11 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
     # to raise and 1.4 s to update, with the processor's loop waiting; now about 1.1 and 0.5 s (bench/alerts.py).
     # One open alert per (device, type) is a unique index: the open alerts this batch clears are
     # cleared first, and a new alert that clears within the batch is inserted cleared.
-    steps_of = {id(e): e.steps_up() for e in episodes}
     cleared = [e.alert_id for e in episodes if e.alert_id is not None and e.cleared]
     if cleared:
         await conn.execute("UPDATE alerts SET state = 'cleared', cleared_at = now(), cleared_by = %s, "
                            "updated_at = now() WHERE alert_id = ANY(%s)", (SYSTEM_ACTOR, cleared))
-    new = [e for e in episodes if e.alert_id is None]
+    new = [e for e in episodes if e.is_new]
     if new:
         async with conn.cursor() as cur:
             await cur.executemany(
@@ -186,32 +187,30 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
                 "FROM devices WHERE device_id = %s RETURNING alert_id",
                 [(e.alert_type, r.metric, r.severity, r.message, r.ts_ms, r.ts_ms, r.value, Jsonb(r.details),
                   e.clear_after_ms / 1000, e.cleared, e.cleared, SYSTEM_ACTOR if e.cleared else None, e.device_id)
-                 for e in new for r in steps_of[id(e)][:1]], returning=True)
+                 for e in new for r in e.signals[:1]], returning=True)
             for e in new:
                 row = await cur.fetchone()
                 if row is not None:  # None: the device left the registry meanwhile; nobody to alert about
-                    e.alert_id, e.severity = row[0], steps_of[id(e)][0].severity
+                    e.alert_id = row[0]
                 cur.nextset()
-    new_ids = {id(e) for e in new}
     changes: list[AlertChange] = []
     events: list[tuple[int, str, str, str, str | None]] = []
     updates: list[tuple] = []
     for e in episodes:
         if e.alert_id is None:
             continue
-        alert_id, stored_severity = e.alert_id, e.severity
-        assert stored_severity is not None  # set for an open alert and for one just raised
-        steps = steps_of[id(e)]
-        if id(e) in new_ids:
-            raised = steps.pop(0)
+        alert_id = e.alert_id
+        if e.is_new:
+            raised = e.signals[0]
             events.append((alert_id, "raised", SYSTEM_ACTOR, raised.severity, raised.message))
             changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "raised", raised.severity))
+        steps = e.steps_up()
         for step in steps:  # each step up is its own escalation, even inside one batch
             events.append((alert_id, "escalated", SYSTEM_ACTOR, step.severity, step.message))
+        severity = steps[-1].severity if steps else e.severity
         if e.signals or e.repeats:
             last = max([(s.ts_ms, s.value) for s in e.signals] + [(r.ts_ms, r.value) for r in e.repeats],
                        key=lambda tv: tv[0])
-            severity = steps[-1].severity if steps else stored_severity
             updates.append((len(e.signals) + len(e.repeats), last[0], last[0], last[1], severity,
                             steps[-1].message if steps else None,
                             Jsonb(e.signals[-1].details if e.signals else {}), alert_id))
@@ -220,9 +219,8 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
             elif e.signals and (not changes or changes[-1].alert_id != alert_id):
                 changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "updated", severity))
         if e.cleared:
-            final = steps[-1].severity if steps else stored_severity
-            events.append((alert_id, "cleared", SYSTEM_ACTOR, final, "back to normal"))
-            changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "cleared", final))
+            events.append((alert_id, "cleared", SYSTEM_ACTOR, severity, "back to normal"))
+            changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "cleared", severity))
     async with conn.cursor() as cur:
         if updates:
             await cur.executemany(
@@ -231,8 +229,7 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
                 "severity = %s, message = coalesce(%s, message), details = details || %s, updated_at = now() "
                 "WHERE alert_id = %s", updates)
         if events:
-            await cur.executemany("INSERT INTO alert_events (alert_id, action, actor, severity, comment) "
-                                  "VALUES (%s, %s, %s, %s, %s)", events)
+            await cur.executemany(INSERT_EVENT, events)
     return changes
 
 
@@ -247,8 +244,10 @@ async def auto_clear(conn: psycopg.AsyncConnection, device_ids: list[str]) -> li
         "AND lv.ts > a.last_ts + a.clear_after_s * interval '1 second' "
         "RETURNING a.alert_id, a.device_id, a.alert_type, a.severity", (SYSTEM_ACTOR, device_ids))
     rows = await cur.fetchall()
-    for alert_id, _, _, severity in rows:
-        await _event(conn, alert_id, "cleared", SYSTEM_ACTOR, severity, "back to normal")
+    if rows:
+        async with conn.cursor() as cur:
+            await cur.executemany(INSERT_EVENT, [(alert_id, "cleared", SYSTEM_ACTOR, severity, "back to normal")
+                                                 for alert_id, _, _, severity in rows])
     return [AlertChange(alert_id, d, t, "cleared", s) for alert_id, d, t, s in rows]
 
 
@@ -288,5 +287,4 @@ async def _operator_action(conn: psycopg.AsyncConnection, alert_id: int, action:
 
 async def _event(conn: psycopg.AsyncConnection, alert_id: int, action: str, actor: str, severity: str,
                  comment: str | None) -> None:
-    await conn.execute("INSERT INTO alert_events (alert_id, action, actor, severity, comment) "
-                       "VALUES (%s, %s, %s, %s, %s)", (alert_id, action, actor, severity, comment))
+    await conn.execute(INSERT_EVENT, (alert_id, action, actor, severity, comment))

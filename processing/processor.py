@@ -340,15 +340,14 @@ class Processor:
                 for r in readings:
                     if r.metric not in self._ranges.get(r.device_id, ()) and r.device_id not in self._absent:
                         metrics_of.setdefault(r.device_id, set()).add(r.metric)
-        unknown = set(metrics_of)
-        if not unknown:
+        if not metrics_of:
             return
 
         def load() -> dict[str, dict[str, tuple[float, float]]]:
             # Only the devices not seen yet: a whole registry of 21,000 devices took 1.7 s to load,
             # in a thread but holding the interpreter, on every batch that brought a new device.
             with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
-                return device_ranges(conn, sorted(unknown))
+                return device_ranges(conn, sorted(metrics_of))
 
         try:
             loaded = await asyncio.to_thread(load)
@@ -359,7 +358,7 @@ class Processor:
         if not self._absent:
             self._absent_since = time.monotonic()
         # Missing from the registry, or sending a metric it does not declare: not asked again for a while.
-        self._absent |= {d for d in unknown if not all(m in self._ranges.get(d, ()) for m in metrics_of[d])}
+        self._absent |= {d for d, metrics in metrics_of.items() if not metrics <= self._ranges.get(d, {}).keys()}
 
     async def _check_dropouts(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
         """Signal series silent for much longer than their usual interval (wall clock since last arrival)."""

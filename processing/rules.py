@@ -64,28 +64,33 @@ def siaga_for(level_cm: float, thresholds: tuple[float, float, float], current: 
     return siaga
 
 
-def air_quality_minutes(readings: Iterable[Reading]) -> dict[str, dict[int, int]]:
-    """For each station with pollutant readings: each minute bucket (epoch ms) they fall in, with the
-    newest reading time in it: the points `evaluate_air_quality` evaluates."""
+def rule_inputs(readings: Iterable[Reading]) -> tuple[dict[str, dict[int, int]], dict[str, list[tuple[int, float]]]]:
+    """What the rules evaluate, in one pass over a batch's readings:
+    - for each station with pollutant readings, each minute bucket (epoch ms) they fall in, with the
+      newest reading time in it (`evaluate_air_quality`);
+    - for each gate, its water levels as (ts_ms, cm) (`evaluate_flood_gates`)."""
     minutes: dict[str, dict[int, int]] = {}
+    levels: dict[str, list[tuple[int, float]]] = {}
     for r in readings:
         if r.metric in ispu.CONCENTRATION_EDGES:
             station = minutes.setdefault(r.device_id, {})
             bucket = r.ts_ms - r.ts_ms % MINUTE_MS
             if r.ts_ms > station.get(bucket, -1):
                 station[bucket] = r.ts_ms
-    return minutes
+        elif r.metric == WATER_LEVEL:
+            levels.setdefault(r.device_id, []).append((r.ts_ms, r.value))
+    return minutes, levels
 
 
 async def evaluate_air_quality(conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]],
                                policy: RulePolicy) -> list[Signal]:
-    """ISPU of each station at each minute in `minutes` (from `air_quality_minutes`): the mean of the
+    """ISPU of each station at each minute in `minutes` (from `rule_inputs`): the mean of the
     window's one-minute aggregates up to and including that minute. A signal for each unhealthy one;
     `station_ispu` keeps the newest."""
     points = [(device_id, t_ms) for device_id, buckets in minutes.items() for t_ms in sorted(buckets.values())]
     if not points:
         return []
-    window_ms = policy.ispu_window_minutes * 60_000
+    window_ms = policy.ispu_window_minutes * MINUTE_MS
     cur = await conn.execute(
         "SELECT k.device_id, k.t_ms, a.metric, sum(a.sum) / sum(a.n) "
         "FROM unnest(%s::text[], %s::bigint[]) AS k(device_id, t_ms) "

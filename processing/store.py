@@ -24,14 +24,7 @@ from psycopg.types.json import Jsonb
 
 from kota.alerts import AlertChange, Repeat, Signal, apply_signals, auto_clear
 from kota.contract import Reading
-from processing.rules import (
-    WATER_LEVEL,
-    RulePolicy,
-    air_quality_minutes,
-    detector_signal,
-    evaluate_air_quality,
-    evaluate_flood_gates,
-)
+from processing.rules import RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates, rule_inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,9 +206,9 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                       f"arrived {(r.received_ms - r.ts_ms) / 3_600_000:.1f} h after its time; "
                       f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
 
-        kept = [a for a in anomalies or () if a.offset >= stored[a.partition] and a.reason != "repeat"]
-        repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in anomalies or ()
-                   if a.offset >= stored[a.partition] and a.reason == "repeat"]
+        unapplied = [a for a in anomalies or () if a.offset >= stored[a.partition]]
+        kept = [a for a in unapplied if a.reason != "repeat"]
+        repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in unapplied if a.reason == "repeat"]
         if kept:
             async with conn.cursor() as cur:
                 await cur.executemany(
@@ -226,11 +219,8 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
         # came back): stored as an anomaly, not alerted. The processor's timer alerts while a silence lasts.
         signals: list[Signal] = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
                                  for a in kept if a.reason != "dropout"]
-        gates: dict[str, list[tuple[int, float]]] = {}
-        for r in fresh:
-            if r.metric == WATER_LEVEL:
-                gates.setdefault(r.device_id, []).append((r.ts_ms, r.value))
-        signals += await evaluate_air_quality(conn, air_quality_minutes(fresh), policy.rules)
+        stations, gates = rule_inputs(fresh)
+        signals += await evaluate_air_quality(conn, stations, policy.rules)
         signals += await evaluate_flood_gates(conn, gates, policy.rules)
         changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s,
                                       repeats=repeats, times=_reading_times(fresh, signals, repeats))
