@@ -52,11 +52,9 @@ def synthetic_stream(n: int, n_series: int, seed: int = 1) -> tuple[np.ndarray, 
     return series, ts, values
 
 
-def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_river: int) -> dict[str, float]:
+def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_river: int,
+                  passes: int = 3) -> dict[str, float]:
     series, ts, values = synthetic_stream(n, n_series)
-    detectors = Detectors(kernels.ALL_DETECTORS_PARAMS, initial_series=n_series)
-    ids = detectors.series_ids(range(n_series))
-    assert (ids == np.arange(n_series)).all()
     out_series = np.empty(batch, np.int64)
     out_bucket = np.empty(batch)
     out_stats = np.empty((batch, 9))
@@ -66,36 +64,45 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
     warm.score(series[:batch], ts[:batch], values[:batch])
     kernels.minute_partials(series[:batch], ts[:batch], values[:batch], 60_000.0, out_series, out_bucket, out_stats)
 
-    started = time.process_time()
-    windows = 0
-    for start in range(0, n, batch):
-        stop = start + batch
-        detectors.score(series[start:stop], ts[start:stop], values[start:stop])
-        windows += kernels.minute_partials(series[start:stop], ts[start:stop], values[start:stop], 60_000.0,
-                                           out_series, out_bucket, out_stats)
-    kernel_s = time.process_time() - started
+    # The best of a few passes, each from fresh state, as timeit does: one pass is a fifth of a
+    # second, and on this shared host a single one swung 4-8M readings/s between runs.
+    kernel_s = float("inf")
+    for _ in range(passes):
+        detectors = Detectors(kernels.ALL_DETECTORS_PARAMS, initial_series=n_series)
+        ids = detectors.series_ids(range(n_series))
+        assert (ids == np.arange(n_series)).all()
+        started = time.process_time()
+        windows = 0
+        for start in range(0, n, batch):
+            stop = start + batch
+            detectors.score(series[start:stop], ts[start:stop], values[start:stop])
+            windows += kernels.minute_partials(series[start:stop], ts[start:stop], values[start:stop], 60_000.0,
+                                               out_series, out_bucket, out_stats)
+        kernel_s = min(kernel_s, time.process_time() - started)
     results = {"kernels": n / kernel_s}
-    say(f"kernels: {n:,} readings over {n_series:,} series in {kernel_s:.3f} s CPU "
+    say(f"kernels: {n:,} readings over {n_series:,} series in {kernel_s:.3f} s CPU, best of {passes} "
         f"({results['kernels']:,.0f} readings/s, {windows:,} one-minute partials)")
 
     from tests.reference_detectors import reference_scores
 
     params = kernels.ALL_DETECTORS_PARAMS
     ranges = {s: (-np.inf, np.inf) for s in range(n_series)}
-    states: dict = {}
     rows = list(zip(series[:slice_python].tolist(), ts[:slice_python].tolist(), values[:slice_python].tolist(),
                     strict=True))
-    started = time.process_time()
-    reference_scores(rows, params, ranges, states)
-    partials: dict[tuple[int, int], list[float]] = {}
-    for s, t, x in rows:  # the same one-minute partials in plain Python
-        p = partials.setdefault((s, int(t // 60_000)), [0, 0.0, 0.0, x, x])
-        p[0] += 1
-        p[1] += x
-        p[2] += x * x
-        p[3] = min(p[3], x)
-        p[4] = max(p[4], x)
-    python_s = time.process_time() - started
+    python_s = float("inf")
+    for _ in range(passes):  # best of the same number of passes as the kernels, from fresh state
+        states: dict = {}
+        started = time.process_time()
+        reference_scores(rows, params, ranges, states)
+        partials: dict[tuple[int, int], list[float]] = {}
+        for s, t, x in rows:  # the same one-minute partials in plain Python
+            p = partials.setdefault((s, int(t // 60_000)), [0, 0.0, 0.0, x, x])
+            p[0] += 1
+            p[1] += x
+            p[2] += x * x
+            p[3] = min(p[3], x)
+            p[4] = max(p[4], x)
+        python_s = min(python_s, time.process_time() - started)
     results["python"] = slice_python / python_s
     say(f"plain Python, same logic: {slice_python:,} readings in {python_s:.2f} s CPU "
         f"({results['python']:,.0f} readings/s)")
@@ -105,13 +112,15 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
     # River learns one model per series too; models are built before the clock starts, on a stream of
     # 100 series so each model sees enough readings to reach its steady per-reading cost.
     r_series, r_ts, r_values = synthetic_stream(slice_river, 100, seed=2)
-    models = {s: anomaly.HalfSpaceTrees(n_trees=10, height=6, window_size=50, seed=1) for s in range(100)}
-    started = time.process_time()
-    for s, t, x in zip(r_series.tolist(), r_ts.tolist(), r_values.tolist(), strict=True):
-        features = {"value": (x - 50.0) / 120.0, "hour": (t // 3_600_000 % 24) / 24.0}
-        models[s].score_one(features)
-        models[s].learn_one(features)
-    river_s = time.process_time() - started
+    river_s = float("inf")
+    for _ in range(passes):
+        models = {s: anomaly.HalfSpaceTrees(n_trees=10, height=6, window_size=50, seed=1) for s in range(100)}
+        started = time.process_time()
+        for s, t, x in zip(r_series.tolist(), r_ts.tolist(), r_values.tolist(), strict=True):
+            features = {"value": (x - 50.0) / 120.0, "hour": (t // 3_600_000 % 24) / 24.0}
+            models[s].score_one(features)
+            models[s].learn_one(features)
+        river_s = min(river_s, time.process_time() - started)
     results["river"] = slice_river / river_s
     say(f"River HalfSpaceTrees (10 trees, height 6, one model per series): {slice_river:,} readings in "
         f"{river_s:.2f} s CPU ({results['river']:,.0f} readings/s)")

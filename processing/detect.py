@@ -84,16 +84,16 @@ class Detectors:
         values = np.ascontiguousarray(values, dtype=np.float64)
         if not (series.ndim == ts.ndim == values.ndim == 1 and series.shape == ts.shape == values.shape):
             raise ValueError("series, ts_ms and values must be 1-d arrays of one length")
-        if series.size and (series.min() < 0 or series.max() >= self.n_series):
+        nonfinite, ids_ok = kernels.inspect_batch(series, ts, values, self.n_series)
+        if not ids_ok:
             raise ValueError("unknown series id: get ids from series_ids()")
         scores = np.zeros(series.shape[0])
         reasons = np.zeros(series.shape[0], dtype=np.int64)
-        finite = np.isfinite(values) & np.isfinite(ts)
-        if finite.all():
+        if nonfinite == 0:
             kernels.detect_batch(series, ts, values, self.low, self.high, self.measured, self.state, self.hourly,
                                  self.params, scores, reasons)
-        elif finite.any():
-            idx = np.flatnonzero(finite)
+        elif nonfinite < series.shape[0]:
+            idx = np.flatnonzero(np.isfinite(values) & np.isfinite(ts))
             sub_scores = np.zeros(idx.size)
             sub_reasons = np.zeros(idx.size, dtype=np.int64)
             kernels.detect_batch(series[idx], ts[idx], values[idx], self.low, self.high, self.measured, self.state,

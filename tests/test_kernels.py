@@ -75,6 +75,24 @@ def test_nan_scores_zero_and_teaches_nothing():
     assert (scores[::17] == 0).all() and (reasons[::17] == k.NONE).all()
 
 
+
+def test_nan_times_all_nan_batches_and_unknown_ids():
+    series, ts, values = random_stream(6, n=400, n_series=3)
+    bad_times = ts.copy()
+    bad_times[5::11] = np.inf
+    scores, reasons, reference = run_both(series, bad_times, values)
+    assert_agree(scores, reasons, reference)
+    assert (scores[5::11] == 0).all()
+
+    detector = Detectors()
+    detector.series_ids(range(3))
+    scores, reasons = detector.score(np.array([0, 1, 2]), np.array([1.0, 2.0, 3.0]), np.full(3, np.nan))
+    assert (scores == 0).all() and (reasons == k.NONE).all()
+    assert (detector.state[:3, k.COUNT] == 0).all()  # taught nothing
+    for ids in ([0, 3], [-1, 0]):
+        with pytest.raises(ValueError, match="unknown series id"):
+            detector.score(np.array(ids), np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+
 def test_constant_runs_are_stuck_only_for_series_that_usually_move():
     rng = np.random.default_rng(5)
     moving = list(rng.normal(10, 1, 100)) + [7.25] * 40
