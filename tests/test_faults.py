@@ -19,7 +19,7 @@ import pytest
 from deploy import procs
 from deploy import stack as local
 from kota.settings import StackSettings
-from tests.helpers import city_result, simulate, stored_count_in_city, unique_id, wait_for
+from tests.helpers import aggregated_count_in_city, city_result, simulate, unique_id, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -41,7 +41,7 @@ def clean_run(pipeline: StackSettings, start: dt.datetime, tmp_path_factory: pyt
 def after_first_readings(stack: StackSettings, city: str, fault: Callable[[], None]) -> Callable[[], None]:
     """A `during` for simulate(): wait until the stream is under way, then break something."""
     def during() -> None:
-        wait_for(lambda: stored_count_in_city(stack, city) > 2000, timeout_s=60, what="the stream to be under way")
+        wait_for(lambda: aggregated_count_in_city(stack, city) > 2000, timeout_s=60, what="the stream to be under way")
         fault()
     return during
 

@@ -48,7 +48,12 @@ async def _produce(stack, devices: list[str], per_device: int, start_ms: int) ->
 
 
 def _stored_count(stack, prefix: str) -> int:
-    return query(stack, "SELECT count(*) FROM readings WHERE device_id LIKE %s", (prefix + "%",))[0][0]
+    """Readings stored so far, from the one-minute aggregates (written in the same transaction, from
+    exactly the rows added; _check_exact counts the readings themselves at the end). Polled every
+    0.2 s, a count(*) of up to a million readings took 0.3-0.8 s with two parallel workers: both of
+    the machine's cores, taken from the processor under test."""
+    [(n,)] = query(stack, "SELECT coalesce(sum(n), 0) FROM agg_1m WHERE device_id LIKE %s", (prefix + "%",))
+    return int(n)
 
 
 def _check_exact(stack, prefix: str, devices: list[str], per_device: int, start_ms: int) -> None:

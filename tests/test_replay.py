@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from simulators.replay import BEIJING, JAKARTA, mapping_for, parse
-from tests.helpers import query, run_kota, stored_count_in_city, unique_id, wait_for
+from tests.helpers import query, run_kota, unique_id, wait_for_stored
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -17,10 +17,7 @@ def _kota(pipeline, *args: str):
 
 
 def _stored(pipeline, city: str, expected: int) -> int:
-    def count() -> int | None:
-        n = stored_count_in_city(pipeline, city)
-        return n if n >= expected else None
-    return wait_for(count, timeout_s=60, what=f"{expected} readings of {city}")
+    return wait_for_stored(pipeline, city, expected, timeout_s=60, what=f"{expected} readings of {city}")
 
 
 def test_beijing_and_jakarta_rows_are_counted_value_by_value():

@@ -12,7 +12,7 @@ import pytest
 
 from kota import alerts
 from kota.contract import READINGS_TOPIC, Reading
-from processing import ispu
+from processing import ispu, maintenance
 from processing.store import PartitionSlice, WritePolicy, write_batch
 from tests.helpers import provision, query, unique_id
 
@@ -127,3 +127,52 @@ def test_an_alert_clears_itself_between_two_signals_of_one_batch_where_readings_
     asyncio.run(_apply(stack.postgres_dsn, later, {}, 600.0))
     assert query(stack, "SELECT count, state FROM alerts WHERE device_id = %s ORDER BY alert_id",
                  (meter.device_id,))[1:] == [(4, "active")]
+
+
+def test_latest_values_and_dirty_hours_come_from_the_batch_as_written(stack):
+    """The newest reading per series and the hours to roll up are worked out in Python from the
+    batch: out of order, with a duplicate, and across batches, they must be what the readings say."""
+    device = unique_id("latest")
+    hour = (int(dt.datetime.now(dt.UTC).timestamp() * 1000) // 3_600_000 - 30) * 3_600_000
+
+    def reading(ts: int, metric: str, value: float) -> Reading:
+        return Reading(ts, "testkota", "utilities", device, metric, value, "bar", ts, "test")
+
+    first = [reading(hour + 3_600_000 + 5_000, "pressure", 3.0),  # the newest pressure, arriving first
+             reading(hour + 10_000, "pressure", 1.0),
+             reading(hour + 3_600_000 + 5_000, "pressure", 9.0),  # a duplicate: refused, as in readings
+             reading(hour + 20_000, "flow", 7.5)]
+    second = [reading(hour + 15_000, "flow", 2.0),  # older than the stored newest flow: ignored
+              reading(hour + 2 * 3_600_000, "pressure", 4.0)]
+
+    async def newest(conn: psycopg.AsyncConnection) -> list[tuple]:
+        cur = await conn.execute("SELECT metric, (extract(epoch FROM ts) * 1000)::bigint, value FROM latest_values "
+                                 "WHERE device_id = %s ORDER BY metric", (device,))
+        return await cur.fetchall()
+
+    async def write() -> None:
+        group = unique_id("latest")
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as lock, \
+                await psycopg.AsyncConnection.connect(stack.postgres_dsn) as conn:
+            # Held, the processor's maintenance (which takes the dirty hours) waits its turn.
+            await lock.execute("SELECT pg_advisory_lock(%s)", (maintenance._LOCK_ID,))
+            await conn.execute("DELETE FROM rollup_dirty WHERE hour >= kota_ms(%s) AND hour <= kota_ms(%s)",
+                               (hour, hour + 2 * 3_600_000))
+            await conn.commit()
+            await write_batch(conn, group=group, topic=READINGS_TOPIC, policy=WritePolicy(),
+                              slices=[PartitionSlice(0, 0, 1, [(0, first)])])
+            cur = await conn.execute("SELECT (extract(epoch FROM hour) * 1000)::bigint FROM rollup_dirty "
+                                     "WHERE hour >= kota_ms(%s) AND hour <= kota_ms(%s) ORDER BY 1",
+                                     (hour, hour + 2 * 3_600_000))
+            assert [h for (h,) in await cur.fetchall()] == [hour, hour + 3_600_000]
+            assert await newest(conn) == [("flow", hour + 20_000, 7.5), ("pressure", hour + 3_600_000 + 5_000, 3.0)]
+            await conn.commit()
+            await write_batch(conn, group=group, topic=READINGS_TOPIC, policy=WritePolicy(),
+                              slices=[PartitionSlice(0, 1, 2, [(1, second)])])
+            assert await newest(conn) == [("flow", hour + 20_000, 7.5), ("pressure", hour + 2 * 3_600_000, 4.0)]
+            await conn.commit()
+
+    asyncio.run(write())
+    stored = query(stack, "SELECT value FROM readings WHERE device_id = %s AND metric = 'pressure' "
+                          "AND ts = kota_ms(%s)", (device, hour + 3_600_000 + 5_000))
+    assert stored == [(3.0,)]  # the duplicate kept its first value, which latest_values showed

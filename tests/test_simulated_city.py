@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import kota_ok, stored_count_in_city, unique_id, wait_for
+from tests.helpers import kota_ok, unique_id, wait_for_stored
 
 pytestmark = pytest.mark.stack
 
@@ -26,11 +26,8 @@ def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
     assert sent["ticks"] == 600
     assert sent["acknowledged_readings"] == sent["readings"] > 24 * 600 * 1.5
 
-    def stored() -> int | None:
-        n = stored_count_in_city(pipeline, city)
-        return n if n >= sent["readings"] else None
-
-    assert wait_for(stored, timeout_s=120, what="every acknowledged reading stored") == sent["readings"]
+    assert wait_for_stored(pipeline, city, sent["readings"], timeout_s=120,
+                           what="every acknowledged reading stored") == sent["readings"]
     # (a third of the devices speak each form: gateway JSON, gateway SenML, their own topic; any form
     # the gateway refused would leave the count short)
 
