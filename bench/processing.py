@@ -9,8 +9,9 @@ database with exactly-once on, and the database write paths.
    logic in plain Python (tests/reference_detectors.py) and River's HalfSpaceTrees, each timed on a
    slice and reported as readings/s, with the ratio.
 2. Processor: readings queued on Kafka while the processor is stopped, then drained into the
-   database by one `kota processor` (exactly-once transactions, detection, rules, alerts); the rate
-   is taken between 10% and 90% stored, which leaves start-up out.
+   database by one `kota processor` (exactly-once transactions, detection, rules, alerts), then by
+   two sharing the partitions (`--processors N`); the rate is taken between the polls past 10% and
+   past 90% stored, which leaves start-up out.
 3. Database writes: the same rows into a fresh table by COPY and by executemany, interleaved.
 
 Runs its own stack (.kota-bench/, ports shifted by 200), shared with bench.ingest.
@@ -195,7 +196,7 @@ def drain_backlog(stack: StackSettings) -> None:
         time.sleep(5)
 
 
-def bench_processor(stack: StackSettings, readings: int) -> float:
+def bench_processor(stack: StackSettings, readings: int, processors: int = 1) -> float:
     from aiokafka import AIOKafkaProducer
 
     from deploy import procs
@@ -204,6 +205,12 @@ def bench_processor(stack: StackSettings, readings: int) -> float:
 
     drain_backlog(stack)
     procs.stop(stack, "processor")
+    # More than one: instances of the same consumer group (as tests/test_processor_scale.py runs two),
+    # sharing the topic's partitions, each with its own database connection: one processor and its
+    # database backend take turns, so one pair leaves a core idle.
+    extra = [f"processor-{i}" for i in range(2, processors + 1)]
+    for name in extra:
+        procs.stop(stack, name)
     run = f"bench{time.time_ns() % 10**9}"
     n_devices, per_record = 2_000, 50
     now = int(time.time() * 1000)
@@ -237,6 +244,8 @@ def bench_processor(stack: StackSettings, readings: int) -> float:
         return int(row[0]) if row else 0
 
     local.start_component(stack, "processor")
+    for name in extra:
+        local.start_component(stack, "processor", instance=name, env={"KOTA_PROCESSOR_METRICS_ENABLED": "false"})
     # (time, stored count) at the first poll past 10% and the first past 90%. The rate is the readings
     # stored between those two polls over the time between them: the processor commits in batches of
     # up to a quarter of the run, so taking 80% of the run as what happened between them was off by
@@ -254,7 +263,10 @@ def bench_processor(stack: StackSettings, readings: int) -> float:
     (t_from, n_from), (t_to, n_to) = marks[0.1], marks[0.9]
     assert t_to > t_from, "one batch held the whole run: give it more readings"
     rate = (n_to - n_from) / (t_to - t_from)
-    say(f"processor, Kafka to database with exactly-once on: {rate:,.0f} readings/s "
+    for name in extra:
+        procs.stop(stack, name)
+    say(f"{processors} processor{'s' if processors > 1 else ''}, Kafka to database with exactly-once on: "
+        f"{rate:,.0f} readings/s "
         f"({n_to - n_from:,} readings stored in {t_to - t_from:.1f} s, from past 10% to past 90% of {readings:,}; "
         f"goal 100,000)")
     say(database_state(stack, now - 3_600_000))
@@ -282,6 +294,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--only", choices=("kernels", "processor", "writes"))
+    parser.add_argument("--processors", type=int, default=2,
+                        help="also run the processor bench with 2..N processors sharing the partitions")
     args = parser.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     if args.only in (None, "kernels"):
@@ -290,7 +304,8 @@ def main() -> None:
     if args.only in (None, "processor", "writes"):
         stack = start_bench_stack(say)
         if args.only in (None, "processor"):
-            bench_processor(stack, 50_000 if args.quick else 400_000)
+            for processors in range(1, args.processors + 1):
+                bench_processor(stack, 50_000 if args.quick else 400_000, processors)
         if args.only in (None, "writes"):
             bench_database_writes(stack.postgres_dsn, 20_000 if args.quick else 100_000, 3)
 
