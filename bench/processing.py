@@ -12,7 +12,8 @@ database with exactly-once on, and the database write paths.
    database by one `kota processor` (exactly-once transactions, detection, rules, alerts), then by
    two sharing the partitions (`--processors N`); the rate is taken between the polls past 10% and
    past 90% stored, which leaves start-up out.
-3. Database writes: the same rows into a fresh table by COPY and by executemany, interleaved.
+3. Database writes: the same rows into a fresh table by COPY (text and binary) and by executemany,
+   interleaved.
 
 Runs its own stack (.kota-bench/, ports shifted by 200), shared with bench.ingest.
 """
@@ -133,10 +134,10 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
 def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
     data = [(1_790_000_000_000 + i * 1000, f"bench-{i % 1000:04d}", "pressure", float(i % 97), "bar",
              1_790_000_000_000 + i * 1000) for i in range(rows)]
-    timings: dict[str, list[float]] = {"copy": [], "executemany": []}
+    timings: dict[str, list[float]] = {"copy": [], "binary copy": [], "executemany": []}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for _ in range(rounds):
-            for method in ("copy", "executemany"):
+            for method in timings:
                 conn.execute("DROP TABLE IF EXISTS bench_writes")
                 conn.execute("CREATE UNLOGGED TABLE bench_writes (ts_ms bigint, device_id text, metric text, "
                              "value double precision, unit text, received_ms bigint)")
@@ -146,13 +147,20 @@ def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
                         with cur.copy("COPY bench_writes FROM STDIN") as copy:
                             for row in data:
                                 copy.write_row(row)
+                    elif method == "binary copy":  # what processing.store stages readings with
+                        with cur.copy("COPY bench_writes FROM STDIN (FORMAT BINARY)") as copy:
+                            copy.set_types(["int8", "text", "text", "float8", "text", "int8"])
+                            for row in data:
+                                copy.write_row(row)
                     else:
                         cur.executemany("INSERT INTO bench_writes VALUES (%s, %s, %s, %s, %s, %s)", data)
                 timings[method].append(time.perf_counter() - started)
         conn.execute("DROP TABLE IF EXISTS bench_writes")
     rates = {m: rows / statistics.median(t) for m, t in timings.items()}
     say(f"database writes of {rows:,} rows, median of {rounds}: COPY {rates['copy']:,.0f} rows/s, "
-        f"executemany {rates['executemany']:,.0f} rows/s ({rates['copy'] / rates['executemany']:.1f}x)")
+        f"binary COPY {rates['binary copy']:,.0f} rows/s, executemany {rates['executemany']:,.0f} rows/s "
+        f"(COPY {rates['copy'] / rates['executemany']:.1f}x, binary COPY "
+        f"{rates['binary copy'] / rates['executemany']:.1f}x executemany)")
     return rates
 
 
