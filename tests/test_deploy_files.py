@@ -262,7 +262,7 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
 
     from deploy.stack import component_env
     from kota.mqtt import MqttLogin, connack_code, connect, login_connect
-    from kota.registry import set_enabled
+    from kota.registry import registry_version, set_enabled
     from tests.helpers import PASSWORDS, free_port, provision, unique_id, wait_for
 
     port = free_port()
@@ -283,7 +283,9 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
     subprocess.run(argv + ["--once"], env=env, check=True, timeout=60)  # access-init
     broker = subprocess.Popen(["mosquitto", "-c", str(root / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    sidecar = subprocess.Popen(argv + ["--every", "0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sidecar_log = root / "sidecar.log"
+    with sidecar_log.open("w") as log:
+        sidecar = subprocess.Popen(argv + ["--every", "0.5"], env=env, stdout=log, stderr=subprocess.STDOUT)
     device = None
     try:
         wait_for(lambda: connack_code(port, login_connect(unique_id("c"), "kota-ingest", "ingest-secret")) == 0,
@@ -298,7 +300,11 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
         connect(login, unique_id("c")).disconnect()  # paho, as a device would
         with psycopg.connect(pipeline.postgres_dsn) as conn:
             assert set_enabled(conn, device.device_id, False)
+            disabled_version = registry_version(conn)
         wait_for(lambda: not accepted(), what="the sidecar to remove the disabled device")
+        # The broker may refuse the device before the sidecar has seen its reload through (and said so).
+        wait_for(lambda: f"registry version {disabled_version}" in sidecar_log.read_text(),
+                 what="the sidecar to report the files for the disabled device")
     finally:
         if device is not None:
             with psycopg.connect(pipeline.postgres_dsn) as conn:
@@ -306,6 +312,7 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
         sidecar.terminate()
         broker.terminate()
         broker.wait(10)
-        output = sidecar.communicate(timeout=10)[0].decode()
+        sidecar.wait(10)
+        output = sidecar_log.read_text()
         shutil.rmtree(root, ignore_errors=True)
     assert output.count("broker access files written") >= 2, output
