@@ -29,7 +29,7 @@ class Detectors:
             raise ValueError(f"params must have {kernels.DEFAULT_PARAMS.shape[0]} entries")
         self._ids: dict[Hashable, int] = {}
         self.state = np.zeros((initial_series, kernels.STATE_COLUMNS))
-        self.hourly = np.zeros((initial_series, kernels.HOURS, 3))
+        self.hourly = np.zeros((initial_series, kernels.PROFILE_SLOTS, 3))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
         self.measured = np.ones(initial_series)  # 0.0: a state code, judged only by its range
@@ -71,7 +71,7 @@ class Detectors:
             return
         new = max(needed, size * 2)
         self.state = np.concatenate([self.state, np.zeros((new - size, kernels.STATE_COLUMNS))])
-        self.hourly = np.concatenate([self.hourly, np.zeros((new - size, kernels.HOURS, 3))])
+        self.hourly = np.concatenate([self.hourly, np.zeros((new - size, kernels.PROFILE_SLOTS, 3))])
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
         self.measured = np.concatenate([self.measured, np.ones(new - size)])
@@ -164,4 +164,8 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         state = arrays["state"]
         if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
             state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)
-        return DetectorSnapshot(ids, state, arrays["hourly"], arrays["low"], arrays["high"], params, measured)
+        hourly = arrays["hourly"]
+        if hourly.shape[1] < kernels.PROFILE_SLOTS:  # written before weekend profiles: those start empty
+            empty = np.zeros((hourly.shape[0], kernels.PROFILE_SLOTS - hourly.shape[1], hourly.shape[2]))
+            hourly = np.concatenate([hourly, empty], axis=1)
+        return DetectorSnapshot(ids, state, hourly, arrays["low"], arrays["high"], params, measured)

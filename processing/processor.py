@@ -80,7 +80,7 @@ class ProcessorSettings(BaseSettings):
     retry_wait_s: float = 1.0
     metrics_enabled: bool = True
     # A score at or above this stores an anomaly and signals an alert. bench/nab's sweep picks a lower
-    # one (0.06) because NAB's standard profile rewards early detection over quiet; operators want fewer.
+    # one (0.1) because NAB's standard profile rewards early detection over quiet; operators want fewer.
     anomaly_threshold: float = 0.3
     allowed_lateness_s: float = 2 * 86_400.0
     checkpoint_interval_s: float = 30.0
@@ -90,6 +90,12 @@ class ProcessorSettings(BaseSettings):
     # off). A sensor that starts flapping raises one alert from its first spikes; the damped ones
     # after them are repeats (kernels.REPEAT), which keep that alert from clearing while it flaps.
     routine_spike_rate: float = 0.003
+    # Saturdays and Sundays get an hour-of-day profile of their own (processing/kernels.py, P_WEEKENDS),
+    # by local time at this offset from UTC (7: Western Indonesian Time): a city's traffic, noise and
+    # power follow the week, and a series judged against its usual hour would otherwise call every
+    # Saturday's missing rush hour a dip.
+    weekend_profiles: bool = True
+    utc_offset_hours: float = 7.0
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
     maintenance_interval_s: float = 60.0  # rollups and retention
     ispu_window_minutes: int = 60
@@ -105,8 +111,11 @@ def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarra
     - dropouts seen in event time: a reading that ends a silence of more than `dropout_factor` usual
       intervals is a dropout anomaly. The timer finds a silence while it lasts, but only by the wall
       clock, so a replayed or fast-forwarded stream needs this;
-    - routine-spike damping at `routine_spike_rate` (0: off)."""
+    - routine-spike damping at `routine_spike_rate` (0: off);
+    - weekend profiles, by local time at `utc_offset_hours`."""
     params[kernels.P_GAP_FACTOR] = settings.dropout_factor
+    params[kernels.P_WEEKENDS] = 1.0 if settings.weekend_profiles else 0.0
+    params[kernels.P_UTC_OFFSET_HOURS] = settings.utc_offset_hours
     params[kernels.P_ROUTINE_RATE] = settings.routine_spike_rate
     params[kernels.P_REPEAT_BELOW] = settings.anomaly_threshold
     return params

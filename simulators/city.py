@@ -1,7 +1,8 @@
 """A small simulated city: devices across districts, each with believable values.
 
 Deterministic: the same seed gives the same devices and, for the same times and random
-generator, the same values. Values follow a daily cycle (rush hours, night lows) with sensor noise,
+generator, the same values. Values follow a daily cycle (rush hours, night lows) and a weekly one
+(weekends have no morning rush, a lighter evening one and busy late mornings), with sensor noise,
 and a shared weather: afternoon showers wash pollution out of the air and, an hour or two later,
 raise the water at every gate.
 """
@@ -93,12 +94,21 @@ def weather(seed: int, ts_ms: int) -> tuple[float, float]:
     return rain, wet
 
 
+def is_weekend(ts_ms: int) -> bool:
+    """Saturday or Sunday, local time (WIB)."""
+    return (int((ts_ms + WIB_MS) // DAY_MS) + 3) % 7 >= 5  # 1970-01-01 was a Thursday (3, Monday 0)
+
+
 def values_at(device: Device, ts_ms: int, rng: np.random.Generator, seed: int = 1) -> dict[str, float]:
     """Believable values for one device at one time (local time WIB = UTC+7) in the weather of
     the city with this seed."""
     hour = ((ts_ms / 3_600_000) + 7) % 24
     rain, wet = weather(seed, ts_ms)
-    rush = max(_daily(hour, 7.5), _daily(hour, 17.5))
+    weekend = is_weekend(ts_ms)
+    if weekend:  # no commute: a light evening rush, and errands and outings late in the morning
+        rush = max(0.6 * _daily(hour, 18.0), 0.5 * _daily(hour, 11.0, 3.0))
+    else:
+        rush = max(_daily(hour, 7.5), _daily(hour, 17.5))
     night = _daily(hour, 2.0, 4.0)
     noise = rng.normal
     t = device.device_type
@@ -125,10 +135,12 @@ def values_at(device: Device, ts_ms: int, rng: np.random.Generator, seed: int = 
         return {"occupancy": occupancy, "averageVehicleSpeed": max(3, 55 * (1 - occupancy) + noise(0, 2)),
                 "intensity": max(0, 8 + 40 * rush - 6 * night + noise(0, 2))}
     if t == "water_meter":
-        return {"waterConsumption": max(0, 2 + 3 * _daily(hour, 6.5) + 2 * _daily(hour, 19) + noise(0, 0.2)),
+        morning = 8.5 if weekend else 6.5  # a later morning at weekends
+        return {"waterConsumption": max(0, 2 + 3 * _daily(hour, morning) + 2 * _daily(hour, 19) + noise(0, 0.2)),
                 "pressure": max(0.5, 3.2 - 0.8 * rush + noise(0, 0.05))}
     if t == "electricity_meter":
-        power = max(0, 40 + 50 * _daily(hour, 19, 3) + 20 * _daily(hour, 13, 4) + noise(0, 3))
+        daytime = 35 if weekend else 20  # people at home by day at weekends
+        power = max(0, 40 + 50 * _daily(hour, 19, 3) + daytime * _daily(hour, 13, 4) + noise(0, 3))
         return {"activePower": power, "activeEnergy": 1e5 + ts_ms / 3_600_000 * 60}
     if t == "street_light":
         on = 1.0 if hour >= 18 or hour < 6 else 0.0

@@ -27,7 +27,7 @@ class SeriesState:
     rate: float = 0.0
     routine: float = 0.0  # running rate of short big spikes and dips that came and went
     outlier_run: int = 0
-    hours: dict[int, list[float]] = field(default_factory=dict)  # hour → [mean, mad, count]
+    hours: dict[int, list[float]] = field(default_factory=dict)  # hour (+24 at weekends) → [mean, mad, count]
 
 
 def score_of(z: float, floor: float, scale: float) -> float:
@@ -40,7 +40,7 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
     """`codes`: series whose values are state codes, judged only against their range."""
     (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
      clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin, gap_factor, routine_alpha,
-     routine_rate, routine_level, repeat_below) = (
+     routine_rate, routine_level, repeat_below, daily_tightness, daily_days, utc_offset_hours, weekends) = (
         float(p) for p in params)
     out = []
     for sid, t, x in readings:
@@ -52,7 +52,8 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             out.append((1.0, k.OUT_OF_RANGE))
             continue
         st = states.setdefault(sid, SeriesState())
-        hour = int((t // 3_600_000) % 24)
+        local_weekday = (int((t + utc_offset_hours * 3_600_000) // 86_400_000) + 3) % 7  # Monday 0
+        hour = int((t // 3_600_000) % 24) + (24 if weekends and local_weekday >= 5 else 0)  # weekends have their own
         if st.count == 0:
             st.mean = st.fast = st.slow = st.last_value = x
             st.last_ts, st.count = t, 1
@@ -61,10 +62,15 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             continue
         eps = 1e-9 + 1e-3 * abs(st.mean)
         scale = 1.4826 * st.mad + eps
-        z = abs(x - st.mean) / scale
         hm, hmad, hn = st.hours.get(hour, [0.0, 0.0, 0.0])
-        if hn >= hour_warmup:
-            z = min(z, abs(x - hm) / (1.4826 * hmad + eps))
+        hour_scale = 1.4826 * hmad + eps
+        if (daily_tightness > 0 and hn >= hour_warmup and hn * st.interval >= daily_days * 3_600_000
+                and daily_tightness * hour_scale < scale):
+            z, centre = abs(x - hm) / hour_scale, hm  # a daily cycle: against this hour's usual
+        else:
+            z, centre = abs(x - st.mean) / scale, st.mean
+            if hn >= hour_warmup:
+                z = min(z, abs(x - hm) / hour_scale)
         dt = t - st.last_ts
         rate = abs(x - st.last_value) / dt if dt > 0 else 0.0
         if st.last_value == x:
@@ -84,7 +90,7 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
                 spike *= damp * damp
             st.routine += routine_alpha * (spike_ended - st.routine)
             st.outlier_run = st.outlier_run + 1 if big else 0
-            candidates = [(spike, k.SPIKE if x > st.mean else k.DIP)]
+            candidates = [(spike, k.SPIKE if x > centre else k.DIP)]
             shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
             candidates.append((score_of(w_shift * shift, z_floor, z_scale), k.LEVEL_SHIFT))
             stuck_after = max(stuck_min, 2 * st.longest_run)

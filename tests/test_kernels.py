@@ -58,6 +58,74 @@ def test_random_streams_agree_with_the_reference_in_any_batching(seed, batches, 
         assert {k.RATE_OF_CHANGE, k.DROPOUT} <= set(reasons)
 
 
+def daily_stream(seed, days=6, n_series=3):
+    """Series with a strong daily cycle (low at night, high by day) every 5 minutes for `days` days,
+    interleaved; series 0's day 5 stays at its night level from 10:00 to 13:00."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(days * 288)
+    ts = np.repeat(steps * 300_000.0, n_series)
+    series = np.tile(np.arange(n_series), len(steps))
+    hour = ts / 3_600_000 % 24
+    values = 20 + 60 * ((hour >= 8) & (hour < 20)) + rng.normal(0, 2, len(ts))
+    flat_noon = (series == 0) & (ts >= (4 * 24 + 10) * 3_600_000) & (ts < (4 * 24 + 13) * 3_600_000)
+    values[flat_noon] = 20 + rng.normal(0, 2, flat_noon.sum())
+    return series, ts, values, flat_noon
+
+
+WEEKENDS_PARAMS = k.DEFAULT_PARAMS.copy()
+WEEKENDS_PARAMS[k.P_WEEKENDS] = 1.0
+WEEKENDS_PARAMS[k.P_UTC_OFFSET_HOURS] = 7.0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("batches", [1, 13])
+@pytest.mark.parametrize("params", [k.DEFAULT_PARAMS, WEEKENDS_PARAMS], ids=["daily", "weekends"])
+def test_daily_cycles_agree_with_the_reference_in_any_batching(seed, batches, params):
+    series, ts, values, _ = daily_stream(seed, days=10)
+    assert_agree(*run_both(series, ts, values, batches=batches, params=params))
+
+
+def weekly_stream(seed, weeks=3):
+    """A road's occupancy every 5 minutes from a Monday (UTC): rush hours on working days only."""
+    rng = np.random.default_rng(seed)
+    monday = 20_003 * 86_400_000.0  # (20,003 + 3) % 7 == 0
+    ts = monday + np.arange(weeks * 7 * 288) * 300_000.0
+    hour = ts / 3_600_000 % 24
+    working_day = (ts // 86_400_000 + 3) % 7 < 5
+    rush = ((hour >= 7) & (hour < 10)) | ((hour >= 16) & (hour < 19))
+    values = 0.1 + 0.6 * (rush & working_day) + rng.normal(0, 0.02, len(ts))
+    return np.zeros(len(ts), np.int64), ts, values, ~working_day & rush
+
+
+def test_with_weekend_profiles_a_saturday_without_rush_hours_is_not_news():
+    series, ts, values, weekend_rush = weekly_stream(5)
+    weekends = WEEKENDS_PARAMS.copy()
+    weekends[k.P_UTC_OFFSET_HOURS] = 0.0  # the stream's weekdays are UTC ones
+    scores, _, reference = run_both(series, ts, values, params=weekends)
+    assert_agree(scores, _, reference)
+    first_day = ts < ts[0] + 86_400_000  # where the first rush hour ever is news
+    assert scores[first_day].max() >= 0.3 and scores[~first_day].max() < 0.3
+    # Judged against working days alone, every weekend's missing rush hours are dips.
+    scores_without, reasons_without, _ = run_both(series, ts, values)
+    assert scores_without[weekend_rush].max() >= 0.3
+    assert set(reasons_without[weekend_rush & (scores_without >= 0.3)]) <= {k.DIP, k.REPEAT}
+
+
+def test_a_daily_cycle_makes_a_usual_night_value_at_noon_a_dip():
+    series, ts, values, flat_noon = daily_stream(4)
+    scores, reasons, _ = run_both(series, ts, values)
+    first = int(np.argmax(flat_noon))
+    assert scores[first] >= 0.3 and reasons[first] == k.DIP
+    # The same values at night, on the other series and on the other days, are usual.
+    night = (ts / 3_600_000 % 24 < 7) & (ts >= 3 * 86_400_000)
+    assert scores[night].max() < 0.3
+    # Without the daily cycle the dip sits inside the series' overall range and goes unseen.
+    flat = k.DEFAULT_PARAMS.copy()
+    flat[k.P_DAILY_TIGHTNESS] = 0.0
+    scores_without, _, _ = run_both(series, ts, values, params=flat)
+    assert scores_without[flat_noon].max() < 0.3
+
+
 def test_a_water_level_rising_fast_is_a_rate_of_change():
     levels = [80.0 + 0.5 * (i % 3) for i in range(200)] + [80.0 + 15.0 * i for i in range(1, 6)]
     scores, reasons, reference = run_both([0] * 205, [i * 60_000.0 for i in range(205)], levels,
@@ -150,6 +218,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
         old = dict(arrays)
     old["params"] = old["params"][:k.P_GAP_FACTOR]  # as written before the gap detector existed
     old["state"] = old["state"][:, :k.ROUTINE]  # and before the routine-outlier rate
+    old["hourly"] = old["hourly"][:, :k.HOURS]  # and before weekend profiles
     del old["measured"]
     buffer = io.BytesIO()
     np.savez(buffer, **old)
@@ -157,6 +226,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
     np.testing.assert_array_equal(restored.params, k.DEFAULT_PARAMS)
     assert list(restored.measured) == [1.0]
     assert restored.state.shape == (1, k.STATE_COLUMNS) and not restored.state[0, k.ROUTINE:].any()
+    assert restored.hourly.shape == (1, k.PROFILE_SLOTS, 3) and not restored.hourly[0, k.HOURS:].any()
     Detectors().restore(restored)
 
 
@@ -335,9 +405,12 @@ def test_a_series_that_spikes_routinely_stops_alerting_on_every_spike_but_a_quie
 
 def test_the_processor_settings_choose_dropouts_and_routine_spikes_also_over_a_checkpoint():
     assert new_detectors(ProcessorSettings()).params[k.P_ROUTINE_RATE] == k.DEFAULT_PARAMS[k.P_ROUTINE_RATE]
-    settings = ProcessorSettings(dropout_factor=7.0, routine_spike_rate=0.004, anomaly_threshold=0.4)
+    assert new_detectors(ProcessorSettings()).params[k.P_WEEKENDS] == 1.0  # a city follows the week
+    settings = ProcessorSettings(dropout_factor=7.0, routine_spike_rate=0.004, anomaly_threshold=0.4,
+                                 weekend_profiles=False, utc_offset_hours=8.0)
     detectors = new_detectors(settings)
     assert detectors.params[k.P_GAP_FACTOR] == 7.0 and detectors.params[k.P_ROUTINE_RATE] == 0.004
+    assert detectors.params[k.P_WEEKENDS] == 0.0 and detectors.params[k.P_UTC_OFFSET_HOURS] == 8.0
     assert detectors.params[k.P_REPEAT_BELOW] == 0.4  # a repeat is whatever the processor would not store
     saved = Detectors()  # a checkpoint saved under other settings (the kernels' defaults)
     saved.series_ids(["a"])

@@ -4,7 +4,7 @@ import numpy as np
 
 from kota.contract import DOMAINS
 from simulators.anomalies import Injector, plan
-from simulators.city import build_city, values_at, weather
+from simulators.city import build_city, is_weekend, values_at, weather
 from simulators.stream import FORMS, CityStream, device_forms
 
 
@@ -128,3 +128,18 @@ def test_showers_wash_out_pollution_and_raise_the_gates_later():
 
     assert mean(station, "pm25", raining, 1) < mean(station, "pm25", raining, dry_seed)
     assert mean(gate, "currentLevel", wettest, 1) > mean(gate, "currentLevel", wettest, dry_seed) + 5
+
+
+def test_weekends_have_no_morning_rush_and_busier_late_mornings():
+    road = next(d for d in build_city("bandung", 36, seed=1).devices if d.device_type == "traffic_corridor")
+    saturday = next(MIDNIGHT_WIB + day * DAY_MS for day in range(7) if is_weekend(MIDNIGHT_WIB + day * DAY_MS))
+    monday = next(MIDNIGHT_WIB + day * DAY_MS for day in range(7)
+                  if is_weekend(MIDNIGHT_WIB + (day - 1) * DAY_MS) and not is_weekend(MIDNIGHT_WIB + day * DAY_MS))
+    assert not is_weekend(saturday - DAY_MS) and is_weekend(saturday + DAY_MS)  # Friday, Saturday, Sunday
+
+    def occupancy(day_start, hour):
+        rng = np.random.default_rng(0)
+        return np.mean([values_at(road, day_start + int(hour * 3_600_000), rng)["occupancy"] for _ in range(30)])
+
+    assert occupancy(monday, 7.5) > occupancy(saturday, 7.5) + 0.4  # the commute
+    assert occupancy(saturday, 11) > occupancy(monday, 11) + 0.2  # errands and outings
