@@ -95,6 +95,10 @@ class ProcessorSettings(BaseSettings):
     # power follow the week, and a series judged against its usual hour would otherwise call every
     # Saturday's missing rush hour a dip.
     weekend_profiles: bool = True
+    # An hour of the day whose usual spread is under 1/daily_tightness of the series' overall spread
+    # judges spikes and dips against its own usual level (processing/kernels.py, P_DAILY_TIGHTNESS;
+    # 0: the hour's profile only excuses a value).
+    daily_tightness: float = float(kernels.DEFAULT_PARAMS[kernels.P_DAILY_TIGHTNESS])
     utc_offset_hours: float = 7.0
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
     maintenance_interval_s: float = 60.0  # rollups and retention
@@ -112,9 +116,11 @@ def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarra
       intervals is a dropout anomaly. The timer finds a silence while it lasts, but only by the wall
       clock, so a replayed or fast-forwarded stream needs this;
     - routine-spike damping at `routine_spike_rate` (0: off);
-    - weekend profiles, by local time at `utc_offset_hours`."""
+    - judgement against the usual for the hour at `daily_tightness` (0: off), and weekend profiles,
+      by local time at `utc_offset_hours`."""
     params[kernels.P_GAP_FACTOR] = settings.dropout_factor
     params[kernels.P_WEEKENDS] = 1.0 if settings.weekend_profiles else 0.0
+    params[kernels.P_DAILY_TIGHTNESS] = settings.daily_tightness
     params[kernels.P_UTC_OFFSET_HOURS] = settings.utc_offset_hours
     params[kernels.P_ROUTINE_RATE] = settings.routine_spike_rate
     params[kernels.P_REPEAT_BELOW] = settings.anomaly_threshold

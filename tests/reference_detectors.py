@@ -127,7 +127,8 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
         st.slow = old_slow + slow_alpha * (clipped - old_slow)
         st.slow_mad += slow_alpha * (abs(clipped - old_slow) - st.slow_mad)
         hour_mean = hm if hn > 0 else x
-        a = hour_alpha if hn >= 1 / hour_alpha else 1 / (hn + 1)
+        slot_alpha = hour_alpha * min(1.0, st.interval / 3_600_000) if st.interval > 0 else hour_alpha
+        a = slot_alpha if hn >= 1 / slot_alpha else 1 / (hn + 1)
         st.hours[hour] = [hour_mean + a * (x - hour_mean), hmad + a * (abs(x - hour_mean) - hmad), hn + 1]
         if dt > 0:
             st.interval = dt if st.interval == 0 else st.interval + 0.05 * (dt - st.interval)

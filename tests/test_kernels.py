@@ -85,6 +85,17 @@ def test_daily_cycles_agree_with_the_reference_in_any_batching(seed, batches, pa
     assert_agree(*run_both(series, ts, values, batches=batches, params=params))
 
 
+def test_a_smooth_daily_curve_read_every_minute_is_not_news_at_each_hour_boundary():
+    """The profile of an hour must stand for that hour over days, not for its last few minutes
+    yesterday: the first minute of each hour on the steep part of a daily curve is usual."""
+    rng = np.random.default_rng(9)
+    ts = np.arange(5 * 1440) * 60_000.0
+    values = 50 + 40 * np.sin(ts / 86_400_000 * 2 * np.pi) + rng.normal(0, 0.5, len(ts))
+    scores, reasons, reference = run_both(np.zeros(len(ts), np.int64), ts, values)
+    assert_agree(scores, reasons, reference)
+    assert scores[ts >= 2 * 86_400_000].max() < 0.1  # learning per reading, some scored 0.3
+
+
 def weekly_stream(seed, weeks=3):
     """A road's occupancy every 5 minutes from a Monday (UTC): rush hours on working days only."""
     rng = np.random.default_rng(seed)
@@ -407,10 +418,11 @@ def test_the_processor_settings_choose_dropouts_and_routine_spikes_also_over_a_c
     assert new_detectors(ProcessorSettings()).params[k.P_ROUTINE_RATE] == k.DEFAULT_PARAMS[k.P_ROUTINE_RATE]
     assert new_detectors(ProcessorSettings()).params[k.P_WEEKENDS] == 1.0  # a city follows the week
     settings = ProcessorSettings(dropout_factor=7.0, routine_spike_rate=0.004, anomaly_threshold=0.4,
-                                 weekend_profiles=False, utc_offset_hours=8.0)
+                                 weekend_profiles=False, utc_offset_hours=8.0, daily_tightness=0.0)
     detectors = new_detectors(settings)
     assert detectors.params[k.P_GAP_FACTOR] == 7.0 and detectors.params[k.P_ROUTINE_RATE] == 0.004
     assert detectors.params[k.P_WEEKENDS] == 0.0 and detectors.params[k.P_UTC_OFFSET_HOURS] == 8.0
+    assert detectors.params[k.P_DAILY_TIGHTNESS] == 0.0
     assert detectors.params[k.P_REPEAT_BELOW] == 0.4  # a repeat is whatever the processor would not store
     saved = Detectors()  # a checkpoint saved under other settings (the kernels' defaults)
     saved.series_ids(["a"])
