@@ -69,11 +69,11 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             z, centre = abs(x - hm) / hour_scale, hm  # a daily cycle: against this hour's usual
         else:
             z, centre = abs(x - st.mean) / scale, st.mean
-            if hn >= hour_warmup:
+            if hn >= hour_warmup and hn * st.interval >= 3_600_000:
                 z = min(z, abs(x - hm) / hour_scale)
         if weekends and w_spike * z > z_floor:  # usual at this hour on the other kind of day
             om, omad, on = st.hours.get(hour - 24 if hour >= 24 else hour + 24, [0.0, 0.0, 0.0])
-            if on >= hour_warmup:
+            if on >= hour_warmup and on * st.interval >= 3_600_000:
                 z = min(z, abs(x - om) / (1.4826 * omad + eps))
         dt = t - st.last_ts
         rate = abs(x - st.last_value) / dt if dt > 0 else 0.0
