@@ -41,6 +41,9 @@ HOURS = 24
 # Sunday): rush hours that do not come on a Saturday are not news.
 PROFILE_SLOTS = 2 * HOURS
 DAY_MS = 86_400_000
+# A slot of the profile holds one hour of each day, so readings covering HOUR_MS of event time in
+# it are a day's worth: the unit its warm-up is counted in.
+HOUR_MS = 3_600_000.0
 SPIKE_MAX_RUN = 3.0  # readings: a longer excursion is a change of level, not a spike
 PREFETCH_AHEAD = 12  # readings; tried 12 and 24 on 10,000 series, no difference
 HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
@@ -201,8 +204,8 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
     routine_level = params[P_ROUTINE_LEVEL]
     repeat_below = params[P_REPEAT_BELOW]
     daily_tightness = params[P_DAILY_TIGHTNESS]
-    daily_ms = params[P_DAILY_DAYS] * 3_600_000.0  # an hour of readings in the slot for each day
-    offset_ms = params[P_UTC_OFFSET_HOURS] * 3_600_000.0
+    trust_after_ms = params[P_DAILY_DAYS] * HOUR_MS  # that many days' worth of readings in the slot
+    offset_ms = params[P_UTC_OFFSET_HOURS] * HOUR_MS
     weekends = params[P_WEEKENDS] != 0.0
     hour_rows = hourly.reshape(hourly.shape[0] * PROFILE_SLOTS, 3)
     count = series.shape[0]
@@ -275,21 +278,21 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             hour_scale = 1.4826 * hour_mad + eps
             z = -1.0  # no spike or dip can score
             centre = mean
-            if (daily_tightness > 0.0 and hn >= hour_warmup and hn * interval >= daily_ms
+            if (daily_tightness > 0.0 and hn >= hour_warmup and hn * interval >= trust_after_ms
                     and daily_tightness * hour_scale < scale):
                 # A daily cycle that explains most of the spread: judge against this hour's usual.
                 z = abs(x - hour_mean) / hour_scale
                 centre = hour_mean
             elif w_spike * distance > z_floor * scale:
                 z = distance / scale
-                if hn >= hour_warmup and hn * interval >= 3_600_000.0:  # a day's hour of readings
+                if hn >= hour_warmup and hn * interval >= HOUR_MS:  # a day's worth
                     z_hour = abs(x - hour_mean) / hour_scale
                     if z_hour < z:
                         z = z_hour  # a usual value for this hour of the day is not a spike
             if weekends and w_spike * z > z_floor:  # nor one usual at this hour on the other kind of day
                 other = h - HOURS if h >= HOURS else h + HOURS
                 other_n = hourly[s, other, HOUR_COUNT]
-                if other_n >= hour_warmup and other_n * interval >= 3_600_000.0:
+                if other_n >= hour_warmup and other_n * interval >= HOUR_MS:
                     z_other = abs(x - hourly[s, other, HOUR_MEAN]) / (1.4826 * hourly[s, other, HOUR_MAD] + eps)
                     if z_other < z:
                         z = z_other
@@ -357,7 +360,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         # The hour's profile learns at hour_alpha per hour of readings, not per reading: it then
         # remembers days (about ten) whatever the reporting interval, so its spread says how well
         # this hour of the day is predicted from other days, not how alike a few minutes are.
-        slot_alpha = hour_alpha * min(1.0, interval / 3_600_000.0) if interval > 0.0 else hour_alpha
+        slot_alpha = hour_alpha * min(1.0, interval / HOUR_MS) if interval > 0.0 else hour_alpha
         a = slot_alpha if hn >= 1.0 / slot_alpha else 1.0 / (hn + 1.0)
         hourly[s, h, HOUR_MAD] = hour_mad + a * (abs(x - hour_mean) - hour_mad)
         hourly[s, h, HOUR_MEAN] = hour_mean + a * (x - hour_mean)
