@@ -29,7 +29,7 @@ class Detectors:
             raise ValueError(f"params must have {kernels.DEFAULT_PARAMS.shape[0]} entries")
         self._ids: dict[Hashable, int] = {}
         self.state = np.zeros((initial_series, kernels.STATE_COLUMNS))
-        self.hourly = np.zeros((initial_series, kernels.PROFILE_SLOTS, 3))
+        self.hourly = np.zeros((kernels.DAY_KINDS, initial_series, kernels.HOURS, 3))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
         self.measured = np.ones(initial_series)  # 0.0: a state code, judged only by its range
@@ -71,7 +71,8 @@ class Detectors:
             return
         new = max(needed, size * 2)
         self.state = np.concatenate([self.state, np.zeros((new - size, kernels.STATE_COLUMNS))])
-        self.hourly = np.concatenate([self.hourly, np.zeros((new - size, kernels.PROFILE_SLOTS, 3))])
+        self.hourly = np.concatenate([self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3))],
+                                     axis=1)
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
         self.measured = np.concatenate([self.measured, np.ones(new - size)])
@@ -117,7 +118,7 @@ class Detectors:
 
     def snapshot(self) -> DetectorSnapshot:
         n = self.n_series
-        return DetectorSnapshot(dict(self._ids), self.state[:n].copy(), self.hourly[:n].copy(), self.low[:n].copy(),
+        return DetectorSnapshot(dict(self._ids), self.state[:n].copy(), self.hourly[:, :n].copy(), self.low[:n].copy(),
                                 self.high[:n].copy(), self.params.copy(), self.measured[:n].copy())
 
     def restore(self, snapshot: DetectorSnapshot) -> None:
@@ -125,7 +126,7 @@ class Detectors:
         self._ids = dict(snapshot.ids)
         n = len(snapshot.ids)
         self.state[:n] = snapshot.state
-        self.hourly[:n] = snapshot.hourly
+        self.hourly[:, :n] = snapshot.hourly
         self.low[:n] = snapshot.low
         self.high[:n] = snapshot.high
         self.measured[:n] = snapshot.measured
@@ -165,7 +166,6 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
             state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)
         hourly = arrays["hourly"]
-        if hourly.shape[1] < kernels.PROFILE_SLOTS:  # written before weekend profiles: those start empty
-            empty = np.zeros((hourly.shape[0], kernels.PROFILE_SLOTS - hourly.shape[1], hourly.shape[2]))
-            hourly = np.concatenate([hourly, empty], axis=1)
+        if hourly.ndim == 3:  # (series, hours, 3): written before weekend profiles, which start empty
+            hourly = np.stack([hourly, np.zeros_like(hourly)])
         return DetectorSnapshot(ids, state, hourly, arrays["low"], arrays["high"], params, measured)

@@ -38,8 +38,11 @@ REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "ou
 STATE_COLUMNS = 16
 HOURS = 24
 # The profile has a day of hours for working days and another for weekends (local Saturday and
-# Sunday): rush hours that do not come on a Saturday are not news.
-PROFILE_SLOTS = 2 * HOURS
+# Sunday): rush hours that do not come on a Saturday are not news. Its array is (2, series, HOURS,
+# 3), working days first: each kind of day's profiles lie together, so a stream touches half as
+# much memory as with both side by side per series (which cost the kernels about 12%).
+DAY_KINDS = 2
+PROFILE_SLOTS = DAY_KINDS * HOURS
 DAY_MS = 86_400_000
 # A slot of the profile holds one hour of each day, so readings covering HOUR_MS of event time in
 # it are a day's worth: the unit its warm-up is counted in.
@@ -157,6 +160,12 @@ def _profile_slot(t_ms: float, offset_ms: float, weekends: bool) -> int:
 
 
 @kernel
+def _profile_row(s: int, slot: int, n_series: int) -> int:
+    """The row of series `s`'s profile slot in the (DAY_KINDS * series * HOURS, 3) view of the profiles."""
+    return ((slot // HOURS) * n_series + s) * HOURS + slot % HOURS
+
+
+@kernel
 def _score(z: float, floor: float, scale: float) -> float:
     """Map a robust z-like distance to [0, 1): 0 up to `floor`, 0.5 at `floor + scale`."""
     excess = z - floor
@@ -207,14 +216,16 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
     trust_after_ms = params[P_DAILY_DAYS] * HOUR_MS  # that many days' worth of readings in the slot
     offset_ms = params[P_UTC_OFFSET_HOURS] * HOUR_MS
     weekends = params[P_WEEKENDS] != 0.0
-    hour_rows = hourly.reshape(hourly.shape[0] * PROFILE_SLOTS, 3)
+    n_series = hourly.shape[1]
+    hour_rows = hourly.reshape(DAY_KINDS * n_series * HOURS, 3)
     count = series.shape[0]
     for i in range(count):
         if i + PREFETCH_AHEAD < count:
             coming = series[i + PREFETCH_AHEAD]
             _prefetch(state, coming)
             _prefetch(measured, coming)
-            _prefetch(hour_rows, coming * PROFILE_SLOTS + _profile_slot(ts[i + PREFETCH_AHEAD], offset_ms, weekends))
+            _prefetch(hour_rows, _profile_row(coming, _profile_slot(ts[i + PREFETCH_AHEAD], offset_ms, weekends),
+                                              n_series))
         s = series[i]
         x = values[i]
         t = ts[i]
@@ -224,6 +235,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             reasons[i] = OUT_OF_RANGE
             continue  # impossible values teach the baseline nothing
         h = _profile_slot(t, offset_ms, weekends)
+        hr = _profile_row(s, h, n_series)
         n = state[s, COUNT]
         if n == 0.0:
             state[s, MEAN] = x
@@ -232,8 +244,8 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             state[s, LAST_VALUE] = x
             state[s, LAST_TS] = t
             state[s, COUNT] = 1.0
-            hourly[s, h, HOUR_MEAN] = x
-            hourly[s, h, HOUR_COUNT] = 1.0
+            hour_rows[hr, HOUR_MEAN] = x
+            hour_rows[hr, HOUR_COUNT] = 1.0
             scores[i] = 0.0
             reasons[i] = NONE
             continue
@@ -253,9 +265,9 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         quiet_score = state[s, QUIET_SCORE]
         routine = state[s, ROUTINE]
         outlier_run = state[s, OUTLIER_RUN]
-        hour_mean = hourly[s, h, HOUR_MEAN]
-        hour_mad = hourly[s, h, HOUR_MAD]
-        hn = hourly[s, h, HOUR_COUNT]
+        hour_mean = hour_rows[hr, HOUR_MEAN]
+        hour_mad = hour_rows[hr, HOUR_MAD]
+        hn = hour_rows[hr, HOUR_COUNT]
 
         eps = 1e-9 + 1e-3 * abs(mean)
         scale = 1.4826 * mad + eps
@@ -275,25 +287,26 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         if n >= warmup and measured[s] != 0.0:
             # Divisions only where a score can be above 0 (w * d / scale > floor): most readings are normal.
             distance = abs(x - mean)
-            hour_scale = 1.4826 * hour_mad + eps
             z = -1.0  # no spike or dip can score
             centre = mean
-            if (daily_tightness > 0.0 and hn >= hour_warmup and hn * interval >= trust_after_ms
-                    and daily_tightness * hour_scale < scale):
-                # A daily cycle that explains most of the spread: judge against this hour's usual.
-                z = abs(x - hour_mean) / hour_scale
-                centre = hour_mean
-            elif w_spike * distance > z_floor * scale:
+            if daily_tightness > 0.0 and hn >= hour_warmup and hn * interval >= trust_after_ms:
+                hour_scale = 1.4826 * hour_mad + eps
+                if daily_tightness * hour_scale < scale:
+                    # A daily cycle that explains most of the spread: judge against this hour's usual.
+                    z = abs(x - hour_mean) / hour_scale
+                    centre = hour_mean
+            if z < 0.0 and w_spike * distance > z_floor * scale:
                 z = distance / scale
                 if hn >= hour_warmup and hn * interval >= HOUR_MS:  # a day's worth
-                    z_hour = abs(x - hour_mean) / hour_scale
+                    z_hour = abs(x - hour_mean) / (1.4826 * hour_mad + eps)
                     if z_hour < z:
                         z = z_hour  # a usual value for this hour of the day is not a spike
             if weekends and w_spike * z > z_floor:  # nor one usual at this hour on the other kind of day
                 other = h - HOURS if h >= HOURS else h + HOURS
-                other_n = hourly[s, other, HOUR_COUNT]
+                other_row = _profile_row(s, other, n_series)
+                other_n = hour_rows[other_row, HOUR_COUNT]
                 if other_n >= hour_warmup and other_n * interval >= HOUR_MS:
-                    z_other = abs(x - hourly[s, other, HOUR_MEAN]) / (1.4826 * hourly[s, other, HOUR_MAD] + eps)
+                    z_other = abs(x - hour_rows[other_row, HOUR_MEAN]) / (1.4826 * hour_rows[other_row, HOUR_MAD] + eps)
                     if z_other < z:
                         z = z_other
             if z > 0.0:
@@ -362,9 +375,9 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         # this hour of the day is predicted from other days, not how alike a few minutes are.
         slot_alpha = hour_alpha * min(1.0, interval / HOUR_MS) if interval > 0.0 else hour_alpha
         a = slot_alpha if hn >= 1.0 / slot_alpha else 1.0 / (hn + 1.0)
-        hourly[s, h, HOUR_MAD] = hour_mad + a * (abs(x - hour_mean) - hour_mad)
-        hourly[s, h, HOUR_MEAN] = hour_mean + a * (x - hour_mean)
-        hourly[s, h, HOUR_COUNT] = hn + 1.0
+        hour_rows[hr, HOUR_MAD] = hour_mad + a * (abs(x - hour_mean) - hour_mad)
+        hour_rows[hr, HOUR_MEAN] = hour_mean + a * (x - hour_mean)
+        hour_rows[hr, HOUR_COUNT] = hn + 1.0
         if dt > 0:
             interval = dt if interval == 0.0 else interval + 0.05 * (dt - interval)
             typical_rate = rate if typical_rate == 0.0 else typical_rate + rate_alpha * (rate - typical_rate)

@@ -231,7 +231,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
         old = dict(arrays)
     old["params"] = old["params"][:k.P_GAP_FACTOR]  # as written before the gap detector existed
     old["state"] = old["state"][:, :k.ROUTINE]  # and before the routine-outlier rate
-    old["hourly"] = old["hourly"][:, :k.HOURS]  # and before weekend profiles
+    old["hourly"] = old["hourly"][0]  # and before weekend profiles: (series, hours, 3)
     del old["measured"]
     buffer = io.BytesIO()
     np.savez(buffer, **old)
@@ -239,7 +239,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
     np.testing.assert_array_equal(restored.params, k.DEFAULT_PARAMS)
     assert list(restored.measured) == [1.0]
     assert restored.state.shape == (1, k.STATE_COLUMNS) and not restored.state[0, k.ROUTINE:].any()
-    assert restored.hourly.shape == (1, k.PROFILE_SLOTS, 3) and not restored.hourly[0, k.HOURS:].any()
+    assert restored.hourly.shape == (k.DAY_KINDS, 1, k.HOURS, 3) and not restored.hourly[1].any()
     Detectors().restore(restored)
 
 
