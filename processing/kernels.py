@@ -42,7 +42,6 @@ HOURS = 24
 # 3), working days first: each kind of day's profiles lie together, so a stream touches half as
 # much memory as with both side by side per series (which cost the kernels about 12%).
 DAY_KINDS = 2
-PROFILE_SLOTS = DAY_KINDS * HOURS
 DAY_MS = 86_400_000
 # A slot of the profile holds one hour of each day, so readings covering HOUR_MS of event time in
 # it are a day's worth: the unit its warm-up is counted in.

@@ -95,11 +95,11 @@ class ProcessorSettings(BaseSettings):
     # power follow the week, and a series judged against its usual hour would otherwise call every
     # Saturday's missing rush hour a dip.
     weekend_profiles: bool = True
+    utc_offset_hours: float = 7.0
     # An hour of the day whose usual spread is under 1/daily_tightness of the series' overall spread
     # judges spikes and dips against its own usual level (processing/kernels.py, P_DAILY_TIGHTNESS;
     # 0: the hour's profile only excuses a value).
     daily_tightness: float = float(kernels.DEFAULT_PARAMS[kernels.P_DAILY_TIGHTNESS])
-    utc_offset_hours: float = 7.0
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
     maintenance_interval_s: float = 60.0  # rollups and retention
     ispu_window_minutes: int = 60
