@@ -162,7 +162,8 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
         return []
     cur = await conn.execute(
         "SELECT device_id, alert_type, alert_id, severity, metric, (extract(epoch FROM last_ts) * 1000)::bigint, "
-        "clear_after_s FROM alerts WHERE device_id = ANY(%s) AND state <> 'cleared' ORDER BY alert_id FOR UPDATE",
+        "clear_after_s FROM alerts WHERE device_id = ANY(%b::text[]) AND state <> 'cleared' "
+        "ORDER BY alert_id FOR UPDATE",
         (devices,))
     open_alerts = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
     episodes = _episodes(signals, repeats, open_alerts,
@@ -239,7 +240,7 @@ async def auto_clear(conn: psycopg.AsyncConnection, device_ids: list[str]) -> li
         return []
     cur = await conn.execute(
         "UPDATE alerts a SET state = 'cleared', cleared_at = now(), cleared_by = %s, updated_at = now() "
-        "FROM latest_values lv WHERE a.state <> 'cleared' AND a.device_id = ANY(%s) "
+        "FROM latest_values lv WHERE a.state <> 'cleared' AND a.device_id = ANY(%b::text[]) "
         "AND lv.device_id = a.device_id AND lv.metric = a.metric "
         "AND lv.ts > a.last_ts + a.clear_after_s * interval '1 second' "
         "RETURNING a.alert_id, a.device_id, a.alert_type, a.severity", (SYSTEM_ACTOR, device_ids))

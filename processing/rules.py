@@ -93,8 +93,8 @@ async def evaluate_air_quality(conn: psycopg.AsyncConnection, minutes: dict[str,
     window_ms = policy.ispu_window_minutes * MINUTE_MS
     cur = await conn.execute(
         "SELECT k.device_id, k.t_ms, a.metric, sum(a.sum) / sum(a.n) "
-        "FROM unnest(%s::text[], %s::bigint[]) AS k(device_id, t_ms) "
-        "JOIN agg_1m a ON a.device_id = k.device_id AND a.metric = ANY(%s) "
+        "FROM unnest(%b::text[], %b::bigint[]) AS k(device_id, t_ms) "
+        "JOIN agg_1m a ON a.device_id = k.device_id AND a.metric = ANY(%b::text[]) "
         "AND a.bucket > kota_ms(k.t_ms - %s) AND a.bucket <= kota_ms(k.t_ms) "
         "GROUP BY 1, 2, 3",
         ([p[0] for p in points], [p[1] for p in points], list(ispu.POLLUTANTS), window_ms))
@@ -109,21 +109,22 @@ async def evaluate_air_quality(conn: psycopg.AsyncConnection, minutes: dict[str,
             continue
         rank = ispu.CATEGORIES.index(result.category)
         subs = {p: (round(v, 1) if math.isfinite(v) else "> 500") for p, v in result.sub_indices.items()}
-        newest[device_id] = (device_id, t_ms, result.value, result.category.name, result.critical, Jsonb(subs),
+        newest[device_id] = (device_id, t_ms, float(result.value), result.category.name, result.critical, Jsonb(subs),
                              policy.ispu_window_minutes)
         if rank in ISPU_SEVERITY:
             signals.append(Signal(
                 device_id, "air_quality_unhealthy", result.critical, ISPU_SEVERITY[rank], t_ms, result.value,
                 f"ISPU {result.label} ({result.category.name}), critical pollutant {result.critical}",
                 {"ispu": result.label, "category": result.category.name, "critical": result.critical}))
-    if newest:
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO station_ispu (device_id, ts, ispu, category, critical, sub_indices, window_minutes) "
-                "VALUES (%s, kota_ms(%s), %s, %s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET ts = EXCLUDED.ts, "
-                "ispu = EXCLUDED.ispu, category = EXCLUDED.category, critical = EXCLUDED.critical, "
-                "sub_indices = EXCLUDED.sub_indices, window_minutes = EXCLUDED.window_minutes, updated_at = now() "
-                "WHERE station_ispu.ts <= EXCLUDED.ts", list(newest.values()))
+    if newest:  # one statement for all stations (one each: an upsert may not meet a row twice)
+        await conn.execute(
+            "INSERT INTO station_ispu (device_id, ts, ispu, category, critical, sub_indices, window_minutes) "
+            "SELECT d, kota_ms(t), i, c, p, s, w FROM unnest(%b::text[], %b::bigint[], %b::float8[], %b::text[], "
+            "%b::text[], %b::jsonb[], %b::int[]) AS n(d, t, i, c, p, s, w) "
+            "ON CONFLICT (device_id) DO UPDATE SET ts = EXCLUDED.ts, ispu = EXCLUDED.ispu, "
+            "category = EXCLUDED.category, critical = EXCLUDED.critical, "
+            "sub_indices = EXCLUDED.sub_indices, window_minutes = EXCLUDED.window_minutes, updated_at = now() "
+            "WHERE station_ispu.ts <= EXCLUDED.ts", [list(column) for column in zip(*newest.values(), strict=True)])
     return signals
 
 
@@ -142,7 +143,7 @@ async def evaluate_flood_gates(conn: psycopg.AsyncConnection, levels: dict[str, 
     newest = {g: max(levels[g]) for g in gates}  # (ts_ms, level) of each gate's newest reading
     cur = await conn.execute(
         "SELECT k.device_id, (extract(epoch FROM r.last_ts) * 1000)::bigint, r.last_value "
-        "FROM unnest(%s::text[], %s::bigint[]) AS k(device_id, t_ms) CROSS JOIN LATERAL ("
+        "FROM unnest(%b::text[], %b::bigint[]) AS k(device_id, t_ms) CROSS JOIN LATERAL ("
         "  SELECT last_ts, last_value FROM agg_1m a WHERE a.device_id = k.device_id AND a.metric = %s "
         "  AND a.bucket <= kota_ms(k.t_ms - %s) ORDER BY a.bucket DESC LIMIT 1) r",
         (gates, [newest[g][0] for g in gates], WATER_LEVEL, policy.rise_window_minutes * 60_000))
