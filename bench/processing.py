@@ -13,7 +13,7 @@ database with exactly-once on, and the database write paths.
    two sharing the partitions (`--processors N`); the rate is taken between the polls past 10% and
    past 90% stored, which leaves start-up out.
 3. Database writes: the same rows into a fresh table by COPY (text and binary) and by executemany,
-   interleaved.
+   interleaved; and columns sent as array parameters in text against binary, as the store sends them.
 
 Runs its own stack (.kota-bench/, ports shifted by 200), shared with bench.ingest.
 """
@@ -162,6 +162,26 @@ def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
         f"(COPY {rates['copy'] / rates['executemany']:.1f}x, binary COPY "
         f"{rates['binary copy'] / rates['executemany']:.1f}x executemany)")
     return rates
+
+
+def bench_array_parameters(dsn: str, rows: int, rounds: int) -> dict[str, float]:
+    """The newest value per series as processing.store upserts them: columns as array parameters to
+    one `unnest`, sent as text (%s) or binary (%b). Timed as a SELECT over the unnest, which is the
+    part that differs: the client's dumping of the lists and the server's parsing of them."""
+    columns = ([f"bench-{i:05d}" for i in range(rows)], ["pm25"] * rows,
+               [1_790_000_000_000 + i for i in range(rows)], [i * 1.1 for i in range(rows)], ["ug/m3"] * rows)
+    query = "SELECT count(*) FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], %s::text[])"
+    timings: dict[str, list[float]] = {"text": [], "binary": []}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            for form, placeholder in (("text", "%s"), ("binary", "%b")):
+                started = time.perf_counter()
+                conn.execute(query.replace("%s", placeholder), columns).fetchone()
+                timings[form].append(time.perf_counter() - started)
+    ms = {form: 1000 * statistics.median(t) for form, t in timings.items()}
+    say(f"array parameters, {rows:,} rows of 5 columns, median of {rounds}: text {ms['text']:.1f} ms, "
+        f"binary {ms['binary']:.1f} ms a round trip (binary {ms['text'] / ms['binary']:.1f}x faster)")
+    return ms
 
 
 def end_offsets(stack: StackSettings) -> dict[int, int]:
@@ -316,6 +336,7 @@ def main() -> None:
                 bench_processor(stack, 50_000 if args.quick else 400_000, processors)
         if args.only in (None, "writes"):
             bench_database_writes(stack.postgres_dsn, 20_000 if args.quick else 100_000, 3)
+            bench_array_parameters(stack.postgres_dsn, 5_000, 5 if args.quick else 15)
 
 
 if __name__ == "__main__":

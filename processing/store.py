@@ -140,8 +140,8 @@ STORE_AND_AGGREGATE = STORE_AND_AGGREGATE.format(on_conflict="ON CONFLICT DO NOT
 # reading, a seventh of the batch's (bench.processing, pg_stat_statements).
 # Ordered, so that two processors marking the same hours cannot deadlock.
 # Arrays go as binary parameters (%b) here and in the rules and alerts: as text, psycopg wrote and the
-# server parsed every element, and 5,000 (device, metric, time, value) rows took 40 ms a round trip
-# against 15 ms (/tmp/exp/dump.py in the stop note of 23 Nov 2026).
+# server parsed every element: 5,000 rows of UPSERT_LATEST's columns took 2-3x as long a round trip
+# (bench.processing --only writes).
 MARK_ROLLUPS_DIRTY = """
 INSERT INTO rollup_dirty (hour)
 SELECT kota_ms(h) FROM unnest(%b::bigint[]) AS h ORDER BY 1
