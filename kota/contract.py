@@ -226,8 +226,13 @@ def decode_device_batch(value: bytes) -> list[Reading]:
     if body.get("v") != WIRE_VERSION:
         raise ValueError(f"unsupported wire version {body.get('v')!r}")
     city, domain, device, recv, src = body["city"], body["domain"], body["device"], body["recv"], body["src"]
-    return [Reading(int(ts), city, domain, device, metric, float(val), unit, recv, src)
+    # tuple.__new__ skips the NamedTuple's generated __new__, a Python function call per reading:
+    # 0.66 against 0.89 µs a reading for records of 50 (timeit), in the processor's hottest loop.
+    return [_new_tuple(Reading, (int(ts), city, domain, device, metric, float(val), unit, recv, src))
             for ts, metric, val, unit in body["r"]]
+
+
+_new_tuple = tuple.__new__
 
 
 # -- rejections --------------------------------------------------------------------------------

@@ -17,7 +17,12 @@ def test_device_batch_round_trip_keeps_every_field():
     readings = [Reading(1_732_240_000_000 + i, "bandung", "environment", "aq-1", m, v, "ug/m3",
                         1_732_240_000_500, "mqtt-json")
                 for i, (m, v) in enumerate([("pm25", 31.5), ("pm10", 50.0), ("no2", 0.0)])]
-    assert decode_device_batch(encode_device_batch(readings)) == readings
+    decoded = decode_device_batch(encode_device_batch(readings))
+    assert decoded == readings
+    # Readings, not bare tuples that happen to compare equal (the decoder builds them with tuple.__new__).
+    assert all(type(r) is Reading for r in decoded)
+    assert [(r.metric, r.value, r.received_ms) for r in decoded] == [(r.metric, r.value, r.received_ms)
+                                                                     for r in readings]
 
 
 def test_decode_refuses_other_wire_versions():
