@@ -21,6 +21,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,7 +51,7 @@ def say(message: str) -> None:
 
 
 def seed(stack: StackSettings, devices: int) -> tuple[str, list[str]]:
-    """10,000 devices with latest values, and the day up to now of 1-minute aggregates for 200 of them."""
+    """10,000 devices with latest values, and 1-minute aggregates up to now for 200 of them (a day and more)."""
     ids = [f"{CITY}-aq-{i:05d}" for i in range(devices)]
     now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
     with psycopg.connect(stack.postgres_dsn) as conn:
@@ -65,20 +66,23 @@ def seed(stack: StackSettings, devices: int) -> tuple[str, list[str]]:
                 for d in ids:
                     for metric in ("pm25", "pm10", "no2"):
                         copy.write_row((d, metric, now, float(rng.uniform(5, 80)), "ug/m3"))
-        # The series case asks for the day up to now: the day seeded on an earlier run has moved on.
-        fresh = conn.execute("SELECT count(*) FROM agg_1m WHERE device_id = %s AND metric = 'pm25' AND bucket > %s",
-                             (ids[0], now - dt.timedelta(days=1))).fetchone()
-        if not fresh or fresh[0] < 1440:
-            say("seeding a day of 1-minute aggregates up to now for 200 devices")
-            rng = np.random.default_rng(8)
-            conn.execute("DELETE FROM agg_1m WHERE device_id = ANY(%s)", (ids[:200],))
+        # The series case asks for the day up to now: top up the minutes since the last run's seeding.
+        # (Writing the whole day again set autovacuum going on agg_1m during the measurement.)
+        newest = conn.execute("SELECT max(bucket) FROM agg_1m WHERE device_id = %s AND metric = 'pm25'",
+                              (ids[0],)).fetchone()
+        since = max(newest[0] if newest and newest[0] else now - dt.timedelta(days=1), now - dt.timedelta(days=1))
+        minutes = int((now - since) / dt.timedelta(minutes=1))
+        if minutes > 0:
+            say(f"seeding {minutes} minutes of 1-minute aggregates up to now for 200 devices")
+            rng = np.random.default_rng(8 + minutes)
             with conn.cursor().copy("COPY agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, "
                                     "first_value, last_ts, last_value) FROM STDIN") as copy:
                 for d in ids[:200]:
-                    for minute in range(1440):
+                    for minute in range(minutes):
                         bucket = now - dt.timedelta(minutes=minute)
                         v = float(rng.uniform(5, 80))
                         copy.write_row((d, "pm25", bucket, 1, v, v * v, v, v, bucket, v, bucket, v))
+            conn.execute("ANALYZE agg_1m")
         user = accounts.User("bench-operator", "operator", (CITY, LIVE_CITY))
         accounts.upsert_user(conn, user, actor="bench")
         token = accounts.issue_token(conn, user.user_id, label="bench.api", actor="bench")
@@ -90,10 +94,16 @@ WRK_SCRIPT = Path(__file__).parent / "wrk" / "paths.lua"
 
 def latency(stack: StackSettings, token: str, clients: int, seconds: float, paths: list[str]) -> dict[str, float]:
     """wrk (C, one thread) holding `clients` connections busy for `seconds`, each request a random
-    path from `paths`: p50/p99/max in ms and requests/s. A load generator in Python took more CPU
-    than the API it measured (httpx: 1.3 ms of client CPU per request), which is what it then timed."""
+    path from `paths`: p50/p99/max in ms, requests/s, and the CPU (ms) per request of the API, the
+    database and wrk. A load generator in Python took more CPU than the API it measured (httpx:
+    1.3 ms of client CPU per request), which is what it then timed."""
     if shutil.which("wrk") is None:
         local.install_packages(["wrk"], say)
+    api_pid = procs.running_pid(stack, "api")
+    assert api_pid is not None
+    pids = component_pids(stack, [])
+    pids = {"api": pids["api"], "postgres": pids["postgres"]}
+    cpu0, wrk0 = cpu_by_component(pids), resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
         listing.write("\n".join(paths) + "\n")
         listing.flush()
@@ -101,8 +111,12 @@ def latency(stack: StackSettings, token: str, clients: int, seconds: float, path
                               "-s", str(WRK_SCRIPT), "-H", f"Authorization: Bearer {token}", stack.api_url,
                               "--", listing.name],
                              capture_output=True, text=True, check=True).stdout
+    cpu1, wrk1 = cpu_by_component(pids), resource.getrusage(resource.RUSAGE_CHILDREN)
     result: dict[str, float] = json.loads(out[out.index("JSON ") + 5:].splitlines()[0])
     result["per_s"] = result["requests"] / result["seconds"]
+    for name in pids:
+        result[f"{name}_ms"] = (cpu1[name] - cpu0[name]) * 1000 / result["requests"]
+    result["wrk_ms"] = (wrk1.ru_utime + wrk1.ru_stime - wrk0.ru_utime - wrk0.ru_stime) * 1000 / result["requests"]
     return result
 
 
@@ -198,6 +212,10 @@ def main() -> None:
         f"latest values, 1 of {args.devices} devices": [f"/api/v1/devices/{d}/latest" for d in ids],
         "1-minute series, one day (1440 points)": [f"/api/v1/devices/{d}/series?metric=pm25&resolution=1m"
                                                    f"&start={start}" for d in series_ids],
+        # Each request a page of its own (its start a few seconds apart): what the series costs when
+        # the API has kept nothing of it (ops_api/series_cache.py), as for the first operator to open it.
+        "  the same, pages not asked before": [f"/api/v1/devices/{d}/series?metric=pm25&resolution=1m"
+                                               f"&start={start[:-3]}{s:02d}Z" for d in series_ids for s in range(60)],
         f"city map, {args.devices} devices (GeoJSON)": [f"/api/v1/devices?city={CITY}"],
     }
     if args.only != "live":
@@ -208,16 +226,18 @@ def main() -> None:
 
 def query_latency(stack: StackSettings, token: str, clients: int, seconds: float, cases: dict[str, list[str]]
                   ) -> None:
-    for paths in cases.values():  # warm up: every worker's pool filled, every statement prepared
-        latency(stack, token, clients, 3, paths)
     say(f"latency at {clients} concurrent clients (wrk, {seconds:.0f} s each), "
         f"{ApiSettings().workers} API worker processes:")
     floor_p99 = None
     for name, paths in cases.items():
+        # Warm up just before: every worker's pool filled, every statement prepared, and what the API
+        # keeps of these pages kept (a case run in between would have pushed it out).
+        latency(stack, token, clients, 3, paths)
         r = latency(stack, token, clients, seconds, paths)
         floor_p99 = floor_p99 or r["p99_ms"]
         say(f"  {name:<42} p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-            f"({r['p99_ms'] / floor_p99:4.1f}x floor p99)  {r['per_s']:6.0f} req/s"
+            f"({r['p99_ms'] / floor_p99:4.1f}x floor p99)  {r['per_s']:6.0f} req/s  CPU ms/request: "
+            f"api {r['api_ms']:.2f}, postgres {r['postgres_ms']:.2f}, wrk {r['wrk_ms']:.2f}"
             + (f"  ({r['errors']:.0f} socket errors, {r['non2xx']:.0f} not 200)" if r["errors"] or r["non2xx"] else ""))
 
 

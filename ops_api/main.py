@@ -26,6 +26,7 @@ from kota.settings import StackSettings
 from ops_api.api.routes import access, alerts, cities, devices, health, live
 from ops_api.auth import TokenCache
 from ops_api.live import LiveHub
+from ops_api.series_cache import SeriesCache
 from ops_api.settings import ApiSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -146,6 +147,7 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
     app.state.settings = settings
     app.state.tokens = TokenCache(settings.token_cache_s)
     app.state.snapshots = devices.SnapshotCache()
+    app.state.series_cache = SeriesCache(int(settings.series_cache_mib * 2**20), settings.series_fresh_s)
     app.state.hub = LiveHub(stack, queue_events=settings.live_queue_events, kafka_enabled=settings.live_kafka_enabled)
     app.state.watch = health.ProcessorWatch(stack)
     for router in (health.router, access.router, cities.router, devices.router, alerts.router, live.router):

@@ -33,6 +33,11 @@ class ApiSettings(BaseSettings):
     token_cache_s: float = 10.0
     # The city-wide device snapshot is shared by concurrent callers for this long.
     snapshot_cache_s: float = 1.0
+    # Settled parts of series pages kept per worker process (ops_api/series_cache.py): a day of
+    # 1-minute points is about 150 KB.
+    series_cache_mib: float = 64.0
+    # A series page checked against the database this recently is answered as it was then (0: never).
+    series_fresh_s: float = 1.0
     # Live feed: events a client may have waiting before it is dropped as too slow (a few seconds of
     # a busy city; the frames waiting are shared by the clients of one filter, so this costs little).
     live_queue_events: int = 5000

@@ -1,0 +1,182 @@
+"""Series pages for repeated callers, without the database writing again what has not changed.
+
+A day of 1-minute points is 1,440 points of JSON; writing them costs the database about four times
+what reading them does, and a command centre asks for the same charts over and over. So a page is
+kept split at a cut a few windows behind its end: the JSON of the settled points before the cut,
+and their fingerprint. A later request for the same page still reads every point (one index range
+scan), but has the database write only the few points from the cut on and the fingerprint of those
+before it; the kept JSON stands in for them only when the fingerprint is unchanged.
+
+The fingerprint (points, readings, first and last time, sum of values) follows every way a settled
+point can change: a late reading merged into a window adds to its count of readings, one into an
+empty minute adds a point, retention takes the first points away, and anything else that rewrites
+a value changes the sum. So an answer checked this way is the answer the database would give now.
+
+Within `fresh_s` of such a check (1 s by default, as the city map's snapshot), the same caller
+scope asking for the same page gets the checked answer again, as it was then (its `end` says when),
+without a connection or a round trip: a chart at most a second behind, as the map is, and a command
+centre of operators on the same charts costs the database about two checks a second per page, made
+in the background once half of `fresh_s` has passed. Zero turns that off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+from psycopg import AsyncConnection
+
+from kota.series import Resolution, query_series_split
+
+# How far behind the page's end the cut goes: past the windows readings are still arriving for.
+SETTLING: dict[str, dt.timedelta] = {"raw": dt.timedelta(minutes=2), "1m": dt.timedelta(minutes=3),
+                                     "1h": dt.timedelta(hours=2), "1d": dt.timedelta(days=2)}
+# A kept page is cut again once this many settling spans have passed since its cut, so the part
+# written on every request stays short.
+RECUT_AFTER = 4
+
+PAGES = Counter("kota_api_series_pages", "Series pages answered, by what the answer took: fresh (kept, checked "
+                "within fresh_s), unchanged (checked, settled part kept), changed (checked, written again), new",
+                ["answer"])
+log = logging.getLogger(__name__)
+Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+Scope = tuple[str, ...] | None
+# Background checks at once, per process: fewer than the pool's connections, so that requests
+# which must ask the database never queue behind them.
+BACKGROUND_CHECKS = 2
+PageKey = tuple[Scope, str, str, str, int, dt.datetime | None, dt.datetime | None]
+# What a response body holds before and after its array's points, from the number of points and
+# the last one's time.
+Render = Callable[[int, dt.datetime | None], tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    cut: dt.datetime
+    head_print: tuple[object, ...]
+    body: bytes  # the last answer
+    head_at: tuple[int, int]  # where the settled points' JSON lies in it (kept once, not twice)
+    checked_at: float  # when it was checked against the database (time.monotonic)
+
+    @property
+    def head_json(self) -> memoryview:
+        return memoryview(self.body)[self.head_at[0]:self.head_at[1]]
+
+
+class SeriesCache:
+    """Kept pages, least recently used first out, within `max_bytes` of JSON."""
+
+    def __init__(self, max_bytes: int, fresh_s: float = 0.0) -> None:
+        self.max_bytes = max_bytes
+        self.fresh_s = fresh_s
+        self._kept: OrderedDict[PageKey, _Kept] = OrderedDict()
+        self._bytes = 0
+        self._checking: dict[PageKey, asyncio.Task[bytes | None]] = {}
+        self.fresh = self.hits = self.misses = self.changed = 0
+
+    async def page(self, connect: Connect, cities: list[str] | None, device_id: str, metric: str,
+                   resolution: Resolution, start: dt.datetime, end: dt.datetime, *, limit: int, start_given: bool,
+                   end_given: bool, render: Render) -> bytes | None:
+        """The page (as query_series_split reads it) rendered, or None when the device is not in
+        `cities` (None: any city). A connection is taken from `connect` only when the database is asked."""
+        # A page asked for as "the day up to now" is the same page a second later: key it by what was asked.
+        key: PageKey = (tuple(cities) if cities is not None else None, device_id, metric, resolution, limit,
+                        start if start_given else None, end if end_given else None)
+        settling = SETTLING[resolution]
+        kept = self._kept.get(key)
+        if kept is None or not (start < kept.cut <= end and end - kept.cut <= RECUT_AFTER * settling):
+            kept = None
+        elif (age := time.monotonic() - kept.checked_at) < self.fresh_s:
+            self.fresh += 1
+            PAGES.labels("fresh").inc()
+            self._kept.move_to_end(key)
+            if age >= self.fresh_s / 2 and key not in self._checking and len(self._checking) < BACKGROUND_CHECKS:
+                # Check ahead in the background, so that a page asked for all the time is checked
+                # before it goes stale and no caller waits on the database for it. (Waiting costs
+                # more than the query: under load a request that goes to the database waits several
+                # turns of the event loop; bench/api.py, p90 111 ms against p50 9 ms.)
+                task = asyncio.create_task(self._answer(key, kept, connect, cities, device_id, metric, resolution,
+                                                        start, end, limit, render))
+                self._checking[key] = task
+                task.add_done_callback(lambda done, key=key: self._checked(key, done))  # type: ignore[misc]
+            return kept.body
+        return await self._answer(key, kept, connect, cities, device_id, metric, resolution, start, end, limit,
+                                  render)
+
+    async def settled(self) -> None:
+        """Wait for the checks running in the background (tests)."""
+        while self._checking:
+            await asyncio.wait(list(self._checking.values()))
+
+    def _checked(self, key: PageKey, task: asyncio.Task[bytes | None]) -> None:
+        self._checking.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            # The next request for the page checks it itself, and answers the error if it persists.
+            log.warning("checking a series page in the background failed: %s", task.exception())
+
+    async def _answer(self, key: PageKey, kept: _Kept | None, connect: Connect, cities: list[str] | None,
+                      device_id: str, metric: str, resolution: Resolution, start: dt.datetime, end: dt.datetime,
+                      limit: int, render: Render) -> bytes | None:
+        """Ask the database: the kept page's head checked and its tail written, or the page anew."""
+        asked_at = time.monotonic()  # the answer is as of now at the earliest
+        if kept is not None:
+            async with connect() as conn:
+                page = await query_series_split(conn, device_id, metric, resolution, start, end, limit=limit,
+                                                cut=kept.cut, head_json=False, cities=cities)
+            if not page.visible:
+                self._keep(key, None)
+                return None
+            if page.head_print == kept.head_print:
+                self.hits += 1
+                PAGES.labels("unchanged").inc()
+                body, head_at = _body(render, kept.head_json, page.tail_json, page.count, page.last)
+                self._keep(key, _Kept(kept.cut, kept.head_print, body, head_at, asked_at))
+                return body
+            self.changed += 1
+            PAGES.labels("changed").inc()
+        else:
+            self.misses += 1
+            PAGES.labels("new").inc()
+        cut = max(start, end - SETTLING[resolution])
+        async with connect() as conn:
+            page = await query_series_split(conn, device_id, metric, resolution, start, end, limit=limit, cut=cut,
+                                            head_json=True, cities=cities)
+        if not page.visible:
+            self._keep(key, None)
+            return None
+        assert page.head_json is not None
+        body, head_at = _body(render, page.head_json, page.tail_json, page.count, page.last)
+        self._keep(key, _Kept(cut, page.head_print, body, head_at, asked_at))
+        return body
+
+    def _keep(self, key: PageKey, kept: _Kept | None) -> None:
+        """Keep `kept` as the newest entry (None: forget the key)."""
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self._bytes -= _size(old)
+        if kept is None or kept.head_at[0] == kept.head_at[1] or _size(kept) > self.max_bytes:
+            return  # nothing settled yet, or too big to keep
+        self._kept[key] = kept
+        self._bytes += _size(kept)
+        while self._bytes > self.max_bytes:
+            _, dropped = self._kept.popitem(last=False)
+            self._bytes -= _size(dropped)
+
+
+def _size(kept: _Kept) -> int:
+    return len(kept.body)
+
+
+def _body(render: Render, head: bytes | memoryview, tail: bytes, count: int, last: dt.datetime | None
+          ) -> tuple[bytes, tuple[int, int]]:
+    """The response body, and where the head's points lie in it."""
+    before, after = render(count, last)
+    body = b"".join((before, head, b"," if head and tail else b"", tail, after))
+    return body, (len(before), len(before) + len(head))
