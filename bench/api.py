@@ -94,7 +94,7 @@ WRK_SCRIPT = Path(__file__).parent / "wrk" / "paths.lua"
 
 def latency(stack: StackSettings, token: str, clients: int, seconds: float, paths: list[str]) -> dict[str, float]:
     """wrk (C, one thread) holding `clients` connections busy for `seconds`, each request a random
-    path from `paths`: p50/p99/max in ms, requests/s, and the CPU (ms) per request of the API, the
+    path from `paths`: p50/p90/p99/max in ms, requests/s, and the CPU (ms) per request of the API, the
     database and wrk. A load generator in Python took more CPU than the API it measured (httpx:
     1.3 ms of client CPU per request), which is what it then timed."""
     if shutil.which("wrk") is None:
@@ -235,7 +235,7 @@ def query_latency(stack: StackSettings, token: str, clients: int, seconds: float
         latency(stack, token, clients, 3, paths)
         r = latency(stack, token, clients, seconds, paths)
         floor_p99 = floor_p99 or r["p99_ms"]
-        say(f"  {name:<42} p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+        say(f"  {name:<42} p50 {r['p50_ms']:7.1f} ms  p90 {r['p90_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
             f"({r['p99_ms'] / floor_p99:4.1f}x floor p99)  {r['per_s']:6.0f} req/s  CPU ms/request: "
             f"api {r['api_ms']:.2f}, postgres {r['postgres_ms']:.2f}, wrk {r['wrk_ms']:.2f}"
             + (f"  ({r['errors']:.0f} socket errors, {r['non2xx']:.0f} not 200)" if r["errors"] or r["non2xx"] else ""))
