@@ -165,6 +165,13 @@ def _profile_row(s: int, slot: int, n_series: int) -> int:
 
 
 @kernel
+def _robust_scale(mad: float, eps: float) -> float:
+    """A spread to divide distances by: the MAD scaled to a normal distribution's standard deviation
+    (times 1.4826), kept above zero by `eps` for a series that has not varied."""
+    return 1.4826 * mad + eps
+
+
+@kernel
 def _score(z: float, floor: float, scale: float) -> float:
     """Map a robust z-like distance to [0, 1): 0 up to `floor`, 0.5 at `floor + scale`."""
     excess = z - floor
@@ -269,7 +276,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         hn = hour_rows[hr, HOUR_COUNT]
 
         eps = 1e-9 + 1e-3 * abs(mean)
-        scale = 1.4826 * mad + eps
+        scale = _robust_scale(mad, eps)
 
         dt = t - last_ts
         step = abs(x - last_value)
@@ -289,7 +296,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             z = -1.0  # no spike or dip can score
             centre = mean
             if daily_tightness > 0.0 and hn >= hour_warmup and hn * interval >= trust_after_ms:
-                hour_scale = 1.4826 * hour_mad + eps
+                hour_scale = _robust_scale(hour_mad, eps)
                 if daily_tightness * hour_scale < scale:
                     # A daily cycle that explains most of the spread: judge against this hour's usual.
                     z = abs(x - hour_mean) / hour_scale
@@ -297,7 +304,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             if z < 0.0 and w_spike * distance > z_floor * scale:
                 z = distance / scale
                 if hn >= hour_warmup and hn * interval >= HOUR_MS:  # a day's worth
-                    z_hour = abs(x - hour_mean) / (1.4826 * hour_mad + eps)
+                    z_hour = abs(x - hour_mean) / _robust_scale(hour_mad, eps)
                     if z_hour < z:
                         z = z_hour  # a usual value for this hour of the day is not a spike
             if weekends and w_spike * z > z_floor:  # nor one usual at this hour on the other kind of day
@@ -305,7 +312,8 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
                 other_row = _profile_row(s, other, n_series)
                 other_n = hour_rows[other_row, HOUR_COUNT]
                 if other_n >= hour_warmup and other_n * interval >= HOUR_MS:
-                    z_other = abs(x - hour_rows[other_row, HOUR_MEAN]) / (1.4826 * hour_rows[other_row, HOUR_MAD] + eps)
+                    other_scale = _robust_scale(hour_rows[other_row, HOUR_MAD], eps)
+                    z_other = abs(x - hour_rows[other_row, HOUR_MEAN]) / other_scale
                     if z_other < z:
                         z = z_other
             if z > 0.0:
@@ -320,7 +328,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
                 best *= damp * damp  # a spike the series shows routinely surprises less
             routine += routine_alpha * (spike_ended - routine)
             outlier_run = outlier_run + 1.0 if big else 0.0
-            shift_scale = 1.4826 * slow_mad + eps
+            shift_scale = _robust_scale(slow_mad, eps)
             if w_shift * abs(fast - slow) > z_floor * shift_scale:
                 shift_score = _score(w_shift * (abs(fast - slow) / shift_scale), z_floor, z_scale)
                 if shift_score > best:

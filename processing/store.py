@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 
 from kota.alerts import AlertChange, Repeat, Signal, apply_signals, auto_clear
 from kota.contract import Reading
+from processing.kernels import REASONS, REPEAT
 from processing.rules import RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates, rule_inputs
 
 
@@ -245,8 +246,8 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                       f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
 
         unapplied = [a for a in anomalies or () if a.offset >= stored[a.partition]]
-        kept = [a for a in unapplied if a.reason != "repeat"]
-        repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in unapplied if a.reason == "repeat"]
+        kept = [a for a in unapplied if a.reason != REASONS[REPEAT]]
+        repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in unapplied if a.reason == REASONS[REPEAT]]
         if kept:
             async with conn.cursor() as cur:
                 await cur.executemany(
