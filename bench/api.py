@@ -3,11 +3,13 @@
     .venv/bin/python -m bench.api [--clients 50] [--seconds 20] [--ws-clients 200] [--rate 5000]
 
 Against the real bench stack (.kota-bench/, ports +200) with gateway, processor and API running:
-- Latency p50/p99 for the latest values of one device among 10,000, for a day of 1-minute series,
-  and for the whole 10,000-device city map, each against `/api/v1/me` in the same run (auth and
+- Latency p50/p90/p99 for the latest values of one device among 10,000, for a day of 1-minute
+  series (200 pages asked for over and over, as a command centre does: the API keeps them,
+  ops_api/series_cache.py), for day pages each asked for once (the cost with nothing kept), and
+  for the whole 10,000-device city map, each against `/api/v1/me` in the same run (auth and
   framework only, no query): the floor a query endpoint cannot beat on this machine. The load comes
   from wrk (Debian's, installed if missing): 50 connections, each sending its next request as soon
-  as the last is answered.
+  as the last is answered. Beside each: CPU per request of the API, PostgreSQL and wrk.
 - Live-feed lag (client receive time minus gateway receive time) at 200 WebSocket clients while a
   simulated city publishes about 5,000 readings/s, against one client on the same feed; and the API
   process's memory before and after the clients connect.

@@ -43,8 +43,12 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, Non
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def stopping(sig: signal.Signals) -> None:
+            logging.getLogger("kota").info("%s received: stopping", sig.name)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping, sig)
         await main(stop)
 
     asyncio.run(runner())

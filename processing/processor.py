@@ -132,7 +132,10 @@ class SeekToDatabaseOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self._processor = processor
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._processor.forget({tp.partition for tp in revoked if tp.topic == READINGS_TOPIC})
+        partitions = {tp.partition for tp in revoked if tp.topic == READINGS_TOPIC}
+        if partitions:
+            log.info("partitions %s revoked", sorted(partitions))
+        self._processor.forget(partitions)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._processor.seek_to_stored(assigned)
