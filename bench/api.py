@@ -101,8 +101,6 @@ def latency(stack: StackSettings, token: str, clients: int, seconds: float, path
     1.3 ms of client CPU per request), which is what it then timed."""
     if shutil.which("wrk") is None:
         local.install_packages(["wrk"], say)
-    api_pid = procs.running_pid(stack, "api")
-    assert api_pid is not None
     pids = component_pids(stack, [])
     pids = {"api": pids["api"], "postgres": pids["postgres"]}
     cpu0, wrk0 = cpu_by_component(pids), resource.getrusage(resource.RUSAGE_CHILDREN)

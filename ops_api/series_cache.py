@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 from psycopg import AsyncConnection
 
-from kota.series import Resolution, query_series_split
+from kota.series import Resolution, SplitPage, query_series_split
 
 # How far behind the page's end the cut goes: past the windows readings are still arriving for.
 SETTLING: dict[str, dt.timedelta] = {"raw": dt.timedelta(minutes=2), "1m": dt.timedelta(minutes=3),
@@ -79,7 +79,7 @@ class SeriesCache:
         self._kept: OrderedDict[PageKey, _Kept] = OrderedDict()
         self._bytes = 0
         self._checking: dict[PageKey, asyncio.Task[bytes | None]] = {}
-        self.fresh = self.hits = self.misses = self.changed = 0
+        self.answers = dict.fromkeys(("fresh", "unchanged", "changed", "new"), 0)  # this cache's share of PAGES
 
     async def page(self, connect: Connect, cities: list[str] | None, device_id: str, metric: str,
                    resolution: Resolution, start: dt.datetime, end: dt.datetime, *, limit: int, start_given: bool,
@@ -94,8 +94,7 @@ class SeriesCache:
         if kept is None or not (start < kept.cut <= end and end - kept.cut <= RECUT_AFTER * settling):
             kept = None
         elif (age := time.monotonic() - kept.checked_at) < self.fresh_s:
-            self.fresh += 1
-            PAGES.labels("fresh").inc()
+            self._count("fresh")
             self._kept.move_to_end(key)
             if age >= self.fresh_s / 2 and key not in self._checking and len(self._checking) < BACKGROUND_CHECKS:
                 # Check ahead in the background, so that a page asked for all the time is checked
@@ -134,16 +133,11 @@ class SeriesCache:
                 self._keep(key, None)
                 return None
             if page.head_print == kept.head_print:
-                self.hits += 1
-                PAGES.labels("unchanged").inc()
-                body, head_at = _body(render, kept.head_json, page.tail_json, page.count, page.last)
-                self._keep(key, _Kept(kept.cut, kept.head_print, body, head_at, asked_at))
-                return body
-            self.changed += 1
-            PAGES.labels("changed").inc()
+                self._count("unchanged")
+                return self._keep_answer(key, kept.cut, kept.head_print, kept.head_json, page, render, asked_at)
+            self._count("changed")
         else:
-            self.misses += 1
-            PAGES.labels("new").inc()
+            self._count("new")
         cut = max(start, end - SETTLING[resolution])
         async with connect() as conn:
             page = await query_series_split(conn, device_id, metric, resolution, start, end, limit=limit, cut=cut,
@@ -152,8 +146,18 @@ class SeriesCache:
             self._keep(key, None)
             return None
         assert page.head_json is not None
-        body, head_at = _body(render, page.head_json, page.tail_json, page.count, page.last)
-        self._keep(key, _Kept(cut, page.head_print, body, head_at, asked_at))
+        return self._keep_answer(key, cut, page.head_print, page.head_json, page, render, asked_at)
+
+    def _count(self, answer: str) -> None:
+        self.answers[answer] += 1
+        PAGES.labels(answer).inc()
+
+    def _keep_answer(self, key: PageKey, cut: dt.datetime, head_print: tuple[object, ...], head: bytes | memoryview,
+                     page: SplitPage, render: Render, asked_at: float) -> bytes:
+        """The body of `head` (the settled points' JSON) and `page`'s tail, kept as `key`'s answer."""
+        before, after = render(page.count, page.last)
+        body = b"".join((before, head, b"," if head and page.tail_json else b"", page.tail_json, after))
+        self._keep(key, _Kept(cut, head_print, body, (len(before), len(before) + len(head)), asked_at))
         return body
 
     def _keep(self, key: PageKey, kept: _Kept | None) -> None:
@@ -172,11 +176,3 @@ class SeriesCache:
 
 def _size(kept: _Kept) -> int:
     return len(kept.body)
-
-
-def _body(render: Render, head: bytes | memoryview, tail: bytes, count: int, last: dt.datetime | None
-          ) -> tuple[bytes, tuple[int, int]]:
-    """The response body, and where the head's points lie in it."""
-    before, after = render(count, last)
-    body = b"".join((before, head, b"," if head and tail else b"", tail, after))
-    return body, (len(before), len(before) + len(head))

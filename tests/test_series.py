@@ -110,19 +110,20 @@ def start_kept_series(conn: psycopg.Connection) -> None:
     conn.execute("DELETE FROM agg_1m WHERE device_id = %s", (KEPT,))
 
 
+def put(conn: psycopg.Connection, bucket: dt.datetime, value: float = 1.0) -> None:
+    """One reading of the kept-page device merged into its minute, as the processor's upsert does."""
+    conn.execute(
+        "INSERT INTO agg_1m AS a (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, "
+        "last_ts, last_value) VALUES (%s, 'flow', %s, 1, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (device_id, metric, bucket) DO UPDATE SET n = a.n + 1, sum = a.sum + excluded.sum, "
+        "sum_sq = a.sum_sq + excluded.sum_sq, min = least(a.min, excluded.min), "
+        "max = greatest(a.max, excluded.max), last_ts = excluded.last_ts, last_value = excluded.last_value",
+        (KEPT, bucket, value, value * value, value, value, bucket, value, bucket, value))
+
+
 def test_kept_pages_answer_as_the_database_does_after_each_kind_of_change(stack):
     end = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
     start = end - dt.timedelta(hours=3)
-
-    def put(conn: psycopg.Connection, bucket: dt.datetime, value: float) -> None:
-        """One reading merged into its minute, as the processor's upsert does."""
-        conn.execute(
-            "INSERT INTO agg_1m AS a (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, "
-            "last_ts, last_value) VALUES (%s, 'flow', %s, 1, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (device_id, metric, bucket) DO UPDATE SET n = a.n + 1, sum = a.sum + excluded.sum, "
-            "sum_sq = a.sum_sq + excluded.sum_sq, min = least(a.min, excluded.min), "
-            "max = greatest(a.max, excluded.max), last_ts = excluded.last_ts, last_value = excluded.last_value",
-            (KEPT, bucket, value, value * value, value, value, bucket, value, bucket, value))
 
     async def scenario() -> list[tuple[str, int, int, int]]:
         cache = SeriesCache(max_bytes=1 << 20)
@@ -135,7 +136,7 @@ def test_kept_pages_answer_as_the_database_does_after_each_kind_of_change(stack)
                     fresh = await query_series_json(conn, KEPT, "flow", "1m", start, end, limit=limit)
                     assert kept == rendered(fresh), (step, limit)
                     assert orjson.loads(kept)  # the parts joined are JSON
-                seen.append((step, cache.hits, cache.misses, cache.changed))
+                seen.append((step, cache.answers["unchanged"], cache.answers["new"], cache.answers["changed"]))
 
             await ask("first")
             await ask("again")
@@ -169,10 +170,7 @@ def test_kept_pages_stay_within_their_budget(stack):
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         start_kept_series(conn)
         for minute in range(60):
-            bucket = end - dt.timedelta(minutes=60 - minute)
-            conn.execute("INSERT INTO agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, "
-                         "first_value, last_ts, last_value) VALUES (%s, 'flow', %s, 1, 1, 1, 1, 1, %s, 1, %s, 1)",
-                         (KEPT, bucket, bucket, bucket))
+            put(conn, end - dt.timedelta(minutes=60 - minute))
 
     async def scenario() -> tuple[int, int]:
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
@@ -185,7 +183,7 @@ def test_kept_pages_stay_within_their_budget(stack):
                 for hours in (1, 2, 3):  # three keys over the same points
                     await cache.page(lending(conn), None, KEPT, "flow", "1m", end - dt.timedelta(hours=hours), end,
                                      limit=1000, start_given=True, end_given=True, render=render)
-            return cache._bytes <= size * 2, cache.hits
+            return cache._bytes <= size * 2, cache.answers["unchanged"]
 
     within, hits = asyncio.run(scenario())
     # Three pages in a round-robin through room for two: each is dropped before it is asked again.
@@ -197,9 +195,7 @@ def test_kept_pages_within_their_fresh_time_skip_the_database_and_keep_to_the_ca
     start = end - dt.timedelta(hours=1)
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         start_kept_series(conn)
-        conn.execute("INSERT INTO agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, "
-                     "last_ts, last_value) VALUES (%s, 'flow', %s, 1, 1, 1, 1, 1, %s, 1, %s, 1)",
-                     (KEPT, start, start, start))
+        put(conn, start)
 
     async def scenario() -> tuple[object, ...]:
         cache = SeriesCache(max_bytes=1 << 20, fresh_s=3600)
@@ -212,7 +208,7 @@ def test_kept_pages_within_their_fresh_time_skip_the_database_and_keep_to_the_ca
             await conn.execute("UPDATE agg_1m SET n = 2, sum = 5 WHERE device_id = %s", (KEPT,))
             within = await ask(["keptcity"])  # checked an hour ago at most: answered without asking
             admin = await ask(None)  # another scope is its own page, checked anew
-            return elsewhere, first, within, admin, cache.fresh, cache.misses, cache._kept.keys()
+            return elsewhere, first, within, admin, cache.answers["fresh"], cache.answers["new"], cache._kept.keys()
 
     elsewhere, first, within, admin, fresh, misses, keys = asyncio.run(scenario())
     assert elsewhere is None and within == first and fresh == 1 and misses == 3
@@ -225,9 +221,7 @@ def test_kept_pages_asked_for_in_the_second_half_of_their_fresh_time_are_checked
     start = end - dt.timedelta(hours=1)
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         start_kept_series(conn)
-        conn.execute("INSERT INTO agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, "
-                     "last_ts, last_value) VALUES (%s, 'flow', %s, 1, 1, 1, 1, 1, %s, 1, %s, 1)",
-                     (KEPT, start, start, start))
+        put(conn, start)
 
     async def scenario() -> tuple[list[int], list[tuple[int, int, int, int]]]:
         cache = SeriesCache(max_bytes=1 << 20, fresh_s=0.6)
@@ -238,7 +232,8 @@ def test_kept_pages_asked_for_in_the_second_half_of_their_fresh_time_are_checked
                                         start_given=True, end_given=True, render=render)
                 assert body is not None
                 counts.append(orjson.loads(body)[0][0]["count"])
-                steps.append((cache.fresh, cache.hits, cache.misses, cache.changed))
+                steps.append((cache.answers["fresh"], cache.answers["unchanged"], cache.answers["new"],
+                              cache.answers["changed"]))
 
             await ask()  # new: checked now
             await asyncio.sleep(0.35)
