@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 
 from deploy import mqtt_access, procs
+from deploy import stack as local
 from kota.contract import device_telemetry_topic
 from kota.mqtt import MqttLogin, connect
 from kota.registry import Device, Gateway, new_device, new_password, upsert_devices, upsert_gateway
@@ -26,11 +27,23 @@ from kota.settings import StackSettings
 T = TypeVar("T")
 
 
-def wait_for_partitions(stack: StackSettings, instance: str) -> None:
-    """Until a second processor started as `instance` has been given Kafka partitions of its own."""
+def start_second_processor(stack: StackSettings, instance: str, env: dict[str, str] | None = None) -> None:
+    """Start another processor as `instance` and wait until Kafka has given it partitions of its own.
+    Only what its log gained since this start counts: the log is appended to, and an earlier test's
+    instance of the same name left "assigned partitions [0, 2]" in it (CI: the wait passed at once,
+    the second city was stored before the new instance joined, and it stored nothing)."""
     log = procs.log_file(stack, instance)
-    wait_for(lambda: "assigned partitions [" in log.read_text() and "assigned partitions []" not in
-             log.read_text().splitlines()[-1], timeout_s=60, what=f"{instance} to get partitions")
+    start = log.stat().st_size if log.exists() else 0
+    local.start_component(stack, "processor", instance=instance, env=env)
+
+    def has_partitions() -> bool:
+        with open(log, "rb") as f:
+            f.seek(start)
+            assignments = [line for line in f.read().decode(errors="replace").splitlines()
+                           if "assigned partitions [" in line]
+        return bool(assignments) and "assigned partitions []" not in assignments[-1]
+
+    wait_for(has_partitions, timeout_s=60, what=f"{instance} to get partitions")
 
 
 def free_port() -> int:

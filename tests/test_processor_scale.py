@@ -13,7 +13,7 @@ from deploy import stack as local
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
 from processing.kernels import REASONS
 from processing.processor import ProcessorSettings, new_detectors
-from tests.helpers import query, unique_id, wait_for, wait_for_partitions
+from tests.helpers import query, start_second_processor, unique_id, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -120,10 +120,8 @@ def test_two_processors_share_the_partitions_and_store_the_same_result(pipeline)
     devices = [f"{prefix}{d:03d}" for d in range(40)]
     per_device = 5_000
     start_ms = int(time.time() * 1000) - 10 * 3_600_000
-    local.start_component(pipeline, "processor", instance="processor-b",
-                          env={"KOTA_PROCESSOR_METRICS_ENABLED": "false"})
     try:
-        wait_for_partitions(pipeline, "processor-b")
+        start_second_processor(pipeline, "processor-b", env={"KOTA_PROCESSOR_METRICS_ENABLED": "false"})
         asyncio.run(_produce(pipeline, devices, per_device, start_ms))
         wait_for(lambda: _stored_count(pipeline, prefix) == len(devices) * per_device, timeout_s=180,
                  what="every reading")
