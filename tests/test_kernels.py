@@ -276,6 +276,20 @@ def test_snapshot_restored_gives_identical_scores():
                                   b.score(series[1500:], ts[1500:], values[1500:])[0])
 
 
+def test_state_rows_start_on_cache_lines_when_new_grown_and_restored():
+    """The kernel prefetches a reading's state row as two cache lines: a row must not straddle three."""
+    def aligned(d: Detectors) -> bool:
+        return d.state.ctypes.data % 64 == 0 and d.hourly.ctypes.data % 64 == 0
+
+    a = Detectors(initial_series=4)
+    assert aligned(a)
+    a.series_ids(range(100))  # grown past its first size
+    assert aligned(a) and a.state.shape[0] >= 100
+    b = Detectors()
+    b.restore(a.snapshot())
+    assert aligned(b)
+
+
 @pytest.mark.parametrize("routine_rate", [0.0, float(k.DEFAULT_PARAMS[k.P_ROUTINE_RATE])], ids=["all", "routine"])
 def test_a_labelled_stream_scores_its_anomalies_above_its_normal_points(routine_rate):
     rng = np.random.default_rng(8)
