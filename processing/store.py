@@ -18,15 +18,21 @@ detector state from its checkpoint without writing anything twice).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
 from kota.alerts import AlertChange, Repeat, Signal, apply_signals, auto_clear
 from kota.contract import Reading
+from processing import kernels
 from processing.kernels import REASONS, REPEAT
 from processing.rules import RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates, rule_inputs
+
+# Windowed aggregate tables and their window in ms: each batch merges its readings into them (below).
+ROLLUPS: dict[str, int] = {"agg_1m": 60_000, "agg_1h": 3_600_000, "agg_1d": 86_400_000}  # window, ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +77,9 @@ class WritePolicy:
     rules: RulePolicy = field(default_factory=RulePolicy)
     clear_after_s: dict[str, float] = field(default_factory=lambda: {"dropout": 0.0})
     default_clear_after_s: float = 600.0
-    track_rollups: bool = True  # plain PostgreSQL: mark changed hours for processing.maintenance
+    # The windowed tables the batch merges into: on TimescaleDB, agg_1m alone (continuous aggregates
+    # keep the hourly and daily ones).
+    rollups: tuple[str, ...] = tuple(ROLLUPS)
     use_copy: bool = True  # False for servers without COPY FROM STDIN (the PGlite TimescaleDB test server)
     insert_chunk: int = 500
 
@@ -98,56 +106,61 @@ CREATE TEMP TABLE IF NOT EXISTS staging_readings (
 """
 
 
-STORE_AND_AGGREGATE = """
-WITH inserted AS (
-    INSERT INTO readings (ts, device_id, metric, value, received_at)
-    SELECT timestamptz 'epoch' + ts_ms * interval '1 millisecond', device_id, metric, value,
-           timestamptz 'epoch' + received_ms * interval '1 millisecond'
-    FROM staging_readings
-    {on_conflict}
-    RETURNING device_id, metric, ts, value
-), partials AS (
-    SELECT device_id, metric, date_bin('1 minute', ts, timestamptz 'epoch') AS bucket,
-           count(*) AS n, sum(value) AS sum, sum(value * value) AS sum_sq, min(value) AS min, max(value) AS max,
-           min(ts) AS first_ts, (array_agg(value ORDER BY ts))[1] AS first_value,
-           max(ts) AS last_ts, (array_agg(value ORDER BY ts DESC))[1] AS last_value
-    FROM inserted GROUP BY 1, 2, 3
-), merged AS (
-    INSERT INTO agg_1m AS a (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value,
-                             last_ts, last_value)
-    SELECT * FROM partials
-    ON CONFLICT (device_id, metric, bucket) DO UPDATE SET
-        n = a.n + EXCLUDED.n, sum = a.sum + EXCLUDED.sum, sum_sq = a.sum_sq + EXCLUDED.sum_sq,
-        min = least(a.min, EXCLUDED.min), max = greatest(a.max, EXCLUDED.max),
-        first_value = CASE WHEN EXCLUDED.first_ts < a.first_ts THEN EXCLUDED.first_value ELSE a.first_value END,
-        first_ts = least(a.first_ts, EXCLUDED.first_ts),
-        last_value = CASE WHEN EXCLUDED.last_ts > a.last_ts THEN EXCLUDED.last_value ELSE a.last_value END,
-        last_ts = greatest(a.last_ts, EXCLUDED.last_ts)
-    RETURNING 1
-)
-SELECT count(*), (SELECT count(*) FROM merged) FROM inserted
+# The usual batch holds only readings not stored yet. It is inserted as it is, without ON CONFLICT
+# DO NOTHING, whose speculative insertion (a check of the index before each row and again after)
+# was a third of the insert's time (20,000 readings: 300-360 ms with it, 200-270 ms without). A
+# batch holding a reading already stored (a gateway retry put it on Kafka twice) fails on the
+# primary key, in a savepoint, and is inserted again with it, returning what it added.
+STORE_NEW = """
+INSERT INTO readings (ts, device_id, metric, value, received_at)
+SELECT kota_ms(ts_ms), device_id, metric, value, kota_ms(received_ms) FROM staging_readings
 """
-# ON CONFLICT DO NOTHING checks the index before each row and again after (speculative insertion):
-# a third of the insert's time (20,000 readings: 300-360 ms with it, 200-270 ms without, against the
-# bench database). Duplicates are rare, so a batch is first inserted without it, in a savepoint; a
-# batch holding one is rolled back to there and inserted again with it.
-STORE_NEW_AND_AGGREGATE = STORE_AND_AGGREGATE.format(on_conflict="")
-STORE_AND_AGGREGATE = STORE_AND_AGGREGATE.format(on_conflict="ON CONFLICT DO NOTHING")
+STORE_NOT_STORED = """
+INSERT INTO readings (ts, device_id, metric, value, received_at)
+SELECT kota_ms(ts_ms), device_id, metric, value, kota_ms(received_ms) FROM staging_readings
+ON CONFLICT DO NOTHING
+RETURNING device_id, metric, (extract(epoch FROM ts) * 1000)::bigint, value
+"""
+
+# Windowed aggregates are merged, in the same transaction, from the partials of exactly the readings
+# the insert added: so they always equal an aggregation of the stored readings, once each. The
+# partials are worked out here by the numba kernel (kernels.minute_partials); grouping the insert's
+# RETURNING rows in SQL, with two sorts for first and last values, cost the database as much as the
+# insert (bench.processing, pg_stat_statements: 2.3 µs a reading). On plain PostgreSQL the hourly
+# and daily tables are merged the same way (TimescaleDB's continuous aggregates keep its own): a job
+# recomputing each changed hour from agg_1m every minute read every minute of the hour each time
+# (2.5-4 s a minute on the bench database) and, through the marks it took, held batches still.
 
 
-# The hours (epoch ms) and the newest reading per series come from the batch in Python, where they
-# cost a pass over readings the processor holds anyway: as SQL over the staging table (a DISTINCT of
-# every reading's hour, a DISTINCT ON sort of every reading) they took 5 µs of database time per
-# reading, a seventh of the batch's (bench.processing, pg_stat_statements).
-# Ordered, so that two processors marking the same hours cannot deadlock.
+def _merge_sql(table: str) -> str:
+    return f"""
+INSERT INTO {table} AS a (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts,
+                         last_value)
+SELECT device_id, metric, kota_ms(bucket), n, sum, sum_sq, min, max, kota_ms(first_ts), first_value,
+       kota_ms(last_ts), last_value
+FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::float8[], %b::float8[], %b::float8[],
+            %b::float8[], %b::bigint[], %b::float8[], %b::bigint[], %b::float8[])
+     AS p(device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts, last_value)
+ON CONFLICT (device_id, metric, bucket) DO UPDATE SET
+    n = a.n + EXCLUDED.n, sum = a.sum + EXCLUDED.sum, sum_sq = a.sum_sq + EXCLUDED.sum_sq,
+    min = least(a.min, EXCLUDED.min), max = greatest(a.max, EXCLUDED.max),
+    first_value = CASE WHEN EXCLUDED.first_ts < a.first_ts THEN EXCLUDED.first_value ELSE a.first_value END,
+    first_ts = least(a.first_ts, EXCLUDED.first_ts),
+    last_value = CASE WHEN EXCLUDED.last_ts > a.last_ts THEN EXCLUDED.last_value ELSE a.last_value END,
+    last_ts = greatest(a.last_ts, EXCLUDED.last_ts)
+"""  # noqa: S608 (table names from ROLLUPS)
+
+
+MERGE_PARTIALS = {table: _merge_sql(table) for table in ROLLUPS}
+
+
+# The newest reading per series comes from the batch in Python, where it costs a pass over readings
+# the processor holds anyway: as SQL over the staging table (a DISTINCT ON sort of every reading) it
+# took a good part of the 5 µs of database time per reading that it and the hours to roll up cost
+# (bench.processing, pg_stat_statements).
 # Arrays go as binary parameters (%b) here and in the rules and alerts: as text, psycopg wrote and the
 # server parsed every element: 5,000 rows of UPSERT_LATEST's columns took 2-3x as long a round trip
 # (bench.processing --only writes).
-MARK_ROLLUPS_DIRTY = """
-INSERT INTO rollup_dirty (hour)
-SELECT kota_ms(h) FROM unnest(%b::bigint[]) AS h ORDER BY 1
-ON CONFLICT DO NOTHING
-"""
 
 UPSERT_LATEST = """
 INSERT INTO latest_values (device_id, metric, ts, value, unit)
@@ -171,9 +184,41 @@ def newest_per_series(readings: list[Reading]) -> list[Reading]:
     return [newest[key] for key in sorted(newest)]
 
 
-def hours_of(readings: list[Reading]) -> list[int]:
-    """The distinct hours (epoch ms of their start) the readings fall in, in order."""
-    return sorted({r.ts_ms // 3_600_000 * 3_600_000 for r in readings})
+@dataclass(frozen=True, slots=True)
+class StoredColumns:
+    """The readings an insert added, as columns: dense series ids (into `keys`), times, values."""
+
+    keys: list[tuple[str, str]]  # (device_id, metric) of each series id
+    series: np.ndarray  # int64
+    ts_ms: np.ndarray  # float64
+    values: np.ndarray  # float64
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[str, str, int, float]]) -> StoredColumns:
+        """From (device_id, metric, ts_ms, value) rows."""
+        index: dict[tuple[str, str], int] = {}
+        n = len(rows)
+        series = np.fromiter((index.setdefault((d, m), len(index)) for d, m, _, _ in rows), np.int64, n)
+        return cls(list(index), series, np.fromiter((r[2] for r in rows), np.float64, n),
+                   np.fromiter((r[3] for r in rows), np.float64, n))
+
+    def partials(self, width_ms: int) -> list[list]:  # type: ignore[type-arg]
+        """One row per (device, metric, window), as the columns of MERGE_PARTIALS: device ids, metrics,
+        window start (epoch ms), n, sum, sum of squares, min, max, first time and value, last time
+        and value."""
+        n = self.series.shape[0]
+        if n == 0:
+            return [[] for _ in range(12)]
+        out_series, out_bucket, out_stats = np.empty(n, np.int64), np.empty(n), np.empty((n, 9))
+        rows = kernels.minute_partials(self.series, self.ts_ms, self.values, float(width_ms), out_series, out_bucket,
+                                       out_stats)
+        of_row = [self.keys[s] for s in out_series[:rows].tolist()]
+        stats = out_stats[:rows]
+        times = stats[:, [5, 7]].astype(np.int64)  # first and last reading times
+        return [[k[0] for k in of_row], [k[1] for k in of_row], out_bucket[:rows].astype(np.int64).tolist(),
+                stats[:, 0].astype(np.int64).tolist(), stats[:, 1].tolist(), stats[:, 2].tolist(),
+                stats[:, 3].tolist(), stats[:, 4].tolist(), times[:, 0].tolist(), stats[:, 6].tolist(),
+                times[:, 1].tolist(), stats[:, 8].tolist()]
 
 
 async def load_checkpoints(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]
@@ -225,17 +270,22 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
         await _stage(conn, fresh, policy)
         try:
             async with conn.transaction():
-                cur = await conn.execute(STORE_NEW_AND_AGGREGATE)
+                await conn.execute(STORE_NEW)
+            added = StoredColumns.of([(r.device_id, r.metric, r.ts_ms, r.value) for r in fresh])
         except psycopg.errors.UniqueViolation:
-            cur = await conn.execute(STORE_AND_AGGREGATE)
-        row = await cur.fetchone()
-        inserted = int(row[0]) if row else 0
+            cur = await conn.execute(STORE_NOT_STORED)
+            added = StoredColumns.of(await cur.fetchall())
+        inserted = len(added.series)
+        for table in policy.rollups:
+            partials = added.partials(ROLLUPS[table])
+            # One statement a table, in chunks where the server cannot take long array parameters (PGlite).
+            chunk = len(partials[0]) if policy.use_copy else policy.insert_chunk
+            for start in range(0, len(partials[0]), chunk or 1):
+                await conn.execute(MERGE_PARTIALS[table], [column[start:start + chunk] for column in partials])
         newest = newest_per_series(fresh)
         await conn.execute(UPSERT_LATEST, ([r.device_id for r in newest], [r.metric for r in newest],
                                            [r.ts_ms for r in newest], [r.value for r in newest],
                                            [r.unit for r in newest]))
-        if policy.track_rollups:
-            await conn.execute(MARK_ROLLUPS_DIRTY, (hours_of(fresh),))
         if late:
             async with conn.cursor() as cur:
                 await cur.executemany(

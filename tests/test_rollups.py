@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from kota.schema import ensure_partitions, partition_name
-from processing.maintenance import apply_retention, roll_up
+from processing.maintenance import apply_retention
 from tests.helpers import (
     minute_aggregates_from_readings,
     provision,
@@ -29,14 +29,10 @@ def test_hourly_and_daily_rollups_equal_an_aggregation_of_the_raw_readings(pipel
     publish_series(pipeline, meter, "pressure", points[1::2])  # late halves merge into the same hours
     wait_for(lambda: len(stored_readings(pipeline, meter.device_id)) == len(points), what="the readings")
 
-    def rolled_up() -> bool:
-        with psycopg.connect(pipeline.postgres_dsn, autocommit=True) as conn:
-            roll_up(conn)  # the processor's job may have taken the dirty hours already: either way
-        return all(stored_minute_aggregates(pipeline, meter.device_id, table)
-                   == minute_aggregates_from_readings(pipeline, meter.device_id, width)
-                   for table, width in (("agg_1h", "1 hour"), ("agg_1d", "1 day")))
-
-    wait_for(rolled_up, what="hourly and daily rollups equal to the readings")
+    # Merged by the batches that stored the readings: equal as soon as the readings are there.
+    for table, width in (("agg_1h", "1 hour"), ("agg_1d", "1 day")):
+        assert stored_minute_aggregates(pipeline, meter.device_id, table) == \
+            minute_aggregates_from_readings(pipeline, meter.device_id, width), table
     assert len(stored_minute_aggregates(pipeline, meter.device_id, "agg_1h")) >= 30
     daily = stored_minute_aggregates(pipeline, meter.device_id, "agg_1d")
     assert len(daily) >= 2
@@ -62,3 +58,4 @@ def test_retention_drops_old_partitions_and_deletes_old_rollups(stack):
     [(kept,)] = query(stack, "SELECT bucket FROM agg_1m WHERE device_id = %s", (device,))
     assert kept == recent - dt.timedelta(days=300)
     assert query(stack, "SELECT keep_days FROM retention_settings WHERE table_name = 'readings'") == [(90,)]
+
