@@ -7,12 +7,14 @@ cut them into batches: a fast replay puts many minutes of event time into one ba
 import asyncio
 import datetime as dt
 
+import numpy as np
 import psycopg
 import pytest
 
 from kota import alerts
 from kota.contract import READINGS_TOPIC, Reading
-from processing import ispu, maintenance
+from processing import ispu
+from processing.rules import window_means
 from processing.store import PartitionSlice, WritePolicy, write_batch
 from tests.helpers import provision, query, unique_id
 
@@ -129,8 +131,8 @@ def test_an_alert_clears_itself_between_two_signals_of_one_batch_where_readings_
                  (meter.device_id,))[1:] == [(4, "active")]
 
 
-def test_latest_values_and_dirty_hours_come_from_the_batch_as_written(stack):
-    """The newest reading per series and the hours to roll up are worked out in Python from the
+def test_latest_values_and_rollups_come_from_the_batch_as_written(stack):
+    """The newest reading per series and the hourly partials are worked out in Python from the
     batch: out of order, with a duplicate, and across batches, they must be what the readings say."""
     device = unique_id("latest")
     hour = (int(dt.datetime.now(dt.UTC).timestamp() * 1000) // 3_600_000 - 30) * 3_600_000
@@ -152,19 +154,14 @@ def test_latest_values_and_dirty_hours_come_from_the_batch_as_written(stack):
 
     async def write() -> None:
         group = unique_id("latest")
-        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as lock, \
-                await psycopg.AsyncConnection.connect(stack.postgres_dsn) as conn:
-            # Held, the processor's maintenance (which takes the dirty hours) waits its turn.
-            await lock.execute("SELECT pg_advisory_lock(%s)", (maintenance._LOCK_ID,))
-            await conn.execute("DELETE FROM rollup_dirty WHERE hour >= kota_ms(%s) AND hour <= kota_ms(%s)",
-                               (hour, hour + 2 * 3_600_000))
-            await conn.commit()
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn) as conn:
             await write_batch(conn, group=group, topic=READINGS_TOPIC, policy=WritePolicy(),
                               slices=[PartitionSlice(0, 0, 1, [(0, first)])])
-            cur = await conn.execute("SELECT (extract(epoch FROM hour) * 1000)::bigint FROM rollup_dirty "
-                                     "WHERE hour >= kota_ms(%s) AND hour <= kota_ms(%s) ORDER BY 1",
-                                     (hour, hour + 2 * 3_600_000))
-            assert [h for (h,) in await cur.fetchall()] == [hour, hour + 3_600_000]
+            cur = await conn.execute("SELECT metric, (extract(epoch FROM bucket) * 1000)::bigint, n, sum FROM agg_1h "
+                                     "WHERE device_id = %s ORDER BY 1, 2", (device,))
+            # The duplicate was not stored, so it is not in the hour's sum either.
+            assert await cur.fetchall() == [("flow", hour, 1, 7.5), ("pressure", hour, 1, 1.0),
+                                            ("pressure", hour + 3_600_000, 1, 3.0)]
             assert await newest(conn) == [("flow", hour + 20_000, 7.5), ("pressure", hour + 3_600_000 + 5_000, 3.0)]
             await conn.commit()
             await write_batch(conn, group=group, topic=READINGS_TOPIC, policy=WritePolicy(),
@@ -176,3 +173,33 @@ def test_latest_values_and_dirty_hours_come_from_the_batch_as_written(stack):
     stored = query(stack, "SELECT value FROM readings WHERE device_id = %s AND metric = 'pressure' "
                           "AND ts = kota_ms(%s)", (device, hour + 3_600_000 + 5_000))
     assert stored == [(3.0,)]  # the duplicate kept its first value, which latest_values showed
+
+
+def test_window_means_equal_a_plain_average_of_each_minutes_window(stack):
+    """The ISPU's concentrations: per station, pollutant and minute evaluated, the mean of the
+    one-minute aggregates in the window ending at that minute, with minutes missing from the data."""
+    rng = np.random.default_rng(11)
+    station = unique_id("window")
+    start = (int(dt.datetime.now(dt.UTC).timestamp() * 1000) // MINUTE - 300) * MINUTE
+    rows = [(station, metric, start + m * MINUTE, int(n), float(rng.uniform(5, 400)) * n)
+            for metric in ("pm25", "no2") for m in range(200) if (n := rng.integers(0, 4))]  # n 0: no row
+    with psycopg.connect(stack.postgres_dsn) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, "
+                        "first_value, last_ts, last_value) VALUES (%s, %s, kota_ms(%s), %s, %s, 0, 0, 0, "
+                        "kota_ms(%s), 0, kota_ms(%s), 0)", [(d, m, b, n, s, b, b) for d, m, b, n, s in rows])
+    evaluated = {start + m * MINUTE: start + m * MINUTE + 7_000 for m in (0, 1, 59, 60, 61, 140, 199)}
+
+    async def means() -> dict[tuple[str, int], dict[str, float]]:
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn) as conn:
+            return await window_means(conn, {station: evaluated}, 60)
+
+    got = asyncio.run(means())
+    expected: dict[tuple[str, int], dict[str, float]] = {}
+    for bucket, t_ms in evaluated.items():
+        for metric in ("pm25", "no2"):
+            window = [(n, s) for _, m, b, n, s in rows if m == metric and bucket - 59 * MINUTE <= b <= bucket]
+            if window:
+                expected.setdefault((station, t_ms), {})[metric] = sum(s for _, s in window) / sum(n for n, _ in window)
+    assert got.keys() == expected.keys() and len(got) == len(evaluated)
+    for key, by_metric in expected.items():
+        assert got[key] == pytest.approx(by_metric, rel=1e-12)
