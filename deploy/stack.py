@@ -369,7 +369,10 @@ transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
+# A consumer group forming from nothing waits this long for more members before its first
+# assignment: the processor's workers start together and join within it, so they split the
+# partitions in one rebalance instead of the first taking them all and handing half back.
+group.initial.rebalance.delay.ms=1000
 log.retention.hours=168
 log.segment.bytes=268435456
 message.max.bytes=4194304

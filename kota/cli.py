@@ -160,11 +160,25 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_processor(_args: argparse.Namespace) -> int:
+    from kota.logs import setup_logging
     from processing.processor import ProcessorSettings, run_processor
+    from processing.workers import run_workers, stop_when_orphaned, worker_number
 
-    _setup_logging()
+    number = worker_number()
+    setup_logging(f"worker {number}" if number else None)
     stack, settings = StackSettings(), ProcessorSettings()
-    _run_until_signalled(lambda stop: run_processor(stack, settings, stop))
+    if settings.workers > 1:
+        return run_workers(stack, settings.workers, settings.metrics_enabled)
+
+    async def run(stop: asyncio.Event) -> None:
+        watch = asyncio.create_task(stop_when_orphaned(stop)) if number else None
+        try:
+            await run_processor(stack, settings, stop)
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    _run_until_signalled(run)
     return 0
 
 

@@ -2,6 +2,8 @@
 processors sharing the partitions. Readings go straight onto the Kafka topic, as gateways write them."""
 
 import asyncio
+import os
+import signal
 import time
 
 import numpy as np
@@ -11,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 from deploy import procs
 from deploy import stack as local
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
+from kota.metrics import scrape
 from processing.kernels import REASONS
 from processing.processor import ProcessorSettings, new_detectors
 from tests.helpers import query, start_second_processor, unique_id, wait_for
@@ -130,3 +133,48 @@ def test_two_processors_share_the_partitions_and_store_the_same_result(pipeline)
         assert _stored_anomalies(pipeline, prefix) == _offline_anomalies(devices, per_device, start_ms)
     finally:
         procs.stop(pipeline, "processor-b")
+
+
+def test_a_worker_killed_mid_stream_is_started_again_and_nothing_is_lost_or_doubled(pipeline):
+    """`kota processor` runs its workers as one component: one killed is started again by the
+    processor, its partitions go on from their checkpoints, and /metrics adds up every worker."""
+    prefix = unique_id("worker") + "-"
+    devices = [f"{prefix}{d:03d}" for d in range(40)]
+    per_device = 5_000
+    start_ms = int(time.time() * 1000) - 10 * 3_600_000
+    parent = local.start_component(pipeline, "processor")
+    workers = procs.children(parent)
+    assert len(workers) == ProcessorSettings().workers == 2
+    log = procs.log_file(pipeline, "processor")
+    since = log.stat().st_size
+    stored_before = scrape(pipeline.processor_metrics_port)["kota_processor_readings_stored_total"]
+    asyncio.run(_produce(pipeline, devices, per_device, start_ms))
+    wait_for(lambda: _stored_count(pipeline, prefix) >= 0.3 * len(devices) * per_device, timeout_s=120,
+             what="a third of the readings")
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: "ended with signal 9; starting it again" in log.read_bytes()[since:].decode(errors="replace"),
+             what="the processor to start its worker again")
+    wait_for(lambda: _stored_count(pipeline, prefix) == len(devices) * per_device, timeout_s=180,
+             what="every reading")
+    time.sleep(1.0)  # would a replay add anything?
+    _check_exact(pipeline, prefix, devices, per_device, start_ms)
+    assert _stored_anomalies(pipeline, prefix) == _offline_anomalies(devices, per_device, start_ms)
+    now_running = procs.children(parent)
+    assert len(now_running) == 2 and workers[0] not in now_running
+    # Each worker stored about half; only their sum comes near the whole (a kill between a batch's
+    # commit and its count loses at most that batch from the count, never from the database).
+    stored = scrape(pipeline.processor_metrics_port)["kota_processor_readings_stored_total"] - stored_before
+    assert stored >= 0.8 * len(devices) * per_device
+
+
+def test_workers_stop_when_the_processor_is_killed_alone(pipeline):
+    """A kill -9 of the processor's own process, not its group: its workers must not go on consuming
+    beside whatever starts in its place."""
+    parent = local.start_component(pipeline, "processor")
+    workers = procs.children(parent)
+    assert workers
+    try:
+        os.kill(parent, signal.SIGKILL)
+        wait_for(lambda: not any(procs.alive(w) for w in workers), timeout_s=20, what="the workers to stop")
+    finally:
+        local.start_component(pipeline, "processor")
