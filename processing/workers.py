@@ -36,11 +36,22 @@ RESTART_WAIT_S = 1.0
 
 def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> int:
     """Run `workers` processor processes until SIGTERM or SIGINT; the exit code."""
-    # Counters of every worker go to one folder of files, which /metrics adds up. Emptied first:
-    # old files are an earlier run's counts (a stopped worker's files stay: its counts are real).
-    metrics_dir = stack.run_dir / "processor-metrics"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
+    # Counters of every worker go to one folder of files, which /metrics adds up (a worker started
+    # again writes a file of its own; the stopped one's counts stay). One folder for each processor
+    # process: a second processor on this machine (tests/test_scale_out.py) emptied a shared one,
+    # and the first processor's counts vanished from its /metrics. Folders of processors no longer
+    # running are an earlier run's counts, and go.
+    metrics_root = stack.run_dir / "processor-metrics"
+    metrics_root.mkdir(parents=True, exist_ok=True)
+    for old in metrics_root.iterdir():
+        if old.name.isdigit() and _running(int(old.name)):
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    metrics_dir = metrics_root / str(os.getpid())
+    metrics_dir.mkdir()
     if metrics_enabled:
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
@@ -78,7 +89,18 @@ def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> in
     failed = 0
     for proc in running.values():
         failed |= proc.wait() not in (0, -signal.SIGTERM)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return int(failed)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def worker_number() -> int | None:
