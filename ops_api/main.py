@@ -26,7 +26,7 @@ from kota.settings import StackSettings
 from ops_api.api.routes import access, alerts, cities, devices, health, live
 from ops_api.auth import TokenCache
 from ops_api.live import LiveHub
-from ops_api.series_cache import SeriesCache
+from ops_api.series_cache import BACKGROUND_CHECKS, SeriesCache
 from ops_api.settings import ApiSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -127,11 +127,16 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
         idle_check = IdleCheck(after_s=10.0)
         # A small pool per worker: on two cores, four connections per worker kept the database as
         # busy as it can be; twenty queued the same work in more processes (bench/api.py, latest
-        # values at 50 clients: p99 216 ms with 20, 142-157 ms with 4).
+        # values at 50 clients: p99 216 ms with 20, 142-157 ms with 4). A second, as small, is the
+        # series cache's for pages it checks ahead of their callers (ops_api/series_cache.py).
         async with AsyncConnectionPool(stack.postgres_dsn, min_size=2, max_size=4, open=False,
                                        kwargs={"autocommit": True},
-                                       check=idle_check.check, reset=idle_check.note_returned) as pool:
+                                       check=idle_check.check, reset=idle_check.note_returned) as pool, \
+                AsyncConnectionPool(stack.postgres_dsn, min_size=1, max_size=BACKGROUND_CHECKS, open=False,
+                                    kwargs={"autocommit": True}, check=idle_check.check,
+                                    reset=idle_check.note_returned) as checks:
             app.state.pool = pool
+            app.state.series_cache.background = checks.connection
             await app.state.hub.start()
             watcher = asyncio.create_task(app.state.watch.run())
             try:
@@ -147,7 +152,8 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
     app.state.settings = settings
     app.state.tokens = TokenCache(settings.token_cache_s)
     app.state.snapshots = devices.SnapshotCache()
-    app.state.series_cache = SeriesCache(int(settings.series_cache_mib * 2**20), settings.series_fresh_s)
+    app.state.series_cache = SeriesCache(int(settings.series_cache_mib * 2**20), settings.series_fresh_s,
+                                         settings.series_stale_s)
     app.state.hub = LiveHub(stack, queue_events=settings.live_queue_events, kafka_enabled=settings.live_kafka_enabled)
     app.state.watch = health.ProcessorWatch(stack)
     for router in (health.router, access.router, cities.router, devices.router, alerts.router, live.router):

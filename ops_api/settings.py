@@ -38,6 +38,9 @@ class ApiSettings(BaseSettings):
     series_cache_mib: float = 64.0
     # A series page checked against the database this recently is answered as it was then (0: never).
     series_fresh_s: float = 1.0
+    # Up to this old it is still answered as kept while it is checked again behind the answer (under
+    # load); older, the request waits for the check (ops_api/series_cache.py).
+    series_stale_s: float = 5.0
     # Live feed: events a client may have waiting before it is dropped as too slow (a few seconds of
     # a busy city; the frames waiting are shared by the clients of one filter, so this costs little).
     live_queue_events: int = 5000

@@ -249,3 +249,42 @@ def test_kept_pages_asked_for_in_the_second_half_of_their_fresh_time_are_checked
     assert counts == [1, 1, 2, 2]
     # (fresh, unchanged, new, changed) after each request: the background check found the change.
     assert steps == [(0, 0, 1, 0), (1, 0, 1, 0), (2, 0, 1, 1), (2, 1, 1, 1)]
+
+
+def test_under_load_a_page_past_its_fresh_time_is_answered_as_kept_while_it_is_checked_and_asked_once(stack):
+    """Past fresh_s but within stale_s, a page is answered as kept and checked behind the answer;
+    past stale_s, callers wait for one check, not one each."""
+    end = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
+    start = end - dt.timedelta(hours=1)
+    with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+        start_kept_series(conn)
+        put(conn, start)
+
+    async def scenario() -> tuple[list[int], tuple[int, ...], list[int], tuple[int, ...]]:
+        cache = SeriesCache(max_bytes=1 << 20, fresh_s=0.2, stale_s=0.8)
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+            async def ask() -> int:
+                body = await cache.page(lending(conn), None, KEPT, "flow", "1m", start, end, limit=100,
+                                        start_given=True, end_given=True, render=render)
+                assert body is not None
+                return int(orjson.loads(body)[0][0]["count"])
+
+            def answers() -> tuple[int, ...]:
+                return tuple(cache.answers[a] for a in ("fresh", "unchanged", "changed", "new"))
+
+            first = [await ask()]
+            await asyncio.sleep(0.3)  # past fresh_s
+            await conn.execute("UPDATE agg_1m SET n = 2, sum = 5 WHERE device_id = %s", (KEPT,))
+            first.append(await ask())  # the kept answer, at once; its check starts behind it
+            await cache.settled()
+            first.append(await ask())  # what the check found
+            after_stale = answers()
+            await asyncio.sleep(0.9)  # past stale_s: five callers at once wait for one check
+            await conn.execute("UPDATE agg_1m SET n = 3, sum = 7 WHERE device_id = %s", (KEPT,))
+            together = list(await asyncio.gather(*(ask() for _ in range(5))))
+            return first, after_stale, together, answers()
+
+    first, after_stale, together, final = asyncio.run(scenario())
+    assert first == [1, 1, 2]
+    assert after_stale == (2, 0, 1, 1)  # (fresh, unchanged, changed, new)
+    assert together == [3] * 5 and final == (2, 0, 2, 1)  # one more check, seen by all five
