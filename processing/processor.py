@@ -106,7 +106,7 @@ class ProcessorSettings(BaseSettings):
     # 0: the hour's profile only excuses a value).
     daily_tightness: float = float(kernels.DEFAULT_PARAMS[kernels.P_DAILY_TIGHTNESS])
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
-    maintenance_interval_s: float = 60.0  # retention (plain PostgreSQL)
+    maintenance_interval_s: float = 60.0  # rollups and retention (plain PostgreSQL)
     ispu_window_minutes: int = 60
 
 
@@ -231,8 +231,7 @@ class Processor:
             start_http_server(self._stack.processor_metrics_port, addr=self._stack.bind_host)
         with psycopg.connect(self._stack.postgres_dsn) as sync_conn:
             self._backend = storage_backend(sync_conn)
-        if self._backend == "timescaledb":  # its continuous aggregates keep agg_1h and agg_1d
-            self._policy = dataclasses.replace(self._policy, rollups=("agg_1m",))
+        self._policy = dataclasses.replace(self._policy, track_rollups=self._backend == "postgres")
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._stack.kafka_bootstrap, group_id=self._settings.group_id,
             enable_auto_commit=False, auto_offset_reset="earliest",

@@ -31,8 +31,7 @@ from processing import kernels
 from processing.kernels import REASONS, REPEAT
 from processing.rules import RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates, rule_inputs
 
-# Windowed aggregate tables and their window in ms: each batch merges its readings into them (below).
-ROLLUPS: dict[str, int] = {"agg_1m": 60_000, "agg_1h": 3_600_000, "agg_1d": 86_400_000}  # window, ms
+MINUTE_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +76,7 @@ class WritePolicy:
     rules: RulePolicy = field(default_factory=RulePolicy)
     clear_after_s: dict[str, float] = field(default_factory=lambda: {"dropout": 0.0})
     default_clear_after_s: float = 600.0
-    # The windowed tables the batch merges into: on TimescaleDB, agg_1m alone (continuous aggregates
-    # keep the hourly and daily ones).
-    rollups: tuple[str, ...] = tuple(ROLLUPS)
+    track_rollups: bool = True  # plain PostgreSQL: mark changed hours for processing.maintenance
     use_copy: bool = True  # False for servers without COPY FROM STDIN (the PGlite TimescaleDB test server)
     insert_chunk: int = 500
 
@@ -122,19 +119,17 @@ ON CONFLICT DO NOTHING
 RETURNING device_id, metric, (extract(epoch FROM ts) * 1000)::bigint, value
 """
 
-# Windowed aggregates are merged, in the same transaction, from the partials of exactly the readings
-# the insert added: so they always equal an aggregation of the stored readings, once each. The
-# partials are worked out here by the numba kernel (kernels.minute_partials); grouping the insert's
-# RETURNING rows in SQL, with two sorts for first and last values, cost the database as much as the
-# insert (bench.processing, pg_stat_statements: 2.3 µs a reading). On plain PostgreSQL the hourly
-# and daily tables are merged the same way (TimescaleDB's continuous aggregates keep its own): a job
-# recomputing each changed hour from agg_1m every minute read every minute of the hour each time
-# (2.5-4 s a minute on the bench database) and, through the marks it took, held batches still.
+# One-minute aggregates are merged, in the same transaction, from the partials of exactly the
+# readings the insert added: so they always equal an aggregation of the stored readings, once each.
+# The partials are worked out here by the numba kernel (kernels.minute_partials); grouping the
+# insert's RETURNING rows in SQL, with two sorts for first and last values, cost the database as
+# much as the insert (bench.processing, pg_stat_statements: 2.3 µs a reading). Hourly and daily
+# ones are rolled up from agg_1m by a job on plain PostgreSQL (processing/maintenance.py, for the
+# hours the batch marks) and by continuous aggregates on TimescaleDB.
 
 
-def _merge_sql(table: str) -> str:
-    return f"""
-INSERT INTO {table} AS a (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts,
+MERGE_MINUTES = """
+INSERT INTO agg_1m AS a (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts,
                          last_value)
 SELECT device_id, metric, kota_ms(bucket), n, sum, sum_sq, min, max, kota_ms(first_ts), first_value,
        kota_ms(last_ts), last_value
@@ -148,19 +143,22 @@ ON CONFLICT (device_id, metric, bucket) DO UPDATE SET
     first_ts = least(a.first_ts, EXCLUDED.first_ts),
     last_value = CASE WHEN EXCLUDED.last_ts > a.last_ts THEN EXCLUDED.last_value ELSE a.last_value END,
     last_ts = greatest(a.last_ts, EXCLUDED.last_ts)
-"""  # noqa: S608 (table names from ROLLUPS)
+"""
 
 
-MERGE_PARTIALS = {table: _merge_sql(table) for table in ROLLUPS}
-
-
-# The newest reading per series comes from the batch in Python, where it costs a pass over readings
-# the processor holds anyway: as SQL over the staging table (a DISTINCT ON sort of every reading) it
-# took a good part of the 5 µs of database time per reading that it and the hours to roll up cost
-# (bench.processing, pg_stat_statements).
+# The hours (epoch ms) and the newest reading per series come from the batch in Python, where they
+# cost a pass over readings the processor holds anyway: as SQL over the staging table (a DISTINCT of
+# every reading's hour, a DISTINCT ON sort of every reading) they took 5 µs of database time per
+# reading, a seventh of the batch's (bench.processing, pg_stat_statements).
+# Hours are marked by appending (migration 0008): no batch waits for the rollup job, nor for another
+# processor marking the same hour.
 # Arrays go as binary parameters (%b) here and in the rules and alerts: as text, psycopg wrote and the
 # server parsed every element: 5,000 rows of UPSERT_LATEST's columns took 2-3x as long a round trip
 # (bench.processing --only writes).
+
+MARK_ROLLUPS_DIRTY = """
+INSERT INTO rollup_dirty (hour) SELECT kota_ms(h) FROM unnest(%b::bigint[]) AS h
+"""
 
 UPSERT_LATEST = """
 INSERT INTO latest_values (device_id, metric, ts, value, unit)
@@ -203,7 +201,7 @@ class StoredColumns:
                    np.fromiter((r[3] for r in rows), np.float64, n))
 
     def partials(self, width_ms: int) -> list[list]:  # type: ignore[type-arg]
-        """One row per (device, metric, window), as the columns of MERGE_PARTIALS: device ids, metrics,
+        """One row per (device, metric, window), as the columns of MERGE_MINUTES: device ids, metrics,
         window start (epoch ms), n, sum, sum of squares, min, max, first time and value, last time
         and value."""
         n = self.series.shape[0]
@@ -219,6 +217,11 @@ class StoredColumns:
                 stats[:, 0].astype(np.int64).tolist(), stats[:, 1].tolist(), stats[:, 2].tolist(),
                 stats[:, 3].tolist(), stats[:, 4].tolist(), times[:, 0].tolist(), stats[:, 6].tolist(),
                 times[:, 1].tolist(), stats[:, 8].tolist()]
+
+
+def hours_of(readings: list[Reading]) -> list[int]:
+    """The distinct hours (epoch ms of their start) the readings fall in, in order."""
+    return sorted({r.ts_ms // 3_600_000 * 3_600_000 for r in readings})
 
 
 async def load_checkpoints(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]
@@ -276,12 +279,13 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
             cur = await conn.execute(STORE_NOT_STORED)
             added = StoredColumns.of(await cur.fetchall())
         inserted = len(added.series)
-        for table in policy.rollups:
-            partials = added.partials(ROLLUPS[table])
-            # One statement a table, in chunks where the server cannot take long array parameters (PGlite).
-            chunk = len(partials[0]) if policy.use_copy else policy.insert_chunk
-            for start in range(0, len(partials[0]), chunk or 1):
-                await conn.execute(MERGE_PARTIALS[table], [column[start:start + chunk] for column in partials])
+        partials = added.partials(MINUTE_MS)
+        # One statement, in chunks where the server cannot take long array parameters (PGlite).
+        chunk = len(partials[0]) if policy.use_copy else policy.insert_chunk
+        for start in range(0, len(partials[0]), chunk or 1):
+            await conn.execute(MERGE_MINUTES, [column[start:start + chunk] for column in partials])
+        if policy.track_rollups:
+            await conn.execute(MARK_ROLLUPS_DIRTY, (hours_of(fresh),))
         newest = newest_per_series(fresh)
         await conn.execute(UPSERT_LATEST, ([r.device_id for r in newest], [r.metric for r in newest],
                                            [r.ts_ms for r in newest], [r.value for r in newest],

@@ -69,7 +69,7 @@ def test_migrations_choose_timescaledb_with_hypertables_caggs_and_policies(tsdb)
 
 
 async def _write(dsn: str, readings: list[Reading], anomalies: list[AnomalyRow]) -> int:
-    policy = WritePolicy(use_copy=False, rollups=("agg_1m",))
+    policy = WritePolicy(use_copy=False, track_rollups=False)
     stored = 0
     # PGlite is one backend behind every connection: prepared statement names would collide.
     async with await psycopg.AsyncConnection.connect(dsn, prepare_threshold=None) as conn:
