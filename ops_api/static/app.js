@@ -104,7 +104,7 @@ function renderEnvironment(env) {
   $("air").replaceChildren(...(env.air_quality.length ? env.air_quality.map((s) => el("tr", {},
     el("td", {}, s.device_id, el("div", { class: "muted" }, s.district ?? "")),
     el("td", {}, s.ispu.category ? el("span", { class: "chip", style: `background:${s.ispu.hex}` },
-      `${s.ispu.display} ${language() === "id" ? s.ispu.category : s.ispu.category_en}`) : t("no_data")),
+      `${s.ispu.display} ${ispuCategory(s.ispu)}`) : t("no_data")),
     el("td", { class: "muted" }, s.critical ?? ""),
     liveCell(s.device_id, "pm25", state.latest.get(s.device_id)?.pm25?.value, 1, " µg/m³"))) : [emptyRow()]));
   $("water").replaceChildren(...(env.water_levels.length ? env.water_levels.map((g) => el("tr", {},
@@ -154,7 +154,7 @@ function renderProvince(cities) {
   $("province-rows").replaceChildren(...cities.map((c) => el("tr", {},
     el("td", {}, c.city),
     el("td", {}, c.worst_ispu.category ? el("span", { class: "chip", style: `background:${c.worst_ispu.hex}` },
-      `${c.worst_ispu.display} ${c.worst_ispu.category}`) : "—"),
+      `${c.worst_ispu.display} ${ispuCategory(c.worst_ispu)}`) : "—"),
     el("td", { class: c.gates_at_siaga ? "bad" : "" }, `${c.gates_at_siaga}${c.worst_siaga && c.worst_siaga < 4 ? ` (Siaga ${c.worst_siaga})` : ""}`),
     el("td", {}, ["critical", "major", "minor", "warning"].filter((s) => c.open_alerts[s]).map((s) => `${s} ${c.open_alerts[s]}`).join(" · ") || "0"),
     el("td", { class: c.devices_offline ? "warn" : "" }, `${c.devices_offline}/${c.devices}`))));
@@ -162,10 +162,19 @@ function renderProvince(cities) {
 
 const emptyRow = () => el("tr", {}, el("td", { class: "muted" }, t("no_data")));
 
+// ISPU categories (P.14/2020) in the page's language, as the API names them (category, category_en).
+const ISPU_CATEGORIES = [
+  { category: "Baik", category_en: "Good", hex: "#2e9d48" },
+  { category: "Sedang", category_en: "Moderate", hex: "#1f6fd1" },
+  { category: "Tidak Sehat", category_en: "Unhealthy", hex: "#f2c200" },
+  { category: "Sangat Tidak Sehat", category_en: "Very unhealthy", hex: "#d7263d" },
+  { category: "Berbahaya", category_en: "Hazardous", hex: "#111111" },
+];
+const ispuCategory = (ispu) => (language() === "id" ? ispu.category : ispu.category_en);
+
 function drawLegend() {
   const entries = map.colourBy === "ispu"
-    ? [["Baik", "#2e9d48"], ["Sedang", "#1f6fd1"], ["Tidak Sehat", "#f2c200"], ["Sangat Tidak Sehat", "#d7263d"],
-       ["Berbahaya", "#111111"]]
+    ? ISPU_CATEGORIES.map((c) => [ispuCategory(c), c.hex])
     : Object.entries(STATUS_COLOURS).map(([k, c]) => [t(k), c]);
   $("legend").replaceChildren(...entries.map(([name, c]) => el("span", {}, el("i", { style: `background:${c}` }), name)));
 }
