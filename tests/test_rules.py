@@ -208,3 +208,35 @@ def test_window_means_equal_a_plain_average_of_each_minutes_window(stack):
     assert got.keys() == expected.keys() and len(got) == len(evaluated)
     for key, by_metric in expected.items():
         assert got[key] == pytest.approx(by_metric, rel=1e-12)
+
+
+def test_a_stations_minute_brought_by_several_batches_is_evaluated_once(stack):
+    """A live stream brings a station's minute over many batches. As the processor writes them (the
+    minutes evaluated kept across batches), each minute's ISPU is evaluated in the first batch that
+    holds it, and counts once on the alert; batch by batch on their own, the same minute counted in
+    each batch."""
+    start = (int(dt.datetime.now(dt.UTC).timestamp() * 1000) // 3_600_000 - 2) * 3_600_000
+
+    def reading(device_id: str, minute: int, second: int) -> Reading:
+        ts = start + minute * MINUTE + second * 1000
+        return Reading(ts, "testkota", "environment", device_id, "pm25", 300.0, "ug/m3", ts, "test")
+
+    async def write(device_id: str, evaluated: dict[str, int] | None) -> None:
+        batches = [[reading(device_id, 0, 10)], [reading(device_id, 0, 40)],
+                   [reading(device_id, 0, 50), reading(device_id, 1, 5)], [reading(device_id, 1, 30)]]
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn) as conn:
+            for offset, batch in enumerate(batches):
+                outcome = await write_batch(conn, group=unique_id("once"), topic=READINGS_TOPIC, policy=WritePolicy(),
+                                            slices=[PartitionSlice(0, offset, offset + 1, [(offset, batch)])],
+                                            ispu_evaluated=evaluated)
+                if evaluated is not None:
+                    evaluated.update(outcome.ispu_minutes)
+
+    counts = {}
+    for kept in (True, False):
+        station = provision(stack, "air_quality").device_id
+        asyncio.run(write(station, {} if kept else None))
+        counts[kept] = query(stack, "SELECT count FROM alerts WHERE device_id = %s AND alert_type = "
+                                    "'air_quality_unhealthy'", (station,))
+    assert counts[True] == [(2,)], "minutes 0 and 1, once each"
+    assert counts[False] == [(5,)], "each batch on its own evaluates every minute it holds: 1 + 1 + 2 + 1"
