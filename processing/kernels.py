@@ -226,6 +226,11 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
     hour_rows = hourly.reshape(DAY_KINDS * n_series * HOURS, 3)
     state_lines = state.reshape(state.shape[0] * STATE_COLUMNS)  # flat, to prefetch a row's second half
     count = series.shape[0]
+    # Each reading's profile slot, worked out once: when its state is prefetched, a dozen readings
+    # ahead, and kept for its turn (the day-of-week arithmetic is two 64-bit divisions).
+    slots = np.empty(count, np.int64)
+    for i in range(min(PREFETCH_AHEAD, count)):
+        slots[i] = _profile_slot(ts[i], offset_ms, weekends)
     for i in range(count):
         if i + PREFETCH_AHEAD < count:
             coming = series[i + PREFETCH_AHEAD]
@@ -235,8 +240,8 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             _prefetch(state_lines, coming * STATE_COLUMNS)
             _prefetch(state_lines, coming * STATE_COLUMNS + STATE_COLUMNS // 2)
             _prefetch(measured, coming)
-            _prefetch(hour_rows, _profile_row(coming, _profile_slot(ts[i + PREFETCH_AHEAD], offset_ms, weekends),
-                                              n_series))
+            slots[i + PREFETCH_AHEAD] = _profile_slot(ts[i + PREFETCH_AHEAD], offset_ms, weekends)
+            _prefetch(hour_rows, _profile_row(coming, slots[i + PREFETCH_AHEAD], n_series))
         s = series[i]
         x = values[i]
         t = ts[i]
@@ -245,7 +250,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             scores[i] = 1.0
             reasons[i] = OUT_OF_RANGE
             continue  # impossible values teach the baseline nothing
-        h = _profile_slot(t, offset_ms, weekends)
+        h = slots[i]
         hr = _profile_row(s, h, n_series)
         n = state[s, COUNT]
         if n == 0.0:
