@@ -243,15 +243,32 @@ class LiveHub:
                     await consumer.stop()
 
     def _collect_records(self, values: Iterable[bytes | None]) -> None:
+        # A record's event is built and serialised only when some group wants it: every API process
+        # reads the whole stream, and building every record's event cost the API 0.12 cores at
+        # 50,000 readings/s (bench.e2e) with one client following a dozen devices.
+        received = 0
         for value in values:
             try:
                 body = orjson.loads(value or b"")
-                event = {"type": "readings", "city": body["city"], "domain": body["domain"],
-                         "device_id": body["device"], "received_ms": body["recv"],
-                         "readings": [{"ts": ts, "metric": m, "value": v, "unit": u} for ts, m, v, u in body["r"]]}
+                city, domain, device_id = body["city"], body["domain"], body["device"]
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # not the wire format: the processor counts these; the feed just skips them
-            self._collect("readings", event["city"], event["domain"], event["device_id"], event)
+            received += 1
+            wanting = [group for live_filter, group in self._groups.items()
+                       if live_filter.matches("readings", city, domain, device_id)]
+            if not wanting:
+                continue
+            try:
+                message = orjson.dumps({
+                    "type": "readings", "city": city, "domain": domain, "device_id": device_id,
+                    "received_ms": body["recv"],
+                    "readings": [{"ts": ts, "metric": m, "value": v, "unit": u} for ts, m, v, u in body["r"]]})
+            except (KeyError, TypeError, ValueError):
+                continue
+            for group in wanting:
+                group.collected.append(message)
+        if received:
+            EVENTS.labels("readings").inc(received)
 
     async def _listen_alerts(self) -> None:
         while True:
