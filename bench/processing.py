@@ -1,7 +1,7 @@
 """Processing benchmark: the detector and aggregation kernels, the processor from Kafka into the
 database with exactly-once on, and the database write paths.
 
-    .venv/bin/pip install -e '.[bench]'     # once: River, for the baseline
+    (River, the baseline, is installed by ./bootstrap.sh with the project's bench extra)
     .venv/bin/python -m bench.processing [--quick] [--only kernels|processor|writes]
 
 1. Kernels, one core: 1M readings over 10k series, micro-batches of 10k, through every detector
