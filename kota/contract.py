@@ -95,6 +95,9 @@ class Metric:
 
     `state`: the value is a code (0 off, 1 on, 2 fault), not a quantity; the anomaly detectors judge
     it only against its range (a lamp switching on is not a spike).
+    `switched`: a switched load, such as a street light's power draw: at the bottom of its range it
+    is off, not low. The detectors judge it only while it is on, against what it draws when on, so
+    a lamp switching on at dusk or off at dawn is not a spike, a dip or a level shift.
     """
 
     name: str
@@ -103,10 +106,12 @@ class Metric:
     high: float
     description: str
     state: bool = False
+    switched: bool = False
 
 
-def _m(name: str, unit: str, low: float, high: float, description: str, *, state: bool = False) -> Metric:
-    return Metric(name, unit, low, high, description, state)
+def _m(name: str, unit: str, low: float, high: float, description: str, *, state: bool = False,
+       switched: bool = False) -> Metric:
+    return Metric(name, unit, low, high, description, state, switched)
 
 
 # Units are SenML / UCUM symbols. relativeHumidity is in percent, currentLevel in centimetres.
@@ -146,7 +151,7 @@ METRICS: dict[str, Metric] = {
         _m("activeEnergy", "kWh", 0, 1e12, "electric energy meter reading"),
         _m("powerState", "/", 0, 2, "street light state: 0 off, 1 on, 2 fault", state=True),
         _m("illuminanceLevel", "lx", 0, 200000, "illuminance"),
-        _m("powerConsumption", "W", 0, 10000, "street light power draw"),
+        _m("powerConsumption", "W", 0, 10000, "street light power draw", switched=True),
     )
 }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +29,13 @@ class StackSettings(BaseSettings):
 
     state_dir: Path = Field(default_factory=_default_state_dir)
     port_offset: int = 0
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        # PostgreSQL, Kafka and Mosquitto are started in folders of their own: a relative
+        # KOTA_STATE_DIR=.kota-bench left PostgreSQL unable to make its socket's lock file.
+        return path.expanduser().absolute()
 
     mqtt_base_port: int = 18830
     mqtt_tls_base_port: int = 18831  # TLS, username and password

@@ -13,7 +13,7 @@ snapshot restored gives the same scores as the original.
 from __future__ import annotations
 
 import io
-from collections.abc import Container, Hashable, Iterable, Mapping
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ class Detectors:
         self.hourly = _cache_aligned(np.zeros((kernels.DAY_KINDS, initial_series, kernels.HOURS, 3)))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
-        self.measured = np.ones(initial_series)  # 0.0: a state code, judged only by its range
+        self.measured = np.full(initial_series, kernels.MEASURED)  # how each series is judged
         # Wall-clock ms of each series' newest arrival, kept by the caller (mark_arrivals) for
         # dropouts on a live feed; not part of snapshots. NaN: not seen since this object was made.
         self.arrivals = np.full(initial_series, np.nan)
@@ -62,9 +62,10 @@ class Detectors:
         return list(self._ids)
 
     def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None,
-                   codes: Container[Hashable] = ()) -> np.ndarray:
+                   codes: Container[Hashable] = (), switched: Container[Hashable] = ()) -> np.ndarray:
         """Dense ids for series keys, creating state for new ones, with their physical range if given;
-        keys in `codes` are state codes (on/off/fault), which only the range detector judges."""
+        keys in `codes` are state codes (on/off/fault), which only the range detector judges; keys in
+        `switched` are switched loads, judged only while on (kernels.SWITCHED)."""
         ids = []
         for key in keys:
             sid = self._ids.get(key)
@@ -74,7 +75,9 @@ class Detectors:
                 if ranges and key in ranges:
                     self.low[sid], self.high[sid] = ranges[key]
                 if key in codes:
-                    self.measured[sid] = 0.0
+                    self.measured[sid] = kernels.STATE_CODE
+                elif key in switched:
+                    self.measured[sid] = kernels.SWITCHED
             ids.append(sid)
         return np.asarray(ids, dtype=np.int64)
 
@@ -88,7 +91,7 @@ class Detectors:
             [self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3))], axis=1))
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
-        self.measured = np.concatenate([self.measured, np.ones(new - size)])
+        self.measured = np.concatenate([self.measured, np.full(new - size, kernels.MEASURED)])
         self.arrivals = np.concatenate([self.arrivals, np.full(new - size, np.nan)])
 
     def score(self, series: np.ndarray, ts_ms: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +146,12 @@ class Detectors:
         self.low[:n] = snapshot.low
         self.high[:n] = snapshot.high
         self.measured[:n] = snapshot.measured
+
+    def judge_by(self, kind_of: Callable[[Any], float]) -> None:
+        """Set how every known series is judged (kernels.MEASURED, STATE_CODE or SWITCHED) from
+        `kind_of(key)`: for a catalogue whose word should win over a restored checkpoint's."""
+        for key, sid in self._ids.items():
+            self.measured[sid] = kind_of(key)
 
 
 @dataclass(frozen=True)

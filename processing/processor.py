@@ -116,6 +116,14 @@ def new_detectors(settings: ProcessorSettings) -> Detectors:
     return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings))
 
 
+def catalogue_kind(key: tuple[str, str]) -> float:
+    """How the detectors judge a (device, metric) series, from the measurement catalogue."""
+    metric = METRICS.get(key[1])
+    if metric is None:
+        return kernels.MEASURED
+    return kernels.STATE_CODE if metric.state else kernels.SWITCHED if metric.switched else kernels.MEASURED
+
+
 def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarray:
     """The detector parameters the processor's settings choose, in place (also on restored checkpoints):
     - dropouts seen in event time: a reading that ends a silence of more than `dropout_factor` usual
@@ -191,6 +199,7 @@ class Processor:
                 detectors.restore(deserialize(checkpoints[p].series, checkpoints[p].state))
                 # Settings, not learned state: today's settings win over the ones a checkpoint was saved with.
                 apply_settings(detectors.params, self._settings)
+                detectors.judge_by(catalogue_kind)  # and today's catalogue (a checkpoint may predate a kind)
                 self._consumer.seek(tp, checkpoints[p].next_offset)
                 self._detected_until[p] = checkpoints[p].next_offset
                 self._last_checkpoint[p] = time.monotonic()
@@ -333,8 +342,10 @@ class Processor:
             keys = [(r.device_id, r.metric) for _, r in rows]
             new_keys = {k for k in keys if not detectors.knows(k)}
             ranges = {k: self._range(k) for k in new_keys}
-            codes = {k for k in new_keys if (metric := METRICS.get(k[1])) is not None and metric.state}
-            ids = detectors.series_ids(keys, ranges, codes)
+            kinds = {k: catalogue_kind(k) for k in new_keys}
+            codes = {k for k, kind in kinds.items() if kind == kernels.STATE_CODE}
+            switched = {k for k, kind in kinds.items() if kind == kernels.SWITCHED}
+            ids = detectors.series_ids(keys, ranges, codes, switched)
             ts = np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows))
             values = np.fromiter((r.value for _, r in rows), np.float64, len(rows))
             # Each series in event-time order within the batch (a stable sort: in-order series keep

@@ -35,9 +35,10 @@ def score_of(z: float, floor: float, scale: float) -> float:
 
 
 def reference_scores(readings: list[tuple[int, float, float]], params, ranges: dict[int, tuple[float, float]],
-                     states: dict[int, SeriesState], codes: frozenset[int] = frozenset()
-                     ) -> list[tuple[float, int]]:
-    """`codes`: series whose values are state codes, judged only against their range."""
+                     states: dict[int, SeriesState], codes: frozenset[int] = frozenset(),
+                     switched: frozenset[int] = frozenset()) -> list[tuple[float, int]]:
+    """`codes`: series whose values are state codes, judged only against their range. `switched`:
+    switched loads, off at the bottom of their range, judged only while on."""
     (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
      clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin, gap_factor, routine_alpha,
      routine_rate, routine_level, repeat_below, daily_tightness, daily_days, utc_offset_hours, weekends) = (
@@ -52,6 +53,14 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             out.append((1.0, k.OUT_OF_RANGE))
             continue
         st = states.setdefault(sid, SeriesState())
+        if sid in switched and x <= low:  # off: only its time is kept, so being off is not silence
+            if st.count > 0:
+                gap = t - st.last_ts
+                if gap > 0:
+                    st.interval = gap if st.interval == 0 else st.interval + 0.05 * (gap - st.interval)
+                st.last_ts = t
+            out.append((0.0, k.NONE))
+            continue
         local_weekday = (int((t + utc_offset_hours * 3_600_000) // 86_400_000) + 3) % 7  # Monday 0
         hour = int((t // 3_600_000) % 24) + (24 if weekends and local_weekday >= 5 else 0)  # weekends have their own
         if st.count == 0:

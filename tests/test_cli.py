@@ -23,6 +23,17 @@ def test_parser_knows_every_subcommand():
     assert set(SUBCOMMANDS) <= set(choices)
 
 
+def test_a_relative_state_dir_is_taken_from_where_kota_runs(tmp_path, monkeypatch):
+    # The services run in folders of their own: with the relative path as given, PostgreSQL could
+    # not make its socket's lock file and `KOTA_STATE_DIR=.kota-bench kota up` failed.
+    from kota.settings import StackSettings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KOTA_STATE_DIR", ".kota-bench")
+    assert StackSettings().state_dir == tmp_path / ".kota-bench"
+    assert StackSettings().logs_dir.is_absolute()
+
+
 @pytest.mark.stack
 def test_status_shows_services_and_processes(pipeline):
     out = kota_ok(pipeline, "status")

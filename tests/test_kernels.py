@@ -18,15 +18,17 @@ from processing.processor import ProcessorSettings, apply_settings, new_detector
 from tests.reference_detectors import reference_scores
 
 
-def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset()):
+def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset(),
+             switched=frozenset()):
     detector = Detectors(params)
-    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges, codes)
+    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges, codes, switched)
     scores, reasons = [], []
     for chunk in np.array_split(np.arange(len(series)), batches) if len(series) else [np.arange(0)]:
         s, r = detector.score(np.asarray(series)[chunk], np.asarray(ts)[chunk], np.asarray(values)[chunk])
         scores += list(s)
         reasons += list(r)
-    reference = reference_scores(list(zip(series, ts, values, strict=True)), params, ranges or {}, {}, codes)
+    reference = reference_scores(list(zip(series, ts, values, strict=True)), params, ranges or {}, {}, codes,
+                                 switched)
     return np.array(scores), np.array(reasons), reference
 
 
@@ -56,6 +58,21 @@ def test_random_streams_agree_with_the_reference_in_any_batching(seed, batches, 
     if params is k.ALL_DETECTORS_PARAMS:
         # the rate and gap paths are exercised, not just agreed on
         assert {k.RATE_OF_CHANGE, k.DROPOUT} <= set(reasons)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("batches", [1, 13])
+def test_random_switched_loads_agree_with_the_reference_in_any_batching(seed, batches):
+    series, ts, values = random_stream(seed)
+    off = np.random.default_rng(seed + 10).random(len(values)) < 0.3
+    values = np.where(off, 0.0, np.abs(values))  # three in ten readings off, the rest on
+    ranges = {s: (0.0, 1e6) for s in range(7)}
+    scores, reasons, reference = run_both(series, ts, values, ranges=ranges, batches=batches,
+                                          params=k.ALL_DETECTORS_PARAMS, switched={0, 1, 2, 3})
+    assert_agree(scores, reasons, reference)
+    judged = np.isin(series, [0, 1, 2, 3])
+    assert set(reasons[judged & off]) == {k.NONE} and (scores[judged & ~off] > 0).any()
+    assert (scores[~judged & off] > 0).any()  # measured series: a zero among twenties is news
 
 
 def daily_stream(seed, days=6, n_series=3):
@@ -210,6 +227,60 @@ def test_a_state_code_is_judged_only_by_its_range():
     assert set(reasons[:-1]) == {k.NONE} and reasons[-1] == k.OUT_OF_RANGE
     _, measured_reasons, _ = run_both(series, ts, values, ranges={0: (0.0, 2.0)})
     assert set(measured_reasons[:-1]) - {k.NONE}  # judged as a quantity, the switching looks anomalous
+
+
+def street_light_days(seed, days=3):
+    """A street light's power draw every minute: about 120 W from 18:00 to 06:00, 0 W by day
+    (starting at midnight, on), with a 200 W spike on the second night."""
+    rng = np.random.default_rng(seed)
+    ts = np.arange(days * 1440) * 60_000.0
+    hour = ts / 3_600_000 % 24
+    on = (hour >= 18) | (hour < 6)
+    values = np.where(on, 120 + rng.normal(0, 2, len(ts)), 0.0)
+    spike = 1440 + 22 * 60
+    values[spike] = 200.0
+    return ts, values, on, spike
+
+
+def test_a_switched_load_is_judged_only_while_on():
+    ts, values, on, spike = street_light_days(4)
+    series = np.zeros(len(ts), np.int64)
+    ranges = {0: (0.0, 10_000.0)}
+    scores, reasons, reference = run_both(series, ts, values, ranges=ranges, switched={0})
+    assert_agree(scores, reasons, reference)
+    found = set(np.flatnonzero(scores >= 0.3))
+    assert found == {spike}  # dawn, dusk and the evenings after are usual; the spike is not
+    assert set(reasons[~on]) == {k.NONE}
+    # Judged as a quantity (as before), dawn and dusk on the first days look anomalous.
+    measured_scores, _, _ = run_both(series, ts, values, ranges=ranges)
+    assert len(set(np.flatnonzero(measured_scores >= 0.3)) - {spike}) >= 2
+
+
+def test_a_switched_load_that_is_off_is_not_silent():
+    ts, values, _, _ = street_light_days(5)
+    params = k.DEFAULT_PARAMS.copy()
+    params[k.P_GAP_FACTOR] = 5.0
+    ranges = {0: (0.0, 10_000.0)}
+    scores, reasons, reference = run_both(np.zeros(len(ts), np.int64), ts, values, ranges=ranges,
+                                          params=params, switched={0})
+    assert_agree(scores, reasons, reference)
+    assert k.DROPOUT not in set(reasons)  # twelve hours off is not twelve hours of silence
+    detector = Detectors()
+    sid = detector.series_ids(["lamp"], {"lamp": (0.0, 10_000.0)}, switched={"lamp"})
+    detector.score(np.repeat(sid, len(ts)), ts, values)
+    assert detector.state[sid[0], k.LAST_TS] == ts[-1]  # the dropout timer sees it report
+
+
+def test_how_a_series_is_judged_follows_the_catalogue_over_a_checkpoint():
+    from processing.processor import catalogue_kind
+
+    keys = [("lamp-1", "powerConsumption"), ("lamp-1", "powerState"), ("aq-1", "pm25"), ("x", "unknownMetric")]
+    old = Detectors()
+    old.series_ids(keys)  # as a checkpoint from before switched loads: everything measured
+    restored = Detectors()
+    restored.restore(deserialize(*serialize(old.snapshot())))
+    restored.judge_by(catalogue_kind)
+    assert list(restored.measured[:4]) == [k.SWITCHED, k.STATE_CODE, k.MEASURED, k.MEASURED]
 
 
 def test_a_reading_after_a_long_silence_in_event_time_is_a_dropout():

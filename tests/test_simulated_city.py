@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import kota_ok, unique_id, wait_for_stored
+from tests.helpers import kota_ok, query, unique_id, wait_for_stored
 
 pytestmark = pytest.mark.stack
 
@@ -43,3 +43,14 @@ def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
     pictures = list(out.glob("*.png"))
     assert len(pictures) == 1 and pictures[0].stat().st_size > 10_000
     assert (out / f"{city}-scorecard.txt").read_text() == report[: report.index("report:")]
+
+    # Street lights switch off at 06:00 (and the morning's first readings find them on): a switched
+    # load that is off is not a dip, nor coming back on a spike (processing/kernels.SWITCHED).
+    lamps = query(pipeline, "SELECT count(*) FROM devices WHERE city = %s AND device_type = 'street_light'", (city,))
+    assert lamps[0][0] >= 1
+    labelled = sorted({x["device_id"] for x in document["labels"]})
+    unlabelled_lamp_anomalies = query(
+        pipeline, """SELECT a.device_id, a.reason, a.ts FROM anomalies a JOIN devices d USING (device_id)
+                     WHERE d.city = %s AND a.metric = 'powerConsumption' AND NOT a.device_id = ANY(%s)""",
+        (city, labelled))
+    assert unlabelled_lamp_anomalies == []
