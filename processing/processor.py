@@ -116,6 +116,18 @@ def new_detectors(settings: ProcessorSettings) -> Detectors:
     return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings))
 
 
+async def _not_signalled_yet(conn: psycopg.AsyncConnection, signals: list[Signal]) -> list[Signal]:
+    """Dropout signals less those of a silence the device's open dropout alert already holds (its
+    last time at or after the series' last reading). Which series were signalled is kept in memory,
+    and a restarted processor (or a partition's new owner) counted every silence again."""
+    cursor = await conn.execute(
+        "SELECT device_id, (extract(epoch FROM last_ts) * 1000)::bigint FROM alerts "
+        "WHERE alert_type = 'dropout' AND state <> 'cleared' AND device_id = ANY(%s)",
+        (sorted({s.device_id for s in signals}),))
+    held_until: dict[str, int] = dict(await cursor.fetchall())
+    return [s for s in signals if s.ts_ms > held_until.get(s.device_id, -math.inf)]
+
+
 def catalogue_kind(key: tuple[str, str]) -> float:
     """How the detectors judge a (device, metric) series, from the measurement catalogue."""
     metric = METRICS.get(key[1])
@@ -447,6 +459,7 @@ class Processor:
             return conn
         try:
             async with conn.transaction():
+                signals = await _not_signalled_yet(conn, signals)
                 changes = await apply_signals(conn, signals, self._policy.clear_after_s,
                                               self._policy.default_clear_after_s)
             for change in changes:

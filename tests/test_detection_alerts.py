@@ -6,6 +6,8 @@ import time
 import psycopg
 import pytest
 
+from deploy import procs
+from deploy import stack as local
 from kota import alerts
 from tests.helpers import provision, publish_series, query, stored_readings, wait_for
 
@@ -154,6 +156,26 @@ def test_a_silent_series_raises_a_dropout_alert_on_the_timer_and_clears_when_dat
     wait_for(lambda: _alerts(pipeline, light.device_id)[0][3] == "cleared", what="clear on return")
 
 
+def test_a_restarted_processor_does_not_signal_an_open_dropout_again(pipeline):
+    quiet = provision(pipeline, "water_meter")
+    now = int(time.time() * 1000)
+    publish_series(pipeline, quiet, "pressure", _steady(now - 40_000, 40, 1000, 3.0))  # then silence
+    [(alert_id, _, _, state, count, *_)] = wait_for(
+        lambda: _alerts(pipeline, quiet.device_id), timeout_s=60, what="the dropout alert")
+    assert state == "active"
+
+    assert procs.stop(pipeline, "processor", hard=True)
+    local.start_component(pipeline, "processor")
+    # The restarted processor's timer proves it has run past the quiet series' silence by raising
+    # a dropout for a series that falls silent after the restart (the restart marks every known
+    # series as just arrived; the quiet one, reporting every second, is due five seconds later).
+    control = provision(pipeline, "water_meter")
+    now = int(time.time() * 1000)
+    publish_series(pipeline, control, "pressure", _steady(now - 40_000, 40, 1000, 3.0))
+    wait_for(lambda: _alerts(pipeline, control.device_id), timeout_s=90, what="the control's dropout alert")
+    assert _alerts(pipeline, quiet.device_id)[0][:5] == (alert_id, "dropout", "minor", "active", count)
+
+
 def test_a_street_light_switching_off_and_on_is_not_an_anomaly(pipeline):
     # powerState is a state code (judged only by its range); power resting at 0 W by day is "off",
     # not a stuck sensor. Before both rules, the first simulated day had 38 such false detections.
@@ -169,3 +191,5 @@ def test_a_street_light_switching_off_and_on_is_not_an_anomaly(pipeline):
     reasons = query(pipeline, "SELECT metric, reason FROM anomalies WHERE device_id = %s", (light.device_id,))
     assert not [r for r in reasons if r[0] == "powerState"], reasons
     assert ("powerConsumption", "stuck") not in reasons, reasons
+    # powerConsumption is a switched load: switching off at dawn is not a dip (kernels.SWITCHED).
+    assert not [r for r in reasons if r[0] == "powerConsumption"], reasons

@@ -57,6 +57,18 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
             for (let i = 0; i < d.length; i += 4) if (d[i + 1] > 150 && d[i] < 100) n++; return n; }""")
         assert coloured > 20
+        # A station at Berbahaya is drawn black: ringed in light, or it vanishes into the dark map.
+        ringed = page.evaluate("""async () => {
+            const { CityMap } = await import('./map.js');
+            const canvas = document.createElement('canvas'); canvas.width = 200; canvas.height = 200;
+            const map = new CityMap(canvas);
+            map.setDevices([{ id: 'x', geometry: { coordinates: [107.6, -6.9] },
+                              properties: { status: 'online', ispu: { hex: '#111111' } } }]);
+            map.setColourBy('ispu'); map.draw();
+            const d = canvas.getContext('2d').getImageData(0, 0, 200, 200).data; let n = 0;
+            for (let i = 0; i < d.length; i += 4) if (d[i] > 150 && d[i + 1] > 150 && d[i + 2] > 150) n++;
+            return n; }""")
+        assert ringed > 10
 
         gate_level = page.locator(f'td[data-device="{gate.device_id}"][data-metric="currentLevel"]')
         expect(gate_level).to_have_text("170 cm")

@@ -103,6 +103,17 @@ export class CityMap {
       ctx.fillStyle = c; ctx.beginPath();
       for (const [x, y] of pts) { ctx.moveTo(x + r, y); ctx.arc(x, y, r, 0, 2 * Math.PI); }
       ctx.fill();
+      if (isDark(c)) {  // ISPU Berbahaya is black: ringed, or the worst air vanishes into the map
+        ctx.strokeStyle = "#e6edf3"; ctx.lineWidth = 1; ctx.stroke();
+      }
     }
   }
+}
+
+// A colour too dark to see on the map's background (#rrggbb).
+function isDark(colour) {
+  const m = /^#([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})$/i.exec(colour);
+  if (!m) return false;
+  const [r, g, b] = m.slice(1).map((h) => parseInt(h, 16));
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b < 48;
 }
