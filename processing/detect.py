@@ -13,7 +13,7 @@ snapshot restored gives the same scores as the original.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Container, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +62,10 @@ class Detectors:
         return list(self._ids)
 
     def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None,
-                   codes: Container[Hashable] = (), switched: Container[Hashable] = ()) -> np.ndarray:
-        """Dense ids for series keys, creating state for new ones, with their physical range if given;
-        keys in `codes` are state codes (on/off/fault), which only the range detector judges; keys in
-        `switched` are switched loads, judged only while on (kernels.SWITCHED)."""
+                   kinds: Mapping[Any, float] | None = None) -> np.ndarray:
+        """Dense ids for series keys, creating state for new ones, with their physical range and how
+        they are judged (`kinds`: kernels.MEASURED, the default; STATE_CODE, on/off/fault, which only
+        the range detector judges; SWITCHED, a switched load, judged only while on) if given."""
         ids = []
         for key in keys:
             sid = self._ids.get(key)
@@ -74,10 +74,8 @@ class Detectors:
                 self._grow(sid + 1)
                 if ranges and key in ranges:
                     self.low[sid], self.high[sid] = ranges[key]
-                if key in codes:
-                    self.measured[sid] = kernels.STATE_CODE
-                elif key in switched:
-                    self.measured[sid] = kernels.SWITCHED
+                if kinds and key in kinds:
+                    self.measured[sid] = kinds[key]
             ids.append(sid)
         return np.asarray(ids, dtype=np.int64)
 

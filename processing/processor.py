@@ -357,10 +357,7 @@ class Processor:
             keys = [(r.device_id, r.metric) for _, r in rows]
             new_keys = {k for k in keys if not detectors.knows(k)}
             ranges = {k: self._range(k) for k in new_keys}
-            kinds = {k: catalogue_kind(k) for k in new_keys}
-            codes = {k for k, kind in kinds.items() if kind == kernels.STATE_CODE}
-            switched = {k for k, kind in kinds.items() if kind == kernels.SWITCHED}
-            ids = detectors.series_ids(keys, ranges, codes, switched)
+            ids = detectors.series_ids(keys, ranges, {k: catalogue_kind(k) for k in new_keys})
             ts = np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows))
             values = np.fromiter((r.value for _, r in rows), np.float64, len(rows))
             # Each series in event-time order within the batch (a stable sort: in-order series keep

@@ -26,6 +26,7 @@ import sys
 import time
 from types import FrameType
 
+from deploy import procs
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.processor")
@@ -44,7 +45,7 @@ def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> in
     metrics_root = stack.run_dir / "processor-metrics"
     metrics_root.mkdir(parents=True, exist_ok=True)
     for old in metrics_root.iterdir():
-        if old.name.isdigit() and _running(int(old.name)):
+        if old.name.isdigit() and procs.alive(int(old.name)):
             continue
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -91,16 +92,6 @@ def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> in
         failed |= proc.wait() not in (0, -signal.SIGTERM)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return int(failed)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_number() -> int | None:

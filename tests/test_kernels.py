@@ -21,7 +21,8 @@ from tests.reference_detectors import reference_scores
 def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset(),
              switched=frozenset()):
     detector = Detectors(params)
-    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges, codes, switched)
+    kinds = {**dict.fromkeys(codes, k.STATE_CODE), **dict.fromkeys(switched, k.SWITCHED)}
+    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges, kinds)
     scores, reasons = [], []
     for chunk in np.array_split(np.arange(len(series)), batches) if len(series) else [np.arange(0)]:
         s, r = detector.score(np.asarray(series)[chunk], np.asarray(ts)[chunk], np.asarray(values)[chunk])
@@ -266,7 +267,7 @@ def test_a_switched_load_that_is_off_is_not_silent():
     assert_agree(scores, reasons, reference)
     assert k.DROPOUT not in set(reasons)  # twelve hours off is not twelve hours of silence
     detector = Detectors()
-    sid = detector.series_ids(["lamp"], {"lamp": (0.0, 10_000.0)}, switched={"lamp"})
+    sid = detector.series_ids(["lamp"], {"lamp": (0.0, 10_000.0)}, {"lamp": k.SWITCHED})
     detector.score(np.repeat(sid, len(ts)), ts, values)
     assert detector.state[sid[0], k.LAST_TS] == ts[-1]  # the dropout timer sees it report
 
@@ -426,7 +427,8 @@ def test_a_serialized_checkpoint_restores_exactly_the_same_scores():
     values = rng.normal(50, 5, 3000)
     values[2500] = 500.0
     original = Detectors()
-    ids = original.series_ids([keys[i] for i in picks[:2000]], {keys[1]: (-500.0, 5000.0)}, codes={keys[2]})
+    ids = original.series_ids([keys[i] for i in picks[:2000]], {keys[1]: (-500.0, 5000.0)},
+                              {keys[2]: k.STATE_CODE})
     original.score(ids, ts[:2000], values[:2000])
     restored = Detectors()
     restored.restore(deserialize(*serialize(original.snapshot())))
