@@ -2,14 +2,15 @@
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 
-from kota.settings import PROJECT_ROOT
 from processing.ispu import CONCENTRATION_EDGES, ISPU_EDGES, category, station_ispu, sub_index
 from processing.rules import siaga_for
 
-JAKARTA = PROJECT_ROOT.parent / "shared" / "data" / "jakarta_ispu" / "ispu_dki_all.csv"
+# An excerpt of the published file, committed with the tests (tests/data/README.md says which rows and why).
+JAKARTA = Path(__file__).resolve().parent / "data" / "jakarta_ispu" / "ispu_dki_all.csv"
 
 
 @pytest.mark.parametrize("pollutant", sorted(CONCENTRATION_EDGES))
@@ -52,7 +53,6 @@ def test_station_ispu_takes_the_largest_sub_index_as_critical():
     assert result.critical == "pm25" and round(result.value) == 105 and result.category.name == "Tidak Sehat"
 
 
-@pytest.mark.skipif(not JAKARTA.exists(), reason="shared data not beside the checkout")
 def test_published_jakarta_days_agree_with_our_categories_and_critical_pollutants():
     """The file holds sub-indices, the day's max, its critical pollutant and category. The published
     data has its own slips (a few days at exactly 200 filed as Sangat Tidak Sehat, a critical
@@ -70,7 +70,7 @@ def test_published_jakarta_days_agree_with_our_categories_and_critical_pollutant
         if len(leaders) == 1:
             critical_checked += 1
             critical_agrees += leaders[0].upper() == row["critical"].upper() and top == float(row["max"])
-    assert category_checked > 5000
+    assert category_checked > 340  # the excerpt checks 349 of its 352 days (the full file: 5,534 of 5,538)
     assert category_agrees / category_checked >= 0.99, (category_agrees, category_checked)
     assert critical_agrees / critical_checked >= 0.98, (critical_agrees, critical_checked)
 

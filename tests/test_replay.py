@@ -9,7 +9,8 @@ import pytest
 from simulators.replay import BEIJING, JAKARTA, mapping_for, parse
 from tests.helpers import query, run_kota, unique_id, wait_for_stored
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Excerpts of the recordings, committed with the tests (tests/data/README.md); benchmarks read the full files.
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _kota(pipeline, *args: str):
