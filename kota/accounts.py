@@ -7,6 +7,7 @@ nothing and cost every request (GitHub and Stripe keep API tokens the same way).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import secrets
@@ -21,6 +22,11 @@ from kota.contract import is_valid_id
 Role = Literal["operator", "integrator", "admin"]
 ROLES: tuple[str, ...] = get_args(Role)
 TOKEN_PREFIX = "kota_"  # noqa: S105 - a format marker, not a secret
+# A new token's lifetime unless asked otherwise (`kota users token NAME --expires DAYS|never`): a
+# token left in a browser or a script stops working on its own.
+DEFAULT_TOKEN_LIFETIME = dt.timedelta(days=90)
+# In SQL: a token that works now.
+LIVE_TOKEN = "t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now())"  # noqa: S105
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,23 +79,49 @@ def get_user(conn: psycopg.Connection, user_id: str) -> User | None:
     return User(row[0], row[1], tuple(row[2]), row[3]) if row else None
 
 
-def list_users(conn: psycopg.Connection) -> list[tuple[User, int]]:
-    """Every user with their number of live tokens."""
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """A user's live tokens (not revoked, not expired)."""
+
+    live: int
+    next_expiry: dt.datetime | None  # the soonest a live token expires
+    never_expiring: int
+
+
+def list_users(conn: psycopg.Connection) -> list[tuple[User, Tokens]]:
+    """Every user with their live tokens."""
     rows = conn.execute(
-        "SELECT u.user_id, u.role, u.cities, u.display_name, count(t.token_id) FILTER (WHERE t.revoked_at IS NULL) "
+        f"SELECT u.user_id, u.role, u.cities, u.display_name, count(t.token_id) FILTER (WHERE {LIVE_TOKEN}), "  # noqa: S608
+        f"min(t.expires_at) FILTER (WHERE {LIVE_TOKEN}), "
+        f"count(t.token_id) FILTER (WHERE {LIVE_TOKEN} AND t.expires_at IS NULL) "
         "FROM users u LEFT JOIN api_tokens t USING (user_id) GROUP BY u.user_id ORDER BY u.user_id").fetchall()
-    return [(User(r[0], r[1], tuple(r[2]), r[3]), r[4]) for r in rows]
+    return [(User(r[0], r[1], tuple(r[2]), r[3]), Tokens(r[4], r[5], r[6])) for r in rows]
 
 
-def issue_token(conn: psycopg.Connection, user_id: str, *, label: str | None = None, actor: str) -> str:
-    """A new token for the user; shown once, never stored in clear."""
+def issue_token(conn: psycopg.Connection, user_id: str, *, label: str | None = None, actor: str,
+                lifetime: dt.timedelta | None = DEFAULT_TOKEN_LIFETIME) -> str:
+    """A new token for the user, working for `lifetime` (None: until revoked); shown once, never
+    stored in clear."""
     if get_user(conn, user_id) is None:
         raise LookupError(f"user {user_id!r} not found")
+    if lifetime is not None and lifetime <= dt.timedelta(0):
+        raise ValueError("a token's lifetime must be positive")
     token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32).replace("_", "-")
-    conn.execute("INSERT INTO api_tokens (token_id, user_id, secret_hash, label) VALUES (%s, %s, %s, %s)",
-                 (token_id, user_id, hash_secret(secret), label))
-    record(conn, actor, "token.issued", "user", user_id, None, {"token_id": token_id, "label": label})
+    cur = conn.execute("INSERT INTO api_tokens (token_id, user_id, secret_hash, label, expires_at) "
+                       "VALUES (%s, %s, %s, %s, now() + %s::interval) RETURNING expires_at",
+                       (token_id, user_id, hash_secret(secret), label, lifetime))
+    expires_at = cur.fetchone()[0]  # type: ignore[index]
+    record(conn, actor, "token.issued", "user", user_id, None,
+           {"token_id": token_id, "label": label, "expires_at": expires_at.isoformat() if expires_at else None})
     return f"{TOKEN_PREFIX}{token_id}_{secret}"
+
+
+def token_expiry(conn: psycopg.Connection, token: str) -> dt.datetime | None:
+    """When a token expires (None: never, or no such token)."""
+    parts = split_token(token)
+    row = conn.execute("SELECT expires_at FROM api_tokens WHERE token_id = %s", (parts[0],)).fetchone() \
+        if parts else None
+    return row[0] if row else None
 
 
 def revoke_tokens(conn: psycopg.Connection, user_id: str, *, actor: str) -> int:
@@ -103,7 +135,7 @@ def token_is_live(conn: psycopg.Connection, token: str) -> bool:
     parts = split_token(token)
     if parts is None:
         return False
-    row = conn.execute("SELECT secret_hash FROM api_tokens WHERE token_id = %s AND revoked_at IS NULL",
+    row = conn.execute(f"SELECT secret_hash FROM api_tokens t WHERE token_id = %s AND {LIVE_TOKEN}",  # noqa: S608
                        (parts[0],)).fetchone()
     return row is not None and secret_matches(parts[1], row[0])
 

@@ -9,6 +9,11 @@ never slows the others, and memory stays flat because the frames waiting are sha
 
 Readings come from the stream the gateway writes, so the feed shows a reading as soon as it is
 accepted (before the processor has stored it); alert changes are announced by the database on commit.
+
+The same LISTEN connection hears changes of access (`kota_access_changed`: a token revoked or
+re-dated, a user's role, cities or enabled changed): the hub hands them to `access_changed`, which
+forgets cached tokens and closes the streams that no longer hold (ops_api/api/routes/live.py). A
+stream also closes when its token expires.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +34,7 @@ from prometheus_client import Counter, Gauge
 
 from kota.contract import READINGS_TOPIC
 from kota.settings import StackSettings
+from ops_api.auth import BAD_TOKEN, Principal
 
 log = logging.getLogger("kota.api.live")
 
@@ -35,6 +42,7 @@ CLIENTS = Gauge("kota_api_live_clients", "connected live-feed clients", multipro
 DROPPED = Counter("kota_api_live_dropped_clients", "live-feed clients dropped", ["reason"])
 EVENTS = Counter("kota_api_live_events", "events received for the live feed", ["type"])
 ALERT_CHANNEL = "kota_alert_events"
+ACCESS_CHANNEL = "kota_access_changed"
 SLOW_CLIENT = "slow client: more than {n} events waiting; reconnect and read faster"
 
 
@@ -93,18 +101,30 @@ class Subscriber:
     waiting_events: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     dropped: str | None = None
+    close_code: int = 4408  # why the stream ends, once `dropped`: 4408 too slow, 4401 / 4403 access
+    # Who opened it, to check again when their access changes (None: tests of the fan-out).
+    principal: Principal | None = None
+    token: str | None = None
+    expiry: asyncio.TimerHandle | None = None
 
     def offer(self, frame: Frame) -> None:
         if self.dropped:
             return
         if self.waiting_events + len(frame.events) > self.capacity:
-            self.dropped = SLOW_CLIENT.format(n=self.capacity)
             DROPPED.labels("slow").inc()
-            self.pending.clear()  # let go of the frames now, not when the socket closes
-            self.waiting_events = 0
+            self.close(4408, SLOW_CLIENT.format(n=self.capacity))
         else:
             self.pending.append(frame)
             self.waiting_events += len(frame.events)
+            self.ready.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """End the stream with `code` and `reason`: the writer sends what it must and closes."""
+        if self.dropped:
+            return
+        self.dropped, self.close_code = reason, code
+        self.pending.clear()  # let go of the frames now, not when the socket closes
+        self.waiting_events = 0
         self.ready.set()
 
     async def take(self) -> list[Frame] | None:
@@ -139,10 +159,18 @@ class LiveHub:
         self._reader: asyncio.Task[None] | None = None  # the Kafka reader, only while someone wants readings
         self._positioned = asyncio.Event()
         self.consumer: AIOKafkaConsumer | None = None
+        # Changes of access heard on the LISTEN connection (the user, or None: anyone's, after a
+        # reconnect that may have missed some), and whether they are being heard at all.
+        self.access_changed: Callable[[str | None], None] | None = None
+        self.listening: Callable[[bool], None] | None = None
 
     # -- clients -------------------------------------------------------------------------------
-    def subscribe(self, live_filter: Filter) -> Subscriber:
-        subscriber = Subscriber(live_filter, self._queue_events)
+    def subscribe(self, live_filter: Filter, principal: Principal | None = None, token: str | None = None
+                  ) -> Subscriber:
+        subscriber = Subscriber(live_filter, self._queue_events, principal=principal, token=token)
+        if principal is not None and principal.expires_at is not None:
+            subscriber.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, principal.expires_at - time.time()), subscriber.close, 4401, BAD_TOKEN)
         self._groups.setdefault(live_filter, _Group()).subscribers.add(subscriber)
         CLIENTS.set(self.clients)
         if "readings" in live_filter.types and self._kafka_enabled and self._reader is None:
@@ -150,6 +178,8 @@ class LiveHub:
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber.expiry is not None:
+            subscriber.expiry.cancel()
         group = self._groups.get(subscriber.filter)
         if group is not None:
             group.subscribers.discard(subscriber)
@@ -164,6 +194,11 @@ class LiveHub:
     @property
     def clients(self) -> int:
         return sum(len(group.subscribers) for group in self._groups.values())
+
+    def subscribers(self, user_id: str | None = None) -> list[Subscriber]:
+        """The open streams of `user_id` (None: all of them)."""
+        return [s for group in self._groups.values() for s in group.subscribers
+                if user_id is None or (s.principal is not None and s.principal.user_id == user_id)]
 
     def publish(self, kind: str, city: str, domain: str, device_id: str, event: dict[str, Any]) -> None:
         """Send one event to every client whose filter matches, now."""
@@ -189,7 +224,7 @@ class LiveHub:
 
     # -- sources -------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._listen_alerts(), name="live-alerts"))
+        self._tasks.append(asyncio.create_task(self._listen(), name="live-alerts-access"))
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -214,7 +249,7 @@ class LiveHub:
 
     async def _read_kafka(self) -> None:
         while True:
-            consumer = AIOKafkaConsumer(READINGS_TOPIC, bootstrap_servers=self._stack.kafka_bootstrap, group_id=None,
+            consumer = AIOKafkaConsumer(READINGS_TOPIC, **self._stack.kafka_client_options(), group_id=None,
                                         auto_offset_reset="latest", enable_auto_commit=False, fetch_max_wait_ms=50)
             try:
                 await consumer.start()
@@ -270,17 +305,38 @@ class LiveHub:
         if received:
             EVENTS.labels("readings").inc(received)
 
-    async def _listen_alerts(self) -> None:
+    async def _listen(self) -> None:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._stack.postgres_dsn, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {ALERT_CHANNEL}")
+                    await conn.execute(f"LISTEN {ACCESS_CHANNEL}")
+                    self._set_listening(True)
                     async for note in conn.notifies():
-                        change = orjson.loads(note.payload)
-                        self.publish("alert", change["city"], change["domain"], change["device_id"],
-                                     {"type": "alert", **change})
+                        self._notified(note.channel, note.payload)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - reconnect after a database restart
                 log.exception("live feed: LISTEN connection failed; retrying in 2 s")
-                await asyncio.sleep(2)
+            finally:
+                self._set_listening(False)
+            await asyncio.sleep(2)
+
+    def _set_listening(self, listening: bool) -> None:
+        if self.listening is not None:
+            self.listening(listening)
+        if listening and self.access_changed is not None:
+            self.access_changed(None)  # changes made while nobody listened were not heard: check every stream
+
+    def _notified(self, channel: str, payload: str) -> None:
+        """One notification; one that does not parse is skipped (anyone connected may NOTIFY)."""
+        try:
+            change = orjson.loads(payload)
+            if channel == ACCESS_CHANNEL:
+                if self.access_changed is not None:
+                    self.access_changed(str(change["user_id"]))
+            else:
+                self.publish("alert", change["city"], change["domain"], change["device_id"],
+                             {"type": "alert", **change})
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("live feed: skipped a malformed notification on %s", channel)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import select
 import time
@@ -14,22 +15,38 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram, make_asgi_app, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Histogram, generate_latest, multiprocess
 from psycopg_pool import AsyncConnectionPool
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kota.logs import setup_logging
 from kota.settings import StackSettings
 from ops_api.api.routes import access, alerts, cities, devices, health, live
-from ops_api.auth import TokenCache
+from ops_api.auth import Caller, TokenCache, require
 from ops_api.live import LiveHub
 from ops_api.series_cache import BACKGROUND_CHECKS, SeriesCache
 from ops_api.settings import ApiSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger("kota.api")
+INVALID_VALUE = {"detail": "invalid value: a parameter holds something the database cannot store or compare",
+                 "code": "invalid_value"}
+# The page loads only its own scripts, styles and data (no inline script, no other origin, no
+# frames); its canvas map needs no tiles. `connect-src 'self'` covers its WebSocket (same host).
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN and start them with an inline
+# script; they hold no data of their own, and still may not be framed.
+DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+            "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
+            "https://cdn.redoc.ly; connect-src 'self'; worker-src blob:; base-uri 'none'; form-action 'self'; "
+            "frame-ancestors 'none'")
+DOCS_PATHS = ("/docs", "/redoc")
 REQUEST_SECONDS = Histogram("kota_api_request_seconds", "API request latency", ["method", "route", "status"],
                             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
@@ -75,6 +92,46 @@ class RequestTimer:
             route = scope.get("route")
             REQUEST_SECONDS.labels(scope["method"], getattr(route, "path", "unmatched"),
                                    str(status)).observe(time.perf_counter() - started)
+
+
+class SecurityHeaders:
+    """CSP, no framing, no MIME sniffing and no Referer on every HTTP answer: routes, errors, static
+    files, metrics. The page takes its token from the URL fragment, so no Referer may carry the URL.
+
+    Outermost but for Starlette's ServerErrorMiddleware, which answers an unhandled exception; so an
+    exception before the answer has started is answered here (500, with these headers) and raised
+    on, for the server to log: ServerErrorMiddleware then sends nothing more.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        csp = DOCS_CSP if path in DOCS_PATHS or path.startswith("/docs/") else PAGE_CSP
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                headers["Content-Security-Policy"] = csp
+                headers["X-Frame-Options"] = "DENY"
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["Referrer-Policy"] = "no-referrer"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if not started:
+                response = JSONResponse({"detail": "internal error"}, status_code=500)
+                await response(scope, receive, send_with_headers)
+            raise
 
 
 class IdleCheck:
@@ -145,29 +202,42 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+                await app.state.health.close()
                 await app.state.hub.stop()
 
     app = FastAPI(title="kotacerdas ops API", version="1", lifespan=lifespan, description=DESCRIPTION)
     app.state.stack = stack
     app.state.settings = settings
-    app.state.tokens = TokenCache(settings.token_cache_s)
+    # Trusted (cached) only once the LISTEN connection hears changes of access (live.watch_access).
+    app.state.tokens = TokenCache(settings.token_cache_s, trusted=False)
     app.state.snapshots = devices.SnapshotCache()
     app.state.series_cache = SeriesCache(int(settings.series_cache_mib * 2**20), settings.series_fresh_s,
                                          settings.series_stale_s)
     app.state.hub = LiveHub(stack, queue_events=settings.live_queue_events, kafka_enabled=settings.live_kafka_enabled)
     app.state.watch = health.ProcessorWatch(stack)
+    app.state.health = health.HealthProbe(stack, settings.health_cache_s)
+    live.watch_access(app)
     for router in (health.router, access.router, cities.router, devices.router, alerts.router, live.router):
         app.include_router(router)
-    app.mount("/metrics", make_asgi_app(_metrics_registry()))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    registry = _metrics_registry()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(caller: Caller) -> Response:
+        """Prometheus metrics, for admins only (a scraper gets an admin token: docs/ops_api.md)."""
+        require(caller, doing="read metrics")
+        return Response(await asyncio.to_thread(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestTimer)
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so it sees every answer
 
     @app.exception_handler(psycopg.DataError)
     async def value_postgres_cannot_hold(request: Request, error: psycopg.DataError) -> JSONResponse:
         # SQLSTATE class 22 is about the values a caller sent (a NUL byte in a city, a number out of
-        # range): their mistake, answered like any other validation failure, not a 500.
-        return JSONResponse({"detail": f"invalid value: {error}"}, status_code=422)
+        # range): their mistake, answered like any other validation failure, not a 500. The
+        # database's own words stay in the log: they may quote schema, SQL or other rows.
+        log.info("422 for %s %s: %r", request.method, request.url.path, str(error).splitlines()[0][:300])
+        return JSONResponse(INVALID_VALUE, status_code=422)
 
     @app.get("/", include_in_schema=False)
     async def page() -> RedirectResponse:

@@ -94,10 +94,13 @@ class _Kept:
 
 
 class SeriesCache:
-    """Kept pages, least recently used first out, within `max_bytes` of JSON."""
+    """Kept pages, least recently used first out, within `max_bytes` of JSON and `max_pages` pages (a
+    page's key and bookkeeping cost memory too, and callers choose keys: metric names, page bounds)."""
 
-    def __init__(self, max_bytes: int, fresh_s: float = 0.0, stale_s: float | None = None) -> None:
+    def __init__(self, max_bytes: int, fresh_s: float = 0.0, stale_s: float | None = None,
+                 max_pages: int = 20_000) -> None:
         self.max_bytes = max_bytes
+        self.max_pages = max_pages
         self.fresh_s = fresh_s
         self.stale_s = fresh_s if stale_s is None else max(stale_s, fresh_s)
         self._kept: OrderedDict[PageKey, _Kept] = OrderedDict()
@@ -110,6 +113,9 @@ class SeriesCache:
         self._due: dict[PageKey, _Ask] = {}
         self._ahead = 0  # checks ahead of callers running now
         self.answers = dict.fromkeys(("fresh", "unchanged", "changed", "new"), 0)  # this cache's share of PAGES
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
     async def page(self, connect: Connect, cities: list[str] | None, device_id: str, metric: str,
                    resolution: Resolution, start: dt.datetime, end: dt.datetime, *, limit: int, start_given: bool,
@@ -236,9 +242,10 @@ class SeriesCache:
             return  # nothing settled yet, or too big to keep
         self._kept[key] = kept
         self._bytes += _size(kept)
-        while self._bytes > self.max_bytes:
-            _, dropped = self._kept.popitem(last=False)
+        while self._bytes > self.max_bytes or len(self._kept) > self.max_pages:
+            dropped_key, dropped = self._kept.popitem(last=False)
             self._bytes -= _size(dropped)
+            self._due.pop(dropped_key, None)
 
 
 def _size(kept: _Kept) -> int:

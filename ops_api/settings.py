@@ -29,8 +29,12 @@ class ApiSettings(BaseSettings):
     # Server processes sharing the port: Python serves one request at a time per process, so this
     # machine's two cores need two (bench/api.py). Each runs its own live-feed reader.
     workers: int = 2
-    # Verified tokens are trusted this long before the database is asked again (revocation delay).
+    # Verified tokens are trusted this long before the database is asked again. Not a revocation
+    # delay: a change of access is announced by the database (NOTIFY) and forgets them at once.
     token_cache_s: float = 10.0
+    # /health asks PostgreSQL, Kafka and the broker at most this often per process; callers
+    # meanwhile get the last answer (a probe every second from every load balancer costs nothing).
+    health_cache_s: float = 2.0
     # The city-wide device snapshot is shared by concurrent callers for this long.
     snapshot_cache_s: float = 1.0
     # Settled parts of series pages kept per worker process (ops_api/series_cache.py): a day of

@@ -410,10 +410,12 @@ async def test_server_sent_events_carry_alert_changes(world):
 
 
 def test_health_reports_lag_throughput_and_prometheus_metrics(world):
-    with httpx.Client(base_url=world.stack.api_url, timeout=10) as client:
+    # Signed in: the details (anyone else gets only ok or degraded); /metrics: admins only.
+    with world.client("operator_a") as client:
         health = wait_for(lambda: (h := client.get("/health").json())["processor"]["readings_per_s"] is not None
                           and h, what="a throughput sample")
-        metrics = client.get("/metrics/").text
+    with world.client("admin") as client:
+        metrics = client.get("/metrics").text
     assert health["processor"]["consumer_lag"] is not None and health["processor"]["consumer_lag"] >= 0
     assert set(health["processor"]["lag_by_partition"]) == {str(p) for p in range(world.stack.kafka_partitions)}
     assert health["last_reading_at"] is not None

@@ -44,10 +44,13 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # The API's Content-Security-Policy must allow everything the page does (its scripts, styles, feed).
+        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
         page.goto(f"{pipeline.api_url}/#token={token}")
 
         expect(page.locator("#live-status")).to_have_class("ok", timeout=15_000)
         expect(page.locator("#device-count")).to_contain_text("2")
+        expect(page.locator("#health span.ok").first).to_be_visible(timeout=10_000)  # signed in: the details
         assert "token=" not in page.url  # the token does not stay in the address bar
         assert page.evaluate("window.kotaMap.devices.size") == 2
         drawn = int(page.locator("#map").get_attribute("data-drawn"))

@@ -93,7 +93,9 @@ async function refreshViews() {
 }
 
 async function refreshHealth() {
-  const health = await (await fetch("/health")).json();
+  // Signed in, /health has each dependency (anyone else gets only ok or degraded); 503 still has a body.
+  const health = await (await fetch("/health", { headers: { Authorization: `Bearer ${state.token}` } })).json();
+  if (!health.dependencies) return;
   $("health").replaceChildren(...Object.entries(health.dependencies).map(([name, d]) =>
     el("span", { class: d.ok ? "ok" : "bad", style: "margin-right:10px" }, `${name} ${d.ok ? "✓" : "✗"}`)),
     el("span", {}, `lag ${health.processor.consumer_lag ?? "—"}`));
@@ -203,7 +205,7 @@ function connectLive() {
   socket.onclose = (event) => {
     if (state.socket !== socket) return;  // replaced on purpose (city changed)
     showLive("disconnected", "bad");
-    if (event.code === 4401) { logout(t("bad_token")); return; }
+    if (event.code === 4401) { logout(t("bad_token")); return; }  // revoked or expired; 4403: scope changed, reconnect
     setTimeout(connectLive, 2000);
   };
   socket.onmessage = (message) => { for (const event of JSON.parse(message.data)) onEvent(event); };

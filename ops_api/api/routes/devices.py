@@ -138,26 +138,42 @@ class DeviceChange(BaseModel):
 
 
 class SnapshotCache:
-    """The city map for concurrent callers: one query per key per `ttl_s`, serialised once."""
+    """The city map for concurrent callers: one query per key per `ttl_s`, serialised once.
 
-    def __init__(self) -> None:
+    Bounded whatever callers ask for (the key holds their `district` and `city` strings): at most
+    `max_entries` answers, and a lock only while some request for its key is running.
+    """
+
+    def __init__(self, max_entries: int = 1000) -> None:
+        self._max_entries = max_entries
         self._entries: dict[tuple[Any, ...], tuple[float, bytes]] = {}
-        self._locks: dict[tuple[Any, ...], asyncio.Lock] = {}
+        self._locks: dict[tuple[Any, ...], tuple[asyncio.Lock, list[int]]] = {}  # lock, [requests using it]
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(answers kept, locks held): for tests."""
+        return len(self._entries), len(self._locks)
 
     async def get(self, key: tuple[Any, ...], ttl_s: float, build: Any) -> bytes:
         hit = self._entries.get(key)
         if hit and hit[0] > time.monotonic():
             return hit[1]
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            hit = self._entries.get(key)
-            if hit and hit[0] > time.monotonic():
-                return hit[1]
-            body: bytes = await build()
-            if len(self._entries) > 1000:
-                self._entries.clear()
-            self._entries[key] = (time.monotonic() + ttl_s, body)
-            return body
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                hit = self._entries.get(key)
+                if hit and hit[0] > time.monotonic():
+                    return hit[1]
+                body: bytes = await build()
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()
+                self._entries[key] = (time.monotonic() + ttl_s, body)
+                return body
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
 
 
 def _feature(row: dict[str, Any]) -> dict[str, Any]:
@@ -266,15 +282,21 @@ async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack
     require_city(caller, body.city)
     if body.device_type not in DEVICE_TYPES:
         raise HTTPException(422, f"unknown device type {body.device_type!r}; one of {', '.join(DEVICE_TYPES)}")
-    device = new_device(body.device_id, body.city, body.device_type, district=body.district, lat=body.lat,
-                        lon=body.lon)
+    try:
+        device = new_device(body.device_id, body.city, body.device_type, district=body.district, lat=body.lat,
+                            lon=body.lon)
+    except ValueError as exc:  # a reserved id (kota.contract.is_reserved_id)
+        raise HTTPException(422, str(exc)) from None
     password = new_password()
 
     def register() -> None:
         with psycopg.connect(stack.postgres_dsn) as sync_conn:
             if sync_conn.execute("SELECT 1 FROM devices WHERE device_id = %s", (device.device_id,)).fetchone():
                 raise HTTPException(409, "device id already registered")
-            upsert_devices(sync_conn, [device], {device.device_id: password})
+            try:
+                upsert_devices(sync_conn, [device], {device.device_id: password})
+            except psycopg.errors.UniqueViolation:  # a gateway holds the id (migration 0010)
+                raise HTTPException(409, "id already taken by a gateway") from None
             accounts.record(sync_conn, caller.user_id, "device.created", "device", device.device_id, device.city,
                             {"device_type": device.device_type, "district": device.district})
         mqtt_access.sync(stack)
