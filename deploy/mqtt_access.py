@@ -4,24 +4,42 @@
   one has none, so the broker refuses it.
 - A device may publish only to its own topics, a gateway only to its own (the ingest gateway
   then checks that each device in its messages is bound to it). Senders may not subscribe.
-- Only the platform's ingest account reads telemetry.
+- Only the platform's ingest account reads telemetry, and only on its own listener
+  (StackSettings.mqtt_ingest_port): it has its own password and ACL files (`ingest-passwd`,
+  `ingest-acl`), so no device account logs in there and the ingest account logs in nowhere else.
+  Device listeners bind the client id to the user name, so no device can take a gateway's session.
 
 Devices are locked out of a freshly started broker until an ingest gateway has subscribed again:
 Mosquitto 2.0.11 (Debian 12) does not restore shared subscriptions from persistence, so anything
 a device published in between would have no subscriber and be dropped after its PUBACK. Refused
 instead, a device keeps its messages and retries (tests/test_gateway.py restarts the broker
-mid-stream to prove it).
+mid-stream to prove it). The same holds later: `guard_ingest` (the `broker-guard` process beside
+the broker) locks devices out again whenever no ingest session is subscribed, whatever removed it,
+and lets them in once one is (tests/test_identity.py). It logs in as its own account (`kota-guard`,
+on the ingest listener: it may publish the probe and read the broker's store counters, nothing
+else), so nothing done to the ingest account's credentials locks the guard out.
+
+Changing the ingest password is a reload that breaks every offline ingest session: Mosquitto 2.0.11
+re-checks each session's credentials on SIGHUP, offline ones included, and one that no longer
+matches keeps its subscription but is denied every message routed to it, after the sender's PUBACK
+(and MQTT 5 still answers "success" to a probe: there is a subscriber). Its delivery resumes when the
+password matches again or the gateway logs in anew. So every write that changes the ingest password
+from the one the sessions logged in with (`ingest.accepted`, a digest) locks devices out in the same
+reload and holds them out (`ingest-held`) until it is restored or `rotate_ingest_password` has
+restarted the gateways with the new one.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import secrets
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -39,6 +57,13 @@ RELOAD_PROBE_USER = "kota-reload-probe"  # may connect, may neither publish nor 
 RELOAD_PROBE_FILE = "reload.nonce"
 LOCK_FILE = "devices-locked"
 INGEST_CREDENTIAL_FILE = "ingest.secret"
+INGEST_PASSWD = "ingest-passwd"  # noqa: S105 (a file name) the ingest listener's own files
+INGEST_ACL = "ingest-acl"
+GUARD_USER = "kota-guard"  # the broker guard's own account, on the ingest listener
+GUARD_CREDENTIAL_FILE = "guard.secret"  # noqa: S105 (a file name)
+STORE_COUNTERS = "$SYS/broker/store/messages/#"  # what the guard reads: messages held and their bytes
+INGEST_ACCEPTED_FILE = "ingest.accepted"  # digest of the password the ingest sessions logged in with
+INGEST_HELD_FILE = "ingest-held"  # the ingest password differs from it: devices stay out
 
 
 def _mosquitto_owned(path: Path) -> None:
@@ -75,6 +100,37 @@ def ingest_password(stack: StackSettings, folder: Path) -> str:
     return secret.read_text().strip()
 
 
+def guard_password(folder: Path) -> str:
+    """The broker guard's MQTT password, made once per broker folder (only the guard uses it)."""
+    secret = folder / GUARD_CREDENTIAL_FILE
+    if not secret.exists():
+        secret.write_text(secrets.token_urlsafe(24))
+        os.chmod(secret, 0o600)
+    return secret.read_text().strip()
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _hold_if_ingest_password_changed(folder: Path, secret: str, *, accept: bool) -> None:
+    """Lock devices out (in the reload about to happen) when `secret` is not the password the ingest
+    sessions logged in with: those sessions would be acknowledged into and receive nothing."""
+    accepted = folder / INGEST_ACCEPTED_FILE
+    if accept or not accepted.exists():
+        accepted.write_text(_digest(secret))
+        os.chmod(accepted, 0o600)
+    if accepted.read_text().strip() != _digest(secret):
+        (folder / INGEST_HELD_FILE).touch()
+        (folder / LOCK_FILE).touch()
+    else:
+        (folder / INGEST_HELD_FILE).unlink(missing_ok=True)
+
+
+def ingest_held(folder: Path) -> bool:
+    return (folder / INGEST_HELD_FILE).exists()
+
+
 def existing_ingest_password(folder: Path) -> str | None:
     """The password ingest_password made in this folder, if it has made one (none is made here)."""
     secret = folder / INGEST_CREDENTIAL_FILE
@@ -82,18 +138,22 @@ def existing_ingest_password(folder: Path) -> str | None:
 
 
 def write_access_files(stack: StackSettings, folder: Path, *, with_registry: bool = True,
-                       ingest_secret: str | None = None) -> None:
+                       ingest_secret: str | None = None, broker_starting: bool = False) -> None:
     """Write passwd and acl into the broker's folder; the registry part only once the schema exists.
-    `ingest_secret` is the gateways' password where a deployment hands it out (else made here)."""
+    `ingest_secret` is the gateways' password where a deployment hands it out (else made here).
+    `broker_starting`: no ingest session is loaded yet, so this password becomes the accepted one."""
+    secret = ingest_secret or ingest_password(stack, folder)
+    _hold_if_ingest_password_changed(folder, secret, accept=broker_starting)
     accounts = []
     if with_registry and not (folder / LOCK_FILE).exists():
         with psycopg.connect(stack.postgres_dsn) as conn:
             accounts = mqtt_accounts(conn)
     nonce = secrets.token_urlsafe(16)  # what reload_broker checks to know these files are loaded
-    passwd = [f"{INGEST_USER}:{hash_mqtt_password(ingest_secret or ingest_password(stack, folder))}",
-              f"{RELOAD_PROBE_USER}:{hash_mqtt_password(nonce)}"]
-    acl = ["# Generated from the device registry by kota (deploy/mqtt_access.py); edits are overwritten.",
-           f"user {INGEST_USER}", f"topic read {MQTT_TOPIC_ROOT}/#", f"topic write {INGEST_PROBE_TOPIC}", ""]
+    passwd = [f"{RELOAD_PROBE_USER}:{hash_mqtt_password(nonce)}"]
+    acl = ["# Generated from the device registry by kota (deploy/mqtt_access.py); edits are overwritten.", ""]
+    ingest_acl = ["# The ingest listener's rules (deploy/mqtt_access.py); edits are overwritten.",
+                  f"user {INGEST_USER}", f"topic read {MQTT_TOPIC_ROOT}/#", "",
+                  f"user {GUARD_USER}", f"topic write {INGEST_PROBE_TOPIC}", f"topic read {STORE_COUNTERS}"]
     for account in accounts:
         if account.password_hash:
             passwd.append(f"{account.username}:{account.password_hash}")
@@ -101,6 +161,9 @@ def write_access_files(stack: StackSettings, folder: Path, *, with_registry: boo
         acl.append(f"user {account.username}")
         acl += [f"topic write {topic}" for topic in account.write_topics]
         acl.append("")
+    _write_atomically(folder / INGEST_PASSWD, f"{INGEST_USER}:{hash_mqtt_password(secret)}\n"
+                      f"{GUARD_USER}:{hash_mqtt_password(guard_password(folder))}\n")
+    _write_atomically(folder / INGEST_ACL, "\n".join(ingest_acl) + "\n")
     _write_atomically(folder / "passwd", "\n".join(passwd) + "\n")
     _write_atomically(folder / "acl", "\n".join(acl) + "\n")
     _write_atomically(folder / RELOAD_PROBE_FILE, nonce)
@@ -155,8 +218,9 @@ def _probe_code(host: str, port: int, password: str) -> int | None:
     return connack_code(port, probe, host)
 
 
-def sync(stack: StackSettings) -> None:
-    """After a registry change: regenerate the files and reload the broker."""
+def sync(stack: StackSettings, *, ingest_secret: str | None = None) -> None:
+    """After a registry change: regenerate the files and reload the broker (`ingest_secret`: see
+    write_access_files)."""
     from deploy.stack import mosquitto_dir
 
     folder = mosquitto_dir(stack)
@@ -164,7 +228,7 @@ def sync(stack: StackSettings) -> None:
     # the registry must never overwrite newer ones, and each reload waits for its own files.
     with open(folder / "sync.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        write_access_files(stack, folder)
+        write_access_files(stack, folder, ingest_secret=ingest_secret)
         reload_broker(stack)
 
 
@@ -173,18 +237,31 @@ def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Pat
     """For a broker on another host or in another container (deploy/compose, deploy/k8s): keep
     its passwd and acl files, in a folder both share, in step with the registry, and reload the
     broker (SIGHUP to its `pid_file`, in a shared process namespace) after each change, as the
-    local stack does (`signal_until_loaded`)."""
+    local stack does (`signal_until_loaded`). Beside it runs the broker guard (`guard_ingest`).
+    A broker not started yet starts with devices locked out; the guard lets them in."""
     folder.mkdir(parents=True, exist_ok=True)
+    if not broker_pid_file.exists():
+        (folder / LOCK_FILE).touch()
+    one_writer = threading.Lock()
+
+    def apply() -> None:
+        with one_writer:
+            starting = not broker_pid_file.exists()  # not yet, when this writes the files a broker starts with
+            write_access_files(stack, folder, ingest_secret=ingest_secret, broker_starting=starting)
+            if not starting:
+                signal_until_loaded(int(broker_pid_file.read_text().split()[0]), folder, stack.mqtt_host,
+                                    stack.mqtt_port)
+
+    if not once:
+        threading.Thread(target=guard_ingest, args=(stack,), kwargs={"folder": folder, "apply": apply},
+                         daemon=True, name="broker-guard").start()
     seen = None
     while True:
         try:
             with psycopg.connect(stack.postgres_dsn, connect_timeout=5) as conn:
                 version = registry_version(conn)
             if version != seen:
-                write_access_files(stack, folder, ingest_secret=ingest_secret)
-                if broker_pid_file.exists():  # not yet, when this writes the files a broker starts with
-                    signal_until_loaded(int(broker_pid_file.read_text().split()[0]), folder, stack.mqtt_host,
-                                        stack.mqtt_port)
+                apply()
                 seen = version
                 print(f"broker access files written to {folder} for registry version {version}", flush=True)
         except (psycopg.Error, OSError, ValueError) as exc:
@@ -199,7 +276,7 @@ def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Pat
 def lock_devices(stack: StackSettings, folder: Path) -> None:
     """Before the broker starts: only the ingest account may connect."""
     (folder / LOCK_FILE).touch()
-    write_access_files(stack, folder, with_registry=False)
+    write_access_files(stack, folder, with_registry=False, broker_starting=True)
 
 
 def unlock_devices(stack: StackSettings) -> None:
@@ -223,10 +300,9 @@ def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool
     """
     from deploy.stack import mosquitto_dir
 
-    password = ingest_password(stack, mosquitto_dir(stack))
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kota-ingest-check-{secrets.token_hex(4)}",
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{GUARD_USER}-check-{secrets.token_hex(4)}",
                          protocol=mqtt.MQTTv5)
-    client.username_pw_set(INGEST_USER, password)
+    client.username_pw_set(GUARD_USER, guard_password(mosquitto_dir(stack)))
     answers: dict[int, int] = {}
     answered = threading.Condition()
 
@@ -238,7 +314,7 @@ def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool
     client.on_publish = on_publish
     deadline = time.monotonic() + timeout_s
     try:
-        client.connect("127.0.0.1", stack.mqtt_port, keepalive=10)
+        client.connect(stack.mqtt_host, stack.mqtt_ingest_port, keepalive=10)
         client.loop_start()
         while time.monotonic() < deadline:
             mid = client.publish(INGEST_PROBE_TOPIC, b"probe", qos=1).mid
@@ -257,3 +333,124 @@ def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def guard_ingest(stack: StackSettings, *, folder: Path | None = None, apply: Callable[[], None] | None = None,
+                 every_s: float = 0.1, stop: threading.Event | None = None) -> None:
+    """Keep devices out whenever the broker could acknowledge a reading into nowhere; let them in again
+    once it cannot. Devices are locked out (`apply` regenerates the files and reloads the broker) while:
+
+    - no ingest session is subscribed: the broker acknowledges a device's QoS 1 message once routed,
+      and with no subscriber routes it nowhere. MQTT 5's PUBACK to the probe says "no matching
+      subscribers". An offline persistent session is a subscriber (it queues), so a gateway restart
+      changes nothing; a session that is gone (a clean-session login with the gateway's client id, a
+      broker restart, which on 2.0.11 forgets shared subscriptions) is seen at the next probe. What
+      such a wipe discarded, and what arrived before that probe, is lost: the guard can only react.
+    - the ingest password differs from the one the sessions logged in with (`ingest_held`);
+    - the broker holds more than 80% of its queue bound (max_queued_messages / max_queued_bytes, per
+      session; the store counts are the whole broker's, so this errs early), until under 50%: past
+      the bound Mosquitto acknowledges and drops.
+    """
+    from deploy.stack import BROKER_MAX_QUEUED_BYTES, BROKER_MAX_QUEUED_MESSAGES, mosquitto_dir
+
+    stop = stop or threading.Event()
+    folder = folder or mosquitto_dir(stack)
+    apply = apply or (lambda: sync(stack))
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{GUARD_USER}-{secrets.token_hex(4)}",
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(GUARD_USER, guard_password(folder))
+    client.reconnect_delay_set(1, 2)
+    answers: dict[int, int] = {}
+    answered = threading.Condition()
+    store = {"count": 0, "bytes": 0}
+
+    def on_publish(_c: object, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
+        with answered:
+            answers[mid] = reason.value
+            answered.notify_all()
+
+    def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+        key = message.topic.rsplit("/", 1)[-1]
+        if key in store:
+            store[key] = int(message.payload or 0)
+
+    client.on_publish = on_publish
+    client.on_message = on_message
+    client.on_connect = lambda c, *_a: c.subscribe(STORE_COUNTERS, qos=0)
+    client.connect_async(stack.mqtt_host, stack.mqtt_ingest_port, keepalive=10)
+    client.loop_start()
+    queue_high = False
+    try:
+        while not stop.is_set():
+            if client.is_connected():
+                mid = client.publish(INGEST_PROBE_TOPIC, b"guard", qos=1).mid
+                with answered:
+                    answered.wait_for(lambda probe=mid: probe in answers, timeout=2.0)  # type: ignore[misc]
+                    code = answers.pop(mid, None)
+                filled = max(store["count"] / BROKER_MAX_QUEUED_MESSAGES, store["bytes"] / BROKER_MAX_QUEUED_BYTES)
+                queue_high = filled > 0.8 or (queue_high and filled >= 0.5)
+                reasons = [why for why, yes in (
+                    ("no ingest session is subscribed", code == NO_MATCHING_SUBSCRIBERS),
+                    ("the ingest password is not the one its sessions logged in with", ingest_held(folder)),
+                    (f"the broker holds {filled:.0%} of its queue bound", queue_high)) if yes]
+                locked = (folder / LOCK_FILE).exists()
+                try:
+                    if reasons and not locked:
+                        (folder / LOCK_FILE).touch()
+                        apply()
+                        print(f"{'; '.join(reasons)}: devices locked out", flush=True)
+                    elif code == 0 and not reasons and locked:
+                        (folder / LOCK_FILE).unlink(missing_ok=True)
+                        apply()
+                        print("an ingest session is subscribed: devices may connect", flush=True)
+                except (psycopg.Error, OSError, TimeoutError) as exc:  # the registry or broker not there yet
+                    print(f"broker guard: {exc}; trying again", flush=True)
+            stop.wait(every_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def rotate_ingest_password(stack: StackSettings, say: Callable[[str], None] = print,
+                           timeout_s: float = 60.0) -> None:
+    """On the local stack: a new ingest password, without acknowledging a reading into nowhere.
+
+    Devices are locked out in the same reload that changes the password (it breaks the gateways'
+    sessions until they log in again), the gateway is restarted with the new one, and once it has
+    logged in the new password is the accepted one: the guard lets devices in again."""
+    from deploy import stack as local
+
+    folder = local.mosquitto_dir(stack)
+    secret_file = folder / INGEST_CREDENTIAL_FILE
+    tmp = secret_file.with_suffix(".tmp")
+    tmp.write_text(secrets.token_urlsafe(24))
+    os.chmod(tmp, 0o600)
+    tmp.replace(secret_file)
+    (folder / LOCK_FILE).touch()
+    sync(stack)
+    say("ingest password changed; devices locked out until the gateway has logged in with it")
+    restart_gateway_and_accept(stack, say, timeout_s)
+
+
+def restart_gateway_and_accept(stack: StackSettings, say: Callable[[str], None] = print,
+                               timeout_s: float = 60.0) -> None:
+    """After the ingest password changed (`ingest_held`): restart the local gateway with it and, once
+    it has logged in, make it the accepted one, so the guard lets devices in again."""
+    from deploy import stack as local
+
+    folder = local.mosquitto_dir(stack)
+    secret_file = folder / INGEST_CREDENTIAL_FILE
+    log = procs.log_file(stack, "gateway")
+    procs.stop(stack, "gateway")
+    start = log.stat().st_size if log.exists() else 0
+    local.start_component(stack, "gateway")
+    deadline = time.monotonic() + timeout_s
+    while b"MQTT connected" not in (log.read_bytes()[start:] if log.exists() else b""):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gateway did not log in within {timeout_s:.0f} s; devices stay locked out")
+        time.sleep(0.2)
+    _hold_if_ingest_password_changed(folder, secret_file.read_text().strip(), accept=True)
+    say("the gateway logged in with the new password; the broker guard lets devices in again")
+
+
+NO_MATCHING_SUBSCRIBERS = 0x10

@@ -88,3 +88,20 @@ def issue(stack: StackSettings, common_name: str, out_dir: Path, *, server: bool
     _write_key(pair.key, key)
     pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return pair
+
+
+def issue_device_certificate(stack: StackSettings, identity: str, out_dir: Path) -> CertPair:
+    """A client certificate (CN = `identity`) for a registered, enabled device or gateway only.
+
+    The mutual-TLS listener takes the CN as the user name without a password, so a certificate
+    for a reserved or unregistered name would be a login nobody provisioned."""
+    import psycopg
+
+    from kota.registry import check_not_reserved, enabled_identity
+
+    check_not_reserved(identity)
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        if not enabled_identity(conn, identity):
+            raise ValueError(f"no enabled device or gateway {identity!r} in the registry: register (or enable) it "
+                             "first")
+    return issue(stack, identity, out_dir)

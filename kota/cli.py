@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from kota.settings import StackSettings
 
 if TYPE_CHECKING:
+    import datetime as dt
+
     from kota.registry import Device
 
 
@@ -68,6 +70,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         backend, applied = migrate(settings.postgres_dsn)
         _say(f"database schema up to date ({backend}{', applied ' + str(applied) if applied else ''})")
         mqtt_access.sync(settings)
+        if mqtt_access.ingest_held(local.mosquitto_dir(settings)):  # ingest.secret replaced by hand
+            mqtt_access.restart_gateway_and_accept(settings, _say)
         for name in ("gateway", "processor", "api"):
             local.start_component(settings, name)
         local.open_devices_when_ingest_subscribed(settings, _say)
@@ -223,16 +227,19 @@ def _parse_time(text: str) -> int:
 def _register_behind_gateway(stack: StackSettings, gateway_id: str, city: str, devices: list[Device],
                              device_passwords: dict[str, str] | None = None) -> str:
     """Register a gateway with a fresh password and the devices behind it, let the broker know; the password.
-    The simulator and replays do this on every run: each is its own integrator."""
+    The simulator and replays do this on every run: each is its own integrator. Their accounts have
+    no rate limit: they publish recorded or simulated time as fast as the broker takes it."""
     import psycopg
 
     from deploy import mqtt_access
-    from kota.registry import Gateway, new_password, upsert_devices, upsert_gateway
+    from kota.registry import Gateway, new_password, set_rate_limit, upsert_devices, upsert_gateway
 
     password = new_password()
     with psycopg.connect(stack.postgres_dsn) as conn:
         upsert_gateway(conn, Gateway(gateway_id, city), password)
         upsert_devices(conn, devices, device_passwords)
+        for account in [gateway_id, *(device_passwords or {})]:
+            set_rate_limit(conn, account, 0)
     mqtt_access.sync(stack)
     return password
 
@@ -411,13 +418,19 @@ def cmd_devices(args: argparse.Namespace) -> int:
         new_device,
         new_password,
         set_enabled,
+        set_mqtt_password,
+        set_rate_limit,
         upsert_devices,
         upsert_gateway,
     )
 
     stack = StackSettings()
     if args.action == "cert":
-        pair = pki.issue(stack, args.device_id, Path(args.out))
+        try:
+            pair = pki.issue_device_certificate(stack, args.device_id, Path(args.out))
+        except ValueError as exc:
+            _say(f"error: {exc}")
+            return 1
         ca = pki.ensure_ca(stack)
         _say(f"certificate {pair.cert}, key {pair.key} (CN={args.device_id}); CA certificate {ca.cert}")
         _say(f"connect with TLS to port {stack.mqtt_mtls_port}: the certificate is the device's identity")
@@ -439,7 +452,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
                     upsert_gateway(conn, Gateway(args.device_id, args.city), password)
                     topic = gateway_telemetry_topic(args.city, args.device_id)
                     _say(f"gateway {args.device_id} registered in {args.city}")
-            except (ValueError, psycopg.errors.ForeignKeyViolation) as exc:
+            except (ValueError, psycopg.errors.ForeignKeyViolation, psycopg.errors.UniqueViolation) as exc:
                 _say(f"error: {str(exc).splitlines()[0]}")
                 return 1
             _say(f"MQTT username {args.device_id}  password {password}  (shown once; only its hash is kept)")
@@ -453,6 +466,28 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 if args.city in (None, g.city):
                     print(f"{g.gateway_id:<36} {g.city:<12} {'gateway':<12} {'gateway':<18} "
                           f"{'enabled' if g.enabled else 'DISABLED'}")
+        elif args.action == "password":
+            password = args.password or new_password()
+            if not set_mqtt_password(conn, args.device_id, password):
+                _say(f"error: no device or gateway {args.device_id!r}")
+                return 1
+            accounts.record(conn, _cli_actor(), "device.password_changed", "device", args.device_id, None, {})
+            _say(f"MQTT username {args.device_id}  new password {password}  (shown once; the old one no longer "
+                 "works once the broker has reloaded, which this command waits for)")
+        elif args.action == "rate":
+            per_s = None if args.per_s == "default" else float(args.per_s)
+            try:
+                found = set_rate_limit(conn, args.device_id, per_s)
+            except ValueError as exc:
+                _say(f"error: {exc}")
+                return 1
+            if not found:
+                _say(f"error: no device or gateway {args.device_id!r}")
+                return 1
+            accounts.record(conn, _cli_actor(), "device.changed", "device", args.device_id, None,
+                            {"rate_limit_per_s": per_s})
+            shown = "the gateway's default" if per_s is None else "no limit" if per_s == 0 else f"{per_s:g} messages/s"
+            _say(f"{args.device_id}: rate limit {shown} (the gateways read it within 10 s)")
         else:
             if not set_enabled(conn, args.device_id, args.action == "enable"):
                 _say(f"error: no device or gateway {args.device_id!r}")
@@ -485,21 +520,53 @@ def cmd_users(args: argparse.Namespace) -> int:
                 scope = "every city" if user.role == "admin" else ", ".join(user.cities)
                 _say(f"user {user.user_id} saved: {user.role} for {scope}")
                 if not args.no_token:
-                    token = accounts.issue_token(conn, user.user_id, label="created with the user", actor=_cli_actor())
-                    _say(f"API token (shown once; only its hash is kept): {token}")
+                    token = accounts.issue_token(conn, user.user_id, label="created with the user", actor=_cli_actor(),
+                                                 lifetime=args.expires)
+                    _say(f"API token (shown once; only its hash is kept; {_expiry(conn, token)}): {token}")
             elif args.action == "token":
-                token = accounts.issue_token(conn, args.user_id, label=args.label, actor=_cli_actor())
-                _say(f"API token for {args.user_id} (shown once; only its hash is kept): {token}")
+                token = accounts.issue_token(conn, args.user_id, label=args.label, actor=_cli_actor(),
+                                             lifetime=args.expires)
+                _say(f"API token for {args.user_id} (shown once; only its hash is kept; {_expiry(conn, token)}): "
+                     f"{token}")
             elif args.action == "revoke":
                 _say(f"{accounts.revoke_tokens(conn, args.user_id, actor=_cli_actor())} token(s) revoked")
             else:
                 for user, tokens in accounts.list_users(conn):
                     scope = "*" if user.role == "admin" else ",".join(user.cities)
-                    print(f"{user.user_id:<24} {user.role:<11} {tokens:>2} token(s)  {scope}")
+                    expiry = "-" if not tokens.live else \
+                        f"{tokens.next_expiry:%Y-%m-%d %H:%M %Z}" if tokens.next_expiry else "never"
+                    print(f"{user.user_id:<24} {user.role:<11} {tokens.live:>2} token(s)  expires {expiry:<20}  "
+                          f"{scope}")
         except (ValueError, LookupError) as exc:
             _say(f"error: {exc}")
             return 1
     return 0
+
+
+def _token_lifetime(text: str) -> dt.timedelta | None:
+    """`--expires`: days (a positive number), or `never`; `default` is accounts.DEFAULT_TOKEN_LIFETIME."""
+    import datetime as dt
+
+    from kota.accounts import DEFAULT_TOKEN_LIFETIME
+
+    if text == "default":
+        return DEFAULT_TOKEN_LIFETIME
+    if text.strip().lower() == "never":
+        return None
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of days, or never") from None
+    if not 0 < days <= 36_500:
+        raise argparse.ArgumentTypeError(f"{text!r}: more than 0 days and at most 36500, or never")
+    return dt.timedelta(days=days)
+
+
+def _expiry(conn: Any, token: str) -> str:
+    from kota import accounts
+
+    expires_at = accounts.token_expiry(conn, token)
+    return f"expires {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else "never expires"
 
 
 def ensure_demo_operator(stack: StackSettings, city: str) -> str:
@@ -524,6 +591,26 @@ def ensure_demo_operator(stack: StackSettings, city: str) -> str:
     return token
 
 
+def cmd_broker_guard(_args: argparse.Namespace) -> int:
+    from deploy import mqtt_access
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    mqtt_access.guard_ingest(StackSettings(), stop=stop)
+    return 0
+
+
+def cmd_rotate_ingest_password(_args: argparse.Namespace) -> int:
+    from deploy import mqtt_access
+
+    try:
+        mqtt_access.rotate_ingest_password(StackSettings(), _say)
+    except TimeoutError as exc:
+        _say(str(exc))
+        return 1
+    return 0
+
+
 def cmd_broker_access(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -542,14 +629,23 @@ def cmd_broker_access(args: argparse.Namespace) -> int:
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
     from ingest.deadletters import read_dead_letters
+    from kota.contract import escaped
 
     stack = StackSettings()
 
     def show(letter: dict[str, Any]) -> None:
-        print(f"{letter['reason']:<20} {letter['topic']}  {letter['message']}", flush=True)
+        # Everything here came from a device: escaped, so it cannot forge lines or drive the terminal.
+        topic = escaped(str(letter["topic"]), 200)
+        for rejection in letter["rejections"]:
+            print(f"{escaped(str(rejection['reason']), 40):<20} {topic}  {escaped(str(rejection['message']))}",
+                  flush=True)
+        more = int(letter["rejections_total"]) - len(letter["rejections"])
+        if more > 0:
+            counts = ", ".join(f"{escaped(str(reason), 40)} {n}" for reason, n in letter["reasons"].items())
+            print(f"{'':<20} {topic}  ... and {more} more rejection(s) in this message ({counts})", flush=True)
 
     since_ms = int((time.time() - args.since) * 1000)
-    seen = asyncio.run(read_dead_letters(stack.kafka_bootstrap, device=args.device, since_ms=since_ms,
+    seen = asyncio.run(read_dead_letters(stack.kafka_client_options(), device=args.device, since_ms=since_ms,
                                          wait_for=args.wait_for, follow=args.follow, timeout_s=args.timeout,
                                          show=show))
     if args.wait_for and not seen:
@@ -648,6 +744,14 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--once", action="store_true", help="write the files once and exit")
     ba.set_defaults(func=cmd_broker_access)
 
+    bg = sub.add_parser("broker-guard", help="lock devices out of the local broker whenever no ingest gateway "
+                        "session is subscribed (`kota up` runs it beside Mosquitto)")
+    bg.set_defaults(func=cmd_broker_guard)
+
+    rip = sub.add_parser("rotate-ingest-password", help="give the local ingest gateways a new broker password: "
+                         "devices are locked out, the gateway restarted with it, then devices let in again")
+    rip.set_defaults(func=cmd_rotate_ingest_password)
+
     dl = sub.add_parser("deadletters", help="show rejected input with its reason (the dead-letter topic)")
     dl.add_argument("--device", help="only rejections naming this device or gateway")
     dl.add_argument("--since", type=float, default=3600, help="seconds back to look (default 3600)")
@@ -679,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("disable", "enable"):
         p = dev_sub.add_parser(action, help=f"{action} a device")
         p.add_argument("device_id")
+    pw = dev_sub.add_parser("password", help="give a device or gateway a new MQTT password (printed once)")
+    pw.add_argument("device_id")
+    pw.add_argument("--password", help="the new password (default: a random one)")
+    rate = dev_sub.add_parser("rate", help="a device's or gateway's own message rate limit")
+    rate.add_argument("device_id")
+    rate.add_argument("per_s", help="messages per second, 0 for no limit, or 'default'")
     dev.set_defaults(func=cmd_devices)
 
     users = sub.add_parser("users", help="ops accounts and API tokens")
@@ -692,6 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     utok = users_sub.add_parser("token", help="issue another API token for an account")
     utok.add_argument("user_id")
     utok.add_argument("--label", help="what the token is for")
+    for p in (uadd, utok):
+        p.add_argument("--expires", type=_token_lifetime, default="default", metavar="DAYS|never",
+                       help="the token works for this many days, or until revoked (never); default 90")
     urev = users_sub.add_parser("revoke", help="revoke every token of an account")
     urev.add_argument("user_id")
     users_sub.add_parser("list", help="list accounts")

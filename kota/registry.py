@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg
 
-from kota.contract import DOMAINS, METRICS, is_valid_id
+from kota.contract import DOMAINS, METRICS, is_reserved_id, is_valid_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,7 @@ class Device:
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
             raise ValueError(f"device id {self.device_id!r}: use 1-64 of a-z 0-9 - _ .")
+        check_not_reserved(self.device_id)
         if not is_valid_id(self.city):
             raise ValueError(f"city {self.city!r}: use 1-64 of a-z 0-9 - _ .")
         if self.domain not in DOMAINS:
@@ -87,6 +88,13 @@ class Gateway:
     def __post_init__(self) -> None:
         if not is_valid_id(self.gateway_id) or not is_valid_id(self.city):
             raise ValueError("gateway id and city: use 1-64 of a-z 0-9 - _ .")
+        check_not_reserved(self.gateway_id)
+
+
+def check_not_reserved(identity: str) -> None:
+    if is_reserved_id(identity):
+        raise ValueError(f"id {identity!r} is reserved for the platform (kota-*, kota_*, postgres, admin, root, "
+                         "mosquitto): choose another")
 
 
 # -- MQTT credentials --------------------------------------------------------------------------
@@ -162,7 +170,15 @@ def mqtt_accounts(conn: psycopg.Connection) -> list[MqttAccount]:
         "SELECT device_id, city, domain, mqtt_password_hash FROM devices WHERE enabled ORDER BY device_id")]
     accounts += [MqttAccount(r[0], r[2], gateway_topics(r[1], r[0])) for r in conn.execute(
         "SELECT gateway_id, city, mqtt_password_hash FROM gateways WHERE enabled ORDER BY gateway_id")]
-    return accounts
+    # Migration 0010 refuses reserved ids; this keeps a row that got in some other way out of the broker.
+    return [a for a in accounts if not is_reserved_id(a.username)]
+
+
+def enabled_identity(conn: psycopg.Connection, identity: str) -> bool:
+    """A registered, enabled device or gateway of that id (what a client certificate may name)."""
+    return conn.execute("SELECT 1 FROM devices WHERE device_id = %s AND enabled "
+                        "UNION ALL SELECT 1 FROM gateways WHERE gateway_id = %s AND enabled",
+                        (identity, identity)).fetchone() is not None
 
 
 def set_enabled(conn: psycopg.Connection, device_id: str, enabled: bool) -> bool:
@@ -199,3 +215,35 @@ def registry_version(conn: psycopg.Connection) -> tuple:
     row = conn.execute("SELECT version FROM registry_version").fetchone()
     assert row is not None  # the migration inserts the one row
     return tuple(row)
+
+
+# -- rate limits -------------------------------------------------------------------------------
+def set_rate_limit(conn: psycopg.Connection, identity: str, per_s: float | None) -> bool:
+    """Give a device or gateway a message rate of its own (None: the default; 0: no limit)."""
+    if per_s is not None and not per_s >= 0:
+        raise ValueError("a rate limit is a number of messages per second, 0 or more")
+    cur = conn.execute("UPDATE devices SET rate_limit_per_s = %s, updated_at = now() WHERE device_id = %s",
+                       (per_s, identity))
+    if cur.rowcount == 0:
+        cur = conn.execute("UPDATE gateways SET rate_limit_per_s = %s, updated_at = now() WHERE gateway_id = %s",
+                           (per_s, identity))
+    return cur.rowcount == 1
+
+
+def load_rate_limits(conn: psycopg.Connection) -> dict[str, float]:
+    """The accounts with a rate of their own: id → messages per second (0: no limit)."""
+    rows = conn.execute("SELECT device_id, rate_limit_per_s FROM devices WHERE rate_limit_per_s IS NOT NULL "
+                        "UNION ALL SELECT gateway_id, rate_limit_per_s FROM gateways "
+                        "WHERE rate_limit_per_s IS NOT NULL").fetchall()
+    return {r[0]: float(r[1]) for r in rows}
+
+
+def set_mqtt_password(conn: psycopg.Connection, identity: str, password: str) -> bool:
+    """A new MQTT password for a device or gateway (only its hash is kept); False when there is none."""
+    digest = hash_mqtt_password(password)
+    cur = conn.execute("UPDATE devices SET mqtt_password_hash = %s, updated_at = now() WHERE device_id = %s",
+                       (digest, identity))
+    if cur.rowcount == 0:
+        cur = conn.execute("UPDATE gateways SET mqtt_password_hash = %s, updated_at = now() WHERE gateway_id = %s",
+                           (digest, identity))
+    return cur.rowcount == 1

@@ -16,20 +16,34 @@ from tests.helpers import PASSWORDS, mqtt_client, provision, publish, stored_rea
 pytestmark = pytest.mark.stack
 
 
+def _platform_listener(pipeline, heard: list[str]):
+    """A subscriber on the ingest listener, as the gateways are: what the broker delivers to them."""
+    platform = connect(MqttLogin(pipeline.mqtt_ingest_port, mqtt_access.INGEST_USER,
+                                 mqtt_access.ingest_password(pipeline, mosquitto_dir(pipeline))), unique_id("t"))
+    platform.on_message = lambda _c, _u, m: heard.append(m.topic)
+    platform.subscribe(f"{MQTT_TOPIC_ROOT}/#", qos=1)
+    time.sleep(0.5)
+    return platform
+
+
 def test_device_a_cannot_publish_as_device_b(pipeline):
+    # MQTT 3.1.1 has no negative PUBACK: Mosquitto 2.0.11 (per_listener_settings) acknowledges a
+    # publish its ACL denies and drops it, without disconnecting. What matters: it reaches no one.
     a, b = provision(pipeline, "noise"), provision(pipeline, "noise")
-    client = mqtt_client(pipeline, a.device_id)
-    publish(client, b, {"LAeq": 99.0})  # the broker acknowledges, drops it (ACL) and disconnects A
-    wait_for(lambda: not client.is_connected(), what="the broker to disconnect the offender")
-    client.loop_stop()
+    heard: list[str] = []
+    platform = _platform_listener(pipeline, heard)
     client = mqtt_client(pipeline, a.device_id)
     try:
+        publish(client, b, {"LAeq": 99.0})  # acknowledged and dropped (ACL)
         publish(client, a, {"LAeq": 51.0})  # the control: A's own topic works
     finally:
         client.disconnect()
     wait_for(lambda: stored_readings(pipeline, a.device_id), what="device A's own reading")
     time.sleep(1.0)
+    platform.disconnect()
     assert stored_readings(pipeline, b.device_id) == []
+    assert [t for t in heard if a.device_id in t or b.device_id in t] == [
+        device_telemetry_topic(a.city, a.domain, a.device_id)]
 
 
 def test_disabled_device_is_refused_and_enabled_again_accepted(pipeline):
@@ -60,7 +74,7 @@ def test_nobody_but_the_platform_reads_another_citys_traffic(pipeline):
     spy_client = mqtt_client(pipeline, spy.device_id)
     spy_client.on_message = lambda _c, _u, m: heard["spy"].append(m.topic)
     spy_client.subscribe(f"{MQTT_TOPIC_ROOT}/#", qos=1)
-    platform = connect(MqttLogin(pipeline.mqtt_port, mqtt_access.INGEST_USER,
+    platform = connect(MqttLogin(pipeline.mqtt_ingest_port, mqtt_access.INGEST_USER,
                                  mqtt_access.ingest_password(pipeline, mosquitto_dir(pipeline))), unique_id("t"))
 
     def on_platform(_c, _u, m) -> None:
@@ -99,17 +113,19 @@ def test_client_certificate_identifies_the_device_and_only_that_device(pipeline,
     cert = pki.issue(pipeline, a.device_id, tmp_path)
     ca = str(pki.ensure_ca(pipeline).cert)
     login = MqttLogin(pipeline.mqtt_mtls_port, ca_file=ca, cert_file=str(cert.cert), key_file=str(cert.key))
-    client = connect(login, unique_id("t"))
-    publish(client, b, {"LAeq": 99.0})  # as B: dropped by the ACL of A's identity
-    wait_for(lambda: not client.is_connected(), what="the broker to disconnect the offender")
-    client.loop_stop()
+    heard: list[str] = []
+    platform = _platform_listener(pipeline, heard)
     client = connect(login, unique_id("t"))
     try:
+        publish(client, b, {"LAeq": 99.0})  # as B: acknowledged, and dropped by the ACL of A's identity
         publish(client, a, {"LAeq": 48.0})
     finally:
         client.disconnect()
     wait_for(lambda: stored_readings(pipeline, a.device_id), what="reading sent with A's certificate")
     time.sleep(1.0)
+    platform.disconnect()
+    assert [t for t in heard if a.device_id in t or b.device_id in t] == [
+        device_telemetry_topic(a.city, a.domain, a.device_id)]
     assert [(m, v) for _, m, v in stored_readings(pipeline, a.device_id)] == [("LAeq", 48.0)]
     assert stored_readings(pipeline, b.device_id) == []
 
