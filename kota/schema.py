@@ -128,7 +128,9 @@ def ensure_partitions(conn: psycopg.Connection, first_day: dt.date, days_ahead: 
 
     Plain-PostgreSQL path only. A partition whose range already has rows in the default
     partition cannot be attached; those rows stay where they are (still stored once), and the
-    failure is logged rather than raised so ingestion never stops over it.
+    failure is logged rather than raised so ingestion never stops over it. Made by
+    kota_create_readings_partition (migration 0011), which runs as the schema's owner: the
+    processor, which calls this for the days its readings fall on, does not own `readings`.
     """
     created = []
     existing = daily_partitions(conn)
@@ -137,13 +139,9 @@ def ensure_partitions(conn: psycopg.Connection, first_day: dt.date, days_ahead: 
         name = partition_name(day)
         if name in existing:
             continue
-        start = dt.datetime.combine(day, dt.time(), dt.UTC)
-        end = start + dt.timedelta(days=1)
         try:
             with conn.transaction():
-                conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF readings "  # noqa: S608 (name is ours)
-                    f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')")
+                conn.execute("SELECT kota_create_readings_partition(%s)", (day,))
             created.append(name)
         except psycopg.errors.CheckViolation as exc:
             log.warning("partition %s not created, rows for that day stay in readings_default: %s", name, exc)

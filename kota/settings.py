@@ -8,8 +8,12 @@ beside a developer's.
 
 from __future__ import annotations
 
+import os
+import secrets
+import tempfile
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +26,48 @@ def _default_state_dir() -> Path:
     if (PROJECT_ROOT / "pyproject.toml").exists():
         return PROJECT_ROOT / ".kota"
     return Path.home() / ".kota"
+
+
+def secrets_dir(state_dir: Path) -> Path:
+    return state_dir / "secrets"
+
+
+def read_secret(state_dir: Path, name: str) -> str | None:
+    """The credential kept in `{state_dir}/secrets/<name>`, or None if it was never made."""
+    path = secrets_dir(state_dir) / name
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def ensure_secret(state_dir: Path, name: str) -> str:
+    """The credential in `{state_dir}/secrets/<name>`, made (random, 0600 in a 0700 folder) if missing."""
+    existing = read_secret(state_dir, name)
+    if existing is not None:
+        return existing
+    folder = secrets_dir(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    value = secrets.token_urlsafe(24)
+    path = folder / name
+    # Written whole to a private file (0600 from the start), then linked into place, which fails if
+    # the name exists: made once, and a second process making it at the same time reads the winner's.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+        os.link(tmp, path)
+    except FileExistsError:
+        value = read_secret(state_dir, name) or value
+    finally:
+        os.unlink(tmp)
+    return value
+
+
+def _dsn_quoted(value: str) -> str:
+    # libpq connection strings: a value in single quotes, with \\ and \' escaped.
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 class StackSettings(BaseSettings):
@@ -40,6 +86,9 @@ class StackSettings(BaseSettings):
     mqtt_base_port: int = 18830
     mqtt_tls_base_port: int = 18831  # TLS, username and password
     mqtt_mtls_base_port: int = 18832  # mutual TLS: the client certificate names the device
+    # The ingest gateways' own listener (127.0.0.1 / internal network): only the ingest account logs
+    # in there, and no device account can, so no device can reach the gateways' sessions.
+    mqtt_ingest_base_port: int = 18833
     postgres_base_port: int = 15432
     kafka_base_port: int = 19092
     kafka_controller_base_port: int = 19093
@@ -53,12 +102,20 @@ class StackSettings(BaseSettings):
     mqtt_host: str = "127.0.0.1"
     kafka_host: str = "127.0.0.1"
     postgres_host: str = "127.0.0.1"
-    postgres_user: str = "postgres"
+    # The role this process connects as (scram-sha-256): deploy gives each component its own
+    # (kota_processor, kota_gateway, kota_api); the CLI and tests are kota_owner, which owns the
+    # schema. A missing password is read from the secrets folder (postgres-<user>.password).
+    postgres_user: str = "kota_owner"
     postgres_password: SecretStr | None = None
     api_host: str = "127.0.0.1"
     processor_host: str = "127.0.0.1"  # where the API reads the processor's metrics
     bind_host: str = "127.0.0.1"
 
+    # SASL/SCRAM-SHA-512 user this process connects to Kafka as (deploy/kafka_access.py): deploy,
+    # the CLI and tests are kota-admin; deploy gives each component its own user. A missing password
+    # is read from the secrets folder (kafka-<user>.password).
+    kafka_username: str = "kota-admin"
+    kafka_password: SecretStr | None = None
     kafka_partitions: int = 4
     kafka_replication: int = 1  # 3 on a cluster of brokers (deploy/k8s)
     kafka_heap: str = "512m"
@@ -76,6 +133,10 @@ class StackSettings(BaseSettings):
     @property
     def mqtt_mtls_port(self) -> int:
         return self.mqtt_mtls_base_port + self.port_offset
+
+    @property
+    def mqtt_ingest_port(self) -> int:
+        return self.mqtt_ingest_base_port + self.port_offset
 
     @property
     def postgres_port(self) -> int:
@@ -105,11 +166,25 @@ class StackSettings(BaseSettings):
     def kafka_bootstrap(self) -> str:
         return f"{self.kafka_host}:{self.kafka_port}"
 
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Keyword arguments every aiokafka client is built with: where Kafka is, and who we are."""
+        password = self.kafka_password.get_secret_value() if self.kafka_password else \
+            read_secret(self.state_dir, f"kafka-{self.kafka_username}.password")
+        if password is None:
+            raise RuntimeError(f"no Kafka password for user {self.kafka_username}: set KOTA_KAFKA_PASSWORD, or "
+                               f"start the stack (kota up) to make {secrets_dir(self.state_dir)}/"
+                               f"kafka-{self.kafka_username}.password")
+        return {"bootstrap_servers": self.kafka_bootstrap, "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": self.kafka_username,
+                "sasl_plain_password": password}
+
     @property
     def postgres_dsn(self) -> str:
         dsn = f"host={self.postgres_host} port={self.postgres_port} user={self.postgres_user} dbname={self.database}"
-        if self.postgres_password:
-            dsn += f" password={self.postgres_password.get_secret_value()}"
+        password = self.postgres_password.get_secret_value() if self.postgres_password else \
+            read_secret(self.state_dir, f"postgres-{self.postgres_user}.password")
+        if password:
+            dsn += f" password='{_dsn_quoted(password)}'"
         return dsn
 
     @property

@@ -107,7 +107,8 @@ def apply_retention(conn: psycopg.Connection, now: dt.datetime, report: Maintena
         cutoff = (now - dt.timedelta(days=keep["readings"])).date()
         for name, day in sorted(daily_partitions(conn).items()):
             if day < cutoff:
-                conn.execute(f"DROP TABLE {name}")  # noqa: S608 (a partition name we made)
+                # As the schema's owner (migration 0011): the processor may drop only these partitions.
+                conn.execute("SELECT kota_drop_readings_partition(%s)", (day,))
                 report.partitions_dropped.append(name)
         deleted = conn.execute("DELETE FROM readings_default WHERE ts < %s",
                                (now - dt.timedelta(days=keep["readings"]),)).rowcount

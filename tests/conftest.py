@@ -1,7 +1,8 @@
 """Fixtures that start (or reuse) the real local stack once per test session.
 
-The test stack has its own state folder (.kota-test/) and ports shifted by KOTA_TEST_PORT_OFFSET
-(default 100), so it runs beside a developer's `kota up` without touching its data.
+The test stack has its own state folder (.kota-test/, or KOTA_TEST_STATE_DIR) and ports shifted by
+KOTA_TEST_PORT_OFFSET (default 100), so it runs beside a developer's `kota up` without touching its
+data, and several test stacks can run side by side.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ PIPELINE = ("gateway", "processor", "api")
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[StackSettings]:
-    settings = StackSettings(state_dir=PROJECT_ROOT / ".kota-test",
+    settings = StackSettings(state_dir=PROJECT_ROOT / os.environ.get("KOTA_TEST_STATE_DIR", ".kota-test"),
                              port_offset=int(os.environ.get("KOTA_TEST_PORT_OFFSET", "100")))
     local.start_services(settings, lambda message: print(f"test stack: {message}"), open_devices=False)
     migrate(settings.postgres_dsn)
