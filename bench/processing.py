@@ -193,7 +193,7 @@ def end_offsets(stack: StackSettings) -> dict[int, int]:
     from kota.contract import READINGS_TOPIC
 
     async def ends() -> dict[int, int]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, enable_auto_commit=False, group_id=None)
+        consumer = AIOKafkaConsumer(**stack.kafka_client_options(), enable_auto_commit=False, group_id=None)
         await consumer.start()
         try:
             partitions = consumer.partitions_for_topic(READINGS_TOPIC)
@@ -260,12 +260,13 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
 
     procs.stop(stack, "processor")
     run = f"bench{time.time_ns() % 10**9}"
-    start_group_at_the_end(stack, run)
+    group = f"kota-processor-{run}"  # the processor's Kafka user may join only groups named so
+    start_group_at_the_end(stack, group)
     n_devices, per_record = 2_000, 50
     now = int(time.time() * 1000)
 
     async def produce() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", linger_ms=20,
+        producer = AIOKafkaProducer(**stack.kafka_client_options(), acks="all", linger_ms=20,
                                     max_batch_size=1 << 20)
         await producer.start()
         try:
@@ -295,7 +296,7 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
     # Workers of one `kota processor` share the topic's partitions, each with its own database
     # connection: one worker and its database backend take turns, so one leaves a core idle.
     local.start_component(stack, "processor", env={"KOTA_PROCESSOR_WORKERS": str(workers),
-                                                    "KOTA_PROCESSOR_GROUP_ID": run})
+                                                    "KOTA_PROCESSOR_GROUP_ID": group})
     # (time, stored count) at the first poll past 10% and the first past 90%. The rate is the readings
     # stored between those two polls over the time between them: the processor commits in batches of
     # up to a quarter of the run, so taking 80% of the run as what happened between them was off by
@@ -314,7 +315,7 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
     assert t_to > t_from, "one batch held the whole run: give it more readings"
     rate = (n_to - n_from) / (t_to - t_from)
     procs.stop(stack, "processor")  # the next user starts it with its own settings
-    drain_into_the_default_group(stack, run)
+    drain_into_the_default_group(stack, group)
     say(f"processor with {workers} worker{'s' if workers > 1 else ''}, Kafka to database with exactly-once on: "
         f"{rate:,.0f} readings/s "
         f"({n_to - n_from:,} readings stored in {t_to - t_from:.1f} s, from past 10% to past 90% of {readings:,}; "

@@ -39,24 +39,35 @@ from processing.detect import Detectors, deserialize, serialize
 from processing.kernels import REASONS
 from processing.rules import RulePolicy, detector_signal
 from processing.store import (
+    NOT_FINITE,
+    TIME_OUT_OF_RANGE,
+    UNDECODABLE,
     AnomalyRow,
     Checkpoint,
+    DeadLetter,
     PartitionSlice,
     WritePolicy,
+    database_unavailable,
     load_checkpoints,
     load_offsets,
     write_batch,
+    write_isolating,
 )
 
 log = logging.getLogger("kota.processor")
 
 EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 ABSENT_RECHECK_S = 60.0  # how long a device missing from the registry is taken as still missing
+# Reading and receive times the processor keeps: 1970 to 2200 (UTC, epoch ms). Outside, a record is a
+# dead letter: a time of 1e20 ms overflowed the day arithmetic of the readings' partitions.
+TS_MIN_MS, TS_MAX_MS = 0, 7_258_118_400_000
+STORAGE_RETRY_WAIT_S = 0.2  # between tries of a batch the database refused (not one it could not be reached for)
 
 READINGS_IN = Counter("kota_processor_readings_in", "readings consumed from Kafka")
 READINGS_STORED = Counter("kota_processor_readings_stored", "readings newly stored")
 DUPLICATES = Counter("kota_processor_duplicates", "readings already stored (Kafka duplicates)")
-UNDECODABLE = Counter("kota_processor_undecodable_records", "Kafka records not in the wire format")
+UNDECODABLE_RECORDS = Counter("kota_processor_undecodable_records", "Kafka records not in the wire format")
+DEAD_LETTERS = Counter("kota_processor_dead_letters", "records written to processor_dead_letters", ["reason"])
 LAST_BATCH = Gauge("kota_processor_last_batch_unixtime", "when the last batch was committed",
                    multiprocess_mode="max")  # the newest of the workers' (processing/workers.py)
 LATE = Counter("kota_processor_late_readings", "readings later than the allowed lateness, kept in late_readings")
@@ -87,6 +98,10 @@ class ProcessorSettings(BaseSettings):
     max_batch_readings: int = 24_000
     poll_timeout_ms: int = 200
     retry_wait_s: float = 1.0
+    # Tries of a batch the database refuses (a DataError, an IntegrityError...: not one it cannot be
+    # reached for, which is retried until it can) before it is stored in halves, in savepoints, down to
+    # the records that fail alone, which become dead letters (processing.store.write_isolating).
+    storage_tries: int = 3
     metrics_enabled: bool = True
     # A score at or above this stores an anomaly and signals an alert. bench/nab's sweep picks a lower
     # one (0.1) because NAB's standard profile rewards early detection over quiet; operators want fewer.
@@ -268,7 +283,7 @@ class Processor:
             self._backend = storage_backend(sync_conn)
         self._policy = dataclasses.replace(self._policy, track_rollups=self._backend == "postgres")
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._stack.kafka_bootstrap, group_id=self._settings.group_id,
+            **self._stack.kafka_client_options(), group_id=self._settings.group_id,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             # A member joining or leaving (a worker restarted, a second processor) is noticed at the
@@ -311,24 +326,48 @@ class Processor:
         slices, anomalies, checkpoints = self._detect(slices)
         if not slices:
             return conn
+        tries = 0
         while True:
+            isolating = tries >= self._settings.storage_tries
             try:
                 if self._backend == "postgres":
-                    await self._ensure_partitions(slices)
-                outcome = await write_batch(conn, group=self._settings.group_id, topic=READINGS_TOPIC,
-                                            slices=slices, anomalies=anomalies, checkpoints=checkpoints,
-                                            policy=self._policy, ispu_evaluated=self._ispu_evaluated)
+                    await self._ensure_partitions(slices, quiet=isolating)
+                if not isolating:
+                    outcome = await write_batch(conn, group=self._settings.group_id, topic=READINGS_TOPIC,
+                                                slices=slices, anomalies=anomalies, checkpoints=checkpoints,
+                                                policy=self._policy, ispu_evaluated=self._ispu_evaluated)
+                else:
+                    raw = {(tp.partition, r.offset): (r.key, r.value) for tp, records in batch.items() for r in records}
+                    outcome = await write_isolating(conn, group=self._settings.group_id, topic=READINGS_TOPIC,
+                                                    slices=slices, raw=raw,
+                                                    anomalies=anomalies, checkpoints=checkpoints, policy=self._policy,
+                                                    ispu_evaluated=self._ispu_evaluated)
                 break
-            except psycopg.OperationalError as exc:
-                # Database down or restarting: wait and retry the same batch; nothing is dropped.
-                log.warning("database unavailable (%s); retrying batch in %.0f s", exc, self._settings.retry_wait_s)
-                await asyncio.sleep(self._settings.retry_wait_s)
-                conn = await self._reconnect_if_broken(conn)
+            except Exception as exc:
+                if database_unavailable(exc, conn):
+                    # Database down or restarting: wait and retry the same batch; nothing is dropped.
+                    log.warning("database unavailable (%s); retrying batch in %.0f s", exc,
+                                self._settings.retry_wait_s)
+                    await asyncio.sleep(self._settings.retry_wait_s)
+                    conn = await self._reconnect_if_broken(conn)
+                    continue
+                # The data, not the database: a record whose readings it refuses. Tried again a few
+                # times, then stored without the records that fail (as dead letters).
+                if isolating:
+                    raise
+                tries += 1
+                log.warning("batch not stored (%s: %s); try %d of %d%s", type(exc).__name__, str(exc)[:300], tries,
+                            self._settings.storage_tries,
+                            ", now storing it in parts to find the records at fault"
+                            if tries >= self._settings.storage_tries else "")
+                await asyncio.sleep(STORAGE_RETRY_WAIT_S)
         self._ispu_evaluated.update(outcome.ispu_minutes)  # committed: later batches need not evaluate these
         READINGS_IN.inc(outcome.readings_in)
         READINGS_STORED.inc(outcome.readings_stored)
         DUPLICATES.inc(outcome.readings_in - outcome.readings_stored - outcome.late)
         LATE.inc(outcome.late)
+        for reason in outcome.dead_letters:
+            DEAD_LETTERS.labels(reason).inc()
         for change in outcome.alert_changes:
             ALERT_CHANGES.labels(change.action).inc()
         LAST_BATCH.set(time.time())
@@ -432,8 +471,8 @@ class Processor:
 
         try:
             loaded = await asyncio.to_thread(load)
-        except psycopg.OperationalError as exc:
-            log.warning("device ranges not refreshed (%s)", exc)
+        except psycopg.Error as exc:  # unreachable, or a device id it refuses (a NUL): scored without ranges
+            log.warning("device ranges not refreshed (%s)", str(exc)[:300])
             return
         self._ranges.update(loaded)
         if not self._absent:
@@ -478,18 +517,31 @@ class Processor:
             log.warning("maintenance skipped (%s)", exc)
 
     def _decode(self, tp: TopicPartition, records: list) -> PartitionSlice:
+        """The records' readings; a record not in the wire format, or with a time or value the
+        platform does not keep, holds none and becomes a dead letter (written with the batch)."""
         by_offset: list[tuple[int, list[Reading]]] = []
+        dead: list[DeadLetter] = []
         for record in records:
             try:
-                by_offset.append((record.offset, decode_device_batch(record.value)))
-            except (ValueError, KeyError, TypeError) as exc:
-                UNDECODABLE.inc()
-                log.error("%s[%d]@%d is not a readings record, skipped: %s", tp.topic, tp.partition,
-                          record.offset, exc)
-                by_offset.append((record.offset, []))
-        return PartitionSlice(tp.partition, records[0].offset, records[-1].offset + 1, by_offset)
+                readings = decode_device_batch(record.value)
+                # PostgreSQL text and jsonb (the detectors' checkpoint names the series) hold no NUL; in
+                # JSON it can only come escaped, and one search of the record's bytes costs next to nothing.
+                fault = (UNDECODABLE, "a string holds a NUL character") if b"\\u0000" in record.value \
+                    else poison(readings)
+            except Exception as exc:  # noqa: BLE001 - whatever a record holds, it must not stop the partition
+                UNDECODABLE_RECORDS.inc()
+                readings, fault = [], (UNDECODABLE, f"not a readings record: {type(exc).__name__}: {exc}")
+            if fault is not None:
+                log.error("%s[%d]@%d not stored (%s), written to processor_dead_letters: %s", tp.topic, tp.partition,
+                          record.offset, fault[0], fault[1][:300].encode("unicode_escape").decode())
+                dead.append(DeadLetter(tp.partition, record.offset, fault[0], fault[1], record.key, record.value))
+                readings = []
+            by_offset.append((record.offset, readings))
+        return PartitionSlice(tp.partition, records[0].offset, records[-1].offset + 1, by_offset, dead)
 
-    async def _ensure_partitions(self, slices: list[PartitionSlice]) -> None:
+    async def _ensure_partitions(self, slices: list[PartitionSlice], *, quiet: bool = False) -> None:
+        """`quiet`: a failure (not of the connection) is logged, and readings of a day without its
+        partition go to the default one."""
         # UTC days by integer division first: a datetime per reading took 1.0 s per million readings, this 0.2 s.
         days = {dt.date.fromordinal(EPOCH_ORDINAL + day) for day in
                 {r.ts_ms // 86_400_000 for s in slices for _, readings in s.readings_by_offset for r in readings}}
@@ -502,7 +554,15 @@ class Processor:
                 for day in sorted(missing):
                     ensure_partitions(conn, day)
 
-        await asyncio.to_thread(create)
+        try:
+            await asyncio.to_thread(create)
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            if not quiet:
+                raise
+            log.warning("readings partitions for %s not made (%s: %s)", sorted(missing), type(exc).__name__, exc)
+            return
         self._partition_days |= missing
 
     async def _commit_to_kafka(self, slices: list[PartitionSlice]) -> None:
@@ -511,6 +571,27 @@ class Processor:
             await self._consumer.commit({TopicPartition(READINGS_TOPIC, s.partition): s.next_offset for s in slices})
         except (CommitFailedError, KafkaError) as exc:
             log.info("offset commit to Kafka skipped (%s); the database holds the real offsets", exc)
+
+
+def poison(readings: list[Reading]) -> tuple[str, str] | None:
+    """Why a decoded record's readings cannot be kept (reason, message), or None. Checked per record,
+    in passes the interpreter runs in C where it can: this is the processor's hottest loop."""
+    if not readings:
+        return None
+    first = readings[0]
+    if not all(type(v) is str for v in (first.city, first.domain, first.device_id, first.source)) or \
+            not all(type(r.metric) is str and type(r.unit) is str for r in readings):
+        return UNDECODABLE, "a device, city, domain, source, metric or unit that is not a string"
+    times = [r.ts_ms for r in readings]
+    low, high = min(times), max(times)
+    if low < TS_MIN_MS or high >= TS_MAX_MS:
+        return TIME_OUT_OF_RANGE, f"reading time {low if low < TS_MIN_MS else high} ms is outside 1970..2200"
+    received = first.received_ms
+    if type(received) is not int or not TS_MIN_MS <= received < TS_MAX_MS:
+        return TIME_OUT_OF_RANGE, f"receive time {received!r} is not an epoch ms within 1970..2200"
+    if not all(map(math.isfinite, [r.value for r in readings])):
+        return NOT_FINITE, "a value that is NaN or infinite"
+    return None
 
 
 async def run_processor(stack: StackSettings, settings: ProcessorSettings, stop: asyncio.Event) -> None:

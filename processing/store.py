@@ -18,6 +18,7 @@ detector state from its checkpoint without writing anything twice).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +32,30 @@ from processing import kernels
 from processing.kernels import REASONS, REPEAT
 from processing.rules import RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates, rule_inputs
 
+log = logging.getLogger("kota.processor")
+
 MINUTE_MS = 60_000
+
+# Reasons a record becomes a processor dead letter (processor_dead_letters.reason); stable, for dashboards.
+UNDECODABLE = "undecodable"  # not the wire format (kota.contract.encode_device_batch)
+TIME_OUT_OF_RANGE = "time_out_of_range"  # a reading's or the receive time outside DeadLetter's years
+NOT_FINITE = "not_finite"  # a value that is NaN or infinite
+STORAGE_ERROR = "storage_error"  # the database refused its readings, in every try
+DEAD_LETTER_VALUE_MAX = 64 * 1024
+DEAD_LETTER_MESSAGE_MAX = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record the processor will not store: written with its position in the batch transaction that
+    moves the partition past it (write_batch), once."""
+
+    partition: int
+    offset: int
+    reason: str
+    message: str
+    key: bytes | None
+    value: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +66,7 @@ class PartitionSlice:
     first_offset: int
     next_offset: int  # last offset + 1
     readings_by_offset: list[tuple[int, list[Reading]]]
+    dead_letters: list[DeadLetter] = field(default_factory=list)  # records of the slice not to be stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +119,16 @@ class BatchOutcome:
     anomalies: int = 0
     alert_changes: list[AlertChange] = field(default_factory=list)
     ispu_minutes: dict[str, int] = field(default_factory=dict)  # each station's newest minute evaluated
+    dead_letters: list[str] = field(default_factory=list)  # reasons of the dead letters written now
+
+    def plus(self, other: BatchOutcome) -> BatchOutcome:
+        ispu = dict(self.ispu_minutes)
+        for device, minute in other.ispu_minutes.items():
+            ispu[device] = max(minute, ispu.get(device, minute))
+        return BatchOutcome(self.readings_in + other.readings_in, self.readings_stored + other.readings_stored,
+                            self.records_skipped + other.records_skipped, self.late + other.late,
+                            self.anomalies + other.anomalies, self.alert_changes + other.alert_changes, ispu,
+                            self.dead_letters + other.dead_letters)
 
 
 STAGING_DDL = """
@@ -243,9 +278,10 @@ async def load_offsets(conn: psycopg.AsyncConnection, group: str, topic: str,
 
 async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, slices: list[PartitionSlice],
                       anomalies: list[AnomalyRow] | None = None, checkpoints: list[Checkpoint] | None = None,
-                      policy: WritePolicy | None = None, ispu_evaluated: dict[str, int] | None = None
-                      ) -> BatchOutcome:
-    """`ispu_evaluated`: each station's newest minute (epoch ms) an earlier batch evaluated ISPU at,
+                      policy: WritePolicy | None = None, ispu_evaluated: dict[str, int] | None = None,
+                      nested: bool = False) -> BatchOutcome:
+    """`nested`: inside a transaction of the caller's (write_isolating), as a savepoint.
+    `ispu_evaluated`: each station's newest minute (epoch ms) an earlier batch evaluated ISPU at,
     kept by the caller: a minute is evaluated once, in the first batch that holds readings of it.
     A live stream brings each station's minute over many batches; evaluated in each, a station's
     60-minute window was read from agg_1m several times a second (bench.e2e: 5.4 µs of database
@@ -256,6 +292,8 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
     partitions = [s.partition for s in slices]
     async with conn.transaction():
         await conn.execute(STAGING_DDL)
+        if nested:  # the staging rows of the savepoints before go only at the outer commit
+            await conn.execute("DELETE FROM staging_readings")
         # Make sure a row exists to lock, then lock it: a second processor that was handed the
         # same partition waits here until we commit, and then sees our offset.
         async with conn.cursor() as cur:
@@ -266,6 +304,8 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
             "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s "
             "AND partition = ANY(%s) ORDER BY partition FOR UPDATE", (group, topic, partitions))
         stored: dict[int, int] = dict(await cur.fetchall())
+        dead = await _write_dead_letters(conn, group, topic, [d for s in slices for d in s.dead_letters
+                                                              if d.offset >= stored[s.partition]])
 
         skipped = 0
         fresh: list[Reading] = []
@@ -344,7 +384,112 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                 [(s.next_offset, group, topic, s.partition, s.next_offset) for s in slices])
     return BatchOutcome(readings_in=readings_in, readings_stored=inserted, records_skipped=skipped, late=len(late),
                         anomalies=len(kept), alert_changes=changes,
-                        ispu_minutes={d: max(minutes) for d, minutes in stations.items()})
+                        ispu_minutes={d: max(minutes) for d, minutes in stations.items()}, dead_letters=dead)
+
+
+async def _write_dead_letters(conn: psycopg.AsyncConnection, group: str, topic: str, letters: list[DeadLetter]
+                              ) -> list[str]:
+    """Insert dead letters not written yet; the reasons of those written now."""
+    if not letters:
+        return []
+    written: list[str] = []
+    async with conn.cursor() as cur:
+        for d in letters:
+            value = d.value[:DEAD_LETTER_VALUE_MAX] if d.value is not None else None
+            # PostgreSQL text holds no NUL; the message may quote a record's bytes.
+            message = d.message.replace("\x00", "\\x00")[:DEAD_LETTER_MESSAGE_MAX]
+            await cur.execute(
+                "INSERT INTO processor_dead_letters (consumer_group, topic, partition, \"offset\", reason, message, "
+                "record_key, record_value, value_length) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING reason",
+                (group, topic, d.partition, d.offset, d.reason, message, d.key, value,
+                 len(d.value) if d.value is not None else 0))
+            if await cur.fetchone():
+                written.append(d.reason)
+    return written
+
+
+def database_unavailable(exc: BaseException, conn: psycopg.AsyncConnection) -> bool:
+    """Whether a failed write says the database is down, restarting, busy or short of resources (retry
+    the batch as long as that lasts), rather than that it refuses the data: psycopg raises
+    OperationalError for both (a metric too long for an index is ProgramLimitExceeded, one of them)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    if conn.closed or conn.broken:
+        return True
+    state = exc.sqlstate or ""
+    # 08 connection, 40 rollback (deadlock, serialization), 53 resources, 55 lock, 57 shutdown or cancel, 58 I/O.
+    return not state or state[:2] in ("08", "40", "53", "55", "57", "58")
+
+
+RawRecords = dict[tuple[int, int], tuple[bytes | None, bytes | None]]  # (partition, offset) -> (key, value)
+
+
+async def write_isolating(conn: psycopg.AsyncConnection, *, group: str, topic: str, slices: list[PartitionSlice],
+                          raw: RawRecords, anomalies: list[AnomalyRow] | None = None,
+                          checkpoints: list[Checkpoint] | None = None, policy: WritePolicy | None = None,
+                          ispu_evaluated: dict[str, int] | None = None) -> BatchOutcome:
+    """Store a batch that write_batch failed on in every try, in one transaction: halves of it, each
+    in a savepoint, halved again where they fail, down to the records that fail alone, which become
+    dead letters (STORAGE_ERROR). The good records are stored once and every offset moves on with
+    them. A batch with k bad records of n takes about 2k log2(n) savepoints; the usual batch none."""
+    records = [(s.partition, offset, readings) for s in slices for offset, readings in s.readings_by_offset]
+    letters = {(s.partition, d.offset): d for s in slices for d in s.dead_letters}
+    by_record: dict[tuple[int, int], list[AnomalyRow]] = {}
+    for a in anomalies or ():
+        by_record.setdefault((a.partition, a.offset), []).append(a)
+    total = BatchOutcome(0, 0, 0)
+
+    def slices_of(chunk: list[tuple[int, int, list[Reading]]], dead: DeadLetter | None = None) -> list[PartitionSlice]:
+        out: dict[int, PartitionSlice] = {}
+        for p, offset, readings in chunk:
+            s = out.get(p)
+            letter = [dead] if dead else [letters[(p, offset)]] if (p, offset) in letters else []
+            if s is None:
+                out[p] = PartitionSlice(p, offset, offset + 1, [(offset, [] if dead else readings)], letter)
+            else:
+                s.readings_by_offset.append((offset, readings))
+                s.dead_letters.extend(letter)
+                out[p] = PartitionSlice(p, s.first_offset, offset + 1, s.readings_by_offset, s.dead_letters)
+        return list(out.values())
+
+    async def attempt(chunk: list[tuple[int, int, list[Reading]]]) -> None:
+        nonlocal total
+        try:
+            total = total.plus(await write_batch(
+                conn, group=group, topic=topic, slices=slices_of(chunk),
+                anomalies=[a for p, o, _ in chunk for a in by_record.get((p, o), ())], policy=policy,
+                ispu_evaluated=ispu_evaluated, nested=True))
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever a record makes the write raise, it must not stop the partition
+            if database_unavailable(exc, conn):
+                raise  # the database, not the data: the caller retries the whole batch
+            if len(chunk) > 1:
+                middle = len(chunk) // 2
+                await attempt(chunk[:middle])
+                await attempt(chunk[middle:])
+                return
+            p, offset, _ = chunk[0]
+            log.error("%s[%d]@%d: readings not stored, written to processor_dead_letters: %s: %s", topic, p, offset,
+                      type(exc).__name__, str(exc)[:300])
+            key, value = raw.get((p, offset), (None, None))
+            letter = DeadLetter(p, offset, STORAGE_ERROR, f"{type(exc).__name__}: {exc}", key, value)
+            total = total.plus(await write_batch(conn, group=group, topic=topic, slices=slices_of(chunk, letter),
+                                                 policy=policy, nested=True))
+
+    async with conn.transaction():
+        if records:
+            await attempt(records)
+        if checkpoints:  # the detectors' state as of the whole batch, records dead-lettered or not
+            try:
+                await write_batch(conn, group=group, topic=topic, checkpoints=checkpoints, policy=policy, nested=True,
+                                  slices=[PartitionSlice(s.partition, s.first_offset, s.next_offset, [])
+                                          for s in slices])
+            except Exception as exc:  # noqa: BLE001 - a restart re-reads from the checkpoint before: slower, not wrong
+                if database_unavailable(exc, conn):
+                    raise
+                log.error("detector checkpoints not saved (%s: %s)", type(exc).__name__, str(exc)[:300])
+    return total
 
 
 def _reading_times(readings: list[Reading], signals: list[Signal], repeats: list[Repeat]

@@ -92,7 +92,7 @@ def _checkpoint_offset(stack, partition: int) -> int:
 
 
 async def _send_twice(stack, readings: list[Reading]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(**stack.kafka_client_options(), acks="all")
     await producer.start()
     try:
         for _ in range(2):  # what a gateway retry after a lost acknowledgement looks like

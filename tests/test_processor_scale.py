@@ -31,7 +31,7 @@ def _series(device_index: int, n: int, start_ms: int) -> tuple[np.ndarray, np.nd
 
 
 async def _produce(stack, devices: list[str], per_device: int, start_ms: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", enable_idempotence=True,
+    producer = AIOKafkaProducer(**stack.kafka_client_options(), acks="all", enable_idempotence=True,
                                 linger_ms=20, max_batch_size=1 << 20)
     await producer.start()
     try:
