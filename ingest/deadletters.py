@@ -1,4 +1,7 @@
-"""Read the dead-letter topic, for integrators asking "why was my message rejected?"."""
+"""Read the dead-letter topic, for integrators asking "why was my message rejected?".
+
+A record is one rejected message (kota.contract.encode_dead_letter): every reason it was given,
+counted, the first few with a message for a person, and its payload, capped."""
 
 from __future__ import annotations
 
@@ -14,13 +17,15 @@ from kota.contract import DEADLETTER_TOPIC, decode_dead_letter
 def _matches(letter: dict[str, Any], device: str | None, since_ms: int) -> bool:
     if int(str(letter.get("received_ms", 0))) < since_ms:
         return False
-    return device is None or device in str(letter["topic"]).split("/") or device in str(letter["message"])
+    if device is None or device in str(letter["topic"]).split("/"):
+        return True
+    return any(device in str(r["message"]) for r in letter["rejections"])
 
 
-async def read_dead_letters(bootstrap: str, *, device: str | None, since_ms: int, wait_for: str | None,
+async def read_dead_letters(kafka_options: dict[str, Any], *, device: str | None, since_ms: int, wait_for: str | None,
                             follow: bool, timeout_s: float, show: Callable[[dict[str, Any]], None]) -> bool:
     """Show matching dead letters; with `wait_for`, return whether one with that reason was seen in time."""
-    consumer = AIOKafkaConsumer(DEADLETTER_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(DEADLETTER_TOPIC, **kafka_options, auto_offset_reset="earliest",
                                 enable_auto_commit=False, group_id=None)
     await consumer.start()
     found = False
@@ -33,7 +38,7 @@ async def read_dead_letters(bootstrap: str, *, device: str | None, since_ms: int
                     letter = decode_dead_letter(record.value)
                     if _matches(letter, device, since_ms):
                         show(letter)
-                        found = found or letter["reason"] == wait_for
+                        found = found or wait_for in letter["reasons"]
             if wait_for and found:
                 return True
             caught_up = not batch

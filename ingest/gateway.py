@@ -26,8 +26,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ingest.dedupe import RecentReadings
 from ingest.mqtt_inbox import InboundMessage, MqttInbox
 from ingest.parse import ParseLimits, parse_message
+from ingest.ratelimit import RateLimit, SenderBuckets
 from kota.contract import (
     DEADLETTER_TOPIC,
+    GATEWAY_SEGMENT,
     INGEST_PROBE_TOPIC,
     MQTT_INGEST_FILTER,
     MQTT_SHARED_GROUP,
@@ -37,8 +39,10 @@ from kota.contract import (
     Rejection,
     encode_dead_letter,
     encode_device_batch,
+    escaped,
+    printable,
 )
-from kota.registry import Device, Gateway, load_devices, load_gateways, registry_version
+from kota.registry import Device, Gateway, load_devices, load_gateways, load_rate_limits, registry_version
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.gateway")
@@ -48,6 +52,8 @@ READINGS_OUT = PromCounter("kota_gateway_readings_out", "readings acknowledged b
 PROBES = PromCounter("kota_gateway_probes", "platform probes acknowledged (not readings)")
 REJECTED = PromCounter("kota_gateway_rejected", "rejected readings or messages, by reason", ["reason"])
 QUEUE_DEPTH = Gauge("kota_gateway_queue_depth", "messages waiting between paho and Kafka")
+INTERNAL_ERRORS = PromCounter("kota_gateway_internal_errors", "messages whose checking failed unexpectedly "
+                              "(dead-lettered as internal_error; a platform bug)")
 SEND_SECONDS = Histogram("kota_gateway_kafka_send_seconds", "time for Kafka to acknowledge a batch")
 
 
@@ -73,6 +79,15 @@ class GatewaySettings(BaseSettings):
     # Drain mode (`kota gateway --drain CLIENT_ID`): forward what a departed gateway's session
     # holds, then exit once nothing has come for this long.
     drain_quiet_s: float = 3.0
+    # Messages per second per MQTT account, and how many seconds of that rate may come at once
+    # (ingest/ratelimit.py). A registry row's rate_limit_per_s overrides them; 0 turns a limit off.
+    device_rate_per_s: float = 20.0
+    gateway_rate_per_s: float = 1000.0
+    rate_burst_s: float = 60.0
+    # The inbox holds at most this many payload bytes (and queue_size messages): memory stays flat
+    # whatever size devices send, up to the broker's max_packet_size each.
+    queue_max_bytes: int = 64 * 1024 * 1024
+    batch_max_bytes: int = 4 * 1024 * 1024
 
 
 class BurstLog:
@@ -82,6 +97,15 @@ class BurstLog:
         self._log, self._window = logger, window_s
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
+
+    def first(self, key: str) -> bool:
+        """Whether a line of this kind may be logged now (then it counts as logged)."""
+        now = time.monotonic()
+        if now - self._last.get(key, -1e18) < self._window:
+            self._suppressed[key] += 1
+            return False
+        self._last[key] = now
+        return True
 
     def warning(self, key: str, message: str) -> None:
         now = time.monotonic()
@@ -103,9 +127,11 @@ class IngestGateway:
                         else MQTT_INGEST_FILTER)
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         client_id = settings.client_id.format(hostname=socket.gethostname())
-        self._inbox = MqttInbox(host=stack.mqtt_host, port=stack.mqtt_port, client_id=client_id,
+        # The ingest listener: only the ingest account logs in there, devices cannot.
+        self._inbox = MqttInbox(host=stack.mqtt_host, port=stack.mqtt_ingest_port, client_id=client_id,
                                 topic_filter=topic_filter, maxsize=settings.queue_size,
-                                username=settings.mqtt_username, password=password, drain=drain)
+                                max_bytes=settings.queue_max_bytes, username=settings.mqtt_username,
+                                password=password, drain=drain)
         self._recent = RecentReadings(settings.duplicate_memory)
         self._devices: dict[str, Device] = {}
         self._gateways: dict[str, Gateway] = {}
@@ -119,6 +145,11 @@ class IngestGateway:
         self._partition_of: dict[tuple[str, bytes], int] = {}
         self._partitions: dict[str, list[int]] = {}
         self._partitioner = DefaultPartitioner()
+        self._buckets = SenderBuckets()
+        self._device_rate = RateLimit.of(settings.device_rate_per_s, settings.rate_burst_s)
+        self._gateway_rate = RateLimit.of(settings.gateway_rate_per_s, settings.rate_burst_s)
+        self._rate_overrides: dict[str, float] = {}  # registry rows with a rate of their own
+        self._registry_rechecked = False
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._settings.metrics_enabled:
@@ -131,6 +162,7 @@ class IngestGateway:
         try:
             while not stop.is_set():
                 batch = await asyncio.to_thread(self._inbox.take_batch, self._settings.batch_max_messages,
+                                                self._settings.batch_max_bytes,
                                                 self._settings.batch_wait_s)
                 QUEUE_DEPTH.set(self._inbox.depth)
                 if batch:
@@ -142,7 +174,8 @@ class IngestGateway:
                     log.info("drained %d message(s) from session %s", drained, self._inbox.client_id)
                     print(f"drained {drained} message(s) from session {self._inbox.client_id}", flush=True)
                     return
-                elif time.monotonic() - self._devices_loaded_at > self._settings.registry_refresh_s:
+                if time.monotonic() - self._devices_loaded_at > self._settings.registry_refresh_s:
+                    # Busy or idle: a changed rate limit or metric range must not wait for a quiet moment.
                     await self._refresh_devices()
         finally:
             self._inbox.stop()
@@ -173,6 +206,7 @@ class IngestGateway:
             # One transaction on one snapshot: the version describes exactly the devices read with it.
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             self._registry_version = registry_version(conn)
+            self._rate_overrides = load_rate_limits(conn)
             return load_devices(conn), load_gateways(conn)
 
     def _read_version(self) -> tuple:
@@ -182,7 +216,7 @@ class IngestGateway:
     # -- Kafka ---------------------------------------------------------------------------------
     async def _start_producer(self, stop: asyncio.Event) -> AIOKafkaProducer:
         while True:
-            producer = AIOKafkaProducer(bootstrap_servers=self._stack.kafka_bootstrap, acks="all",
+            producer = AIOKafkaProducer(**self._stack.kafka_client_options(), acks="all",
                                         enable_idempotence=True, linger_ms=5,
                                         max_batch_size=512 * 1024, request_timeout_ms=30_000)
             try:
@@ -204,45 +238,100 @@ class IngestGateway:
                and m.received_ms >= self._devices_as_of_ms for m in batch):
             await self._refresh_devices()
         records: list[tuple[str, bytes, bytes]] = []
-        registry_rechecked = False
         accepted = 0
         rejected: Counter[str] = Counter()
+        throttled: dict[str, list[InboundMessage]] = {}
+        self._registry_rechecked = False
+        now_s = time.monotonic()
         for msg in batch:
             if msg.topic == INGEST_PROBE_TOPIC:
                 PROBES.inc()
                 continue
-            result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
-                                   received_ms=msg.received_ms, limits=self._limits)
-            if not registry_rechecked and msg.received_ms >= self._devices_as_of_ms and any(
-                    r.reason in (Reason.UNKNOWN_DEVICE, Reason.DEVICE_DISABLED) for r in result.rejections):
-                # A device behind a known gateway, registered after our last read of the registry
-                # (`kota devices add --gateway`, a replay's devices), or one enabled again a moment
-                # ago (the broker already lets it in). Once per batch, a cheap check whether the
-                # registry changed, so a flood of such messages costs no full reads.
-                registry_rechecked = True
-                if await self._refresh_devices():
-                    result = parse_message(msg.topic, msg.payload, devices=self._devices,
-                                           gateways=self._gateways, received_ms=msg.received_ms, limits=self._limits)
-            new, duplicates = self._recent.split_new(result.readings)
-            for dup in duplicates:
-                result.reject(Reason.DUPLICATE, f"{dup.device_id} {dup.metric} at ts {dup.ts_ms} was already accepted")
-            by_device: defaultdict[str, list[Reading]] = defaultdict(list)
-            for reading in new:
-                by_device[reading.device_id].append(reading)
-            for device_id, readings in by_device.items():
-                records.append((READINGS_TOPIC, device_id.encode(), encode_device_batch(readings)))
-                accepted += len(readings)
-            for rejection in result.rejections:
+            sender = _sender_of(msg.topic)
+            if not self._buckets.allow(sender, self._rate_limit_of(sender, msg.topic), now_s):
+                throttled.setdefault(sender, []).append(msg)
+                continue
+            try:
+                accepted += await self._check_one(msg, records, rejected)
+            except Exception as exc:  # noqa: BLE001 - the boundary: one message never stops ingest
+                # A bug in checking this message, not the sender's fault: it is dead-lettered with its
+                # bytes, so nothing is lost and it can be replayed once fixed; the batch goes on. The
+                # message is acknowledged with the rest: kept unacknowledged it would come back after
+                # every restart (a crash loop, before this boundary existed).
+                INTERNAL_ERRORS.inc()
+                if self._burst.first(f"internal:{type(exc).__name__}"):
+                    log.exception("checking a message on %s failed; dead-lettered as internal_error",
+                                  escaped(msg.topic, 200))
+                rejection = Rejection(Reason.INTERNAL_ERROR, f"the platform failed to check this message "
+                                                             f"({type(exc).__name__}); it is kept here for replay")
                 records.append((DEADLETTER_TOPIC, msg.topic.encode(),
-                                encode_dead_letter(topic=msg.topic, payload=msg.payload, rejection=rejection,
+                                encode_dead_letter(topic=msg.topic, payload=msg.payload, rejections=[rejection],
                                                    received_ms=msg.received_ms)))
-                rejected[rejection.reason.value] += 1
-                self._log_rejection(msg, rejection)
+                rejected[Reason.INTERNAL_ERROR.value] += 1
+        for sender, messages in throttled.items():
+            records.append(self._rate_limited_letter(sender, messages))
+            rejected[Reason.RATE_LIMITED.value] += len(messages)
         await self._send_until_acknowledged(records, stop)
         self._inbox.ack(batch)
         READINGS_OUT.inc(accepted)
         for reason, count in rejected.items():
             REJECTED.labels(reason).inc(count)
+
+    async def _check_one(self, msg: InboundMessage, records: list[tuple[str, bytes, bytes]],
+                         rejected: Counter[str]) -> int:
+        """Parse one message and append its Kafka records (readings by device, and at most one dead
+        letter); return how many readings it adds."""
+        result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
+                               received_ms=msg.received_ms, limits=self._limits)
+        if not self._registry_rechecked and msg.received_ms >= self._devices_as_of_ms and any(
+                r.reason in (Reason.UNKNOWN_DEVICE, Reason.DEVICE_DISABLED) for r in result.rejections):
+            # A device behind a known gateway, registered after our last read of the registry
+            # (`kota devices add --gateway`, a replay's devices), or one enabled again a moment
+            # ago (the broker already lets it in). Once per batch, a cheap check whether the
+            # registry changed, so a flood of such messages costs no full reads.
+            self._registry_rechecked = True
+            if await self._refresh_devices():
+                result = parse_message(msg.topic, msg.payload, devices=self._devices,
+                                       gateways=self._gateways, received_ms=msg.received_ms, limits=self._limits)
+        new, duplicates = self._recent.split_new(result.readings)
+        for dup in duplicates:
+            result.reject(Reason.DUPLICATE, f"{dup.device_id} {dup.metric} at ts {dup.ts_ms} was already accepted")
+        by_device: defaultdict[str, list[Reading]] = defaultdict(list)
+        for reading in new:
+            by_device[reading.device_id].append(reading)
+        accepted = 0
+        for device_id, readings in by_device.items():
+            records.append((READINGS_TOPIC, device_id.encode(), encode_device_batch(readings)))
+            accepted += len(readings)
+        if result.rejections:
+            # One dead letter per message, however many of its values were rejected.
+            records.append((DEADLETTER_TOPIC, msg.topic.encode(),
+                            encode_dead_letter(topic=msg.topic, payload=msg.payload, rejections=result.rejections,
+                                               reason_counts=dict(result.reason_counts),
+                                               received_ms=msg.received_ms)))
+            rejected.update(result.reason_counts)
+            for rejection in result.rejections[:3]:
+                self._log_rejection(msg, rejection)
+        return accepted
+
+    def _rate_limit_of(self, sender: str, topic: str) -> RateLimit:
+        override = self._rate_overrides.get(sender)
+        is_gateway = topic.split("/", 3)[2:3] == [GATEWAY_SEGMENT]
+        default = self._gateway_rate if is_gateway else self._device_rate
+        return default if override is None else RateLimit.of(override, self._settings.rate_burst_s)
+
+    def _rate_limited_letter(self, sender: str, messages: list[InboundMessage]) -> tuple[str, bytes, bytes]:
+        """A sender's messages over its limit in one batch → one dead letter with the first one's bytes."""
+        first = messages[0]
+        limit = self._rate_limit_of(sender, first.topic)
+        rejection = Rejection(Reason.RATE_LIMITED, f"{len(messages)} message(s) from {printable(sender)} over its "
+                                                   f"limit of {limit.per_s:g}/s (burst {limit.burst:g}) were not "
+                                                   "accepted; the first is kept here")
+        self._burst.warning(f"reject:{Reason.RATE_LIMITED}", f"rate limited {escaped(sender, 64)}: {rejection.message}")
+        return (DEADLETTER_TOPIC, first.topic.encode(),
+                encode_dead_letter(topic=first.topic, payload=first.payload, rejections=[rejection],
+                                   reason_counts={Reason.RATE_LIMITED.value: len(messages)},
+                                   received_ms=first.received_ms))
 
     async def _send_until_acknowledged(self, records: list[tuple[str, bytes, bytes]], stop: asyncio.Event) -> None:
         """Send every record; on failure send them all again. A retry may duplicate a record in
@@ -303,8 +392,9 @@ class IngestGateway:
         return partition
 
     def _log_rejection(self, msg: InboundMessage, rejection: Rejection) -> None:
+        # Messages are built from escaped device text already; the topic is escaped here.
         self._burst.warning(f"reject:{rejection.reason}",
-                            f"rejected {rejection.reason} on {msg.topic}: {rejection.message}")
+                            f"rejected {rejection.reason} on {escaped(msg.topic, 200)}: {escaped(rejection.message)}")
 
 
 def _sender_of(topic: str) -> str:

@@ -1,16 +1,16 @@
 """paho-mqtt's network thread → a bounded queue. Nothing else happens on that thread.
 
-The queue is the backpressure: when it is full, `on_message` blocks, paho stops reading the
-socket, unacknowledged messages stay with the broker (QoS 1, persistent session), and memory
-stays flat. Messages are acknowledged by the asyncio side only after Kafka has them.
+The queue is the backpressure: when it is full (in messages or in payload bytes), `on_message`
+blocks, paho stops reading the socket, unacknowledged messages stay with the broker (QoS 1,
+persistent session), and memory stays flat. Messages are acknowledged by the asyncio side only after Kafka has them.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -29,15 +29,22 @@ class InboundMessage:
 
 
 class MqttInbox:
+    """A persistent MQTT session (QoS 1, manual acknowledgements) feeding a queue bounded in messages
+    and in payload bytes, which the asyncio side empties in batches and acknowledges after Kafka."""
+
     def __init__(self, *, host: str, port: int, client_id: str, topic_filter: str, maxsize: int,
-                 username: str | None = None, password: str | None = None, drain: bool = False) -> None:
-        if maxsize <= 0:
-            raise ValueError("maxsize must be positive: an unbounded inbox is no backpressure")
+                 max_bytes: int = 64 * 1024 * 1024, username: str | None = None, password: str | None = None,
+                 drain: bool = False) -> None:
+        if maxsize <= 0 or max_bytes <= 0:
+            raise ValueError("maxsize and max_bytes must be positive: an unbounded inbox is no backpressure")
         self._topic_filter = topic_filter
         # Drain: take over a departed gateway's session only to empty it (see IngestGateway.drain).
         self._drain = drain
         self.unsubscribed = threading.Event()
-        self._queue: queue.Queue[InboundMessage] = queue.Queue(maxsize)
+        self._queue: deque[InboundMessage] = deque()
+        self._maxsize, self._max_bytes = maxsize, max_bytes
+        self._queued_bytes = 0
+        self._changed = threading.Condition()
         self._stopping = threading.Event()
         self.connected = threading.Event()
         self._host, self._port = host, port
@@ -56,7 +63,7 @@ class MqttInbox:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def start(self) -> None:
         self._client.connect_async(self._host, self._port, keepalive=30)
@@ -93,24 +100,35 @@ class MqttInbox:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         item = InboundMessage(msg.mid, msg.qos, msg.topic, bytes(msg.payload), time.time_ns() // 1_000_000)
-        while not self._stopping.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue  # backpressure: hold paho's thread until the asyncio side catches up
+        size = len(item.payload)
+        with self._changed:
+            # Backpressure: hold paho's thread until the asyncio side catches up. One message is always
+            # let in, so a payload larger than max_bytes cannot block the inbox for good.
+            while self._queue and (len(self._queue) >= self._maxsize or self._queued_bytes + size > self._max_bytes):
+                if self._stopping.is_set():
+                    return
+                self._changed.wait(0.5)
+            self._queue.append(item)
+            self._queued_bytes += size
+            self._changed.notify_all()
 
     # -- the asyncio side (called through asyncio.to_thread) -----------------------------------
-    def take_batch(self, max_items: int, wait_s: float) -> list[InboundMessage]:
-        try:
-            batch = [self._queue.get(timeout=wait_s)]
-        except queue.Empty:
-            return []
-        while len(batch) < max_items:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+    def take_batch(self, max_items: int, max_bytes: int, wait_s: float) -> list[InboundMessage]:
+        """Up to `max_items` messages and `max_bytes` of payload (at least one message), waiting up to
+        `wait_s` for the first."""
+        with self._changed:
+            if not self._queue:
+                self._changed.wait(wait_s)
+            if not self._queue:
+                return []
+            first = self._queue.popleft()
+            batch, taken = [first], len(first.payload)
+            while self._queue and len(batch) < max_items and taken + len(self._queue[0].payload) <= max_bytes:
+                item = self._queue.popleft()
+                batch.append(item)
+                taken += len(item.payload)
+            self._queued_bytes -= taken
+            self._changed.notify_all()
         return batch
 
     def ack(self, messages: list[InboundMessage]) -> None:

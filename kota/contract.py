@@ -18,10 +18,12 @@ Kafka (inside the platform)
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import orjson
 
@@ -49,6 +51,19 @@ MAX_ID_LENGTH = 64
 
 def is_valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and set(value) <= _ID_CHARS
+
+
+# Devices, gateways and the platform's own accounts share one broker user namespace: a device named
+# like a system account would share (and, on Mosquitto 2.0.11, replace) its password. Migration 0010
+# refuses the same ids in the database.
+RESERVED_ID_PREFIXES = ("kota-", "kota_")
+RESERVED_IDS = frozenset({"postgres", "admin", "root", "mosquitto"})
+
+
+def is_reserved_id(value: str) -> bool:
+    """An id kept for the platform's own accounts: no device or gateway may take it."""
+    lowered = value.lower()
+    return lowered.startswith(RESERVED_ID_PREFIXES) or lowered in RESERVED_IDS
 
 
 def device_telemetry_topic(city: str, domain: str, device_id: str, fmt: str = "telemetry") -> str:
@@ -261,6 +276,12 @@ class Reason(StrEnum):
     TIME_IN_FUTURE = "time_in_future"
     TIME_TOO_OLD = "time_too_old"
     DUPLICATE = "duplicate"  # same device, metric and time as a reading accepted moments ago
+    NUMBER_OUT_OF_RANGE = "number_out_of_range"  # a number no 64-bit float can hold (e.g. 400 digits)
+    TIME_OUT_OF_RANGE = "time_out_of_range"  # a time outside years 1970-9999, or not representable
+    TOO_DEEP = "too_deep"  # JSON nested deeper than any accepted shape allows
+    TOO_MANY_VALUES = "too_many_values"  # more values in one message than the gateway takes
+    RATE_LIMITED = "rate_limited"  # the sender published faster than its rate limit
+    INTERNAL_ERROR = "internal_error"  # checking the message failed unexpectedly: a platform bug
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,23 +290,97 @@ class Rejection:
     message: str  # for a person: what was wrong and how to fix it
 
 
-def encode_dead_letter(*, topic: str, payload: bytes, rejection: Rejection, received_ms: int) -> bytes:
+# A dead letter is one record per rejected message, however many of its values were rejected, so
+# a hostile message cannot multiply itself: its reasons are capped (the rest counted) and its
+# payload is kept once, capped, with its length and SHA-256.
+DEAD_LETTER_VERSION = 2
+DEAD_LETTER_MAX_REJECTIONS = 20
+DEAD_LETTER_MAX_PAYLOAD = 16 * 1024
+
+
+def encode_dead_letter(*, topic: str, payload: bytes, rejections: list[Rejection], received_ms: int,
+                       reason_counts: dict[str, int] | None = None) -> bytes:
+    """One rejected message → one dead-letter record value.
+
+    `rejections` are the reasons kept for a person to read (at most DEAD_LETTER_MAX_REJECTIONS are
+    written); `reason_counts` counts every rejection by reason, kept or not (default: `rejections`).
+    `reason` and `message` repeat the first rejection, for readers that want one line.
+    """
+    if reason_counts is None:
+        reason_counts = {}
+        for r in rejections:
+            reason_counts[r.reason.value] = reason_counts.get(r.reason.value, 0) + 1
+    kept = rejections[:DEAD_LETTER_MAX_REJECTIONS]
     body = {
-        "v": WIRE_VERSION,
-        "reason": rejection.reason.value,
-        "message": rejection.message,
+        "v": DEAD_LETTER_VERSION,
+        "reason": kept[0].reason.value,
+        "message": kept[0].message,
+        "rejections": [{"reason": r.reason.value, "message": r.message} for r in kept],
+        "rejections_total": sum(reason_counts.values()),
+        "reasons": reason_counts,
         "topic": topic,
         "received_ms": received_ms,
-        "payload_b64": base64.b64encode(payload).decode(),
+        "payload_b64": base64.b64encode(payload[:DEAD_LETTER_MAX_PAYLOAD]).decode(),
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "payload_truncated": len(payload) > DEAD_LETTER_MAX_PAYLOAD,
     }
     return orjson.dumps(body)
 
 
-def decode_dead_letter(value: bytes) -> dict[str, object]:
-    body: dict[str, object] = orjson.loads(value)
+def decode_dead_letter(value: bytes) -> dict[str, Any]:
+    """A dead-letter record → a dict with `payload` as bytes (version 1 records too: one reason each)."""
+    body: dict[str, Any] = orjson.loads(value)
     body["payload"] = base64.b64decode(str(body.pop("payload_b64")))
+    if body.get("v") == WIRE_VERSION:  # before version 2: one record per rejected value
+        body.setdefault("rejections", [{"reason": body["reason"], "message": body["message"]}])
+        body.setdefault("reasons", {str(body["reason"]): 1})
+        body.setdefault("rejections_total", 1)
     return body
 
 
+# Floats end here: anything beyond is not a number any stage can store.
+FLOAT_MAX = sys.float_info.max
+
+
 def is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """An int or float (not a bool) that a 64-bit float holds finitely. Never raises: a Python int
+    of thousands of digits is compared, not converted (math.isfinite would overflow)."""
+    kind = type(value)
+    if kind is float:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if kind is int or (isinstance(value, int) and kind is not bool):
+        return -FLOAT_MAX <= value <= FLOAT_MAX  # type: ignore[operator]
+    return False
+
+
+def escaped(text: str, limit: int = 1000) -> str:
+    """`text` with every non-printable character written as its escape (newline as \\n, ESC as
+    \\x1b), cut at `limit`: for showing device-controlled text on a terminal or in a log line."""
+    cut = text[:limit]
+    shown = cut if cut.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return shown if len(text) <= limit else shown + f"...({len(text)} chars)"
+
+
+def printable(value: object, limit: int = 80) -> str:
+    """`value` as a short, safe piece of text for a log line, a terminal or a rejection message.
+
+    A device chooses its metric names, units and payloads: shown raw, a newline forges a log line
+    and an escape sequence drives the reader's terminal. Strings are shown as Python's repr, which
+    escapes every non-printable character; containers and huge numbers are summarised, never
+    rendered whole (a 1,000-level list or a 5,000-digit int would raise or flood).
+    """
+    if isinstance(value, str):
+        text = repr(value if len(value) <= limit else value[:limit])
+        return text if len(value) <= limit else text + f"...({len(value)} chars)"
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        if -10**30 < value < 10**30:
+            return repr(value)
+        return f"<integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    if isinstance(value, dict):
+        return f"<object of {len(value)} members>"
+    if isinstance(value, list | tuple):
+        return f"<array of {len(value)} items>"
+    return f"<{type(value).__name__}>"

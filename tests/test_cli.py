@@ -59,13 +59,43 @@ def test_devices_cli_adds_lists_and_disables(pipeline):
 
 
 @pytest.mark.stack
+def test_devices_cli_rotates_a_password_and_sets_a_rate_limit(pipeline):
+    import re
+    import uuid
+
+    import psycopg
+
+    from kota.mqtt import connack_code, login_connect
+    from kota.registry import load_rate_limits
+
+    device_id = f"cli-{uuid.uuid4().hex[:8]}"
+    added = kota_ok(pipeline, "devices", "add", device_id, "--city", "clikota", "--type", "noise")
+    old = re.search(r"password (\S+)", added).group(1)
+    assert connack_code(pipeline.mqtt_port, login_connect(device_id, device_id, old)) == 0
+    rotated = kota_ok(pipeline, "devices", "password", device_id)
+    new = re.search(r"new password (\S+)", rotated).group(1)
+    assert connack_code(pipeline.mqtt_port, login_connect(device_id, device_id, old)) != 0  # the old one is gone
+    assert connack_code(pipeline.mqtt_port, login_connect(device_id, device_id, new)) == 0
+
+    kota_ok(pipeline, "devices", "rate", device_id, "5")
+    with psycopg.connect(pipeline.postgres_dsn) as conn:
+        assert load_rate_limits(conn)[device_id] == 5.0
+    kota_ok(pipeline, "devices", "rate", device_id, "default")
+    with psycopg.connect(pipeline.postgres_dsn) as conn:
+        assert device_id not in load_rate_limits(conn)
+    assert run_kota(pipeline, "devices", "rate", device_id, "-1").returncode == 1
+
+
+@pytest.mark.stack
 def test_users_cli_makes_accounts_whose_tokens_the_api_accepts_until_revoked(pipeline, tmp_path):
     import re
     import uuid
 
     import httpx
+    from pydantic import SecretStr
 
     from kota.cli import ensure_demo_operator
+    from kota.settings import read_secret
 
     env = {"KOTA_API_TOKEN_CACHE_S": "0"}
     user = f"prov-{uuid.uuid4().hex[:8]}"
@@ -83,7 +113,9 @@ def test_users_cli_makes_accounts_whose_tokens_the_api_accepts_until_revoked(pip
     assert bad.returncode == 1 and "needs at least one city" in bad.stdout + bad.stderr
 
     # kota up's demo operator: the same token on every run while it stays valid.
-    stack = pipeline.model_copy(update={"state_dir": tmp_path})
+    # Another state folder for the token file; the database password stays the test stack's.
+    password = SecretStr(read_secret(pipeline.state_dir, f"postgres-{pipeline.postgres_user}.password") or "")
+    stack = pipeline.model_copy(update={"state_dir": tmp_path, "postgres_password": password})
     first = ensure_demo_operator(stack, "bandung")
     assert ensure_demo_operator(stack, "bandung") == first
     demo = httpx.get(f"{pipeline.api_url}/api/v1/me", headers={"Authorization": f"Bearer {first}"}).json()

@@ -1,6 +1,10 @@
+import hashlib
+
 import pytest
 
 from kota.contract import (
+    DEAD_LETTER_MAX_PAYLOAD,
+    DEAD_LETTER_MAX_REJECTIONS,
     Reading,
     Reason,
     Rejection,
@@ -9,7 +13,9 @@ from kota.contract import (
     device_telemetry_topic,
     encode_dead_letter,
     encode_device_batch,
+    is_finite_number,
     parse_telemetry_topic,
+    printable,
 )
 
 
@@ -47,10 +53,54 @@ def test_telemetry_topic_round_trip_and_refusals():
 def test_dead_letter_keeps_original_bytes_and_reason():
     payload = b"\xff\xfe not json"
     record = encode_dead_letter(topic="kota/a/traffic/b/telemetry", payload=payload,
-                                rejection=Rejection(Reason.NOT_UTF8, "payload is not UTF-8"), received_ms=5)
+                                rejections=[Rejection(Reason.NOT_UTF8, "payload is not UTF-8")], received_ms=5)
     body = decode_dead_letter(record)
     assert body["payload"] == payload
     assert body["reason"] == "not_utf8" and body["topic"] == "kota/a/traffic/b/telemetry"
+    assert body["payload_bytes"] == len(payload) and body["payload_truncated"] is False
+    assert body["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_one_dead_letter_holds_a_message_of_many_rejections_once_and_bounded():
+    payload = b"x" * (DEAD_LETTER_MAX_PAYLOAD * 10)
+    rejections = [Rejection(Reason.UNKNOWN_METRIC, f"metric m{i}") for i in range(15_000)]
+    record = encode_dead_letter(topic="kota/a/traffic/b/telemetry", payload=payload, rejections=rejections,
+                                received_ms=5)
+    assert len(record) < 2 * DEAD_LETTER_MAX_PAYLOAD + 10_000  # not 15,000 copies of 160 KB
+    body = decode_dead_letter(record)
+    assert body["payload"] == payload[:DEAD_LETTER_MAX_PAYLOAD] and body["payload_truncated"] is True
+    assert body["payload_bytes"] == len(payload)
+    assert body["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert len(body["rejections"]) == DEAD_LETTER_MAX_REJECTIONS
+    assert body["rejections_total"] == 15_000 and body["reasons"] == {"unknown_metric": 15_000}
+
+
+def test_version_1_dead_letters_still_read():
+    import base64
+
+    import orjson
+
+    old = orjson.dumps({"v": 1, "reason": "out_of_range", "message": "m", "topic": "t", "received_ms": 1,
+                        "payload_b64": base64.b64encode(b"{}").decode()})
+    body = decode_dead_letter(old)
+    assert body["payload"] == b"{}" and body["reasons"] == {"out_of_range": 1}
+    assert body["rejections"] == [{"reason": "out_of_range", "message": "m"}]
+
+
+@pytest.mark.parametrize(("value", "finite"), [
+    (1.5, True), (10**308, True), (10**309, False), pytest.param(-(10**5000), False, id="5000-digits"),
+    (float("nan"), False),
+    (float("inf"), False), (True, False), ("1", False), (None, False)])
+def test_is_finite_number_never_raises(value, finite):
+    assert is_finite_number(value) is finite
+
+
+@pytest.mark.parametrize("value", ["a\nforged log line", "\x1b[2J\x1b[31m", "\u202eevil", "x" * 10_000,
+                                   pytest.param(10**5000, id="5000-digits"), [[[]]] * 3, {"a": 1}, float("nan")])
+def test_printable_is_short_and_escaped(value):
+    text = printable(value)
+    assert len(text) < 120
+    assert text.isprintable()  # no newline, escape, bidi override or other control character
 
 
 def test_unit_conversions_reach_the_canonical_unit():
