@@ -260,7 +260,7 @@ def forget_detector_state(stack: StackSettings) -> None:
     record, holding the series of this run's cities only. Carried over, the benchmark stack's state
     held every earlier benchmark's series (100,000 and more, 50 MB a partition), checkpointed every
     30 s inside the timed windows: what a city of that many devices costs, not the one simulated."""
-    from processing.processor import ProcessorSettings
+    from processing.settings import ProcessorSettings
 
     procs.stop(stack, "processor")
     with psycopg.connect(stack.postgres_dsn) as conn:

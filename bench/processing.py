@@ -231,7 +231,7 @@ def drain_into_the_default_group(stack: StackSettings, group: str) -> None:
     from deploy import procs
     from deploy import stack as local
     from kota.contract import READINGS_TOPIC
-    from processing.processor import ProcessorSettings
+    from processing.settings import ProcessorSettings
 
     def behind() -> int:
         with psycopg.connect(stack.postgres_dsn) as conn:

@@ -20,13 +20,12 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram, start_http_server
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingest.dedupe import RecentReadings
 from ingest.mqtt_inbox import InboundMessage, MqttInbox
 from ingest.parse import ParseLimits, parse_message
 from ingest.ratelimit import RateLimit, SenderBuckets
+from ingest.settings import GatewaySettings
 from kota.contract import (
     DEADLETTER_TOPIC,
     GATEWAY_SEGMENT,
@@ -55,39 +54,6 @@ QUEUE_DEPTH = Gauge("kota_gateway_queue_depth", "messages waiting between paho a
 INTERNAL_ERRORS = PromCounter("kota_gateway_internal_errors", "messages whose checking failed unexpectedly "
                               "(dead-lettered as internal_error; a platform bug)")
 SEND_SECONDS = Histogram("kota_gateway_kafka_send_seconds", "time for Kafka to acknowledge a batch")
-
-
-class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KOTA_GATEWAY_", extra="ignore")
-
-    # Each gateway keeps its own persistent MQTT session under this id. "{hostname}" is replaced,
-    # so replicas in containers (deploy/compose, deploy/k8s) get distinct, stable ids.
-    client_id: str = "kota-gateway-1"
-    mqtt_username: str = "kota-ingest"
-    mqtt_password: SecretStr | None = None
-    shared_subscription: bool = True
-    queue_size: int = 20_000
-    batch_max_messages: int = 5_000
-    batch_wait_s: float = 0.05
-    registry_refresh_s: float = 10.0
-    max_payload_bytes: int = 256 * 1024
-    max_future_ms: int = 5 * 60 * 1000
-    max_age_ms: int = 7 * 24 * 3600 * 1000
-    log_burst_s: float = 10.0
-    duplicate_memory: int = 400_000
-    metrics_enabled: bool = True
-    # Drain mode (`kota gateway --drain CLIENT_ID`): forward what a departed gateway's session
-    # holds, then exit once nothing has come for this long.
-    drain_quiet_s: float = 3.0
-    # Messages per second per MQTT account, and how many seconds of that rate may come at once
-    # (ingest/ratelimit.py). A registry row's rate_limit_per_s overrides them; 0 turns a limit off.
-    device_rate_per_s: float = 20.0
-    gateway_rate_per_s: float = 1000.0
-    rate_burst_s: float = 60.0
-    # The inbox holds at most this many payload bytes (and queue_size messages): memory stays flat
-    # whatever size devices send, up to the broker's max_packet_size each.
-    queue_max_bytes: int = 64 * 1024 * 1024
-    batch_max_bytes: int = 4 * 1024 * 1024
 
 
 class BurstLog:

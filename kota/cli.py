@@ -149,7 +149,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from deploy.mqtt_access import existing_ingest_password
     from deploy.stack import mosquitto_dir
-    from ingest.gateway import GatewaySettings, run_gateway
+    from ingest.gateway import run_gateway
+    from ingest.settings import GatewaySettings
 
     _setup_logging()
     stack, settings = StackSettings(), GatewaySettings()
@@ -165,7 +166,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_processor(_args: argparse.Namespace) -> int:
     from kota.logs import setup_logging
-    from processing.processor import ProcessorSettings, run_processor
+    from processing.processor import run_processor
+    from processing.settings import ProcessorSettings
     from processing.workers import run_workers, stop_when_orphaned, worker_number
 
     number = worker_number()
@@ -301,7 +303,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from ingest.gateway import GatewaySettings
+    from ingest.settings import GatewaySettings
     from kota.contract import gateway_telemetry_topic
     from kota.mqtt import MqttLogin
     from simulators import replay
@@ -615,7 +617,7 @@ def cmd_broker_access(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from deploy import mqtt_access
-    from ingest.gateway import GatewaySettings
+    from ingest.settings import GatewaySettings
 
     secret = GatewaySettings().mqtt_password
     if secret is None:

@@ -31,6 +31,8 @@ import orjson
 READINGS_TOPIC = "kota.readings"
 DEADLETTER_TOPIC = "kota.deadletter"
 KAFKA_TOPICS = (READINGS_TOPIC, DEADLETTER_TOPIC)
+# The processor's consumer group (KOTA_PROCESSOR_GROUP_ID); its offsets live in PostgreSQL.
+PROCESSOR_GROUP = "kota-processor"
 
 MQTT_TOPIC_ROOT = "kota"
 MQTT_INGEST_FILTER = f"{MQTT_TOPIC_ROOT}/+/+/+/+"

@@ -215,7 +215,7 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
                                          settings.series_stale_s)
     app.state.hub = LiveHub(stack, queue_events=settings.live_queue_events, kafka_enabled=settings.live_kafka_enabled)
     app.state.watch = health.ProcessorWatch(stack)
-    app.state.health = health.HealthProbe(stack, settings.health_cache_s)
+    app.state.health = health.HealthProbe(stack, settings.health_cache_s, settings.processor_group_id)
     live.watch_access(app)
     for router in (health.router, access.router, cities.router, devices.router, alerts.router, live.router):
         app.include_router(router)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kota.contract import PROCESSOR_GROUP
 
 
 class ApiSettings(BaseSettings):
@@ -49,3 +52,6 @@ class ApiSettings(BaseSettings):
     # a busy city; the frames waiting are shared by the clients of one filter, so this costs little).
     live_queue_events: int = 5000
     live_kafka_enabled: bool = True
+    # /health reports Kafka lag against the offsets this consumer group stored: the processor's own
+    # setting, read here without importing the processor (which loads numba).
+    processor_group_id: str = Field(default=PROCESSOR_GROUP, validation_alias="KOTA_PROCESSOR_GROUP_ID")

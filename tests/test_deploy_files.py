@@ -31,12 +31,12 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from deploy.stack import postgres_bin
-from ingest.gateway import GatewaySettings
+from ingest.settings import GatewaySettings
 from kota.cli import build_parser
 from kota.contract import DEADLETTER_TOPIC, READINGS_TOPIC
 from kota.settings import PROJECT_ROOT, StackSettings
 from ops_api.settings import ApiSettings
-from processing.processor import ProcessorSettings
+from processing.settings import ProcessorSettings
 
 DEPLOY = PROJECT_ROOT / "deploy"
 COMPOSE_DIR = DEPLOY / "compose"

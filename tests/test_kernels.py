@@ -14,7 +14,8 @@ import pytest
 
 from processing import kernels as k
 from processing.detect import Detectors, deserialize, serialize
-from processing.processor import ProcessorSettings, apply_settings, new_detectors
+from processing.processor import apply_settings, new_detectors
+from processing.settings import ProcessorSettings
 from tests.reference_detectors import reference_scores
 
 

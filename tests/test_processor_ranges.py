@@ -9,7 +9,8 @@ import pytest
 
 from kota.contract import Reading
 from kota.registry import MetricSpec, upsert_devices
-from processing.processor import Processor, ProcessorSettings
+from processing.processor import Processor
+from processing.settings import ProcessorSettings
 from processing.store import PartitionSlice
 from tests.helpers import provision, unique_id
 

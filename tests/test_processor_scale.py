@@ -15,7 +15,8 @@ from deploy import stack as local
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
 from kota.metrics import scrape
 from processing.kernels import REASONS
-from processing.processor import ProcessorSettings, new_detectors
+from processing.processor import new_detectors
+from processing.settings import ProcessorSettings
 from tests.helpers import query, start_second_processor, unique_id, wait_for
 
 pytestmark = pytest.mark.stack

@@ -8,7 +8,8 @@ from aiokafka import TopicPartition
 
 from kota.contract import READINGS_TOPIC
 from kota.settings import StackSettings
-from processing.processor import Processor, ProcessorSettings
+from processing.processor import Processor
+from processing.settings import ProcessorSettings
 
 TP = TopicPartition(READINGS_TOPIC, 2)
 

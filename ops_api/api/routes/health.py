@@ -34,7 +34,6 @@ from kota.settings import StackSettings
 from ops_api import queries
 from ops_api.auth import authenticate, bearer_token
 from ops_api.live import LiveHub
-from processing.processor import ProcessorSettings
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("kota.api.health")
@@ -120,8 +119,9 @@ async def _mqtt(host: str, port: int) -> str:
 class HealthProbe:
     """The last report, asked for again at most every `cache_s`, by one probe at a time."""
 
-    def __init__(self, stack: StackSettings, cache_s: float) -> None:
+    def __init__(self, stack: StackSettings, cache_s: float, processor_group: str) -> None:
         self._stack = stack
+        self._processor_group = processor_group
         self._cache_s = cache_s
         self._report: Health | None = None
         self._at = 0.0
@@ -197,12 +197,12 @@ class HealthProbe:
         """End offset of each readings partition minus the offset the processor stored with its data
         (the processor keeps its offsets in PostgreSQL, not in Kafka)."""
         consumer = hub.consumer or await self._kafka_consumer()
-        # The stack creates the topic with this many partitions (deploy/stack.py create_topics).
+        # The stack creates the topic with this many partitions (deploy/kafka.py create_topics).
         partitions = [TopicPartition(READINGS_TOPIC, p) for p in range(self._stack.kafka_partitions)]
         ends = await asyncio.wait_for(consumer.end_offsets(partitions), timeout=CHECK_TIMEOUT_S)
         async with pool.connection(timeout=CHECK_TIMEOUT_S) as conn:
             cur = await conn.execute("SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s "
-                                     "AND topic = %s", (ProcessorSettings().group_id, READINGS_TOPIC))
+                                     "AND topic = %s", (self._processor_group, READINGS_TOPIC))
             stored: dict[int, int] = dict(await cur.fetchall())
         return {str(tp.partition): max(0, end - stored.get(tp.partition, 0)) for tp, end in ends.items()}
 
