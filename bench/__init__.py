@@ -14,10 +14,10 @@ def bench_stack() -> StackSettings:
 
 def start_bench_stack(say: Callable[[str], None]) -> StackSettings:
     """Start (or reuse) the benchmarks' Mosquitto, PostgreSQL and Kafka, with the schema migrated."""
-    from deploy import stack as local
+    from deploy.stack import start_services
     from kota.schema import migrate
 
     stack = bench_stack()
-    local.start_services(stack, say, open_devices=False)
+    start_services(stack, say, open_devices=False)
     migrate(stack.postgres_dsn)
     return stack

@@ -37,8 +37,7 @@ import websockets
 
 from bench import start_bench_stack
 from bench.e2e import component_pids, cpu_by_component
-from deploy import procs
-from deploy import stack as local
+from deploy import components, install, mosquitto, procs
 from kota import accounts
 from kota.registry import new_device, upsert_devices
 from kota.settings import StackSettings
@@ -100,7 +99,7 @@ def latency(stack: StackSettings, token: str, clients: int, seconds: float, path
     database and wrk. A load generator in Python took more CPU than the API it measured (httpx:
     1.3 ms of client CPU per request), which is what it then timed."""
     if shutil.which("wrk") is None:
-        local.install_packages(["wrk"], say)
+        install.install_packages(["wrk"], say)
     pids = component_pids(stack, [])
     pids = {"api": pids["api"], "postgres": pids["postgres"]}
     cpu0, wrk0 = cpu_by_component(pids), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -183,7 +182,7 @@ async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: f
 def start_simulated_city(stack: StackSettings, readings_per_s: int) -> None:
     """`kota simulate` in its own process (not a thread here: it would share this process's GIL with the clients)."""
     devices = max(10, int(readings_per_s / 3.6))  # the simulator's mix averages about 3.6 readings per device
-    local.start_component(stack, "simulate", "--devices", str(devices), "--interval", "1", "--city", LIVE_CITY,
+    components.start_component(stack, "simulate", "--devices", str(devices), "--interval", "1", "--city", LIVE_CITY,
                           instance="simulator")
     say(f"simulated city {LIVE_CITY}: {devices} devices publishing every second")
 
@@ -200,9 +199,9 @@ def main() -> None:
 
     stack = start_bench_stack(say)
     for name in ("gateway", "processor", "api"):
-        local.start_component(stack, name)
-    local.open_devices_when_ingest_subscribed(stack, say)
-    local.wait_until(lambda: local.api_healthy(stack), "api", stack, timeout_s=60)
+        components.start_component(stack, name)
+    mosquitto.open_devices_when_ingest_subscribed(stack, say)
+    procs.wait_until(lambda: components.api_healthy(stack), "api", stack, timeout_s=60)
     token, ids = seed(stack, args.devices)
     series_ids = ids[:200]
     start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")

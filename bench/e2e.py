@@ -46,9 +46,8 @@ import psycopg
 import websockets
 
 from bench import start_bench_stack
-from deploy import procs
-from deploy import stack as local
-from deploy.stack import postgres_paths
+from deploy import components, procs
+from deploy.folders import postgres_paths
 from kota import accounts
 from kota.metrics import scrape
 from kota.settings import PROJECT_ROOT, StackSettings
@@ -171,13 +170,13 @@ def counts_file(stack: StackSettings, k: int) -> Path:
 
 
 def start_simulators(stack: StackSettings, rate: float | None, count: int, devices: int) -> list[subprocess.Popen]:
-    env = {**os.environ, **local.component_env(stack)}
+    env = {**os.environ, **components.component_env(stack)}
     sims = []
     for k in range(count):
         counts_file(stack, k).unlink(missing_ok=True)
         # The same city at every rate, its devices a superset of the last rate's (simulators.city
         # numbers each kind of device from 1): a city's series, not every rate's, in the detectors.
-        argv = [sys.executable, "-m", "kota.cli", "simulate", "--city", f"e2e{k}", "--devices", str(devices),
+        argv = [sys.executable, "-m", "cli", "simulate", "--city", f"e2e{k}", "--devices", str(devices),
                 "--interval", str(TICK_S), "--seed", str(k + 1), "--anomalies-per-day", "0",
                 "--counts", str(counts_file(stack, k))]
         if rate:
@@ -269,7 +268,7 @@ def forget_detector_state(stack: StackSettings) -> None:
 
 def ensure_components(stack: StackSettings) -> None:
     for name in ("gateway", "processor", "api"):
-        local.start_component(stack, name)
+        components.start_component(stack, name)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:

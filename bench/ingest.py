@@ -37,8 +37,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench import start_bench_stack
-from deploy import mqtt_access, procs
-from deploy import stack as local
+from deploy import components, folders, mosquitto, mqtt_access, procs
 from kota.contract import READINGS_TOPIC, device_telemetry_topic, gateway_telemetry_topic
 from kota.mqtt import MqttLogin, connect
 from kota.registry import Gateway, new_device, set_rate_limit, upsert_devices, upsert_gateway
@@ -100,14 +99,14 @@ def cpu_seconds(pid: int) -> float:
 def start_bridge(stack: StackSettings, bridge: str) -> int:
     env = {"KOTA_GATEWAY_CLIENT_ID": KOTA_CLIENT_ID}
     if bridge == "kota":
-        return local.start_component(stack, "gateway", instance="bench-bridge", env=env)
+        return components.start_component(stack, "gateway", instance="bench-bridge", env=env)
     argv = [sys.executable, "-m", "bench.naive_bridge"]
-    return procs.spawn(stack, "bench-bridge", argv, env={**local.component_env(stack), **env}, cwd=PROJECT_ROOT)
+    return procs.spawn(stack, "bench-bridge", argv, env={**components.component_env(stack), **env}, cwd=PROJECT_ROOT)
 
 
 def forget_session(stack: StackSettings, client_id: str) -> None:
     """Connect with a clean session under that client id: the broker drops its queue and subscriptions."""
-    password = mqtt_access.ingest_password(stack, local.mosquitto_dir(stack))
+    password = mqtt_access.ingest_password(stack, folders.mosquitto_dir(stack))
     connect(MqttLogin(stack.mqtt_ingest_port, mqtt_access.INGEST_USER, password), client_id).disconnect()
 
 
@@ -345,8 +344,9 @@ async def _end_offsets(stack: StackSettings) -> dict[Any, int]:
 def flood_cases(stack: StackSettings, seconds: float, repeats: int) -> None:
     procs.stop(stack, "bench-bridge")
     forget_session(stack, KOTA_CLIENT_ID)  # start from an empty queue
-    local.start_component(stack, "gateway", instance="bench-bridge", env={"KOTA_GATEWAY_CLIENT_ID": KOTA_CLIENT_ID})
-    local.open_devices_when_ingest_subscribed(stack, say, timeout_s=60)
+    components.start_component(stack, "gateway", instance="bench-bridge",
+                               env={"KOTA_GATEWAY_CLIENT_ID": KOTA_CLIENT_ID})
+    mosquitto.open_devices_when_ingest_subscribed(stack, say, timeout_s=60)
     results: dict[str, list[FloodResult]] = {}
     try:
         for _ in range(repeats):

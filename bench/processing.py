@@ -228,8 +228,7 @@ def drain_into_the_default_group(stack: StackSettings, group: str) -> None:
     the run's records too, here, so that the next benchmark's processor does not spend its timed
     window on them (they are stored already: each batch goes the duplicate path). The run's group
     is dropped."""
-    from deploy import procs
-    from deploy import stack as local
+    from deploy import components, procs
     from kota.contract import READINGS_TOPIC
     from processing.settings import ProcessorSettings
 
@@ -241,7 +240,7 @@ def drain_into_the_default_group(stack: StackSettings, group: str) -> None:
         return sum(max(0, end - stored.get(p, 0)) for p, end in ends.items())
 
     ends = end_offsets(stack)
-    local.start_component(stack, "processor")
+    components.start_component(stack, "processor")
     while (records := behind()) > 0:
         say(f"the stack's own processor group catching up with the run: {records:,} records to go")
         time.sleep(5)
@@ -254,8 +253,7 @@ def drain_into_the_default_group(stack: StackSettings, group: str) -> None:
 def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> float:
     from aiokafka import AIOKafkaProducer
 
-    from deploy import procs
-    from deploy import stack as local
+    from deploy import components, procs
     from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
 
     procs.stop(stack, "processor")
@@ -295,7 +293,7 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
 
     # Workers of one `kota processor` share the topic's partitions, each with its own database
     # connection: one worker and its database backend take turns, so one leaves a core idle.
-    local.start_component(stack, "processor", env={"KOTA_PROCESSOR_WORKERS": str(workers),
+    components.start_component(stack, "processor", env={"KOTA_PROCESSOR_WORKERS": str(workers),
                                                     "KOTA_PROCESSOR_GROUP_ID": group})
     # (time, stored count) at the first poll past 10% and the first past 90%. The rate is the readings
     # stored between those two polls over the time between them: the processor commits in batches of

@@ -172,7 +172,7 @@ class KafkaAccessError(RuntimeError):
 
 async def apply(options: dict[str, Any], passwords: dict[str, str], *, acls: bool = True) -> None:
     """Upsert every user's SCRAM credential and create the ACLs, as the client `options` describe
-    (kota-admin; or no SASL at all on a broker still without an authorizer, see deploy.stack)."""
+    (kota-admin; or no SASL at all on a broker still without an authorizer, see deploy/kafka.py)."""
     from aiokafka.client import AIOKafkaClient
 
     client = AIOKafkaClient(request_timeout_ms=15_000, **options)

@@ -47,6 +47,8 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from deploy import procs
+from deploy.broker_limits import BROKER_MAX_QUEUED_BYTES, BROKER_MAX_QUEUED_MESSAGES
+from deploy.folders import mosquitto_dir
 from kota.contract import INGEST_PROBE_TOPIC, MQTT_TOPIC_ROOT
 from kota.mqtt import connack_code, login_connect
 from kota.registry import hash_mqtt_password, mqtt_accounts, registry_version
@@ -171,8 +173,6 @@ def write_access_files(stack: StackSettings, folder: Path, *, with_registry: boo
 
 def reload_broker(stack: StackSettings, *, timeout_s: float = 10.0) -> bool:
     """Reload the local broker's access files; False when it is not running."""
-    from deploy.stack import mosquitto_dir
-
     pid = procs.running_pid(stack, "mosquitto")
     if pid is None:
         return False
@@ -221,8 +221,6 @@ def _probe_code(host: str, port: int, password: str) -> int | None:
 def sync(stack: StackSettings, *, ingest_secret: str | None = None) -> None:
     """After a registry change: regenerate the files and reload the broker (`ingest_secret`: see
     write_access_files)."""
-    from deploy.stack import mosquitto_dir
-
     folder = mosquitto_dir(stack)
     # One writer at a time across processes (CLI, API, tests): files generated from an older read of
     # the registry must never overwrite newer ones, and each reload waits for its own files.
@@ -280,15 +278,11 @@ def lock_devices(stack: StackSettings, folder: Path) -> None:
 
 
 def unlock_devices(stack: StackSettings) -> None:
-    from deploy.stack import mosquitto_dir
-
     (mosquitto_dir(stack) / LOCK_FILE).unlink(missing_ok=True)
     sync(stack)
 
 
 def devices_locked(stack: StackSettings) -> bool:
-    from deploy.stack import mosquitto_dir
-
     return (mosquitto_dir(stack) / LOCK_FILE).exists()
 
 
@@ -298,8 +292,6 @@ def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool
     MQTT 5 PUBACK reason 0x10 means "no matching subscribers". ($SYS subscription counts would be
     simpler, but Mosquitto leaves shared subscriptions out of them.)
     """
-    from deploy.stack import mosquitto_dir
-
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{GUARD_USER}-check-{secrets.token_hex(4)}",
                          protocol=mqtt.MQTTv5)
     client.username_pw_set(GUARD_USER, guard_password(mosquitto_dir(stack)))
@@ -351,8 +343,6 @@ def guard_ingest(stack: StackSettings, *, folder: Path | None = None, apply: Cal
       session; the store counts are the whole broker's, so this errs early), until under 50%: past
       the bound Mosquitto acknowledges and drops.
     """
-    from deploy.stack import BROKER_MAX_QUEUED_BYTES, BROKER_MAX_QUEUED_MESSAGES, mosquitto_dir
-
     stop = stop or threading.Event()
     folder = folder or mosquitto_dir(stack)
     apply = apply or (lambda: sync(stack))
@@ -411,16 +401,10 @@ def guard_ingest(stack: StackSettings, *, folder: Path | None = None, apply: Cal
         client.loop_stop()
 
 
-def rotate_ingest_password(stack: StackSettings, say: Callable[[str], None] = print,
-                           timeout_s: float = 60.0) -> None:
-    """On the local stack: a new ingest password, without acknowledging a reading into nowhere.
-
-    Devices are locked out in the same reload that changes the password (it breaks the gateways'
-    sessions until they log in again), the gateway is restarted with the new one, and once it has
-    logged in the new password is the accepted one: the guard lets devices in again."""
-    from deploy import stack as local
-
-    folder = local.mosquitto_dir(stack)
+def new_ingest_password(stack: StackSettings) -> None:
+    """A new password for the ingest gateways, with devices locked out in the same reload that changes it
+    (it breaks the gateways' sessions until they log in again): see deploy/components.py."""
+    folder = mosquitto_dir(stack)
     secret_file = folder / INGEST_CREDENTIAL_FILE
     tmp = secret_file.with_suffix(".tmp")
     tmp.write_text(secrets.token_urlsafe(24))
@@ -428,29 +412,11 @@ def rotate_ingest_password(stack: StackSettings, say: Callable[[str], None] = pr
     tmp.replace(secret_file)
     (folder / LOCK_FILE).touch()
     sync(stack)
-    say("ingest password changed; devices locked out until the gateway has logged in with it")
-    restart_gateway_and_accept(stack, say, timeout_s)
 
 
-def restart_gateway_and_accept(stack: StackSettings, say: Callable[[str], None] = print,
-                               timeout_s: float = 60.0) -> None:
-    """After the ingest password changed (`ingest_held`): restart the local gateway with it and, once
-    it has logged in, make it the accepted one, so the guard lets devices in again."""
-    from deploy import stack as local
-
-    folder = local.mosquitto_dir(stack)
-    secret_file = folder / INGEST_CREDENTIAL_FILE
-    log = procs.log_file(stack, "gateway")
-    procs.stop(stack, "gateway")
-    start = log.stat().st_size if log.exists() else 0
-    local.start_component(stack, "gateway")
-    deadline = time.monotonic() + timeout_s
-    while b"MQTT connected" not in (log.read_bytes()[start:] if log.exists() else b""):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gateway did not log in within {timeout_s:.0f} s; devices stay locked out")
-        time.sleep(0.2)
-    _hold_if_ingest_password_changed(folder, secret_file.read_text().strip(), accept=True)
-    say("the gateway logged in with the new password; the broker guard lets devices in again")
+def accept_ingest_password(folder: Path) -> None:
+    """The gateway has logged in with the current ingest password: it becomes the accepted one."""
+    _hold_if_ingest_password_changed(folder, (folder / INGEST_CREDENTIAL_FILE).read_text().strip(), accept=True)
 
 
 NO_MATCHING_SUBSCRIBERS = 0x10

@@ -1,4 +1,4 @@
-"""Background processes with pid files and logs under the state folder."""
+"""Background processes with pid files and logs under the state folder, and waiting until one answers."""
 
 from __future__ import annotations
 
@@ -6,10 +6,17 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from kota.process import alive
 from kota.settings import StackSettings
+
+Say = Callable[[str], None]
+
+
+class StackError(RuntimeError):
+    """Something the person running the stack must fix; the message says what."""
 
 
 def pid_file(stack: StackSettings, name: str) -> Path:
@@ -18,20 +25,6 @@ def pid_file(stack: StackSettings, name: str) -> Path:
 
 def log_file(stack: StackSettings, name: str) -> Path:
     return stack.logs_dir / f"{name}.log"
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def running_pid(stack: StackSettings, name: str) -> int | None:
@@ -111,3 +104,12 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def wait_until(check: Callable[[], bool], what: str, stack: StackSettings, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise StackError(f"{what} did not answer within {timeout_s:.0f} s; see {log_file(stack, what)}")

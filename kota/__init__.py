@@ -4,5 +4,4 @@
 - `kota.contract`: the wire contract (canonical reading, topics, reason codes).
 - `kota.schema`: the one database schema, applied by versioned migrations.
 - `kota.registry`: the device registry (who may send what).
-- `kota.cli`: the `kota` command.
 """

@@ -9,7 +9,7 @@ import os
 import select
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -174,7 +174,10 @@ def _metrics_registry() -> CollectorRegistry:
     return registry
 
 
-def create_app(stack: StackSettings | None = None, settings: ApiSettings | None = None) -> FastAPI:
+def create_app(stack: StackSettings | None = None, settings: ApiSettings | None = None, *,
+               on_registry_change: Callable[[], None] | None = None) -> FastAPI:
+    """The ops API. `on_registry_change` runs (in a thread) after the API changed who may connect to the
+    broker: the local stack's command makes it regenerate the broker's access files (deploy/mqtt_access.py)."""
     stack = stack or StackSettings()
     settings = settings or ApiSettings()
     setup_logging()  # in a worker process uvicorn started, nothing else has (a no-op when `kota api` has)
@@ -208,6 +211,7 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
     app = FastAPI(title="kotacerdas ops API", version="1", lifespan=lifespan, description=DESCRIPTION)
     app.state.stack = stack
     app.state.settings = settings
+    app.state.on_registry_change = on_registry_change or (lambda: None)
     # Trusted (cached) only once the LISTEN connection hears changes of access (live.watch_access).
     app.state.tokens = TokenCache(settings.token_cache_s, trusted=False)
     app.state.snapshots = devices.SnapshotCache()

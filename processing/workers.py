@@ -1,4 +1,4 @@
-"""`kota processor` as several worker processes: one component to start, stop and watch.
+"""`python -m processing` (`kota processor`): the processor as worker processes, one component.
 
 One processor process and its database backend take turns: while a batch is written, the
 processor waits; while it decodes and scores the next, the database waits. On this machine's two
@@ -26,13 +26,37 @@ import sys
 import time
 from types import FrameType
 
-from deploy import procs
+from kota.logs import setup_logging
+from kota.process import alive, run_until_signalled
 from kota.settings import StackSettings
+from processing.processor import run_processor
+from processing.settings import ProcessorSettings
 
 log = logging.getLogger("kota.processor")
 
 WORKER_ENV = "KOTA_PROCESSOR_WORKER"  # set in a worker: its number, from 1
 RESTART_WAIT_S = 1.0
+
+
+def main() -> int:
+    """The processor component: its workers when it has several (this process watches them), else
+    the processor itself, until SIGTERM or SIGINT; the exit code."""
+    number = worker_number()
+    setup_logging(f"worker {number}" if number else None)
+    stack, settings = StackSettings(), ProcessorSettings()
+    if settings.workers > 1:
+        return run_workers(stack, settings.workers, settings.metrics_enabled)
+
+    async def run(stop: asyncio.Event) -> None:
+        watch = asyncio.create_task(stop_when_orphaned(stop)) if number else None
+        try:
+            await run_processor(stack, settings, stop)
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    run_until_signalled(run)
+    return 0
 
 
 def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> int:
@@ -45,7 +69,7 @@ def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> in
     metrics_root = stack.run_dir / "processor-metrics"
     metrics_root.mkdir(parents=True, exist_ok=True)
     for old in metrics_root.iterdir():
-        if old.name.isdigit() and procs.alive(int(old.name)):
+        if old.name.isdigit() and alive(int(old.name)):
             continue
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -63,7 +87,7 @@ def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> in
     def start(number: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), WORKER_ENV: str(number),
                "KOTA_PROCESSOR_WORKERS": "1", "KOTA_PROCESSOR_METRICS_ENABLED": "false"}
-        return subprocess.Popen([sys.executable, "-m", "kota.cli", "processor"], env=env)
+        return subprocess.Popen([sys.executable, "-m", "processing"], env=env)
 
     stopping: list[signal.Signals] = []
 

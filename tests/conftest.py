@@ -14,8 +14,8 @@ import httpx
 import psycopg
 import pytest
 
-from deploy import mqtt_access, procs
-from deploy import stack as local
+from deploy import components, mosquitto, mqtt_access, procs
+from deploy.stack import start_services, stop_services
 from kota import accounts
 from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
@@ -27,23 +27,23 @@ PIPELINE = ("gateway", "processor", "api")
 def stack() -> Iterator[StackSettings]:
     settings = StackSettings(state_dir=PROJECT_ROOT / os.environ.get("KOTA_TEST_STATE_DIR", ".kota-test"),
                              port_offset=int(os.environ.get("KOTA_TEST_PORT_OFFSET", "100")))
-    local.start_services(settings, lambda message: print(f"test stack: {message}"), open_devices=False)
+    start_services(settings, lambda message: print(f"test stack: {message}"), open_devices=False)
     migrate(settings.postgres_dsn)
     mqtt_access.sync(settings)
     yield settings
     for name in PIPELINE:
         procs.stop(settings, name)
     if os.environ.get("CI"):
-        local.stop_services(settings, lambda message: None)
+        stop_services(settings, lambda message: None)
 
 
 @pytest.fixture(scope="session")
 def pipeline(stack: StackSettings) -> StackSettings:
     """Gateway, processor and API running as real background processes against the test stack."""
     for name in PIPELINE:
-        local.start_component(stack, name)
-    local.open_devices_when_ingest_subscribed(stack, print)
-    local.wait_until(lambda: local.api_healthy(stack), "api", stack, timeout_s=60)
+        components.start_component(stack, name)
+    mosquitto.open_devices_when_ingest_subscribed(stack, print)
+    procs.wait_until(lambda: components.api_healthy(stack), "api", stack, timeout_s=60)
     return stack
 
 

@@ -17,8 +17,7 @@ from typing import TypeVar
 import paho.mqtt.client as mqtt
 import psycopg
 
-from deploy import mqtt_access, procs
-from deploy import stack as local
+from deploy import components, mqtt_access, procs
 from kota.contract import device_telemetry_topic
 from kota.mqtt import MqttLogin, connect
 from kota.registry import Device, Gateway, new_device, new_password, upsert_devices, upsert_gateway
@@ -34,7 +33,7 @@ def start_second_processor(stack: StackSettings, instance: str, env: dict[str, s
     the second city was stored before the new instance joined, and it stored nothing)."""
     log = procs.log_file(stack, instance)
     start = log.stat().st_size if log.exists() else 0
-    local.start_component(stack, "processor", instance=instance, env=env)
+    components.start_component(stack, "processor", instance=instance, env=env)
 
     def has_partitions() -> bool:
         with open(log, "rb") as f:
@@ -150,7 +149,7 @@ def wait_for_stored(stack: StackSettings, city: str, at_least: int, *, timeout_s
 def kota_command(stack: StackSettings, *argv: str, env: dict[str, str] | None = None
                  ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of `kota ARGV...` against the test stack."""
-    return ([sys.executable, "-m", "kota.cli", *argv],
+    return ([sys.executable, "-m", "cli", *argv],
             {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset),
              **(env or {})})
 

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from deploy import mqtt_access, pki
-from deploy.stack import mosquitto_dir
+from deploy.folders import mosquitto_dir
 from kota.contract import MQTT_TOPIC_ROOT, device_telemetry_topic
 from kota.mqtt import MqttLogin, connect
 from kota.registry import set_enabled

@@ -19,8 +19,8 @@ import pytest
 import websockets
 from pydantic import SecretStr
 
+from cli.stack import ensure_demo_operator
 from kota import accounts
-from kota.cli import ensure_demo_operator
 from kota.settings import StackSettings, read_secret
 from ops_api.api.routes.devices import SnapshotCache
 from ops_api.auth import BAD_TOKEN, QUERY_TOKEN, Principal, TokenCache

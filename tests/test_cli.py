@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from kota.cli import build_parser
+from cli.main import build_parser
 from tests.helpers import kota_ok, run_kota
 
 SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices",
@@ -13,7 +13,7 @@ SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api",
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_has_help(command):
-    result = subprocess.run([sys.executable, "-m", "kota.cli", command, "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "cli", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "usage: kota " + command in result.stdout
 
@@ -94,7 +94,7 @@ def test_users_cli_makes_accounts_whose_tokens_the_api_accepts_until_revoked(pip
     import httpx
     from pydantic import SecretStr
 
-    from kota.cli import ensure_demo_operator
+    from cli.stack import ensure_demo_operator
     from kota.settings import read_secret
 
     env = {"KOTA_API_TOKEN_CACHE_S": "0"}

@@ -30,9 +30,9 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from deploy.stack import postgres_bin
+from cli.main import build_parser
+from deploy.install import postgres_bin
 from ingest.settings import GatewaySettings
-from kota.cli import build_parser
 from kota.contract import DEADLETTER_TOPIC, READINGS_TOPIC
 from kota.settings import PROJECT_ROOT, StackSettings
 from ops_api.settings import ApiSettings
@@ -169,7 +169,8 @@ def device_listeners(listeners: dict[int, dict[str, str]]) -> dict[int, dict[str
 
 
 def local_broker_conf() -> str:
-    from deploy.stack import mosquitto_dir, write_mosquitto_config
+    from deploy.folders import mosquitto_dir
+    from deploy.mosquitto import write_mosquitto_config
 
     local = StackSettings(state_dir=Path("/tmp/kota-deploy-check"))
     write_mosquitto_config(local)
@@ -185,7 +186,7 @@ def compose_kafka_properties() -> dict[str, str]:
 
 
 def _kafka_properties_of_the_local_stack() -> dict[str, str]:
-    from deploy.stack import write_kafka_config
+    from deploy.kafka import write_kafka_config
 
     stack = StackSettings(state_dir=Path("/tmp/kota-deploy-check"))
     return kafka_properties(write_kafka_config(stack).read_text())
@@ -906,7 +907,7 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
 
     import psycopg
 
-    from deploy.stack import component_env
+    from deploy.components import component_env
     from kota.mqtt import MqttLogin, connack_code, connect, login_connect
     from kota.registry import registry_version, set_enabled
     from tests.helpers import PASSWORDS, provision, unique_id, wait_for
@@ -920,7 +921,7 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
     # The sidecar reaches its broker as compose's KOTA_MQTT_HOST does: here, this test's broker,
     # whose ports are known once it is configured; access-init runs before, as in compose.
     base_env = {**os.environ, **component_env(pipeline), "KOTA_GATEWAY_MQTT_PASSWORD": "ingest-secret"}
-    argv = [sys.executable, "-m", "kota.cli", "broker-access", "--folder", str(root / "access"),
+    argv = [sys.executable, "-m", "cli", "broker-access", "--folder", str(root / "access"),
             "--broker-pid-file", str(root / "run" / "mosquitto.pid")]
     subprocess.run(argv + ["--once"], env=base_env, check=True, timeout=60)  # access-init
     broker, ports = start_deploy_broker(root, compose_broker_conf())

@@ -6,8 +6,7 @@ import time
 import psycopg
 import pytest
 
-from deploy import procs
-from deploy import stack as local
+from deploy import components, procs
 from kota import alerts
 from tests.helpers import provision, publish_series, query, stored_readings, wait_for
 
@@ -165,7 +164,7 @@ def test_a_restarted_processor_does_not_signal_an_open_dropout_again(pipeline):
     assert state == "active"
 
     assert procs.stop(pipeline, "processor", hard=True)
-    local.start_component(pipeline, "processor")
+    components.start_component(pipeline, "processor")
     # The restarted processor's timer proves it has run past the quiet series' silence by raising
     # a dropout for a series that falls silent after the restart (the restart marks every known
     # series as just arrived; the quiet one, reporting every second, is due five seconds later).

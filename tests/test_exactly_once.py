@@ -8,8 +8,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from deploy import procs
-from deploy import stack as local
+from deploy import components, procs
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
 from tests.helpers import (
     minute_aggregates_from_readings,
@@ -60,7 +59,7 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
         stored_at_kill = len(stored_readings(pipeline, gate.device_id))
         offset_at_kill = _stored_offset(pipeline, partition)
         time.sleep(1.0)  # the stream goes on while the processor is dead
-        local.start_component(pipeline, "processor")
+        components.start_component(pipeline, "processor")
     finally:
         publisher.join(timeout=120)
     assert done.is_set()

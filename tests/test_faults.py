@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from deploy import procs
-from deploy import stack as local
+from deploy import components, kafka, mosquitto, postgres, procs
 from kota.settings import StackSettings
 from tests.helpers import aggregated_count_in_city, city_result, simulate, unique_id, wait_for
 
@@ -60,7 +59,7 @@ def test_kill_minus_9(pipeline, start, tmp_path, clean_run, component):
     def fault() -> None:
         assert procs.stop(pipeline, component, hard=True)
         time.sleep(1.0)
-        local.start_component(pipeline, component)
+        components.start_component(pipeline, component)
 
     run_with_fault(pipeline, start, tmp_path, clean_run, fault)
 
@@ -68,7 +67,7 @@ def test_kill_minus_9(pipeline, start, tmp_path, clean_run, component):
 def test_restart_of_kafka(pipeline, start, tmp_path, clean_run):
     def fault() -> None:
         assert procs.stop(pipeline, "kafka", timeout_s=60)
-        local.start_kafka(pipeline, lambda m: None)
+        kafka.start_kafka(pipeline, lambda m: None)
 
     run_with_fault(pipeline, start, tmp_path, clean_run, fault)
 
@@ -76,15 +75,15 @@ def test_restart_of_kafka(pipeline, start, tmp_path, clean_run):
 def test_restart_of_mosquitto(pipeline, start, tmp_path, clean_run):
     def fault() -> None:
         assert procs.stop(pipeline, "mosquitto")
-        local.start_mosquitto(pipeline, lambda m: None)
+        mosquitto.start_mosquitto(pipeline, lambda m: None)
 
     run_with_fault(pipeline, start, tmp_path, clean_run, fault)
 
 
 def test_restart_of_postgresql(pipeline, start, tmp_path, clean_run):
     def fault() -> None:
-        assert local.stop_postgres(pipeline)
-        local.start_postgres(pipeline, lambda m: None)
+        assert postgres.stop_postgres(pipeline)
+        postgres.start_postgres(pipeline, lambda m: None)
 
     run_with_fault(pipeline, start, tmp_path, clean_run, fault)
 
@@ -97,9 +96,9 @@ def test_database_down_for_a_while_makes_the_processor_wait_and_retry(pipeline, 
     done = threading.Event()
 
     def fault() -> None:
-        assert local.stop_postgres(pipeline)
+        assert postgres.stop_postgres(pipeline)
         time.sleep(12.0)
-        local.start_postgres(pipeline, lambda m: None)
+        postgres.start_postgres(pipeline, lambda m: None)
         done.set()
 
     run_with_fault(pipeline, start, tmp_path, clean_run, fault)
@@ -113,8 +112,8 @@ def test_database_down_for_a_while_makes_the_processor_wait_and_retry(pipeline, 
 def test_the_api_answers_from_its_first_request_after_a_postgresql_restart(pipeline, api):
     for _ in range(3):  # fill the API's pool with connections that the restart will break
         assert api.get("/api/v1/cities").status_code == 200
-    assert local.stop_postgres(pipeline)
-    local.start_postgres(pipeline, lambda m: None)
+    assert postgres.stop_postgres(pipeline)
+    postgres.start_postgres(pipeline, lambda m: None)
     answers = [api.get("/api/v1/cities").status_code for _ in range(10)]
     assert answers == [200] * 10, answers
     assert api.get("/health").status_code == 200

@@ -11,9 +11,9 @@ import time
 import psycopg
 import pytest
 
-from deploy import mqtt_access, procs
-from deploy import stack as local
-from deploy.stack import BROKER_MAX_PACKET_BYTES, mosquitto_dir
+from deploy import components, mqtt_access, procs
+from deploy.broker_limits import BROKER_MAX_PACKET_BYTES
+from deploy.folders import mosquitto_dir
 from kota.contract import MQTT_TOPIC_ROOT, device_telemetry_topic
 from kota.mqtt import MqttLogin, connack_code, connect, login_connect
 from kota.registry import Gateway, new_device, set_enabled
@@ -216,7 +216,7 @@ def _revoke_and_restore_the_ingest_password(pipeline, publishers, marks: dict[st
     mqtt_access.sync(pipeline, ingest_secret="revoked-" + unique_id("x"))  # one writer at a time, as the guard
     marks["devices locked"] = time.monotonic()
     assert _locked_out(pipeline, publishers[0].device)
-    local.start_component(pipeline, "gateway")  # the old password: refused at the broker
+    components.start_component(pipeline, "gateway")  # the old password: refused at the broker
     refused, acked = sum(p.refused for p in publishers), _acked(publishers)
     wait_for(lambda: sum(p.refused for p in publishers) > refused + 3, what="devices refused")
     assert _acked(publishers) == acked, "acknowledged while the ingest password was revoked"
@@ -236,7 +236,7 @@ def _wipe_the_ingest_session(pipeline, publishers, marks: dict[str, float]) -> N
     refused, acked = sum(p.refused for p in publishers), _acked(publishers)
     wait_for(lambda: sum(p.refused for p in publishers) > refused + 3, what="devices refused")
     assert _acked(publishers) == acked, "acknowledged with no subscriber"
-    local.start_component(pipeline, "gateway")
+    components.start_component(pipeline, "gateway")
 
 
 @pytest.mark.parametrize("breakage", [
@@ -270,7 +270,7 @@ def test_every_acknowledged_reading_is_stored_while_the_ingest_side_is_broken(pi
         for p in publishers:
             p.join(10)
         if not procs.running_pid(pipeline, "gateway"):
-            local.start_component(pipeline, "gateway")
+            components.start_component(pipeline, "gateway")
     def missing() -> dict[str, list[int]]:
         return {p.device.device_id: gone for p in publishers
                 if (gone := sorted(set(p.acked) - _stored_times(pipeline, p.device.device_id)))}

@@ -13,8 +13,7 @@ from pathlib import Path
 import psycopg
 from aiokafka import AIOKafkaConsumer
 
-from deploy import procs
-from deploy import stack as local
+from deploy import components, mosquitto, procs
 from ingest.parse import ParseLimits, parse_message
 from kota.contract import DEADLETTER_TOPIC, decode_dead_letter, device_telemetry_topic, gateway_telemetry_topic
 from kota.registry import load_devices, load_gateways, set_rate_limit
@@ -197,8 +196,8 @@ def test_an_unexpected_failure_checking_one_message_dead_letters_it_and_ingest_g
     device = provision(stack, "noise")
     procs.stop(stack, "gateway")
     try:
-        pid = local.start_component(stack, "gateway", env={"PYTHONPATH": str(INJECT)})
-        local.open_devices_when_ingest_subscribed(stack, print)
+        pid = components.start_component(stack, "gateway", env={"PYTHONPATH": str(INJECT)})
+        mosquitto.open_devices_when_ingest_subscribed(stack, print)
         since_ms = int(time.time() * 1000) - 1000
         ts = int(time.time() * 1000) - 60_000
         poison = json.dumps({"ts": ts, "values": {"LAeq": 50.0}, "x": "kota-test-raise-inside-the-parser"}).encode()
@@ -219,8 +218,8 @@ def test_an_unexpected_failure_checking_one_message_dead_letters_it_and_ingest_g
         assert procs.running_pid(stack, "gateway") == pid
     finally:
         procs.stop(stack, "gateway")
-        local.start_component(stack, "gateway")
-        local.open_devices_when_ingest_subscribed(stack, print)
+        components.start_component(stack, "gateway")
+        mosquitto.open_devices_when_ingest_subscribed(stack, print)
 
 
 def test_a_device_over_its_rate_is_dead_lettered_and_counted_not_stored(pipeline):

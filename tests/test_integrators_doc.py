@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack import component_env
+from deploy.components import component_env
 from kota.settings import PROJECT_ROOT
 from tests.helpers import stored_readings, wait_for
 from tests.test_end_to_end import _dead_letters_for

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from deploy import stack as local
+from deploy import install
 from kota import accounts
 from kota.settings import PROJECT_ROOT
 from tests.helpers import provision, send, unique_id, wait_for
@@ -20,7 +20,7 @@ SCREENSHOTS = PROJECT_ROOT / "test-output"
 
 
 def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
-    chromium = local.ensure_chromium(print)
+    chromium = install.ensure_chromium(print)
     city = unique_id("kota-page")
     gate = provision(pipeline, "water_level", city=city, district="regol", lat=-6.93, lon=107.60)
     air = provision(pipeline, "air_quality", city=city, district="coblong", lat=-6.89, lon=107.61)

@@ -16,8 +16,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from deploy import procs
-from deploy import stack as local
+from deploy import components, procs
 from kota.contract import READINGS_TOPIC, WIRE_VERSION, Reading, encode_device_batch
 from tests.helpers import provision, query, stored_readings, wait_for
 
@@ -93,7 +92,7 @@ def test_bad_records_are_dead_lettered_and_the_partition_goes_on(pipeline):
 
     # A restart reads the partition again from the detectors' checkpoint: nothing is written twice.
     procs.stop(pipeline, "processor")
-    local.start_component(pipeline, "processor")
+    components.start_component(pipeline, "processor")
     later = asyncio.run(produce(pipeline, meter.device_id.encode(), [good(4)]))
     wait_for(lambda: len(stored_readings(pipeline, meter.device_id)) == 5, timeout_s=60, what="the reading after")
     assert stored_readings(pipeline, meter.device_id) == [*expected, (now - 60_000 + 4000, "pressure", 7.0)]

@@ -17,8 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from deploy import postgres_access, procs
-from deploy import stack as local
+from deploy import folders, install, postgres, postgres_access, procs
 from kota import schema
 from kota.settings import StackSettings, read_secret
 
@@ -60,7 +59,7 @@ def _refused(conn: psycopg.Connection, statement: str, on: str) -> None:
 
 def _psql(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """psql run as the OS user `nobody`, who has no password file, never prompted (-w)."""
-    argv = ["runuser", "-u", "nobody", "--", str(local.postgres_bin() / "psql"), "-X", "-w", "-At", *args]
+    argv = ["runuser", "-u", "nobody", "--", str(install.postgres_bin() / "psql"), "-X", "-w", "-At", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd="/",
                           env={"PATH": os.environ["PATH"], "PGCONNECT_TIMEOUT": "5", **(env or {})})
 
@@ -72,7 +71,7 @@ def _hba_methods(data: Path) -> list[str]:
 
 
 def test_pg_hba_asks_every_connection_for_a_password(stack):
-    methods = _hba_methods(local.postgres_paths(stack).data)
+    methods = _hba_methods(folders.postgres_paths(stack).data)
     assert methods and set(methods) == {"scram-sha-256"}, methods
     # What the server itself reads from the file: no other method, no line it failed to parse.
     with psycopg.connect(postgres_access.superuser_dsn(stack)) as conn:
@@ -81,7 +80,7 @@ def test_pg_hba_asks_every_connection_for_a_password(stack):
 
 
 def test_socket_folder_is_not_open_to_other_users(stack):
-    paths = local.postgres_paths(stack)
+    paths = folders.postgres_paths(stack)
     mode = paths.socket_dir.stat().st_mode
     assert stat.S_IMODE(mode) & 0o007 == 0, oct(mode)
     assert (paths.socket_dir / f".s.PGSQL.{stack.postgres_port}").is_socket()
@@ -89,7 +88,7 @@ def test_socket_folder_is_not_open_to_other_users(stack):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running psql as another OS user takes root")
 def test_a_local_user_without_the_password_is_refused(stack):
-    paths = local.postgres_paths(stack)
+    paths = folders.postgres_paths(stack)
     for role in ("postgres", postgres_access.OWNER, *COMPONENT_ROLES):
         tcp = _psql("-h", "127.0.0.1", "-p", str(stack.postgres_port), "-U", role, "-d", stack.database,
                     "-c", "SELECT current_user")
@@ -201,7 +200,7 @@ def test_components_connect_as_their_own_roles(pipeline):
     """The running processor and API hold connections; each is its component's role. (Only a
     superuser sees other roles' sessions.)"""
     with psycopg.connect(postgres_access.superuser_dsn(pipeline, pipeline.database), autocommit=True) as conn:
-        local.wait_until(lambda: {postgres_access.PROCESSOR, postgres_access.API} <= {r[0] for r in conn.execute(
+        procs.wait_until(lambda: {postgres_access.PROCESSOR, postgres_access.API} <= {r[0] for r in conn.execute(
             "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database()")},
             "processor and api connections", pipeline, timeout_s=30)
         users = {r[0] for r in conn.execute("SELECT DISTINCT usename FROM pg_stat_activity "
@@ -226,18 +225,18 @@ def test_a_trust_cluster_from_older_code_is_upgraded_in_place(stack, monkeypatch
     old = StackSettings(state_dir=stack.state_dir / "old-trust-cluster", port_offset=0,
                         postgres_base_port=_free_port())
     shutil.rmtree(old.state_dir, ignore_errors=True)
-    paths = local.postgres_paths(old)
-    pg = local.postgres_bin()
-    subprocess.run(local._as_postgres([str(pg / "initdb"), "-D", str(paths.data), "-U", "postgres", "--auth=trust",
+    paths = folders.postgres_paths(old)
+    pg = install.postgres_bin()
+    subprocess.run(postgres.as_postgres([str(pg / "initdb"), "-D", str(paths.data), "-U", "postgres", "--auth=trust",
                                        "-E", "UTF8", "--locale=C"]), check=True, stdout=subprocess.DEVNULL)
     paths.socket_dir.mkdir()
     paths.socket_dir.chmod(0o777)  # what a wide umask, or older code, may have left
-    if local.IS_ROOT:
+    if folders.IS_ROOT:
         shutil.chown(paths.socket_dir, "postgres", "postgres")
     with (paths.data / "postgresql.conf").open("a") as conf:
         conf.write(f"\nport = {old.postgres_port}\nlisten_addresses = '127.0.0.1'\n"
                    f"unix_socket_directories = '{paths.socket_dir}'\n")
-    subprocess.run(local._as_postgres([str(pg / "pg_ctl"), "start", "-D", str(paths.data), "-l", str(paths.log),
+    subprocess.run(postgres.as_postgres([str(pg / "pg_ctl"), "start", "-D", str(paths.data), "-l", str(paths.log),
                                        "-w"]), check=True, stdout=subprocess.DEVNULL)
     try:
         trust = f"host=127.0.0.1 port={old.postgres_port} user=postgres"
@@ -258,7 +257,7 @@ def test_a_trust_cluster_from_older_code_is_upgraded_in_place(stack, monkeypatch
                          "first_ts, last_ts, clear_after_s) VALUES ('old', 'c', 'd', 't', 'm', 'minor', 'm', now(), "
                          "now(), 60)")
 
-        local.start_postgres(old, lambda _message: None)  # the cluster is running: upgraded in place
+        postgres.start_postgres(old, lambda _message: None)  # the cluster is running: upgraded in place
 
         refused = f"host=127.0.0.1 port={old.postgres_port} user=postgres dbname={old.database} password=wrong"
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
@@ -283,5 +282,5 @@ def test_a_trust_cluster_from_older_code_is_upgraded_in_place(stack, monkeypatch
             _refused(conn, "INSERT INTO readings VALUES (now(), 'api-forged', 'pm25', 1, now())", "table readings")
             assert conn.execute("SELECT count(*) FROM readings").fetchone() == (1,)
     finally:
-        local.stop_postgres(old)
+        postgres.stop_postgres(old)
         shutil.rmtree(old.state_dir, ignore_errors=True)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from deploy import procs
-from deploy import stack as local
+from deploy import components, procs
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
 from kota.metrics import scrape
+from kota.process import alive
 from processing.kernels import REASONS
 from processing.processor import new_detectors
 from processing.settings import ProcessorSettings
@@ -109,7 +109,7 @@ def test_a_million_readings_through_repeated_kill_minus_9_are_stored_exactly_onc
         if _stored_count(pipeline, prefix) < 1_000_000:
             assert procs.stop(pipeline, "processor", hard=True)
             kills += 1
-            local.start_component(pipeline, "processor")
+            components.start_component(pipeline, "processor")
     assert kills >= 2, "the processor finished before the kills could prove anything"
     wait_for(lambda: _stored_count(pipeline, prefix) == 1_000_000, timeout_s=240, what="all million readings")
     time.sleep(2.0)  # would a replay add anything?
@@ -143,7 +143,7 @@ def test_a_worker_killed_mid_stream_is_started_again_and_nothing_is_lost_or_doub
     devices = [f"{prefix}{d:03d}" for d in range(40)]
     per_device = 5_000
     start_ms = int(time.time() * 1000) - 10 * 3_600_000
-    parent = local.start_component(pipeline, "processor")
+    parent = components.start_component(pipeline, "processor")
     workers = procs.children(parent)
     assert len(workers) == ProcessorSettings().workers == 2
     log = procs.log_file(pipeline, "processor")
@@ -171,11 +171,11 @@ def test_a_worker_killed_mid_stream_is_started_again_and_nothing_is_lost_or_doub
 def test_workers_stop_when_the_processor_is_killed_alone(pipeline):
     """A kill -9 of the processor's own process, not its group: its workers must not go on consuming
     beside whatever starts in its place."""
-    parent = local.start_component(pipeline, "processor")
+    parent = components.start_component(pipeline, "processor")
     workers = procs.children(parent)
     assert workers
     try:
         os.kill(parent, signal.SIGKILL)
-        wait_for(lambda: not any(procs.alive(w) for w in workers), timeout_s=20, what="the workers to stop")
+        wait_for(lambda: not any(alive(w) for w in workers), timeout_s=20, what="the workers to stop")
     finally:
-        local.start_component(pipeline, "processor")
+        components.start_component(pipeline, "processor")

@@ -9,8 +9,7 @@ import time
 import httpx
 import pytest
 
-from deploy import procs
-from deploy import stack as local
+from deploy import components, procs
 from kota.metrics import scrape
 from tests.helpers import (
     city_result,
@@ -56,7 +55,7 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
 
     gateway_port, processor_port = free_port(), free_port()
     offset = pipeline.port_offset
-    local.start_component(pipeline, "gateway", instance="gateway-b", env={
+    components.start_component(pipeline, "gateway", instance="gateway-b", env={
         "KOTA_GATEWAY_CLIENT_ID": "kota-gateway-b", "KOTA_GATEWAY_METRICS_BASE_PORT": str(gateway_port - offset)})
     device = provision(pipeline, "noise")
     now = int(time.time() * 1000)

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from deploy.stack import component_env
+from deploy.components import component_env
 from tests.helpers import provision, send, stored_readings, wait_for
 
 pytestmark = pytest.mark.stack
 
 
 def kota(stack, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "kota.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                             env={**os.environ, **component_env(stack)}, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,6 +31,11 @@ def _settings(request: Request) -> ApiSettings:
     return settings
 
 
+def _registry_changed(request: Request) -> Callable[[], None]:
+    hook: Callable[[], None] = request.app.state.on_registry_change
+    return hook
+
+
 def _hub(request: Request) -> LiveHub:
     hub: LiveHub = request.app.state.hub
     return hub
@@ -40,3 +45,5 @@ Connection = Annotated[AsyncConnection, Depends(_connection)]
 Stack = Annotated[StackSettings, Depends(_stack)]
 Settings = Annotated[ApiSettings, Depends(_settings)]
 Hub = Annotated[LiveHub, Depends(_hub)]
+# Call after a change of who may connect to the broker (create_app's on_registry_change).
+RegistryChanged = Annotated[Callable[[], None], Depends(_registry_changed)]

@@ -12,13 +12,12 @@ import psycopg
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from deploy import mqtt_access
 from kota import accounts
 from kota.contract import Domain
 from kota.registry import DEVICE_TYPES, new_device, new_password, upsert_devices
 from kota.series import Point, Resolution
 from ops_api import queries
-from ops_api.api.deps import Connection, Settings, Stack
+from ops_api.api.deps import Connection, RegistryChanged, Settings, Stack
 from ops_api.api.errors import READ, responses
 from ops_api.auth import Caller, Principal, require, require_city
 from ops_api.series_cache import SeriesCache
@@ -274,8 +273,8 @@ def _aware(ts: dt.datetime) -> dt.datetime:
 
 
 @router.post("", response_model=CreatedDevice, status_code=201, responses=responses(401, 403, 404, 409))
-async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack: Stack,
-                        settings: Settings) -> CreatedDevice:
+async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack: Stack, settings: Settings,
+                        registry_changed: RegistryChanged) -> CreatedDevice:
     """Register a device of a known type in one of the caller's cities (integrators and admins). The
     answer holds its MQTT password, once; the broker accepts the device within a second."""
     require(caller, "integrator", doing="manage devices")
@@ -299,7 +298,7 @@ async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack
                 raise HTTPException(409, "id already taken by a gateway") from None
             accounts.record(sync_conn, caller.user_id, "device.created", "device", device.device_id, device.city,
                             {"device_type": device.device_type, "district": device.district})
-        mqtt_access.sync(stack)
+        registry_changed()
 
     await asyncio.to_thread(register)
     return CreatedDevice(device=await _detail(conn, caller, settings, device.device_id),
@@ -307,8 +306,8 @@ async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack
 
 
 @router.patch("/{device_id}", response_model=DeviceDetail, responses=responses(401, 403, 404))
-async def change_device(device_id: str, body: DeviceChange, caller: Caller, conn: Connection, stack: Stack,
-                        settings: Settings) -> DeviceDetail:
+async def change_device(device_id: str, body: DeviceChange, caller: Caller, conn: Connection, settings: Settings,
+                        registry_changed: RegistryChanged) -> DeviceDetail:
     """Enable or disable a device, or move it (integrators and admins). Disabling closes its MQTT access."""
     require(caller, "integrator", doing="manage devices")
     city = await queries.device_city(conn, caller.city_filter(), device_id)
@@ -322,5 +321,5 @@ async def change_device(device_id: str, body: DeviceChange, caller: Caller, conn
                                {**changes, "device_id": device_id})
             await accounts.record_async(conn, caller.user_id, "device.changed", "device", device_id, city, changes)
         if "enabled" in changes:
-            await asyncio.to_thread(mqtt_access.sync, stack)
+            await asyncio.to_thread(registry_changed)
     return await _detail(conn, caller, settings, device_id)
