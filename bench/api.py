@@ -38,9 +38,9 @@ import websockets
 from bench import start_bench_stack
 from bench.e2e import component_pids, cpu_by_component
 from deploy import components, install, mosquitto, procs
-from kota import accounts
 from kota.registry import new_device, upsert_devices
 from kota.settings import StackSettings
+from ops_api import accounts
 from ops_api.settings import ApiSettings
 
 CITY = "benchkota"

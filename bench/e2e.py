@@ -48,9 +48,9 @@ import websockets
 from bench import start_bench_stack
 from deploy import components, procs
 from deploy.folders import postgres_paths
-from kota import accounts
-from kota.metrics import scrape
 from kota.settings import PROJECT_ROOT, StackSettings
+from ops_api import accounts
+from ops_api.metrics import scrape
 
 READINGS_PER_DEVICE_TICK = 3.6  # the simulator's device mix averages about this many readings per device and tick
 TICK_S = 0.2

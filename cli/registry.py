@@ -18,7 +18,6 @@ def cmd_devices(args: argparse.Namespace) -> int:
     import psycopg
 
     from deploy import mqtt_access, pki
-    from kota import accounts
     from kota.contract import device_telemetry_topic, gateway_telemetry_topic
     from kota.registry import (
         Gateway,
@@ -32,6 +31,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         upsert_devices,
         upsert_gateway,
     )
+    from ops_api import accounts
 
     stack = StackSettings()
     if args.action == "cert":
@@ -118,7 +118,7 @@ def _cli_actor() -> str:
 def cmd_users(args: argparse.Namespace) -> int:
     import psycopg
 
-    from kota import accounts
+    from ops_api import accounts
 
     stack = StackSettings()
     with psycopg.connect(stack.postgres_dsn) as conn:
@@ -156,7 +156,7 @@ def _token_lifetime(text: str) -> dt.timedelta | None:
     """`--expires`: days (a positive number), or `never`; `default` is accounts.DEFAULT_TOKEN_LIFETIME."""
     import datetime as dt
 
-    from kota.accounts import DEFAULT_TOKEN_LIFETIME
+    from ops_api.accounts import DEFAULT_TOKEN_LIFETIME
 
     if text == "default":
         return DEFAULT_TOKEN_LIFETIME
@@ -172,7 +172,7 @@ def _token_lifetime(text: str) -> dt.timedelta | None:
 
 
 def _expiry(conn: Any, token: str) -> str:
-    from kota import accounts
+    from ops_api import accounts
 
     expires_at = accounts.token_expiry(conn, token)
     return f"expires {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else "never expires"

@@ -101,7 +101,7 @@ def ensure_demo_operator(stack: StackSettings, city: str) -> str:
     folder, so `kota up` prints the same one each time until it is revoked)."""
     import psycopg
 
-    from kota import accounts
+    from ops_api import accounts
 
     token_file = stack.state_dir / "demo-operator.token"
     with psycopg.connect(stack.postgres_dsn) as conn:

@@ -21,7 +21,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from psycopg_pool import AsyncConnectionPool
 
-from kota.accounts import LIVE_TOKEN, Role, secret_matches, split_token
+from ops_api.accounts import LIVE_TOKEN, Role, secret_matches, split_token
 
 NO_TOKEN = "missing bearer token"  # noqa: S105 - error texts
 BAD_TOKEN = "invalid or revoked token"  # noqa: S105 - expired tokens too

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 from psycopg import AsyncConnection
 
-from kota.series import Resolution, SplitPage, query_series_split
+from ops_api.series import Resolution, SplitPage, query_series_split
 
 # How far behind the page's end the cut goes: past the windows readings are still arriving for.
 SETTLING: dict[str, dt.timedelta] = {"raw": dt.timedelta(minutes=2), "1m": dt.timedelta(minutes=3),

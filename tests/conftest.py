@@ -16,9 +16,9 @@ import pytest
 
 from deploy import components, mosquitto, mqtt_access, procs
 from deploy.stack import start_services, stop_services
-from kota import accounts
 from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
+from ops_api import accounts
 
 PIPELINE = ("gateway", "processor", "api")
 

@@ -20,8 +20,8 @@ import websockets
 from pydantic import SecretStr
 
 from cli.stack import ensure_demo_operator
-from kota import accounts
 from kota.settings import StackSettings, read_secret
+from ops_api import accounts
 from ops_api.api.routes.devices import SnapshotCache
 from ops_api.auth import BAD_TOKEN, QUERY_TOKEN, Principal, TokenCache
 from ops_api.series_cache import SeriesCache, _Kept

@@ -18,9 +18,9 @@ import psycopg
 import pytest
 import websockets
 
-from kota import accounts
 from kota.registry import Device
 from kota.settings import StackSettings
+from ops_api import accounts
 from tests.helpers import PASSWORDS, provision, send, unique_id, wait_for
 
 pytestmark = pytest.mark.stack

@@ -11,8 +11,8 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from deploy import install
-from kota import accounts
 from kota.settings import PROJECT_ROOT
+from ops_api import accounts
 from tests.helpers import provision, send, unique_id, wait_for
 
 pytestmark = pytest.mark.stack

@@ -12,8 +12,8 @@ from aiokafka import AIOKafkaProducer
 
 from deploy import components, procs
 from kota.contract import READINGS_TOPIC, Reading, encode_device_batch
-from kota.metrics import scrape
 from kota.process import alive
+from ops_api.metrics import scrape
 from processing.kernels import REASONS
 from processing.processor import new_detectors
 from processing.settings import ProcessorSettings

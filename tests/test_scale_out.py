@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from deploy import components, procs
-from kota.metrics import scrape
+from ops_api.metrics import scrape
 from tests.helpers import (
     city_result,
     free_port,

@@ -9,7 +9,7 @@ import orjson
 import psycopg
 import pytest
 
-from kota.series import Point, query_series, query_series_json, query_series_split
+from ops_api.series import Point, query_series, query_series_json, query_series_split
 from ops_api.series_cache import SeriesCache
 
 pytestmark = pytest.mark.stack

@@ -16,7 +16,7 @@ import pytest
 from deploy import pglite
 from kota.contract import Reading
 from kota.schema import migrate, storage_backend
-from kota.series import query_series
+from ops_api.series import query_series
 from processing.store import AnomalyRow, Checkpoint, PartitionSlice, WritePolicy, write_batch
 from tests.test_series import as_json, json_page
 

@@ -8,10 +8,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from kota import accounts
 from kota import alerts as lifecycle
 from kota.contract import Domain
-from ops_api import queries
+from ops_api import accounts, queries
 from ops_api.api.deps import Connection
 from ops_api.api.errors import READ, responses
 from ops_api.auth import Caller, require

@@ -12,14 +12,13 @@ import psycopg
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from kota import accounts
 from kota.contract import Domain
 from kota.registry import DEVICE_TYPES, new_device, new_password, upsert_devices
-from kota.series import Point, Resolution
-from ops_api import queries
+from ops_api import accounts, queries
 from ops_api.api.deps import Connection, RegistryChanged, Settings, Stack
 from ops_api.api.errors import READ, responses
 from ops_api.auth import Caller, Principal, require, require_city
+from ops_api.series import Point, Resolution
 from ops_api.series_cache import SeriesCache
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])

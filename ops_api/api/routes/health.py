@@ -28,12 +28,12 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
 from kota.contract import READINGS_TOPIC
-from kota.metrics import samples
 from kota.mqtt import HEALTH_CONNECT, is_connack
 from kota.settings import StackSettings
 from ops_api import queries
 from ops_api.auth import authenticate, bearer_token
 from ops_api.live import LiveHub
+from ops_api.metrics import samples
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("kota.api.health")
