@@ -1,6 +1,8 @@
 """`kota down` then `kota up` keeps stored data, and the pipeline comes back by itself.
 
-Runs last (file name): it stops and starts the whole test stack with the real commands.
+It stops and starts the whole test stack with the real commands, and leaves it as the session's
+fixtures made it: services up, gateway, processor and API running (under the same accounts), the
+registry and stored data kept. So it needs no place in the order: the tests after it find the same stack.
 """
 
 import os
