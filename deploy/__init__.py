@@ -1,1 +1,2 @@
-"""Starts the real stack on one machine (stack.py) and describes it for many (compose/, k8s/)."""
+"""Starts the real services on one machine, a module each (install, mosquitto, postgres, kafka,
+components; the whole stack: stack.py), and describes them for many (compose/, k8s/)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from deploy import components, mosquitto, procs
 from ingest.parse import ParseLimits, parse_message
 from kota.contract import DEADLETTER_TOPIC, decode_dead_letter, device_telemetry_topic, gateway_telemetry_topic
 from kota.registry import load_devices, load_gateways, set_rate_limit
+from kota.settings import PROJECT_ROOT
 from tests.helpers import (
     mqtt_client,
     provision,
@@ -196,7 +198,10 @@ def test_an_unexpected_failure_checking_one_message_dead_letters_it_and_ingest_g
     device = provision(stack, "noise")
     procs.stop(stack, "gateway")
     try:
-        pid = components.start_component(stack, "gateway", env={"PYTHONPATH": str(INJECT)})
+        # The checkout after the planted module: it imports the project before `-m` puts the working
+        # folder on the path, and must find this checkout's packages, not an installed copy's.
+        pythonpath = os.pathsep.join([str(INJECT), str(PROJECT_ROOT)])
+        pid = components.start_component(stack, "gateway", env={"PYTHONPATH": pythonpath})
         mosquitto.open_devices_when_ingest_subscribed(stack, print)
         since_ms = int(time.time() * 1000) - 1000
         ts = int(time.time() * 1000) - 60_000
