@@ -75,9 +75,7 @@ def windowed_gaussian_scores(values: np.ndarray, window: int = 6400) -> np.ndarr
 # The processor gives weekends a profile of their own (ProcessorSettings.weekend_profiles): a city
 # follows the week. NAB's recordings are one to two weeks long, too short to learn weekends from.
 # NAB's times are local, so local time is UTC here.
-WEEKEND_PARAMS = kernels.DEFAULT_PARAMS.copy()
-WEEKEND_PARAMS[kernels.P_WEEKENDS] = 1.0
-WEEKEND_PARAMS[kernels.P_UTC_OFFSET_HOURS] = 0.0
+WEEKEND_PARAMS = kernels.params_with(weekends=1.0, utc_offset_hours=0.0)
 
 
 def main() -> None:

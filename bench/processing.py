@@ -61,7 +61,7 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
     series, ts, values = synthetic_stream(n, n_series)
     out_series = np.empty(batch, np.int64)
     out_bucket = np.empty(batch)
-    out_stats = np.empty((batch, 9))
+    out_stats = np.empty((batch, kernels.AGG_COLUMNS))
     # Warm the JIT (compiled on first call, or loaded from numba's cache) on a copy of the state.
     warm = Detectors(kernels.ALL_DETECTORS_PARAMS, initial_series=n_series)
     warm.series_ids(range(n_series))

@@ -104,15 +104,16 @@ class Detectors:
             raise ValueError("unknown series id: get ids from series_ids()")
         scores = np.zeros(series.shape[0])
         reasons = np.zeros(series.shape[0], dtype=np.int64)
+        params = kernels.Params(*self.params.tolist())
         if nonfinite == 0:
             kernels.detect_batch(series, ts, values, self.low, self.high, self.measured, self.state, self.hourly,
-                                 self.params, scores, reasons)
+                                 params, scores, reasons)
         elif nonfinite < series.shape[0]:
             idx = np.flatnonzero(np.isfinite(values) & np.isfinite(ts))
             sub_scores = np.zeros(idx.size)
             sub_reasons = np.zeros(idx.size, dtype=np.int64)
             kernels.detect_batch(series[idx], ts[idx], values[idx], self.low, self.high, self.measured, self.state,
-                                 self.hourly, self.params, sub_scores, sub_reasons)
+                                 self.hourly, params, sub_scores, sub_reasons)
             scores[idx], reasons[idx] = sub_scores, sub_reasons
         return scores, reasons
 

@@ -6,17 +6,30 @@ warming up) and a reason code. State is one float64 array per concern, indexed b
 snapshot is a copy of arrays and a restore is exact. NaN handling is decided by the wrapper
 (`processing.detect`); the kernels see finite values only.
 
-Methods: a robust running baseline (exponentially weighted mean and mean absolute deviation with
-outlier clipping, after Hampel's robust statistics) against a global and an hour-of-day profile, so
-a series with a daily cycle is judged against its usual level for that hour; a fast/slow mean
-crossover for level shifts (an EW CUSUM in spirit); runs of identical values for stuck sensors; the
-absolute rate of change against its own running typical rate; runs of identical values longer than
-twice any the series has shown before (so a square wave is not "stuck"); declared physical ranges; and, on a
-timer, silence much longer than the series' usual reporting interval. A spike the series shows routinely
-scores less (its running rate of big spikes, in the spirit of HTM's anomaly likelihood).
+`detect_batch` is a short loop over one small function per detector, each a pure function of a
+series' state (scalars) and the parameters, inlined by numba:
+- `_baseline`: a robust running baseline, an exponentially weighted mean and mean absolute
+  deviation with outlier clipping (after Hampel's robust statistics), and `_hour_profile`, the same
+  per hour of the day (and per kind of day: working day or weekend);
+- `_distance` and `_spike_or_dip`: the distance from that baseline, judged against the hour-of-day
+  profile where a daily cycle explains the spread, excused where it is usual for the hour (or for
+  the hour on the other kind of day, `_usual_on_the_other_day`); `_routine_damping` scores a spike
+  the series shows routinely less (in the spirit of HTM's anomaly likelihood);
+- `_level_shift`: a fast/slow mean crossover (an EW CUSUM in spirit);
+- `_stuck`: runs of identical values longer than twice any the series has shown before (so a
+  square wave is not "stuck");
+- `_rate_of_change`: the absolute rate of change against its own running typical rate;
+- `_gap`: a reading that ends a silence much longer than the series' usual interval;
+- `_repeats`: one event, one signal (a quiet period after a signal), and REPEAT for what would have
+  been an anomaly but is not news.
+Declared physical ranges are checked first; on a timer, `silence_scores` finds silences while they
+last. `minute_partials` and `merge` are the mergeable one-minute aggregates.
+The parameters are one table, `PARAMETERS`: name, default and meaning of each.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -25,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # Reason codes, stable: stored with anomalies and shown to operators.
-# REPEAT marks a reading that would have scored P_REPEAT_BELOW (the processor's anomaly threshold)
+# REPEAT marks a reading that would have scored `repeat_below` (the processor's anomaly threshold)
 # or more but does not because it is not news: inside the quiet period of an event already
 # signalled, or damped as a spike the series shows routinely. It is not an anomaly, but it is not
 # normal either: the processor keeps the metric's open alert from clearing itself while they go on.
@@ -38,9 +51,8 @@ REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "ou
 STATE_COLUMNS = 16
 HOURS = 24
 # The profile has a day of hours for working days and another for weekends (local Saturday and
-# Sunday): rush hours that do not come on a Saturday are not news. Its array is (2, series, HOURS,
-# 3), working days first: each kind of day's profiles lie together, so a stream touches half as
-# much memory as with both side by side per series (which cost the kernels about 12%).
+# Sunday). Its array is (2, series, HOURS, 3), working days first: each kind of day's profiles lie
+# together, so a stream touches half as much memory as with both side by side per series.
 DAY_KINDS = 2
 DAY_MS = 86_400_000
 # A slot of the profile holds one hour of each day, so readings covering HOUR_MS of event time in
@@ -52,72 +64,123 @@ HOUR_MS = 3_600_000.0
 # bottom of its range), its off readings teaching its baselines nothing.
 STATE_CODE, MEASURED, SWITCHED = 0.0, 1.0, 2.0
 SPIKE_MAX_RUN = 3.0  # readings: a longer excursion is a change of level, not a spike
-PREFETCH_AHEAD = 12  # readings; tried 12 and 24 on 10,000 series, no difference
+PREFETCH_AHEAD = 12  # readings ahead whose state is fetched into cache (docs/processing.md)
 HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
 
-# Parameters, in one float64 array so a kernel call stays a plain function of arrays.
-(P_WARMUP, P_ALPHA, P_HOUR_ALPHA, P_HOUR_WARMUP, P_FAST_ALPHA, P_SLOW_ALPHA, P_Z_FLOOR, P_Z_SCALE,
- P_STUCK_MIN, P_RATE_ALPHA, P_CLIP, P_W_SPIKE, P_W_SHIFT, P_W_STUCK, P_W_RATE, P_QUIET_LEVEL, P_QUIET_POINTS,
- P_QUIET_MARGIN, P_GAP_FACTOR, P_ROUTINE_ALPHA, P_ROUTINE_RATE, P_ROUTINE_LEVEL, P_REPEAT_BELOW, P_DAILY_TIGHTNESS,
- P_DAILY_DAYS, P_UTC_OFFSET_HOURS, P_WEEKENDS) = range(27)
-# The P_W_* weights scale each detector's z-like statistic before the common mapping to [0, 1]:
-# one threshold then means the same for every detector (0 turns a detector off).
-# After a score above P_QUIET_LEVEL a series stays quiet for P_QUIET_POINTS readings unless the score
-# escalates by P_QUIET_MARGIN: one event, one signal (operators' alert storms; NAB's false positives).
-# Rate of change is off by default (P_W_RATE 0): on the NAB recordings big single steps are
-# ordinary and it cost more than it caught (bench/nab, before routine spikes: 52.7 without it,
-# 24.9 with weight 1). It is
-# meant for series where speed matters in itself, such as a water level rising fast: turn it on
-# there. The other weights and the quiet period come from the same benchmark.
-# A reading that ends a gap longer than P_GAP_FACTOR usual intervals (event time) is a dropout that
-# has ended: what a replayed or fast-forwarded stream shows, where the wall-clock timer
-# (silence_scores) never fires. Off (0) here; the processor turns it on with its dropout factor.
-# bench/nab runs without it: NAB labels anomalies in values, and its recordings have unlabelled
-# gaps (before routine spikes, a factor of 5 took its score from 52.7 to 16.8, 40 to 51.1).
-# Routine spikes: ROUTINE is each series' running rate (EW mean, P_ROUTINE_ALPHA: a memory of about
-# a thousand readings) of spikes that came and went: a run of at most SPIKE_MAX_RUN readings scoring
-# above P_ROUTINE_LEVEL, followed by one that does not (OUTLIER_RUN counts the run). A spike's score
-# is scaled by (r / (r + rate))^2, r = P_ROUTINE_RATE (0 turns this off): a series that spikes every
-# hundred readings (a load balancer's bursts, a pump's starts) stops raising an anomaly for every
-# burst, while a series that never spiked scores in full. Only big outliers count (a score above
-# 0.5 is a z above 7), so the usual tails of a noisy series do not; and only short ones, so a
-# series that switches level (a street light at dusk) has not "spiked" and keeps its sensitivity.
-# bench/nab: 52.7 without it, 65.7 with it (false positives 86 → 37; the two spiky artificial files
-# had 71 of the 86); rates 0.002-0.005 and memories of 500-2,000 readings gave 62-66. A damped
-# spike is a REPEAT (above), so a sensor that starts flapping keeps its one alert open while it flaps.
-# Daily cycles: an hour of the day whose profile holds P_DAILY_DAYS hours of readings and whose
-# usual spread (its MAD) is under 1/P_DAILY_TIGHTNESS of the series' overall spread judges its
-# spikes and dips against that hour's usual level alone (0 turns this off). Otherwise the hour's
-# profile only excuses a value (the smaller of the two distances counts). A cycle explaining most
-# of the spread (1/2: three quarters of the variance) is what makes a day-time value at the
-# night-time level news, though it lies inside the series' overall range.
-# The profile learns at P_HOUR_ALPHA per hour of readings (see the update below), so it remembers
-# about ten days at any reporting interval. Learning per reading, a profile of 1-minute readings
-# remembered the last ten minutes of yesterday's hour: in a simulated week (docs/testing_streams.md)
-# every hour's first reading on a steep part of the day was a false dip or spike, and a water level
-# on a 38-hour swell looked like a daily cycle.
-# bench/nab: 65.7 without judging by the hour, 73.2 with it (false positives 19 → 9 at the swept
-# threshold; the daily file whose peak fell is found, and a traffic window more; the one whose
-# peak did not come is still missed). Tightness 1.5-3 gave 73-78 and 2-3 days of history the same;
-# 2 is the middle, not the best. A simulated week: F1 0.716 → 0.769, precision 0.627 → 0.713.
-# An hour's profile excuses a value only once it holds an hour of readings (a day's worth): learning
-# over days, a profile begun by a spike stays wide for the rest of that hour (a sensor flapping
-# every 20 readings had the flaps after one that began an hour look usual; they stopped counting
-# on its alert). Learning the clipped value instead cost the week's street lights a false spike
-# each evening (the baseline lags a square wave, so their night hours learnt day values).
-# Weekends (P_WEEKENDS 1; local time is UTC + P_UTC_OFFSET_HOURS) give Saturdays and Sundays a
-# profile of their own, learnt from weekends only, so rush hours that do not come on a Saturday are
-# not news. A value usual at this hour on the other kind of day is not a spike or dip either (so
-# the first weekends, before their profile has learnt, are judged no worse than without one; a
-# working day without its rush hour is excused too). Off here, on in the processor
-# (ProcessorSettings.weekend_profiles): a weekend profile needs weekends to learn from, and the NAB
-# recordings are one to two weeks long (bench/nab prints both: 73.2 without, 70.9 with; 67.6
-# before the other kind of day could excuse a value).
-DEFAULT_PARAMS = np.array([30.0, 0.02, 0.1, 5.0, 0.3, 0.01, 3.0, 4.0, 12.0, 0.05, 4.0, 1.0, 1.0, 1.0, 0.0,
-                           0.2, 100.0, 0.2, 0.0, 0.001, 0.003, 0.5, 0.3, 2.0, 2.0, 0.0, 0.0])
-ALL_DETECTORS_PARAMS = DEFAULT_PARAMS.copy()
-ALL_DETECTORS_PARAMS[P_W_RATE] = 1.0
-ALL_DETECTORS_PARAMS[P_GAP_FACTOR] = 5.0
+
+class Param(NamedTuple):
+    """One detector parameter: its name (a field of `Params`), its default and what it means."""
+
+    name: str
+    default: float
+    meaning: str
+
+
+# The parameters, in the order of the float64 array `Detectors.params` (and of checkpoints: a new
+# parameter goes at the end, and older checkpoints get its default). Where the defaults come from
+# (bench/nab, simulated days and weeks): docs/processing.md, "How we got here".
+PARAMETERS: tuple[Param, ...] = (
+    Param("warmup", 30.0, "readings a series is learnt from before it is judged"),
+    Param("alpha", 0.02, "EW rate of the baseline's mean and MAD, per reading"),
+    Param("hour_alpha", 0.1, "EW rate of an hour's profile, per hour of readings in it (about ten days)"),
+    Param("hour_warmup", 5.0, "readings an hour's profile needs before it counts"),
+    Param("fast_alpha", 0.3, "EW rate of the fast mean (level shifts)"),
+    Param("slow_alpha", 0.01, "EW rate of the slow mean and its MAD (level shifts)"),
+    Param("z_floor", 3.0, "robust z (weighted) up to which a detector scores 0"),
+    Param("z_scale", 4.0, "z above the floor at which a detector scores 0.5"),
+    Param("stuck_min", 12.0, "the shortest run of identical readings that can be stuck"),
+    Param("rate_alpha", 0.05, "EW rate of the typical rate of change"),
+    Param("clip", 4.0, "robust scales a value is clipped to before the baselines learn it"),
+    Param("w_spike", 1.0, "weight of spikes and dips (0 turns the detector off)"),
+    Param("w_shift", 1.0, "weight of level shifts (0: off)"),
+    Param("w_stuck", 1.0, "weight of stuck runs (0: off)"),
+    Param("w_rate", 0.0, "weight of the rate of change (off: big single steps are ordinary on NAB)"),
+    Param("quiet_level", 0.2, "a score above this starts a quiet period: one event, one signal"),
+    Param("quiet_points", 100.0, "readings a quiet period lasts"),
+    Param("quiet_margin", 0.2, "how far a score must rise above the signalled one to break the quiet"),
+    Param("gap_factor", 0.0, "a reading after more than this many usual intervals is a dropout (0: off)"),
+    Param("routine_alpha", 0.001, "EW rate of a series' rate of routine spikes (a memory of ~1,000 readings)"),
+    Param("routine_rate", 0.003, "a spike is scaled by (r / (r + rate))^2, r this (0: no damping)"),
+    Param("routine_level", 0.5, "a spike scoring above this counts towards the routine rate"),
+    Param("repeat_below", 0.3, "below this (the anomaly threshold) a score that would be above is a REPEAT"),
+    Param("daily_tightness", 2.0, "an hour spread under 1/this of the series' judges by the hour (0: off)"),
+    Param("daily_days", 2.0, "days' worth of readings an hour's profile needs to judge by the hour"),
+    Param("utc_offset_hours", 0.0, "local time, for weekends: UTC plus this"),
+    Param("weekends", 0.0, "1: Saturdays and Sundays have a profile of their own"),
+)
+PARAM_NAMES = tuple(p.name for p in PARAMETERS)
+
+
+class Params(NamedTuple):
+    """The parameters as the kernel takes them, passed by value: a field per row of PARAMETERS, in
+    its order (`Params(*params_array)`)."""
+
+    warmup: float
+    alpha: float
+    hour_alpha: float
+    hour_warmup: float
+    fast_alpha: float
+    slow_alpha: float
+    z_floor: float
+    z_scale: float
+    stuck_min: float
+    rate_alpha: float
+    clip: float
+    w_spike: float
+    w_shift: float
+    w_stuck: float
+    w_rate: float
+    quiet_level: float
+    quiet_points: float
+    quiet_margin: float
+    gap_factor: float
+    routine_alpha: float
+    routine_rate: float
+    routine_level: float
+    repeat_below: float
+    daily_tightness: float
+    daily_days: float
+    utc_offset_hours: float
+    weekends: float
+
+
+if Params._fields != PARAM_NAMES:
+    raise ImportError("Params must have PARAMETERS' names, in their order")
+
+
+def param_index(name: str) -> int:
+    """Where parameter `name` sits in a params array."""
+    return PARAM_NAMES.index(name)
+
+
+def params_with(**changes: float) -> np.ndarray:
+    """The defaults as a float64 params array (what `Detectors` takes), with `changes` by name."""
+    unknown = set(changes) - set(PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown detector parameters: {sorted(unknown)}")
+    return np.array([float(changes.get(p.name, p.default)) for p in PARAMETERS])
+
+
+# Indices of the parameters the processor's settings and the tests set.
+P_WARMUP = param_index("warmup")
+P_QUIET_LEVEL = param_index("quiet_level")
+P_QUIET_POINTS = param_index("quiet_points")
+P_W_RATE = param_index("w_rate")
+P_GAP_FACTOR = param_index("gap_factor")
+P_ROUTINE_RATE = param_index("routine_rate")
+P_REPEAT_BELOW = param_index("repeat_below")
+P_DAILY_TIGHTNESS = param_index("daily_tightness")
+P_UTC_OFFSET_HOURS = param_index("utc_offset_hours")
+P_WEEKENDS = param_index("weekends")
+
+DEFAULT_PARAMS = params_with()
+# Every detector on: the rate of change, and dropouts seen in event time.
+ALL_DETECTORS_PARAMS = params_with(w_rate=1.0, gap_factor=5.0)
+
+# Columns of a one-minute partial (minute_partials, merge): the agg_1m table's, mergeable.
+(AGG_N, AGG_SUM, AGG_SUM_SQ, AGG_MIN, AGG_MAX, AGG_FIRST_TS, AGG_FIRST_VALUE, AGG_LAST_TS,
+ AGG_LAST_VALUE) = range(9)
+AGG_COLUMNS = 9
 
 
 if config.DISABLE_JIT:  # type: ignore[attr-defined]
@@ -147,12 +210,15 @@ else:
 
 
 # error_model="numpy": a float division by zero gives inf or NaN instead of raising. Every division
-# here is guarded or has a positive divisor, and the Python model's zero check on each one cost the
-# detector 10-20% of its throughput (bench.processing --only kernels, same scores and reasons).
+# here is guarded or has a positive divisor, and the Python model's zero check cost 10-20%.
 kernel = njit(cache=True, error_model="numpy")
+# A detector's helper: inlined into the loop that calls it (numba IR), so it costs no call. Helpers
+# take scalars, not arrays: an array passed to an inlined function is reference-counted at each
+# call, which cost the kernels 20-55% (docs/processing.md, "How we got here").
+helper = njit(cache=True, error_model="numpy", inline="always")
 
 
-@kernel
+@helper
 def _profile_slot(t_ms: float, offset_ms: float, weekends: bool) -> int:
     """The slot of the series' hour-of-day profile that an event time falls in: its UTC hour (0-23),
     plus 24 on a weekend by local time (UTC + `offset_ms`)."""
@@ -163,20 +229,20 @@ def _profile_slot(t_ms: float, offset_ms: float, weekends: bool) -> int:
     return hour
 
 
-@kernel
+@helper
 def _profile_row(s: int, slot: int, n_series: int) -> int:
     """The row of series `s`'s profile slot in the (DAY_KINDS * series * HOURS, 3) view of the profiles."""
     return ((slot // HOURS) * n_series + s) * HOURS + slot % HOURS
 
 
-@kernel
+@helper
 def _robust_scale(mad: float, eps: float) -> float:
     """A spread to divide distances by: the MAD scaled to a normal distribution's standard deviation
     (times 1.4826), kept above zero by `eps` for a series that has not varied."""
     return 1.4826 * mad + eps
 
 
-@kernel
+@helper
 def _score(z: float, floor: float, scale: float) -> float:
     """Map a robust z-like distance to [0, 1): 0 up to `floor`, 0.5 at `floor + scale`."""
     excess = z - floor
@@ -185,64 +251,202 @@ def _score(z: float, floor: float, scale: float) -> float:
     return excess / (excess + scale)
 
 
+@helper
+def _distance(x: float, mean: float, scale: float, eps: float, interval: float, hour_mean: float, hour_mad: float,
+              hn: float, p: Params) -> tuple[float, float]:
+    """How far `x` is from its usual level, as a robust z (-1: too close to score), and that level.
+
+    The usual level is the baseline's, or this hour's where a daily cycle explains most of the
+    spread (the hour's profile holds `daily_days` days of readings and its spread is under
+    1/`daily_tightness` of the series'); a value usual for this hour of the day is not far.
+    """
+    # Divisions only where a score can be above 0 (w * d / scale > floor): most readings are normal.
+    if p.daily_tightness > 0.0 and hn >= p.hour_warmup and hn * interval >= p.daily_days * HOUR_MS:
+        hour_scale = _robust_scale(hour_mad, eps)
+        if p.daily_tightness * hour_scale < scale:
+            # A daily cycle that explains most of the spread: judge against this hour's usual.
+            return abs(x - hour_mean) / hour_scale, hour_mean
+    distance = abs(x - mean)
+    if p.w_spike * distance > p.z_floor * scale:
+        z = distance / scale
+        if hn >= p.hour_warmup and hn * interval >= HOUR_MS:  # a day's worth
+            z_hour = abs(x - hour_mean) / _robust_scale(hour_mad, eps)
+            if z_hour < z:
+                z = z_hour  # a usual value for this hour of the day is not a spike
+        return z, mean
+    return -1.0, mean
+
+
+@helper
+def _usual_on_the_other_day(z: float, x: float, eps: float, interval: float, other_mean: float,
+                            other_mad: float, other_n: float, p: Params) -> float:
+    """`z`, or less if `x` is usual at this hour on the other kind of day (weekend or working day)."""
+    if other_n >= p.hour_warmup and other_n * interval >= HOUR_MS:
+        z_other = abs(x - other_mean) / _robust_scale(other_mad, eps)
+        if z_other < z:
+            return z_other
+    return z
+
+
+@helper
+def _spike_or_dip(z: float, x: float, centre: float, p: Params) -> tuple[float, int]:
+    """Score and reason (SPIKE, DIP or NONE) of a distance `z` from the usual level `centre`."""
+    if z > 0.0:
+        score = _score(p.w_spike * z, p.z_floor, p.z_scale)
+        if score > 0.0:
+            return score, SPIKE if x > centre else DIP
+    return 0.0, NONE
+
+
+@helper
+def _routine_damping(score: float, routine: float, outlier_run: float, p: Params) -> tuple[float, float, float]:
+    """A spike the series shows routinely surprises less: the score scaled by (r / (r + routine))^2,
+    r = `routine_rate`; and the series' new routine rate and outlier run. ROUTINE is the running
+    rate (EW, `routine_alpha`) of big outliers (above `routine_level`) that came and went within
+    SPIKE_MAX_RUN readings: a longer run is a change of level, not a spike."""
+    big = score > p.routine_level
+    spike_ended = 1.0 if (not big and outlier_run > 0.0 and outlier_run <= SPIKE_MAX_RUN) else 0.0
+    if p.routine_rate > 0.0 and score > 0.0:
+        damp = p.routine_rate / (p.routine_rate + routine)
+        score *= damp * damp
+    routine += p.routine_alpha * (spike_ended - routine)
+    outlier_run = outlier_run + 1.0 if big else 0.0
+    return score, routine, outlier_run
+
+
+@helper
+def _level_shift(fast: float, slow: float, slow_mad: float, eps: float, p: Params) -> float:
+    """The fast mean's distance from the slow one, in the slow mean's robust spread, as a score."""
+    shift_scale = _robust_scale(slow_mad, eps)
+    if p.w_shift * abs(fast - slow) > p.z_floor * shift_scale:
+        return _score(p.w_shift * (abs(fast - slow) / shift_scale), p.z_floor, p.z_scale)
+    return 0.0
+
+
+@helper
+def _stuck(run: float, longest_run: float, mad: float, eps: float, x: float, floor: float, p: Params) -> float:
+    """A run of identical readings as long as `stuck_min`, and twice the longest the series has shown
+    before, in a series that usually moves: z at the floor at that length, twice the floor at twice
+    it. Resting at the bottom of its range (no power, no flow, no vehicles) is not stuck."""
+    stuck_after = max(p.stuck_min, 2.0 * longest_run)
+    if mad > eps and run >= stuck_after and x > floor:
+        return _score(p.w_stuck * p.z_floor * run / stuck_after, p.z_floor, p.z_scale)
+    return 0.0
+
+
+@helper
+def _rate_of_change(rate: float, typical_rate: float, dt: float, p: Params) -> float:
+    """The absolute rate of change against the series' typical rate, as a score (at half weight)."""
+    if typical_rate > 0.0 and dt > 0 and p.w_rate * rate > 2.0 * p.z_floor * typical_rate:
+        return _score(p.w_rate * rate / typical_rate / 2.0, p.z_floor, p.z_scale)
+    return 0.0
+
+
+@helper
+def _gap(dt: float, interval: float, p: Params) -> float:
+    """A reading that ends a silence longer than `gap_factor` usual intervals (event time): 0.5 at
+    twice the factor, as silence_scores."""
+    if p.gap_factor > 0.0 and interval > 0.0 and dt > p.gap_factor * interval:
+        excess = dt / interval - p.gap_factor
+        return excess / (excess + p.gap_factor)
+    return 0.0
+
+
+@helper
+def _repeats(best: float, reason: int, undamped: float, n: float, quiet_until: float, quiet_score: float,
+             p: Params) -> tuple[float, int, float, float]:
+    """One event, one signal: after a score above `quiet_level` a series stays quiet for
+    `quiet_points` readings unless its score rises by `quiet_margin`. What would have scored
+    `repeat_below` or more but is not news (quiet, or damped as routine) is a REPEAT.
+    Returns the score, the reason and the new quiet period (until, score)."""
+    would_be = max(undamped, best)  # the score were it news
+    if n < quiet_until and best <= quiet_score + p.quiet_margin:
+        best = 0.0  # the same event, already signalled
+    elif best > p.quiet_level:
+        quiet_until = n + p.quiet_points
+        quiet_score = best
+    if best == 0.0:
+        reason = NONE
+    if best < p.repeat_below <= would_be:
+        reason = REPEAT
+    return best, reason, quiet_until, quiet_score
+
+
+@helper
+def _baseline(x: float, n: float, mean: float, mad: float, fast: float, slow: float, slow_mad: float,
+              scale: float, p: Params) -> tuple[float, float, float, float, float]:
+    """The robust running baseline learns `x`: mean and MAD (exact running means while warming up,
+    then EW at `alpha`), fast and slow means and the slow MAD, each from `x` clipped to `clip`
+    robust scales of the mean, so one outlier cannot drag them far."""
+    warm = n >= p.warmup
+    deviation = x - mean
+    limit = p.clip * scale
+    clipped = mean + min(max(deviation, -limit), limit) if warm else x
+    new_mean = mean + p.alpha * (clipped - mean) if warm else mean + (x - mean) / (n + 1.0)
+    new_mad = mad + (p.alpha if warm else 1.0 / (n + 1.0)) * (abs(clipped - mean) - mad)
+    new_fast = fast + p.fast_alpha * (clipped - fast)
+    new_slow = slow + p.slow_alpha * (clipped - slow)
+    new_slow_mad = slow_mad + p.slow_alpha * (abs(clipped - slow) - slow_mad)
+    return new_mean, new_mad, new_fast, new_slow, new_slow_mad
+
+
+@helper
+def _hour_profile(x: float, interval: float, hour_mean: float, hour_mad: float, hn: float, p: Params
+                  ) -> tuple[float, float, float]:
+    """An hour's profile (mean, MAD, count) learns `x` at `hour_alpha` per hour of readings, not per
+    reading: it then remembers days (about ten) whatever the reporting interval, so its spread says
+    how well this hour of the day is predicted from other days, not how alike a few minutes are."""
+    if hn <= 0:
+        hour_mean = x
+    slot_alpha = p.hour_alpha * min(1.0, interval / HOUR_MS) if interval > 0.0 else p.hour_alpha
+    a = slot_alpha if hn >= 1.0 / slot_alpha else 1.0 / (hn + 1.0)
+    return hour_mean + a * (x - hour_mean), hour_mad + a * (abs(x - hour_mean) - hour_mad), hn + 1.0
+
+
+@helper
+def _usual_interval(interval: float, dt: float) -> float:
+    """The series' usual reporting interval (EW, 0.05) after a reading `dt` after the one before."""
+    if dt > 0:
+        return dt if interval == 0.0 else interval + 0.05 * (dt - interval)
+    return interval
+
+
+@helper
+def _typical_rate(typical_rate: float, rate: float, dt: float, p: Params) -> float:
+    """The series' typical absolute rate of change (EW, `rate_alpha`) after a reading."""
+    if dt > 0:
+        return rate if typical_rate == 0.0 else typical_rate + p.rate_alpha * (rate - typical_rate)
+    return typical_rate
+
+
 @kernel
 def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np.ndarray, high: np.ndarray,
-                 measured: np.ndarray, state: np.ndarray, hourly: np.ndarray, params: np.ndarray,
+                 measured: np.ndarray, state: np.ndarray, hourly: np.ndarray, p: Params,
                  scores: np.ndarray, reasons: np.ndarray) -> None:
     """Score each reading of the batch in order, updating `state` and `hourly` in place.
 
     Per series: `low`/`high` the declared physical range; `measured` how it is judged: MEASURED, a
     quantity; STATE_CODE (on/off/fault), which only the range judges: a lamp switching on is not a
     spike, and a lamp staying on is not a stuck sensor; SWITCHED, a switched load, judged as a
-    quantity while on and by its range alone while off.
+    quantity while on and by its range alone while off. `p`: the parameters (`Params`).
     """
-    # Speed (bench.processing; about 2x in all): parameters and each series' state are read into
-    # locals once per reading and written back once (numba cannot prove the output arrays do not
-    # alias the state, so with direct indexing every store sent later state reads back to memory);
-    # the state of the reading a dozen ahead is prefetched; a score's division is done only when
-    # the score can be above 0.
-    warmup = params[P_WARMUP]
-    alpha = params[P_ALPHA]
-    hour_alpha = params[P_HOUR_ALPHA]
-    hour_warmup = params[P_HOUR_WARMUP]
-    fast_alpha = params[P_FAST_ALPHA]
-    slow_alpha = params[P_SLOW_ALPHA]
-    z_floor = params[P_Z_FLOOR]
-    z_scale = params[P_Z_SCALE]
-    stuck_min = params[P_STUCK_MIN]
-    rate_alpha = params[P_RATE_ALPHA]
-    clip = params[P_CLIP]
-    w_spike = params[P_W_SPIKE]
-    w_shift = params[P_W_SHIFT]
-    w_stuck = params[P_W_STUCK]
-    w_rate = params[P_W_RATE]
-    quiet_level = params[P_QUIET_LEVEL]
-    quiet_points = params[P_QUIET_POINTS]
-    quiet_margin = params[P_QUIET_MARGIN]
-    gap_factor = params[P_GAP_FACTOR]
-    routine_alpha = params[P_ROUTINE_ALPHA]
-    routine_rate = params[P_ROUTINE_RATE]
-    routine_level = params[P_ROUTINE_LEVEL]
-    repeat_below = params[P_REPEAT_BELOW]
-    daily_tightness = params[P_DAILY_TIGHTNESS]
-    trust_after_ms = params[P_DAILY_DAYS] * HOUR_MS  # that many days' worth of readings in the slot
-    offset_ms = params[P_UTC_OFFSET_HOURS] * HOUR_MS
-    weekends = params[P_WEEKENDS] != 0.0
+    # Each series' state is read into locals once per reading and written back once (numba cannot
+    # prove the outputs do not alias the state), and the state a dozen readings ahead is prefetched.
+    offset_ms = p.utc_offset_hours * HOUR_MS
+    weekends = p.weekends != 0.0
     n_series = hourly.shape[1]
     hour_rows = hourly.reshape(DAY_KINDS * n_series * HOURS, 3)
     state_lines = state.reshape(state.shape[0] * STATE_COLUMNS)  # flat, to prefetch a row's second half
     count = series.shape[0]
-    # Each reading's profile slot, worked out once: when its state is prefetched, a dozen readings
-    # ahead, and kept for its turn (the day-of-week arithmetic is two 64-bit divisions).
+    # Each reading's profile slot, worked out once: when its state is prefetched, and kept for its turn.
     slots = np.empty(count, np.int64)
     for i in range(min(PREFETCH_AHEAD, count)):
         slots[i] = _profile_slot(ts[i], offset_ms, weekends)
     for i in range(count):
         if i + PREFETCH_AHEAD < count:
             coming = series[i + PREFETCH_AHEAD]
-            # A state row is 128 bytes: two cache lines when it starts on one (the wrapper aligns the
-            # array), and both are wanted. Fetching only the first left the detector waiting on the
-            # second (RUN to OUTLIER_RUN): bench.processing, 18-19M against 24M readings/s.
+            # A state row is 128 bytes: two cache lines when it starts on one (the wrapper aligns
+            # the array), and both are wanted.
             _prefetch(state_lines, coming * STATE_COLUMNS)
             _prefetch(state_lines, coming * STATE_COLUMNS + STATE_COLUMNS // 2)
             _prefetch(measured, coming)
@@ -257,14 +461,9 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             reasons[i] = OUT_OF_RANGE
             continue  # impossible values teach the baseline nothing
         if x <= floor and measured[s] == SWITCHED:
-            # Off. Learnt from, a street light's days at zero made each dusk's switching on a spike,
-            # each dawn a dip and each evening a level shift (18 false detections in a simulated day).
-            # Its time still counts, so a lamp that is off is not silent.
+            # Off: its baselines learn nothing, but its time counts, so a lamp that is off is not silent.
             if state[s, COUNT] > 0.0:
-                off_dt = t - state[s, LAST_TS]
-                if off_dt > 0:
-                    known = state[s, INTERVAL]
-                    state[s, INTERVAL] = off_dt if known == 0.0 else known + 0.05 * (off_dt - known)
+                state[s, INTERVAL] = _usual_interval(state[s, INTERVAL], t - state[s, LAST_TS])
                 state[s, LAST_TS] = t
             scores[i] = 0.0
             reasons[i] = NONE
@@ -272,7 +471,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
         h = slots[i]
         hr = _profile_row(s, h, n_series)
         n = state[s, COUNT]
-        if n == 0.0:
+        if n == 0.0:  # the first reading starts the baselines and its hour's profile
             state[s, MEAN] = x
             state[s, FAST] = x
             state[s, SLOW] = x
@@ -306,10 +505,8 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
 
         eps = 1e-9 + 1e-3 * abs(mean)
         scale = _robust_scale(mad, eps)
-
         dt = t - last_ts
-        step = abs(x - last_value)
-        rate = step / dt if dt > 0 else 0.0
+        rate = abs(x - last_value) / dt if dt > 0 else 0.0
         if last_value == x:
             run += 1.0
         else:
@@ -319,104 +516,44 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
 
         best = 0.0
         reason = NONE
-        if n >= warmup and measured[s] != 0.0:
-            # Divisions only where a score can be above 0 (w * d / scale > floor): most readings are normal.
-            distance = abs(x - mean)
-            z = -1.0  # no spike or dip can score
-            centre = mean
-            if daily_tightness > 0.0 and hn >= hour_warmup and hn * interval >= trust_after_ms:
-                hour_scale = _robust_scale(hour_mad, eps)
-                if daily_tightness * hour_scale < scale:
-                    # A daily cycle that explains most of the spread: judge against this hour's usual.
-                    z = abs(x - hour_mean) / hour_scale
-                    centre = hour_mean
-            if z < 0.0 and w_spike * distance > z_floor * scale:
-                z = distance / scale
-                if hn >= hour_warmup and hn * interval >= HOUR_MS:  # a day's worth
-                    z_hour = abs(x - hour_mean) / _robust_scale(hour_mad, eps)
-                    if z_hour < z:
-                        z = z_hour  # a usual value for this hour of the day is not a spike
-            if weekends and w_spike * z > z_floor:  # nor one usual at this hour on the other kind of day
-                other = h - HOURS if h >= HOURS else h + HOURS
-                other_row = _profile_row(s, other, n_series)
-                other_n = hour_rows[other_row, HOUR_COUNT]
-                if other_n >= hour_warmup and other_n * interval >= HOUR_MS:
-                    other_scale = _robust_scale(hour_rows[other_row, HOUR_MAD], eps)
-                    z_other = abs(x - hour_rows[other_row, HOUR_MEAN]) / other_scale
-                    if z_other < z:
-                        z = z_other
-            if z > 0.0:
-                best = _score(w_spike * z, z_floor, z_scale)
-                if best > 0.0:
-                    reason = SPIKE if x > centre else DIP
+        if n >= p.warmup and measured[s] != STATE_CODE:
+            z, centre = _distance(x, mean, scale, eps, interval, hour_mean, hour_mad, hn, p)
+            if weekends and p.w_spike * z > p.z_floor:
+                other = _profile_row(s, h - HOURS if h >= HOURS else h + HOURS, n_series)
+                z = _usual_on_the_other_day(z, x, eps, interval, hour_rows[other, HOUR_MEAN],
+                                            hour_rows[other, HOUR_MAD], hour_rows[other, HOUR_COUNT], p)
+            best, reason = _spike_or_dip(z, x, centre, p)
             undamped = best
-            big = best > routine_level
-            spike_ended = 1.0 if (not big and outlier_run > 0.0 and outlier_run <= SPIKE_MAX_RUN) else 0.0
-            if routine_rate > 0.0 and best > 0.0:
-                damp = routine_rate / (routine_rate + routine)
-                best *= damp * damp  # a spike the series shows routinely surprises less
-            routine += routine_alpha * (spike_ended - routine)
-            outlier_run = outlier_run + 1.0 if big else 0.0
-            shift_scale = _robust_scale(slow_mad, eps)
-            if w_shift * abs(fast - slow) > z_floor * shift_scale:
-                shift_score = _score(w_shift * (abs(fast - slow) / shift_scale), z_floor, z_scale)
-                if shift_score > best:
-                    best = shift_score
-                    reason = LEVEL_SHIFT
-            stuck_after = max(stuck_min, 2.0 * longest_run)
-            if mad > eps and run >= stuck_after and x > floor:
-                # As long as the usual stuck threshold: z at the floor; twice as long: z twice the floor.
-                # Resting at the bottom of its range (no power, no flow, no vehicles) is not stuck.
-                stuck_score = _score(w_stuck * z_floor * run / stuck_after, z_floor, z_scale)
-                if stuck_score > best:
-                    best = stuck_score
-                    reason = STUCK
-            if typical_rate > 0.0 and dt > 0 and w_rate * rate > 2.0 * z_floor * typical_rate:
-                rate_score = _score(w_rate * rate / typical_rate / 2.0, z_floor, z_scale)
-                if rate_score > best:
-                    best = rate_score
-                    reason = RATE_OF_CHANGE
-            if gap_factor > 0.0 and interval > 0.0 and dt > gap_factor * interval:
-                excess = dt / interval - gap_factor
-                gap_score = excess / (excess + gap_factor)  # as silence_scores: 0.5 at twice the factor
-                if gap_score > best:
-                    best = gap_score
-                    reason = DROPOUT
-            would_be = max(undamped, best)  # the score were it news
-            if n < quiet_until and best <= quiet_score + quiet_margin:
-                best = 0.0  # the same event, already signalled
-            elif best > quiet_level:
-                quiet_until = n + quiet_points
-                quiet_score = best
-            if best == 0.0:
-                reason = NONE
-            if best < repeat_below <= would_be:
-                reason = REPEAT
+            best, routine, outlier_run = _routine_damping(best, routine, outlier_run, p)
+            # The first strictly higher score wins, in this order.
+            shift_score = _level_shift(fast, slow, slow_mad, eps, p)
+            if shift_score > best:
+                best, reason = shift_score, LEVEL_SHIFT
+            stuck_score = _stuck(run, longest_run, mad, eps, x, floor, p)
+            if stuck_score > best:
+                best, reason = stuck_score, STUCK
+            rate_score = _rate_of_change(rate, typical_rate, dt, p)
+            if rate_score > best:
+                best, reason = rate_score, RATE_OF_CHANGE
+            gap_score = _gap(dt, interval, p)
+            if gap_score > best:
+                best, reason = gap_score, DROPOUT
+            best, reason, quiet_until, quiet_score = _repeats(best, reason, undamped, n, quiet_until, quiet_score, p)
         scores[i] = best
         reasons[i] = reason
 
-        # Update the baselines, clipping the new value so one outlier cannot drag them far.
-        deviation = x - mean
-        limit = clip * scale
-        clipped = mean + min(max(deviation, -limit), limit) if n >= warmup else x
-        state[s, MEAN] = mean + alpha * (clipped - mean) if n >= warmup else mean + (x - mean) / (n + 1.0)
-        state[s, MAD] = mad + (alpha if n >= warmup else 1.0 / (n + 1.0)) * (abs(clipped - mean) - mad)
-        state[s, FAST] = fast + fast_alpha * (clipped - fast)
-        state[s, SLOW] = slow + slow_alpha * (clipped - slow)
-        state[s, SLOW_MAD] = slow_mad + slow_alpha * (abs(clipped - slow) - slow_mad)
-        if hn <= 0:
-            hour_mean = x
-        # The hour's profile learns at hour_alpha per hour of readings, not per reading: it then
-        # remembers days (about ten) whatever the reporting interval, so its spread says how well
-        # this hour of the day is predicted from other days, not how alike a few minutes are.
-        slot_alpha = hour_alpha * min(1.0, interval / HOUR_MS) if interval > 0.0 else hour_alpha
-        a = slot_alpha if hn >= 1.0 / slot_alpha else 1.0 / (hn + 1.0)
-        hour_rows[hr, HOUR_MAD] = hour_mad + a * (abs(x - hour_mean) - hour_mad)
-        hour_rows[hr, HOUR_MEAN] = hour_mean + a * (x - hour_mean)
-        hour_rows[hr, HOUR_COUNT] = hn + 1.0
-        if dt > 0:
-            interval = dt if interval == 0.0 else interval + 0.05 * (dt - interval)
-            typical_rate = rate if typical_rate == 0.0 else typical_rate + rate_alpha * (rate - typical_rate)
+        mean, mad, fast, slow, slow_mad = _baseline(x, n, mean, mad, fast, slow, slow_mad, scale, p)
+        hour_mean, hour_mad, hn = _hour_profile(x, interval, hour_mean, hour_mad, hn, p)
+        hour_rows[hr, HOUR_MAD] = hour_mad
+        hour_rows[hr, HOUR_MEAN] = hour_mean
+        hour_rows[hr, HOUR_COUNT] = hn
+        interval = _usual_interval(interval, dt)
+        typical_rate = _typical_rate(typical_rate, rate, dt, p)
+        state[s, MEAN] = mean
+        state[s, MAD] = mad
+        state[s, FAST] = fast
+        state[s, SLOW] = slow
+        state[s, SLOW_MAD] = slow_mad
         state[s, RUN] = run
         state[s, LONGEST_RUN] = longest_run
         state[s, INTERVAL] = interval
@@ -433,8 +570,7 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
 @kernel
 def inspect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, n_series: int) -> tuple[int, bool]:
     """How many readings have a non-finite time or value, and whether every series id is below
-    `n_series` and not negative: the wrapper's checks in one pass (as NumPy calls they cost a
-    sixth of the detector's time on 10,000-reading batches)."""
+    `n_series` and not negative: the wrapper's checks in one pass (cheaper than NumPy calls)."""
     nonfinite = 0
     ids_ok = True
     for i in range(series.shape[0]):
@@ -467,11 +603,10 @@ def minute_partials(series: np.ndarray, ts: np.ndarray, values: np.ndarray, widt
     """Tumbling-window partials of a batch: one row per (series, window) in `out_*`, in order of
     each window's first reading; returns the row count.
 
-    `out_stats` columns: n, sum, sum of squares, min, max, first time, first value, last time, last
-    value (the same mergeable partials as the agg_1m table). Outputs must hold len(series) rows.
-    One pass in arrival order: each series keeps a chain of its rows, newest first, so a reading
-    finds its window in a step or two (readings mostly arrive in time order). Sorting the batch by
-    (series, window) instead cost 13x more (bench.processing).
+    `out_stats` columns: AGG_N ... AGG_LAST_VALUE, the same mergeable partials as the agg_1m table
+    (see `merge`). Outputs must hold len(series) rows. One pass in arrival order: each series keeps
+    a chain of its rows, newest first, so a reading finds its window in a step or two (readings
+    mostly arrive in time order; sorting by (series, window) instead cost 13x more).
     """
     n = series.shape[0]
     if n == 0:
@@ -494,27 +629,47 @@ def minute_partials(series: np.ndarray, ts: np.ndarray, values: np.ndarray, widt
             newest_row[s] = r
             out_series[r] = s
             out_bucket[r] = bucket
-            out_stats[r, 0] = 1.0
-            out_stats[r, 1] = x
-            out_stats[r, 2] = x * x
-            out_stats[r, 3] = x
-            out_stats[r, 4] = x
-            out_stats[r, 5] = t
-            out_stats[r, 6] = x
-            out_stats[r, 7] = t
-            out_stats[r, 8] = x
+            out_stats[r, AGG_N] = 1.0
+            out_stats[r, AGG_SUM] = x
+            out_stats[r, AGG_SUM_SQ] = x * x
+            out_stats[r, AGG_MIN] = x
+            out_stats[r, AGG_MAX] = x
+            out_stats[r, AGG_FIRST_TS] = t
+            out_stats[r, AGG_FIRST_VALUE] = x
+            out_stats[r, AGG_LAST_TS] = t
+            out_stats[r, AGG_LAST_VALUE] = x
             continue
-        out_stats[r, 0] += 1.0
-        out_stats[r, 1] += x
-        out_stats[r, 2] += x * x
-        if x < out_stats[r, 3]:
-            out_stats[r, 3] = x
-        if x > out_stats[r, 4]:
-            out_stats[r, 4] = x
-        if t < out_stats[r, 5]:
-            out_stats[r, 5] = t
-            out_stats[r, 6] = x
-        if t >= out_stats[r, 7]:  # equal times: the later arrival is the last value
-            out_stats[r, 7] = t
-            out_stats[r, 8] = x
+        out_stats[r, AGG_N] += 1.0
+        out_stats[r, AGG_SUM] += x
+        out_stats[r, AGG_SUM_SQ] += x * x
+        if x < out_stats[r, AGG_MIN]:
+            out_stats[r, AGG_MIN] = x
+        if x > out_stats[r, AGG_MAX]:
+            out_stats[r, AGG_MAX] = x
+        if t < out_stats[r, AGG_FIRST_TS]:
+            out_stats[r, AGG_FIRST_TS] = t
+            out_stats[r, AGG_FIRST_VALUE] = x
+        if t >= out_stats[r, AGG_LAST_TS]:
+            out_stats[r, AGG_LAST_TS] = t
+            out_stats[r, AGG_LAST_VALUE] = x
     return rows
+
+
+@kernel
+def merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The partial of a window's readings `a` then `b` (arrived after them) from the partials of each:
+    counts and sums add, min and max of both, the earliest first value and the latest last one
+    (of equal last times, `b`'s: the later arrival, as minute_partials). Pure: a new row."""
+    out = np.empty(AGG_COLUMNS)
+    out[AGG_N] = a[AGG_N] + b[AGG_N]
+    out[AGG_SUM] = a[AGG_SUM] + b[AGG_SUM]
+    out[AGG_SUM_SQ] = a[AGG_SUM_SQ] + b[AGG_SUM_SQ]
+    out[AGG_MIN] = min(a[AGG_MIN], b[AGG_MIN])
+    out[AGG_MAX] = max(a[AGG_MAX], b[AGG_MAX])
+    first = b if b[AGG_FIRST_TS] < a[AGG_FIRST_TS] else a
+    out[AGG_FIRST_TS] = first[AGG_FIRST_TS]
+    out[AGG_FIRST_VALUE] = first[AGG_FIRST_VALUE]
+    last = b if b[AGG_LAST_TS] >= a[AGG_LAST_TS] else a
+    out[AGG_LAST_TS] = last[AGG_LAST_TS]
+    out[AGG_LAST_VALUE] = last[AGG_LAST_VALUE]
+    return out

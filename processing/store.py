@@ -243,16 +243,23 @@ class StoredColumns:
         n = self.series.shape[0]
         if n == 0:
             return [[] for _ in range(12)]
-        out_series, out_bucket, out_stats = np.empty(n, np.int64), np.empty(n), np.empty((n, 9))
+        out_series, out_bucket = np.empty(n, np.int64), np.empty(n)
+        out_stats = np.empty((n, kernels.AGG_COLUMNS))
         rows = kernels.minute_partials(self.series, self.ts_ms, self.values, float(width_ms), out_series, out_bucket,
                                        out_stats)
         of_row = [self.keys[s] for s in out_series[:rows].tolist()]
         stats = out_stats[:rows]
-        times = stats[:, [5, 7]].astype(np.int64)  # first and last reading times
+
+        def floats(column: int) -> list[float]:
+            return list(stats[:, column].tolist())
+
+        def integers(column: int) -> list[int]:  # counts and times (epoch ms)
+            return list(stats[:, column].astype(np.int64).tolist())
+
         return [[k[0] for k in of_row], [k[1] for k in of_row], out_bucket[:rows].astype(np.int64).tolist(),
-                stats[:, 0].astype(np.int64).tolist(), stats[:, 1].tolist(), stats[:, 2].tolist(),
-                stats[:, 3].tolist(), stats[:, 4].tolist(), times[:, 0].tolist(), stats[:, 6].tolist(),
-                times[:, 1].tolist(), stats[:, 8].tolist()]
+                integers(kernels.AGG_N), floats(kernels.AGG_SUM), floats(kernels.AGG_SUM_SQ), floats(kernels.AGG_MIN),
+                floats(kernels.AGG_MAX), integers(kernels.AGG_FIRST_TS), floats(kernels.AGG_FIRST_VALUE),
+                integers(kernels.AGG_LAST_TS), floats(kernels.AGG_LAST_VALUE)]
 
 
 def hours_of(readings: list[Reading]) -> list[int]:

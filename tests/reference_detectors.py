@@ -39,10 +39,7 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
                      switched: frozenset[int] = frozenset()) -> list[tuple[float, int]]:
     """`codes`: series whose values are state codes, judged only against their range. `switched`:
     switched loads, off at the bottom of their range, judged only while on."""
-    (warmup, alpha, hour_alpha, hour_warmup, fast_alpha, slow_alpha, z_floor, z_scale, stuck_min, rate_alpha,
-     clip, w_spike, w_shift, w_stuck, w_rate, quiet_level, quiet_points, quiet_margin, gap_factor, routine_alpha,
-     routine_rate, routine_level, repeat_below, daily_tightness, daily_days, utc_offset_hours, weekends) = (
-        float(p) for p in params)
+    p = k.Params(*(float(v) for v in params))  # by name: the same table as the kernels
     out = []
     for sid, t, x in readings:
         if not (math.isfinite(x) and math.isfinite(t)):
@@ -61,8 +58,8 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
                 st.last_ts = t
             out.append((0.0, k.NONE))
             continue
-        local_weekday = (int((t + utc_offset_hours * 3_600_000) // 86_400_000) + 3) % 7  # Monday 0
-        hour = int((t // 3_600_000) % 24) + (24 if weekends and local_weekday >= 5 else 0)  # weekends have their own
+        local_weekday = (int((t + p.utc_offset_hours * 3_600_000) // 86_400_000) + 3) % 7  # Monday 0
+        hour = int((t // 3_600_000) % 24) + (24 if p.weekends and local_weekday >= 5 else 0)  # weekends have their own
         if st.count == 0:
             st.mean = st.fast = st.slow = st.last_value = x
             st.last_ts, st.count = t, 1
@@ -73,16 +70,16 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
         scale = 1.4826 * st.mad + eps
         hm, hmad, hn = st.hours.get(hour, [0.0, 0.0, 0.0])
         hour_scale = 1.4826 * hmad + eps
-        if (daily_tightness > 0 and hn >= hour_warmup and hn * st.interval >= daily_days * 3_600_000
-                and daily_tightness * hour_scale < scale):
+        if (p.daily_tightness > 0 and hn >= p.hour_warmup and hn * st.interval >= p.daily_days * 3_600_000
+                and p.daily_tightness * hour_scale < scale):
             z, centre = abs(x - hm) / hour_scale, hm  # a daily cycle: against this hour's usual
         else:
             z, centre = abs(x - st.mean) / scale, st.mean
-            if hn >= hour_warmup and hn * st.interval >= 3_600_000:
+            if hn >= p.hour_warmup and hn * st.interval >= 3_600_000:
                 z = min(z, abs(x - hm) / hour_scale)
-        if weekends and w_spike * z > z_floor:  # usual at this hour on the other kind of day
+        if p.weekends and p.w_spike * z > p.z_floor:  # usual at this hour on the other kind of day
             om, omad, on = st.hours.get(hour - 24 if hour >= 24 else hour + 24, [0.0, 0.0, 0.0])
-            if on >= hour_warmup and on * st.interval >= 3_600_000:
+            if on >= p.hour_warmup and on * st.interval >= 3_600_000:
                 z = min(z, abs(x - om) / (1.4826 * omad + eps))
         dt = t - st.last_ts
         rate = abs(x - st.last_value) / dt if dt > 0 else 0.0
@@ -93,59 +90,60 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
             st.run = 0
 
         result = (0.0, k.NONE)
-        if st.count >= warmup and sid not in codes:
-            spike = score_of(w_spike * z, z_floor, z_scale)
+        if st.count >= p.warmup and sid not in codes:
+            spike = score_of(p.w_spike * z, p.z_floor, p.z_scale)
             undamped = spike
-            big = spike > routine_level
+            big = spike > p.routine_level
             spike_ended = 1.0 if not big and 0 < st.outlier_run <= k.SPIKE_MAX_RUN else 0.0
-            if routine_rate > 0 and spike > 0:
-                damp = routine_rate / (routine_rate + st.routine)
+            if p.routine_rate > 0 and spike > 0:
+                damp = p.routine_rate / (p.routine_rate + st.routine)
                 spike *= damp * damp
-            st.routine += routine_alpha * (spike_ended - st.routine)
+            st.routine += p.routine_alpha * (spike_ended - st.routine)
             st.outlier_run = st.outlier_run + 1 if big else 0
             candidates = [(spike, k.SPIKE if x > centre else k.DIP)]
             shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
-            candidates.append((score_of(w_shift * shift, z_floor, z_scale), k.LEVEL_SHIFT))
-            stuck_after = max(stuck_min, 2 * st.longest_run)
+            candidates.append((score_of(p.w_shift * shift, p.z_floor, p.z_scale), k.LEVEL_SHIFT))
+            stuck_after = max(p.stuck_min, 2 * st.longest_run)
             if st.mad > eps and st.run >= stuck_after and x > low:
-                candidates.append((score_of(w_stuck * z_floor * st.run / stuck_after, z_floor, z_scale), k.STUCK))
+                stuck = score_of(p.w_stuck * p.z_floor * st.run / stuck_after, p.z_floor, p.z_scale)
+                candidates.append((stuck, k.STUCK))
             if st.rate > 0 and dt > 0:
-                candidates.append((score_of(w_rate * rate / st.rate / 2, z_floor, z_scale), k.RATE_OF_CHANGE))
-            if gap_factor > 0 and st.interval > 0 and dt > gap_factor * st.interval:
-                excess = dt / st.interval - gap_factor
-                candidates.append((excess / (excess + gap_factor), k.DROPOUT))
+                candidates.append((score_of(p.w_rate * rate / st.rate / 2, p.z_floor, p.z_scale), k.RATE_OF_CHANGE))
+            if p.gap_factor > 0 and st.interval > 0 and dt > p.gap_factor * st.interval:
+                excess = dt / st.interval - p.gap_factor
+                candidates.append((excess / (excess + p.gap_factor), k.DROPOUT))
             best = candidates[0]
             for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
                 if c[0] > best[0]:
                     best = c
             would_be = max(undamped, best[0])
-            if st.count < st.quiet_until and best[0] <= st.quiet_score + quiet_margin:
+            if st.count < st.quiet_until and best[0] <= st.quiet_score + p.quiet_margin:
                 best = (0.0, best[1])  # same event, already signalled
-            elif best[0] > quiet_level:
-                st.quiet_until, st.quiet_score = st.count + quiet_points, best[0]
+            elif best[0] > p.quiet_level:
+                st.quiet_until, st.quiet_score = st.count + p.quiet_points, best[0]
             if best[0] > 0:
                 result = best
-            if best[0] < repeat_below <= would_be:
+            if best[0] < p.repeat_below <= would_be:
                 result = (best[0], k.REPEAT)
         out.append(result)
 
-        warm = st.count >= warmup
-        limit = clip * scale
+        warm = st.count >= p.warmup
+        limit = p.clip * scale
         clipped = st.mean + min(max(x - st.mean, -limit), limit) if warm else x
         old_mean = st.mean
-        st.mean = old_mean + alpha * (clipped - old_mean) if warm else old_mean + (x - old_mean) / (st.count + 1)
-        st.mad += (alpha if warm else 1 / (st.count + 1)) * (abs(clipped - old_mean) - st.mad)
-        st.fast += fast_alpha * (clipped - st.fast)
+        st.mean = old_mean + p.alpha * (clipped - old_mean) if warm else old_mean + (x - old_mean) / (st.count + 1)
+        st.mad += (p.alpha if warm else 1 / (st.count + 1)) * (abs(clipped - old_mean) - st.mad)
+        st.fast += p.fast_alpha * (clipped - st.fast)
         old_slow = st.slow
-        st.slow = old_slow + slow_alpha * (clipped - old_slow)
-        st.slow_mad += slow_alpha * (abs(clipped - old_slow) - st.slow_mad)
+        st.slow = old_slow + p.slow_alpha * (clipped - old_slow)
+        st.slow_mad += p.slow_alpha * (abs(clipped - old_slow) - st.slow_mad)
         hour_mean = hm if hn > 0 else x
-        slot_alpha = hour_alpha * min(1.0, st.interval / 3_600_000) if st.interval > 0 else hour_alpha
+        slot_alpha = p.hour_alpha * min(1.0, st.interval / 3_600_000) if st.interval > 0 else p.hour_alpha
         a = slot_alpha if hn >= 1 / slot_alpha else 1 / (hn + 1)
         st.hours[hour] = [hour_mean + a * (x - hour_mean), hmad + a * (abs(x - hour_mean) - hmad), hn + 1]
         if dt > 0:
             st.interval = dt if st.interval == 0 else st.interval + 0.05 * (dt - st.interval)
-            st.rate = rate if st.rate == 0 else st.rate + rate_alpha * (rate - st.rate)
+            st.rate = rate if st.rate == 0 else st.rate + p.rate_alpha * (rate - st.rate)
         st.last_value, st.last_ts = x, t
         st.count += 1
     return out

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processing import kernels as k
 from processing.detect import Detectors, deserialize, serialize
@@ -450,7 +452,7 @@ def test_minute_partials_equal_a_plain_grouping(n):
     ts = np.sort(rng.uniform(0, 10 * 60_000, n)).round()
     ts[rng.random(n) < 0.1] -= 120_000  # some late arrivals, out of order
     values = rng.normal(10, 3, n)
-    out_series, out_bucket, out_stats = np.empty(n, np.int64), np.empty(n), np.empty((n, 9))
+    out_series, out_bucket, out_stats = np.empty(n, np.int64), np.empty(n), np.empty((n, k.AGG_COLUMNS))
     rows = k.minute_partials(series, ts, values, 60_000.0, out_series, out_bucket, out_stats)
     expected: dict[tuple[int, float], list[tuple[float, float]]] = {}
     for s, t, x in zip(series.tolist(), ts.tolist(), values.tolist(), strict=True):
@@ -540,3 +542,46 @@ def test_a_series_that_switches_level_has_not_spiked():
     off[k.P_ROUTINE_RATE] = 0.0
     without = run_both([0] * minutes.size, ts, values, params=off)[0]
     assert scores[spike_at] == without[spike_at] > 0.3  # an anomaly for the processor
+
+
+def partials_of(series, ts, values):
+    """minute_partials as {(series, window start): row}."""
+    n = len(series)
+    out_series, out_bucket, out_stats = np.empty(n, np.int64), np.empty(n), np.empty((n, k.AGG_COLUMNS))
+    rows = k.minute_partials(np.asarray(series, np.int64), np.asarray(ts, np.float64), np.asarray(values, np.float64),
+                             60_000.0, out_series, out_bucket, out_stats)
+    return {(int(out_series[i]), float(out_bucket[i])): out_stats[i].copy() for i in range(rows)}
+
+
+readings_strategy = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4 * 60_000), st.integers(-1000, 1000)),
+                             max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(readings=readings_strategy, cut=st.integers(0, 60))
+def test_merging_the_partials_of_two_parts_equals_the_partials_of_the_union(readings, cut):
+    """The one-minute partials are mergeable (as agg_1m's upsert merges them): a batch's readings
+    split anywhere, each part aggregated, then merged, give the partials of the whole batch."""
+    series, ts, values = ([r[i] for r in readings] for i in range(3))
+    cut = min(cut, len(readings))
+    first = partials_of(series[:cut], ts[:cut], values[:cut])
+    second = partials_of(series[cut:], ts[cut:], values[cut:])
+    union = partials_of(series, ts, values)
+    assert union.keys() == first.keys() | second.keys()
+    for key, expected in union.items():
+        if key in first and key in second:
+            merged = k.merge(first[key], second[key])
+        else:
+            merged = first.get(key, second.get(key))
+        np.testing.assert_array_equal(merged, expected)  # integer values: the sums are exact too
+
+
+def test_the_parameter_table_is_the_source_of_the_defaults_and_the_kernels_names():
+    assert [p.name for p in k.PARAMETERS] == list(k.Params._fields)
+    np.testing.assert_array_equal(k.DEFAULT_PARAMS, [p.default for p in k.PARAMETERS])
+    assert all(p.meaning for p in k.PARAMETERS)
+    assert k.Params(*k.DEFAULT_PARAMS).warmup == k.DEFAULT_PARAMS[k.P_WARMUP] == 30.0
+    changed = k.params_with(w_rate=1.0, gap_factor=5.0)
+    np.testing.assert_array_equal(changed, k.ALL_DETECTORS_PARAMS)
+    with pytest.raises(ValueError, match="unknown"):
+        k.params_with(no_such_parameter=1.0)
