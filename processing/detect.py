@@ -1,9 +1,14 @@
 """The Python side of the detectors: validate and coerce, mask NaN, call the kernels, grow state.
 
-    detector = Detectors()
-    ids = detector.series_ids(keys)               # dense ids for (device, metric) keys
-    scores, reasons = detector.score(ids, ts_ms, values)
-    snapshot = detector.snapshot(); detector.restore(snapshot)   # exact, for checkpoints
+    detectors = Detectors(params, kind_of=catalogue_kind, range_of=declared_range)
+    batch = detectors.score_readings(readings, now_ms)   # the one entry point for a batch
+    batch.scores, batch.reasons                           # per reading, in the order given
+    snapshot = detectors.snapshot(); detectors.restore(snapshot)   # exact, for checkpoints
+
+Each series' kind (how it is judged: kernels.MEASURED, STATE_CODE or SWITCHED) comes from one
+place, `kind_of(key)`, given once: applied to a series when it is first seen and to every series
+of a restored checkpoint (today's catalogue wins over the one the checkpoint was saved under).
+Lower level, for tests and benchmarks: `series_ids(keys)` and `score(ids, ts_ms, values)`.
 
 Contract (shared by every detector, tested in tests/test_kernels.py): scores lie in [0, 1], high
 means anomalous, 0 until a series is warmed up; the constructor only stores parameters; a
@@ -13,9 +18,9 @@ snapshot restored gives the same scores as the original.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -35,19 +40,57 @@ def _cache_aligned(array: np.ndarray) -> np.ndarray:
     return aligned
 
 
+class SeriesReading(Protocol):
+    """What `score_readings` reads of a reading (kota.contract.Reading has it)."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def metric(self) -> str: ...
+    @property
+    def ts_ms(self) -> int: ...
+    @property
+    def value(self) -> float: ...
+
+
+class BatchScores(NamedTuple):
+    """Scores of a batch of readings, in the order given: series ids, scores in [0, 1], reason codes."""
+
+    series: np.ndarray
+    scores: np.ndarray
+    reasons: np.ndarray
+
+
+def _any_range(key: Any) -> tuple[float, float]:
+    return -np.inf, np.inf
+
+
 class Detectors:
-    def __init__(self, params: np.ndarray | None = None, *, initial_series: int = 1024) -> None:
+    """Every detector of `processing.kernels` over many series, with their state, for one stream in order.
+
+    `kind_of(key)`: how a series is judged (kernels.MEASURED, the default; STATE_CODE, on/off/fault,
+    which only the range detector judges; SWITCHED, a switched load, judged only while on).
+    `range_of(key)`: its declared physical range (low, high), asked when a series is first seen.
+    """
+
+    def __init__(self, params: np.ndarray | None = None, *, kind_of: Callable[[Any], float] | None = None,
+                 range_of: Callable[[Any], tuple[float, float]] | None = None, initial_series: int = 1024) -> None:
         self.params = np.ascontiguousarray(kernels.DEFAULT_PARAMS if params is None else params, dtype=np.float64)
         if self.params.shape != kernels.DEFAULT_PARAMS.shape:
             raise ValueError(f"params must have {kernels.DEFAULT_PARAMS.shape[0]} entries")
+        self._kind_of = kind_of
+        self._range_of = range_of or _any_range
+        self._reset(initial_series)
+
+    def _reset(self, initial_series: int) -> None:
         self._ids: dict[Hashable, int] = {}
         self.state = _cache_aligned(np.zeros((initial_series, kernels.STATE_COLUMNS)))
         self.hourly = _cache_aligned(np.zeros((kernels.DAY_KINDS, initial_series, kernels.HOURS, 3)))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
         self.measured = np.full(initial_series, kernels.MEASURED)  # how each series is judged
-        # Wall-clock ms of each series' newest arrival, kept by the caller (mark_arrivals) for
-        # dropouts on a live feed; not part of snapshots. NaN: not seen since this object was made.
+        # Wall-clock ms of each series' newest arrival (score_readings, mark_arrivals), for dropouts
+        # on a live feed; not part of snapshots. NaN: not seen since this object was made.
         self.arrivals = np.full(initial_series, np.nan)
 
     @property
@@ -61,23 +104,37 @@ class Detectors:
         """Series keys in id order."""
         return list(self._ids)
 
-    def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None,
-                   kinds: Mapping[Any, float] | None = None) -> np.ndarray:
-        """Dense ids for series keys, creating state for new ones, with their physical range and how
-        they are judged (`kinds`: kernels.MEASURED, the default; STATE_CODE, on/off/fault, which only
-        the range detector judges; SWITCHED, a switched load, judged only while on) if given."""
+    def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None
+                   ) -> np.ndarray:
+        """Dense ids for series keys, creating state for new ones: their kind from `kind_of`, their
+        physical range from `ranges` where it has them, else from `range_of`."""
         ids = []
         for key in keys:
             sid = self._ids.get(key)
             if sid is None:
                 sid = self._ids[key] = len(self._ids)
                 self._grow(sid + 1)
-                if ranges and key in ranges:
-                    self.low[sid], self.high[sid] = ranges[key]
-                if kinds and key in kinds:
-                    self.measured[sid] = kinds[key]
+                self.low[sid], self.high[sid] = ranges[key] if ranges and key in ranges else self._range_of(key)
+                if self._kind_of is not None:
+                    self.measured[sid] = self._kind_of(key)
             ids.append(sid)
         return np.asarray(ids, dtype=np.int64)
+
+    def score_readings(self, readings: Sequence[SeriesReading], now_ms: float) -> BatchScores:
+        """Score a batch of readings of (device_id, metric) series, arrived at wall-clock `now_ms`.
+
+        Each series is scored in event-time order within the batch (a stable sort: in-order series
+        keep their order), since several gateways can swap two messages of one device on the way to
+        Kafka; the results come back in the order given."""
+        n = len(readings)
+        ids = self.series_ids([(r.device_id, r.metric) for r in readings])
+        ts = np.fromiter((r.ts_ms for r in readings), np.float64, n)
+        values = np.fromiter((r.value for r in readings), np.float64, n)
+        order = np.argsort(ts, kind="stable")
+        scores, reasons = np.empty(n), np.empty(n, np.int64)
+        scores[order], reasons[order] = self.score(ids[order], ts[order], values[order])
+        self.mark_arrivals(ids, now_ms)
+        return BatchScores(ids, scores, reasons)
 
     def _grow(self, needed: int) -> None:
         size = self.state.shape[0]
@@ -137,7 +194,10 @@ class Detectors:
                                 self.high[:n].copy(), self.params.copy(), self.measured[:n].copy())
 
     def restore(self, snapshot: DetectorSnapshot) -> None:
-        self.__init__(snapshot.params, initial_series=max(1024, len(snapshot.ids)))  # type: ignore[misc]
+        """Take up a snapshot's series, state and parameters; each series' kind from `kind_of` if
+        given (a checkpoint may predate a kind), else the snapshot's."""
+        self.params = np.ascontiguousarray(snapshot.params, dtype=np.float64)
+        self._reset(max(1024, len(snapshot.ids)))
         self._ids = dict(snapshot.ids)
         n = len(snapshot.ids)
         self.state[:n] = snapshot.state
@@ -145,12 +205,9 @@ class Detectors:
         self.low[:n] = snapshot.low
         self.high[:n] = snapshot.high
         self.measured[:n] = snapshot.measured
-
-    def judge_by(self, kind_of: Callable[[Any], float]) -> None:
-        """Set how every known series is judged (kernels.MEASURED, STATE_CODE or SWITCHED) from
-        `kind_of(key)`: for a catalogue whose word should win over a restored checkpoint's."""
-        for key, sid in self._ids.items():
-            self.measured[sid] = kind_of(key)
+        if self._kind_of is not None:
+            for key, sid in self._ids.items():
+                self.measured[sid] = self._kind_of(key)
 
 
 @dataclass(frozen=True)

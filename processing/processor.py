@@ -21,6 +21,7 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import psycopg
@@ -75,9 +76,32 @@ ANOMALIES = Counter("kota_processor_anomalies", "anomalies stored", ["reason"])
 ALERT_CHANGES = Counter("kota_processor_alert_changes", "alerts raised, updated, escalated or cleared", ["action"])
 
 
-def new_detectors(settings: ProcessorSettings) -> Detectors:
-    """The kernels' defaults with the processor's settings applied (apply_settings)."""
-    return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings))
+def new_detectors(settings: ProcessorSettings,
+                  range_of: Callable[[tuple[str, str]], tuple[float, float]] | None = None) -> Detectors:
+    """The kernels' defaults with the processor's settings applied (apply_settings), judging each
+    series as the measurement catalogue says (catalogue_kind); `range_of`: declared ranges."""
+    return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings), kind_of=catalogue_kind,
+                     range_of=range_of)
+
+
+@dataclasses.dataclass
+class PartitionState:
+    """What the processor keeps for one assigned partition; dropped whole when it is revoked."""
+
+    detectors: Detectors
+    detected_until: int | None  # the offset of the next record the detectors' state expects (None: any)
+    last_checkpoint: float = -math.inf  # time.monotonic() of the last detector checkpoint
+    # Re-reading from a detector checkpoint older than the stored offsets: a new checkpoint is due
+    # as soon as the re-read reaches that offset, not a whole interval later (a processor restarted
+    # more often than the interval re-read ever more on each start).
+    checkpoint_when_past: int | None = None
+    sought_back: int | None = None  # the last offset _in_step sought back to
+    silent: set[int] = dataclasses.field(default_factory=set)  # series already signalled as dropped out
+
+    def checkpoint_due(self, next_offset: int, interval_s: float) -> bool:
+        """Whether the detectors' state as of `next_offset` is to be saved with this batch."""
+        caught_up = self.checkpoint_when_past is not None and next_offset >= self.checkpoint_when_past
+        return caught_up or time.monotonic() - self.last_checkpoint >= interval_s
 
 
 async def _not_signalled_yet(conn: psycopg.AsyncConnection, signals: list[Signal]) -> list[Signal]:
@@ -137,16 +161,7 @@ class Processor:
         self._consumer: AIOKafkaConsumer | None = None
         self._partition_days: set[dt.date] = set()
         self._backend: Backend = "postgres"
-        self._detectors: dict[int, Detectors] = {}
-        self._last_checkpoint: dict[int, float] = {}
-        # Partitions being re-read from a detector checkpoint older than the stored offsets: a new
-        # checkpoint is due as soon as the re-read reaches that offset, not a whole interval later
-        # (a processor restarted more often than the interval re-read ever more on each start).
-        self._checkpoint_when_past: dict[int, int] = {}
-        # Per partition, the offset of the next record the detectors' state expects (None: any).
-        self._detected_until: dict[int, int | None] = {}
-        self._sought_back: dict[int, int] = {}  # the last offset _in_step sought back to, per partition
-        self._silent: dict[int, set[int]] = {}  # series already signalled as dropped out
+        self._partitions: dict[int, PartitionState] = {}
         # Each air-quality station's newest minute whose ISPU a committed batch evaluated (write_batch):
         # not kept across restarts, when a station's current minute is evaluated once more.
         self._ispu_evaluated: dict[str, int] = {}
@@ -170,17 +185,16 @@ class Processor:
             checkpoints = await load_checkpoints(conn, self._settings.group_id, READINGS_TOPIC, partitions)
         for p in partitions:
             tp = TopicPartition(READINGS_TOPIC, p)
-            detectors = new_detectors(self._settings)
+            detectors = new_detectors(self._settings, self._range)
             if p in checkpoints:
+                # Each series' kind from today's catalogue (a checkpoint may predate a kind).
                 detectors.restore(deserialize(checkpoints[p].series, checkpoints[p].state))
                 # Settings, not learned state: today's settings win over the ones a checkpoint was saved with.
                 apply_settings(detectors.params, self._settings)
-                detectors.judge_by(catalogue_kind)  # and today's catalogue (a checkpoint may predate a kind)
                 self._consumer.seek(tp, checkpoints[p].next_offset)
-                self._detected_until[p] = checkpoints[p].next_offset
-                self._last_checkpoint[p] = time.monotonic()
+                state = PartitionState(detectors, checkpoints[p].next_offset, last_checkpoint=time.monotonic())
                 if stored.get(p, -1) > checkpoints[p].next_offset:
-                    self._checkpoint_when_past[p] = stored[p]
+                    state.checkpoint_when_past = stored[p]
             else:
                 # No detector state yet: the detectors start learning here, and the first batch
                 # writes a checkpoint, so from then on a restart resumes with the same state.
@@ -188,20 +202,16 @@ class Processor:
                     self._consumer.seek(tp, stored[p])
                 else:
                     await self._consumer.seek_to_beginning(tp)
-                self._detected_until[p] = stored.get(p)
-                self._last_checkpoint[p] = -math.inf
-            self._detectors[p] = detectors
+                state = PartitionState(detectors, stored.get(p))
+            self._partitions[p] = state
             detectors.mark_arrivals(np.arange(detectors.n_series), time.time() * 1000)
-            self._silent[p] = set()
         log.info("assigned partitions %s; database offsets %s; detector checkpoints at %s", partitions, stored,
                  {p: c.next_offset for p, c in checkpoints.items()})
 
     def forget(self, partitions: set[int]) -> None:
         """Drop the state of revoked partitions: whoever gets them next restores from the checkpoint."""
         for p in partitions:
-            for table in (self._detectors, self._last_checkpoint, self._silent, self._checkpoint_when_past,
-                          self._detected_until, self._sought_back):
-                table.pop(p, None)  # type: ignore[attr-defined]
+            self._partitions.pop(p, None)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(self._stack.postgres_dsn, connect_timeout=5)
@@ -331,41 +341,29 @@ class Processor:
         now_ms = time.time() * 1000
         for s in slices:
             # No await between these checks and the scoring: a rebalance can move the detectors only at an await.
-            detectors = self._detectors.get(s.partition)
-            if detectors is None:
+            partition = self._partitions.get(s.partition)
+            if partition is None:
                 continue  # revoked during an await, or not set up yet: its owner reads these records from its seek
             if not self._in_step(TopicPartition(READINGS_TOPIC, s.partition), s.first_offset):
                 continue
             detected.append(s)
+            detectors = partition.detectors
             rows = [(offset, r) for offset, readings in s.readings_by_offset for r in readings
                     if not self._policy.is_late(r)]
-            keys = [(r.device_id, r.metric) for _, r in rows]
-            new_keys = {k for k in keys if not detectors.knows(k)}
-            ranges = {k: self._range(k) for k in new_keys}
-            ids = detectors.series_ids(keys, ranges, {k: catalogue_kind(k) for k in new_keys})
-            ts = np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows))
-            values = np.fromiter((r.value for _, r in rows), np.float64, len(rows))
-            # Each series in event-time order within the batch (a stable sort: in-order series keep
-            # their order). Several gateways can swap two messages of one device on the way to Kafka.
-            order = np.argsort(ts, kind="stable")
-            scores, reasons = np.empty(len(rows)), np.empty(len(rows), np.int64)
-            scores[order], reasons[order] = detectors.score(ids[order], ts[order], values[order])
+            ids, scores, reasons = detectors.score_readings([r for _, r in rows], now_ms)
             for i in np.flatnonzero((scores >= threshold) | (reasons == kernels.REPEAT)):
                 offset, r = rows[i]
                 anomalies.append(AnomalyRow(s.partition, offset, r.device_id, r.metric, r.ts_ms, r.value,
                                             float(scores[i]), REASONS[reasons[i]]))
                 if reasons[i] != kernels.REPEAT:
                     ANOMALIES.labels(REASONS[reasons[i]]).inc()
-            detectors.mark_arrivals(ids, now_ms)
-            self._silent.setdefault(s.partition, set()).difference_update(ids.tolist())
-            self._detected_until[s.partition] = s.next_offset
-            caught_up = s.next_offset >= self._checkpoint_when_past.get(s.partition, math.inf)
-            if caught_up or time.monotonic() - self._last_checkpoint.get(s.partition, -math.inf) >= \
-                    self._settings.checkpoint_interval_s:
-                self._checkpoint_when_past.pop(s.partition, None)
+            partition.silent.difference_update(ids.tolist())
+            partition.detected_until = s.next_offset
+            if partition.checkpoint_due(s.next_offset, self._settings.checkpoint_interval_s):
+                partition.checkpoint_when_past = None
                 series, blob = serialize(detectors.snapshot())
                 checkpoints.append(Checkpoint(s.partition, s.next_offset, series, blob))
-                self._last_checkpoint[s.partition] = time.monotonic()
+                partition.last_checkpoint = time.monotonic()
         return detected, anomalies, checkpoints
 
     def _in_step(self, tp: TopicPartition, first_offset: int) -> bool:
@@ -374,17 +372,18 @@ class Processor:
         can be lost in the consumer's own start-up (it resumed at the committed offset after a
         kill -9), and detectors that miss records see a false gap and drift from a clean run."""
         assert self._consumer is not None
-        expected = self._detected_until.get(tp.partition)
+        partition = self._partitions[tp.partition]
+        expected = partition.detected_until
         if expected is None or first_offset == expected:
             return True
-        if first_offset > expected and self._sought_back.get(tp.partition) == expected:
+        if first_offset > expected and partition.sought_back == expected:
             # Asked for once already and still not there: Kafka's retention has deleted them.
             log.warning("partition %d: records %d to %d are no longer on Kafka; the detectors go on without them",
                         tp.partition, expected, first_offset - 1)
             return True
         log.warning("partition %d: records from %d, but the detectors are at %d; reading again from there",
                     tp.partition, first_offset, expected)
-        self._sought_back[tp.partition] = expected
+        partition.sought_back = expected
         try:
             self._consumer.seek(tp, expected)
         except IllegalStateError:
@@ -430,12 +429,13 @@ class Processor:
         """Signal series silent for much longer than their usual interval (wall clock since last arrival)."""
         now_ms = time.time() * 1000
         signals: list[Signal] = []
-        for p, detectors in self._detectors.items():
+        for partition in self._partitions.values():
+            detectors = partition.detectors
             silence = detectors.silence(now_ms, self._settings.dropout_factor, since_arrival=True)
-            newly_silent = [sid for sid in np.flatnonzero(silence > 0).tolist() if sid not in self._silent[p]]
+            newly_silent = [sid for sid in np.flatnonzero(silence > 0).tolist() if sid not in partition.silent]
             keys = detectors.keys() if newly_silent else []
             for sid in newly_silent:
-                self._silent[p].add(sid)
+                partition.silent.add(sid)
                 device_id, metric = keys[sid]
                 last_ts = int(detectors.state[sid, kernels.LAST_TS])
                 last_value = float(detectors.state[sid, kernels.LAST_VALUE])
@@ -451,8 +451,8 @@ class Processor:
                 ALERT_CHANGES.labels(change.action).inc()
         except psycopg.OperationalError as exc:
             log.warning("dropout alerts not written (%s); will retry", exc)
-            for p in self._silent:
-                self._silent[p].clear()
+            for partition in self._partitions.values():
+                partition.silent.clear()
             conn = await self._reconnect_if_broken(conn)
         return conn
 

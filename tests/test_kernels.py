@@ -23,9 +23,9 @@ from tests.reference_detectors import reference_scores
 
 def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset(),
              switched=frozenset()):
-    detector = Detectors(params)
     kinds = {**dict.fromkeys(codes, k.STATE_CODE), **dict.fromkeys(switched, k.SWITCHED)}
-    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges, kinds)
+    detector = Detectors(params, kind_of=lambda key: kinds.get(key, k.MEASURED))
+    detector.series_ids(range(int(max(series, default=-1)) + 1), ranges)
     scores, reasons = [], []
     for chunk in np.array_split(np.arange(len(series)), batches) if len(series) else [np.arange(0)]:
         s, r = detector.score(np.asarray(series)[chunk], np.asarray(ts)[chunk], np.asarray(values)[chunk])
@@ -269,8 +269,8 @@ def test_a_switched_load_that_is_off_is_not_silent():
                                           params=params, switched={0})
     assert_agree(scores, reasons, reference)
     assert k.DROPOUT not in set(reasons)  # twelve hours off is not twelve hours of silence
-    detector = Detectors()
-    sid = detector.series_ids(["lamp"], {"lamp": (0.0, 10_000.0)}, {"lamp": k.SWITCHED})
+    detector = Detectors(kind_of=lambda key: k.SWITCHED)
+    sid = detector.series_ids(["lamp"], {"lamp": (0.0, 10_000.0)})
     detector.score(np.repeat(sid, len(ts)), ts, values)
     assert detector.state[sid[0], k.LAST_TS] == ts[-1]  # the dropout timer sees it report
 
@@ -281,9 +281,8 @@ def test_how_a_series_is_judged_follows_the_catalogue_over_a_checkpoint():
     keys = [("lamp-1", "powerConsumption"), ("lamp-1", "powerState"), ("aq-1", "pm25"), ("x", "unknownMetric")]
     old = Detectors()
     old.series_ids(keys)  # as a checkpoint from before switched loads: everything measured
-    restored = Detectors()
+    restored = Detectors(kind_of=catalogue_kind)  # as the processor makes them (new_detectors)
     restored.restore(deserialize(*serialize(old.snapshot())))
-    restored.judge_by(catalogue_kind)
     assert list(restored.measured[:4]) == [k.SWITCHED, k.STATE_CODE, k.MEASURED, k.MEASURED]
 
 
@@ -429,9 +428,8 @@ def test_a_serialized_checkpoint_restores_exactly_the_same_scores():
     ts = np.arange(3000, dtype=np.float64) * 60_000
     values = rng.normal(50, 5, 3000)
     values[2500] = 500.0
-    original = Detectors()
-    ids = original.series_ids([keys[i] for i in picks[:2000]], {keys[1]: (-500.0, 5000.0)},
-                              {keys[2]: k.STATE_CODE})
+    original = Detectors(kind_of=lambda key: k.STATE_CODE if key == keys[2] else k.MEASURED)
+    ids = original.series_ids([keys[i] for i in picks[:2000]], {keys[1]: (-500.0, 5000.0)})
     original.score(ids, ts[:2000], values[:2000])
     restored = Detectors()
     restored.restore(deserialize(*serialize(original.snapshot())))

@@ -8,7 +8,7 @@ from aiokafka import TopicPartition
 
 from kota.contract import READINGS_TOPIC
 from kota.settings import StackSettings
-from processing.processor import Processor
+from processing.processor import PartitionState, Processor, new_detectors
 from processing.settings import ProcessorSettings
 
 TP = TopicPartition(READINGS_TOPIC, 2)
@@ -26,7 +26,7 @@ def _processor(detected_until: int | None) -> tuple[Processor, RecordingConsumer
     processor = Processor(stack=StackSettings(), settings=ProcessorSettings())
     consumer = RecordingConsumer()
     processor._consumer = consumer  # type: ignore[assignment]
-    processor._detected_until[TP.partition] = detected_until
+    processor._partitions[TP.partition] = PartitionState(new_detectors(ProcessorSettings()), detected_until)
     return processor, consumer
 
 
