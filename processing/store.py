@@ -287,7 +287,11 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
                       anomalies: list[AnomalyRow] | None = None, checkpoints: list[Checkpoint] | None = None,
                       policy: WritePolicy | None = None, ispu_evaluated: dict[str, int] | None = None,
                       nested: bool = False) -> BatchOutcome:
-    """`nested`: inside a transaction of the caller's (write_isolating), as a savepoint.
+    """Store a batch exactly once, in one transaction of named phases: lock the offsets, dead letters,
+    the readings not applied yet, their one-minute partials, rollup marks, newest values, late
+    readings, anomalies, rules and alerts, detector checkpoints, and the new offsets.
+
+    `nested`: inside a transaction of the caller's (write_isolating), as a savepoint.
     `ispu_evaluated`: each station's newest minute (epoch ms) an earlier batch evaluated ISPU at,
     kept by the caller: a minute is evaluated once, in the first batch that holds readings of it.
     A live stream brings each station's minute over many batches; evaluated in each, a station's
@@ -296,102 +300,159 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
     the batch holds (each batch on its own, as tests/test_rules.py writes them)."""
     policy = policy or WritePolicy()
     readings_in = sum(len(r) for s in slices for _, r in s.readings_by_offset)
-    partitions = [s.partition for s in slices]
     async with conn.transaction():
         await conn.execute(STAGING_DDL)
         if nested:  # the staging rows of the savepoints before go only at the outer commit
             await conn.execute("DELETE FROM staging_readings")
-        # Make sure a row exists to lock, then lock it: a second processor that was handed the
-        # same partition waits here until we commit, and then sees our offset.
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) "
-                "VALUES (%s, %s, %s, -1) ON CONFLICT DO NOTHING", [(group, topic, p) for p in partitions])
-        cur = await conn.execute(
-            "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s "
-            "AND partition = ANY(%s) ORDER BY partition FOR UPDATE", (group, topic, partitions))
-        stored: dict[int, int] = dict(await cur.fetchall())
+        stored = await _lock_offsets(conn, group, topic, [s.partition for s in slices])
         dead = await _write_dead_letters(conn, group, topic, [d for s in slices for d in s.dead_letters
                                                               if d.offset >= stored[s.partition]])
-
-        skipped = 0
-        fresh: list[Reading] = []
-        late: list[Reading] = []
-        for s in slices:
-            already = stored[s.partition]
-            for offset, readings in s.readings_by_offset:
-                if offset < already:
-                    skipped += 1
-                    continue
-                for r in readings:
-                    (late if policy.is_late(r) else fresh).append(r)
-        await _stage(conn, fresh, policy)
-        try:
-            async with conn.transaction():
-                await conn.execute(STORE_NEW)
-            added = StoredColumns.of([(r.device_id, r.metric, r.ts_ms, r.value) for r in fresh])
-        except psycopg.errors.UniqueViolation:
-            cur = await conn.execute(STORE_NOT_STORED)
-            added = StoredColumns.of(await cur.fetchall())
-        inserted = len(added.series)
-        partials = added.partials(MINUTE_MS)
-        # One statement, in chunks where the server cannot take long array parameters (PGlite).
-        chunk = len(partials[0]) if policy.use_copy else policy.insert_chunk
-        for start in range(0, len(partials[0]), chunk or 1):
-            await conn.execute(MERGE_MINUTES, [column[start:start + chunk] for column in partials])
+        fresh, late, skipped = _unapplied_readings(slices, stored, policy)
+        added = await _insert_readings(conn, fresh, policy)
+        await _merge_minutes(conn, added, policy)
         if policy.track_rollups:
             await conn.execute(MARK_ROLLUPS_DIRTY, (hours_of(fresh),))
-        newest = newest_per_series(fresh)
-        await conn.execute(UPSERT_LATEST, ([r.device_id for r in newest], [r.metric for r in newest],
-                                           [r.ts_ms for r in newest], [r.value for r in newest],
-                                           [r.unit for r in newest]))
-        if late:
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO late_readings (device_id, metric, ts, value, received_at, reason) VALUES "
-                    "(%s, %s, kota_ms(%s), %s, kota_ms(%s), %s) ON CONFLICT DO NOTHING",
-                    [(r.device_id, r.metric, r.ts_ms, r.value, r.received_ms,
-                      f"arrived {(r.received_ms - r.ts_ms) / 3_600_000:.1f} h after its time; "
-                      f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
+        await _upsert_latest(conn, fresh)
+        await _keep_late(conn, late, policy)
+        kept, changes, stations = await _anomalies_rules_and_alerts(conn, anomalies or [], stored, fresh, policy,
+                                                                    ispu_evaluated)
+        await _save_checkpoints(conn, group, topic, checkpoints or [])
+        await _advance_offsets(conn, group, topic, slices)
+    return BatchOutcome(readings_in=readings_in, readings_stored=len(added.series), records_skipped=skipped,
+                        late=len(late), anomalies=len(kept), alert_changes=changes,
+                        ispu_minutes={d: max(minutes) for d, minutes in stations.items()}, dead_letters=dead)
 
-        unapplied = [a for a in anomalies or () if a.offset >= stored[a.partition]]
-        kept = [a for a in unapplied if a.reason != REASONS[REPEAT]]
-        repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in unapplied if a.reason == REASONS[REPEAT]]
-        if kept:
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO anomalies (device_id, metric, ts, reason, value, score) VALUES (%s, %s, kota_ms(%s), "
-                    "%s, %s, %s) ON CONFLICT DO NOTHING",
-                    [(a.device_id, a.metric, a.ts_ms, a.reason, a.value, a.score) for a in kept])
-        # A dropout from the detectors is a gap seen in event time, over by the time it is seen (data
-        # came back): stored as an anomaly, not alerted. The processor's timer alerts while a silence lasts.
-        signals: list[Signal] = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
-                                 for a in kept if a.reason != "dropout"]
-        stations, gates = rule_inputs(fresh)
-        if ispu_evaluated is not None:
-            stations = {d: later for d, minutes in stations.items()
-                        if (later := {b: t for b, t in minutes.items() if b > ispu_evaluated.get(d, -1)})}
-        signals += await evaluate_air_quality(conn, stations, policy.rules)
-        signals += await evaluate_flood_gates(conn, gates, policy.rules)
-        changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s,
-                                      repeats=repeats, times=_reading_times(fresh, signals, repeats))
-        changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
 
-        for c in checkpoints or ():
-            await conn.execute(
-                "INSERT INTO detector_checkpoints (consumer_group, topic, partition, next_offset, series, state) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "
-                "next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state, "
-                "saved_at = now() WHERE detector_checkpoints.next_offset <= EXCLUDED.next_offset",
-                (group, topic, c.partition, c.next_offset, Jsonb(c.series), c.state))
+# The phases of write_batch, in its order, each inside its transaction.
+
+async def _lock_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]
+                        ) -> dict[int, int]:
+    """The stored offset of each partition, locked until commit. A row is made first so there is
+    one to lock: a second processor handed the same partition waits here until we commit, and then
+    sees our offset."""
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) "
+            "VALUES (%s, %s, %s, -1) ON CONFLICT DO NOTHING", [(group, topic, p) for p in partitions])
+    cur = await conn.execute(
+        "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s "
+        "AND partition = ANY(%s) ORDER BY partition FOR UPDATE", (group, topic, partitions))
+    return dict(await cur.fetchall())
+
+
+def _unapplied_readings(slices: list[PartitionSlice], stored: dict[int, int], policy: WritePolicy
+                        ) -> tuple[list[Reading], list[Reading], int]:
+    """The readings of records not applied yet, on time and late, and how many records were applied
+    already (by an earlier transaction: a replay after a crash or a rebalance)."""
+    skipped = 0
+    fresh: list[Reading] = []
+    late: list[Reading] = []
+    for s in slices:
+        already = stored[s.partition]
+        for offset, readings in s.readings_by_offset:
+            if offset < already:
+                skipped += 1
+                continue
+            for r in readings:
+                (late if policy.is_late(r) else fresh).append(r)
+    return fresh, late, skipped
+
+
+async def _insert_readings(conn: psycopg.AsyncConnection, fresh: list[Reading], policy: WritePolicy
+                           ) -> StoredColumns:
+    """Stage and insert the readings; the ones the insert added (not those stored already)."""
+    await _stage(conn, fresh, policy)
+    try:
+        async with conn.transaction():
+            await conn.execute(STORE_NEW)
+        return StoredColumns.of([(r.device_id, r.metric, r.ts_ms, r.value) for r in fresh])
+    except psycopg.errors.UniqueViolation:
+        cur = await conn.execute(STORE_NOT_STORED)
+        return StoredColumns.of(await cur.fetchall())
+
+
+async def _merge_minutes(conn: psycopg.AsyncConnection, added: StoredColumns, policy: WritePolicy) -> None:
+    """Merge the one-minute partials of exactly the readings added into agg_1m: one statement, in
+    chunks where the server cannot take long array parameters (PGlite)."""
+    partials = added.partials(MINUTE_MS)
+    chunk = len(partials[0]) if policy.use_copy else policy.insert_chunk
+    for start in range(0, len(partials[0]), chunk or 1):
+        await conn.execute(MERGE_MINUTES, [column[start:start + chunk] for column in partials])
+
+
+async def _upsert_latest(conn: psycopg.AsyncConnection, fresh: list[Reading]) -> None:
+    """Each series' newest value, where it is newer than the one stored."""
+    newest = newest_per_series(fresh)
+    await conn.execute(UPSERT_LATEST, ([r.device_id for r in newest], [r.metric for r in newest],
+                                       [r.ts_ms for r in newest], [r.value for r in newest],
+                                       [r.unit for r in newest]))
+
+
+async def _keep_late(conn: psycopg.AsyncConnection, late: list[Reading], policy: WritePolicy) -> None:
+    """Readings later than the allowed lateness, kept aside with why (never merged)."""
+    if not late:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO late_readings (device_id, metric, ts, value, received_at, reason) VALUES "
+            "(%s, %s, kota_ms(%s), %s, kota_ms(%s), %s) ON CONFLICT DO NOTHING",
+            [(r.device_id, r.metric, r.ts_ms, r.value, r.received_ms,
+              f"arrived {(r.received_ms - r.ts_ms) / 3_600_000:.1f} h after its time; "
+              f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
+
+
+async def _anomalies_rules_and_alerts(conn: psycopg.AsyncConnection, anomalies: list[AnomalyRow],
+                                      stored: dict[int, int], fresh: list[Reading], policy: WritePolicy,
+                                      ispu_evaluated: dict[str, int] | None
+                                      ) -> tuple[list[AnomalyRow], list[AlertChange], dict[str, dict[int, int]]]:
+    """Store the anomalies of records not applied yet, evaluate the domain rules, and raise, update
+    and clear alerts from both (repeats count on open alerts). Returns the anomalies stored, the
+    alert changes and the stations' minutes whose ISPU was evaluated."""
+    unapplied = [a for a in anomalies if a.offset >= stored[a.partition]]
+    kept = [a for a in unapplied if a.reason != REASONS[REPEAT]]
+    repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in unapplied if a.reason == REASONS[REPEAT]]
+    if kept:
         async with conn.cursor() as cur:
             await cur.executemany(
-                "UPDATE stream_offsets SET next_offset = %s, updated_at = now() "
-                "WHERE consumer_group = %s AND topic = %s AND partition = %s AND next_offset < %s",
-                [(s.next_offset, group, topic, s.partition, s.next_offset) for s in slices])
-    return BatchOutcome(readings_in=readings_in, readings_stored=inserted, records_skipped=skipped, late=len(late),
-                        anomalies=len(kept), alert_changes=changes,
-                        ispu_minutes={d: max(minutes) for d, minutes in stations.items()}, dead_letters=dead)
+                "INSERT INTO anomalies (device_id, metric, ts, reason, value, score) VALUES (%s, %s, kota_ms(%s), "
+                "%s, %s, %s) ON CONFLICT DO NOTHING",
+                [(a.device_id, a.metric, a.ts_ms, a.reason, a.value, a.score) for a in kept])
+    # A dropout from the detectors is a gap seen in event time, over by the time it is seen (data
+    # came back): stored as an anomaly, not alerted. The processor's timer alerts while a silence lasts.
+    signals: list[Signal] = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
+                             for a in kept if a.reason != "dropout"]
+    stations, gates = rule_inputs(fresh)
+    if ispu_evaluated is not None:
+        stations = {d: later for d, minutes in stations.items()
+                    if (later := {b: t for b, t in minutes.items() if b > ispu_evaluated.get(d, -1)})}
+    signals += await evaluate_air_quality(conn, stations, policy.rules)
+    signals += await evaluate_flood_gates(conn, gates, policy.rules)
+    changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s,
+                                  repeats=repeats, times=_reading_times(fresh, signals, repeats))
+    changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
+    return kept, changes, stations
+
+
+async def _save_checkpoints(conn: psycopg.AsyncConnection, group: str, topic: str, checkpoints: list[Checkpoint]
+                            ) -> None:
+    """The detectors' state with the offset it reflects (never replacing a newer one)."""
+    for c in checkpoints:
+        await conn.execute(
+            "INSERT INTO detector_checkpoints (consumer_group, topic, partition, next_offset, series, state) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "
+            "next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state, "
+            "saved_at = now() WHERE detector_checkpoints.next_offset <= EXCLUDED.next_offset",
+            (group, topic, c.partition, c.next_offset, Jsonb(c.series), c.state))
+
+
+async def _advance_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, slices: list[PartitionSlice]
+                           ) -> None:
+    """Move each partition's stored offset past the batch, in the transaction of what it produced."""
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "UPDATE stream_offsets SET next_offset = %s, updated_at = now() "
+            "WHERE consumer_group = %s AND topic = %s AND partition = %s AND next_offset < %s",
+            [(s.next_offset, group, topic, s.partition, s.next_offset) for s in slices])
 
 
 async def _write_dead_letters(conn: psycopg.AsyncConnection, group: str, topic: str, letters: list[DeadLetter]
