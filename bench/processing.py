@@ -68,8 +68,8 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
     warm.score(series[:batch], ts[:batch], values[:batch])
     kernels.minute_partials(series[:batch], ts[:batch], values[:batch], 60_000.0, out_series, out_bucket, out_stats)
 
-    # The best of a few passes, each from fresh state, as timeit does: one pass is a fifth of a
-    # second, and on this shared host a single one swung 4-8M readings/s between runs.
+    # The best of a few passes, each from fresh state, as timeit does: a single pass is too short to
+    # trust on a shared host (docs/processing.md, "How we got here").
     kernel_s = float("inf")
     for _ in range(passes):
         detectors = Detectors(kernels.ALL_DETECTORS_PARAMS, initial_series=n_series)
@@ -211,10 +211,8 @@ def end_offsets(stack: StackSettings) -> dict[int, int]:
 def start_group_at_the_end(stack: StackSettings, group: str) -> None:
     """Store offsets for a new consumer group at the topic's end, where the processor seeks on start:
     it reads only what is produced from now on. Each run gets a group of its own, so its processor
-    holds the detector state of this run's devices only. In one group, every earlier run's devices
-    stayed in the state (60,000 series after a day of runs): checkpoints of 19 MB a partition were
-    loaded and written again in every run's timed window, and vacuumed after (the measurement then
-    swung 65-109k readings/s with the number of runs before it)."""
+    holds the detector state of this run's devices only, not every earlier run's (whose checkpoints
+    made the measurement swing with the number of runs before it: docs/processing.md)."""
     from kota.contract import READINGS_TOPIC
 
     ends = end_offsets(stack)
@@ -296,9 +294,8 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
     components.start_component(stack, "processor", env={"KOTA_PROCESSOR_WORKERS": str(workers),
                                                     "KOTA_PROCESSOR_GROUP_ID": group})
     # (time, stored count) at the first poll past 10% and the first past 90%. The rate is the readings
-    # stored between those two polls over the time between them: the processor commits in batches of
-    # up to a quarter of the run, so taking 80% of the run as what happened between them was off by
-    # up to a batch. Polled every 0.5 s: each poll costs the database about 20 ms.
+    # stored between those two polls over the time between them, not 80% of the run: the processor
+    # commits in batches of up to a quarter of the run. Polled every 0.5 s: each poll costs about 20 ms.
     marks: dict[float, tuple[float, int]] = {}
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -324,9 +321,7 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
 
 def database_state(stack: StackSettings, ts_ms: int) -> str:
     """How big the partition the readings went into has grown (each run adds its readings to the same
-    day), so that runs can be compared on like states. Measured when this was written: 19.9k readings/s
-    into a partition of 15M rows with 1.6 GB of indexes (more than shared_buffers), then 16.8k and
-    22.4k/s into a fresh one: at these sizes the host's run-to-run noise is larger than the effect."""
+    day), so that runs can be compared on like states (docs/processing.md, "How we got here")."""
     name = partition_name(dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC).date())
     with psycopg.connect(stack.postgres_dsn) as conn:
         row = conn.execute(

@@ -4,9 +4,7 @@
   the processor marked in `rollup_dirty`. The partials merge exactly (counts and sums add, min and
   max combine, first and last by time), so a rollup equals an aggregation of the raw readings, the
   same answer TimescaleDB's continuous aggregates give. A job, not a merge in each batch: its cost
-  follows series and minutes (an hour's agg_1m rows), not readings. Merged by every batch, a live
-  stream of sensors reporting every 0.2 s updated each series' hour and day rows on every batch,
-  25 times what the job costs (bench.e2e at 35,000 readings/s: 5.7 µs of database time a reading).
+  follows series and minutes (an hour's agg_1m rows), not readings (docs/processing.md).
 - Retention: the numbers in `retention_settings`; daily partitions of `readings` older than that
   are dropped whole, older rows of the other tables deleted.
 
@@ -81,9 +79,7 @@ def roll_up(conn: psycopg.Connection, report: MaintenanceReport | None = None) -
     Nothing here waits for the processor or makes it wait: batches append marks (migration 0008),
     and this job deletes only the marks it read. A mark is committed with the data it marks, so
     every batch whose mark the first statement reads is visible to the recompute, a later statement
-    (read committed); marks added meanwhile stay for the next round. (The job used to take its marks
-    with DELETE ... RETURNING and hold them while it recomputed, and every batch marking one of
-    those hours waited for it: 41 ms a batch on average in bench.processing, seconds at a time.)"""
+    (read committed); marks added meanwhile stay for the next round."""
     report = report or MaintenanceReport()
     marks = conn.execute("SELECT id, hour FROM rollup_dirty").fetchall()
     if not marks:

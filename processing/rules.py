@@ -91,9 +91,8 @@ async def window_means(conn: psycopg.AsyncConnection, minutes: dict[str, dict[in
     in that minute), as `rule_inputs` gives them.
 
     One range of agg_1m per station and pollutant, from the window before its first minute to its
-    last, read once as arrays. A join of agg_1m to every (station, minute) read each minute's whole
-    window again: 60 rows for each minute evaluated, a third of the batch's time for a backlog of
-    air-quality stations (bench.processing). A window's sum is taken exactly (math.fsum, correctly
+    last, read once as arrays (a join of agg_1m to every (station, minute) read each minute's whole
+    window again: docs/processing.md). A window's sum is taken exactly (math.fsum, correctly
     rounded), so a minute's ISPU is the same whatever range was read around it: how readings fell
     into batches does not change what is found (tests/test_rules.py)."""
     stations = sorted(minutes)

@@ -139,11 +139,9 @@ CREATE TEMP TABLE IF NOT EXISTS staging_readings (
 """
 
 
-# The usual batch holds only readings not stored yet. It is inserted as it is, without ON CONFLICT
-# DO NOTHING, whose speculative insertion (a check of the index before each row and again after)
-# was a third of the insert's time (20,000 readings: 300-360 ms with it, 200-270 ms without). A
-# batch holding a reading already stored (a gateway retry put it on Kafka twice) fails on the
-# primary key, in a savepoint, and is inserted again with it, returning what it added.
+# The usual batch holds only readings not stored yet: inserted without ON CONFLICT DO NOTHING, whose
+# speculative insertion was a third of the insert's time (docs/processing.md). A batch holding a
+# reading already stored fails on the primary key, in a savepoint, and is inserted again with it.
 STORE_NEW = """
 INSERT INTO readings (ts, device_id, metric, value, received_at)
 SELECT kota_ms(ts_ms), device_id, metric, value, kota_ms(received_ms) FROM staging_readings
@@ -157,11 +155,9 @@ RETURNING device_id, metric, (extract(epoch FROM ts) * 1000)::bigint, value
 
 # One-minute aggregates are merged, in the same transaction, from the partials of exactly the
 # readings the insert added: so they always equal an aggregation of the stored readings, once each.
-# The partials are worked out here by the numba kernel (kernels.minute_partials); grouping the
-# insert's RETURNING rows in SQL, with two sorts for first and last values, cost the database as
-# much as the insert (bench.processing, pg_stat_statements: 2.3 µs a reading). Hourly and daily
-# ones are rolled up from agg_1m by a job on plain PostgreSQL (processing/maintenance.py, for the
-# hours the batch marks) and by continuous aggregates on TimescaleDB.
+# The partials come from the numba kernel (kernels.minute_partials), cheaper than grouping in SQL.
+# Hourly and daily ones are rolled up from agg_1m by processing/maintenance.py (plain PostgreSQL,
+# for the hours the batch marks) and by continuous aggregates on TimescaleDB.
 
 
 MERGE_MINUTES = """
@@ -182,15 +178,12 @@ ON CONFLICT (device_id, metric, bucket) DO UPDATE SET
 """
 
 
-# The hours (epoch ms) and the newest reading per series come from the batch in Python, where they
-# cost a pass over readings the processor holds anyway: as SQL over the staging table (a DISTINCT of
-# every reading's hour, a DISTINCT ON sort of every reading) they took 5 µs of database time per
-# reading, a seventh of the batch's (bench.processing, pg_stat_statements).
+# The hours (epoch ms) and the newest reading per series come from the batch in Python, a pass over
+# readings the processor holds anyway (cheaper than SQL over the staging table).
 # Hours are marked by appending (migration 0008): no batch waits for the rollup job, nor for another
 # processor marking the same hour.
-# Arrays go as binary parameters (%b) here and in the rules and alerts: as text, psycopg wrote and the
-# server parsed every element: 5,000 rows of UPSERT_LATEST's columns took 2-3x as long a round trip
-# (bench.processing --only writes).
+# Arrays go as binary parameters (%b) here and in the rules and alerts: as text, every element is
+# written by psycopg and parsed by the server.
 
 MARK_ROLLUPS_DIRTY = """
 INSERT INTO rollup_dirty (hour) SELECT kota_ms(h) FROM unnest(%b::bigint[]) AS h
@@ -293,11 +286,10 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
 
     `nested`: inside a transaction of the caller's (write_isolating), as a savepoint.
     `ispu_evaluated`: each station's newest minute (epoch ms) an earlier batch evaluated ISPU at,
-    kept by the caller: a minute is evaluated once, in the first batch that holds readings of it.
-    A live stream brings each station's minute over many batches; evaluated in each, a station's
-    60-minute window was read from agg_1m several times a second (bench.e2e: 5.4 µs of database
-    time a reading), and an unhealthy minute counted on its alert once per batch. None: every minute
-    the batch holds (each batch on its own, as tests/test_rules.py writes them)."""
+    kept by the caller: a minute is evaluated once, in the first batch that holds readings of it
+    (a live stream brings each station's minute over many batches, and an unhealthy minute must
+    count on its alert once). None: every minute the batch holds (each batch on its own, as
+    tests/test_rules.py writes them)."""
     policy = policy or WritePolicy()
     readings_in = sum(len(r) for s in slices for _, r in s.readings_by_offset)
     async with conn.transaction():
@@ -578,8 +570,7 @@ def _reading_times(readings: list[Reading], signals: list[Signal], repeats: list
 async def _stage(conn: psycopg.AsyncConnection, readings: list[Reading], policy: WritePolicy) -> None:
     rows = ((r.ts_ms, r.device_id, r.metric, r.value, r.unit, r.received_ms) for r in readings)
     if policy.use_copy:
-        # Binary: 20,000 readings took 23 ms of the processor's time against 53 ms as text (no number
-        # formatting on this side, no parsing on the server's).
+        # Binary: no number formatting on this side, no parsing on the server's.
         async with conn.cursor() as cur:
             async with cur.copy("COPY staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
                                 "FROM STDIN (FORMAT BINARY)") as copy:
