@@ -29,38 +29,48 @@ async def one_at_a_time(conn: psycopg.AsyncConnection, signals: list[alerts.Sign
             "INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, count, first_ts, "
             "last_ts, last_value, details, clear_after_s) SELECT device_id, city, domain, %s, %s, %s, %s, 0, "
             "kota_ms(%s), kota_ms(%s), %s, %s, 600 FROM devices WHERE device_id = %s RETURNING alert_id",
-            (s.alert_type, s.metric, s.severity, s.message, s.ts_ms, s.ts_ms, s.value, Jsonb(s.details), s.device_id))
+            (s.alert_type, s.metric, s.severity, s.message, s.ts_ms, s.ts_ms, s.value, Jsonb(s.details), s.device_id),
+        )
         row = await cur.fetchone()
         assert row is not None
-        await conn.execute("INSERT INTO alert_events (alert_id, action, actor, severity, comment) "
-                           "VALUES (%s, 'raised', %s, %s, %s)", (row[0], alerts.SYSTEM_ACTOR, s.severity, s.message))
+        await conn.execute(
+            "INSERT INTO alert_events (alert_id, action, actor, severity, comment) VALUES (%s, 'raised', %s, %s, %s)",
+            (row[0], alerts.SYSTEM_ACTOR, s.severity, s.message),
+        )
         await conn.execute("UPDATE alerts SET count = count + 1, updated_at = now() WHERE alert_id = %s", (row[0],))
 
 
 async def run(dsn: str, series: int) -> None:
     prefix = f"alertbench{time.time_ns() % 10**9}"
-    devices = {kind: [new_device(f"{prefix}-{kind}-{i:05d}", "benchkota", "water_meter") for i in range(series)]
-               for kind in ("pipelined", "baseline")}
+    devices = {
+        kind: [new_device(f"{prefix}-{kind}-{i:05d}", "benchkota", "water_meter") for i in range(series)]
+        for kind in ("pipelined", "baseline")
+    }
     with psycopg.connect(dsn) as conn:
         upsert_devices(conn, [d for group in devices.values() for d in group])
 
     def silent(group: str, ts_ms: int) -> list[alerts.Signal]:
-        return [alerts.Signal(d.device_id, "dropout", "pressure", "minor", ts_ms, 1.0, "silent")
-                for d in devices[group]]
+        return [
+            alerts.Signal(d.device_id, "dropout", "pressure", "minor", ts_ms, 1.0, "silent") for d in devices[group]
+        ]
 
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         timings = {}
-        steps = (("baseline, one at a time", lambda: one_at_a_time(conn, silent("baseline", T0))),
-                 ("kota.alerts, raise", lambda: alerts.apply_signals(conn, silent("pipelined", T0), {}, 600)),
-                 ("kota.alerts, update", lambda: alerts.apply_signals(conn, silent("pipelined", T0 + 60_000), {}, 600)))
+        steps = (
+            ("baseline, one at a time", lambda: one_at_a_time(conn, silent("baseline", T0))),
+            ("kota.alerts, raise", lambda: alerts.apply_signals(conn, silent("pipelined", T0), {}, 600)),
+            ("kota.alerts, update", lambda: alerts.apply_signals(conn, silent("pipelined", T0 + 60_000), {}, 600)),
+        )
         for label, work in steps:
             start = time.perf_counter()
             async with conn.transaction():
                 await work()
             timings[label] = time.perf_counter() - start
             print(f"{label}: {series:,} alerts in {timings[label]:.2f} s")
-    print(f"raising: {timings['baseline, one at a time'] / timings['kota.alerts, raise']:.1f}x faster than "
-          f"one statement at a time")
+    print(
+        f"raising: {timings['baseline, one at a time'] / timings['kota.alerts, raise']:.1f}x faster than "
+        f"one statement at a time"
+    )
 
 
 def main() -> None:

@@ -60,24 +60,38 @@ def seed(stack: StackSettings, devices: int) -> tuple[str, list[str]]:
         if not known or known[0] < devices:
             say(f"seeding {devices} devices and their latest values")
             rng = np.random.default_rng(7)
-            upsert_devices(conn, [new_device(d, CITY, "air_quality", district=f"d{i % 30}",
-                                             lat=-6.9 + rng.normal(0, 0.05), lon=107.6 + rng.normal(0, 0.05))
-                                  for i, d in enumerate(ids)])
+            upsert_devices(
+                conn,
+                [
+                    new_device(
+                        d,
+                        CITY,
+                        "air_quality",
+                        district=f"d{i % 30}",
+                        lat=-6.9 + rng.normal(0, 0.05),
+                        lon=107.6 + rng.normal(0, 0.05),
+                    )
+                    for i, d in enumerate(ids)
+                ],
+            )
             with conn.cursor().copy("COPY latest_values (device_id, metric, ts, value, unit) FROM STDIN") as copy:
                 for d in ids:
                     for metric in ("pm25", "pm10", "no2"):
                         copy.write_row((d, metric, now, float(rng.uniform(5, 80)), "ug/m3"))
         # The series case asks for the day up to now: top up the minutes since the last run's seeding.
         # (Writing the whole day again set autovacuum going on agg_1m during the measurement.)
-        newest = conn.execute("SELECT max(bucket) FROM agg_1m WHERE device_id = %s AND metric = 'pm25'",
-                              (ids[0],)).fetchone()
+        newest = conn.execute(
+            "SELECT max(bucket) FROM agg_1m WHERE device_id = %s AND metric = 'pm25'", (ids[0],)
+        ).fetchone()
         since = max(newest[0] if newest and newest[0] else now - dt.timedelta(days=1), now - dt.timedelta(days=1))
         minutes = int((now - since) / dt.timedelta(minutes=1))
         if minutes > 0:
             say(f"seeding {minutes} minutes of 1-minute aggregates up to now for 200 devices")
             rng = np.random.default_rng(8 + minutes)
-            with conn.cursor().copy("COPY agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, "
-                                    "first_value, last_ts, last_value) FROM STDIN") as copy:
+            with conn.cursor().copy(
+                "COPY agg_1m (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, "
+                "first_value, last_ts, last_value) FROM STDIN"
+            ) as copy:
                 for d in ids[:200]:
                     for minute in range(minutes):
                         bucket = now - dt.timedelta(minutes=minute)
@@ -106,12 +120,28 @@ def latency(stack: StackSettings, token: str, clients: int, seconds: float, path
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
         listing.write("\n".join(paths) + "\n")
         listing.flush()
-        out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--timeout", "30s",
-                              "-s", str(WRK_SCRIPT), "-H", f"Authorization: Bearer {token}", stack.api_url,
-                              "--", listing.name],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{clients}",
+                f"-d{seconds:.0f}s",
+                "--timeout",
+                "30s",
+                "-s",
+                str(WRK_SCRIPT),
+                "-H",
+                f"Authorization: Bearer {token}",
+                stack.api_url,
+                "--",
+                listing.name,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     cpu1, wrk1 = cpu_by_component(pids), resource.getrusage(resource.RUSAGE_CHILDREN)
-    result: dict[str, float] = json.loads(out[out.index("JSON ") + 5:].splitlines()[0])
+    result: dict[str, float] = json.loads(out[out.index("JSON ") + 5 :].splitlines()[0])
     result["per_s"] = result["requests"] / result["seconds"]
     for name in pids:
         result[f"{name}_ms"] = (cpu1[name] - cpu0[name]) * 1000 / result["requests"]
@@ -134,8 +164,9 @@ def rss_mib(pid: int) -> float:
     return total
 
 
-async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: float, api_pid: int
-                   ) -> tuple[list[float], int, float, float, int]:
+async def feed_lag(
+    stack: StackSettings, token: str, ws_clients: int, seconds: float, api_pid: int
+) -> tuple[list[float], int, float, float, int]:
     """Lags (s) seen by `ws_clients` clients over `seconds`; readings seen by one client; RSS before and after."""
     lags: list[float] = []
     readings_seen = [0]
@@ -163,7 +194,7 @@ async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: f
                 # Read just that number, so 200 clients in one Python process can keep up with the feed.
                 text = frame if isinstance(frame, str) else frame.decode()
                 at = text.index('"received_ms":') + 14
-                received_ms = int(text[at:text.index(",", at)])
+                received_ms = int(text[at : text.index(",", at)])
                 if received_ms < count_from_ms:
                     continue
                 lags.append((now_ms - received_ms) / 1000)
@@ -174,16 +205,19 @@ async def feed_lag(stack: StackSettings, token: str, ws_clients: int, seconds: f
     await asyncio.sleep(4)
     rss_connected = rss_mib(api_pid)
     await asyncio.gather(*tasks)
-    say(f"API memory: {rss_before:.0f} MiB before, {rss_connected:.0f} MiB with {ws_clients} clients, "
-        f"{rss_mib(api_pid):.0f} MiB at the end")
+    say(
+        f"API memory: {rss_before:.0f} MiB before, {rss_connected:.0f} MiB with {ws_clients} clients, "
+        f"{rss_mib(api_pid):.0f} MiB at the end"
+    )
     return lags, readings_seen[0], rss_before, rss_connected, dropped[0]
 
 
 def start_simulated_city(stack: StackSettings, readings_per_s: int) -> None:
     """`kota simulate` in its own process (not a thread here: it would share this process's GIL with the clients)."""
     devices = max(10, int(readings_per_s / 3.6))  # the simulator's mix averages about 3.6 readings per device
-    components.start_component(stack, "simulate", "--devices", str(devices), "--interval", "1", "--city", LIVE_CITY,
-                          instance="simulator")
+    components.start_component(
+        stack, "simulate", "--devices", str(devices), "--interval", "1", "--city", LIVE_CITY, instance="simulator"
+    )
     say(f"simulated city {LIVE_CITY}: {devices} devices publishing every second")
 
 
@@ -209,12 +243,16 @@ def main() -> None:
     cases = {
         "floor: /api/v1/me (auth only)": ["/api/v1/me"],
         f"latest values, 1 of {args.devices} devices": [f"/api/v1/devices/{d}/latest" for d in ids],
-        "1-minute series, one day (1440 points)": [f"/api/v1/devices/{d}/series?metric=pm25&resolution=1m"
-                                                   f"&start={start}" for d in series_ids],
+        "1-minute series, one day (1440 points)": [
+            f"/api/v1/devices/{d}/series?metric=pm25&resolution=1m&start={start}" for d in series_ids
+        ],
         # Each request a page of its own (its start a few seconds apart): what the series costs when
         # the API has kept nothing of it (ops_api/series_cache.py), as for the first operator to open it.
-        "  the same, pages not asked before": [f"/api/v1/devices/{d}/series?metric=pm25&resolution=1m"
-                                               f"&start={start[:-3]}{s:02d}Z" for d in series_ids for s in range(60)],
+        "  the same, pages not asked before": [
+            f"/api/v1/devices/{d}/series?metric=pm25&resolution=1m&start={start[:-3]}{s:02d}Z"
+            for d in series_ids
+            for s in range(60)
+        ],
         f"city map, {args.devices} devices (GeoJSON)": [f"/api/v1/devices?city={CITY}"],
     }
     if args.only != "live":
@@ -223,10 +261,11 @@ def main() -> None:
         live_feed_lag(stack, token, args)
 
 
-def query_latency(stack: StackSettings, token: str, clients: int, seconds: float, cases: dict[str, list[str]]
-                  ) -> None:
-    say(f"latency at {clients} concurrent clients (wrk, {seconds:.0f} s each), "
-        f"{ApiSettings().workers} API worker processes:")
+def query_latency(stack: StackSettings, token: str, clients: int, seconds: float, cases: dict[str, list[str]]) -> None:
+    say(
+        f"latency at {clients} concurrent clients (wrk, {seconds:.0f} s each), "
+        f"{ApiSettings().workers} API worker processes:"
+    )
     floor_p99 = None
     for name, paths in cases.items():
         # Warm up just before: every worker's pool filled, every statement prepared, and what the API
@@ -234,10 +273,12 @@ def query_latency(stack: StackSettings, token: str, clients: int, seconds: float
         latency(stack, token, clients, 3, paths)
         r = latency(stack, token, clients, seconds, paths)
         floor_p99 = floor_p99 or r["p99_ms"]
-        say(f"  {name:<42} p50 {r['p50_ms']:7.1f} ms  p90 {r['p90_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+        say(
+            f"  {name:<42} p50 {r['p50_ms']:7.1f} ms  p90 {r['p90_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
             f"({r['p99_ms'] / floor_p99:4.1f}x floor p99)  {r['per_s']:6.0f} req/s  CPU ms/request: "
             f"api {r['api_ms']:.2f}, postgres {r['postgres_ms']:.2f}, wrk {r['wrk_ms']:.2f}"
-            + (f"  ({r['errors']:.0f} socket errors, {r['non2xx']:.0f} not 200)" if r["errors"] or r["non2xx"] else ""))
+            + (f"  ({r['errors']:.0f} socket errors, {r['non2xx']:.0f} not 200)" if r["errors"] or r["non2xx"] else "")
+        )
 
 
 def live_feed_lag(stack: StackSettings, token: str, args: argparse.Namespace) -> None:
@@ -251,7 +292,8 @@ def live_feed_lag(stack: StackSettings, token: str, args: argparse.Namespace) ->
         pids = {**component_pids(stack, [simulator] if simulator else []), "bench clients": [os.getpid()]}
         cpu0, began = cpu_by_component(pids), time.monotonic()
         many, seen, before, connected, dropped = asyncio.run(
-            feed_lag(stack, token, args.ws_clients, args.seconds, api_pid))
+            feed_lag(stack, token, args.ws_clients, args.seconds, api_pid)
+        )
         cpu1, elapsed = cpu_by_component(pids), time.monotonic() - began
     finally:
         procs.stop(stack, "simulator")
@@ -259,12 +301,16 @@ def live_feed_lag(stack: StackSettings, token: str, args: argparse.Namespace) ->
         many = [float("nan")]
     for label, lags, readings in (("1 client (baseline)", one, seen_one), (f"{args.ws_clients} clients", many, seen)):
         p50, p99 = quantiles(lags)
-        say(f"live feed, {label:<22} lag p50 {p50 / 1000:5.2f} s  p99 {p99 / 1000:5.2f} s  max "
+        say(
+            f"live feed, {label:<22} lag p50 {p50 / 1000:5.2f} s  p99 {p99 / 1000:5.2f} s  max "
             f"{max(lags):5.2f} s  ({readings / args.seconds:,.0f} readings/s reached a client; "
-            f"mean {statistics.fmean(lags):.2f} s)")
+            f"mean {statistics.fmean(lags):.2f} s)"
+        )
     say(f"dropped clients: {dropped}; API memory {before:.0f} → {connected:.0f} MiB with {args.ws_clients} clients")
-    say(f"CPU with {args.ws_clients} clients (share of one core): " + ", ".join(
-        f"{name} {(cpu1[name] - cpu0[name]) / elapsed:.0%}" for name in cpu0))
+    say(
+        f"CPU with {args.ws_clients} clients (share of one core): "
+        + ", ".join(f"{name} {(cpu1[name] - cpu0[name]) / elapsed:.0%}" for name in cpu0)
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ def main() -> None:
     detectors = learned_detectors(args.series)
     started = time.perf_counter()
     series, blob = serialize(detectors.snapshot())
-    say(f"{args.series:,} series: snapshot and serialisation {1000 * (time.perf_counter() - started):.0f} ms, "
-        f"{len(blob) / 1e6:.1f} MB")
+    say(
+        f"{args.series:,} series: snapshot and serialisation {1000 * (time.perf_counter() - started):.0f} ms, "
+        f"{len(blob) / 1e6:.1f} MB"
+    )
     timings: dict[str, list[float]] = {"extended": [], "external": []}
     with psycopg.connect(stack.postgres_dsn) as conn:
         for storage in timings:
@@ -60,16 +62,21 @@ def main() -> None:
         for _ in range(args.rounds):
             for storage, times in timings.items():
                 started = time.perf_counter()
-                conn.execute(f"INSERT INTO checkpoints_{storage} (consumer_group, topic, partition, next_offset, "
-                             "series, state) VALUES ('bench', 'bench', 0, 0, %s, %s)", (Jsonb(series), blob))
+                conn.execute(
+                    f"INSERT INTO checkpoints_{storage} (consumer_group, topic, partition, next_offset, "
+                    "series, state) VALUES ('bench', 'bench', 0, 0, %s, %s)",
+                    (Jsonb(series), blob),
+                )
                 conn.commit()
                 times.append(time.perf_counter() - started)
                 conn.execute(f"TRUNCATE checkpoints_{storage}")
                 conn.commit()
     ms = {storage: 1000 * statistics.median(times) for storage, times in timings.items()}
-    say(f"INSERT of one checkpoint, median of {args.rounds}: compressed (EXTENDED, the default) "
+    say(
+        f"INSERT of one checkpoint, median of {args.rounds}: compressed (EXTENDED, the default) "
         f"{ms['extended']:.0f} ms, as it comes (EXTERNAL) {ms['external']:.0f} ms: "
-        f"{ms['extended'] / ms['external']:.1f}x faster")
+        f"{ms['extended'] / ms['external']:.1f}x faster"
+    )
 
 
 if __name__ == "__main__":

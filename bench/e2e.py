@@ -73,8 +73,11 @@ def _cpu_s(pid: int, *, with_children: bool = False) -> float:
 
 
 def component_pids(stack: StackSettings, simulators: list[int]) -> dict[str, list[int]]:
-    pids = {name: procs.group_pids(pid) for name in ("mosquitto", "kafka", "gateway", "processor", "api")
-            if (pid := procs.running_pid(stack, name))}  # the group: `kota api` runs worker processes
+    pids = {
+        name: procs.group_pids(pid)
+        for name in ("mosquitto", "kafka", "gateway", "processor", "api")
+        if (pid := procs.running_pid(stack, name))
+    }  # the group: `kota api` runs worker processes
     postmaster = int(postgres_paths(stack).data.joinpath("postmaster.pid").read_text().split()[0])
     pids["postgres"] = [postmaster, *procs.children(postmaster)]
     pids["simulators"] = simulators
@@ -82,15 +85,19 @@ def component_pids(stack: StackSettings, simulators: list[int]) -> dict[str, lis
 
 
 def cpu_by_component(pids: dict[str, list[int]]) -> dict[str, float]:
-    return {name: sum(_cpu_s(p, with_children=(name == "postgres" and i == 0)) for i, p in enumerate(ps))
-            for name, ps in pids.items()}
+    return {
+        name: sum(_cpu_s(p, with_children=(name == "postgres" and i == 0)) for i, p in enumerate(ps))
+        for name, ps in pids.items()
+    }
 
 
 # -- counters ----------------------------------------------------------------------------------
 def pipeline_counts(stack: StackSettings) -> tuple[float, float]:
     """Readings the gateway has sent to Kafka and the processor has newly stored, since they started."""
-    return (scrape(stack.gateway_metrics_port).get("kota_gateway_readings_out_total", 0.0),
-            scrape(stack.processor_metrics_port).get("kota_processor_readings_stored_total", 0.0))
+    return (
+        scrape(stack.gateway_metrics_port).get("kota_gateway_readings_out_total", 0.0),
+        scrape(stack.processor_metrics_port).get("kota_processor_readings_stored_total", 0.0),
+    )
 
 
 # -- latency probes ------------------------------------------------------------------------------
@@ -108,7 +115,9 @@ class Probes:
             while not self.stop.is_set():
                 rows = conn.execute(
                     "SELECT extract(epoch FROM ts)::float8, count(*) FROM readings WHERE device_id = ANY(%s) "
-                    "AND ts > to_timestamp(%s) GROUP BY ts", (self.devices, newest)).fetchall()
+                    "AND ts > to_timestamp(%s) GROUP BY ts",
+                    (self.devices, newest),
+                ).fetchall()
                 now = time.time()
                 for ts, n in rows:
                     self.db_lags.append(now - ts)
@@ -128,8 +137,9 @@ class Probes:
                     except TimeoutError:
                         continue
                     now_ms = time.time() * 1000
-                    self.live_lags += [(now_ms - r["ts"]) / 1000 for event in json.loads(frame)
-                                       for r in event["readings"]]
+                    self.live_lags += [
+                        (now_ms - r["ts"]) / 1000 for event in json.loads(frame) for r in event["readings"]
+                    ]
 
         asyncio.run(follow())
 
@@ -161,8 +171,11 @@ class Step:
         """The offered load got in (the simulators' pacing runs a few % short), the processor stored
         what the gateway forwarded, and the database p99 stayed under 2 s."""
         assert self.offered is not None
-        return (self.gateway_rate >= 0.9 * self.offered and self.stored_rate >= 0.95 * self.gateway_rate
-                and self.db[1] < 2.0)
+        return (
+            self.gateway_rate >= 0.9 * self.offered
+            and self.stored_rate >= 0.95 * self.gateway_rate
+            and self.db[1] < 2.0
+        )
 
 
 def counts_file(stack: StackSettings, k: int) -> Path:
@@ -176,9 +189,24 @@ def start_simulators(stack: StackSettings, rate: float | None, count: int, devic
         counts_file(stack, k).unlink(missing_ok=True)
         # The same city at every rate, its devices a superset of the last rate's (simulators.city
         # numbers each kind of device from 1): a city's series, not every rate's, in the detectors.
-        argv = [sys.executable, "-m", "cli", "simulate", "--city", f"e2e{k}", "--devices", str(devices),
-                "--interval", str(TICK_S), "--seed", str(k + 1), "--anomalies-per-day", "0",
-                "--counts", str(counts_file(stack, k))]
+        argv = [
+            sys.executable,
+            "-m",
+            "cli",
+            "simulate",
+            "--city",
+            f"e2e{k}",
+            "--devices",
+            str(devices),
+            "--interval",
+            str(TICK_S),
+            "--seed",
+            str(k + 1),
+            "--anomalies-per-day",
+            "0",
+            "--counts",
+            str(counts_file(stack, k)),
+        ]
         if rate:
             argv += ["--rate", str(int(rate / count))]
         else:
@@ -203,16 +231,19 @@ def run_step(stack: StackSettings, token: str, rate: float | None, args: argpars
     per_sim = (rate or 50_000) / args.simulators
     devices = max(PROBES, int(per_sim * TICK_S / READINGS_PER_DEVICE_TICK))
     sims = start_simulators(stack, rate, args.simulators, devices)
-    probes = Probes([f"e2e0-{kind}-{i:03d}" for kind in ("air-quality", "noise", "water-level")
-                     for i in range(1, PROBES // 3 + 1)])
+    probes = Probes(
+        [f"e2e0-{kind}-{i:03d}" for kind in ("air-quality", "noise", "water-level") for i in range(1, PROBES // 3 + 1)]
+    )
     try:
         _, stored0 = pipeline_counts(stack)
         deadline = time.monotonic() + 120
         while pipeline_counts(stack)[1] - stored0 < per_sim and time.monotonic() < deadline:
             time.sleep(0.5)  # the simulators have registered their devices and are publishing
         time.sleep(3)  # past the start-up transient
-        threads = [threading.Thread(target=probes.poll_database, args=(stack,), daemon=True),
-                   threading.Thread(target=probes.follow_live_feed, args=(stack, token), daemon=True)]
+        threads = [
+            threading.Thread(target=probes.poll_database, args=(stack,), daemon=True),
+            threading.Thread(target=probes.follow_live_feed, args=(stack, token), daemon=True),
+        ]
         for t in threads:
             t.start()
         pids = component_pids(stack, [s.pid for s in sims])
@@ -231,13 +262,19 @@ def run_step(stack: StackSettings, token: str, rate: float | None, args: argpars
     drain_s = max(0.0, last_change(lambda: pipeline_counts(stack)[1], still_s=3.0) - stopped)
     cores = os.cpu_count() or 1
     return Step(
-        label=f"{rate:,.0f}/s" if rate else "ceiling", offered=rate,
-        gateway_rate=(out1 - out0) / elapsed, stored_rate=(stored1 - stored0) / elapsed,
-        db=(weighted_percentile(probes.db_lags, probes.db_weights, 50),
-            weighted_percentile(probes.db_lags, probes.db_weights, 99)),
+        label=f"{rate:,.0f}/s" if rate else "ceiling",
+        offered=rate,
+        gateway_rate=(out1 - out0) / elapsed,
+        stored_rate=(stored1 - stored0) / elapsed,
+        db=(
+            weighted_percentile(probes.db_lags, probes.db_weights, 50),
+            weighted_percentile(probes.db_lags, probes.db_weights, 99),
+        ),
         live=(weighted_percentile(probes.live_lags, None, 50), weighted_percentile(probes.live_lags, None, 99)),
-        cpu={name: (cpu1[name] - cpu0[name]) / (elapsed * cores) for name in cpu0}, drain_s=drain_s,
-        acknowledged_rate=sum(_acknowledged_rate(counts_file(stack, k)) for k in range(args.simulators)))
+        cpu={name: (cpu1[name] - cpu0[name]) / (elapsed * cores) for name in cpu0},
+        drain_s=drain_s,
+        acknowledged_rate=sum(_acknowledged_rate(counts_file(stack, k)) for k in range(args.simulators)),
+    )
 
 
 def _acknowledged_rate(path: Path) -> float:
@@ -248,9 +285,11 @@ def _acknowledged_rate(path: Path) -> float:
 
 def report(step: Step) -> None:
     verdict = "" if step.offered is None else ("  sustained" if step.sustained else "  NOT sustained")
-    say(f"{step.label:>10}  broker acks {step.acknowledged_rate:8,.0f}/s  gateway {step.gateway_rate:8,.0f}/s  "
+    say(
+        f"{step.label:>10}  broker acks {step.acknowledged_rate:8,.0f}/s  gateway {step.gateway_rate:8,.0f}/s  "
         f"stored {step.stored_rate:8,.0f}/s  to DB p50 {step.db[0]:5.2f} s p99 {step.db[1]:5.2f} s  "
-        f"live p50 {step.live[0]:5.2f} s p99 {step.live[1]:5.2f} s  drain {step.drain_s:4.1f} s{verdict}")
+        f"live p50 {step.live[0]:5.2f} s p99 {step.live[1]:5.2f} s  drain {step.drain_s:4.1f} s{verdict}"
+    )
     say("            CPU share of 2 cores: " + ", ".join(f"{k} {v:.0%}" for k, v in step.cpu.items()))
 
 
@@ -290,8 +329,9 @@ def operator_token(stack: StackSettings) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="5000,10000,20000,35000,50000",
-                        help="offered readings/s, comma-separated, in rising order")
+    parser.add_argument(
+        "--rates", default="5000,10000,20000,35000,50000", help="offered readings/s, comma-separated, in rising order"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring window per rate")
     parser.add_argument("--simulators", type=int, default=2, help="simulator processes")
     args = parser.parse_args()
@@ -303,8 +343,10 @@ def main() -> None:
     forget_detector_state(stack)
     ensure_components(stack)
     token = operator_token(stack)
-    say(f"{os.cpu_count()} cores; Mosquitto, Kafka, PostgreSQL, gateway, processor, API and "
-        f"{args.simulators} simulators all on this machine")
+    say(
+        f"{os.cpu_count()} cores; Mosquitto, Kafka, PostgreSQL, gateway, processor, API and "
+        f"{args.simulators} simulators all on this machine"
+    )
     steps = []
     for rate in [float(r) for r in args.rates.split(",")]:
         step = run_step(stack, token, rate, args)
@@ -319,10 +361,12 @@ def main() -> None:
     if best is None:
         say("no rate was sustained")
         return
-    say(f"highest sustained rate: {best.offered:,.0f} readings/s (p99 to DB {best.db[1]:.2f} s, to live feed "
+    say(
+        f"highest sustained rate: {best.offered:,.0f} readings/s (p99 to DB {best.db[1]:.2f} s, to live feed "
         f"{best.live[1]:.2f} s); baseline, the simulators' ceiling (broker acknowledgements as fast as they "
         f"come, same run): {ceiling.acknowledged_rate:,.0f}/s; sustained / ceiling = "
-        f"{(best.offered or 0) / max(ceiling.acknowledged_rate, 1):.2f}")
+        f"{(best.offered or 0) / max(ceiling.acknowledged_rate, 1):.2f}"
+    )
     say("goal: 50,000 readings/s with p99 under 2 s (ThingsBoard's published run: 33,333/s on 36 vCPUs)")
 
 

@@ -129,14 +129,17 @@ def publish(stack: StackSettings, kind: str, messages: int, base_ts: int) -> tup
     if kind == "single":
         topic = device_telemetry_topic("benchkota", "environment", SINGLE)
         for i in range(messages):
-            mids.append(client.publish(topic, json.dumps({"ts": base_ts + i, "values": {"currentLevel": i % 900}}),
-                                       qos=1).mid)
+            mids.append(
+                client.publish(topic, json.dumps({"ts": base_ts + i, "values": {"currentLevel": i % 900}}), qos=1).mid
+            )
         readings, records = messages, messages
     else:
         topic = gateway_telemetry_topic("benchkota", GATEWAY)
         for m in range(messages):
-            body = {d: [{"ts": base_ts + m * 10 + s, "values": {"currentLevel": (m + s) % 900}} for s in range(10)]
-                    for d in BATCH_DEVICES}
+            body = {
+                d: [{"ts": base_ts + m * 10 + s, "values": {"currentLevel": (m + s) % 900}} for s in range(10)]
+                for d in BATCH_DEVICES
+            }
             mids.append(client.publish(topic, json.dumps(body), qos=1).mid)
         readings, records = messages * 100, messages * len(BATCH_DEVICES)
     deadline = time.monotonic() + 300
@@ -238,8 +241,9 @@ class FloodResult:
     flood_forwarded: int
 
 
-async def _others_latency(stack: StackSettings, since: dict[Any, int], expected: int, timeout_s: float
-                          ) -> tuple[list[float], int]:
+async def _others_latency(
+    stack: StackSettings, since: dict[Any, int], expected: int, timeout_s: float
+) -> tuple[list[float], int]:
     """Latencies (ms) of the others' readings written since `since`, and how many of the flooder's."""
     consumer = AIOKafkaConsumer(**stack.kafka_client_options(), enable_auto_commit=False, group_id=None)
     await consumer.start()
@@ -301,8 +305,10 @@ def run_flood_case(stack: StackSettings, case: str, seconds: float) -> FloodResu
     ctx = multiprocessing.get_context("fork")
     ready, go = ctx.Semaphore(0), ctx.Event()
     counters = [ctx.Value("q", 0) for _ in range(REPORTERS)]
-    reporters = [ctx.Process(target=_report, args=(stack.mqtt_port, OTHERS[i::REPORTERS], seconds, ready, go, c))
-                 for i, c in enumerate(counters)]
+    reporters = [
+        ctx.Process(target=_report, args=(stack.mqtt_port, OTHERS[i::REPORTERS], seconds, ready, go, c))
+        for i, c in enumerate(counters)
+    ]
     for process in reporters:
         process.start()
     for _ in reporters:
@@ -344,37 +350,48 @@ async def _end_offsets(stack: StackSettings) -> dict[Any, int]:
 def flood_cases(stack: StackSettings, seconds: float, repeats: int) -> None:
     procs.stop(stack, "bench-bridge")
     forget_session(stack, KOTA_CLIENT_ID)  # start from an empty queue
-    components.start_component(stack, "gateway", instance="bench-bridge",
-                               env={"KOTA_GATEWAY_CLIENT_ID": KOTA_CLIENT_ID})
+    components.start_component(
+        stack, "gateway", instance="bench-bridge", env={"KOTA_GATEWAY_CLIENT_ID": KOTA_CLIENT_ID}
+    )
     mosquitto.open_devices_when_ingest_subscribed(stack, say, timeout_s=60)
     results: dict[str, list[FloodResult]] = {}
     try:
         for _ in range(repeats):
             for case in ("no flood", "flood, rate limit on", "flood, no rate limit"):
                 result = run_flood_case(stack, case, seconds)
-                say(f"{case}: others p50 {result.p50_ms:.0f} ms, p99 {result.p99_ms:.0f} ms, "
+                say(
+                    f"{case}: others p50 {result.p50_ms:.0f} ms, p99 {result.p99_ms:.0f} ms, "
                     f"{result.others_arrived}/{result.others_sent} arrived; flooder sent {result.flood_sent:,}, "
-                    f"forwarded {result.flood_forwarded:,}")
+                    f"forwarded {result.flood_forwarded:,}"
+                )
                 results.setdefault(case, []).append(result)
     finally:
         procs.stop(stack, "bench-bridge")
     print()
-    print(f"1,000 devices at 1 reading/s each, {seconds:.0f} s a run, latency publish -> Kafka; "
-          f"median of {repeats} run(s) [min-max]")
+    print(
+        f"1,000 devices at 1 reading/s each, {seconds:.0f} s a run, latency publish -> Kafka; "
+        f"median of {repeats} run(s) [min-max]"
+    )
     print(f"{'case':<24} {'p50 ms':>16} {'p99 ms':>20} {'others arrived':>15} {'flood sent':>11} {'forwarded':>10}")
     for case, rs in results.items():
+
         def spread(attr: str, rs: list[FloodResult] = rs) -> str:
             values = [getattr(r, attr) for r in rs]
             return f"{statistics.median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
-        print(f"{case:<24} {spread('p50_ms'):>16} {spread('p99_ms'):>20} "
-              f"{sum(r.others_arrived for r in rs) / sum(r.others_sent for r in rs):>14.1%} "
-              f"{statistics.median(r.flood_sent for r in rs):>11,.0f} "
-              f"{statistics.median(r.flood_forwarded for r in rs):>10,.0f}")
+
+        print(
+            f"{case:<24} {spread('p50_ms'):>16} {spread('p99_ms'):>20} "
+            f"{sum(r.others_arrived for r in rs) / sum(r.others_sent for r in rs):>14.1%} "
+            f"{statistics.median(r.flood_sent for r in rs):>11,.0f} "
+            f"{statistics.median(r.flood_forwarded for r in rs):>10,.0f}"
+        )
     base = statistics.median(r.p99_ms for r in results["no flood"])
     limited = statistics.median(r.p99_ms for r in results["flood, rate limit on"])
     unlimited = statistics.median(r.p99_ms for r in results["flood, no rate limit"])
-    print(f"others' p99 under a flood: {limited / base:,.1f}x the no-flood run with the rate limit, "
-          f"{unlimited / base:,.1f}x without it")
+    print(
+        f"others' p99 under a flood: {limited / base:,.1f}x the no-flood run with the rate limit, "
+        f"{unlimited / base:,.1f}x without it"
+    )
 
 
 def main() -> None:
@@ -394,14 +411,14 @@ def main() -> None:
 
 def throughput(stack: StackSettings, scale: float, repeats: int) -> None:
     base = int(time.time() * 1000) - 3 * 86_400_000  # distinct timestamps per run, all in the accepted past
-    sizes = {("kota", "single"): 10_000, ("naive", "single"): 2_000,
-             ("kota", "batch"): 1_000, ("naive", "batch"): 200}
+    sizes = {("kota", "single"): 10_000, ("naive", "single"): 2_000, ("kota", "batch"): 1_000, ("naive", "batch"): 200}
     runs: dict[tuple[str, str], list[Result]] = {key: [] for key in sizes}
     step = 0
     for _ in range(repeats):
         for (bridge, kind), messages in sizes.items():
-            runs[(bridge, kind)].append(run_one(stack, bridge, kind, max(10, int(messages * scale)),
-                                                base + step * 5_000_000))
+            runs[(bridge, kind)].append(
+                run_one(stack, bridge, kind, max(10, int(messages * scale)), base + step * 5_000_000)
+            )
             step += 1
 
     def median(key: tuple[str, str], attr: str) -> float:
@@ -412,16 +429,20 @@ def throughput(stack: StackSettings, scale: float, repeats: int) -> None:
     print(f"{'payload':<28} {'bridge':<7} {'readings/run':>12} {'readings/s':>11} {'CPU ms / 10k readings':>22}")
     for (bridge, kind), results in runs.items():
         label = "1 reading per message" if kind == "single" else "gateway batch, 100 readings"
-        print(f"{label:<28} {bridge:<7} {results[0].readings:>12,} {median((bridge, kind), 'rate'):>11,.0f} "
-              f"{median((bridge, kind), 'cpu_ms_per_10k'):>22,.0f}")
+        print(
+            f"{label:<28} {bridge:<7} {results[0].readings:>12,} {median((bridge, kind), 'rate'):>11,.0f} "
+            f"{median((bridge, kind), 'cpu_ms_per_10k'):>22,.0f}"
+        )
     print()
     ratios = {kind: median(("kota", kind), "rate") / median(("naive", kind), "rate") for kind in ("single", "batch")}
     for kind, ratio in ratios.items():
         print(f"{kind:<6}: kota gateway is {ratio:,.1f}x the naive bridge")
     batch_rate = median(("kota", "batch"), "rate")
-    print(f"goal: >= 50,000 readings/s with gateway batches ({batch_rate:,.0f}: "
-          f"{'met' if batch_rate >= 50_000 else 'NOT met'}), >= 10x the naive bridge "
-          f"(batches {ratios['batch']:,.1f}x: {'met' if ratios['batch'] >= 10 else 'NOT met'})")
+    print(
+        f"goal: >= 50,000 readings/s with gateway batches ({batch_rate:,.0f}: "
+        f"{'met' if batch_rate >= 50_000 else 'NOT met'}), >= 10x the naive bridge "
+        f"(batches {ratios['batch']:,.1f}x: {'met' if ratios['batch'] >= 10 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

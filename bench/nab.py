@@ -65,7 +65,7 @@ def windowed_gaussian_scores(values: np.ndarray, window: int = 6400) -> np.ndarr
     """NAB's 'windowed Gaussian' idea: tail probability of the value against the recent window."""
     out = np.zeros(len(values))
     for i in range(len(values)):
-        past = values[max(0, i - window):i]
+        past = values[max(0, i - window) : i]
         if past.size > 10 and past.std() > 0:
             z = abs(values[i] - past.mean()) / past.std()
             out[i] = 1 - np.exp(-max(z - 1, 0) / 2)
@@ -87,16 +87,20 @@ def main() -> None:
         "windowed gaussian": lambda ts, v: windowed_gaussian_scores(v),
         "random": lambda ts, v: rng.random(len(v)),
     }
-    print(f"NAB standard profile over {len(corpus)} files, {sum(len(c[2]) for c in corpus):,} points, "
-          f"{sum(len(c[3]) for c in corpus)} labelled windows")
+    print(
+        f"NAB standard profile over {len(corpus)} files, {sum(len(c[2]) for c in corpus):,} points, "
+        f"{sum(len(c[3]) for c in corpus)} labelled windows"
+    )
     print(f"{'detector':<26} {'score':>6} {'threshold':>9} {'TP':>4} {'FP':>5} {'FN':>4} {'seconds':>8}")
     for label, detector in detectors.items():
         started = time.perf_counter()
         files: list[ScoredFile] = [prepare(name, detector(ts, values), windows) for name, ts, values, windows in corpus]
         elapsed = time.perf_counter() - started
         result = corpus_score(files)
-        print(f"{label:<26} {result.score:>6.1f} {result.threshold:>9.3f} {result.tp:>4} {result.fp:>5} "
-              f"{result.fn:>4} {elapsed:>8.2f}")
+        print(
+            f"{label:<26} {result.score:>6.1f} {result.threshold:>9.3f} {result.tp:>4} {result.fp:>5} "
+            f"{result.fn:>4} {elapsed:>8.2f}"
+        )
     print("null detector scores 0.0 and a perfect one 100.0 by construction; published Numenta HTM: 70.5")
 
 

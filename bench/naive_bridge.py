@@ -46,8 +46,14 @@ async def main() -> None:
             msg = await asyncio.to_thread(inbox.get, True, 0.2)
         except queue.Empty:
             continue
-        result = parse_message(msg.topic, msg.payload, devices=devices, gateways=gateways,
-                               received_ms=time.time_ns() // 1_000_000, limits=ParseLimits())
+        result = parse_message(
+            msg.topic,
+            msg.payload,
+            devices=devices,
+            gateways=gateways,
+            received_ms=time.time_ns() // 1_000_000,
+            limits=ParseLimits(),
+        )
         by_device = defaultdict(list)
         for reading in result.readings:
             by_device[reading.device_id].append(reading)

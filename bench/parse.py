@@ -28,11 +28,13 @@ def _cases() -> list[tuple[str, str, bytes, dict, dict]]:
     devices = {d.device_id: d for d in [single, *bound]}
     gateways = {"gw-1": Gateway("gw-1", "bandung")}
     one = json.dumps({"ts": NOW - 1000, "values": {m: 10.5 for m in single.metrics}}).encode()
-    batch = json.dumps({d.device_id: [{"ts": NOW - 1000 * k, "values": {m: 10.5 for m in d.metrics}}
-                                      for k in (1, 2)] for d in bound}).encode()
-    return [("device message, 8 values", device_telemetry_topic("bandung", "environment", "aq-1"), one,
-             devices, gateways),
-            ("gateway batch, 1,600 values", gateway_telemetry_topic("bandung", "gw-1"), batch, devices, gateways)]
+    batch = json.dumps(
+        {d.device_id: [{"ts": NOW - 1000 * k, "values": {m: 10.5 for m in d.metrics}} for k in (1, 2)] for d in bound}
+    ).encode()
+    return [
+        ("device message, 8 values", device_telemetry_topic("bandung", "environment", "aq-1"), one, devices, gateways),
+        ("gateway batch, 1,600 values", gateway_telemetry_topic("bandung", "gw-1"), batch, devices, gateways),
+    ]
 
 
 def _micros(work: Callable[[], object], number: int) -> list[float]:
@@ -45,11 +47,17 @@ def main() -> None:
     for name, topic, payload, devices, gateways in _cases():
         number = 2000 if "device" in name else 30
         floor = _micros(lambda p=payload: orjson.loads(p), number)
-        full = _micros(lambda t=topic, p=payload, d=devices, g=gateways: parse_message(
-            t, p, devices=d, gateways=g, received_ms=NOW, limits=limits), number)
-        print(f"{name:<30} {statistics.median(floor):>8.1f} [{min(floor):.1f}-{max(floor):.1f}] "
-              f"{statistics.median(full):>10.1f} [{min(full):.1f}-{max(full):.1f}] "
-              f"{statistics.median(full) / statistics.median(floor):>6.1f}x")
+        full = _micros(
+            lambda t=topic, p=payload, d=devices, g=gateways: parse_message(
+                t, p, devices=d, gateways=g, received_ms=NOW, limits=limits
+            ),
+            number,
+        )
+        print(
+            f"{name:<30} {statistics.median(floor):>8.1f} [{min(floor):.1f}-{max(floor):.1f}] "
+            f"{statistics.median(full):>10.1f} [{min(full):.1f}-{max(full):.1f}] "
+            f"{statistics.median(full) / statistics.median(floor):>6.1f}x"
+        )
 
 
 if __name__ == "__main__":

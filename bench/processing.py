@@ -56,8 +56,9 @@ def synthetic_stream(n: int, n_series: int, seed: int = 1) -> tuple[np.ndarray, 
     return series, ts, values
 
 
-def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_river: int,
-                  passes: int = 3) -> dict[str, float]:
+def bench_kernels(
+    n: int, n_series: int, batch: int, slice_python: int, slice_river: int, passes: int = 3
+) -> dict[str, float]:
     series, ts, values = synthetic_stream(n, n_series)
     out_series = np.empty(batch, np.int64)
     out_bucket = np.empty(batch)
@@ -80,19 +81,23 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
         for start in range(0, n, batch):
             stop = start + batch
             detectors.score(series[start:stop], ts[start:stop], values[start:stop])
-            windows += kernels.minute_partials(series[start:stop], ts[start:stop], values[start:stop], 60_000.0,
-                                               out_series, out_bucket, out_stats)
+            windows += kernels.minute_partials(
+                series[start:stop], ts[start:stop], values[start:stop], 60_000.0, out_series, out_bucket, out_stats
+            )
         kernel_s = min(kernel_s, time.process_time() - started)
     results = {"kernels": n / kernel_s}
-    say(f"kernels: {n:,} readings over {n_series:,} series in {kernel_s:.3f} s CPU, best of {passes} "
-        f"({results['kernels']:,.0f} readings/s, {windows:,} one-minute partials)")
+    say(
+        f"kernels: {n:,} readings over {n_series:,} series in {kernel_s:.3f} s CPU, best of {passes} "
+        f"({results['kernels']:,.0f} readings/s, {windows:,} one-minute partials)"
+    )
 
     from tests.reference_detectors import reference_scores
 
     params = kernels.ALL_DETECTORS_PARAMS
     ranges = {s: (-np.inf, np.inf) for s in range(n_series)}
-    rows = list(zip(series[:slice_python].tolist(), ts[:slice_python].tolist(), values[:slice_python].tolist(),
-                    strict=True))
+    rows = list(
+        zip(series[:slice_python].tolist(), ts[:slice_python].tolist(), values[:slice_python].tolist(), strict=True)
+    )
     python_s = float("inf")
     for _ in range(passes):  # best of the same number of passes as the kernels, from fresh state
         states: dict = {}
@@ -108,8 +113,10 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
             p[4] = max(p[4], x)
         python_s = min(python_s, time.process_time() - started)
     results["python"] = slice_python / python_s
-    say(f"plain Python, same logic: {slice_python:,} readings in {python_s:.2f} s CPU "
-        f"({results['python']:,.0f} readings/s)")
+    say(
+        f"plain Python, same logic: {slice_python:,} readings in {python_s:.2f} s CPU "
+        f"({results['python']:,.0f} readings/s)"
+    )
 
     from river import anomaly
 
@@ -126,23 +133,38 @@ def bench_kernels(n: int, n_series: int, batch: int, slice_python: int, slice_ri
             models[s].learn_one(features)
         river_s = min(river_s, time.process_time() - started)
     results["river"] = slice_river / river_s
-    say(f"River HalfSpaceTrees (10 trees, height 6, one model per series): {slice_river:,} readings in "
-        f"{river_s:.2f} s CPU ({results['river']:,.0f} readings/s)")
-    say(f"kernels vs plain Python: {results['kernels'] / results['python']:,.0f}x; "
-        f"vs River HalfSpaceTrees: {results['kernels'] / results['river']:,.0f}x; goal 20,000,000 readings/s")
+    say(
+        f"River HalfSpaceTrees (10 trees, height 6, one model per series): {slice_river:,} readings in "
+        f"{river_s:.2f} s CPU ({results['river']:,.0f} readings/s)"
+    )
+    say(
+        f"kernels vs plain Python: {results['kernels'] / results['python']:,.0f}x; "
+        f"vs River HalfSpaceTrees: {results['kernels'] / results['river']:,.0f}x; goal 20,000,000 readings/s"
+    )
     return results
 
 
 def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
-    data = [(1_790_000_000_000 + i * 1000, f"bench-{i % 1000:04d}", "pressure", float(i % 97), "bar",
-             1_790_000_000_000 + i * 1000) for i in range(rows)]
+    data = [
+        (
+            1_790_000_000_000 + i * 1000,
+            f"bench-{i % 1000:04d}",
+            "pressure",
+            float(i % 97),
+            "bar",
+            1_790_000_000_000 + i * 1000,
+        )
+        for i in range(rows)
+    ]
     timings: dict[str, list[float]] = {"copy": [], "binary copy": [], "executemany": []}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for _ in range(rounds):
             for method in timings:
                 conn.execute("DROP TABLE IF EXISTS bench_writes")
-                conn.execute("CREATE UNLOGGED TABLE bench_writes (ts_ms bigint, device_id text, metric text, "
-                             "value double precision, unit text, received_ms bigint)")
+                conn.execute(
+                    "CREATE UNLOGGED TABLE bench_writes (ts_ms bigint, device_id text, metric text, "
+                    "value double precision, unit text, received_ms bigint)"
+                )
                 started = time.perf_counter()
                 with conn.transaction(), conn.cursor() as cur:
                     if method == "copy":
@@ -159,10 +181,12 @@ def bench_database_writes(dsn: str, rows: int, rounds: int) -> dict[str, float]:
                 timings[method].append(time.perf_counter() - started)
         conn.execute("DROP TABLE IF EXISTS bench_writes")
     rates = {m: rows / statistics.median(t) for m, t in timings.items()}
-    say(f"database writes of {rows:,} rows, median of {rounds}: COPY {rates['copy']:,.0f} rows/s, "
+    say(
+        f"database writes of {rows:,} rows, median of {rounds}: COPY {rates['copy']:,.0f} rows/s, "
         f"binary COPY {rates['binary copy']:,.0f} rows/s, executemany {rates['executemany']:,.0f} rows/s "
         f"(COPY {rates['copy'] / rates['executemany']:.1f}x, binary COPY "
-        f"{rates['binary copy'] / rates['executemany']:.1f}x executemany)")
+        f"{rates['binary copy'] / rates['executemany']:.1f}x executemany)"
+    )
     return rates
 
 
@@ -170,8 +194,13 @@ def bench_array_parameters(dsn: str, rows: int, rounds: int) -> dict[str, float]
     """The newest value per series as processing.store upserts them: columns as array parameters to
     one `unnest`, sent as text (%s) or binary (%b). Timed as a SELECT over the unnest, which is the
     part that differs: the client's dumping of the lists and the server's parsing of them."""
-    columns = ([f"bench-{i:05d}" for i in range(rows)], ["pm25"] * rows,
-               [1_790_000_000_000 + i for i in range(rows)], [i * 1.1 for i in range(rows)], ["ug/m3"] * rows)
+    columns = (
+        [f"bench-{i:05d}" for i in range(rows)],
+        ["pm25"] * rows,
+        [1_790_000_000_000 + i for i in range(rows)],
+        [i * 1.1 for i in range(rows)],
+        ["ug/m3"] * rows,
+    )
     query = "SELECT count(*) FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], %s::text[])"
     timings: dict[str, list[float]] = {"text": [], "binary": []}
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -181,8 +210,10 @@ def bench_array_parameters(dsn: str, rows: int, rounds: int) -> dict[str, float]
                 conn.execute(query.replace("%s", placeholder), columns).fetchone()
                 timings[form].append(time.perf_counter() - started)
     ms = {form: 1000 * statistics.median(t) for form, t in timings.items()}
-    say(f"array parameters, {rows:,} rows of 5 columns, median of {rounds}: text {ms['text']:.1f} ms, "
-        f"binary {ms['binary']:.1f} ms a round trip (binary {ms['text'] / ms['binary']:.1f}x faster)")
+    say(
+        f"array parameters, {rows:,} rows of 5 columns, median of {rounds}: text {ms['text']:.1f} ms, "
+        f"binary {ms['binary']:.1f} ms a round trip (binary {ms['text'] / ms['binary']:.1f}x faster)"
+    )
     return ms
 
 
@@ -217,8 +248,10 @@ def start_group_at_the_end(stack: StackSettings, group: str) -> None:
 
     ends = end_offsets(stack)
     with psycopg.connect(stack.postgres_dsn) as conn, conn.cursor() as cur:
-        cur.executemany("INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) "
-                        "VALUES (%s, %s, %s, %s)", [(group, READINGS_TOPIC, p, offset) for p, offset in ends.items()])
+        cur.executemany(
+            "INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) VALUES (%s, %s, %s, %s)",
+            [(group, READINGS_TOPIC, p, offset) for p, offset in ends.items()],
+        )
 
 
 def drain_into_the_default_group(stack: StackSettings, group: str) -> None:
@@ -232,9 +265,12 @@ def drain_into_the_default_group(stack: StackSettings, group: str) -> None:
 
     def behind() -> int:
         with psycopg.connect(stack.postgres_dsn) as conn:
-            stored: dict[int, int] = dict(conn.execute(
-                "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s",
-                (ProcessorSettings().group_id, READINGS_TOPIC)).fetchall())
+            stored: dict[int, int] = dict(
+                conn.execute(
+                    "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s",
+                    (ProcessorSettings().group_id, READINGS_TOPIC),
+                ).fetchall()
+            )
         return sum(max(0, end - stored.get(p, 0)) for p, end in ends.items())
 
     ends = end_offsets(stack)
@@ -262,8 +298,7 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
     now = int(time.time() * 1000)
 
     async def produce() -> None:
-        producer = AIOKafkaProducer(**stack.kafka_client_options(), acks="all", linger_ms=20,
-                                    max_batch_size=1 << 20)
+        producer = AIOKafkaProducer(**stack.kafka_client_options(), acks="all", linger_ms=20, max_batch_size=1 << 20)
         await producer.start()
         try:
             pending = []
@@ -271,11 +306,21 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
             for offset in range(0, per_device, per_record):
                 for d in range(n_devices):
                     device = f"{run}-{d:05d}"
-                    batch = [Reading(now - 3_600_000 + (offset + i) * 10_000, "benchkota",
-                                     "environment", device, "pm25", float(20 + (d + offset + i) % 17), "ug/m3",
-                                     now, "bench") for i in range(per_record)]
-                    pending.append(await producer.send(READINGS_TOPIC, encode_device_batch(batch),
-                                                       key=device.encode()))
+                    batch = [
+                        Reading(
+                            now - 3_600_000 + (offset + i) * 10_000,
+                            "benchkota",
+                            "environment",
+                            device,
+                            "pm25",
+                            float(20 + (d + offset + i) % 17),
+                            "ug/m3",
+                            now,
+                            "bench",
+                        )
+                        for i in range(per_record)
+                    ]
+                    pending.append(await producer.send(READINGS_TOPIC, encode_device_batch(batch), key=device.encode()))
             await asyncio.gather(*pending)
         finally:
             await producer.stop()
@@ -285,14 +330,16 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
 
     def stored() -> int:
         with psycopg.connect(stack.postgres_dsn) as conn:
-            row = conn.execute("SELECT coalesce(sum(n), 0) FROM agg_1m WHERE device_id LIKE %s",
-                               (run + "%",)).fetchone()
+            row = conn.execute(
+                "SELECT coalesce(sum(n), 0) FROM agg_1m WHERE device_id LIKE %s", (run + "%",)
+            ).fetchone()
         return int(row[0]) if row else 0
 
     # Workers of one `kota processor` share the topic's partitions, each with its own database
     # connection: one worker and its database backend take turns, so one leaves a core idle.
-    components.start_component(stack, "processor", env={"KOTA_PROCESSOR_WORKERS": str(workers),
-                                                    "KOTA_PROCESSOR_GROUP_ID": group})
+    components.start_component(
+        stack, "processor", env={"KOTA_PROCESSOR_WORKERS": str(workers), "KOTA_PROCESSOR_GROUP_ID": group}
+    )
     # (time, stored count) at the first poll past 10% and the first past 90%. The rate is the readings
     # stored between those two polls over the time between them, not 80% of the run: the processor
     # commits in batches of up to a quarter of the run. Polled every 0.5 s: each poll costs about 20 ms.
@@ -311,10 +358,12 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
     rate = (n_to - n_from) / (t_to - t_from)
     procs.stop(stack, "processor")  # the next user starts it with its own settings
     drain_into_the_default_group(stack, group)
-    say(f"processor with {workers} worker{'s' if workers > 1 else ''}, Kafka to database with exactly-once on: "
+    say(
+        f"processor with {workers} worker{'s' if workers > 1 else ''}, Kafka to database with exactly-once on: "
         f"{rate:,.0f} readings/s "
         f"({n_to - n_from:,} readings stored in {t_to - t_from:.1f} s, from past 10% to past 90% of {readings:,}; "
-        f"goal 100,000)")
+        f"goal 100,000)"
+    )
     say(database_state(stack, now - 3_600_000))
     return rate
 
@@ -326,25 +375,38 @@ def database_state(stack: StackSettings, ts_ms: int) -> str:
     with psycopg.connect(stack.postgres_dsn) as conn:
         row = conn.execute(
             "SELECT c.reltuples::bigint, pg_size_pretty(pg_indexes_size(c.oid)), current_setting('shared_buffers') "
-            "FROM pg_class c WHERE c.relname = %s", (name,)).fetchone()
+            "FROM pg_class c WHERE c.relname = %s",
+            (name,),
+        ).fetchone()
     if row is None:
         return f"(no partition {name}: TimescaleDB, or the readings went to the default partition)"
     rows, index_size, buffers = row
-    return (f"database state: partition {name} holds about {max(rows, 0):,} readings, indexes {index_size} "
-            f"(shared_buffers {buffers})")
+    return (
+        f"database state: partition {name} holds about {max(rows, 0):,} readings, indexes {index_size} "
+        f"(shared_buffers {buffers})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--only", choices=("kernels", "processor", "writes"))
-    parser.add_argument("--workers", type=int, default=2,
-                        help="run the processor bench with 1..N worker processes sharing the partitions")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="run the processor bench with 1..N worker processes sharing the partitions",
+    )
     args = parser.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     if args.only in (None, "kernels"):
-        bench_kernels(100_000 if args.quick else 1_000_000, 10_000, 10_000, 3_000 if args.quick else 20_000,
-                      1_000 if args.quick else 5_000)
+        bench_kernels(
+            100_000 if args.quick else 1_000_000,
+            10_000,
+            10_000,
+            3_000 if args.quick else 20_000,
+            1_000 if args.quick else 5_000,
+        )
     if args.only in (None, "processor", "writes"):
         stack = start_bench_stack(say)
         if args.only in (None, "processor"):

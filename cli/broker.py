@@ -40,25 +40,39 @@ def cmd_broker_access(args: argparse.Namespace) -> int:
     if secret is None:
         say("broker-access needs KOTA_GATEWAY_MQTT_PASSWORD: the password the gateways log in with")
         return 2
-    mqtt_access.serve_broker_access(StackSettings(), Path(args.folder), Path(args.broker_pid_file),
-                                    ingest_secret=secret.get_secret_value(),
-                                    every_s=args.every, once=args.once)
+    mqtt_access.serve_broker_access(
+        StackSettings(),
+        Path(args.folder),
+        Path(args.broker_pid_file),
+        ingest_secret=secret.get_secret_value(),
+        every_s=args.every,
+        once=args.once,
+    )
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ba = sub.add_parser("broker-access", help="keep a remote broker's password and ACL files in step with the "
-                        "registry (a sidecar in deploy/compose and deploy/k8s; `kota up` does this itself)")
+    ba = sub.add_parser(
+        "broker-access",
+        help="keep a remote broker's password and ACL files in step with the "
+        "registry (a sidecar in deploy/compose and deploy/k8s; `kota up` does this itself)",
+    )
     ba.add_argument("--folder", required=True, help="where the broker reads passwd and acl")
     ba.add_argument("--broker-pid-file", required=True, help="the broker's pid_file, signalled after each change")
     ba.add_argument("--every", type=float, default=5.0, help="seconds between registry checks")
     ba.add_argument("--once", action="store_true", help="write the files once and exit")
     ba.set_defaults(func=cmd_broker_access)
 
-    bg = sub.add_parser("broker-guard", help="lock devices out of the local broker whenever no ingest gateway "
-                        "session is subscribed (`kota up` runs it beside Mosquitto)")
+    bg = sub.add_parser(
+        "broker-guard",
+        help="lock devices out of the local broker whenever no ingest gateway "
+        "session is subscribed (`kota up` runs it beside Mosquitto)",
+    )
     bg.set_defaults(func=cmd_broker_guard)
 
-    rip = sub.add_parser("rotate-ingest-password", help="give the local ingest gateways a new broker password: "
-                         "devices are locked out, the gateway restarted with it, then devices let in again")
+    rip = sub.add_parser(
+        "rotate-ingest-password",
+        help="give the local ingest gateways a new broker password: "
+        "devices are locked out, the gateway restarted with it, then devices let in again",
+    )
     rip.set_defaults(func=cmd_rotate_ingest_password)

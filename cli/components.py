@@ -61,8 +61,13 @@ def cmd_api(_args: argparse.Namespace) -> int:
     stack, settings = StackSettings(), ApiSettings()
     # No permessage-deflate on the live feed: it compresses each client's copy of every frame
     # separately, so 200 clients on one busy city cost 200 compressions of the same bytes.
-    serve = {"host": stack.bind_host, "port": stack.api_port, "log_level": "warning", "access_log": False,
-             "ws_per_message_deflate": False}
+    serve = {
+        "host": stack.bind_host,
+        "port": stack.api_port,
+        "log_level": "warning",
+        "access_log": False,
+        "ws_per_message_deflate": False,
+    }
     if settings.workers <= 1:
         uvicorn.run(api_app(), **serve)  # type: ignore[arg-type]
         return 0
@@ -78,9 +83,12 @@ def cmd_api(_args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gwp = sub.add_parser("gateway", help="run the MQTT → Kafka gateway in the foreground")
-    gwp.add_argument("--drain", metavar="CLIENT_ID",
-                     help="after scaling gateways down: forward what the departed gateway CLIENT_ID's broker session "
-                          "still holds, take it out of the shared subscription, and exit")
+    gwp.add_argument(
+        "--drain",
+        metavar="CLIENT_ID",
+        help="after scaling gateways down: forward what the departed gateway CLIENT_ID's broker session "
+        "still holds, take it out of the shared subscription, and exit",
+    )
     gwp.set_defaults(func=cmd_gateway)
     sub.add_parser("processor", help="run the stream processor in the foreground").set_defaults(func=cmd_processor)
     sub.add_parser("api", help="run the ops API and page in the foreground").set_defaults(func=cmd_api)

@@ -21,17 +21,26 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         # Everything here came from a device: escaped, so it cannot forge lines or drive the terminal.
         topic = escaped(str(letter["topic"]), 200)
         for rejection in letter["rejections"]:
-            print(f"{escaped(str(rejection['reason']), 40):<20} {topic}  {escaped(str(rejection['message']))}",
-                  flush=True)
+            print(
+                f"{escaped(str(rejection['reason']), 40):<20} {topic}  {escaped(str(rejection['message']))}", flush=True
+            )
         more = int(letter["rejections_total"]) - len(letter["rejections"])
         if more > 0:
             counts = ", ".join(f"{escaped(str(reason), 40)} {n}" for reason, n in letter["reasons"].items())
             print(f"{'':<20} {topic}  ... and {more} more rejection(s) in this message ({counts})", flush=True)
 
     since_ms = int((time.time() - args.since) * 1000)
-    seen = asyncio.run(read_dead_letters(stack.kafka_client_options(), device=args.device, since_ms=since_ms,
-                                         wait_for=args.wait_for, follow=args.follow, timeout_s=args.timeout,
-                                         show=show))
+    seen = asyncio.run(
+        read_dead_letters(
+            stack.kafka_client_options(),
+            device=args.device,
+            since_ms=since_ms,
+            wait_for=args.wait_for,
+            follow=args.follow,
+            timeout_s=args.timeout,
+            show=show,
+        )
+    )
     if args.wait_for and not seen:
         say(f"no {args.wait_for} rejection within {args.timeout:.0f} s")
         return 1

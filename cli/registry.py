@@ -49,14 +49,30 @@ def cmd_devices(args: argparse.Namespace) -> int:
             password = args.password or new_password()
             try:
                 if args.action == "add":
-                    device = new_device(args.device_id, args.city, args.type, district=args.district, lat=args.lat,
-                                        lon=args.lon, gateway_id=args.gateway)
+                    device = new_device(
+                        args.device_id,
+                        args.city,
+                        args.type,
+                        district=args.district,
+                        lat=args.lat,
+                        lon=args.lon,
+                        gateway_id=args.gateway,
+                    )
                     upsert_devices(conn, [device], {device.device_id: password})
                     topic = device_telemetry_topic(device.city, device.domain, device.device_id)
-                    accounts.record(conn, _cli_actor(), "device.created", "device", device.device_id, device.city,
-                                    {"device_type": device.device_type, "district": device.district})
-                    say(f"device {device.device_id} ({device.device_type}) registered in {device.city}/"
-                         f"{device.domain}; metrics: {', '.join(device.metrics)}")
+                    accounts.record(
+                        conn,
+                        _cli_actor(),
+                        "device.created",
+                        "device",
+                        device.device_id,
+                        device.city,
+                        {"device_type": device.device_type, "district": device.district},
+                    )
+                    say(
+                        f"device {device.device_id} ({device.device_type}) registered in {device.city}/"
+                        f"{device.domain}; metrics: {', '.join(device.metrics)}"
+                    )
                 else:
                     upsert_gateway(conn, Gateway(args.device_id, args.city), password)
                     topic = gateway_telemetry_topic(args.city, args.device_id)
@@ -73,16 +89,20 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 print(f"{d.device_id:<36} {d.city:<12} {d.domain:<12} {d.device_type:<18} {state:<9} {via}")
             for g in load_gateways(conn).values():
                 if args.city in (None, g.city):
-                    print(f"{g.gateway_id:<36} {g.city:<12} {'gateway':<12} {'gateway':<18} "
-                          f"{'enabled' if g.enabled else 'DISABLED'}")
+                    print(
+                        f"{g.gateway_id:<36} {g.city:<12} {'gateway':<12} {'gateway':<18} "
+                        f"{'enabled' if g.enabled else 'DISABLED'}"
+                    )
         elif args.action == "password":
             password = args.password or new_password()
             if not set_mqtt_password(conn, args.device_id, password):
                 say(f"error: no device or gateway {args.device_id!r}")
                 return 1
             accounts.record(conn, _cli_actor(), "device.password_changed", "device", args.device_id, None, {})
-            say(f"MQTT username {args.device_id}  new password {password}  (shown once; the old one no longer "
-                 "works once the broker has reloaded, which this command waits for)")
+            say(
+                f"MQTT username {args.device_id}  new password {password}  (shown once; the old one no longer "
+                "works once the broker has reloaded, which this command waits for)"
+            )
         elif args.action == "rate":
             per_s = None if args.per_s == "default" else float(args.per_s)
             try:
@@ -93,16 +113,24 @@ def cmd_devices(args: argparse.Namespace) -> int:
             if not found:
                 say(f"error: no device or gateway {args.device_id!r}")
                 return 1
-            accounts.record(conn, _cli_actor(), "device.changed", "device", args.device_id, None,
-                            {"rate_limit_per_s": per_s})
+            accounts.record(
+                conn, _cli_actor(), "device.changed", "device", args.device_id, None, {"rate_limit_per_s": per_s}
+            )
             shown = "the gateway's default" if per_s is None else "no limit" if per_s == 0 else f"{per_s:g} messages/s"
             say(f"{args.device_id}: rate limit {shown} (the gateways read it within 10 s)")
         else:
             if not set_enabled(conn, args.device_id, args.action == "enable"):
                 say(f"error: no device or gateway {args.device_id!r}")
                 return 1
-            accounts.record(conn, _cli_actor(), "device.changed", "device", args.device_id, None,
-                            {"enabled": args.action == "enable"})
+            accounts.record(
+                conn,
+                _cli_actor(),
+                "device.changed",
+                "device",
+                args.device_id,
+                None,
+                {"enabled": args.action == "enable"},
+            )
             say(f"{args.device_id} {args.action}d")
     mqtt_access.sync(stack)
     return 0
@@ -129,23 +157,32 @@ def cmd_users(args: argparse.Namespace) -> int:
                 scope = "every city" if user.role == "admin" else ", ".join(user.cities)
                 say(f"user {user.user_id} saved: {user.role} for {scope}")
                 if not args.no_token:
-                    token = accounts.issue_token(conn, user.user_id, label="created with the user", actor=_cli_actor(),
-                                                 lifetime=args.expires)
+                    token = accounts.issue_token(
+                        conn, user.user_id, label="created with the user", actor=_cli_actor(), lifetime=args.expires
+                    )
                     say(f"API token (shown once; only its hash is kept; {_expiry(conn, token)}): {token}")
             elif args.action == "token":
-                token = accounts.issue_token(conn, args.user_id, label=args.label, actor=_cli_actor(),
-                                             lifetime=args.expires)
-                say(f"API token for {args.user_id} (shown once; only its hash is kept; {_expiry(conn, token)}): "
-                     f"{token}")
+                token = accounts.issue_token(
+                    conn, args.user_id, label=args.label, actor=_cli_actor(), lifetime=args.expires
+                )
+                say(
+                    f"API token for {args.user_id} (shown once; only its hash is kept; {_expiry(conn, token)}): {token}"
+                )
             elif args.action == "revoke":
                 say(f"{accounts.revoke_tokens(conn, args.user_id, actor=_cli_actor())} token(s) revoked")
             else:
                 for user, tokens in accounts.list_users(conn):
                     scope = "*" if user.role == "admin" else ",".join(user.cities)
-                    expiry = "-" if not tokens.live else \
-                        f"{tokens.next_expiry:%Y-%m-%d %H:%M %Z}" if tokens.next_expiry else "never"
-                    print(f"{user.user_id:<24} {user.role:<11} {tokens.live:>2} token(s)  expires {expiry:<20}  "
-                          f"{scope}")
+                    expiry = (
+                        "-"
+                        if not tokens.live
+                        else f"{tokens.next_expiry:%Y-%m-%d %H:%M %Z}"
+                        if tokens.next_expiry
+                        else "never"
+                    )
+                    print(
+                        f"{user.user_id:<24} {user.role:<11} {tokens.live:>2} token(s)  expires {expiry:<20}  {scope}"
+                    )
         except (ValueError, LookupError) as exc:
             say(f"error: {exc}")
             return 1
@@ -224,8 +261,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     utok.add_argument("user_id")
     utok.add_argument("--label", help="what the token is for")
     for p in (uadd, utok):
-        p.add_argument("--expires", type=_token_lifetime, default="default", metavar="DAYS|never",
-                       help="the token works for this many days, or until revoked (never); default 90")
+        p.add_argument(
+            "--expires",
+            type=_token_lifetime,
+            default="default",
+            metavar="DAYS|never",
+            help="the token works for this many days, or until revoked (never); default 90",
+        )
     urev = users_sub.add_parser("revoke", help="revoke every token of an account")
     urev.add_argument("user_id")
     users_sub.add_parser("list", help="list accounts")

@@ -29,8 +29,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             components.start_component(settings, name)
         mosquitto.open_devices_when_ingest_subscribed(settings, say)
         if not args.no_simulator:
-            components.start_component(settings, "simulate", "--devices", str(args.devices), "--interval",
-                                  str(args.interval), "--city", args.city, instance="simulator")
+            components.start_component(
+                settings,
+                "simulate",
+                "--devices",
+                str(args.devices),
+                "--interval",
+                str(args.interval),
+                "--city",
+                args.city,
+                instance="simulator",
+            )
         procs.wait_until(lambda: components.api_healthy(settings), "api", settings, timeout_s=60)
         token = ensure_demo_operator(settings, args.city)
     except procs.StackError as exc:
@@ -108,8 +117,9 @@ def ensure_demo_operator(stack: StackSettings, city: str) -> str:
         known = accounts.get_user(conn, "demo-operator")
         if known is None or city not in known.cities:  # keep the cities of earlier runs, add this one
             cities = tuple(sorted({city, *(known.cities if known else ())}))
-            accounts.upsert_user(conn, accounts.User("demo-operator", "operator", cities, "Demo operator"),
-                                 actor="kota-up")
+            accounts.upsert_user(
+                conn, accounts.User("demo-operator", "operator", cities, "Demo operator"), actor="kota-up"
+            )
         if token_file.exists() and accounts.token_is_live(conn, token := token_file.read_text().strip()):
             return token
         token = accounts.issue_token(conn, "demo-operator", label="kota up", actor="kota-up")
@@ -130,10 +140,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     down.add_argument("--keep-services", action="store_true", help="stop only the project's processes")
     down.set_defaults(func=cmd_down)
 
-    sub.add_parser("install", help="install missing system packages and the Kafka broker, start nothing"
-                   ).set_defaults(func=cmd_install)
+    sub.add_parser("install", help="install missing system packages and the Kafka broker, start nothing").set_defaults(
+        func=cmd_install
+    )
     sub.add_parser("status", help="show each service and project process").set_defaults(func=cmd_status)
     mig = sub.add_parser("migrate", help="apply database migrations")
-    mig.add_argument("--kafka-topics", action="store_true",
-                     help="also create the Kafka topics (`kota up` does; a deployment's init job asks for it)")
+    mig.add_argument(
+        "--kafka-topics",
+        action="store_true",
+        help="also create the Kafka topics (`kota up` does; a deployment's init job asks for it)",
+    )
     mig.set_defaults(func=cmd_migrate)

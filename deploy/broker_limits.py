@@ -20,7 +20,7 @@ BROKER_MAX_PACKET_BYTES = 256 * 1024 + 1024
 #   The broker guard locks devices out above 80% of either (mqtt_access.guard_ingest), so the broker
 #   refuses devices before it could drop what it acknowledged.
 BROKER_MAX_QUEUED_MESSAGES = 2_000_000
-BROKER_MAX_QUEUED_BYTES = 1024 ** 3
+BROKER_MAX_QUEUED_BYTES = 1024**3
 BROKER_LIMITS = f"""max_packet_size {BROKER_MAX_PACKET_BYTES}
 max_inflight_messages 10000
 max_queued_messages {BROKER_MAX_QUEUED_MESSAGES}

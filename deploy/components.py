@@ -17,28 +17,33 @@ COMPONENTS = ("gateway", "processor", "api", "simulator")
 def component_env(stack: StackSettings, component: str | None = None) -> dict[str, str]:
     """Children see exactly the stack this process sees, whatever set it, and the ingest account;
     a `component` (gateway, processor, api) also its own Kafka user (deploy/kafka_access.py)."""
-    env = {"KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset),
-           "KOTA_GATEWAY_MQTT_PASSWORD": mqtt_access.ingest_password(stack, mosquitto_dir(stack)),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        "KOTA_STATE_DIR": str(stack.state_dir),
+        "KOTA_PORT_OFFSET": str(stack.port_offset),
+        "KOTA_GATEWAY_MQTT_PASSWORD": mqtt_access.ingest_password(stack, mosquitto_dir(stack)),
+        "PYTHONUNBUFFERED": "1",
+    }
     if component in kafka_access.COMPONENT_USERS:
         user = kafka_access.COMPONENT_USERS[component]
-        env |= {"KOTA_KAFKA_USERNAME": user,
-                "KOTA_KAFKA_PASSWORD": ensure_secret(stack.state_dir, kafka_access.password_file(user))}
+        env |= {
+            "KOTA_KAFKA_USERNAME": user,
+            "KOTA_KAFKA_PASSWORD": ensure_secret(stack.state_dir, kafka_access.password_file(user)),
+        }
     # Its own PostgreSQL role too (deploy/postgres_access.py); the others are kota_owner.
     env |= postgres_access.component_env(stack, component)
     return env
 
 
-def start_component(stack: StackSettings, name: str, *args: str, instance: str | None = None,
-                    env: dict[str, str] | None = None) -> int:
+def start_component(
+    stack: StackSettings, name: str, *args: str, instance: str | None = None, env: dict[str, str] | None = None
+) -> int:
     """Start `kota <name> <args>` in the background unless it already runs; return its pid."""
     proc_name = instance or name
     pid = procs.running_pid(stack, proc_name)
     if pid:
         return pid
     argv = [sys.executable, "-m", "cli", name, *args]
-    return procs.spawn(stack, proc_name, argv, env={**component_env(stack, name), **(env or {})},
-                       cwd=PROJECT_ROOT)
+    return procs.spawn(stack, proc_name, argv, env={**component_env(stack, name), **(env or {})}, cwd=PROJECT_ROOT)
 
 
 def api_healthy(stack: StackSettings) -> bool:
@@ -51,8 +56,7 @@ def api_healthy(stack: StackSettings) -> bool:
         return False
 
 
-def rotate_ingest_password(stack: StackSettings, say: Say = print,
-                           timeout_s: float = 60.0) -> None:
+def rotate_ingest_password(stack: StackSettings, say: Say = print, timeout_s: float = 60.0) -> None:
     """On the local stack: a new ingest password, without acknowledging a reading into nowhere.
 
     Devices are locked out in the same reload that changes the password (it breaks the gateways'
@@ -63,8 +67,7 @@ def rotate_ingest_password(stack: StackSettings, say: Say = print,
     restart_gateway_and_accept(stack, say, timeout_s)
 
 
-def restart_gateway_and_accept(stack: StackSettings, say: Say = print,
-                               timeout_s: float = 60.0) -> None:
+def restart_gateway_and_accept(stack: StackSettings, say: Say = print, timeout_s: float = 60.0) -> None:
     """After the ingest password changed (`ingest_held`): restart the local gateway with it and, once
     it has logged in, make it the accepted one, so the guard lets devices in again."""
     log = procs.log_file(stack, "gateway")

@@ -27,8 +27,9 @@ def service_dir(stack: StackSettings, name: str, user: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if not IS_ROOT:
         return path
-    reachable = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)],
-                               capture_output=True).returncode == 0
+    reachable = (
+        subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True).returncode == 0
+    )
     if not reachable:
         digest = hashlib.sha256(str(stack.state_dir).encode()).hexdigest()[:10]
         path = Path("/var/lib/kotacerdas") / digest / name

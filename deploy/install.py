@@ -70,6 +70,8 @@ def _install_kafka_libs(stack: StackSettings, say: Say) -> None:
     say("resolving Apache Kafka from Maven Central (deploy/kafka/pom.xml)")
     shutil.rmtree(lib, ignore_errors=True)
     lib.mkdir(parents=True)
-    subprocess.run(["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
-                    f"-DoutputDirectory={lib}"], check=True)
+    subprocess.run(
+        ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies", f"-DoutputDirectory={lib}"],
+        check=True,
+    )
     marker.write_text(wanted)

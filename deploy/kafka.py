@@ -31,11 +31,17 @@ def write_kafka_config(stack: StackSettings) -> Path:
     folder = kafka_dir(stack)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     props = folder / "server.properties"
-    scram_login = (f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{kafka_access.ADMIN}" '
-                   f'password="{admin}";')
-    plain_login = (f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{kafka_access.ADMIN}" '
-                   f'password="{admin}" user_{kafka_access.ADMIN}="{admin}";')
-    text = _kafka_properties(stack, f"""listeners=CLIENT://127.0.0.1:{stack.kafka_port},CONTROLLER://127.0.0.1:{stack.kafka_controller_port}
+    scram_login = (
+        f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{kafka_access.ADMIN}" '
+        f'password="{admin}";'
+    )
+    plain_login = (
+        f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{kafka_access.ADMIN}" '
+        f'password="{admin}" user_{kafka_access.ADMIN}="{admin}";'
+    )
+    text = _kafka_properties(
+        stack,
+        f"""listeners=CLIENT://127.0.0.1:{stack.kafka_port},CONTROLLER://127.0.0.1:{stack.kafka_controller_port}
 advertised.listeners=CLIENT://127.0.0.1:{stack.kafka_port}
 inter.broker.listener.name=CLIENT
 controller.listener.names=CONTROLLER
@@ -48,7 +54,8 @@ listener.name.controller.plain.sasl.jaas.config={plain_login}
 sasl.mechanism.controller.protocol=PLAIN
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:{kafka_access.ADMIN}
-allow.everyone.if.no.acl.found=false""")
+allow.everyone.if.no.acl.found=false""",
+    )
     fd = os.open(props, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -75,10 +82,15 @@ def _bootstrap_kafka_config(stack: StackSettings) -> Path:
     """The broker as older code ran it (PLAINTEXT, no authorizer), bound to 127.0.0.1: started
     once, briefly, to give a folder formatted without SCRAM users its users."""
     props = kafka_dir(stack) / "bootstrap.properties"
-    props.write_text(_kafka_properties(stack, f"""listeners=PLAINTEXT://127.0.0.1:{stack.kafka_port},CONTROLLER://127.0.0.1:{stack.kafka_controller_port}
+    props.write_text(
+        _kafka_properties(
+            stack,
+            f"""listeners=PLAINTEXT://127.0.0.1:{stack.kafka_port},CONTROLLER://127.0.0.1:{stack.kafka_controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{stack.kafka_port}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"""))
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT""",
+        )
+    )
     return props
 
 
@@ -110,10 +122,19 @@ message.max.bytes=4194304
 
 def _java(stack: StackSettings, main_class: str, *args: str) -> list[str]:
     folder = kafka_dir(stack)
-    return ["java", f"-Xms{stack.kafka_heap}", f"-Xmx{stack.kafka_heap}", "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={folder / 'log4j2.yaml'}", "-cp", str(folder / "lib" / "*"),
-            main_class, *args]
+    return [
+        "java",
+        f"-Xms{stack.kafka_heap}",
+        f"-Xmx{stack.kafka_heap}",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={folder / 'log4j2.yaml'}",
+        "-cp",
+        str(folder / "lib" / "*"),
+        main_class,
+        *args,
+    ]
 
 
 def start_kafka(stack: StackSettings, say: Say) -> None:
@@ -132,10 +153,16 @@ def start_kafka(stack: StackSettings, say: Say) -> None:
         marker = folder / "data" / SCRAM_MARKER
         if not (folder / "data" / "meta.properties").exists():
             cluster_id = _kafka_cluster_id()
-            scram = [arg for user, password in passwords.items()
-                     for arg in ("--add-scram", f"{kafka_access.SCRAM_MECHANISM}=[name={user},password={password}]")]
-            result = subprocess.run(_java(stack, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c",
-                                          str(props), *scram), capture_output=True, text=True)
+            scram = [
+                arg
+                for user, password in passwords.items()
+                for arg in ("--add-scram", f"{kafka_access.SCRAM_MECHANISM}=[name={user},password={password}]")
+            ]
+            result = subprocess.run(
+                _java(stack, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), *scram),
+                capture_output=True,
+                text=True,
+            )
             if result.returncode != 0:
                 raise StackError(f"formatting Kafka storage failed: {result.stdout}{result.stderr}")
             marker.touch()
@@ -211,8 +238,15 @@ async def create_topics(stack: StackSettings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(name, num_partitions=stack.kafka_partitions if name != DEADLETTER_TOPIC else 1,
-                           replication_factor=stack.kafka_replication) for name in KAFKA_TOPICS if name not in existing]
+        wanted = [
+            NewTopic(
+                name,
+                num_partitions=stack.kafka_partitions if name != DEADLETTER_TOPIC else 1,
+                replication_factor=stack.kafka_replication,
+            )
+            for name in KAFKA_TOPICS
+            if name not in existing
+        ]
         if wanted:
             await admin.create_topics(wanted)
     finally:

@@ -86,9 +86,12 @@ class CreateAclsResponse_v2(Response):
     API_VERSION = 2
     SCHEMA = Schema(
         ("throttle_time_ms", Int32),
-        ("results", CompactArray(("error_code", Int16), ("error_message", CompactString("utf-8")),
-                                 ("tags", TaggedFields))),
-        ("tags", TaggedFields))
+        (
+            "results",
+            CompactArray(("error_code", Int16), ("error_message", CompactString("utf-8")), ("tags", TaggedFields)),
+        ),
+        ("tags", TaggedFields),
+    )
 
 
 class CreateAclsRequest_v2(RequestStruct):
@@ -97,11 +100,21 @@ class CreateAclsRequest_v2(RequestStruct):
     API_VERSION = 2
     RESPONSE_TYPE = CreateAclsResponse_v2
     SCHEMA = Schema(
-        ("creations", CompactArray(
-            ("resource_type", Int8), ("resource_name", CompactString("utf-8")), ("resource_pattern_type", Int8),
-            ("principal", CompactString("utf-8")), ("host", CompactString("utf-8")), ("operation", Int8),
-            ("permission_type", Int8), ("tags", TaggedFields))),
-        ("tags", TaggedFields))
+        (
+            "creations",
+            CompactArray(
+                ("resource_type", Int8),
+                ("resource_name", CompactString("utf-8")),
+                ("resource_pattern_type", Int8),
+                ("principal", CompactString("utf-8")),
+                ("host", CompactString("utf-8")),
+                ("operation", Int8),
+                ("permission_type", Int8),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("tags", TaggedFields),
+    )
 
 
 class CreateAclsResponse_v3(CreateAclsResponse_v2):
@@ -121,7 +134,8 @@ class CreateAcls(Request[CreateAclsStruct]):
 
     def __init__(self, acls: tuple[Acl, ...]) -> None:
         self._creations: list[tuple[object, ...]] = [
-            (a.resource_type, a.resource_name, a.pattern, f"User:{a.user}", "*", a.operation, ALLOW, {}) for a in acls]
+            (a.resource_type, a.resource_name, a.pattern, f"User:{a.user}", "*", a.operation, ALLOW, {}) for a in acls
+        ]
 
     def build(self, request_struct_class: type[CreateAclsStruct]) -> CreateAclsStruct:
         return request_struct_class(self._creations, {})
@@ -132,9 +146,17 @@ class AlterUserScramCredentialsResponse_v0(Response):
     API_VERSION = 0
     SCHEMA = Schema(
         ("throttle_time_ms", Int32),
-        ("results", CompactArray(("user", CompactString("utf-8")), ("error_code", Int16),
-                                 ("error_message", CompactString("utf-8")), ("tags", TaggedFields))),
-        ("tags", TaggedFields))
+        (
+            "results",
+            CompactArray(
+                ("user", CompactString("utf-8")),
+                ("error_code", Int16),
+                ("error_message", CompactString("utf-8")),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("tags", TaggedFields),
+    )
 
 
 class AlterUserScramCredentialsRequest_v0(RequestStruct):
@@ -144,10 +166,19 @@ class AlterUserScramCredentialsRequest_v0(RequestStruct):
     RESPONSE_TYPE = AlterUserScramCredentialsResponse_v0
     SCHEMA = Schema(
         ("deletions", CompactArray(("name", CompactString("utf-8")), ("mechanism", Int8), ("tags", TaggedFields))),
-        ("upsertions", CompactArray(
-            ("name", CompactString("utf-8")), ("mechanism", Int8), ("iterations", Int32), ("salt", CompactBytes),
-            ("salted_password", CompactBytes), ("tags", TaggedFields))),
-        ("tags", TaggedFields))
+        (
+            "upsertions",
+            CompactArray(
+                ("name", CompactString("utf-8")),
+                ("mechanism", Int8),
+                ("iterations", Int32),
+                ("salt", CompactBytes),
+                ("salted_password", CompactBytes),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("tags", TaggedFields),
+    )
 
 
 class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):
@@ -161,8 +192,9 @@ class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):
             salted = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, SCRAM_ITERATIONS)
             self._upsertions.append((user, SCRAM_SHA_512, SCRAM_ITERATIONS, salt, salted, {}))
 
-    def build(self, request_struct_class: type[AlterUserScramCredentialsRequest_v0]
-              ) -> AlterUserScramCredentialsRequest_v0:
+    def build(
+        self, request_struct_class: type[AlterUserScramCredentialsRequest_v0]
+    ) -> AlterUserScramCredentialsRequest_v0:
         return request_struct_class([], self._upsertions, {})
 
 

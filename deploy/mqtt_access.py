@@ -139,8 +139,14 @@ def existing_ingest_password(folder: Path) -> str | None:
     return secret.read_text().strip() if secret.exists() else None
 
 
-def write_access_files(stack: StackSettings, folder: Path, *, with_registry: bool = True,
-                       ingest_secret: str | None = None, broker_starting: bool = False) -> None:
+def write_access_files(
+    stack: StackSettings,
+    folder: Path,
+    *,
+    with_registry: bool = True,
+    ingest_secret: str | None = None,
+    broker_starting: bool = False,
+) -> None:
     """Write passwd and acl into the broker's folder; the registry part only once the schema exists.
     `ingest_secret` is the gateways' password where a deployment hands it out (else made here).
     `broker_starting`: no ingest session is loaded yet, so this password becomes the accepted one."""
@@ -153,9 +159,15 @@ def write_access_files(stack: StackSettings, folder: Path, *, with_registry: boo
     nonce = secrets.token_urlsafe(16)  # what reload_broker checks to know these files are loaded
     passwd = [f"{RELOAD_PROBE_USER}:{hash_mqtt_password(nonce)}"]
     acl = ["# Generated from the device registry by kota (deploy/mqtt_access.py); edits are overwritten.", ""]
-    ingest_acl = ["# The ingest listener's rules (deploy/mqtt_access.py); edits are overwritten.",
-                  f"user {INGEST_USER}", f"topic read {MQTT_TOPIC_ROOT}/#", "",
-                  f"user {GUARD_USER}", f"topic write {INGEST_PROBE_TOPIC}", f"topic read {STORE_COUNTERS}"]
+    ingest_acl = [
+        "# The ingest listener's rules (deploy/mqtt_access.py); edits are overwritten.",
+        f"user {INGEST_USER}",
+        f"topic read {MQTT_TOPIC_ROOT}/#",
+        "",
+        f"user {GUARD_USER}",
+        f"topic write {INGEST_PROBE_TOPIC}",
+        f"topic read {STORE_COUNTERS}",
+    ]
     for account in accounts:
         if account.password_hash:
             passwd.append(f"{account.username}:{account.password_hash}")
@@ -163,8 +175,10 @@ def write_access_files(stack: StackSettings, folder: Path, *, with_registry: boo
         acl.append(f"user {account.username}")
         acl += [f"topic write {topic}" for topic in account.write_topics]
         acl.append("")
-    _write_atomically(folder / INGEST_PASSWD, f"{INGEST_USER}:{hash_mqtt_password(secret)}\n"
-                      f"{GUARD_USER}:{hash_mqtt_password(guard_password(folder))}\n")
+    _write_atomically(
+        folder / INGEST_PASSWD,
+        f"{INGEST_USER}:{hash_mqtt_password(secret)}\n{GUARD_USER}:{hash_mqtt_password(guard_password(folder))}\n",
+    )
     _write_atomically(folder / INGEST_ACL, "\n".join(ingest_acl) + "\n")
     _write_atomically(folder / "passwd", "\n".join(passwd) + "\n")
     _write_atomically(folder / "acl", "\n".join(acl) + "\n")
@@ -230,8 +244,9 @@ def sync(stack: StackSettings, *, ingest_secret: str | None = None) -> None:
         reload_broker(stack)
 
 
-def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Path, *, ingest_secret: str,
-                        every_s: float, once: bool = False) -> None:
+def serve_broker_access(
+    stack: StackSettings, folder: Path, broker_pid_file: Path, *, ingest_secret: str, every_s: float, once: bool = False
+) -> None:
     """For a broker on another host or in another container (deploy/compose, deploy/k8s): keep
     its passwd and acl files, in a folder both share, in step with the registry, and reload the
     broker (SIGHUP to its `pid_file`, in a shared process namespace) after each change, as the
@@ -247,12 +262,18 @@ def serve_broker_access(stack: StackSettings, folder: Path, broker_pid_file: Pat
             starting = not broker_pid_file.exists()  # not yet, when this writes the files a broker starts with
             write_access_files(stack, folder, ingest_secret=ingest_secret, broker_starting=starting)
             if not starting:
-                signal_until_loaded(int(broker_pid_file.read_text().split()[0]), folder, stack.mqtt_host,
-                                    stack.mqtt_port)
+                signal_until_loaded(
+                    int(broker_pid_file.read_text().split()[0]), folder, stack.mqtt_host, stack.mqtt_port
+                )
 
     if not once:
-        threading.Thread(target=guard_ingest, args=(stack,), kwargs={"folder": folder, "apply": apply},
-                         daemon=True, name="broker-guard").start()
+        threading.Thread(
+            target=guard_ingest,
+            args=(stack,),
+            kwargs={"folder": folder, "apply": apply},
+            daemon=True,
+            name="broker-guard",
+        ).start()
     seen = None
     while True:
         try:
@@ -292,8 +313,9 @@ def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool
     MQTT 5 PUBACK reason 0x10 means "no matching subscribers". ($SYS subscription counts would be
     simpler, but Mosquitto leaves shared subscriptions out of them.)
     """
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{GUARD_USER}-check-{secrets.token_hex(4)}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"{GUARD_USER}-check-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5
+    )
     client.username_pw_set(GUARD_USER, guard_password(mosquitto_dir(stack)))
     answers: dict[int, int] = {}
     answered = threading.Condition()
@@ -327,8 +349,14 @@ def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool
         client.loop_stop()
 
 
-def guard_ingest(stack: StackSettings, *, folder: Path | None = None, apply: Callable[[], None] | None = None,
-                 every_s: float = 0.1, stop: threading.Event | None = None) -> None:
+def guard_ingest(
+    stack: StackSettings,
+    *,
+    folder: Path | None = None,
+    apply: Callable[[], None] | None = None,
+    every_s: float = 0.1,
+    stop: threading.Event | None = None,
+) -> None:
     """Keep devices out whenever the broker could acknowledge a reading into nowhere; let them in again
     once it cannot. Devices are locked out (`apply` regenerates the files and reloads the broker) while:
 
@@ -346,8 +374,9 @@ def guard_ingest(stack: StackSettings, *, folder: Path | None = None, apply: Cal
     stop = stop or threading.Event()
     folder = folder or mosquitto_dir(stack)
     apply = apply or (lambda: sync(stack))
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{GUARD_USER}-{secrets.token_hex(4)}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"{GUARD_USER}-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5
+    )
     client.username_pw_set(GUARD_USER, guard_password(folder))
     client.reconnect_delay_set(1, 2)
     answers: dict[int, int] = {}
@@ -379,10 +408,15 @@ def guard_ingest(stack: StackSettings, *, folder: Path | None = None, apply: Cal
                     code = answers.pop(mid, None)
                 filled = max(store["count"] / BROKER_MAX_QUEUED_MESSAGES, store["bytes"] / BROKER_MAX_QUEUED_BYTES)
                 queue_high = filled > 0.8 or (queue_high and filled >= 0.5)
-                reasons = [why for why, yes in (
-                    ("no ingest session is subscribed", code == NO_MATCHING_SUBSCRIBERS),
-                    ("the ingest password is not the one its sessions logged in with", ingest_held(folder)),
-                    (f"the broker holds {filled:.0%} of its queue bound", queue_high)) if yes]
+                reasons = [
+                    why
+                    for why, yes in (
+                        ("no ingest session is subscribed", code == NO_MATCHING_SUBSCRIBERS),
+                        ("the ingest password is not the one its sessions logged in with", ingest_held(folder)),
+                        (f"the broker holds {filled:.0%} of its queue bound", queue_high),
+                    )
+                    if yes
+                ]
                 locked = (folder / LOCK_FILE).exists()
                 try:
                     if reasons and not locked:

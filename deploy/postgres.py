@@ -21,8 +21,9 @@ def as_postgres(argv: list[str]) -> list[str]:
 
 def postgres_running(stack: StackSettings) -> bool:
     paths = postgres_paths(stack)
-    result = subprocess.run(as_postgres([str(postgres_bin() / "pg_ctl"), "status", "-D", str(paths.data)]),
-                            capture_output=True)
+    result = subprocess.run(
+        as_postgres([str(postgres_bin() / "pg_ctl"), "status", "-D", str(paths.data)]), capture_output=True
+    )
     return result.returncode == 0
 
 
@@ -59,8 +60,13 @@ log_timezone = 'UTC'
     if postgres_running(stack):
         say(f"postgres already running on port {stack.postgres_port}")
     else:
-        subprocess.run(as_postgres([str(postgres_bin() / "pg_ctl"), "start", "-D", str(paths.data), "-l",
-                                     str(paths.log), "-w", "-t", "60"]), check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            as_postgres(
+                [str(postgres_bin() / "pg_ctl"), "start", "-D", str(paths.data), "-l", str(paths.log), "-w", "-t", "60"]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         say(f"postgres started on port {stack.postgres_port}")
     wait_until(lambda: postgres_answers(stack), "postgres", stack, timeout_s=30)
     if postgres_access.require_passwords(stack, paths.data):
@@ -79,10 +85,25 @@ def _initdb(stack: StackSettings, paths: PostgresPaths) -> None:
     try:
         if IS_ROOT:
             shutil.chown(pwfile, "postgres", "postgres")
-        subprocess.run(as_postgres([str(postgres_bin() / "initdb"), "-D", str(paths.data), "-U", "postgres",
-                                     "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
-                                     "-E", "UTF8", "--locale=C"]),
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            as_postgres(
+                [
+                    str(postgres_bin() / "initdb"),
+                    "-D",
+                    str(paths.data),
+                    "-U",
+                    "postgres",
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     finally:
         pwfile.unlink(missing_ok=True)
 
@@ -95,8 +116,9 @@ def postgres_answers(stack: StackSettings) -> bool:
         return True
     except psycopg.OperationalError as exc:
         if "password authentication failed" in str(exc):
-            raise StackError(f"postgres refuses the superuser's password in {stack.state_dir / 'secrets'}: "
-                             f"{str(exc).strip()}") from None
+            raise StackError(
+                f"postgres refuses the superuser's password in {stack.state_dir / 'secrets'}: {str(exc).strip()}"
+            ) from None
         return False
     except psycopg.Error:
         return False
@@ -106,6 +128,9 @@ def stop_postgres(stack: StackSettings) -> bool:
     if not postgres_running(stack):
         return False
     paths = postgres_paths(stack)
-    subprocess.run(as_postgres([str(postgres_bin() / "pg_ctl"), "stop", "-D", str(paths.data), "-m", "fast",
-                                 "-w"]), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        as_postgres([str(postgres_bin() / "pg_ctl"), "stop", "-D", str(paths.data), "-m", "fast", "-w"]),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return True

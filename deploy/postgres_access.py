@@ -60,8 +60,14 @@ def password(stack: StackSettings, role: str) -> str:
 
 
 def superuser_dsn(stack: StackSettings, dbname: str = "postgres", *, connect_timeout: int = 10) -> str:
-    return make_conninfo(host="127.0.0.1", port=stack.postgres_port, user=SUPERUSER, dbname=dbname,
-                         password=password(stack, SUPERUSER), connect_timeout=connect_timeout)
+    return make_conninfo(
+        host="127.0.0.1",
+        port=stack.postgres_port,
+        user=SUPERUSER,
+        dbname=dbname,
+        password=password(stack, SUPERUSER),
+        connect_timeout=connect_timeout,
+    )
 
 
 def component_env(stack: StackSettings, component: str | None) -> dict[str, str]:
@@ -78,8 +84,9 @@ def _verifier(conn: psycopg.Connection, role: str, secret: str) -> str:
 
 
 def _set_password(conn: psycopg.Connection, role: str, secret: str) -> None:
-    conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-        sql.Identifier(role), sql.Literal(_verifier(conn, role, secret))))
+    conn.execute(
+        sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(_verifier(conn, role, secret)))
+    )
 
 
 def require_passwords(stack: StackSettings, data: Path) -> bool:
@@ -107,23 +114,29 @@ def provision(stack: StackSettings) -> None:
         for role, secret in secrets.items():
             # Also for a role migration 0011 made NOLOGIN (a database migrated before deploy made it).
             options = sql.SQL("LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}").format(
-                sql.Literal(_verifier(conn, role, secret)))
+                sql.Literal(_verifier(conn, role, secret))
+            )
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
             conn.execute(sql.SQL(verb + " ROLE {} WITH {}").format(sql.Identifier(role), options))
         database = sql.Identifier(stack.database)
-        owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
-                             (stack.database,)).fetchone()
+        owner = conn.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (stack.database,)
+        ).fetchone()
         if owner is None:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(database, sql.Identifier(OWNER)))
         elif owner[0] != OWNER:
             conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(database, sql.Identifier(OWNER)))
         # Only our roles reach the database; only the processor makes temporary tables (its staging).
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database))
-        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
-            database, sql.Identifier(GATEWAY), sql.Identifier(API)))
-        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
-            database, sql.Identifier(PROCESSOR)))
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
+                database, sql.Identifier(GATEWAY), sql.Identifier(API)
+            )
+        )
+        conn.execute(
+            sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(database, sql.Identifier(PROCESSOR))
+        )
     with psycopg.connect(superuser_dsn(stack, stack.database), autocommit=True) as conn:
         _hand_to_owner(conn)
 
@@ -155,6 +168,5 @@ def _hand_to_owner(conn: psycopg.Connection) -> None:
     with conn.transaction():
         for kind, name in objects:
             # `name` is the catalog's own quoted, qualified spelling (regclass, regprocedure).
-            conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(sql.SQL(kind), sql.SQL(name),
-                                                                    sql.Identifier(OWNER)))
+            conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(sql.SQL(kind), sql.SQL(name), sql.Identifier(OWNER)))
     log.info("postgres: %d objects owned by %s handed to %s", len(objects), SUPERUSER, OWNER)

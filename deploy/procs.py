@@ -36,15 +36,29 @@ def running_pid(stack: StackSettings, name: str) -> int | None:
     return pid if alive(pid) else None
 
 
-def spawn(stack: StackSettings, name: str, argv: list[str], *, env: dict[str, str] | None = None,
-          cwd: Path | None = None, user: str | None = None) -> int:
+def spawn(
+    stack: StackSettings,
+    name: str,
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    user: str | None = None,
+) -> int:
     """Start `argv` in its own session, output appended to logs/<name>.log; return its pid."""
     stack.logs_dir.mkdir(parents=True, exist_ok=True)
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     with open(log_file(stack, name), "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
-                                user=user)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+            user=user,
+        )
     pid_file(stack, name).write_text(f"{proc.pid}\n")
     return proc.pid
 

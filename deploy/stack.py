@@ -41,13 +41,24 @@ def stop_services(stack: StackSettings, say: Say) -> None:
 
 def status_rows(stack: StackSettings) -> list[tuple[str, str, str]]:
     rows = [
-        ("mosquitto", _state(procs.running_pid(stack, "mosquitto"), mqtt_answers(stack.mqtt_port)),
-         f"mqtt://127.0.0.1:{stack.mqtt_port}"),
-        ("postgres", "running" if postgres_running(stack) and postgres_answers(stack) else "stopped",
-         f"postgresql://{stack.postgres_user}@127.0.0.1:{stack.postgres_port}/{stack.database}"),
-        ("kafka", _state(procs.running_pid(stack, "kafka"),
-                         bool(procs.running_pid(stack, "kafka")) and asyncio.run(kafka_answers(stack))),
-         stack.kafka_bootstrap),
+        (
+            "mosquitto",
+            _state(procs.running_pid(stack, "mosquitto"), mqtt_answers(stack.mqtt_port)),
+            f"mqtt://127.0.0.1:{stack.mqtt_port}",
+        ),
+        (
+            "postgres",
+            "running" if postgres_running(stack) and postgres_answers(stack) else "stopped",
+            f"postgresql://{stack.postgres_user}@127.0.0.1:{stack.postgres_port}/{stack.database}",
+        ),
+        (
+            "kafka",
+            _state(
+                procs.running_pid(stack, "kafka"),
+                bool(procs.running_pid(stack, "kafka")) and asyncio.run(kafka_answers(stack)),
+            ),
+            stack.kafka_bootstrap,
+        ),
     ]
     for name in sorted({*COMPONENTS, *(p.stem for p in stack.run_dir.glob("*.pid"))} - {"mosquitto", "kafka"}):
         pid = procs.running_pid(stack, name)

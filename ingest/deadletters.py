@@ -22,11 +22,20 @@ def _matches(letter: dict[str, Any], device: str | None, since_ms: int) -> bool:
     return any(device in str(r["message"]) for r in letter["rejections"])
 
 
-async def read_dead_letters(kafka_options: dict[str, Any], *, device: str | None, since_ms: int, wait_for: str | None,
-                            follow: bool, timeout_s: float, show: Callable[[dict[str, Any]], None]) -> bool:
+async def read_dead_letters(
+    kafka_options: dict[str, Any],
+    *,
+    device: str | None,
+    since_ms: int,
+    wait_for: str | None,
+    follow: bool,
+    timeout_s: float,
+    show: Callable[[dict[str, Any]], None],
+) -> bool:
     """Show matching dead letters; with `wait_for`, return whether one with that reason was seen in time."""
-    consumer = AIOKafkaConsumer(DEADLETTER_TOPIC, **kafka_options, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        DEADLETTER_TOPIC, **kafka_options, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
+    )
     await consumer.start()
     found = False
     deadline = time.monotonic() + timeout_s

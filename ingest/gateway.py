@@ -51,8 +51,10 @@ READINGS_OUT = PromCounter("kota_gateway_readings_out", "readings acknowledged b
 PROBES = PromCounter("kota_gateway_probes", "platform probes acknowledged (not readings)")
 REJECTED = PromCounter("kota_gateway_rejected", "rejected readings or messages, by reason", ["reason"])
 QUEUE_DEPTH = Gauge("kota_gateway_queue_depth", "messages waiting between paho and Kafka")
-INTERNAL_ERRORS = PromCounter("kota_gateway_internal_errors", "messages whose checking failed unexpectedly "
-                              "(dead-lettered as internal_error; a platform bug)")
+INTERNAL_ERRORS = PromCounter(
+    "kota_gateway_internal_errors",
+    "messages whose checking failed unexpectedly (dead-lettered as internal_error; a platform bug)",
+)
 SEND_SECONDS = Histogram("kota_gateway_kafka_send_seconds", "time for Kafka to acknowledge a batch")
 
 
@@ -89,15 +91,23 @@ class IngestGateway:
         self._stack, self._settings = stack, settings
         self._drain = drain
         self._limits = ParseLimits(settings.max_payload_bytes, settings.max_future_ms, settings.max_age_ms)
-        topic_filter = (f"$share/{MQTT_SHARED_GROUP}/{MQTT_INGEST_FILTER}" if settings.shared_subscription
-                        else MQTT_INGEST_FILTER)
+        topic_filter = (
+            f"$share/{MQTT_SHARED_GROUP}/{MQTT_INGEST_FILTER}" if settings.shared_subscription else MQTT_INGEST_FILTER
+        )
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         client_id = settings.client_id.format(hostname=socket.gethostname())
         # The ingest listener: only the ingest account logs in there, devices cannot.
-        self._inbox = MqttInbox(host=stack.mqtt_host, port=stack.mqtt_ingest_port, client_id=client_id,
-                                topic_filter=topic_filter, maxsize=settings.queue_size,
-                                max_bytes=settings.queue_max_bytes, username=settings.mqtt_username,
-                                password=password, drain=drain)
+        self._inbox = MqttInbox(
+            host=stack.mqtt_host,
+            port=stack.mqtt_ingest_port,
+            client_id=client_id,
+            topic_filter=topic_filter,
+            maxsize=settings.queue_size,
+            max_bytes=settings.queue_max_bytes,
+            username=settings.mqtt_username,
+            password=password,
+            drain=drain,
+        )
         self._recent = RecentReadings(settings.duplicate_memory)
         self._devices: dict[str, Device] = {}
         self._gateways: dict[str, Gateway] = {}
@@ -127,16 +137,22 @@ class IngestGateway:
         drained = 0
         try:
             while not stop.is_set():
-                batch = await asyncio.to_thread(self._inbox.take_batch, self._settings.batch_max_messages,
-                                                self._settings.batch_max_bytes,
-                                                self._settings.batch_wait_s)
+                batch = await asyncio.to_thread(
+                    self._inbox.take_batch,
+                    self._settings.batch_max_messages,
+                    self._settings.batch_max_bytes,
+                    self._settings.batch_wait_s,
+                )
                 QUEUE_DEPTH.set(self._inbox.depth)
                 if batch:
                     last_message = time.monotonic()
                     drained += len(batch)
                     await self._forward(batch, stop)
-                elif self._drain and self._inbox.unsubscribed.is_set() and \
-                        time.monotonic() - last_message > self._settings.drain_quiet_s:
+                elif (
+                    self._drain
+                    and self._inbox.unsubscribed.is_set()
+                    and time.monotonic() - last_message > self._settings.drain_quiet_s
+                ):
                     log.info("drained %d message(s) from session %s", drained, self._inbox.client_id)
                     print(f"drained {drained} message(s) from session {self._inbox.client_id}", flush=True)
                     return
@@ -160,8 +176,9 @@ class IngestGateway:
             if reload:
                 self._devices, self._gateways = await asyncio.to_thread(self._load_registry)
         except psycopg.Error as exc:
-            self._burst.warning("registry", f"device registry unavailable, keeping {len(self._devices)} "
-                                            f"cached devices: {exc}")
+            self._burst.warning(
+                "registry", f"device registry unavailable, keeping {len(self._devices)} cached devices: {exc}"
+            )
             return False
         self._devices_loaded_at = time.monotonic()
         self._devices_as_of_ms = as_of_ms
@@ -182,9 +199,14 @@ class IngestGateway:
     # -- Kafka ---------------------------------------------------------------------------------
     async def _start_producer(self, stop: asyncio.Event) -> AIOKafkaProducer:
         while True:
-            producer = AIOKafkaProducer(**self._stack.kafka_client_options(), acks="all",
-                                        enable_idempotence=True, linger_ms=5,
-                                        max_batch_size=512 * 1024, request_timeout_ms=30_000)
+            producer = AIOKafkaProducer(
+                **self._stack.kafka_client_options(),
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_batch_size=512 * 1024,
+                request_timeout_ms=30_000,
+            )
             try:
                 await producer.start()
                 log.info("Kafka producer connected to %s", self._stack.kafka_bootstrap)
@@ -200,8 +222,12 @@ class IngestGateway:
         MESSAGES_IN.inc(len(batch))
         # Never call a device unknown on the word of a registry read older than its message:
         # it may have been provisioned a moment ago.
-        if any(_sender_of(m.topic) not in self._devices and _sender_of(m.topic) not in self._gateways
-               and m.received_ms >= self._devices_as_of_ms for m in batch):
+        if any(
+            _sender_of(m.topic) not in self._devices
+            and _sender_of(m.topic) not in self._gateways
+            and m.received_ms >= self._devices_as_of_ms
+            for m in batch
+        ):
             await self._refresh_devices()
         records: list[tuple[str, bytes, bytes]] = []
         accepted = 0
@@ -226,13 +252,22 @@ class IngestGateway:
                 # every restart (a crash loop, before this boundary existed).
                 INTERNAL_ERRORS.inc()
                 if self._burst.first(f"internal:{type(exc).__name__}"):
-                    log.exception("checking a message on %s failed; dead-lettered as internal_error",
-                                  escaped(msg.topic, 200))
-                rejection = Rejection(Reason.INTERNAL_ERROR, f"the platform failed to check this message "
-                                                             f"({type(exc).__name__}); it is kept here for replay")
-                records.append((DEADLETTER_TOPIC, msg.topic.encode(),
-                                encode_dead_letter(topic=msg.topic, payload=msg.payload, rejections=[rejection],
-                                                   received_ms=msg.received_ms)))
+                    log.exception(
+                        "checking a message on %s failed; dead-lettered as internal_error", escaped(msg.topic, 200)
+                    )
+                rejection = Rejection(
+                    Reason.INTERNAL_ERROR,
+                    f"the platform failed to check this message ({type(exc).__name__}); it is kept here for replay",
+                )
+                records.append(
+                    (
+                        DEADLETTER_TOPIC,
+                        msg.topic.encode(),
+                        encode_dead_letter(
+                            topic=msg.topic, payload=msg.payload, rejections=[rejection], received_ms=msg.received_ms
+                        ),
+                    )
+                )
                 rejected[Reason.INTERNAL_ERROR.value] += 1
         for sender, messages in throttled.items():
             records.append(self._rate_limited_letter(sender, messages))
@@ -243,22 +278,38 @@ class IngestGateway:
         for reason, count in rejected.items():
             REJECTED.labels(reason).inc(count)
 
-    async def _check_one(self, msg: InboundMessage, records: list[tuple[str, bytes, bytes]],
-                         rejected: Counter[str]) -> int:
+    async def _check_one(
+        self, msg: InboundMessage, records: list[tuple[str, bytes, bytes]], rejected: Counter[str]
+    ) -> int:
         """Parse one message and append its Kafka records (readings by device, and at most one dead
         letter); return how many readings it adds."""
-        result = parse_message(msg.topic, msg.payload, devices=self._devices, gateways=self._gateways,
-                               received_ms=msg.received_ms, limits=self._limits)
-        if not self._registry_rechecked and msg.received_ms >= self._devices_as_of_ms and any(
-                r.reason in (Reason.UNKNOWN_DEVICE, Reason.DEVICE_DISABLED) for r in result.rejections):
+        result = parse_message(
+            msg.topic,
+            msg.payload,
+            devices=self._devices,
+            gateways=self._gateways,
+            received_ms=msg.received_ms,
+            limits=self._limits,
+        )
+        if (
+            not self._registry_rechecked
+            and msg.received_ms >= self._devices_as_of_ms
+            and any(r.reason in (Reason.UNKNOWN_DEVICE, Reason.DEVICE_DISABLED) for r in result.rejections)
+        ):
             # A device behind a known gateway, registered after our last read of the registry
             # (`kota devices add --gateway`, a replay's devices), or one enabled again a moment
             # ago (the broker already lets it in). Once per batch, a cheap check whether the
             # registry changed, so a flood of such messages costs no full reads.
             self._registry_rechecked = True
             if await self._refresh_devices():
-                result = parse_message(msg.topic, msg.payload, devices=self._devices,
-                                       gateways=self._gateways, received_ms=msg.received_ms, limits=self._limits)
+                result = parse_message(
+                    msg.topic,
+                    msg.payload,
+                    devices=self._devices,
+                    gateways=self._gateways,
+                    received_ms=msg.received_ms,
+                    limits=self._limits,
+                )
         new, duplicates = self._recent.split_new(result.readings)
         for dup in duplicates:
             result.reject(Reason.DUPLICATE, f"{dup.device_id} {dup.metric} at ts {dup.ts_ms} was already accepted")
@@ -271,10 +322,19 @@ class IngestGateway:
             accepted += len(readings)
         if result.rejections:
             # One dead letter per message, however many of its values were rejected.
-            records.append((DEADLETTER_TOPIC, msg.topic.encode(),
-                            encode_dead_letter(topic=msg.topic, payload=msg.payload, rejections=result.rejections,
-                                               reason_counts=dict(result.reason_counts),
-                                               received_ms=msg.received_ms)))
+            records.append(
+                (
+                    DEADLETTER_TOPIC,
+                    msg.topic.encode(),
+                    encode_dead_letter(
+                        topic=msg.topic,
+                        payload=msg.payload,
+                        rejections=result.rejections,
+                        reason_counts=dict(result.reason_counts),
+                        received_ms=msg.received_ms,
+                    ),
+                )
+            )
             rejected.update(result.reason_counts)
             for rejection in result.rejections[:3]:
                 self._log_rejection(msg, rejection)
@@ -290,14 +350,24 @@ class IngestGateway:
         """A sender's messages over its limit in one batch → one dead letter with the first one's bytes."""
         first = messages[0]
         limit = self._rate_limit_of(sender, first.topic)
-        rejection = Rejection(Reason.RATE_LIMITED, f"{len(messages)} message(s) from {printable(sender)} over its "
-                                                   f"limit of {limit.per_s:g}/s (burst {limit.burst:g}) were not "
-                                                   "accepted; the first is kept here")
+        rejection = Rejection(
+            Reason.RATE_LIMITED,
+            f"{len(messages)} message(s) from {printable(sender)} over its "
+            f"limit of {limit.per_s:g}/s (burst {limit.burst:g}) were not "
+            "accepted; the first is kept here",
+        )
         self._burst.warning(f"reject:{Reason.RATE_LIMITED}", f"rate limited {escaped(sender, 64)}: {rejection.message}")
-        return (DEADLETTER_TOPIC, first.topic.encode(),
-                encode_dead_letter(topic=first.topic, payload=first.payload, rejections=[rejection],
-                                   reason_counts={Reason.RATE_LIMITED.value: len(messages)},
-                                   received_ms=first.received_ms))
+        return (
+            DEADLETTER_TOPIC,
+            first.topic.encode(),
+            encode_dead_letter(
+                topic=first.topic,
+                payload=first.payload,
+                rejections=[rejection],
+                reason_counts={Reason.RATE_LIMITED.value: len(messages)},
+                received_ms=first.received_ms,
+            ),
+        )
 
     async def _send_until_acknowledged(self, records: list[tuple[str, bytes, bytes]], stop: asyncio.Event) -> None:
         """Send every record; on failure send them all again. A retry may duplicate a record in
@@ -309,8 +379,11 @@ class IngestGateway:
                 SEND_SECONDS.observe(time.perf_counter() - started)
                 return
             except KafkaError as exc:
-                self._burst.warning("kafka-send", f"Kafka send failed ({exc!r}); retrying {len(records)} records "
-                                                  "with a fresh producer; MQTT messages stay unacknowledged")
+                self._burst.warning(
+                    "kafka-send",
+                    f"Kafka send failed ({exc!r}); retrying {len(records)} records "
+                    "with a fresh producer; MQTT messages stay unacknowledged",
+                )
                 assert self._producer is not None
                 await self._producer.stop()
                 await asyncio.sleep(0.5)
@@ -359,8 +432,10 @@ class IngestGateway:
 
     def _log_rejection(self, msg: InboundMessage, rejection: Rejection) -> None:
         # Messages are built from escaped device text already; the topic is escaped here.
-        self._burst.warning(f"reject:{rejection.reason}",
-                            f"rejected {rejection.reason} on {escaped(msg.topic, 200)}: {escaped(rejection.message)}")
+        self._burst.warning(
+            f"reject:{rejection.reason}",
+            f"rejected {rejection.reason} on {escaped(msg.topic, 200)}: {escaped(rejection.message)}",
+        )
 
 
 def _sender_of(topic: str) -> str:
@@ -368,6 +443,7 @@ def _sender_of(topic: str) -> str:
     return parts[3] if len(parts) == 5 else ""
 
 
-async def run_gateway(stack: StackSettings, settings: GatewaySettings, stop: asyncio.Event,
-                      drain: bool = False) -> None:
+async def run_gateway(
+    stack: StackSettings, settings: GatewaySettings, stop: asyncio.Event, drain: bool = False
+) -> None:
     await IngestGateway(stack=stack, settings=settings, drain=drain).run(stop)

@@ -32,9 +32,19 @@ class MqttInbox:
     """A persistent MQTT session (QoS 1, manual acknowledgements) feeding a queue bounded in messages
     and in payload bytes, which the asyncio side empties in batches and acknowledges after Kafka."""
 
-    def __init__(self, *, host: str, port: int, client_id: str, topic_filter: str, maxsize: int,
-                 max_bytes: int = 64 * 1024 * 1024, username: str | None = None, password: str | None = None,
-                 drain: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        topic_filter: str,
+        maxsize: int,
+        max_bytes: int = 64 * 1024 * 1024,
+        username: str | None = None,
+        password: str | None = None,
+        drain: bool = False,
+    ) -> None:
         if maxsize <= 0 or max_bytes <= 0:
             raise ValueError("maxsize and max_bytes must be positive: an unbounded inbox is no backpressure")
         self._topic_filter = topic_filter
@@ -51,8 +61,13 @@ class MqttInbox:
         self.client_id = client_id
         # Persistent session (clean_session=False) + QoS 1 + manual ack: the broker keeps
         # everything we have not acknowledged, across our crashes and restarts.
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
-                                   protocol=mqtt.MQTTv311, manual_ack=True)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
         if username:
             self._client.username_pw_set(username, password)
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)
@@ -75,8 +90,9 @@ class MqttInbox:
         self._client.loop_stop()
 
     # -- paho's thread -------------------------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
-                    reason_code: mqtt.ReasonCode, _props: object) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: object, _flags: object, reason_code: mqtt.ReasonCode, _props: object
+    ) -> None:
         if reason_code.is_failure:
             log.error("MQTT %s:%s refused the connection: %s", self._host, self._port, reason_code)
             return
@@ -92,8 +108,9 @@ class MqttInbox:
         self.connected.set()
         log.info("MQTT connected to %s:%s, subscribed to %s", self._host, self._port, self._topic_filter)
 
-    def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object,
-                       reason_code: mqtt.ReasonCode, _props: object) -> None:
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: object, _flags: object, reason_code: mqtt.ReasonCode, _props: object
+    ) -> None:
         self.connected.clear()
         if not self._stopping.is_set():
             log.warning("MQTT disconnected (%s); paho reconnects on its own", reason_code)

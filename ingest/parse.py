@@ -125,12 +125,15 @@ def parse_message(
     result = ParseResult([], [])
     where = parse_telemetry_topic(topic)
     if where is None:
-        result.reject(Reason.BAD_TOPIC, f"topic {printable(topic, 200)} is not "
-                                        "kota/{city}/{domain|gateway}/{id}/{telemetry|senml}")
+        result.reject(
+            Reason.BAD_TOPIC,
+            f"topic {printable(topic, 200)} is not kota/{{city}}/{{domain|gateway}}/{{id}}/{{telemetry|senml}}",
+        )
         return result
     if len(payload) > limits.max_payload_bytes:
-        result.reject(Reason.OVERSIZED, f"payload of {len(payload)} bytes exceeds the limit of "
-                                        f"{limits.max_payload_bytes}")
+        result.reject(
+            Reason.OVERSIZED, f"payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}"
+        )
         return result
     sender_problem = _check_sender(where, devices, gateways or {})
     if sender_problem is not None:
@@ -206,8 +209,7 @@ def _parse_float(text: str) -> float | Unrepresentable:
     return value if math.isfinite(value) else Unrepresentable(text)
 
 
-def _check_sender(where: TelemetryTopic, devices: dict[str, Device],
-                  gateways: dict[str, Gateway]) -> Rejection | None:
+def _check_sender(where: TelemetryTopic, devices: dict[str, Device], gateways: dict[str, Gateway]) -> Rejection | None:
     if where.is_gateway:
         gateway = gateways.get(where.sender_id)
         if gateway is None:
@@ -215,8 +217,10 @@ def _check_sender(where: TelemetryTopic, devices: dict[str, Device],
         if not gateway.enabled:
             return Rejection(Reason.DEVICE_DISABLED, f"gateway {where.sender_id!r} is disabled")
         if gateway.city != where.city:
-            return Rejection(Reason.WRONG_CITY_OR_DOMAIN,
-                             f"gateway {gateway.gateway_id!r} belongs to {gateway.city}, not {where.city}")
+            return Rejection(
+                Reason.WRONG_CITY_OR_DOMAIN,
+                f"gateway {gateway.gateway_id!r} belongs to {gateway.city}, not {where.city}",
+            )
         return None
     device = devices.get(where.sender_id)
     if device is None:
@@ -224,14 +228,16 @@ def _check_sender(where: TelemetryTopic, devices: dict[str, Device],
     if not device.enabled:
         return Rejection(Reason.DEVICE_DISABLED, f"device {where.sender_id!r} is disabled")
     if (device.city, device.domain) != (where.city, where.domain):
-        return Rejection(Reason.WRONG_CITY_OR_DOMAIN,
-                         f"device {device.device_id!r} belongs to {device.city}/{device.domain}, "
-                         f"not {where.city}/{where.domain}")
+        return Rejection(
+            Reason.WRONG_CITY_OR_DOMAIN,
+            f"device {device.device_id!r} belongs to {device.city}/{device.domain}, not {where.city}/{where.domain}",
+        )
     return None
 
 
-def _resolve_device(device_id: str, where: TelemetryTopic, devices: dict[str, Device],
-                    result: ParseResult) -> Device | None:
+def _resolve_device(
+    device_id: str, where: TelemetryTopic, devices: dict[str, Device], result: ParseResult
+) -> Device | None:
     device = devices.get(device_id)
     if not where.is_gateway:
         return device  # the sender itself, checked already
@@ -270,8 +276,15 @@ def _entries(body: Any) -> list[tuple[Any, dict[str, Any]]]:
     return entries
 
 
-def _check_json(body: Any, where: TelemetryTopic, devices: dict[str, Device], received_ms: int,
-                limits: ParseLimits, source: str, result: ParseResult) -> None:
+def _check_json(
+    body: Any,
+    where: TelemetryTopic,
+    devices: dict[str, Device],
+    received_ms: int,
+    limits: ParseLimits,
+    source: str,
+    result: ParseResult,
+) -> None:
     # The hot path: no intermediate objects per value, one device lookup per device.
     if where.is_gateway:
         if not isinstance(body, dict) or not body:
@@ -283,8 +296,10 @@ def _check_json(body: Any, where: TelemetryTopic, devices: dict[str, Device], re
     if values_sent == 0:
         raise _bad_shape("the message holds no values")
     if values_sent > limits.max_values:
-        raise _Refused(Reason.TOO_MANY_VALUES, f"{values_sent} values in one message; the limit is "
-                                               f"{limits.max_values}: send them in several messages")
+        raise _Refused(
+            Reason.TOO_MANY_VALUES,
+            f"{values_sent} values in one message; the limit is {limits.max_values}: send them in several messages",
+        )
     readings = result.readings
     for device_id, entries in parts:
         device = _resolve_device(device_id, where, devices, result)
@@ -304,15 +319,25 @@ def _check_json(body: Any, where: TelemetryTopic, devices: dict[str, Device], re
                 # Fast path: a declared metric, a plain number, inside its range (NaN fails the
                 # comparison). Anything else takes the full check, which names the reason.
                 if spec is not None and (kind is float or kind is int) and spec.low <= value <= spec.high:
-                    readings.append(Reading(ts, city, domain, device.device_id, metric, float(value), spec.unit,
-                                            received_ms, source))
+                    readings.append(
+                        Reading(
+                            ts, city, domain, device.device_id, metric, float(value), spec.unit, received_ms, source
+                        )
+                    )
                 else:
                     _check_value(device, ts, metric, value, None, received_ms, limits, source, result)
 
 
 # -- SenML (RFC 8428) ----------------------------------------------------------------------------
-def _check_senml(body: Any, where: TelemetryTopic, devices: dict[str, Device], received_ms: int,
-                 limits: ParseLimits, source: str, result: ParseResult) -> None:
+def _check_senml(
+    body: Any,
+    where: TelemetryTopic,
+    devices: dict[str, Device],
+    received_ms: int,
+    limits: ParseLimits,
+    source: str,
+    result: ParseResult,
+) -> None:
     candidates = list(_senml_candidates(body, where, received_ms, limits))  # the shape is checked whole first
     device: Device | None = None
     for device_id, ts, metric, value, unit in candidates:
@@ -322,15 +347,17 @@ def _check_senml(body: Any, where: TelemetryTopic, devices: dict[str, Device], r
             _check_value(device, ts, metric, value, unit, received_ms, limits, source, result)
 
 
-def _senml_candidates(body: Any, where: TelemetryTopic, received_ms: int, limits: ParseLimits
-                      ) -> Iterator[_Candidate]:
+def _senml_candidates(body: Any, where: TelemetryTopic, received_ms: int, limits: ParseLimits) -> Iterator[_Candidate]:
     if isinstance(body, dict):
         body = [body]
     if not isinstance(body, list) or not body or not all(isinstance(r, dict) for r in body):
         raise _bad_shape("expected a SenML pack: a JSON array of records")
     if len(body) > limits.max_values:
-        raise _Refused(Reason.TOO_MANY_VALUES, f"{len(body)} SenML records in one message; the limit is "
-                                               f"{limits.max_values}: send them in several messages")
+        raise _Refused(
+            Reason.TOO_MANY_VALUES,
+            f"{len(body)} SenML records in one message; the limit is "
+            f"{limits.max_values}: send them in several messages",
+        )
     base_name, base_time, base_unit, base_value = "", 0.0, None, 0.0
     for record in body:
         base_name = record.get("bn", base_name)
@@ -353,8 +380,13 @@ def _senml_candidates(body: Any, where: TelemetryTopic, received_ms: int, limits
             device_id, metric = where.sender_id, name.replace(":", "/").rsplit("/", 1)[-1]
         if not metric:
             raise _bad_shape(f"SenML record names no measurement: {printable(name)}")
-        yield (device_id, _senml_time(base_time, record.get("t", 0), received_ms), metric,
-               _senml_value(record, base_value), record.get("u", base_unit))
+        yield (
+            device_id,
+            _senml_time(base_time, record.get("t", 0), received_ms),
+            metric,
+            _senml_value(record, base_value),
+            record.get("u", base_unit),
+        )
 
 
 def _senml_time(base_time: float, t: Any, received_ms: int) -> Any:
@@ -382,35 +414,52 @@ def _senml_value(record: dict[str, Any], base_value: float) -> Any:
 
 
 # -- one value -----------------------------------------------------------------------------------
-def _check_value(device: Device, ts: Any, metric: str, value: Any, unit: Any, received_ms: int,
-                 limits: ParseLimits, source: str, result: ParseResult) -> None:
+def _check_value(
+    device: Device,
+    ts: Any,
+    metric: str,
+    value: Any,
+    unit: Any,
+    received_ms: int,
+    limits: ParseLimits,
+    source: str,
+    result: ParseResult,
+) -> None:
     if ts is None:
         ts = received_ms
     elif type(ts) is not int:
         if isinstance(ts, Unrepresentable) or (type(ts) is float and not math.isfinite(ts)):
-            result.reject(Reason.TIME_OUT_OF_RANGE, f"{printable(metric)} at ts {ts!r}: not a time any "
-                                                    "stage can store")
+            result.reject(Reason.TIME_OUT_OF_RANGE, f"{printable(metric)} at ts {ts!r}: not a time any stage can store")
             return
         if not is_finite_number(ts):
             result.reject(Reason.WRONG_TYPE, f"ts {printable(ts)} is not epoch milliseconds")
             return
         ts = int(ts)
     if not MIN_TS_MS <= ts <= MAX_TS_MS:
-        result.reject(Reason.TIME_OUT_OF_RANGE, f"{printable(metric)} at ts {printable(ts)} is outside "
-                                                "1970-9999 in epoch milliseconds")
+        result.reject(
+            Reason.TIME_OUT_OF_RANGE,
+            f"{printable(metric)} at ts {printable(ts)} is outside 1970-9999 in epoch milliseconds",
+        )
         return
     if ts > received_ms + limits.max_future_ms:
-        result.reject(Reason.TIME_IN_FUTURE, f"{printable(metric)} at ts {ts} is "
-                                             f"{(ts - received_ms) / 1000:.0f} s ahead of the gateway clock")
+        result.reject(
+            Reason.TIME_IN_FUTURE,
+            f"{printable(metric)} at ts {ts} is {(ts - received_ms) / 1000:.0f} s ahead of the gateway clock",
+        )
         return
     if ts < received_ms - limits.max_age_ms:
-        result.reject(Reason.TIME_TOO_OLD, f"{printable(metric)} at ts {ts} is older than "
-                                           f"{limits.max_age_ms // 3_600_000} h; use `kota replay`")
+        result.reject(
+            Reason.TIME_TOO_OLD,
+            f"{printable(metric)} at ts {ts} is older than {limits.max_age_ms // 3_600_000} h; use `kota replay`",
+        )
         return
     spec = device.metrics.get(metric)
     if spec is None:
-        result.reject(Reason.UNKNOWN_METRIC, f"metric {printable(metric)} is not declared for device "
-                                             f"{device.device_id!r} (declared: {', '.join(sorted(device.metrics))})")
+        result.reject(
+            Reason.UNKNOWN_METRIC,
+            f"metric {printable(metric)} is not declared for device "
+            f"{device.device_id!r} (declared: {', '.join(sorted(device.metrics))})",
+        )
         return
     kind = type(value)
     if kind is bool:
@@ -432,13 +481,17 @@ def _check_value(device: Device, ts: Any, metric: str, value: Any, unit: Any, re
         return
     if unit is not None:
         if not isinstance(unit, str) or (converted := convert_unit(value, unit, spec.unit)) is None:
-            result.reject(Reason.WRONG_UNIT, f"{metric} in {printable(unit)} cannot be converted to its declared "
-                                             f"unit {spec.unit!r}")
+            result.reject(
+                Reason.WRONG_UNIT,
+                f"{metric} in {printable(unit)} cannot be converted to its declared unit {spec.unit!r}",
+            )
             return
         value = converted
     if not spec.low <= value <= spec.high:
-        result.reject(Reason.OUT_OF_RANGE, f"{metric} = {printable(value)} is outside [{spec.low}, {spec.high}] "
-                                           f"{spec.unit}")
+        result.reject(
+            Reason.OUT_OF_RANGE, f"{metric} = {printable(value)} is outside [{spec.low}, {spec.high}] {spec.unit}"
+        )
         return
-    result.readings.append(Reading(ts, device.city, device.domain, device.device_id, metric, float(value),
-                                   spec.unit, received_ms, source))
+    result.readings.append(
+        Reading(ts, device.city, device.domain, device.device_id, metric, float(value), spec.unit, received_ms, source)
+    )

@@ -101,8 +101,13 @@ def _cleared_between(times: list[int], after_ms: float, before_ms: int) -> bool:
     return i < len(times) and times[i] < before_ms
 
 
-def _episodes(signals: Iterable[Signal], repeats: Iterable[Repeat], open_alerts: dict[tuple[str, str], tuple],
-              clear_after_ms: Callable[[str], float], times: dict[tuple[str, str], list[int]]) -> list[_Episode]:
+def _episodes(
+    signals: Iterable[Signal],
+    repeats: Iterable[Repeat],
+    open_alerts: dict[tuple[str, str], tuple],
+    clear_after_ms: Callable[[str], float],
+    times: dict[tuple[str, str], list[int]],
+) -> list[_Episode]:
     """Walk each (device, type)'s signals and repeats in event time, as a live stream would have met
     them: an alert clears itself when its metric reported past its last time plus its clear-after
     time, and the next signal then raises a new one. `times` holds the batch's reading times per
@@ -113,7 +118,7 @@ def _episodes(signals: Iterable[Signal], repeats: Iterable[Repeat], open_alerts:
     held: dict[str, list[Repeat]] = {}
     for repeat in repeats:
         held.setdefault(repeat.device_id, []).append(repeat)
-    for (device_id, alert_type) in open_alerts:
+    for device_id, alert_type in open_alerts:
         if alert_type in HELD_BY_REPEATS:
             events.setdefault((device_id, alert_type), [])
     for (device_id, alert_type), timeline in events.items():
@@ -128,14 +133,23 @@ def _episodes(signals: Iterable[Signal], repeats: Iterable[Repeat], open_alerts:
             current = _Episode(device_id, alert_type, alert_id, severity, metric, clear_after_s * 1000, last_ts)
             episodes.append(current)
         for ts_ms, _, event in timeline:
-            if current is not None and _cleared_between(times.get((device_id, current.metric), []),
-                                                        current.last_ts + current.clear_after_ms, ts_ms):
+            if current is not None and _cleared_between(
+                times.get((device_id, current.metric), []), current.last_ts + current.clear_after_ms, ts_ms
+            ):
                 current.cleared = True
                 current = None
             if isinstance(event, Signal):
                 if current is None:
-                    current = _Episode(device_id, alert_type, None, event.severity, event.metric,
-                                       clear_after_ms(alert_type), ts_ms, is_new=True)
+                    current = _Episode(
+                        device_id,
+                        alert_type,
+                        None,
+                        event.severity,
+                        event.metric,
+                        clear_after_ms(alert_type),
+                        ts_ms,
+                        is_new=True,
+                    )
                     episodes.append(current)
                 current.signals.append(event)
             elif current is None or event.metric != current.metric:
@@ -146,10 +160,15 @@ def _episodes(signals: Iterable[Signal], repeats: Iterable[Repeat], open_alerts:
     return [e for e in episodes if e.signals or e.repeats or e.cleared]
 
 
-async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal],
-                        clear_after_s: dict[str, float], default_clear_after_s: float, *,
-                        repeats: Iterable[Repeat] = (), times: dict[tuple[str, str], list[int]] | None = None
-                        ) -> list[AlertChange]:
+async def apply_signals(
+    conn: psycopg.AsyncConnection,
+    signals: Iterable[Signal],
+    clear_after_s: dict[str, float],
+    default_clear_after_s: float,
+    *,
+    repeats: Iterable[Repeat] = (),
+    times: dict[tuple[str, str], list[int]] | None = None,
+) -> list[AlertChange]:
     """Raise, update and clear alerts for a batch's signals and repeats, inside the caller's transaction.
 
     `times`: the batch's reading times per (device, metric), sorted. With them, the outcome does not
@@ -164,10 +183,16 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
         "SELECT device_id, alert_type, alert_id, severity, metric, (extract(epoch FROM last_ts) * 1000)::bigint, "
         "clear_after_s FROM alerts WHERE device_id = ANY(%b::text[]) AND state <> 'cleared' "
         "ORDER BY alert_id FOR UPDATE",
-        (devices,))
+        (devices,),
+    )
     open_alerts = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
-    episodes = _episodes(signals, repeats, open_alerts,
-                         lambda alert_type: clear_after_s.get(alert_type, default_clear_after_s) * 1000, times or {})
+    episodes = _episodes(
+        signals,
+        repeats,
+        open_alerts,
+        lambda alert_type: clear_after_s.get(alert_type, default_clear_after_s) * 1000,
+        times or {},
+    )
     # Statement by statement in sequence: round trips batched by psycopg's executemany (pipeline
     # mode). One at a time, 2,000 series going silent together (a district's power cut) took 3.6 s
     # to raise and 1.4 s to update, with the processor's loop waiting; now about 1.1 and 0.5 s (bench/alerts.py).
@@ -175,8 +200,11 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
     # cleared first, and a new alert that clears within the batch is inserted cleared.
     cleared = [e.alert_id for e in episodes if e.alert_id is not None and e.cleared]
     if cleared:
-        await conn.execute("UPDATE alerts SET state = 'cleared', cleared_at = now(), cleared_by = %s, "
-                           "updated_at = now() WHERE alert_id = ANY(%s)", (SYSTEM_ACTOR, cleared))
+        await conn.execute(
+            "UPDATE alerts SET state = 'cleared', cleared_at = now(), cleared_by = %s, "
+            "updated_at = now() WHERE alert_id = ANY(%s)",
+            (SYSTEM_ACTOR, cleared),
+        )
     new = [e for e in episodes if e.is_new]
     if new:
         async with conn.cursor() as cur:
@@ -186,9 +214,27 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
                 "SELECT device_id, city, domain, %s, %s, %s, %s, 0, kota_ms(%s), kota_ms(%s), %s, %s, %s, "
                 "CASE WHEN %s THEN 'cleared' ELSE 'active' END, CASE WHEN %s THEN now() END, %s "
                 "FROM devices WHERE device_id = %s RETURNING alert_id",
-                [(e.alert_type, r.metric, r.severity, r.message, r.ts_ms, r.ts_ms, r.value, Jsonb(r.details),
-                  e.clear_after_ms / 1000, e.cleared, e.cleared, SYSTEM_ACTOR if e.cleared else None, e.device_id)
-                 for e in new for r in e.signals[:1]], returning=True)
+                [
+                    (
+                        e.alert_type,
+                        r.metric,
+                        r.severity,
+                        r.message,
+                        r.ts_ms,
+                        r.ts_ms,
+                        r.value,
+                        Jsonb(r.details),
+                        e.clear_after_ms / 1000,
+                        e.cleared,
+                        e.cleared,
+                        SYSTEM_ACTOR if e.cleared else None,
+                        e.device_id,
+                    )
+                    for e in new
+                    for r in e.signals[:1]
+                ],
+                returning=True,
+            )
             for e in new:
                 row = await cur.fetchone()
                 if row is not None:  # None: the device left the registry meanwhile; nobody to alert about
@@ -210,11 +256,21 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
             events.append((alert_id, "escalated", SYSTEM_ACTOR, step.severity, step.message))
         severity = steps[-1].severity if steps else e.severity
         if e.signals or e.repeats:
-            last = max([(s.ts_ms, s.value) for s in e.signals] + [(r.ts_ms, r.value) for r in e.repeats],
-                       key=lambda tv: tv[0])
-            updates.append((len(e.signals) + len(e.repeats), last[0], last[0], last[1], severity,
-                            steps[-1].message if steps else None,
-                            Jsonb(e.signals[-1].details if e.signals else {}), alert_id))
+            last = max(
+                [(s.ts_ms, s.value) for s in e.signals] + [(r.ts_ms, r.value) for r in e.repeats], key=lambda tv: tv[0]
+            )
+            updates.append(
+                (
+                    len(e.signals) + len(e.repeats),
+                    last[0],
+                    last[0],
+                    last[1],
+                    severity,
+                    steps[-1].message if steps else None,
+                    Jsonb(e.signals[-1].details if e.signals else {}),
+                    alert_id,
+                )
+            )
             if steps:
                 changes.append(AlertChange(alert_id, e.device_id, e.alert_type, "escalated", severity))
             elif e.signals and (not changes or changes[-1].alert_id != alert_id):
@@ -228,7 +284,9 @@ async def apply_signals(conn: psycopg.AsyncConnection, signals: Iterable[Signal]
                 "UPDATE alerts SET count = count + %s, last_ts = greatest(last_ts, kota_ms(%s)), "
                 "last_value = CASE WHEN kota_ms(%s) >= last_ts THEN %s ELSE last_value END, "
                 "severity = %s, message = coalesce(%s, message), details = details || %s, updated_at = now() "
-                "WHERE alert_id = %s", updates)
+                "WHERE alert_id = %s",
+                updates,
+            )
         if events:
             await cur.executemany(INSERT_EVENT, events)
     return changes
@@ -243,17 +301,22 @@ async def auto_clear(conn: psycopg.AsyncConnection, device_ids: list[str]) -> li
         "FROM latest_values lv WHERE a.state <> 'cleared' AND a.device_id = ANY(%b::text[]) "
         "AND lv.device_id = a.device_id AND lv.metric = a.metric "
         "AND lv.ts > a.last_ts + a.clear_after_s * interval '1 second' "
-        "RETURNING a.alert_id, a.device_id, a.alert_type, a.severity", (SYSTEM_ACTOR, device_ids))
+        "RETURNING a.alert_id, a.device_id, a.alert_type, a.severity",
+        (SYSTEM_ACTOR, device_ids),
+    )
     rows = await cur.fetchall()
     if rows:
         async with conn.cursor() as cur:
-            await cur.executemany(INSERT_EVENT, [(alert_id, "cleared", SYSTEM_ACTOR, severity, "back to normal")
-                                                 for alert_id, _, _, severity in rows])
+            await cur.executemany(
+                INSERT_EVENT,
+                [(alert_id, "cleared", SYSTEM_ACTOR, severity, "back to normal") for alert_id, _, _, severity in rows],
+            )
     return [AlertChange(alert_id, d, t, "cleared", s) for alert_id, d, t, s in rows]
 
 
-async def acknowledge(conn: psycopg.AsyncConnection, alert_id: int, actor: str, comment: str | None = None
-                      ) -> AlertChange:
+async def acknowledge(
+    conn: psycopg.AsyncConnection, alert_id: int, actor: str, comment: str | None = None
+) -> AlertChange:
     return await _operator_action(conn, alert_id, "acknowledged", actor, comment)
 
 
@@ -261,11 +324,13 @@ async def clear(conn: psycopg.AsyncConnection, alert_id: int, actor: str, commen
     return await _operator_action(conn, alert_id, "cleared", actor, comment)
 
 
-async def _operator_action(conn: psycopg.AsyncConnection, alert_id: int, action: str, actor: str,
-                           comment: str | None) -> AlertChange:
+async def _operator_action(
+    conn: psycopg.AsyncConnection, alert_id: int, action: str, actor: str, comment: str | None
+) -> AlertChange:
     async with conn.transaction():
         cur = await conn.execute(
-            "SELECT device_id, alert_type, state, severity FROM alerts WHERE alert_id = %s FOR UPDATE", (alert_id,))
+            "SELECT device_id, alert_type, state, severity FROM alerts WHERE alert_id = %s FOR UPDATE", (alert_id,)
+        )
         row = await cur.fetchone()
         if row is None:
             raise LookupError(f"alert {alert_id} not found")
@@ -277,15 +342,20 @@ async def _operator_action(conn: psycopg.AsyncConnection, alert_id: int, action:
                 raise AlertStateError("alert is already acknowledged")
             await conn.execute(
                 "UPDATE alerts SET state = 'acknowledged', acknowledged_at = now(), acknowledged_by = %s, "
-                "updated_at = now() WHERE alert_id = %s", (actor, alert_id))
+                "updated_at = now() WHERE alert_id = %s",
+                (actor, alert_id),
+            )
         else:
             await conn.execute(
                 "UPDATE alerts SET state = 'cleared', cleared_at = now(), cleared_by = %s, updated_at = now() "
-                "WHERE alert_id = %s", (actor, alert_id))
+                "WHERE alert_id = %s",
+                (actor, alert_id),
+            )
         await _event(conn, alert_id, action, actor, severity, comment)
     return AlertChange(alert_id, device_id, alert_type, action, severity)
 
 
-async def _event(conn: psycopg.AsyncConnection, alert_id: int, action: str, actor: str, severity: str,
-                 comment: str | None) -> None:
+async def _event(
+    conn: psycopg.AsyncConnection, alert_id: int, action: str, actor: str, severity: str, comment: str | None
+) -> None:
     await conn.execute(INSERT_EVENT, (alert_id, action, actor, severity, comment))

@@ -18,6 +18,7 @@ HEALTH_CONNECT = bytes([0x10, 23, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 5, 0, 11
 
 def login_connect(client_id: str, username: str, password: str) -> bytes:
     """A raw MQTT 3.1.1 CONNECT with username and password (clean session, 10 s keep-alive)."""
+
     def field(text: str) -> bytes:
         raw = text.encode()
         return len(raw).to_bytes(2, "big") + raw
@@ -56,20 +57,26 @@ class MqttLogin:
     host: str = "127.0.0.1"
 
 
-def connect(login: MqttLogin, client_id: str, *, timeout_s: float = 15.0, clean_session: bool = True,
-            max_queued: int = 0) -> mqtt.Client:
+def connect(
+    login: MqttLogin, client_id: str, *, timeout_s: float = 15.0, clean_session: bool = True, max_queued: int = 0
+) -> mqtt.Client:
     """Connect and wait for the broker's yes, retrying a refusal (a registry reload may be under way).
     With `max_queued`, publish() answers MQTT_ERR_QUEUE_SIZE while that many are unacknowledged."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                         clean_session=clean_session)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=clean_session
+    )
     client.max_queued_messages_set(max_queued)
     client.max_inflight_messages_set(200)
     client.reconnect_delay_set(1, 2)
     if login.username:
         client.username_pw_set(login.username, login.password)
     if login.ca_file:
-        client.tls_set(ca_certs=login.ca_file, certfile=login.cert_file, keyfile=login.key_file,
-                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.tls_set(
+            ca_certs=login.ca_file,
+            certfile=login.cert_file,
+            keyfile=login.key_file,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
     accepted = threading.Event()
     refusals: list[str] = []
 
@@ -84,6 +91,8 @@ def connect(login: MqttLogin, client_id: str, *, timeout_s: float = 15.0, clean_
     client.loop_start()
     if not accepted.wait(timeout_s):
         client.loop_stop()
-        raise ConnectionError(f"MQTT broker on port {login.port} did not accept {login.username or 'the client'}: "
-                              f"{refusals[-1] if refusals else 'no answer'}")
+        raise ConnectionError(
+            f"MQTT broker on port {login.port} did not accept {login.username or 'the client'}: "
+            f"{refusals[-1] if refusals else 'no answer'}"
+        )
     return client

@@ -26,8 +26,7 @@ class MetricSpec:
 
 # Device types and the metrics each declares by default.
 DEVICE_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "air_quality": ("environment", ("pm25", "pm10", "no2", "o3", "co", "so2", "temperature",
-                                    "relativeHumidity")),
+    "air_quality": ("environment", ("pm25", "pm10", "no2", "o3", "co", "so2", "temperature", "relativeHumidity")),
     "noise": ("environment", ("LAeq", "LAmax")),
     "water_level": ("environment", ("currentLevel",)),
     "traffic_corridor": ("traffic", ("averageVehicleSpeed", "occupancy", "intensity")),
@@ -73,8 +72,7 @@ def new_device(device_id: str, city: str, device_type: str, **kwargs: object) ->
     if device_type not in DEVICE_TYPES:
         raise ValueError(f"device type {device_type!r}: one of {', '.join(DEVICE_TYPES)}")
     domain, _ = DEVICE_TYPES[device_type]
-    return Device(device_id, city, domain, device_type, metrics=default_metrics(device_type),
-                  **kwargs)  # type: ignore[arg-type]
+    return Device(device_id, city, domain, device_type, metrics=default_metrics(device_type), **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +91,10 @@ class Gateway:
 
 def check_not_reserved(identity: str) -> None:
     if is_reserved_id(identity):
-        raise ValueError(f"id {identity!r} is reserved for the platform (kota-*, kota_*, postgres, admin, root, "
-                         "mosquitto): choose another")
+        raise ValueError(
+            f"id {identity!r} is reserved for the platform (kota-*, kota_*, postgres, admin, root, "
+            "mosquitto): choose another"
+        )
 
 
 # -- MQTT credentials --------------------------------------------------------------------------
@@ -117,8 +117,7 @@ def _metrics_json(device: Device) -> str:
     return json.dumps({name: asdict(spec) for name, spec in device.metrics.items()})
 
 
-def upsert_devices(conn: psycopg.Connection, devices: list[Device],
-                   passwords: dict[str, str] | None = None) -> None:
+def upsert_devices(conn: psycopg.Connection, devices: list[Device], passwords: dict[str, str] | None = None) -> None:
     """Register or update devices. A device's password changes only when one is given for it."""
     passwords = passwords or {}
     with conn.cursor() as cur:
@@ -132,10 +131,22 @@ def upsert_devices(conn: psycopg.Connection, devices: list[Device],
                  metrics = EXCLUDED.metrics, enabled = EXCLUDED.enabled, gateway_id = EXCLUDED.gateway_id,
                  mqtt_password_hash = coalesce(EXCLUDED.mqtt_password_hash, devices.mqtt_password_hash),
                  updated_at = now()""",
-            [(d.device_id, d.city, d.domain, d.device_type, d.district, d.lat, d.lon, _metrics_json(d),
-              d.enabled, d.gateway_id,
-              hash_mqtt_password(passwords[d.device_id]) if d.device_id in passwords else None)
-             for d in devices],
+            [
+                (
+                    d.device_id,
+                    d.city,
+                    d.domain,
+                    d.device_type,
+                    d.district,
+                    d.lat,
+                    d.lon,
+                    _metrics_json(d),
+                    d.enabled,
+                    d.gateway_id,
+                    hash_mqtt_password(passwords[d.device_id]) if d.device_id in passwords else None,
+                )
+                for d in devices
+            ],
         )
 
 
@@ -145,7 +156,8 @@ def upsert_gateway(conn: psycopg.Connection, gateway: Gateway, password: str | N
            ON CONFLICT (gateway_id) DO UPDATE SET city = EXCLUDED.city, enabled = EXCLUDED.enabled,
              mqtt_password_hash = coalesce(EXCLUDED.mqtt_password_hash, gateways.mqtt_password_hash),
              updated_at = now()""",
-        (gateway.gateway_id, gateway.city, gateway.enabled, hash_mqtt_password(password) if password else None))
+        (gateway.gateway_id, gateway.city, gateway.enabled, hash_mqtt_password(password) if password else None),
+    )
 
 
 def load_gateways(conn: psycopg.Connection) -> dict[str, Gateway]:
@@ -166,39 +178,62 @@ def mqtt_accounts(conn: psycopg.Connection) -> list[MqttAccount]:
     """Every enabled device and gateway, with the topics it may publish to (its own only)."""
     from kota.contract import device_topics, gateway_topics
 
-    accounts = [MqttAccount(r[0], r[3], device_topics(r[1], r[2], r[0])) for r in conn.execute(
-        "SELECT device_id, city, domain, mqtt_password_hash FROM devices WHERE enabled ORDER BY device_id")]
-    accounts += [MqttAccount(r[0], r[2], gateway_topics(r[1], r[0])) for r in conn.execute(
-        "SELECT gateway_id, city, mqtt_password_hash FROM gateways WHERE enabled ORDER BY gateway_id")]
+    accounts = [
+        MqttAccount(r[0], r[3], device_topics(r[1], r[2], r[0]))
+        for r in conn.execute(
+            "SELECT device_id, city, domain, mqtt_password_hash FROM devices WHERE enabled ORDER BY device_id"
+        )
+    ]
+    accounts += [
+        MqttAccount(r[0], r[2], gateway_topics(r[1], r[0]))
+        for r in conn.execute(
+            "SELECT gateway_id, city, mqtt_password_hash FROM gateways WHERE enabled ORDER BY gateway_id"
+        )
+    ]
     # Migration 0010 refuses reserved ids; this keeps a row that got in some other way out of the broker.
     return [a for a in accounts if not is_reserved_id(a.username)]
 
 
 def enabled_identity(conn: psycopg.Connection, identity: str) -> bool:
     """A registered, enabled device or gateway of that id (what a client certificate may name)."""
-    return conn.execute("SELECT 1 FROM devices WHERE device_id = %s AND enabled "
-                        "UNION ALL SELECT 1 FROM gateways WHERE gateway_id = %s AND enabled",
-                        (identity, identity)).fetchone() is not None
+    return (
+        conn.execute(
+            "SELECT 1 FROM devices WHERE device_id = %s AND enabled "
+            "UNION ALL SELECT 1 FROM gateways WHERE gateway_id = %s AND enabled",
+            (identity, identity),
+        ).fetchone()
+        is not None
+    )
 
 
 def set_enabled(conn: psycopg.Connection, device_id: str, enabled: bool) -> bool:
     """Enable or disable a device (or a gateway) by id."""
-    cur = conn.execute("UPDATE devices SET enabled = %s, updated_at = now() WHERE device_id = %s",
-                       (enabled, device_id))
+    cur = conn.execute("UPDATE devices SET enabled = %s, updated_at = now() WHERE device_id = %s", (enabled, device_id))
     if cur.rowcount == 0:
-        cur = conn.execute("UPDATE gateways SET enabled = %s, updated_at = now() WHERE gateway_id = %s",
-                           (enabled, device_id))
+        cur = conn.execute(
+            "UPDATE gateways SET enabled = %s, updated_at = now() WHERE gateway_id = %s", (enabled, device_id)
+        )
     return cur.rowcount == 1
 
 
 def load_devices(conn: psycopg.Connection, city: str | None = None) -> dict[str, Device]:
-    query = ("SELECT device_id, city, domain, device_type, district, lat, lon, metrics, enabled, gateway_id "
-             "FROM devices")
-    rows = conn.execute(query + (" WHERE city = %s" if city else "") + " ORDER BY device_id",
-                        (city,) if city else ()).fetchall()
+    query = "SELECT device_id, city, domain, device_type, district, lat, lon, metrics, enabled, gateway_id FROM devices"
+    rows = conn.execute(
+        query + (" WHERE city = %s" if city else "") + " ORDER BY device_id", (city,) if city else ()
+    ).fetchall()
     return {
-        row[0]: Device(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
-                       {n: MetricSpec(**spec) for n, spec in row[7].items()}, row[8], row[9])
+        row[0]: Device(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            {n: MetricSpec(**spec) for n, spec in row[7].items()},
+            row[8],
+            row[9],
+        )
         for row in rows
     }
 
@@ -206,8 +241,10 @@ def load_devices(conn: psycopg.Connection, city: str | None = None) -> dict[str,
 def device_ranges(conn: psycopg.Connection, device_ids: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
     """Each listed device's declared metric ranges, (low, high) by metric; devices not in the registry are left out."""
     rows = conn.execute("SELECT device_id, metrics FROM devices WHERE device_id = ANY(%s)", (device_ids,)).fetchall()
-    return {device_id: {name: ((spec := MetricSpec(**raw)).low, spec.high) for name, raw in metrics.items()}
-            for device_id, metrics in rows}
+    return {
+        device_id: {name: ((spec := MetricSpec(**raw)).low, spec.high) for name, raw in metrics.items()}
+        for device_id, metrics in rows
+    }
 
 
 def registry_version(conn: psycopg.Connection) -> tuple:
@@ -222,28 +259,34 @@ def set_rate_limit(conn: psycopg.Connection, identity: str, per_s: float | None)
     """Give a device or gateway a message rate of its own (None: the default; 0: no limit)."""
     if per_s is not None and not per_s >= 0:
         raise ValueError("a rate limit is a number of messages per second, 0 or more")
-    cur = conn.execute("UPDATE devices SET rate_limit_per_s = %s, updated_at = now() WHERE device_id = %s",
-                       (per_s, identity))
+    cur = conn.execute(
+        "UPDATE devices SET rate_limit_per_s = %s, updated_at = now() WHERE device_id = %s", (per_s, identity)
+    )
     if cur.rowcount == 0:
-        cur = conn.execute("UPDATE gateways SET rate_limit_per_s = %s, updated_at = now() WHERE gateway_id = %s",
-                           (per_s, identity))
+        cur = conn.execute(
+            "UPDATE gateways SET rate_limit_per_s = %s, updated_at = now() WHERE gateway_id = %s", (per_s, identity)
+        )
     return cur.rowcount == 1
 
 
 def load_rate_limits(conn: psycopg.Connection) -> dict[str, float]:
     """The accounts with a rate of their own: id → messages per second (0: no limit)."""
-    rows = conn.execute("SELECT device_id, rate_limit_per_s FROM devices WHERE rate_limit_per_s IS NOT NULL "
-                        "UNION ALL SELECT gateway_id, rate_limit_per_s FROM gateways "
-                        "WHERE rate_limit_per_s IS NOT NULL").fetchall()
+    rows = conn.execute(
+        "SELECT device_id, rate_limit_per_s FROM devices WHERE rate_limit_per_s IS NOT NULL "
+        "UNION ALL SELECT gateway_id, rate_limit_per_s FROM gateways "
+        "WHERE rate_limit_per_s IS NOT NULL"
+    ).fetchall()
     return {r[0]: float(r[1]) for r in rows}
 
 
 def set_mqtt_password(conn: psycopg.Connection, identity: str, password: str) -> bool:
     """A new MQTT password for a device or gateway (only its hash is kept); False when there is none."""
     digest = hash_mqtt_password(password)
-    cur = conn.execute("UPDATE devices SET mqtt_password_hash = %s, updated_at = now() WHERE device_id = %s",
-                       (digest, identity))
+    cur = conn.execute(
+        "UPDATE devices SET mqtt_password_hash = %s, updated_at = now() WHERE device_id = %s", (digest, identity)
+    )
     if cur.rowcount == 0:
-        cur = conn.execute("UPDATE gateways SET mqtt_password_hash = %s, updated_at = now() WHERE gateway_id = %s",
-                           (digest, identity))
+        cur = conn.execute(
+            "UPDATE gateways SET mqtt_password_hash = %s, updated_at = now() WHERE gateway_id = %s", (digest, identity)
+        )
     return cur.rowcount == 1

@@ -65,8 +65,9 @@ def _detect_backend(conn: psycopg.Connection) -> Backend:
             conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         return "timescaledb"
     except psycopg.Error as exc:
-        log.info("timescaledb extension not available (%s); using native partitioning",
-                 str(exc).strip().splitlines()[0])
+        log.info(
+            "timescaledb extension not available (%s); using native partitioning", str(exc).strip().splitlines()[0]
+        )
         return "postgres"
 
 
@@ -118,8 +119,10 @@ def partition_name(day: dt.date) -> str:
 
 def daily_partitions(conn: psycopg.Connection) -> dict[str, dt.date]:
     """The daily partitions of `readings` (named by `partition_name`) and their days."""
-    names = conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                         "WHERE i.inhparent = 'readings'::regclass AND c.relname ~ '^readings_p[0-9]{8}$'")
+    names = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'readings'::regclass AND c.relname ~ '^readings_p[0-9]{8}$'"
+    )
     return {name: dt.datetime.strptime(name.removeprefix("readings_p"), "%Y%m%d").date() for (name,) in names}
 
 

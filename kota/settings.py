@@ -168,21 +168,33 @@ class StackSettings(BaseSettings):
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Keyword arguments every aiokafka client is built with: where Kafka is, and who we are."""
-        password = self.kafka_password.get_secret_value() if self.kafka_password else \
-            read_secret(self.state_dir, f"kafka-{self.kafka_username}.password")
+        password = (
+            self.kafka_password.get_secret_value()
+            if self.kafka_password
+            else read_secret(self.state_dir, f"kafka-{self.kafka_username}.password")
+        )
         if password is None:
-            raise RuntimeError(f"no Kafka password for user {self.kafka_username}: set KOTA_KAFKA_PASSWORD, or "
-                               f"start the stack (kota up) to make {secrets_dir(self.state_dir)}/"
-                               f"kafka-{self.kafka_username}.password")
-        return {"bootstrap_servers": self.kafka_bootstrap, "security_protocol": "SASL_PLAINTEXT",
-                "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": self.kafka_username,
-                "sasl_plain_password": password}
+            raise RuntimeError(
+                f"no Kafka password for user {self.kafka_username}: set KOTA_KAFKA_PASSWORD, or "
+                f"start the stack (kota up) to make {secrets_dir(self.state_dir)}/"
+                f"kafka-{self.kafka_username}.password"
+            )
+        return {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": self.kafka_username,
+            "sasl_plain_password": password,
+        }
 
     @property
     def postgres_dsn(self) -> str:
         dsn = f"host={self.postgres_host} port={self.postgres_port} user={self.postgres_user} dbname={self.database}"
-        password = self.postgres_password.get_secret_value() if self.postgres_password else \
-            read_secret(self.state_dir, f"postgres-{self.postgres_user}.password")
+        password = (
+            self.postgres_password.get_secret_value()
+            if self.postgres_password
+            else read_secret(self.state_dir, f"postgres-{self.postgres_user}.password")
+        )
         if password:
             dsn += f" password='{_dsn_quoted(password)}'"
         return dsn

@@ -56,7 +56,7 @@ def split_token(token: str) -> tuple[str, str] | None:
     """(token_id, secret) of a well-formed token, else None."""
     if not token.startswith(TOKEN_PREFIX):
         return None
-    token_id, sep, secret = token[len(TOKEN_PREFIX):].partition("_")
+    token_id, sep, secret = token[len(TOKEN_PREFIX) :].partition("_")
     return (token_id, secret) if sep and token_id and secret else None
 
 
@@ -69,13 +69,15 @@ def upsert_user(conn: psycopg.Connection, user: User, *, actor: str) -> None:
         "INSERT INTO users (user_id, display_name, role, cities) VALUES (%s, %s, %s, %s) "
         "ON CONFLICT (user_id) DO UPDATE SET display_name = excluded.display_name, role = excluded.role, "
         "cities = excluded.cities, enabled = true",
-        (user.user_id, user.display_name, user.role, list(user.cities)))
+        (user.user_id, user.display_name, user.role, list(user.cities)),
+    )
     record(conn, actor, "user.saved", "user", user.user_id, None, {"role": user.role, "cities": list(user.cities)})
 
 
 def get_user(conn: psycopg.Connection, user_id: str) -> User | None:
-    row = conn.execute("SELECT user_id, role, cities, display_name FROM users WHERE user_id = %s",
-                       (user_id,)).fetchone()
+    row = conn.execute(
+        "SELECT user_id, role, cities, display_name FROM users WHERE user_id = %s", (user_id,)
+    ).fetchone()
     return User(row[0], row[1], tuple(row[2]), row[3]) if row else None
 
 
@@ -94,12 +96,19 @@ def list_users(conn: psycopg.Connection) -> list[tuple[User, Tokens]]:
         f"SELECT u.user_id, u.role, u.cities, u.display_name, count(t.token_id) FILTER (WHERE {LIVE_TOKEN}), "  # noqa: S608
         f"min(t.expires_at) FILTER (WHERE {LIVE_TOKEN}), "
         f"count(t.token_id) FILTER (WHERE {LIVE_TOKEN} AND t.expires_at IS NULL) "
-        "FROM users u LEFT JOIN api_tokens t USING (user_id) GROUP BY u.user_id ORDER BY u.user_id").fetchall()
+        "FROM users u LEFT JOIN api_tokens t USING (user_id) GROUP BY u.user_id ORDER BY u.user_id"
+    ).fetchall()
     return [(User(r[0], r[1], tuple(r[2]), r[3]), Tokens(r[4], r[5], r[6])) for r in rows]
 
 
-def issue_token(conn: psycopg.Connection, user_id: str, *, label: str | None = None, actor: str,
-                lifetime: dt.timedelta | None = DEFAULT_TOKEN_LIFETIME) -> str:
+def issue_token(
+    conn: psycopg.Connection,
+    user_id: str,
+    *,
+    label: str | None = None,
+    actor: str,
+    lifetime: dt.timedelta | None = DEFAULT_TOKEN_LIFETIME,
+) -> str:
     """A new token for the user, working for `lifetime` (None: until revoked); shown once, never
     stored in clear."""
     if get_user(conn, user_id) is None:
@@ -107,26 +116,35 @@ def issue_token(conn: psycopg.Connection, user_id: str, *, label: str | None = N
     if lifetime is not None and lifetime <= dt.timedelta(0):
         raise ValueError("a token's lifetime must be positive")
     token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32).replace("_", "-")
-    cur = conn.execute("INSERT INTO api_tokens (token_id, user_id, secret_hash, label, expires_at) "
-                       "VALUES (%s, %s, %s, %s, now() + %s::interval) RETURNING expires_at",
-                       (token_id, user_id, hash_secret(secret), label, lifetime))
+    cur = conn.execute(
+        "INSERT INTO api_tokens (token_id, user_id, secret_hash, label, expires_at) "
+        "VALUES (%s, %s, %s, %s, now() + %s::interval) RETURNING expires_at",
+        (token_id, user_id, hash_secret(secret), label, lifetime),
+    )
     expires_at = cur.fetchone()[0]  # type: ignore[index]
-    record(conn, actor, "token.issued", "user", user_id, None,
-           {"token_id": token_id, "label": label, "expires_at": expires_at.isoformat() if expires_at else None})
+    record(
+        conn,
+        actor,
+        "token.issued",
+        "user",
+        user_id,
+        None,
+        {"token_id": token_id, "label": label, "expires_at": expires_at.isoformat() if expires_at else None},
+    )
     return f"{TOKEN_PREFIX}{token_id}_{secret}"
 
 
 def token_expiry(conn: psycopg.Connection, token: str) -> dt.datetime | None:
     """When a token expires (None: never, or no such token)."""
     parts = split_token(token)
-    row = conn.execute("SELECT expires_at FROM api_tokens WHERE token_id = %s", (parts[0],)).fetchone() \
-        if parts else None
+    row = (
+        conn.execute("SELECT expires_at FROM api_tokens WHERE token_id = %s", (parts[0],)).fetchone() if parts else None
+    )
     return row[0] if row else None
 
 
 def revoke_tokens(conn: psycopg.Connection, user_id: str, *, actor: str) -> int:
-    cur = conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL",
-                       (user_id,))
+    cur = conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL", (user_id,))
     record(conn, actor, "token.revoked", "user", user_id, None, {"tokens": cur.rowcount})
     return cur.rowcount
 
@@ -135,21 +153,38 @@ def token_is_live(conn: psycopg.Connection, token: str) -> bool:
     parts = split_token(token)
     if parts is None:
         return False
-    row = conn.execute(f"SELECT secret_hash FROM api_tokens t WHERE token_id = %s AND {LIVE_TOKEN}",  # noqa: S608
-                       (parts[0],)).fetchone()
+    row = conn.execute(
+        f"SELECT secret_hash FROM api_tokens t WHERE token_id = %s AND {LIVE_TOKEN}",  # noqa: S608
+        (parts[0],),
+    ).fetchone()
     return row is not None and secret_matches(parts[1], row[0])
 
 
-AUDIT_INSERT = ("INSERT INTO audit_log (actor, action, target_type, target_id, city, details) "
-                "VALUES (%s, %s, %s, %s, %s, %s)")
+AUDIT_INSERT = (
+    "INSERT INTO audit_log (actor, action, target_type, target_id, city, details) VALUES (%s, %s, %s, %s, %s, %s)"
+)
 
 
-def record(conn: psycopg.Connection, actor: str, action: str, target_type: str, target_id: str, city: str | None,
-           details: dict[str, Any] | None = None) -> None:
+def record(
+    conn: psycopg.Connection,
+    actor: str,
+    action: str,
+    target_type: str,
+    target_id: str,
+    city: str | None,
+    details: dict[str, Any] | None = None,
+) -> None:
     """One audit entry, in the caller's transaction."""
     conn.execute(AUDIT_INSERT, (actor, action, target_type, target_id, city, Jsonb(details or {})))
 
 
-async def record_async(conn: psycopg.AsyncConnection, actor: str, action: str, target_type: str, target_id: str,
-                       city: str | None, details: dict[str, Any] | None = None) -> None:
+async def record_async(
+    conn: psycopg.AsyncConnection,
+    actor: str,
+    action: str,
+    target_type: str,
+    target_id: str,
+    city: str | None,
+    details: dict[str, Any] | None = None,
+) -> None:
     await conn.execute(AUDIT_INSERT, (actor, action, target_type, target_id, city, Jsonb(details or {})))

@@ -172,7 +172,8 @@ async def _verify(pool: AsyncConnectionPool, token: str) -> Principal:
             "UPDATE api_tokens t SET last_used_at = now() FROM users u "  # noqa: S608 - LIVE_TOKEN is a constant
             f"WHERE t.token_id = %s AND {LIVE_TOKEN} AND u.user_id = t.user_id AND u.enabled "
             "RETURNING t.secret_hash, u.user_id, u.role, u.cities, extract(epoch FROM t.expires_at)::float8",
-            (parts[0],))
+            (parts[0],),
+        )
         row = await cur.fetchone()
     if row is None or not secret_matches(parts[1], row[0]):
         raise HTTPException(401, BAD_TOKEN, headers={"WWW-Authenticate": "Bearer"})

@@ -57,11 +57,13 @@ class Filter:
     types: frozenset[str] = frozenset({"readings", "alert"})
 
     def matches(self, kind: str, city: str, domain: str, device_id: str) -> bool:
-        return ((self.scope is None or city in self.scope)
-                and kind in self.types
-                and (not self.cities or city in self.cities)
-                and (not self.domains or domain in self.domains)
-                and (not self.devices or device_id in self.devices))
+        return (
+            (self.scope is None or city in self.scope)
+            and kind in self.types
+            and (not self.cities or city in self.cities)
+            and (not self.domains or domain in self.domains)
+            and (not self.devices or device_id in self.devices)
+        )
 
 
 @dataclass(eq=False, slots=True)
@@ -165,12 +167,14 @@ class LiveHub:
         self.listening: Callable[[bool], None] | None = None
 
     # -- clients -------------------------------------------------------------------------------
-    def subscribe(self, live_filter: Filter, principal: Principal | None = None, token: str | None = None
-                  ) -> Subscriber:
+    def subscribe(
+        self, live_filter: Filter, principal: Principal | None = None, token: str | None = None
+    ) -> Subscriber:
         subscriber = Subscriber(live_filter, self._queue_events, principal=principal, token=token)
         if principal is not None and principal.expires_at is not None:
             subscriber.expiry = asyncio.get_running_loop().call_later(
-                max(0.0, principal.expires_at - time.time()), subscriber.close, 4401, BAD_TOKEN)
+                max(0.0, principal.expires_at - time.time()), subscriber.close, 4401, BAD_TOKEN
+            )
         self._groups.setdefault(live_filter, _Group()).subscribers.add(subscriber)
         CLIENTS.set(self.clients)
         if "readings" in live_filter.types and self._kafka_enabled and self._reader is None:
@@ -197,8 +201,12 @@ class LiveHub:
 
     def subscribers(self, user_id: str | None = None) -> list[Subscriber]:
         """The open streams of `user_id` (None: all of them)."""
-        return [s for group in self._groups.values() for s in group.subscribers
-                if user_id is None or (s.principal is not None and s.principal.user_id == user_id)]
+        return [
+            s
+            for group in self._groups.values()
+            for s in group.subscribers
+            if user_id is None or (s.principal is not None and s.principal.user_id == user_id)
+        ]
 
     def publish(self, kind: str, city: str, domain: str, device_id: str, event: dict[str, Any]) -> None:
         """Send one event to every client whose filter matches, now."""
@@ -249,8 +257,14 @@ class LiveHub:
 
     async def _read_kafka(self) -> None:
         while True:
-            consumer = AIOKafkaConsumer(READINGS_TOPIC, **self._stack.kafka_client_options(), group_id=None,
-                                        auto_offset_reset="latest", enable_auto_commit=False, fetch_max_wait_ms=50)
+            consumer = AIOKafkaConsumer(
+                READINGS_TOPIC,
+                **self._stack.kafka_client_options(),
+                group_id=None,
+                auto_offset_reset="latest",
+                enable_auto_commit=False,
+                fetch_max_wait_ms=50,
+            )
             try:
                 await consumer.start()
                 self.consumer = consumer
@@ -289,15 +303,24 @@ class LiveHub:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # not the wire format: the processor counts these; the feed just skips them
             received += 1
-            wanting = [group for live_filter, group in self._groups.items()
-                       if live_filter.matches("readings", city, domain, device_id)]
+            wanting = [
+                group
+                for live_filter, group in self._groups.items()
+                if live_filter.matches("readings", city, domain, device_id)
+            ]
             if not wanting:
                 continue
             try:
-                message = orjson.dumps({
-                    "type": "readings", "city": city, "domain": domain, "device_id": device_id,
-                    "received_ms": body["recv"],
-                    "readings": [{"ts": ts, "metric": m, "value": v, "unit": u} for ts, m, v, u in body["r"]]})
+                message = orjson.dumps(
+                    {
+                        "type": "readings",
+                        "city": city,
+                        "domain": domain,
+                        "device_id": device_id,
+                        "received_ms": body["recv"],
+                        "readings": [{"ts": ts, "metric": m, "value": v, "unit": u} for ts, m, v, u in body["r"]],
+                    }
+                )
             except (KeyError, TypeError, ValueError):
                 continue
             for group in wanting:
@@ -336,7 +359,8 @@ class LiveHub:
                 if self.access_changed is not None:
                     self.access_changed(str(change["user_id"]))
             else:
-                self.publish("alert", change["city"], change["domain"], change["device_id"],
-                             {"type": "alert", **change})
+                self.publish(
+                    "alert", change["city"], change["domain"], change["device_id"], {"type": "alert", **change}
+                )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("live feed: skipped a malformed notification on %s", channel)

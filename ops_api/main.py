@@ -33,22 +33,32 @@ from ops_api.settings import ApiSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("kota.api")
-INVALID_VALUE = {"detail": "invalid value: a parameter holds something the database cannot store or compare",
-                 "code": "invalid_value"}
+INVALID_VALUE = {
+    "detail": "invalid value: a parameter holds something the database cannot store or compare",
+    "code": "invalid_value",
+}
 # The page loads only its own scripts, styles and data (no inline script, no other origin, no
 # frames); its canvas map needs no tiles. `connect-src 'self'` covers its WebSocket (same host).
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-            "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 # FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN and start them with an inline
 # script; they hold no data of their own, and still may not be framed.
-DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-            "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
-            "https://cdn.redoc.ly; connect-src 'self'; worker-src blob:; base-uri 'none'; form-action 'self'; "
-            "frame-ancestors 'none'")
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
+    "https://cdn.redoc.ly; connect-src 'self'; worker-src blob:; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
 DOCS_PATHS = ("/docs", "/redoc")
-REQUEST_SECONDS = Histogram("kota_api_request_seconds", "API request latency", ["method", "route", "status"],
-                            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+REQUEST_SECONDS = Histogram(
+    "kota_api_request_seconds",
+    "API request latency",
+    ["method", "route", "status"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 
 DESCRIPTION = """City operations for smart-city command centres.
 
@@ -90,8 +100,9 @@ class RequestTimer:
             await self.app(scope, receive, send_and_note_status)
         finally:
             route = scope.get("route")
-            REQUEST_SECONDS.labels(scope["method"], getattr(route, "path", "unmatched"),
-                                   str(status)).observe(time.perf_counter() - started)
+            REQUEST_SECONDS.labels(scope["method"], getattr(route, "path", "unmatched"), str(status)).observe(
+                time.perf_counter() - started
+            )
 
 
 class SecurityHeaders:
@@ -174,8 +185,12 @@ def _metrics_registry() -> CollectorRegistry:
     return registry
 
 
-def create_app(stack: StackSettings | None = None, settings: ApiSettings | None = None, *,
-               on_registry_change: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    stack: StackSettings | None = None,
+    settings: ApiSettings | None = None,
+    *,
+    on_registry_change: Callable[[], None] | None = None,
+) -> FastAPI:
     """The ops API. `on_registry_change` runs (in a thread) after the API changed who may connect to the
     broker: the local stack's command makes it regenerate the broker's access files (deploy/mqtt_access.py)."""
     stack = stack or StackSettings()
@@ -189,12 +204,26 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
         # busy as it can be; twenty queued the same work in more processes (bench/api.py, latest
         # values at 50 clients: p99 216 ms with 20, 142-157 ms with 4). A second, as small, is the
         # series cache's for pages it checks ahead of their callers (ops_api/series_cache.py).
-        async with AsyncConnectionPool(stack.postgres_dsn, min_size=2, max_size=4, open=False,
-                                       kwargs={"autocommit": True},
-                                       check=idle_check.check, reset=idle_check.note_returned) as pool, \
-                AsyncConnectionPool(stack.postgres_dsn, min_size=1, max_size=BACKGROUND_CHECKS, open=False,
-                                    kwargs={"autocommit": True}, check=idle_check.check,
-                                    reset=idle_check.note_returned) as checks:
+        async with (
+            AsyncConnectionPool(
+                stack.postgres_dsn,
+                min_size=2,
+                max_size=4,
+                open=False,
+                kwargs={"autocommit": True},
+                check=idle_check.check,
+                reset=idle_check.note_returned,
+            ) as pool,
+            AsyncConnectionPool(
+                stack.postgres_dsn,
+                min_size=1,
+                max_size=BACKGROUND_CHECKS,
+                open=False,
+                kwargs={"autocommit": True},
+                check=idle_check.check,
+                reset=idle_check.note_returned,
+            ) as checks,
+        ):
             app.state.pool = pool
             app.state.series_cache.background = checks.connection
             await app.state.hub.start()
@@ -215,8 +244,9 @@ def create_app(stack: StackSettings | None = None, settings: ApiSettings | None 
     # Trusted (cached) only once the LISTEN connection hears changes of access (live.watch_access).
     app.state.tokens = TokenCache(settings.token_cache_s, trusted=False)
     app.state.snapshots = devices.SnapshotCache()
-    app.state.series_cache = SeriesCache(int(settings.series_cache_mib * 2**20), settings.series_fresh_s,
-                                         settings.series_stale_s)
+    app.state.series_cache = SeriesCache(
+        int(settings.series_cache_mib * 2**20), settings.series_fresh_s, settings.series_stale_s
+    )
     app.state.hub = LiveHub(stack, queue_events=settings.live_queue_events, kafka_enabled=settings.live_kafka_enabled)
     app.state.watch = health.ProcessorWatch(stack)
     app.state.health = health.HealthProbe(stack, settings.health_cache_s, settings.processor_group_id)

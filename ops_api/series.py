@@ -34,19 +34,31 @@ def series_sql(resolution: Resolution) -> str:
     """The page query for one resolution; parameters (device_id, metric, start, end, limit). Its eighth
     column, the sum of the values, goes into a page's fingerprint (query_series_split)."""
     if resolution == "raw":
-        return ("SELECT ts, 1, value, value, value, value, value, value FROM readings "
-                "WHERE device_id = %s AND metric = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s")
+        return (
+            "SELECT ts, 1, value, value, value, value, value, value FROM readings "
+            "WHERE device_id = %s AND metric = %s AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s"
+        )
     table = RESOLUTIONS[resolution]
-    return (f"SELECT bucket, n, sum / n, min, max, first_value, last_value, sum FROM {table} "  # noqa: S608
-            "WHERE device_id = %s AND metric = %s AND bucket >= %s AND bucket < %s ORDER BY bucket LIMIT %s")
+    return (
+        f"SELECT bucket, n, sum / n, min, max, first_value, last_value, sum FROM {table} "  # noqa: S608
+        "WHERE device_id = %s AND metric = %s AND bucket >= %s AND bucket < %s ORDER BY bucket LIMIT %s"
+    )
 
 
 def to_points(rows: list[tuple]) -> list[Point]:  # type: ignore[type-arg]
     return [Point(ts, int(n), mean, low, high, first, last) for ts, n, mean, low, high, first, last, _ in rows]
 
 
-def query_series(conn: psycopg.Connection, device_id: str, metric: str, resolution: Resolution,
-                 start: dt.datetime, end: dt.datetime, *, limit: int = 1000) -> list[Point]:
+def query_series(
+    conn: psycopg.Connection,
+    device_id: str,
+    metric: str,
+    resolution: Resolution,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    limit: int = 1000,
+) -> list[Point]:
     """Points in [start, end), oldest first, at most `limit` (page on with start = last ts + 1 µs)."""
     return to_points(conn.execute(series_sql(resolution), (device_id, metric, start, end, limit)).fetchall())
 
@@ -71,6 +83,7 @@ class SplitPage:
     """A page split at a time `cut`: the points before it, as a fingerprint and (when asked for) their
     JSON, and the JSON of the points from the cut on. JSON parts are points joined by commas, without
     brackets; either may be empty."""
+
     head_print: tuple[object, ...]  # (points, readings, first time, last time, sum of values) before the cut
     head_json: bytes | None
     tail_json: bytes
@@ -79,9 +92,19 @@ class SplitPage:
     visible: bool  # the device is one of the cities asked about
 
 
-async def query_series_split(conn: psycopg.AsyncConnection, device_id: str, metric: str, resolution: Resolution,
-                             start: dt.datetime, end: dt.datetime, *, limit: int, cut: dt.datetime,
-                             head_json: bool, cities: list[str] | None = None) -> SplitPage:
+async def query_series_split(
+    conn: psycopg.AsyncConnection,
+    device_id: str,
+    metric: str,
+    resolution: Resolution,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    limit: int,
+    cut: dt.datetime,
+    head_json: bool,
+    cities: list[str] | None = None,
+) -> SplitPage:
     """One page (as query_series) read once: the JSON of its points from `cut` on, the fingerprint of
     those before it, and their JSON only if `head_json`. The points before a cut some way behind the
     present rarely change, so the API keeps their JSON and asks for the fingerprint alone, which
@@ -97,13 +120,28 @@ async def query_series_split(conn: psycopg.AsyncConnection, device_id: str, metr
         f"EXISTS (SELECT FROM devices WHERE device_id = %(device_id)s "
         f"AND (%(cities)s::text[] IS NULL OR city = ANY(%(cities)s))) "
         f"FROM ({_named(series_sql(resolution))}) AS p(t, n, mean, lo, hi, f, l, s)",
-        {"device_id": device_id, "metric": metric, "start": start, "end": end, "limit": limit, "cut": cut,
-         "head": head_json, "cities": cities})
+        {
+            "device_id": device_id,
+            "metric": metric,
+            "start": start,
+            "end": end,
+            "limit": limit,
+            "cut": cut,
+            "head": head_json,
+            "cities": cities,
+        },
+    )
     row = await cur.fetchone()
     assert row is not None  # an aggregate always answers one row
     points, readings, first, last_before, total, head, tail, count, last, visible = row
-    return SplitPage((points, readings, first, last_before, total),
-                     (head or "").encode() if head_json else None, (tail or "").encode(), int(count), last, visible)
+    return SplitPage(
+        (points, readings, first, last_before, total),
+        (head or "").encode() if head_json else None,
+        (tail or "").encode(),
+        int(count),
+        last,
+        visible,
+    )
 
 
 def _named(page_sql: str) -> str:
@@ -113,10 +151,18 @@ def _named(page_sql: str) -> str:
     return page_sql
 
 
-async def query_series_json(conn: psycopg.AsyncConnection, device_id: str, metric: str, resolution: Resolution,
-                            start: dt.datetime, end: dt.datetime, *, limit: int = 1000
-                            ) -> tuple[bytes, int, dt.datetime | None]:
+async def query_series_json(
+    conn: psycopg.AsyncConnection,
+    device_id: str,
+    metric: str,
+    resolution: Resolution,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    limit: int = 1000,
+) -> tuple[bytes, int, dt.datetime | None]:
     """query_series's page as a JSON array of points, with its length and last point's time."""
-    page = await query_series_split(conn, device_id, metric, resolution, start, end, limit=limit, cut=start,
-                                    head_json=False)
+    page = await query_series_split(
+        conn, device_id, metric, resolution, start, end, limit=limit, cut=start, head_json=False
+    )
     return b"[" + page.tail_json + b"]", page.count, page.last

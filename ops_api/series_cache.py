@@ -43,15 +43,22 @@ from psycopg import AsyncConnection
 from ops_api.series import Resolution, SplitPage, query_series_split
 
 # How far behind the page's end the cut goes: past the windows readings are still arriving for.
-SETTLING: dict[str, dt.timedelta] = {"raw": dt.timedelta(minutes=2), "1m": dt.timedelta(minutes=3),
-                                     "1h": dt.timedelta(hours=2), "1d": dt.timedelta(days=2)}
+SETTLING: dict[str, dt.timedelta] = {
+    "raw": dt.timedelta(minutes=2),
+    "1m": dt.timedelta(minutes=3),
+    "1h": dt.timedelta(hours=2),
+    "1d": dt.timedelta(days=2),
+}
 # A kept page is cut again once this many settling spans have passed since its cut, so the part
 # written on every request stays short.
 RECUT_AFTER = 4
 
-PAGES = Counter("kota_api_series_pages", "Series pages answered, by what the answer took: fresh (kept, checked "
-                "within fresh_s), unchanged (checked, settled part kept), changed (checked, written again), new",
-                ["answer"])
+PAGES = Counter(
+    "kota_api_series_pages",
+    "Series pages answered, by what the answer took: fresh (kept, checked "
+    "within fresh_s), unchanged (checked, settled part kept), changed (checked, written again), new",
+    ["answer"],
+)
 log = logging.getLogger(__name__)
 Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
 Scope = tuple[str, ...] | None
@@ -69,6 +76,7 @@ Render = Callable[[int, dt.datetime | None], tuple[bytes, bytes]]
 @dataclass(frozen=True, slots=True)
 class _Ask:
     """What a caller asked for a page, to check it again with."""
+
     connect: Connect
     cities: list[str] | None
     device_id: str
@@ -90,15 +98,16 @@ class _Kept:
 
     @property
     def head_json(self) -> memoryview:
-        return memoryview(self.body)[self.head_at[0]:self.head_at[1]]
+        return memoryview(self.body)[self.head_at[0] : self.head_at[1]]
 
 
 class SeriesCache:
     """Kept pages, least recently used first out, within `max_bytes` of JSON and `max_pages` pages (a
     page's key and bookkeeping cost memory too, and callers choose keys: metric names, page bounds)."""
 
-    def __init__(self, max_bytes: int, fresh_s: float = 0.0, stale_s: float | None = None,
-                 max_pages: int = 20_000) -> None:
+    def __init__(
+        self, max_bytes: int, fresh_s: float = 0.0, stale_s: float | None = None, max_pages: int = 20_000
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_pages = max_pages
         self.fresh_s = fresh_s
@@ -117,14 +126,33 @@ class SeriesCache:
     def __len__(self) -> int:
         return len(self._kept)
 
-    async def page(self, connect: Connect, cities: list[str] | None, device_id: str, metric: str,
-                   resolution: Resolution, start: dt.datetime, end: dt.datetime, *, limit: int, start_given: bool,
-                   end_given: bool, render: Render) -> bytes | None:
+    async def page(
+        self,
+        connect: Connect,
+        cities: list[str] | None,
+        device_id: str,
+        metric: str,
+        resolution: Resolution,
+        start: dt.datetime,
+        end: dt.datetime,
+        *,
+        limit: int,
+        start_given: bool,
+        end_given: bool,
+        render: Render,
+    ) -> bytes | None:
         """The page (as query_series_split reads it) rendered, or None when the device is not in
         `cities` (None: any city). A connection is taken from `connect` only when the database is asked."""
         # A page asked for as "the day up to now" is the same page a second later: key it by what was asked.
-        key: PageKey = (tuple(cities) if cities is not None else None, device_id, metric, resolution, limit,
-                        start if start_given else None, end if end_given else None)
+        key: PageKey = (
+            tuple(cities) if cities is not None else None,
+            device_id,
+            metric,
+            resolution,
+            limit,
+            start if start_given else None,
+            end if end_given else None,
+        )
         settling = SETTLING[resolution]
         kept = self._kept.get(key)
         if kept is None or not (start < kept.cut <= end and end - kept.cut <= RECUT_AFTER * settling):
@@ -140,22 +168,36 @@ class SeriesCache:
                 # oldest first: every page past fresh_s checked at once queued dozens of checks on
                 # the pool, ahead of the requests that must wait for one (p99 378 ms); whichever page
                 # was asked for when a check ended left others past stale_s (p99 73 ms).
-                self._due[key] = _Ask(self.background or connect, cities, device_id, metric, resolution, start, end,
-                                      limit, render)
+                self._due[key] = _Ask(
+                    self.background or connect, cities, device_id, metric, resolution, start, end, limit, render
+                )
                 self._check_due()
             return kept.body
         # New, or too old to answer as kept: wait for its check (one a page, whoever asked first).
-        checking = self._checking.get(key) or self._check(key, kept, connect, cities, device_id, metric, resolution,
-                                                          start, end, limit, render)
+        checking = self._checking.get(key) or self._check(
+            key, kept, connect, cities, device_id, metric, resolution, start, end, limit, render
+        )
         return await asyncio.shield(checking)
 
-    def _check(self, key: PageKey, kept: _Kept | None, connect: Connect, cities: list[str] | None, device_id: str,
-               metric: str, resolution: Resolution, start: dt.datetime, end: dt.datetime, limit: int, render: Render
-               ) -> asyncio.Task[bytes | None]:
+    def _check(
+        self,
+        key: PageKey,
+        kept: _Kept | None,
+        connect: Connect,
+        cities: list[str] | None,
+        device_id: str,
+        metric: str,
+        resolution: Resolution,
+        start: dt.datetime,
+        end: dt.datetime,
+        limit: int,
+        render: Render,
+    ) -> asyncio.Task[bytes | None]:
         """Ask the database about the page in a task of its own, which every caller of the page meanwhile
         awaits (shielded: a caller that goes away does not cancel it for the others)."""
-        task = asyncio.create_task(self._answer(key, kept, connect, cities, device_id, metric, resolution, start,
-                                                end, limit, render))
+        task = asyncio.create_task(
+            self._answer(key, kept, connect, cities, device_id, metric, resolution, start, end, limit, render)
+        )
         self._checking[key] = task
         task.add_done_callback(lambda done, key=key: self._checked(key, done))  # type: ignore[misc]
         return task
@@ -168,8 +210,19 @@ class SeriesCache:
             kept = self._kept.get(key)
             if key in self._checking or kept is None or time.monotonic() - kept.checked_at < self.fresh_s / 2:
                 continue  # being checked for a caller, or gone, or checked since
-            task = self._check(key, kept, ask.connect, ask.cities, ask.device_id, ask.metric, ask.resolution,
-                               ask.start, ask.end, ask.limit, ask.render)
+            task = self._check(
+                key,
+                kept,
+                ask.connect,
+                ask.cities,
+                ask.device_id,
+                ask.metric,
+                ask.resolution,
+                ask.start,
+                ask.end,
+                ask.limit,
+                ask.render,
+            )
             self._ahead += 1
             task.add_done_callback(self._checked_ahead)
 
@@ -193,15 +246,36 @@ class SeriesCache:
             # Its callers got the error; the next request for the page asks again.
             log.warning("checking a series page failed: %s", task.exception())
 
-    async def _answer(self, key: PageKey, kept: _Kept | None, connect: Connect, cities: list[str] | None,
-                      device_id: str, metric: str, resolution: Resolution, start: dt.datetime, end: dt.datetime,
-                      limit: int, render: Render) -> bytes | None:
+    async def _answer(
+        self,
+        key: PageKey,
+        kept: _Kept | None,
+        connect: Connect,
+        cities: list[str] | None,
+        device_id: str,
+        metric: str,
+        resolution: Resolution,
+        start: dt.datetime,
+        end: dt.datetime,
+        limit: int,
+        render: Render,
+    ) -> bytes | None:
         """Ask the database: the kept page's head checked and its tail written, or the page anew."""
         asked_at = time.monotonic()  # the answer is as of now at the earliest
         if kept is not None:
             async with connect() as conn:
-                page = await query_series_split(conn, device_id, metric, resolution, start, end, limit=limit,
-                                                cut=kept.cut, head_json=False, cities=cities)
+                page = await query_series_split(
+                    conn,
+                    device_id,
+                    metric,
+                    resolution,
+                    start,
+                    end,
+                    limit=limit,
+                    cut=kept.cut,
+                    head_json=False,
+                    cities=cities,
+                )
             if not page.visible:
                 self._keep(key, None)
                 return None
@@ -213,8 +287,9 @@ class SeriesCache:
             self._count("new")
         cut = max(start, end - SETTLING[resolution])
         async with connect() as conn:
-            page = await query_series_split(conn, device_id, metric, resolution, start, end, limit=limit, cut=cut,
-                                            head_json=True, cities=cities)
+            page = await query_series_split(
+                conn, device_id, metric, resolution, start, end, limit=limit, cut=cut, head_json=True, cities=cities
+            )
         if not page.visible:
             self._keep(key, None)
             return None
@@ -225,8 +300,16 @@ class SeriesCache:
         self.answers[answer] += 1
         PAGES.labels(answer).inc()
 
-    def _keep_answer(self, key: PageKey, cut: dt.datetime, head_print: tuple[object, ...], head: bytes | memoryview,
-                     page: SplitPage, render: Render, asked_at: float) -> bytes:
+    def _keep_answer(
+        self,
+        key: PageKey,
+        cut: dt.datetime,
+        head_print: tuple[object, ...],
+        head: bytes | memoryview,
+        page: SplitPage,
+        render: Render,
+        asked_at: float,
+    ) -> bytes:
         """The body of `head` (the settled points' JSON) and `page`'s tail, kept as `key`'s answer."""
         before, after = render(page.count, page.last)
         body = b"".join((before, head, b"," if head and page.tail_json else b"", page.tail_json, after))

@@ -35,7 +35,7 @@ def _cache_aligned(array: np.ndarray) -> np.ndarray:
     NumPy's own allocations start 16 bytes into a line."""
     raw = np.empty(array.nbytes + CACHE_LINE, np.uint8)
     start = -raw.ctypes.data % CACHE_LINE
-    aligned = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
     aligned[...] = array
     return aligned
 
@@ -73,8 +73,14 @@ class Detectors:
     `range_of(key)`: its declared physical range (low, high), asked when a series is first seen.
     """
 
-    def __init__(self, params: np.ndarray | None = None, *, kind_of: Callable[[Any], float] | None = None,
-                 range_of: Callable[[Any], tuple[float, float]] | None = None, initial_series: int = 1024) -> None:
+    def __init__(
+        self,
+        params: np.ndarray | None = None,
+        *,
+        kind_of: Callable[[Any], float] | None = None,
+        range_of: Callable[[Any], tuple[float, float]] | None = None,
+        initial_series: int = 1024,
+    ) -> None:
         self.params = np.ascontiguousarray(kernels.DEFAULT_PARAMS if params is None else params, dtype=np.float64)
         if self.params.shape != kernels.DEFAULT_PARAMS.shape:
             raise ValueError(f"params must have {kernels.DEFAULT_PARAMS.shape[0]} entries")
@@ -104,8 +110,9 @@ class Detectors:
         """Series keys in id order."""
         return list(self._ids)
 
-    def series_ids(self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None
-                   ) -> np.ndarray:
+    def series_ids(
+        self, keys: Iterable[Hashable], ranges: Mapping[Any, tuple[float, float]] | None = None
+    ) -> np.ndarray:
         """Dense ids for series keys, creating state for new ones: their kind from `kind_of`, their
         physical range from `ranges` where it has them, else from `range_of`."""
         ids = []
@@ -142,8 +149,9 @@ class Detectors:
             return
         new = max(needed, size * 2)
         self.state = _cache_aligned(np.concatenate([self.state, np.zeros((new - size, kernels.STATE_COLUMNS))]))
-        self.hourly = _cache_aligned(np.concatenate(
-            [self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3))], axis=1))
+        self.hourly = _cache_aligned(
+            np.concatenate([self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3))], axis=1)
+        )
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
         self.measured = np.concatenate([self.measured, np.full(new - size, kernels.MEASURED)])
@@ -163,14 +171,26 @@ class Detectors:
         reasons = np.zeros(series.shape[0], dtype=np.int64)
         params = kernels.Params(*self.params.tolist())
         if nonfinite == 0:
-            kernels.detect_batch(series, ts, values, self.low, self.high, self.measured, self.state, self.hourly,
-                                 params, scores, reasons)
+            kernels.detect_batch(
+                series, ts, values, self.low, self.high, self.measured, self.state, self.hourly, params, scores, reasons
+            )
         elif nonfinite < series.shape[0]:
             idx = np.flatnonzero(np.isfinite(values) & np.isfinite(ts))
             sub_scores = np.zeros(idx.size)
             sub_reasons = np.zeros(idx.size, dtype=np.int64)
-            kernels.detect_batch(series[idx], ts[idx], values[idx], self.low, self.high, self.measured, self.state,
-                                 self.hourly, params, sub_scores, sub_reasons)
+            kernels.detect_batch(
+                series[idx],
+                ts[idx],
+                values[idx],
+                self.low,
+                self.high,
+                self.measured,
+                self.state,
+                self.hourly,
+                params,
+                sub_scores,
+                sub_reasons,
+            )
             scores[idx], reasons[idx] = sub_scores, sub_reasons
         return scores, reasons
 
@@ -184,14 +204,22 @@ class Detectors:
         n = self.n_series
         last_seen = self.arrivals[:n] if since_arrival else self.state[:n, kernels.LAST_TS]
         out = np.zeros(n)
-        kernels.silence_scores(float(now_ms), self.state[:n], np.ascontiguousarray(last_seen),
-                               self.params[kernels.P_WARMUP], factor, out)
+        kernels.silence_scores(
+            float(now_ms), self.state[:n], np.ascontiguousarray(last_seen), self.params[kernels.P_WARMUP], factor, out
+        )
         return out
 
     def snapshot(self) -> DetectorSnapshot:
         n = self.n_series
-        return DetectorSnapshot(dict(self._ids), self.state[:n].copy(), self.hourly[:, :n].copy(), self.low[:n].copy(),
-                                self.high[:n].copy(), self.params.copy(), self.measured[:n].copy())
+        return DetectorSnapshot(
+            dict(self._ids),
+            self.state[:n].copy(),
+            self.hourly[:, :n].copy(),
+            self.low[:n].copy(),
+            self.high[:n].copy(),
+            self.params.copy(),
+            self.measured[:n].copy(),
+        )
 
     def restore(self, snapshot: DetectorSnapshot) -> None:
         """Take up a snapshot's series, state and parameters; each series' kind from `kind_of` if
@@ -227,8 +255,15 @@ def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
     """Series keys in id order and the arrays as one .npz blob: what `detector_checkpoints` stores."""
     keys = sorted(snapshot.ids, key=snapshot.ids.__getitem__)
     buffer = io.BytesIO()
-    np.savez(buffer, state=snapshot.state, hourly=snapshot.hourly, low=snapshot.low, high=snapshot.high,
-             params=snapshot.params, measured=snapshot.measured)
+    np.savez(
+        buffer,
+        state=snapshot.state,
+        hourly=snapshot.hourly,
+        low=snapshot.low,
+        high=snapshot.high,
+        params=snapshot.params,
+        measured=snapshot.measured,
+    )
     return [list(k) if isinstance(k, tuple) else [k] for k in keys], buffer.getvalue()  # type: ignore[list-item]
 
 
@@ -239,7 +274,7 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         measured = arrays["measured"] if "measured" in arrays.files else np.ones(len(ids))
         params = arrays["params"]
         if params.shape[0] < kernels.DEFAULT_PARAMS.shape[0]:  # written before newer parameters: their defaults
-            params = np.concatenate([params, kernels.DEFAULT_PARAMS[params.shape[0]:]])
+            params = np.concatenate([params, kernels.DEFAULT_PARAMS[params.shape[0] :]])
         state = arrays["state"]
         if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
             state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)

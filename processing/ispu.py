@@ -77,8 +77,7 @@ class StationIspu:
 
 def station_ispu(concentrations: dict[str, float]) -> StationIspu | None:
     """ISPU of a station from its concentrations (any subset of POLLUTANTS); None if none is usable."""
-    subs = {p: s for p, c in concentrations.items() if p in CONCENTRATION_EDGES
-            and (s := sub_index(p, c)) is not None}
+    subs = {p: s for p, c in concentrations.items() if p in CONCENTRATION_EDGES and (s := sub_index(p, c)) is not None}
     if not subs:
         return None
     critical = max(subs, key=lambda p: subs[p])

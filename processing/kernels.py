@@ -46,8 +46,24 @@ NONE, SPIKE, DIP, LEVEL_SHIFT, STUCK, RATE_OF_CHANGE, OUT_OF_RANGE, DROPOUT, REP
 REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "out_of_range", "dropout", "repeat")
 
 # Columns of the per-series state array.
-(COUNT, MEAN, MAD, FAST, SLOW, SLOW_MAD, LAST_VALUE, LAST_TS, RUN, INTERVAL, RATE, LONGEST_RUN, QUIET_UNTIL,
- QUIET_SCORE, ROUTINE, OUTLIER_RUN) = range(16)
+(
+    COUNT,
+    MEAN,
+    MAD,
+    FAST,
+    SLOW,
+    SLOW_MAD,
+    LAST_VALUE,
+    LAST_TS,
+    RUN,
+    INTERVAL,
+    RATE,
+    LONGEST_RUN,
+    QUIET_UNTIL,
+    QUIET_SCORE,
+    ROUTINE,
+    OUTLIER_RUN,
+) = range(16)
 STATE_COLUMNS = 16
 HOURS = 24
 # The profile has a day of hours for working days and another for weekends (local Saturday and
@@ -178,15 +194,16 @@ DEFAULT_PARAMS = params_with()
 ALL_DETECTORS_PARAMS = params_with(w_rate=1.0, gap_factor=5.0)
 
 # Columns of a one-minute partial (minute_partials, merge): the agg_1m table's, mergeable.
-(AGG_N, AGG_SUM, AGG_SUM_SQ, AGG_MIN, AGG_MAX, AGG_FIRST_TS, AGG_FIRST_VALUE, AGG_LAST_TS,
- AGG_LAST_VALUE) = range(9)
+(AGG_N, AGG_SUM, AGG_SUM_SQ, AGG_MIN, AGG_MAX, AGG_FIRST_TS, AGG_FIRST_VALUE, AGG_LAST_TS, AGG_LAST_VALUE) = range(9)
 AGG_COLUMNS = 9
 
 
 if config.DISABLE_JIT:  # type: ignore[attr-defined]
+
     def _prefetch(array: np.ndarray, row: int) -> None:
         """Without the JIT there is nothing to prefetch."""
 else:
+
     @intrinsic
     def _prefetch(typingctx, array, row):  # type: ignore[no-untyped-def]
         """Ask the CPU to start loading `array[row]` into cache (LLVM's prefetch: numba has no API).
@@ -194,11 +211,13 @@ else:
         The detector touches a different series' state on almost every reading, so with 10,000 series
         each reading waits on memory; loading a dozen readings ahead hides most of that wait.
         """
+
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
             array_struct = context.make_array(signature.args[0])(context, builder, args[0])
             row_stride = cgutils.unpack_tuple(builder, array_struct.strides)[0]
-            address = builder.gep(builder.bitcast(array_struct.data, cgutils.voidptr_t),
-                                  [builder.mul(args[1], row_stride)])
+            address = builder.gep(
+                builder.bitcast(array_struct.data, cgutils.voidptr_t), [builder.mul(args[1], row_stride)]
+            )
             i32 = ir.IntType(32)
             signature_ir = ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t, i32, i32, i32])
             fn = builder.module.declare_intrinsic("llvm.prefetch", [cgutils.voidptr_t], signature_ir)
@@ -252,8 +271,17 @@ def _score(z: float, floor: float, scale: float) -> float:
 
 
 @helper
-def _distance(x: float, mean: float, scale: float, eps: float, interval: float, hour_mean: float, hour_mad: float,
-              hn: float, p: Params) -> tuple[float, float]:
+def _distance(
+    x: float,
+    mean: float,
+    scale: float,
+    eps: float,
+    interval: float,
+    hour_mean: float,
+    hour_mad: float,
+    hn: float,
+    p: Params,
+) -> tuple[float, float]:
     """How far `x` is from its usual level, as a robust z (-1: too close to score), and that level.
 
     The usual level is the baseline's, or this hour's where a daily cycle explains most of the
@@ -278,8 +306,9 @@ def _distance(x: float, mean: float, scale: float, eps: float, interval: float, 
 
 
 @helper
-def _usual_on_the_other_day(z: float, x: float, eps: float, interval: float, other_mean: float,
-                            other_mad: float, other_n: float, p: Params) -> float:
+def _usual_on_the_other_day(
+    z: float, x: float, eps: float, interval: float, other_mean: float, other_mad: float, other_n: float, p: Params
+) -> float:
     """`z`, or less if `x` is usual at this hour on the other kind of day (weekend or working day)."""
     if other_n >= p.hour_warmup and other_n * interval >= HOUR_MS:
         z_other = abs(x - other_mean) / _robust_scale(other_mad, eps)
@@ -353,8 +382,9 @@ def _gap(dt: float, interval: float, p: Params) -> float:
 
 
 @helper
-def _repeats(best: float, reason: int, undamped: float, n: float, quiet_until: float, quiet_score: float,
-             p: Params) -> tuple[float, int, float, float]:
+def _repeats(
+    best: float, reason: int, undamped: float, n: float, quiet_until: float, quiet_score: float, p: Params
+) -> tuple[float, int, float, float]:
     """One event, one signal: after a score above `quiet_level` a series stays quiet for
     `quiet_points` readings unless its score rises by `quiet_margin`. What would have scored
     `repeat_below` or more but is not news (quiet, or damped as routine) is a REPEAT.
@@ -373,8 +403,9 @@ def _repeats(best: float, reason: int, undamped: float, n: float, quiet_until: f
 
 
 @helper
-def _baseline(x: float, n: float, mean: float, mad: float, fast: float, slow: float, slow_mad: float,
-              scale: float, p: Params) -> tuple[float, float, float, float, float]:
+def _baseline(
+    x: float, n: float, mean: float, mad: float, fast: float, slow: float, slow_mad: float, scale: float, p: Params
+) -> tuple[float, float, float, float, float]:
     """The robust running baseline learns `x`: mean and MAD (exact running means while warming up,
     then EW at `alpha`), fast and slow means and the slow MAD, each from `x` clipped to `clip`
     robust scales of the mean, so one outlier cannot drag them far."""
@@ -391,8 +422,9 @@ def _baseline(x: float, n: float, mean: float, mad: float, fast: float, slow: fl
 
 
 @helper
-def _hour_profile(x: float, interval: float, hour_mean: float, hour_mad: float, hn: float, p: Params
-                  ) -> tuple[float, float, float]:
+def _hour_profile(
+    x: float, interval: float, hour_mean: float, hour_mad: float, hn: float, p: Params
+) -> tuple[float, float, float]:
     """An hour's profile (mean, MAD, count) learns `x` at `hour_alpha` per hour of readings, not per
     reading: it then remembers days (about ten) whatever the reporting interval, so its spread says
     how well this hour of the day is predicted from other days, not how alike a few minutes are."""
@@ -420,9 +452,19 @@ def _typical_rate(typical_rate: float, rate: float, dt: float, p: Params) -> flo
 
 
 @kernel
-def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np.ndarray, high: np.ndarray,
-                 measured: np.ndarray, state: np.ndarray, hourly: np.ndarray, p: Params,
-                 scores: np.ndarray, reasons: np.ndarray) -> None:
+def detect_batch(
+    series: np.ndarray,
+    ts: np.ndarray,
+    values: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    measured: np.ndarray,
+    state: np.ndarray,
+    hourly: np.ndarray,
+    p: Params,
+    scores: np.ndarray,
+    reasons: np.ndarray,
+) -> None:
     """Score each reading of the batch in order, updating `state` and `hourly` in place.
 
     Per series: `low`/`high` the declared physical range; `measured` how it is judged: MEASURED, a
@@ -520,8 +562,16 @@ def detect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, low: np
             z, centre = _distance(x, mean, scale, eps, interval, hour_mean, hour_mad, hn, p)
             if weekends and p.w_spike * z > p.z_floor:
                 other = _profile_row(s, h - HOURS if h >= HOURS else h + HOURS, n_series)
-                z = _usual_on_the_other_day(z, x, eps, interval, hour_rows[other, HOUR_MEAN],
-                                            hour_rows[other, HOUR_MAD], hour_rows[other, HOUR_COUNT], p)
+                z = _usual_on_the_other_day(
+                    z,
+                    x,
+                    eps,
+                    interval,
+                    hour_rows[other, HOUR_MEAN],
+                    hour_rows[other, HOUR_MAD],
+                    hour_rows[other, HOUR_COUNT],
+                    p,
+                )
             best, reason = _spike_or_dip(z, x, centre, p)
             undamped = best
             best, routine, outlier_run = _routine_damping(best, routine, outlier_run, p)
@@ -582,8 +632,9 @@ def inspect_batch(series: np.ndarray, ts: np.ndarray, values: np.ndarray, n_seri
 
 
 @kernel
-def silence_scores(now_ms: float, state: np.ndarray, last_seen: np.ndarray, warmup: float, factor: float,
-                   scores: np.ndarray) -> None:
+def silence_scores(
+    now_ms: float, state: np.ndarray, last_seen: np.ndarray, warmup: float, factor: float, scores: np.ndarray
+) -> None:
     """Dropout, checked on a timer: silence since `last_seen` (ms, per series; NaN for never) longer
     than `factor` times the usual interval scores > 0."""
     for s in range(state.shape[0]):
@@ -598,8 +649,15 @@ def silence_scores(now_ms: float, state: np.ndarray, last_seen: np.ndarray, warm
 
 
 @kernel
-def minute_partials(series: np.ndarray, ts: np.ndarray, values: np.ndarray, width_ms: float,
-                    out_series: np.ndarray, out_bucket: np.ndarray, out_stats: np.ndarray) -> int:
+def minute_partials(
+    series: np.ndarray,
+    ts: np.ndarray,
+    values: np.ndarray,
+    width_ms: float,
+    out_series: np.ndarray,
+    out_bucket: np.ndarray,
+    out_stats: np.ndarray,
+) -> int:
     """Tumbling-window partials of a batch: one row per (series, window) in `out_*`, in order of
     each window's first reading; returns the row count.
 

@@ -46,8 +46,13 @@ ON CONFLICT (device_id, metric, bucket) DO UPDATE SET n = EXCLUDED.n, sum = EXCL
 
 ROLL_UP_HOURS = _roll_up("agg_1h", "agg_1m", "1 hour")
 ROLL_UP_DAYS = _roll_up("agg_1d", "agg_1h", "1 day")
-RETAINED_BY_DELETE = {"agg_1m": "bucket", "agg_1h": "bucket", "agg_1d": "bucket", "anomalies": "ts",
-                      "late_readings": "ts"}
+RETAINED_BY_DELETE = {
+    "agg_1m": "bucket",
+    "agg_1h": "bucket",
+    "agg_1d": "bucket",
+    "anomalies": "ts",
+    "late_readings": "ts",
+}
 
 
 @dataclass
@@ -94,11 +99,13 @@ def roll_up(conn: psycopg.Connection, report: MaintenanceReport | None = None) -
     return report
 
 
-def apply_retention(conn: psycopg.Connection, now: dt.datetime, report: MaintenanceReport | None = None
-                    ) -> MaintenanceReport:
+def apply_retention(
+    conn: psycopg.Connection, now: dt.datetime, report: MaintenanceReport | None = None
+) -> MaintenanceReport:
     report = report or MaintenanceReport()
-    keep: dict[str, int] = dict(conn.execute(
-        "SELECT table_name, keep_days FROM retention_settings WHERE keep_days IS NOT NULL"))
+    keep: dict[str, int] = dict(
+        conn.execute("SELECT table_name, keep_days FROM retention_settings WHERE keep_days IS NOT NULL")
+    )
     if "readings" in keep:
         cutoff = (now - dt.timedelta(days=keep["readings"])).date()
         for name, day in sorted(daily_partitions(conn).items()):
@@ -106,14 +113,16 @@ def apply_retention(conn: psycopg.Connection, now: dt.datetime, report: Maintena
                 # As the schema's owner (migration 0011): the processor may drop only these partitions.
                 conn.execute("SELECT kota_drop_readings_partition(%s)", (day,))
                 report.partitions_dropped.append(name)
-        deleted = conn.execute("DELETE FROM readings_default WHERE ts < %s",
-                               (now - dt.timedelta(days=keep["readings"]),)).rowcount
+        deleted = conn.execute(
+            "DELETE FROM readings_default WHERE ts < %s", (now - dt.timedelta(days=keep["readings"]),)
+        ).rowcount
         report.rows_deleted["readings"] = deleted
     for table, column in RETAINED_BY_DELETE.items():
         if table in keep:
             report.rows_deleted[table] = conn.execute(
                 f"DELETE FROM {table} WHERE {column} < %s",  # noqa: S608 (names from the dict above)
-                (now - dt.timedelta(days=keep[table]),)).rowcount
+                (now - dt.timedelta(days=keep[table]),),
+            ).rowcount
     if report.partitions_dropped:
         log.info("retention dropped partitions %s", report.partitions_dropped)
     return report

@@ -69,19 +69,20 @@ READINGS_STORED = Counter("kota_processor_readings_stored", "readings newly stor
 DUPLICATES = Counter("kota_processor_duplicates", "readings already stored (Kafka duplicates)")
 UNDECODABLE_RECORDS = Counter("kota_processor_undecodable_records", "Kafka records not in the wire format")
 DEAD_LETTERS = Counter("kota_processor_dead_letters", "records written to processor_dead_letters", ["reason"])
-LAST_BATCH = Gauge("kota_processor_last_batch_unixtime", "when the last batch was committed",
-                   multiprocess_mode="max")  # the newest of the workers' (processing/workers.py)
+LAST_BATCH = Gauge(
+    "kota_processor_last_batch_unixtime", "when the last batch was committed", multiprocess_mode="max"
+)  # the newest of the workers' (processing/workers.py)
 LATE = Counter("kota_processor_late_readings", "readings later than the allowed lateness, kept in late_readings")
 ANOMALIES = Counter("kota_processor_anomalies", "anomalies stored", ["reason"])
 ALERT_CHANGES = Counter("kota_processor_alert_changes", "alerts raised, updated, escalated or cleared", ["action"])
 
 
-def new_detectors(settings: ProcessorSettings,
-                  range_of: Callable[[tuple[str, str]], tuple[float, float]] | None = None) -> Detectors:
+def new_detectors(
+    settings: ProcessorSettings, range_of: Callable[[tuple[str, str]], tuple[float, float]] | None = None
+) -> Detectors:
     """The kernels' defaults with the processor's settings applied (apply_settings), judging each
     series as the measurement catalogue says (catalogue_kind); `range_of`: declared ranges."""
-    return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings), kind_of=catalogue_kind,
-                     range_of=range_of)
+    return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings), kind_of=catalogue_kind, range_of=range_of)
 
 
 @dataclasses.dataclass
@@ -111,7 +112,8 @@ async def _not_signalled_yet(conn: psycopg.AsyncConnection, signals: list[Signal
     cursor = await conn.execute(
         "SELECT device_id, (extract(epoch FROM last_ts) * 1000)::bigint FROM alerts "
         "WHERE alert_type = 'dropout' AND state <> 'cleared' AND device_id = ANY(%s)",
-        (sorted({s.device_id for s in signals}),))
+        (sorted({s.device_id for s in signals}),),
+    )
     held_until: dict[str, int] = dict(await cursor.fetchall())
     return [s for s in signals if s.ts_ms > held_until.get(s.device_id, -math.inf)]
 
@@ -175,7 +177,8 @@ class Processor:
         self._policy = WritePolicy(
             allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
             rules=RulePolicy(ispu_window_minutes=settings.ispu_window_minutes),
-            default_clear_after_s=settings.clear_after_s)
+            default_clear_after_s=settings.clear_after_s,
+        )
 
     async def seek_to_stored(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
@@ -205,8 +208,12 @@ class Processor:
                 state = PartitionState(detectors, stored.get(p))
             self._partitions[p] = state
             detectors.mark_arrivals(np.arange(detectors.n_series), time.time() * 1000)
-        log.info("assigned partitions %s; database offsets %s; detector checkpoints at %s", partitions, stored,
-                 {p: c.next_offset for p, c in checkpoints.items()})
+        log.info(
+            "assigned partitions %s; database offsets %s; detector checkpoints at %s",
+            partitions,
+            stored,
+            {p: c.next_offset for p, c in checkpoints.items()},
+        )
 
     def forget(self, partitions: set[int]) -> None:
         """Drop the state of revoked partitions: whoever gets them next restores from the checkpoint."""
@@ -239,12 +246,15 @@ class Processor:
             self._backend = storage_backend(sync_conn)
         self._policy = dataclasses.replace(self._policy, track_rollups=self._backend == "postgres")
         self._consumer = AIOKafkaConsumer(
-            **self._stack.kafka_client_options(), group_id=self._settings.group_id,
-            enable_auto_commit=False, auto_offset_reset="earliest",
+            **self._stack.kafka_client_options(),
+            group_id=self._settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             # A member joining or leaving (a worker restarted, a second processor) is noticed at the
             # next heartbeat; at the default 3 s the others went on alone for that long.
-            heartbeat_interval_ms=1000)
+            heartbeat_interval_ms=1000,
+        )
         self._consumer.subscribe([READINGS_TOPIC], listener=SeekToDatabaseOffsets(self))
         await self._consumer.start()
         conn = await self._connect()
@@ -252,8 +262,9 @@ class Processor:
         next_maintenance = time.monotonic() + min(5.0, self._settings.maintenance_interval_s)
         try:
             while not stop.is_set():
-                batch = await self._consumer.getmany(timeout_ms=self._settings.poll_timeout_ms,
-                                                     max_records=self._batch_records())
+                batch = await self._consumer.getmany(
+                    timeout_ms=self._settings.poll_timeout_ms, max_records=self._batch_records()
+                )
                 if batch:
                     conn = await self._store_until_done(conn, batch, stop)
                 if time.monotonic() >= next_dropout_check:
@@ -271,8 +282,9 @@ class Processor:
         wanted = self._settings.max_batch_readings / max(self._readings_per_record, 1.0)
         return max(1, min(self._settings.max_batch_records, int(wanted)))
 
-    async def _store_until_done(self, conn: psycopg.AsyncConnection, batch: dict, stop: asyncio.Event
-                                ) -> psycopg.AsyncConnection:
+    async def _store_until_done(
+        self, conn: psycopg.AsyncConnection, batch: dict, stop: asyncio.Event
+    ) -> psycopg.AsyncConnection:
         slices = [self._decode(tp, records) for tp, records in batch.items() if records]
         records = sum(len(s.readings_by_offset) for s in slices)
         readings = sum(len(r) for s in slices for _, r in s.readings_by_offset)
@@ -289,21 +301,34 @@ class Processor:
                 if self._backend == "postgres":
                     await self._ensure_partitions(slices, quiet=isolating)
                 if not isolating:
-                    outcome = await write_batch(conn, group=self._settings.group_id, topic=READINGS_TOPIC,
-                                                slices=slices, anomalies=anomalies, checkpoints=checkpoints,
-                                                policy=self._policy, ispu_evaluated=self._ispu_evaluated)
+                    outcome = await write_batch(
+                        conn,
+                        group=self._settings.group_id,
+                        topic=READINGS_TOPIC,
+                        slices=slices,
+                        anomalies=anomalies,
+                        checkpoints=checkpoints,
+                        policy=self._policy,
+                        ispu_evaluated=self._ispu_evaluated,
+                    )
                 else:
                     raw = {(tp.partition, r.offset): (r.key, r.value) for tp, records in batch.items() for r in records}
-                    outcome = await write_isolating(conn, group=self._settings.group_id, topic=READINGS_TOPIC,
-                                                    slices=slices, raw=raw,
-                                                    anomalies=anomalies, checkpoints=checkpoints, policy=self._policy,
-                                                    ispu_evaluated=self._ispu_evaluated)
+                    outcome = await write_isolating(
+                        conn,
+                        group=self._settings.group_id,
+                        topic=READINGS_TOPIC,
+                        slices=slices,
+                        raw=raw,
+                        anomalies=anomalies,
+                        checkpoints=checkpoints,
+                        policy=self._policy,
+                        ispu_evaluated=self._ispu_evaluated,
+                    )
                 break
             except Exception as exc:
                 if database_unavailable(exc, conn):
                     # Database down or restarting: wait and retry the same batch; nothing is dropped.
-                    log.warning("database unavailable (%s); retrying batch in %.0f s", exc,
-                                self._settings.retry_wait_s)
+                    log.warning("database unavailable (%s); retrying batch in %.0f s", exc, self._settings.retry_wait_s)
                     await asyncio.sleep(self._settings.retry_wait_s)
                     conn = await self._reconnect_if_broken(conn)
                     continue
@@ -312,10 +337,16 @@ class Processor:
                 if isolating:
                     raise
                 tries += 1
-                log.warning("batch not stored (%s: %s); try %d of %d%s", type(exc).__name__, str(exc)[:300], tries,
-                            self._settings.storage_tries,
-                            ", now storing it in parts to find the records at fault"
-                            if tries >= self._settings.storage_tries else "")
+                log.warning(
+                    "batch not stored (%s: %s); try %d of %d%s",
+                    type(exc).__name__,
+                    str(exc)[:300],
+                    tries,
+                    self._settings.storage_tries,
+                    ", now storing it in parts to find the records at fault"
+                    if tries >= self._settings.storage_tries
+                    else "",
+                )
                 await asyncio.sleep(STORAGE_RETRY_WAIT_S)
         self._ispu_evaluated.update(outcome.ispu_minutes)  # committed: later batches need not evaluate these
         READINGS_IN.inc(outcome.readings_in)
@@ -330,8 +361,7 @@ class Processor:
         await self._commit_to_kafka(slices)
         return conn
 
-    def _detect(self, slices: list[PartitionSlice]
-                ) -> tuple[list[PartitionSlice], list[AnomalyRow], list[Checkpoint]]:
+    def _detect(self, slices: list[PartitionSlice]) -> tuple[list[PartitionSlice], list[AnomalyRow], list[Checkpoint]]:
         """Score every on-time reading, in partition order; keep what crosses the threshold. Slices
         that do not start where their partition's detectors left off are left out (to be read again)."""
         detected: list[PartitionSlice] = []
@@ -348,13 +378,27 @@ class Processor:
                 continue
             detected.append(s)
             detectors = partition.detectors
-            rows = [(offset, r) for offset, readings in s.readings_by_offset for r in readings
-                    if not self._policy.is_late(r)]
+            rows = [
+                (offset, r)
+                for offset, readings in s.readings_by_offset
+                for r in readings
+                if not self._policy.is_late(r)
+            ]
             ids, scores, reasons = detectors.score_readings([r for _, r in rows], now_ms)
             for i in np.flatnonzero((scores >= threshold) | (reasons == kernels.REPEAT)):
                 offset, r = rows[i]
-                anomalies.append(AnomalyRow(s.partition, offset, r.device_id, r.metric, r.ts_ms, r.value,
-                                            float(scores[i]), REASONS[reasons[i]]))
+                anomalies.append(
+                    AnomalyRow(
+                        s.partition,
+                        offset,
+                        r.device_id,
+                        r.metric,
+                        r.ts_ms,
+                        r.value,
+                        float(scores[i]),
+                        REASONS[reasons[i]],
+                    )
+                )
                 if reasons[i] != kernels.REPEAT:
                     ANOMALIES.labels(REASONS[reasons[i]]).inc()
             partition.silent.difference_update(ids.tolist())
@@ -378,11 +422,19 @@ class Processor:
             return True
         if first_offset > expected and partition.sought_back == expected:
             # Asked for once already and still not there: Kafka's retention has deleted them.
-            log.warning("partition %d: records %d to %d are no longer on Kafka; the detectors go on without them",
-                        tp.partition, expected, first_offset - 1)
+            log.warning(
+                "partition %d: records %d to %d are no longer on Kafka; the detectors go on without them",
+                tp.partition,
+                expected,
+                first_offset - 1,
+            )
             return True
-        log.warning("partition %d: records from %d, but the detectors are at %d; reading again from there",
-                    tp.partition, first_offset, expected)
+        log.warning(
+            "partition %d: records from %d, but the detectors are at %d; reading again from there",
+            tp.partition,
+            first_offset,
+            expected,
+        )
         partition.sought_back = expected
         try:
             self._consumer.seek(tp, expected)
@@ -445,8 +497,9 @@ class Processor:
         try:
             async with conn.transaction():
                 signals = await _not_signalled_yet(conn, signals)
-                changes = await apply_signals(conn, signals, self._policy.clear_after_s,
-                                              self._policy.default_clear_after_s)
+                changes = await apply_signals(
+                    conn, signals, self._policy.clear_after_s, self._policy.default_clear_after_s
+                )
             for change in changes:
                 ALERT_CHANGES.labels(change.action).inc()
         except psycopg.OperationalError as exc:
@@ -472,14 +525,21 @@ class Processor:
                 readings = decode_device_batch(record.value)
                 # PostgreSQL text and jsonb (the detectors' checkpoint names the series) hold no NUL; in
                 # JSON it can only come escaped, and one search of the record's bytes costs next to nothing.
-                fault = (UNDECODABLE, "a string holds a NUL character") if b"\\u0000" in record.value \
-                    else poison(readings)
+                fault = (
+                    (UNDECODABLE, "a string holds a NUL character") if b"\\u0000" in record.value else poison(readings)
+                )
             except Exception as exc:  # noqa: BLE001 - whatever a record holds, it must not stop the partition
                 UNDECODABLE_RECORDS.inc()
                 readings, fault = [], (UNDECODABLE, f"not a readings record: {type(exc).__name__}: {exc}")
             if fault is not None:
-                log.error("%s[%d]@%d not stored (%s), written to processor_dead_letters: %s", tp.topic, tp.partition,
-                          record.offset, fault[0], fault[1][:300].encode("unicode_escape").decode())
+                log.error(
+                    "%s[%d]@%d not stored (%s), written to processor_dead_letters: %s",
+                    tp.topic,
+                    tp.partition,
+                    record.offset,
+                    fault[0],
+                    fault[1][:300].encode("unicode_escape").decode(),
+                )
                 dead.append(DeadLetter(tp.partition, record.offset, fault[0], fault[1], record.key, record.value))
                 readings = []
             by_offset.append((record.offset, readings))
@@ -489,8 +549,10 @@ class Processor:
         """`quiet`: a failure (not of the connection) is logged, and readings of a day without its
         partition go to the default one."""
         # UTC days by integer division first: a datetime per reading took 1.0 s per million readings, this 0.2 s.
-        days = {dt.date.fromordinal(EPOCH_ORDINAL + day) for day in
-                {r.ts_ms // 86_400_000 for s in slices for _, readings in s.readings_by_offset for r in readings}}
+        days = {
+            dt.date.fromordinal(EPOCH_ORDINAL + day)
+            for day in {r.ts_ms // 86_400_000 for s in slices for _, readings in s.readings_by_offset for r in readings}
+        }
         missing = days - self._partition_days
         if not missing:
             return
@@ -525,8 +587,9 @@ def poison(readings: list[Reading]) -> tuple[str, str] | None:
     if not readings:
         return None
     first = readings[0]
-    if not all(type(v) is str for v in (first.city, first.domain, first.device_id, first.source)) or \
-            not all(type(r.metric) is str and type(r.unit) is str for r in readings):
+    if not all(type(v) is str for v in (first.city, first.domain, first.device_id, first.source)) or not all(
+        type(r.metric) is str and type(r.unit) is str for r in readings
+    ):
         return UNDECODABLE, "a device, city, domain, source, metric or unit that is not a string"
     times = [r.ts_ms for r in readings]
     low, high = min(times), max(times)

@@ -50,8 +50,9 @@ class RulePolicy:
     siaga_deadband_cm: float = 5.0  # below a threshold by this much before a gate's status steps down
 
 
-def siaga_for(level_cm: float, thresholds: tuple[float, float, float], current: int = 4,
-              deadband_cm: float = 0.0) -> int:
+def siaga_for(
+    level_cm: float, thresholds: tuple[float, float, float], current: int = 4, deadband_cm: float = 0.0
+) -> int:
     """4 (normal) down to 1 (most severe): one step for each threshold the level is above. From a
     more severe `current` status, each step down needs the level `deadband_cm` below that step's
     threshold: water hovering at a threshold holds its status instead of flickering in and out of
@@ -84,8 +85,9 @@ def rule_inputs(readings: Iterable[Reading]) -> tuple[dict[str, dict[int, int]],
     return minutes, levels
 
 
-async def window_means(conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]], window_minutes: int
-                       ) -> dict[tuple[str, int], dict[str, float]]:
+async def window_means(
+    conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]], window_minutes: int
+) -> dict[tuple[str, int], dict[str, float]]:
     """Each station's mean concentration of each pollutant over the `window_minutes` one-minute
     aggregates up to and including each minute in `minutes`, keyed by (station, newest reading time
     in that minute), as `rule_inputs` gives them.
@@ -104,7 +106,8 @@ async def window_means(conn: psycopg.AsyncConnection, minutes: dict[str, dict[in
         "JOIN agg_1m a ON a.device_id = k.device_id AND a.metric = ANY(%b::text[]) "
         "AND a.bucket >= kota_ms(k.first_ms) AND a.bucket <= kota_ms(k.last_ms) "
         "GROUP BY 1, 2",
-        (stations, [first[d] for d in stations], [max(minutes[d]) for d in stations], list(ispu.POLLUTANTS)))
+        (stations, [first[d] for d in stations], [max(minutes[d]) for d in stations], list(ispu.POLLUTANTS)),
+    )
     means: dict[tuple[str, int], dict[str, float]] = {}
     for device_id, metric, buckets, sums, counts in await cur.fetchall():
         evaluated = sorted(minutes[device_id].items())
@@ -118,8 +121,9 @@ async def window_means(conn: psycopg.AsyncConnection, minutes: dict[str, dict[in
     return means
 
 
-async def evaluate_air_quality(conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]],
-                               policy: RulePolicy) -> list[Signal]:
+async def evaluate_air_quality(
+    conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]], policy: RulePolicy
+) -> list[Signal]:
     """ISPU of each station at each minute in `minutes` (from `rule_inputs`): the mean of the
     window's one-minute aggregates up to and including that minute. A signal for each unhealthy one;
     `station_ispu` keeps the newest."""
@@ -135,13 +139,28 @@ async def evaluate_air_quality(conn: psycopg.AsyncConnection, minutes: dict[str,
             continue
         rank = ispu.CATEGORIES.index(result.category)
         subs = {p: (round(v, 1) if math.isfinite(v) else "> 500") for p, v in result.sub_indices.items()}
-        newest[device_id] = (device_id, t_ms, float(result.value), result.category.name, result.critical, Jsonb(subs),
-                             policy.ispu_window_minutes)
+        newest[device_id] = (
+            device_id,
+            t_ms,
+            float(result.value),
+            result.category.name,
+            result.critical,
+            Jsonb(subs),
+            policy.ispu_window_minutes,
+        )
         if rank in ISPU_SEVERITY:
-            signals.append(Signal(
-                device_id, "air_quality_unhealthy", result.critical, ISPU_SEVERITY[rank], t_ms, result.value,
-                f"ISPU {result.label} ({result.category.name}), critical pollutant {result.critical}",
-                {"ispu": result.label, "category": result.category.name, "critical": result.critical}))
+            signals.append(
+                Signal(
+                    device_id,
+                    "air_quality_unhealthy",
+                    result.critical,
+                    ISPU_SEVERITY[rank],
+                    t_ms,
+                    result.value,
+                    f"ISPU {result.label} ({result.category.name}), critical pollutant {result.critical}",
+                    {"ispu": result.label, "category": result.category.name, "critical": result.critical},
+                )
+            )
     if newest:  # one statement for all stations (one each: an upsert may not meet a row twice)
         await conn.execute(
             "INSERT INTO station_ispu (device_id, ts, ispu, category, critical, sub_indices, window_minutes) "
@@ -150,21 +169,28 @@ async def evaluate_air_quality(conn: psycopg.AsyncConnection, minutes: dict[str,
             "ON CONFLICT (device_id) DO UPDATE SET ts = EXCLUDED.ts, ispu = EXCLUDED.ispu, "
             "category = EXCLUDED.category, critical = EXCLUDED.critical, "
             "sub_indices = EXCLUDED.sub_indices, window_minutes = EXCLUDED.window_minutes, updated_at = now() "
-            "WHERE station_ispu.ts <= EXCLUDED.ts", [list(column) for column in zip(*newest.values(), strict=True)])
+            "WHERE station_ispu.ts <= EXCLUDED.ts",
+            [list(column) for column in zip(*newest.values(), strict=True)],
+        )
     return signals
 
 
-async def evaluate_flood_gates(conn: psycopg.AsyncConnection, levels: dict[str, list[tuple[int, float]]],
-                               policy: RulePolicy) -> list[Signal]:
+async def evaluate_flood_gates(
+    conn: psycopg.AsyncConnection, levels: dict[str, list[tuple[int, float]]], policy: RulePolicy
+) -> list[Signal]:
     """Siaga status and rate of rise for the gates that sent water levels in this batch."""
     if not levels:
         return []
     gates = list(levels)
-    cur = await conn.execute("SELECT device_id, siaga3_cm, siaga2_cm, siaga1_cm, rise_cm_per_h FROM flood_gates "
-                             "WHERE device_id = ANY(%s)", (gates,))
+    cur = await conn.execute(
+        "SELECT device_id, siaga3_cm, siaga2_cm, siaga1_cm, rise_cm_per_h FROM flood_gates WHERE device_id = ANY(%s)",
+        (gates,),
+    )
     configured = {row[0]: row[1:] for row in await cur.fetchall()}
-    cur = await conn.execute("SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, siaga FROM gate_status "
-                             "WHERE device_id = ANY(%s)", (gates,))
+    cur = await conn.execute(
+        "SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, siaga FROM gate_status WHERE device_id = ANY(%s)",
+        (gates,),
+    )
     status = {device_id: (ts_ms, siaga) for device_id, ts_ms, siaga in await cur.fetchall()}
     newest = {g: max(levels[g]) for g in gates}  # (ts_ms, level) of each gate's newest reading
     cur = await conn.execute(
@@ -172,23 +198,34 @@ async def evaluate_flood_gates(conn: psycopg.AsyncConnection, levels: dict[str, 
         "FROM unnest(%b::text[], %b::bigint[]) AS k(device_id, t_ms) CROSS JOIN LATERAL ("
         "  SELECT last_ts, last_value FROM agg_1m a WHERE a.device_id = k.device_id AND a.metric = %s "
         "  AND a.bucket <= kota_ms(k.t_ms - %s) ORDER BY a.bucket DESC LIMIT 1) r",
-        (gates, [newest[g][0] for g in gates], WATER_LEVEL, policy.rise_window_minutes * 60_000))
+        (gates, [newest[g][0] for g in gates], WATER_LEVEL, policy.rise_window_minutes * 60_000),
+    )
     earlier = {device_id: (ts_ms, value) for device_id, ts_ms, value in await cur.fetchall()}
 
     signals: list[Signal] = []
     rows = []
     for gate in gates:
         siaga3, siaga2, siaga1, rise_limit = configured.get(
-            gate, (policy.siaga3_cm, policy.siaga2_cm, policy.siaga1_cm, policy.rise_cm_per_h))
+            gate, (policy.siaga3_cm, policy.siaga2_cm, policy.siaga1_cm, policy.rise_cm_per_h)
+        )
         thresholds = (siaga3, siaga2, siaga1)
         status_ts, current = status.get(gate, (-1, 4))
         for ts_ms, level in sorted(levels[gate]):
             siaga = siaga_for(level, thresholds, current if ts_ms > status_ts else 4, policy.siaga_deadband_cm)
             if siaga <= 3:
                 step = f", up from Siaga {current}" if ts_ms > status_ts and siaga < current else ""
-                signals.append(Signal(gate, "flood_siaga", WATER_LEVEL, SIAGA_SEVERITY[siaga], ts_ms, level,
-                                      f"Siaga {siaga}: water at {level:.0f} cm{step}",
-                                      {"siaga": siaga, "thresholds_cm": list(thresholds)}))
+                signals.append(
+                    Signal(
+                        gate,
+                        "flood_siaga",
+                        WATER_LEVEL,
+                        SIAGA_SEVERITY[siaga],
+                        ts_ms,
+                        level,
+                        f"Siaga {siaga}: water at {level:.0f} cm{step}",
+                        {"siaga": siaga, "thresholds_cm": list(thresholds)},
+                    )
+                )
             if ts_ms > status_ts:
                 status_ts, current = ts_ms, siaga
         ts_ms, level = newest[gate]
@@ -196,16 +233,27 @@ async def evaluate_flood_gates(conn: psycopg.AsyncConnection, levels: dict[str, 
         if gate in earlier and ts_ms > earlier[gate][0]:
             rise = (level - earlier[gate][1]) / ((ts_ms - earlier[gate][0]) / 3_600_000)
             if rise > rise_limit:
-                signals.append(Signal(gate, "flood_rising", WATER_LEVEL, "major", ts_ms, level,
-                                      f"water rising {rise:.0f} cm/h (limit {rise_limit:.0f}), now {level:.0f} cm",
-                                      {"rise_cm_per_h": round(rise, 1)}))
+                signals.append(
+                    Signal(
+                        gate,
+                        "flood_rising",
+                        WATER_LEVEL,
+                        "major",
+                        ts_ms,
+                        level,
+                        f"water rising {rise:.0f} cm/h (limit {rise_limit:.0f}), now {level:.0f} cm",
+                        {"rise_cm_per_h": round(rise, 1)},
+                    )
+                )
         rows.append((gate, status_ts, level if status_ts == ts_ms else None, current, rise))
     async with conn.cursor() as cur:
         await cur.executemany(
             "INSERT INTO gate_status (device_id, ts, level_cm, siaga, rise_cm_per_h) VALUES (%s, kota_ms(%s), "
             "coalesce(%s, 0), %s, %s) ON CONFLICT (device_id) DO UPDATE SET ts = EXCLUDED.ts, "
             "level_cm = EXCLUDED.level_cm, siaga = EXCLUDED.siaga, rise_cm_per_h = EXCLUDED.rise_cm_per_h, "
-            "updated_at = now() WHERE gate_status.ts < EXCLUDED.ts", [r for r in rows if r[2] is not None])
+            "updated_at = now() WHERE gate_status.ts < EXCLUDED.ts",
+            [r for r in rows if r[2] is not None],
+        )
     return signals
 
 
@@ -223,6 +271,9 @@ def detector_signal(device_id: str, metric: str, ts_ms: int, value: float, score
     else:
         severity = "major" if score >= 0.8 else "minor"
     label = reason.replace("_", " ")
-    message = (f"{metric} silent for much longer than usual" if reason == "dropout"
-               else f"{label} in {metric}: {value:g} (score {score:.2f})")
+    message = (
+        f"{metric} silent for much longer than usual"
+        if reason == "dropout"
+        else f"{label} in {metric}: {value:g} (score {score:.2f})"
+    )
     return Signal(device_id, reason, metric, severity, ts_ms, value, message, {"score": round(score, 3)})

@@ -125,10 +125,16 @@ class BatchOutcome:
         ispu = dict(self.ispu_minutes)
         for device, minute in other.ispu_minutes.items():
             ispu[device] = max(minute, ispu.get(device, minute))
-        return BatchOutcome(self.readings_in + other.readings_in, self.readings_stored + other.readings_stored,
-                            self.records_skipped + other.records_skipped, self.late + other.late,
-                            self.anomalies + other.anomalies, self.alert_changes + other.alert_changes, ispu,
-                            self.dead_letters + other.dead_letters)
+        return BatchOutcome(
+            self.readings_in + other.readings_in,
+            self.readings_stored + other.readings_stored,
+            self.records_skipped + other.records_skipped,
+            self.late + other.late,
+            self.anomalies + other.anomalies,
+            self.alert_changes + other.alert_changes,
+            ispu,
+            self.dead_letters + other.dead_letters,
+        )
 
 
 STAGING_DDL = """
@@ -226,8 +232,12 @@ class StoredColumns:
         index: dict[tuple[str, str], int] = {}
         n = len(rows)
         series = np.fromiter((index.setdefault((d, m), len(index)) for d, m, _, _ in rows), np.int64, n)
-        return cls(list(index), series, np.fromiter((r[2] for r in rows), np.float64, n),
-                   np.fromiter((r[3] for r in rows), np.float64, n))
+        return cls(
+            list(index),
+            series,
+            np.fromiter((r[2] for r in rows), np.float64, n),
+            np.fromiter((r[3] for r in rows), np.float64, n),
+        )
 
     def partials(self, width_ms: int) -> list[list]:  # type: ignore[type-arg]
         """One row per (device, metric, window), as the columns of MERGE_MINUTES: device ids, metrics,
@@ -238,8 +248,9 @@ class StoredColumns:
             return [[] for _ in range(12)]
         out_series, out_bucket = np.empty(n, np.int64), np.empty(n)
         out_stats = np.empty((n, kernels.AGG_COLUMNS))
-        rows = kernels.minute_partials(self.series, self.ts_ms, self.values, float(width_ms), out_series, out_bucket,
-                                       out_stats)
+        rows = kernels.minute_partials(
+            self.series, self.ts_ms, self.values, float(width_ms), out_series, out_bucket, out_stats
+        )
         of_row = [self.keys[s] for s in out_series[:rows].tolist()]
         stats = out_stats[:rows]
 
@@ -249,10 +260,20 @@ class StoredColumns:
         def integers(column: int) -> list[int]:  # counts and times (epoch ms)
             return list(stats[:, column].astype(np.int64).tolist())
 
-        return [[k[0] for k in of_row], [k[1] for k in of_row], out_bucket[:rows].astype(np.int64).tolist(),
-                integers(kernels.AGG_N), floats(kernels.AGG_SUM), floats(kernels.AGG_SUM_SQ), floats(kernels.AGG_MIN),
-                floats(kernels.AGG_MAX), integers(kernels.AGG_FIRST_TS), floats(kernels.AGG_FIRST_VALUE),
-                integers(kernels.AGG_LAST_TS), floats(kernels.AGG_LAST_VALUE)]
+        return [
+            [k[0] for k in of_row],
+            [k[1] for k in of_row],
+            out_bucket[:rows].astype(np.int64).tolist(),
+            integers(kernels.AGG_N),
+            floats(kernels.AGG_SUM),
+            floats(kernels.AGG_SUM_SQ),
+            floats(kernels.AGG_MIN),
+            floats(kernels.AGG_MAX),
+            integers(kernels.AGG_FIRST_TS),
+            floats(kernels.AGG_FIRST_VALUE),
+            integers(kernels.AGG_LAST_TS),
+            floats(kernels.AGG_LAST_VALUE),
+        ]
 
 
 def hours_of(readings: list[Reading]) -> list[int]:
@@ -260,26 +281,38 @@ def hours_of(readings: list[Reading]) -> list[int]:
     return sorted({r.ts_ms // 3_600_000 * 3_600_000 for r in readings})
 
 
-async def load_checkpoints(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]
-                           ) -> dict[int, Checkpoint]:
+async def load_checkpoints(
+    conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]
+) -> dict[int, Checkpoint]:
     cur = await conn.execute(
         "SELECT partition, next_offset, series, state FROM detector_checkpoints "
-        "WHERE consumer_group = %s AND topic = %s AND partition = ANY(%s)", (group, topic, partitions))
+        "WHERE consumer_group = %s AND topic = %s AND partition = ANY(%s)",
+        (group, topic, partitions),
+    )
     return {p: Checkpoint(p, o, series, bytes(state)) for p, o, series, state in await cur.fetchall()}
 
 
-async def load_offsets(conn: psycopg.AsyncConnection, group: str, topic: str,
-                       partitions: list[int]) -> dict[int, int]:
+async def load_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
     cur = await conn.execute(
         "SELECT partition, next_offset FROM stream_offsets "
-        "WHERE consumer_group = %s AND topic = %s AND partition = ANY(%s)", (group, topic, partitions))
+        "WHERE consumer_group = %s AND topic = %s AND partition = ANY(%s)",
+        (group, topic, partitions),
+    )
     return {p: o for p, o in await cur.fetchall() if o >= 0}
 
 
-async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, slices: list[PartitionSlice],
-                      anomalies: list[AnomalyRow] | None = None, checkpoints: list[Checkpoint] | None = None,
-                      policy: WritePolicy | None = None, ispu_evaluated: dict[str, int] | None = None,
-                      nested: bool = False) -> BatchOutcome:
+async def write_batch(
+    conn: psycopg.AsyncConnection,
+    *,
+    group: str,
+    topic: str,
+    slices: list[PartitionSlice],
+    anomalies: list[AnomalyRow] | None = None,
+    checkpoints: list[Checkpoint] | None = None,
+    policy: WritePolicy | None = None,
+    ispu_evaluated: dict[str, int] | None = None,
+    nested: bool = False,
+) -> BatchOutcome:
     """Store a batch exactly once, in one transaction of named phases: lock the offsets, dead letters,
     the readings not applied yet, their one-minute partials, rollup marks, newest values, late
     readings, anomalies, rules and alerts, detector checkpoints, and the new offsets.
@@ -297,8 +330,9 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
         if nested:  # the staging rows of the savepoints before go only at the outer commit
             await conn.execute("DELETE FROM staging_readings")
         stored = await _lock_offsets(conn, group, topic, [s.partition for s in slices])
-        dead = await _write_dead_letters(conn, group, topic, [d for s in slices for d in s.dead_letters
-                                                              if d.offset >= stored[s.partition]])
+        dead = await _write_dead_letters(
+            conn, group, topic, [d for s in slices for d in s.dead_letters if d.offset >= stored[s.partition]]
+        )
         fresh, late, skipped = _unapplied_readings(slices, stored, policy)
         added = await _insert_readings(conn, fresh, policy)
         await _merge_minutes(conn, added, policy)
@@ -306,34 +340,47 @@ async def write_batch(conn: psycopg.AsyncConnection, *, group: str, topic: str, 
             await conn.execute(MARK_ROLLUPS_DIRTY, (hours_of(fresh),))
         await _upsert_latest(conn, fresh)
         await _keep_late(conn, late, policy)
-        kept, changes, stations = await _anomalies_rules_and_alerts(conn, anomalies or [], stored, fresh, policy,
-                                                                    ispu_evaluated)
+        kept, changes, stations = await _anomalies_rules_and_alerts(
+            conn, anomalies or [], stored, fresh, policy, ispu_evaluated
+        )
         await _save_checkpoints(conn, group, topic, checkpoints or [])
         await _advance_offsets(conn, group, topic, slices)
-    return BatchOutcome(readings_in=readings_in, readings_stored=len(added.series), records_skipped=skipped,
-                        late=len(late), anomalies=len(kept), alert_changes=changes,
-                        ispu_minutes={d: max(minutes) for d, minutes in stations.items()}, dead_letters=dead)
+    return BatchOutcome(
+        readings_in=readings_in,
+        readings_stored=len(added.series),
+        records_skipped=skipped,
+        late=len(late),
+        anomalies=len(kept),
+        alert_changes=changes,
+        ispu_minutes={d: max(minutes) for d, minutes in stations.items()},
+        dead_letters=dead,
+    )
 
 
 # The phases of write_batch, in its order, each inside its transaction.
 
-async def _lock_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]
-                        ) -> dict[int, int]:
+
+async def _lock_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
     """The stored offset of each partition, locked until commit. A row is made first so there is
     one to lock: a second processor handed the same partition waits here until we commit, and then
     sees our offset."""
     async with conn.cursor() as cur:
         await cur.executemany(
             "INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) "
-            "VALUES (%s, %s, %s, -1) ON CONFLICT DO NOTHING", [(group, topic, p) for p in partitions])
+            "VALUES (%s, %s, %s, -1) ON CONFLICT DO NOTHING",
+            [(group, topic, p) for p in partitions],
+        )
     cur = await conn.execute(
         "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s "
-        "AND partition = ANY(%s) ORDER BY partition FOR UPDATE", (group, topic, partitions))
+        "AND partition = ANY(%s) ORDER BY partition FOR UPDATE",
+        (group, topic, partitions),
+    )
     return dict(await cur.fetchall())
 
 
-def _unapplied_readings(slices: list[PartitionSlice], stored: dict[int, int], policy: WritePolicy
-                        ) -> tuple[list[Reading], list[Reading], int]:
+def _unapplied_readings(
+    slices: list[PartitionSlice], stored: dict[int, int], policy: WritePolicy
+) -> tuple[list[Reading], list[Reading], int]:
     """The readings of records not applied yet, on time and late, and how many records were applied
     already (by an earlier transaction: a replay after a crash or a rebalance)."""
     skipped = 0
@@ -350,8 +397,7 @@ def _unapplied_readings(slices: list[PartitionSlice], stored: dict[int, int], po
     return fresh, late, skipped
 
 
-async def _insert_readings(conn: psycopg.AsyncConnection, fresh: list[Reading], policy: WritePolicy
-                           ) -> StoredColumns:
+async def _insert_readings(conn: psycopg.AsyncConnection, fresh: list[Reading], policy: WritePolicy) -> StoredColumns:
     """Stage and insert the readings; the ones the insert added (not those stored already)."""
     await _stage(conn, fresh, policy)
     try:
@@ -369,15 +415,22 @@ async def _merge_minutes(conn: psycopg.AsyncConnection, added: StoredColumns, po
     partials = added.partials(MINUTE_MS)
     chunk = len(partials[0]) if policy.use_copy else policy.insert_chunk
     for start in range(0, len(partials[0]), chunk or 1):
-        await conn.execute(MERGE_MINUTES, [column[start:start + chunk] for column in partials])
+        await conn.execute(MERGE_MINUTES, [column[start : start + chunk] for column in partials])
 
 
 async def _upsert_latest(conn: psycopg.AsyncConnection, fresh: list[Reading]) -> None:
     """Each series' newest value, where it is newer than the one stored."""
     newest = newest_per_series(fresh)
-    await conn.execute(UPSERT_LATEST, ([r.device_id for r in newest], [r.metric for r in newest],
-                                       [r.ts_ms for r in newest], [r.value for r in newest],
-                                       [r.unit for r in newest]))
+    await conn.execute(
+        UPSERT_LATEST,
+        (
+            [r.device_id for r in newest],
+            [r.metric for r in newest],
+            [r.ts_ms for r in newest],
+            [r.value for r in newest],
+            [r.unit for r in newest],
+        ),
+    )
 
 
 async def _keep_late(conn: psycopg.AsyncConnection, late: list[Reading], policy: WritePolicy) -> None:
@@ -388,15 +441,29 @@ async def _keep_late(conn: psycopg.AsyncConnection, late: list[Reading], policy:
         await cur.executemany(
             "INSERT INTO late_readings (device_id, metric, ts, value, received_at, reason) VALUES "
             "(%s, %s, kota_ms(%s), %s, kota_ms(%s), %s) ON CONFLICT DO NOTHING",
-            [(r.device_id, r.metric, r.ts_ms, r.value, r.received_ms,
-              f"arrived {(r.received_ms - r.ts_ms) / 3_600_000:.1f} h after its time; "
-              f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h") for r in late])
+            [
+                (
+                    r.device_id,
+                    r.metric,
+                    r.ts_ms,
+                    r.value,
+                    r.received_ms,
+                    f"arrived {(r.received_ms - r.ts_ms) / 3_600_000:.1f} h after its time; "
+                    f"allowed lateness is {policy.allowed_lateness_ms / 3_600_000:.1f} h",
+                )
+                for r in late
+            ],
+        )
 
 
-async def _anomalies_rules_and_alerts(conn: psycopg.AsyncConnection, anomalies: list[AnomalyRow],
-                                      stored: dict[int, int], fresh: list[Reading], policy: WritePolicy,
-                                      ispu_evaluated: dict[str, int] | None
-                                      ) -> tuple[list[AnomalyRow], list[AlertChange], dict[str, dict[int, int]]]:
+async def _anomalies_rules_and_alerts(
+    conn: psycopg.AsyncConnection,
+    anomalies: list[AnomalyRow],
+    stored: dict[int, int],
+    fresh: list[Reading],
+    policy: WritePolicy,
+    ispu_evaluated: dict[str, int] | None,
+) -> tuple[list[AnomalyRow], list[AlertChange], dict[str, dict[int, int]]]:
     """Store the anomalies of records not applied yet, evaluate the domain rules, and raise, update
     and clear alerts from both (repeats count on open alerts). Returns the anomalies stored, the
     alert changes and the stations' minutes whose ISPU was evaluated."""
@@ -408,25 +475,39 @@ async def _anomalies_rules_and_alerts(conn: psycopg.AsyncConnection, anomalies: 
             await cur.executemany(
                 "INSERT INTO anomalies (device_id, metric, ts, reason, value, score) VALUES (%s, %s, kota_ms(%s), "
                 "%s, %s, %s) ON CONFLICT DO NOTHING",
-                [(a.device_id, a.metric, a.ts_ms, a.reason, a.value, a.score) for a in kept])
+                [(a.device_id, a.metric, a.ts_ms, a.reason, a.value, a.score) for a in kept],
+            )
     # A dropout from the detectors is a gap seen in event time, over by the time it is seen (data
     # came back): stored as an anomaly, not alerted. The processor's timer alerts while a silence lasts.
-    signals: list[Signal] = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
-                             for a in kept if a.reason != "dropout"]
+    signals: list[Signal] = [
+        detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
+        for a in kept
+        if a.reason != "dropout"
+    ]
     stations, gates = rule_inputs(fresh)
     if ispu_evaluated is not None:
-        stations = {d: later for d, minutes in stations.items()
-                    if (later := {b: t for b, t in minutes.items() if b > ispu_evaluated.get(d, -1)})}
+        stations = {
+            d: later
+            for d, minutes in stations.items()
+            if (later := {b: t for b, t in minutes.items() if b > ispu_evaluated.get(d, -1)})
+        }
     signals += await evaluate_air_quality(conn, stations, policy.rules)
     signals += await evaluate_flood_gates(conn, gates, policy.rules)
-    changes = await apply_signals(conn, signals, policy.clear_after_s, policy.default_clear_after_s,
-                                  repeats=repeats, times=_reading_times(fresh, signals, repeats))
+    changes = await apply_signals(
+        conn,
+        signals,
+        policy.clear_after_s,
+        policy.default_clear_after_s,
+        repeats=repeats,
+        times=_reading_times(fresh, signals, repeats),
+    )
     changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
     return kept, changes, stations
 
 
-async def _save_checkpoints(conn: psycopg.AsyncConnection, group: str, topic: str, checkpoints: list[Checkpoint]
-                            ) -> None:
+async def _save_checkpoints(
+    conn: psycopg.AsyncConnection, group: str, topic: str, checkpoints: list[Checkpoint]
+) -> None:
     """The detectors' state with the offset it reflects (never replacing a newer one)."""
     for c in checkpoints:
         await conn.execute(
@@ -434,21 +515,23 @@ async def _save_checkpoints(conn: psycopg.AsyncConnection, group: str, topic: st
             "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "
             "next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state, "
             "saved_at = now() WHERE detector_checkpoints.next_offset <= EXCLUDED.next_offset",
-            (group, topic, c.partition, c.next_offset, Jsonb(c.series), c.state))
+            (group, topic, c.partition, c.next_offset, Jsonb(c.series), c.state),
+        )
 
 
-async def _advance_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, slices: list[PartitionSlice]
-                           ) -> None:
+async def _advance_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, slices: list[PartitionSlice]) -> None:
     """Move each partition's stored offset past the batch, in the transaction of what it produced."""
     async with conn.cursor() as cur:
         await cur.executemany(
             "UPDATE stream_offsets SET next_offset = %s, updated_at = now() "
             "WHERE consumer_group = %s AND topic = %s AND partition = %s AND next_offset < %s",
-            [(s.next_offset, group, topic, s.partition, s.next_offset) for s in slices])
+            [(s.next_offset, group, topic, s.partition, s.next_offset) for s in slices],
+        )
 
 
-async def _write_dead_letters(conn: psycopg.AsyncConnection, group: str, topic: str, letters: list[DeadLetter]
-                              ) -> list[str]:
+async def _write_dead_letters(
+    conn: psycopg.AsyncConnection, group: str, topic: str, letters: list[DeadLetter]
+) -> list[str]:
     """Insert dead letters not written yet; the reasons of those written now."""
     if not letters:
         return []
@@ -459,11 +542,21 @@ async def _write_dead_letters(conn: psycopg.AsyncConnection, group: str, topic: 
             # PostgreSQL text holds no NUL; the message may quote a record's bytes.
             message = d.message.replace("\x00", "\\x00")[:DEAD_LETTER_MESSAGE_MAX]
             await cur.execute(
-                "INSERT INTO processor_dead_letters (consumer_group, topic, partition, \"offset\", reason, message, "
+                'INSERT INTO processor_dead_letters (consumer_group, topic, partition, "offset", reason, message, '
                 "record_key, record_value, value_length) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT DO NOTHING RETURNING reason",
-                (group, topic, d.partition, d.offset, d.reason, message, d.key, value,
-                 len(d.value) if d.value is not None else 0))
+                (
+                    group,
+                    topic,
+                    d.partition,
+                    d.offset,
+                    d.reason,
+                    message,
+                    d.key,
+                    value,
+                    len(d.value) if d.value is not None else 0,
+                ),
+            )
             if await cur.fetchone():
                 written.append(d.reason)
     return written
@@ -485,10 +578,18 @@ def database_unavailable(exc: BaseException, conn: psycopg.AsyncConnection) -> b
 RawRecords = dict[tuple[int, int], tuple[bytes | None, bytes | None]]  # (partition, offset) -> (key, value)
 
 
-async def write_isolating(conn: psycopg.AsyncConnection, *, group: str, topic: str, slices: list[PartitionSlice],
-                          raw: RawRecords, anomalies: list[AnomalyRow] | None = None,
-                          checkpoints: list[Checkpoint] | None = None, policy: WritePolicy | None = None,
-                          ispu_evaluated: dict[str, int] | None = None) -> BatchOutcome:
+async def write_isolating(
+    conn: psycopg.AsyncConnection,
+    *,
+    group: str,
+    topic: str,
+    slices: list[PartitionSlice],
+    raw: RawRecords,
+    anomalies: list[AnomalyRow] | None = None,
+    checkpoints: list[Checkpoint] | None = None,
+    policy: WritePolicy | None = None,
+    ispu_evaluated: dict[str, int] | None = None,
+) -> BatchOutcome:
     """Store a batch that write_batch failed on in every try, in one transaction: halves of it, each
     in a savepoint, halved again where they fail, down to the records that fail alone, which become
     dead letters (STORAGE_ERROR). The good records are stored once and every offset moves on with
@@ -516,10 +617,18 @@ async def write_isolating(conn: psycopg.AsyncConnection, *, group: str, topic: s
     async def attempt(chunk: list[tuple[int, int, list[Reading]]]) -> None:
         nonlocal total
         try:
-            total = total.plus(await write_batch(
-                conn, group=group, topic=topic, slices=slices_of(chunk),
-                anomalies=[a for p, o, _ in chunk for a in by_record.get((p, o), ())], policy=policy,
-                ispu_evaluated=ispu_evaluated, nested=True))
+            total = total.plus(
+                await write_batch(
+                    conn,
+                    group=group,
+                    topic=topic,
+                    slices=slices_of(chunk),
+                    anomalies=[a for p, o, _ in chunk for a in by_record.get((p, o), ())],
+                    policy=policy,
+                    ispu_evaluated=ispu_evaluated,
+                    nested=True,
+                )
+            )
             return
         except Exception as exc:  # noqa: BLE001 - whatever a record makes the write raise, it must not stop the partition
             if database_unavailable(exc, conn):
@@ -530,21 +639,36 @@ async def write_isolating(conn: psycopg.AsyncConnection, *, group: str, topic: s
                 await attempt(chunk[middle:])
                 return
             p, offset, _ = chunk[0]
-            log.error("%s[%d]@%d: readings not stored, written to processor_dead_letters: %s: %s", topic, p, offset,
-                      type(exc).__name__, str(exc)[:300])
+            log.error(
+                "%s[%d]@%d: readings not stored, written to processor_dead_letters: %s: %s",
+                topic,
+                p,
+                offset,
+                type(exc).__name__,
+                str(exc)[:300],
+            )
             key, value = raw.get((p, offset), (None, None))
             letter = DeadLetter(p, offset, STORAGE_ERROR, f"{type(exc).__name__}: {exc}", key, value)
-            total = total.plus(await write_batch(conn, group=group, topic=topic, slices=slices_of(chunk, letter),
-                                                 policy=policy, nested=True))
+            total = total.plus(
+                await write_batch(
+                    conn, group=group, topic=topic, slices=slices_of(chunk, letter), policy=policy, nested=True
+                )
+            )
 
     async with conn.transaction():
         if records:
             await attempt(records)
         if checkpoints:  # the detectors' state as of the whole batch, records dead-lettered or not
             try:
-                await write_batch(conn, group=group, topic=topic, checkpoints=checkpoints, policy=policy, nested=True,
-                                  slices=[PartitionSlice(s.partition, s.first_offset, s.next_offset, [])
-                                          for s in slices])
+                await write_batch(
+                    conn,
+                    group=group,
+                    topic=topic,
+                    checkpoints=checkpoints,
+                    policy=policy,
+                    nested=True,
+                    slices=[PartitionSlice(s.partition, s.first_offset, s.next_offset, []) for s in slices],
+                )
             except Exception as exc:  # noqa: BLE001 - a restart re-reads from the checkpoint before: slower, not wrong
                 if database_unavailable(exc, conn):
                     raise
@@ -552,8 +676,9 @@ async def write_isolating(conn: psycopg.AsyncConnection, *, group: str, topic: s
     return total
 
 
-def _reading_times(readings: list[Reading], signals: list[Signal], repeats: list[Repeat]
-                   ) -> dict[tuple[str, str], list[int]]:
+def _reading_times(
+    readings: list[Reading], signals: list[Signal], repeats: list[Repeat]
+) -> dict[tuple[str, str], list[int]]:
     """Sorted reading times per (device, metric), for the devices with signals or repeats: where an
     alert would have cleared itself between two of them (kota.alerts.apply_signals)."""
     devices = {s.device_id for s in signals} | {r.device_id for r in repeats}
@@ -572,15 +697,19 @@ async def _stage(conn: psycopg.AsyncConnection, readings: list[Reading], policy:
     if policy.use_copy:
         # Binary: no number formatting on this side, no parsing on the server's.
         async with conn.cursor() as cur:
-            async with cur.copy("COPY staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
-                                "FROM STDIN (FORMAT BINARY)") as copy:
+            async with cur.copy(
+                "COPY staging_readings (ts_ms, device_id, metric, value, unit, received_ms) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
                 copy.set_types(["int8", "text", "text", "float8", "text", "int8"])
                 for row in rows:
                     await copy.write_row(row)
         return
     values = list(rows)
     for start in range(0, len(values), policy.insert_chunk):
-        chunk = values[start:start + policy.insert_chunk]
+        chunk = values[start : start + policy.insert_chunk]
         async with conn.cursor() as cur:
-            await cur.executemany("INSERT INTO staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
-                                  "VALUES (%s, %s, %s, %s, %s, %s)", chunk)
+            await cur.executemany(
+                "INSERT INTO staging_readings (ts_ms, device_id, metric, value, unit, received_ms) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                chunk,
+            )

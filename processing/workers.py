@@ -85,8 +85,13 @@ def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> in
         start_http_server(stack.processor_metrics_port, addr=stack.bind_host, registry=registry)
 
     def start(number: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), WORKER_ENV: str(number),
-               "KOTA_PROCESSOR_WORKERS": "1", "KOTA_PROCESSOR_METRICS_ENABLED": "false"}
+        env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            WORKER_ENV: str(number),
+            "KOTA_PROCESSOR_WORKERS": "1",
+            "KOTA_PROCESSOR_METRICS_ENABLED": "false",
+        }
         return subprocess.Popen([sys.executable, "-m", "processing"], env=env)
 
     stopping: list[signal.Signals] = []
@@ -102,8 +107,12 @@ def run_workers(stack: StackSettings, workers: int, metrics_enabled: bool) -> in
         for number, proc in list(running.items()):
             code = proc.poll()
             if code is not None and not stopping:
-                log.error("processor worker %d (pid %d) ended with %s; starting it again", number, proc.pid,
-                          f"signal {-code}" if code < 0 else f"exit code {code}")
+                log.error(
+                    "processor worker %d (pid %d) ended with %s; starting it again",
+                    number,
+                    proc.pid,
+                    f"signal {-code}" if code < 0 else f"exit code {code}",
+                )
                 time.sleep(RESTART_WAIT_S)
                 running[number] = start(number)
         time.sleep(0.2)

@@ -24,9 +24,13 @@ HOUR_MS = 3_600_000
 # The metric each device type's single-sensor anomalies bend, and how far (in its unit): about
 # ten times its noise and more than its daily swing, so a fair detector can see it.
 TARGET: dict[str, tuple[str, float]] = {
-    "air_quality": ("pm25", 90.0), "noise": ("LAeq", 25.0), "water_level": ("currentLevel", 45.0),
-    "traffic_corridor": ("averageVehicleSpeed", -35.0), "water_meter": ("pressure", -1.5),
-    "electricity_meter": ("activePower", 150.0), "street_light": ("powerConsumption", 200.0),
+    "air_quality": ("pm25", 90.0),
+    "noise": ("LAeq", 25.0),
+    "water_level": ("currentLevel", 45.0),
+    "traffic_corridor": ("averageVehicleSpeed", -35.0),
+    "water_meter": ("pressure", -1.5),
+    "electricity_meter": ("activePower", 150.0),
+    "street_light": ("powerConsumption", 200.0),
 }
 POINT_KINDS = ("spike", "level_shift", "stuck", "drift", "dropout")
 # How long each point anomaly lasts (a spike is one reading: its window is the reading's tick).
@@ -52,8 +56,9 @@ class Anomaly:
         return self.start_ms + offset, self.end_ms + offset
 
 
-def plan(city: SimulatedCity, start_ms: int, end_ms: int, interval_ms: int, per_day: int | None = None
-         ) -> list[Anomaly]:
+def plan(
+    city: SimulatedCity, start_ms: int, end_ms: int, interval_ms: int, per_day: int | None = None
+) -> list[Anomaly]:
     """Anomalies for [start_ms, end_ms): none in the first two hours (detectors learn a baseline
     first), none overlapping on one device, and the city events once a day each where the city has
     the devices for them."""
@@ -168,16 +173,38 @@ def label_entries(anomalies: list[Anomaly]) -> list[dict[str, object]]:
     for anomaly in anomalies:
         for device_id in anomaly.devices:
             first, last = anomaly.window(device_id)
-            labels.append({"kind": anomaly.kind, "device_id": device_id, "metric": anomaly.metric,
-                           "start_ms": first, "end_ms": last, "magnitude": anomaly.magnitude})
+            labels.append(
+                {
+                    "kind": anomaly.kind,
+                    "device_id": device_id,
+                    "metric": anomaly.metric,
+                    "start_ms": first,
+                    "end_ms": last,
+                    "magnitude": anomaly.magnitude,
+                }
+            )
     return labels
 
 
-def write_labels(path: Path, *, city: str, seed: int | None, start_ms: int, end_ms: int, interval_ms: int | None,
-                 labels: list[dict[str, object]]) -> None:
+def write_labels(
+    path: Path,
+    *,
+    city: str,
+    seed: int | None,
+    start_ms: int,
+    end_ms: int,
+    interval_ms: int | None,
+    labels: list[dict[str, object]],
+) -> None:
     """A labels file, as `kota score` reads it: the simulator's, or a NAB replay's windows."""
-    document = {"city": city, "seed": seed, "start_ms": start_ms, "end_ms": end_ms, "interval_ms": interval_ms,
-                "labels": labels}
+    document = {
+        "city": city,
+        "seed": seed,
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+        "interval_ms": interval_ms,
+        "labels": labels,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n")
 

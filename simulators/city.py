@@ -19,13 +19,24 @@ from kota.registry import Device, new_device
 
 # Districts of a Bandung-like city, centred near (-6.91, 107.61).
 DISTRICTS = [
-    ("coblong", -6.887, 107.613), ("sukajadi", -6.884, 107.590), ("bandung-wetan", -6.905, 107.617),
-    ("regol", -6.934, 107.606), ("kiaracondong", -6.925, 107.646), ("cicendo", -6.903, 107.584),
+    ("coblong", -6.887, 107.613),
+    ("sukajadi", -6.884, 107.590),
+    ("bandung-wetan", -6.905, 107.617),
+    ("regol", -6.934, 107.606),
+    ("kiaracondong", -6.925, 107.646),
+    ("cicendo", -6.903, 107.584),
 ]
 
 # Share of each device type in the simulated city.
-MIX = [("air_quality", 3), ("noise", 2), ("water_level", 2), ("traffic_corridor", 4),
-       ("water_meter", 2), ("electricity_meter", 2), ("street_light", 3)]
+MIX = [
+    ("air_quality", 3),
+    ("noise", 2),
+    ("water_level", 2),
+    ("traffic_corridor", 4),
+    ("water_meter", 2),
+    ("electricity_meter", 2),
+    ("street_light", 3),
+]
 
 
 @dataclass(frozen=True)
@@ -49,17 +60,24 @@ def build_city(city: str = "bandung", n_devices: int = 36, seed: int = 1) -> Sim
     for (device_type, _), count in zip(MIX, counts, strict=True):
         for i in range(count):
             district, lat, lon = DISTRICTS[int(rng.integers(len(DISTRICTS)))]
-            devices.append(new_device(
-                f"{city}-{device_type.replace('_', '-')}-{i + 1:03d}", city, device_type, district=district,
-                lat=round(lat + float(rng.normal(0, 0.006)), 5), lon=round(lon + float(rng.normal(0, 0.006)), 5),
-                gateway_id=f"{city}-sim-gateway"))
+            devices.append(
+                new_device(
+                    f"{city}-{device_type.replace('_', '-')}-{i + 1:03d}",
+                    city,
+                    device_type,
+                    district=district,
+                    lat=round(lat + float(rng.normal(0, 0.006)), 5),
+                    lon=round(lon + float(rng.normal(0, 0.006)), 5),
+                    gateway_id=f"{city}-sim-gateway",
+                )
+            )
     return SimulatedCity(city, devices, seed)
 
 
 def _daily(hour: float, peak: float, width: float = 2.5) -> float:
     """A smooth bump around `peak` o'clock, 0..1."""
     d = min(abs(hour - peak), 24 - abs(hour - peak))
-    return math.exp(-(d / width) ** 2)
+    return math.exp(-((d / width) ** 2))
 
 
 DAY_MS = 86_400_000
@@ -118,13 +136,16 @@ def values_at(device: Device, ts_ms: int, rng: np.random.Generator, seed: int = 
         # the ISPU alert. (At 35, rush hours crossed into Tidak Sehat twice a day: ten correct but
         # unlabelled alerts a day. Real bad air is in the Jakarta recordings, for `kota replay`.)
         pm25 = max(1.0, (25 + 27 * rush) * (1 - 0.5 * rain) + noise(0, 3))
-        return {"pm25": pm25, "pm10": pm25 * 1.6 + noise(0, 3),
-                "no2": max(1, 30 + 50 * rush + noise(0, 4)),
-                "o3": max(1, 40 + 60 * _daily(hour, 13, 3) + noise(0, 4)),
-                "co": max(50, 900 + 1500 * rush + noise(0, 80)),
-                "so2": max(1, 15 + 10 * rush + noise(0, 2)),
-                "temperature": 23 + 7 * _daily(hour, 14, 4) + noise(0, 0.3),
-                "relativeHumidity": min(100, 85 - 25 * _daily(hour, 14, 4) + noise(0, 2))}
+        return {
+            "pm25": pm25,
+            "pm10": pm25 * 1.6 + noise(0, 3),
+            "no2": max(1, 30 + 50 * rush + noise(0, 4)),
+            "o3": max(1, 40 + 60 * _daily(hour, 13, 3) + noise(0, 4)),
+            "co": max(50, 900 + 1500 * rush + noise(0, 80)),
+            "so2": max(1, 15 + 10 * rush + noise(0, 2)),
+            "temperature": 23 + 7 * _daily(hour, 14, 4) + noise(0, 0.3),
+            "relativeHumidity": min(100, 85 - 25 * _daily(hour, 14, 4) + noise(0, 2)),
+        }
     if t == "noise":
         laeq = 48 + 22 * rush + 8 * (1 - night) + 4 * rain + noise(0, 1.5)
         return {"LAeq": laeq, "LAmax": laeq + 12 + abs(noise(0, 3))}
@@ -132,12 +153,17 @@ def values_at(device: Device, ts_ms: int, rng: np.random.Generator, seed: int = 
         return {"currentLevel": max(0, 60 + 10 * math.sin(ts_ms / 3_600_000 / 6) + 30 * wet + noise(0, 1))}
     if t == "traffic_corridor":
         occupancy = min(0.95, max(0.02, 0.12 + 0.6 * rush + noise(0, 0.03)))
-        return {"occupancy": occupancy, "averageVehicleSpeed": max(3, 55 * (1 - occupancy) + noise(0, 2)),
-                "intensity": max(0, 8 + 40 * rush - 6 * night + noise(0, 2))}
+        return {
+            "occupancy": occupancy,
+            "averageVehicleSpeed": max(3, 55 * (1 - occupancy) + noise(0, 2)),
+            "intensity": max(0, 8 + 40 * rush - 6 * night + noise(0, 2)),
+        }
     if t == "water_meter":
         morning = 8.5 if weekend else 6.5  # a later morning at weekends
-        return {"waterConsumption": max(0, 2 + 3 * _daily(hour, morning) + 2 * _daily(hour, 19) + noise(0, 0.2)),
-                "pressure": max(0.5, 3.2 - 0.8 * rush + noise(0, 0.05))}
+        return {
+            "waterConsumption": max(0, 2 + 3 * _daily(hour, morning) + 2 * _daily(hour, 19) + noise(0, 0.2)),
+            "pressure": max(0.5, 3.2 - 0.8 * rush + noise(0, 0.05)),
+        }
     if t == "electricity_meter":
         daytime = 35 if weekend else 20  # people at home by day at weekends
         power = max(0, 40 + 50 * _daily(hour, 19, 3) + daytime * _daily(hour, 13, 4) + noise(0, 3))

@@ -90,13 +90,23 @@ class Connection:
         self.client.disconnect()
 
 
-def run(stream: CityStream, *, logins: dict[str, MqttLogin], stop: threading.Event, interval_ms: int,
-        start_ms: int | None = None, max_ticks: int | None = None, rate: float | None = None,
-        max_queued: int = 1000, count_log: Path | None = None) -> Sent:
+def run(
+    stream: CityStream,
+    *,
+    logins: dict[str, MqttLogin],
+    stop: threading.Event,
+    interval_ms: int,
+    start_ms: int | None = None,
+    max_ticks: int | None = None,
+    rate: float | None = None,
+    max_queued: int = 1000,
+    count_log: Path | None = None,
+) -> Sent:
     """Publish until `stop` (or `max_ticks`); `logins` holds one login per sender (gateway or device)."""
     sent, lock = Sent(), threading.Lock()
-    connections = {sender: Connection(login, f"kota-sim-{sender}", sent, lock, max_queued)
-                   for sender, login in logins.items()}
+    connections = {
+        sender: Connection(login, f"kota-sim-{sender}", sent, lock, max_queued) for sender, login in logins.items()
+    }
     began = time.monotonic()
     tick = 0
     try:
@@ -111,9 +121,14 @@ def run(stream: CityStream, *, logins: dict[str, MqttLogin], stop: threading.Eve
             sent.first_ts_ms = sent.first_ts_ms or ts_ms
             sent.last_ts_ms = ts_ms
             if tick == 1 or tick % 600 == 0:
-                log.info("tick %d (%s): %d readings sent, %d acknowledged, %.0f readings/s", tick,
-                         time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts_ms / 1000 + 7 * 3600)), sent.readings,
-                         sent.acknowledged_readings, sent.readings / max(time.monotonic() - began, 1e-9))
+                log.info(
+                    "tick %d (%s): %d readings sent, %d acknowledged, %.0f readings/s",
+                    tick,
+                    time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts_ms / 1000 + 7 * 3600)),
+                    sent.readings,
+                    sent.acknowledged_readings,
+                    sent.readings / max(time.monotonic() - began, 1e-9),
+                )
             if rate:  # hold the average at `rate` readings/s
                 stop.wait(max(0.0, began + sent.readings / rate - time.monotonic()))
             elif start_ms is None:
@@ -124,6 +139,10 @@ def run(stream: CityStream, *, logins: dict[str, MqttLogin], stop: threading.Eve
             connection.close()
         if count_log is not None:
             count_log.write_text(json.dumps(asdict(sent)) + "\n")
-        log.info("stopped after %d ticks: %d readings sent, %d acknowledged by the broker", sent.ticks,
-                 sent.readings, sent.acknowledged_readings)
+        log.info(
+            "stopped after %d ticks: %d readings sent, %d acknowledged by the broker",
+            sent.ticks,
+            sent.readings,
+            sent.acknowledged_readings,
+        )
     return sent

@@ -49,13 +49,20 @@ class Mapping:
     def from_json(cls, document: dict[str, Any]) -> Mapping:
         time = document.get("time", {})
         device = document.get("device", {})
-        return cls(device_type=document["device_type"],
-                   metrics={c: ColumnMetric(m["metric"], m.get("unit", METRICS[m["metric"]].unit))
-                            for c, m in document["metrics"].items()},
-                   time_column=time.get("column"), time_format=time.get("format", "iso"),
-                   time_columns=tuple(time.get("columns", ())), timezone=time.get("timezone", "+07:00"),
-                   device_column=device.get("column"), device_name=device.get("name"),
-                   delimiter=document.get("delimiter", ","))
+        return cls(
+            device_type=document["device_type"],
+            metrics={
+                c: ColumnMetric(m["metric"], m.get("unit", METRICS[m["metric"]].unit))
+                for c, m in document["metrics"].items()
+            },
+            time_column=time.get("column"),
+            time_format=time.get("format", "iso"),
+            time_columns=tuple(time.get("columns", ())),
+            timezone=time.get("timezone", "+07:00"),
+            device_column=device.get("column"),
+            device_name=device.get("name"),
+            delimiter=document.get("delimiter", ","),
+        )
 
     def __post_init__(self) -> None:
         if self.device_type not in DEVICE_TYPES:
@@ -64,8 +71,9 @@ class Mapping:
             if target.metric not in METRICS:
                 raise ValueError(f"column {column!r}: unknown metric {target.metric!r}")
             if convert_unit(1.0, target.unit, METRICS[target.metric].unit) is None:
-                raise ValueError(f"column {column!r}: {target.unit!r} does not convert to "
-                                 f"{METRICS[target.metric].unit!r}")
+                raise ValueError(
+                    f"column {column!r}: {target.unit!r} does not convert to {METRICS[target.metric].unit!r}"
+                )
         if (self.time_column is None) == (not self.time_columns):
             raise ValueError("time: give either a column or columns")
         if (self.device_column is None) == (self.device_name is None):
@@ -73,24 +81,47 @@ class Mapping:
 
 
 # NAB file names say what the sensor measured; any other NAB-format file needs --metric.
-NAB_METRICS = {"speed": ColumnMetric("averageVehicleSpeed", "km/h"), "occupancy": ColumnMetric("occupancy", "%"),
-               "TravelTime": ColumnMetric("travelTime", "s")}
+NAB_METRICS = {
+    "speed": ColumnMetric("averageVehicleSpeed", "km/h"),
+    "occupancy": ColumnMetric("occupancy", "%"),
+    "TravelTime": ColumnMetric("travelTime", "s"),
+}
 
 BEIJING = Mapping(
-    device_type="air_quality", time_columns=("year", "month", "day", "hour"), timezone="+08:00",
+    device_type="air_quality",
+    time_columns=("year", "month", "day", "hour"),
+    timezone="+08:00",
     device_column="station",
-    metrics={"PM2.5": ColumnMetric("pm25", "ug/m3"), "PM10": ColumnMetric("pm10", "ug/m3"),
-             "SO2": ColumnMetric("so2", "ug/m3"), "NO2": ColumnMetric("no2", "ug/m3"),
-             "CO": ColumnMetric("co", "ug/m3"), "O3": ColumnMetric("o3", "ug/m3"),
-             "TEMP": ColumnMetric("temperature", "Cel"), "WSPM": ColumnMetric("windSpeed", "m/s"),
-             "RAIN": ColumnMetric("precipitation", "mm")})
+    metrics={
+        "PM2.5": ColumnMetric("pm25", "ug/m3"),
+        "PM10": ColumnMetric("pm10", "ug/m3"),
+        "SO2": ColumnMetric("so2", "ug/m3"),
+        "NO2": ColumnMetric("no2", "ug/m3"),
+        "CO": ColumnMetric("co", "ug/m3"),
+        "O3": ColumnMetric("o3", "ug/m3"),
+        "TEMP": ColumnMetric("temperature", "Cel"),
+        "WSPM": ColumnMetric("windSpeed", "m/s"),
+        "RAIN": ColumnMetric("precipitation", "mm"),
+    },
+)
 
 JAKARTA = Mapping(
-    device_type="air_quality", time_column="tanggal", time_format="%d/%m/%Y", timezone="+07:00",
-    device_column="stasiun", delimiter=";",
-    metrics={"max": ColumnMetric("ispu", "1"), "pm25": ColumnMetric("ispuPm25", "1"),
-             "pm10": ColumnMetric("ispuPm10", "1"), "so2": ColumnMetric("ispuSo2", "1"),
-             "co": ColumnMetric("ispuCo", "1"), "o3": ColumnMetric("ispuO3", "1"), "no2": ColumnMetric("ispuNo2", "1")})
+    device_type="air_quality",
+    time_column="tanggal",
+    time_format="%d/%m/%Y",
+    timezone="+07:00",
+    device_column="stasiun",
+    delimiter=";",
+    metrics={
+        "max": ColumnMetric("ispu", "1"),
+        "pm25": ColumnMetric("ispuPm25", "1"),
+        "pm10": ColumnMetric("ispuPm10", "1"),
+        "so2": ColumnMetric("ispuSo2", "1"),
+        "co": ColumnMetric("ispuCo", "1"),
+        "o3": ColumnMetric("ispuO3", "1"),
+        "no2": ColumnMetric("ispuNo2", "1"),
+    },
+)
 
 
 def nab_mapping(path: Path, metric: str | None = None, device_type: str = "traffic_corridor") -> Mapping:
@@ -98,18 +129,33 @@ def nab_mapping(path: Path, metric: str | None = None, device_type: str = "traff
     target = ColumnMetric(metric, METRICS[metric].unit) if metric else NAB_METRICS.get(prefix)
     if target is None:
         raise ValueError(f"{path.name}: NAB files say only 'value'; name its metric with --metric")
-    return Mapping(device_type=device_type, time_column="timestamp", time_format="%Y-%m-%d %H:%M:%S",
-                   timezone="+00:00", device_name=slug(path.stem), metrics={"value": target})
+    return Mapping(
+        device_type=device_type,
+        time_column="timestamp",
+        time_format="%Y-%m-%d %H:%M:%S",
+        timezone="+00:00",
+        device_name=slug(path.stem),
+        metrics={"value": target},
+    )
 
 
-def mapping_for(path: Path, kind: str = "auto", *, metric: str | None = None, mapping_file: Path | None = None
-                ) -> tuple[str, Mapping]:
+def mapping_for(
+    path: Path, kind: str = "auto", *, metric: str | None = None, mapping_file: Path | None = None
+) -> tuple[str, Mapping]:
     """(kind, mapping): `kind` is nab, beijing, jakarta or csv (which needs `mapping_file`)."""
     if kind == "auto":
         header = path.open(encoding="utf-8").readline().strip()
-        kind = ("csv" if mapping_file else "nab" if header == "timestamp,value"
-                else "beijing" if header.startswith('"No","year"') else "jakarta" if header.startswith("tanggal;")
-                else "csv")
+        kind = (
+            "csv"
+            if mapping_file
+            else "nab"
+            if header == "timestamp,value"
+            else "beijing"
+            if header.startswith('"No","year"')
+            else "jakarta"
+            if header.startswith("tanggal;")
+            else "csv"
+        )
     if kind == "nab":
         return kind, nab_mapping(path, metric)
     if kind == "beijing":
@@ -117,8 +163,9 @@ def mapping_for(path: Path, kind: str = "auto", *, metric: str | None = None, ma
     if kind == "jakarta":
         return kind, JAKARTA
     if mapping_file is None:
-        raise ValueError(f"{path.name}: not a known format; describe its columns with --mapping "
-                         "(docs/testing_streams.md)")
+        raise ValueError(
+            f"{path.name}: not a known format; describe its columns with --mapping (docs/testing_streams.md)"
+        )
     return "csv", Mapping.from_json(json.loads(mapping_file.read_text()))
 
 
@@ -201,14 +248,19 @@ def parse(path: Path, m: Mapping, *, since_ms: int | None = None, until_ms: int 
 def devices_for(parsed: Parsed, m: Mapping, city: str, gateway_id: str) -> dict[str, Device]:
     """One registry device per file device, declaring exactly the metrics the file carries."""
     domain, _ = DEVICE_TYPES[m.device_type]
-    metrics = {t.metric: MetricSpec(METRICS[t.metric].unit, METRICS[t.metric].low, METRICS[t.metric].high)
-               for t in m.metrics.values()}
-    return {name: Device(f"{city}-{name}", city, domain, m.device_type, metrics=metrics, gateway_id=gateway_id)
-            for name in sorted({r.device for r in parsed.rows})}
+    metrics = {
+        t.metric: MetricSpec(METRICS[t.metric].unit, METRICS[t.metric].low, METRICS[t.metric].high)
+        for t in m.metrics.values()
+    }
+    return {
+        name: Device(f"{city}-{name}", city, domain, m.device_type, metrics=metrics, gateway_id=gateway_id)
+        for name in sorted({r.device for r in parsed.rows})
+    }
 
 
-def batches(rows: list[Row], devices: dict[str, Device], per_message: int = 500, shift_ms: int = 0
-            ) -> Iterator[tuple[bytes, int, int]]:
+def batches(
+    rows: list[Row], devices: dict[str, Device], per_message: int = 500, shift_ms: int = 0
+) -> Iterator[tuple[bytes, int, int]]:
     """Gateway JSON messages of about `per_message` readings, times moved by `shift_ms`:
     (payload, readings, recorded time of its first row, which paced replays wait for)."""
     body: dict[str, list[dict[str, object]]] = {}
@@ -231,8 +283,18 @@ def nab_labels(path: Path, windows_file: Path, device: Device, metric: str, shif
     key = next((k for k in windows if k.endswith(f"/{path.name}")), None)
     labels = []
     for first, last in windows.get(key, []) if key else []:
+
         def ms(text: str) -> int:
             return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp() * 1000) + shift_ms
-        labels.append({"kind": "nab_window", "device_id": device.device_id, "metric": metric,
-                       "start_ms": ms(first), "end_ms": ms(last), "magnitude": 0})
+
+        labels.append(
+            {
+                "kind": "nab_window",
+                "device_id": device.device_id,
+                "metric": metric,
+                "start_ms": ms(first),
+                "end_ms": ms(last),
+                "magnitude": 0,
+            }
+        )
     return labels

@@ -87,8 +87,10 @@ class Scorecard:
 
 
 def labels_from(document: dict[str, Any]) -> list[Label]:
-    return [Label(x["kind"], x["device_id"], x.get("metric"), int(x["start_ms"]), int(x["end_ms"]))
-            for x in document["labels"]]
+    return [
+        Label(x["kind"], x["device_id"], x.get("metric"), int(x["start_ms"]), int(x["end_ms"]))
+        for x in document["labels"]
+    ]
 
 
 def group_detections(rows: list[tuple[str, str, int, str]], merge_gap_ms: int) -> list[Detection]:
@@ -113,8 +115,15 @@ def _detection(device_id: str, run: list[tuple[int, str, str]]) -> Detection:
     return Detection(device_id, run[0][0], run[-1][0], frozenset(r for _, _, r in run), frozenset(m for _, m, _ in run))
 
 
-def score(labels: list[Label], detections: list[Detection], alerts: list[tuple[str, int]], *, city: str,
-          grace_ms: int = 30 * MINUTE_MS, nab: scoring.CorpusScore | None = None) -> Scorecard:
+def score(
+    labels: list[Label],
+    detections: list[Detection],
+    alerts: list[tuple[str, int]],
+    *,
+    city: str,
+    grace_ms: int = 30 * MINUTE_MS,
+    nab: scoring.CorpusScore | None = None,
+) -> Scorecard:
     """alerts: (device id, first signal ms)."""
     by_kind: dict[str, KindScore] = defaultdict(KindScore)
     touched: set[int] = set()
@@ -122,8 +131,11 @@ def score(labels: list[Label], detections: list[Detection], alerts: list[tuple[s
         kind = by_kind[label.kind]
         kind.labels += 1
         end = label.end_ms + grace_ms
-        hits = [i for i, d in enumerate(detections)
-                if d.device_id == label.device_id and d.first_ms < end and d.last_ms >= label.start_ms]
+        hits = [
+            i
+            for i, d in enumerate(detections)
+            if d.device_id == label.device_id and d.first_ms < end and d.last_ms >= label.start_ms
+        ]
         if hits:
             kind.detected += 1
             touched.update(hits)
@@ -141,8 +153,11 @@ def score(labels: list[Label], detections: list[Detection], alerts: list[tuple[s
     return Scorecard(city, len(labels), len(detections), len(touched), dict(by_kind), dict(false_by_reason), nab)
 
 
-def nab_score(series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], labels: list[Label],
-              nab_window_ms: int = 30 * MINUTE_MS) -> scoring.CorpusScore | None:
+def nab_score(
+    series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    labels: list[Label],
+    nab_window_ms: int = 30 * MINUTE_MS,
+) -> scoring.CorpusScore | None:
     """series: (device, metric) → (event times ms, the detectors' score at each, 0 where none)."""
     files = []
     for (device_id, metric), (times, scores) in sorted(series.items()):
@@ -160,20 +175,24 @@ def nab_score(series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], labe
 
 
 # -- the database side --------------------------------------------------------------------------------
-def load(dsn: str, document: dict[str, Any], *, merge_gap_ms: int = 15 * MINUTE_MS, grace_ms: int = 30 * MINUTE_MS
-         ) -> Scorecard:
+def load(
+    dsn: str, document: dict[str, Any], *, merge_gap_ms: int = 15 * MINUTE_MS, grace_ms: int = 30 * MINUTE_MS
+) -> Scorecard:
     labels = labels_from(document)
     city, start, end = document["city"], int(document["start_ms"]), int(document["end_ms"]) + grace_ms
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             "SELECT a.device_id, a.metric, (extract(epoch FROM a.ts) * 1000)::bigint, a.reason FROM anomalies a "
             "JOIN devices d USING (device_id) WHERE d.city = %s AND a.ts >= to_timestamp(%s / 1000.0) "
-            "AND a.ts < to_timestamp(%s / 1000.0)", (city, start, end)).fetchall()
+            "AND a.ts < to_timestamp(%s / 1000.0)",
+            (city, start, end),
+        ).fetchall()
         alerts = conn.execute(
             "SELECT device_id, metric, (extract(epoch FROM first_ts) * 1000)::bigint, 'alert:' || alert_type "
             "FROM alerts WHERE city = %s "
             "AND first_ts >= to_timestamp(%s / 1000.0) AND first_ts < to_timestamp(%s / 1000.0)",
-            (city, start, end)).fetchall()
+            (city, start, end),
+        ).fetchall()
         series = {}
         for device_id, metric in sorted({(x.device_id, x.metric) for x in labels if x.metric}):
             points = conn.execute(
@@ -181,33 +200,52 @@ def load(dsn: str, document: dict[str, Any], *, merge_gap_ms: int = 15 * MINUTE_
                 "LEFT JOIN anomalies a ON a.device_id = r.device_id AND a.metric = r.metric AND a.ts = r.ts "
                 "WHERE r.device_id = %s AND r.metric = %s AND r.ts >= to_timestamp(%s / 1000.0) "
                 "AND r.ts < to_timestamp(%s / 1000.0) GROUP BY r.ts ORDER BY r.ts",
-                (device_id, metric, start, end)).fetchall()
+                (device_id, metric, start, end),
+            ).fetchall()
             if points:
                 series[(device_id, metric)] = (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
     signals = [(d, m, int(t), r) for d, m, t, r in rows + alerts]
     detections = group_detections(signals, merge_gap_ms) if signals else []
-    return score(labels, detections, [(d, int(t)) for d, _, t, _ in alerts], city=city, grace_ms=grace_ms,
-                 nab=nab_score(series, labels))
+    return score(
+        labels,
+        detections,
+        [(d, int(t)) for d, _, t, _ in alerts],
+        city=city,
+        grace_ms=grace_ms,
+        nab=nab_score(series, labels),
+    )
 
 
 def report(card: Scorecard) -> str:
     def minutes(values: list[int]) -> str:
         return f"{statistics.median(values) / MINUTE_MS:7.1f}" if values else "      -"
 
-    lines = [f"Scorecard for {card.city}: {card.labels} labelled anomalies, {card.detections} detections",
-             f"precision {card.precision:.3f}   recall {card.recall:.3f}   F1 {card.f1:.3f}"]
+    lines = [
+        f"Scorecard for {card.city}: {card.labels} labelled anomalies, {card.detections} detections",
+        f"precision {card.precision:.3f}   recall {card.recall:.3f}   F1 {card.f1:.3f}",
+    ]
     if card.nab is not None:
-        lines.append(f"NAB standard profile {card.nab.score:.1f} (threshold {card.nab.threshold:.3f}; "
-                     f"TP {card.nab.tp}, FP {card.nab.fp}, FN {card.nab.fn})")
-    lines += ["", f"{'kind':<18} {'labels':>6} {'found':>6} {'recall':>7} {'alerted':>8} "
-                  f"{'min to detect':>14} {'min to alert':>13}"]
+        lines.append(
+            f"NAB standard profile {card.nab.score:.1f} (threshold {card.nab.threshold:.3f}; "
+            f"TP {card.nab.tp}, FP {card.nab.fp}, FN {card.nab.fn})"
+        )
+    lines += [
+        "",
+        f"{'kind':<18} {'labels':>6} {'found':>6} {'recall':>7} {'alerted':>8} "
+        f"{'min to detect':>14} {'min to alert':>13}",
+    ]
     for kind, k in sorted(card.by_kind.items()):
-        lines.append(f"{kind:<18} {k.labels:>6} {k.detected:>6} {k.recall:>7.2f} {k.alerted:>8} "
-                     f"{minutes(k.detect_delays_ms):>14} {minutes(k.alert_delays_ms):>13}")
+        lines.append(
+            f"{kind:<18} {k.labels:>6} {k.detected:>6} {k.recall:>7.2f} {k.alerted:>8} "
+            f"{minutes(k.detect_delays_ms):>14} {minutes(k.alert_delays_ms):>13}"
+        )
     lines.append("(minutes are medians, event time from the anomaly's start)")
     if card.false_by_reason:
-        lines += ["", "detections outside every label, by reason: " +
-                  ", ".join(f"{r} {n}" for r, n in sorted(card.false_by_reason.items()))]
+        lines += [
+            "",
+            "detections outside every label, by reason: "
+            + ", ".join(f"{r} {n}" for r, n in sorted(card.false_by_reason.items())),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -222,29 +260,52 @@ def picture(dsn: str, document: dict[str, Any], device_id: str, path: Path) -> N
     labels = [x for x in labels_from(document) if x.device_id == device_id]
     start, end = int(document["start_ms"]), int(document["end_ms"])
     with psycopg.connect(dsn) as conn:
-        metrics = sorted({x.metric for x in labels if x.metric}) or [m for (m,) in conn.execute(
-            "SELECT DISTINCT metric FROM readings WHERE device_id = %s ORDER BY 1 LIMIT 3", (device_id,))]
+        metrics = sorted({x.metric for x in labels if x.metric}) or [
+            m
+            for (m,) in conn.execute(
+                "SELECT DISTINCT metric FROM readings WHERE device_id = %s ORDER BY 1 LIMIT 3", (device_id,)
+            )
+        ]
         fig, axes = plt.subplots(len(metrics) or 1, 1, figsize=(12, 3 * max(len(metrics), 1)), squeeze=False)
         for ax, metric in zip(axes[:, 0], metrics, strict=False):
             where = (device_id, metric, start, end)
-            points = conn.execute("SELECT ts, value FROM readings WHERE device_id = %s AND metric = %s AND ts >= "
-                                  "to_timestamp(%s / 1000.0) AND ts < to_timestamp(%s / 1000.0) ORDER BY ts",
-                                  where).fetchall()
-            found = conn.execute("SELECT a.ts, r.value FROM anomalies a JOIN readings r USING (device_id, metric, ts) "
-                                 "WHERE a.device_id = %s AND a.metric = %s AND a.ts >= to_timestamp(%s / 1000.0) "
-                                 "AND a.ts < to_timestamp(%s / 1000.0)", where).fetchall()
-            raised = conn.execute("SELECT first_ts FROM alerts WHERE device_id = %s AND metric = %s AND first_ts "
-                                  ">= to_timestamp(%s / 1000.0) AND first_ts < to_timestamp(%s / 1000.0)",
-                                  where).fetchall()
+            points = conn.execute(
+                "SELECT ts, value FROM readings WHERE device_id = %s AND metric = %s AND ts >= "
+                "to_timestamp(%s / 1000.0) AND ts < to_timestamp(%s / 1000.0) ORDER BY ts",
+                where,
+            ).fetchall()
+            found = conn.execute(
+                "SELECT a.ts, r.value FROM anomalies a JOIN readings r USING (device_id, metric, ts) "
+                "WHERE a.device_id = %s AND a.metric = %s AND a.ts >= to_timestamp(%s / 1000.0) "
+                "AND a.ts < to_timestamp(%s / 1000.0)",
+                where,
+            ).fetchall()
+            raised = conn.execute(
+                "SELECT first_ts FROM alerts WHERE device_id = %s AND metric = %s AND first_ts "
+                ">= to_timestamp(%s / 1000.0) AND first_ts < to_timestamp(%s / 1000.0)",
+                where,
+            ).fetchall()
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], lw=0.8, color="#1f4e79", label=metric)
             for label in labels:
                 if label.metric in (None, metric):
-                    ax.axvspan(np.datetime64(label.start_ms, "ms"), np.datetime64(label.end_ms, "ms"),
-                               color="#f4b183", alpha=0.4, label=label.kind)
+                    ax.axvspan(
+                        np.datetime64(label.start_ms, "ms"),
+                        np.datetime64(label.end_ms, "ms"),
+                        color="#f4b183",
+                        alpha=0.4,
+                        label=label.kind,
+                    )
             if found:
-                ax.scatter([f[0] for f in found], [f[1] for f in found], marker="x", color="#c00000", s=18,
-                           label="anomaly", zorder=3)
+                ax.scatter(
+                    [f[0] for f in found],
+                    [f[1] for f in found],
+                    marker="x",
+                    color="#c00000",
+                    s=18,
+                    label="anomaly",
+                    zorder=3,
+                )
             for (ts,) in raised:
                 ax.axvline(ts, color="#7030a0", ls="--", lw=1)
             ax.set_title(f"{device_id} {metric}" + (f" ({len(raised)} alert(s), dashed)" if raised else ""))

@@ -50,8 +50,7 @@ class ScoredFile:
     n_windows: int
 
 
-def prepare(name: str, scores: np.ndarray, windows: list[tuple[int, int]], profile: Profile = STANDARD
-            ) -> ScoredFile:
+def prepare(name: str, scores: np.ndarray, windows: list[tuple[int, int]], profile: Profile = STANDARD) -> ScoredFile:
     """`windows` are (first, last) point indices, inclusive, in time order."""
     n = len(scores)
     window_of = np.full(n, -1)
@@ -118,7 +117,13 @@ def corpus_score(files: list[ScoredFile], profile: Profile = STANDARD, max_thres
         raw = sum(p[0] for p in parts)
         normalised = 100.0 * (raw - null) / (perfect - null) if perfect != null else 0.0
         if best is None or normalised > best.score:
-            best = CorpusScore(normalised, float(threshold), raw, sum(p[1] for p in parts), sum(p[2] for p in parts),
-                               sum(p[3] for p in parts))
+            best = CorpusScore(
+                normalised,
+                float(threshold),
+                raw,
+                sum(p[1] for p in parts),
+                sum(p[2] for p in parts),
+                sum(p[3] for p in parts),
+            )
     assert best is not None
     return best

@@ -51,8 +51,9 @@ def _round(values: dict[str, float]) -> dict[str, float]:
 
 
 class CityStream:
-    def __init__(self, city: SimulatedCity, injector: Injector, forms: dict[str, str],
-                 devices_per_message: int = 100) -> None:
+    def __init__(
+        self, city: SimulatedCity, injector: Injector, forms: dict[str, str], devices_per_message: int = 100
+    ) -> None:
         self.city, self._injector, self._forms = city, injector, forms
         self._per_message = devices_per_message
 
@@ -71,24 +72,41 @@ class CityStream:
             form = self._forms[device.device_id]
             if form == "single":
                 body = json.dumps({"ts": ts_ms, "values": values}, separators=(",", ":")).encode()
-                messages.append(Message(device_telemetry_topic(self.city.city, device.domain, device.device_id),
-                                        body, device.device_id, len(values)))
+                messages.append(
+                    Message(
+                        device_telemetry_topic(self.city.city, device.domain, device.device_id),
+                        body,
+                        device.device_id,
+                        len(values),
+                    )
+                )
             else:
                 (senml if form == "senml" else batch).append((device, values))
         gateway = self.city.gateway_id
         for first in range(0, len(batch), self._per_message):
-            chunk = batch[first:first + self._per_message]
+            chunk = batch[first : first + self._per_message]
             batch_body = json.dumps({d.device_id: {"ts": ts_ms, "values": v} for d, v in chunk}, separators=(",", ":"))
-            messages.append(Message(gateway_telemetry_topic(self.city.city, gateway), batch_body.encode(), gateway,
-                                    sum(len(v) for _, v in chunk)))
+            messages.append(
+                Message(
+                    gateway_telemetry_topic(self.city.city, gateway),
+                    batch_body.encode(),
+                    gateway,
+                    sum(len(v) for _, v in chunk),
+                )
+            )
         for first in range(0, len(senml), self._per_message):
-            chunk = senml[first:first + self._per_message]
+            chunk = senml[first : first + self._per_message]
             records: list[dict[str, object]] = []
             for device, values in chunk:
                 spec = device.metrics
                 records += [{"n": f"{device.device_id}/{m}", "u": spec[m].unit, "v": v} for m, v in values.items()]
             records[0] = {"bt": ts_ms / 1000, **records[0]}  # base time on the first record, as RFC 8428 does
-            messages.append(Message(gateway_telemetry_topic(self.city.city, gateway, "senml"),
-                                    json.dumps(records, separators=(",", ":")).encode(), gateway,
-                                    sum(len(v) for _, v in chunk)))
+            messages.append(
+                Message(
+                    gateway_telemetry_topic(self.city.city, gateway, "senml"),
+                    json.dumps(records, separators=(",", ":")).encode(),
+                    gateway,
+                    sum(len(v) for _, v in chunk),
+                )
+            )
         return messages

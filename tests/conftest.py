@@ -25,8 +25,10 @@ PIPELINE = ("gateway", "processor", "api")
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[StackSettings]:
-    settings = StackSettings(state_dir=PROJECT_ROOT / os.environ.get("KOTA_TEST_STATE_DIR", ".kota-test"),
-                             port_offset=int(os.environ.get("KOTA_TEST_PORT_OFFSET", "100")))
+    settings = StackSettings(
+        state_dir=PROJECT_ROOT / os.environ.get("KOTA_TEST_STATE_DIR", ".kota-test"),
+        port_offset=int(os.environ.get("KOTA_TEST_PORT_OFFSET", "100")),
+    )
     start_services(settings, lambda message: print(f"test stack: {message}"), open_devices=False)
     migrate(settings.postgres_dsn)
     mqtt_access.sync(settings)
@@ -57,6 +59,7 @@ def admin_token(stack: StackSettings) -> str:
 
 @pytest.fixture
 def api(pipeline: StackSettings, admin_token: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=pipeline.api_url, timeout=10,
-                      headers={"Authorization": f"Bearer {admin_token}"}) as client:
+    with httpx.Client(
+        base_url=pipeline.api_url, timeout=10, headers={"Authorization": f"Bearer {admin_token}"}
+    ) as client:
         yield client

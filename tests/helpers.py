@@ -38,8 +38,9 @@ def start_second_processor(stack: StackSettings, instance: str, env: dict[str, s
     def has_partitions() -> bool:
         with open(log, "rb") as f:
             f.seek(start)
-            assignments = [line for line in f.read().decode(errors="replace").splitlines()
-                           if "assigned partitions [" in line]
+            assignments = [
+                line for line in f.read().decode(errors="replace").splitlines() if "assigned partitions [" in line
+            ]
         return bool(assignments) and "assigned partitions []" not in assignments[-1]
 
     wait_for(has_partitions, timeout_s=60, what=f"{instance} to get partitions")
@@ -90,11 +91,15 @@ def provision_gateway(stack: StackSettings, city: str = "testkota") -> Gateway:
     return gateway
 
 
-def mqtt_client(stack: StackSettings, username: str, *, client_id: str | None = None,
-                clean_session: bool = True) -> mqtt.Client:
+def mqtt_client(
+    stack: StackSettings, username: str, *, client_id: str | None = None, clean_session: bool = True
+) -> mqtt.Client:
     """A real MQTT client logged in as `username` with the password it was provisioned with."""
-    return connect(MqttLogin(stack.mqtt_port, username, PASSWORDS[username]), client_id or unique_id("test"),
-                   clean_session=clean_session)
+    return connect(
+        MqttLogin(stack.mqtt_port, username, PASSWORDS[username]),
+        client_id or unique_id("test"),
+        clean_session=clean_session,
+    )
 
 
 def publish(client: mqtt.Client, device: Device, payload: object, *, topic: str | None = None) -> None:
@@ -119,14 +124,15 @@ def stored_readings(stack: StackSettings, device_id: str) -> list[tuple[int, str
     with psycopg.connect(stack.postgres_dsn) as conn:
         rows = conn.execute(
             "SELECT (extract(epoch FROM ts) * 1000)::bigint, metric, value FROM readings "
-            "WHERE device_id = %s ORDER BY ts, metric", (device_id,)).fetchall()
+            "WHERE device_id = %s ORDER BY ts, metric",
+            (device_id,),
+        ).fetchall()
     return [(int(ts), metric, value) for ts, metric, value in rows]
 
 
 def stored_count_in_city(stack: StackSettings, city: str) -> int:
     """How many readings are stored for the devices of one city."""
-    [(n,)] = query(stack, "SELECT count(*) FROM readings r JOIN devices d USING (device_id) WHERE d.city = %s",
-                   (city,))
+    [(n,)] = query(stack, "SELECT count(*) FROM readings r JOIN devices d USING (device_id) WHERE d.city = %s", (city,))
     return int(n)
 
 
@@ -135,8 +141,9 @@ def aggregated_count_in_city(stack: StackSettings, city: str) -> int:
     in the transaction that stores the readings, from exactly the rows it added, so this equals
     stored_count_in_city at every moment; it is what tests poll, being cheap: counting the readings
     themselves took 20-140 ms a poll on the test database, CPU taken from the stack under test."""
-    [(n,)] = query(stack, "SELECT coalesce(sum(a.n), 0) FROM agg_1m a JOIN devices d USING (device_id) "
-                          "WHERE d.city = %s", (city,))
+    [(n,)] = query(
+        stack, "SELECT coalesce(sum(a.n), 0) FROM agg_1m a JOIN devices d USING (device_id) WHERE d.city = %s", (city,)
+    )
     return int(n)
 
 
@@ -146,16 +153,24 @@ def wait_for_stored(stack: StackSettings, city: str, at_least: int, *, timeout_s
     return stored_count_in_city(stack, city)
 
 
-def kota_command(stack: StackSettings, *argv: str, env: dict[str, str] | None = None
-                 ) -> tuple[list[str], dict[str, str]]:
+def kota_command(
+    stack: StackSettings, *argv: str, env: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of `kota ARGV...` against the test stack."""
-    return ([sys.executable, "-m", "cli", *argv],
-            {**os.environ, "KOTA_STATE_DIR": str(stack.state_dir), "KOTA_PORT_OFFSET": str(stack.port_offset),
-             **(env or {})})
+    return (
+        [sys.executable, "-m", "cli", *argv],
+        {
+            **os.environ,
+            "KOTA_STATE_DIR": str(stack.state_dir),
+            "KOTA_PORT_OFFSET": str(stack.port_offset),
+            **(env or {}),
+        },
+    )
 
 
-def run_kota(stack: StackSettings, *argv: str, env: dict[str, str] | None = None,
-             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_kota(
+    stack: StackSettings, *argv: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """`kota ARGV...` against the test stack, as a user would run it."""
     command, full_env = kota_command(stack, *argv, env=env)
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout)
@@ -174,8 +189,11 @@ AGG_COLUMNS = "bucket, n, sum, sum_sq, min, max, first_ts, first_value, last_ts,
 def stored_minute_aggregates(stack: StackSettings, device_id: str, table: str = "agg_1m") -> list[tuple]:
     """The partials of a device in an aggregate table (agg_1m, agg_1h or agg_1d), rounded for comparison."""
     with psycopg.connect(stack.postgres_dsn) as conn:
-        rows = conn.execute(f"SELECT metric, {AGG_COLUMNS} FROM {table} WHERE device_id = %s "  # noqa: S608
-                            "ORDER BY metric, bucket", (device_id,)).fetchall()
+        rows = conn.execute(
+            f"SELECT metric, {AGG_COLUMNS} FROM {table} WHERE device_id = %s "  # noqa: S608
+            "ORDER BY metric, bucket",
+            (device_id,),
+        ).fetchall()
     return [_rounded(r) for r in rows]
 
 
@@ -187,7 +205,8 @@ def minute_aggregates_from_readings(stack: StackSettings, device_id: str, width:
                       sum(value * value), min(value), max(value), min(ts), (array_agg(value ORDER BY ts))[1],
                       max(ts), (array_agg(value ORDER BY ts DESC))[1]
                FROM readings WHERE device_id = %s GROUP BY metric, bucket ORDER BY metric, bucket""",
-            (width, device_id)).fetchall()
+            (width, device_id),
+        ).fetchall()
     return [_rounded(r) for r in rows]
 
 
@@ -200,13 +219,16 @@ def query(stack: StackSettings, sql: str, params: tuple | dict | None = None) ->
         return conn.execute(sql.encode(), params).fetchall()
 
 
-def publish_series(stack: StackSettings, device: Device, metric: str, points: list[tuple[int, float]],
-                   per_message: int = 100) -> None:
+def publish_series(
+    stack: StackSettings, device: Device, metric: str, points: list[tuple[int, float]], per_message: int = 100
+) -> None:
     """Publish (epoch ms, value) points of one metric, `per_message` to a message, in order."""
     client = mqtt_client(stack, device.device_id)
     try:
         for start in range(0, len(points), per_message):
-            publish(client, device, [{"ts": ts, "values": {metric: v}} for ts, v in points[start:start + per_message]])
+            publish(
+                client, device, [{"ts": ts, "values": {metric: v}} for ts, v in points[start : start + per_message]]
+            )
     finally:
         client.disconnect()
 
@@ -215,15 +237,34 @@ def publish_series(stack: StackSettings, device: Device, metric: str, points: li
 SIMULATION = ("--devices", "24", "--seed", "5", "--hours", "3", "--interval", "30")
 
 
-def simulate(stack: StackSettings, city: str, start: dt.datetime, folder: Path, *, rate: int | None = None,
-             during: Callable[[], None] | None = None) -> int:
+def simulate(
+    stack: StackSettings,
+    city: str,
+    start: dt.datetime,
+    folder: Path,
+    *,
+    rate: int | None = None,
+    during: Callable[[], None] | None = None,
+) -> int:
     """`kota simulate` of the tests' standard city (3 simulated hours from `start`) under the name
     `city`; `during` breaks something while it runs. Wait until every acknowledged reading is
     stored; return how many that is (from the simulator's own count)."""
     counts = folder / f"{city}-counts.json"
     pace = ("--rate", str(rate)) if rate else ()
-    argv, env = kota_command(stack, "simulate", "--city", city, *SIMULATION, "--start", start.isoformat(),
-                             "--labels", str(folder / f"{city}-labels.json"), "--counts", str(counts), *pace)
+    argv, env = kota_command(
+        stack,
+        "simulate",
+        "--city",
+        city,
+        *SIMULATION,
+        "--start",
+        start.isoformat(),
+        "--labels",
+        str(folder / f"{city}-labels.json"),
+        "--counts",
+        str(counts),
+        *pace,
+    )
     with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sim:
         if during is not None:
             during()
@@ -232,8 +273,11 @@ def simulate(stack: StackSettings, city: str, start: dt.datetime, folder: Path, 
     sent = json.loads(counts.read_text())
     assert sent["acknowledged_readings"] == sent["readings"], sent
     # Only the cheap poll: callers compare the readings themselves (city_result) afterwards.
-    wait_for(lambda: aggregated_count_in_city(stack, city) >= sent["readings"], timeout_s=240,
-             what=f"every acknowledged reading of {city}")
+    wait_for(
+        lambda: aggregated_count_in_city(stack, city) >= sent["readings"],
+        timeout_s=240,
+        what=f"every acknowledged reading of {city}",
+    )
     time.sleep(1.0)  # would anything arrive twice?
     return int(sent["readings"])
 
@@ -241,13 +285,23 @@ def simulate(stack: StackSettings, city: str, start: dt.datetime, folder: Path, 
 def city_result(stack: StackSettings, city: str) -> dict[str, list[tuple]]:
     """What a city stored, with the city's name taken out of device ids: comparable across runs."""
     cut = len(city) + 2
-    readings = query(stack, "SELECT substr(device_id, %s), metric, ts, value FROM readings r "
-                            "JOIN devices d USING (device_id) WHERE d.city = %s", (cut, city))
-    minutes = query(stack, "SELECT substr(device_id, %s), metric, bucket, n, round(sum::numeric, 6), min, max, "
-                           "first_ts, last_ts FROM agg_1m a JOIN devices d USING (device_id) WHERE d.city = %s",
-                    (cut, city))
+    readings = query(
+        stack,
+        "SELECT substr(device_id, %s), metric, ts, value FROM readings r "
+        "JOIN devices d USING (device_id) WHERE d.city = %s",
+        (cut, city),
+    )
+    minutes = query(
+        stack,
+        "SELECT substr(device_id, %s), metric, bucket, n, round(sum::numeric, 6), min, max, "
+        "first_ts, last_ts FROM agg_1m a JOIN devices d USING (device_id) WHERE d.city = %s",
+        (cut, city),
+    )
     # Dropout anomalies depend on wall-clock silence, not on the stream: not comparable between runs.
-    anomalies = query(stack, "SELECT substr(device_id, %s), metric, ts, reason FROM anomalies a "
-                             "JOIN devices d USING (device_id) WHERE d.city = %s AND reason <> 'dropout'",
-                      (cut, city))
+    anomalies = query(
+        stack,
+        "SELECT substr(device_id, %s), metric, ts, reason FROM anomalies a "
+        "JOIN devices d USING (device_id) WHERE d.city = %s AND reason <> 'dropout'",
+        (cut, city),
+    )
     return {"readings": sorted(readings), "minutes": sorted(minutes), "anomalies": sorted(anomalies)}

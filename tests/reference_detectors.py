@@ -34,9 +34,14 @@ def score_of(z: float, floor: float, scale: float) -> float:
     return 0.0 if z <= floor else (z - floor) / (z - floor + scale)
 
 
-def reference_scores(readings: list[tuple[int, float, float]], params, ranges: dict[int, tuple[float, float]],
-                     states: dict[int, SeriesState], codes: frozenset[int] = frozenset(),
-                     switched: frozenset[int] = frozenset()) -> list[tuple[float, int]]:
+def reference_scores(
+    readings: list[tuple[int, float, float]],
+    params,
+    ranges: dict[int, tuple[float, float]],
+    states: dict[int, SeriesState],
+    codes: frozenset[int] = frozenset(),
+    switched: frozenset[int] = frozenset(),
+) -> list[tuple[float, int]]:
     """`codes`: series whose values are state codes, judged only against their range. `switched`:
     switched loads, off at the bottom of their range, judged only while on."""
     p = k.Params(*(float(v) for v in params))  # by name: the same table as the kernels
@@ -70,8 +75,12 @@ def reference_scores(readings: list[tuple[int, float, float]], params, ranges: d
         scale = 1.4826 * st.mad + eps
         hm, hmad, hn = st.hours.get(hour, [0.0, 0.0, 0.0])
         hour_scale = 1.4826 * hmad + eps
-        if (p.daily_tightness > 0 and hn >= p.hour_warmup and hn * st.interval >= p.daily_days * 3_600_000
-                and p.daily_tightness * hour_scale < scale):
+        if (
+            p.daily_tightness > 0
+            and hn >= p.hour_warmup
+            and hn * st.interval >= p.daily_days * 3_600_000
+            and p.daily_tightness * hour_scale < scale
+        ):
             z, centre = abs(x - hm) / hour_scale, hm  # a daily cycle: against this hour's usual
         else:
             z, centre = abs(x - st.mean) / scale, st.mean

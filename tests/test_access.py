@@ -18,8 +18,14 @@ pytestmark = pytest.mark.stack
 
 def _platform_listener(pipeline, heard: list[str]):
     """A subscriber on the ingest listener, as the gateways are: what the broker delivers to them."""
-    platform = connect(MqttLogin(pipeline.mqtt_ingest_port, mqtt_access.INGEST_USER,
-                                 mqtt_access.ingest_password(pipeline, mosquitto_dir(pipeline))), unique_id("t"))
+    platform = connect(
+        MqttLogin(
+            pipeline.mqtt_ingest_port,
+            mqtt_access.INGEST_USER,
+            mqtt_access.ingest_password(pipeline, mosquitto_dir(pipeline)),
+        ),
+        unique_id("t"),
+    )
     platform.on_message = lambda _c, _u, m: heard.append(m.topic)
     platform.subscribe(f"{MQTT_TOPIC_ROOT}/#", qos=1)
     time.sleep(0.5)
@@ -43,7 +49,8 @@ def test_device_a_cannot_publish_as_device_b(pipeline):
     platform.disconnect()
     assert stored_readings(pipeline, b.device_id) == []
     assert [t for t in heard if a.device_id in t or b.device_id in t] == [
-        device_telemetry_topic(a.city, a.domain, a.device_id)]
+        device_telemetry_topic(a.city, a.domain, a.device_id)
+    ]
 
 
 def test_disabled_device_is_refused_and_enabled_again_accepted(pipeline):
@@ -53,8 +60,9 @@ def test_disabled_device_is_refused_and_enabled_again_accepted(pipeline):
         set_enabled(conn, device.device_id, False)
     mqtt_access.sync(pipeline)
     with pytest.raises(ConnectionError, match="not authori[sz]ed|Not authorized|refused"):
-        connect(MqttLogin(pipeline.mqtt_port, device.device_id, PASSWORDS[device.device_id]), unique_id("t"),
-                timeout_s=3)
+        connect(
+            MqttLogin(pipeline.mqtt_port, device.device_id, PASSWORDS[device.device_id]), unique_id("t"), timeout_s=3
+        )
 
 
 def test_wrong_password_and_anonymous_are_refused(pipeline):
@@ -74,8 +82,14 @@ def test_nobody_but_the_platform_reads_another_citys_traffic(pipeline):
     spy_client = mqtt_client(pipeline, spy.device_id)
     spy_client.on_message = lambda _c, _u, m: heard["spy"].append(m.topic)
     spy_client.subscribe(f"{MQTT_TOPIC_ROOT}/#", qos=1)
-    platform = connect(MqttLogin(pipeline.mqtt_ingest_port, mqtt_access.INGEST_USER,
-                                 mqtt_access.ingest_password(pipeline, mosquitto_dir(pipeline))), unique_id("t"))
+    platform = connect(
+        MqttLogin(
+            pipeline.mqtt_ingest_port,
+            mqtt_access.INGEST_USER,
+            mqtt_access.ingest_password(pipeline, mosquitto_dir(pipeline)),
+        ),
+        unique_id("t"),
+    )
 
     def on_platform(_c, _u, m) -> None:
         heard["platform"].append(m.topic)
@@ -98,14 +112,17 @@ def test_nobody_but_the_platform_reads_another_citys_traffic(pipeline):
 def test_tls_with_password(pipeline):
     device = provision(pipeline, "noise")
     ca = str(pki.ensure_ca(pipeline).cert)
-    client = connect(MqttLogin(pipeline.mqtt_tls_port, device.device_id, PASSWORDS[device.device_id], ca_file=ca),
-                     unique_id("t"))
+    client = connect(
+        MqttLogin(pipeline.mqtt_tls_port, device.device_id, PASSWORDS[device.device_id], ca_file=ca), unique_id("t")
+    )
     try:
         publish(client, device, {"LAeq": 62.5})
     finally:
         client.disconnect()
     assert wait_for(lambda: stored_readings(pipeline, device.device_id), what="reading sent over TLS")[0][1:] == (
-        "LAeq", 62.5)
+        "LAeq",
+        62.5,
+    )
 
 
 def test_client_certificate_identifies_the_device_and_only_that_device(pipeline, tmp_path):
@@ -125,7 +142,8 @@ def test_client_certificate_identifies_the_device_and_only_that_device(pipeline,
     time.sleep(1.0)
     platform.disconnect()
     assert [t for t in heard if a.device_id in t or b.device_id in t] == [
-        device_telemetry_topic(a.city, a.domain, a.device_id)]
+        device_telemetry_topic(a.city, a.domain, a.device_id)
+    ]
     assert [(m, v) for _, m, v in stored_readings(pipeline, a.device_id)] == [("LAeq", 48.0)]
     assert stored_readings(pipeline, b.device_id) == []
 
@@ -134,5 +152,8 @@ def test_mutual_tls_listener_refuses_a_client_without_certificate(pipeline):
     device = provision(pipeline, "noise")
     ca = str(pki.ensure_ca(pipeline).cert)
     with pytest.raises((ConnectionError, OSError)):
-        connect(MqttLogin(pipeline.mqtt_mtls_port, device.device_id, PASSWORDS[device.device_id], ca_file=ca),
-                unique_id("t"), timeout_s=3)
+        connect(
+            MqttLogin(pipeline.mqtt_mtls_port, device.device_id, PASSWORDS[device.device_id], ca_file=ca),
+            unique_id("t"),
+            timeout_s=3,
+        )

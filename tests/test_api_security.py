@@ -35,8 +35,12 @@ HEADERS = {"x-frame-options": "DENY", "x-content-type-options": "nosniff", "refe
 NOTIFY_DELIVERY_S = 0.1
 
 
-def _account(stack: StackSettings, role: str = "operator", cities: tuple[str, ...] | None = None,
-             lifetime: dt.timedelta | None = accounts.DEFAULT_TOKEN_LIFETIME) -> tuple[accounts.User, str]:
+def _account(
+    stack: StackSettings,
+    role: str = "operator",
+    cities: tuple[str, ...] | None = None,
+    lifetime: dt.timedelta | None = accounts.DEFAULT_TOKEN_LIFETIME,
+) -> tuple[accounts.User, str]:
     user = accounts.User(unique_id(role[:3]), role, cities if cities is not None else (unique_id("kota"),))
     with psycopg.connect(stack.postgres_dsn) as conn:
         accounts.upsert_user(conn, user, actor="tests")
@@ -44,8 +48,9 @@ def _account(stack: StackSettings, role: str = "operator", cities: tuple[str, ..
 
 
 def _client(stack: StackSettings, token: str | None = None) -> httpx.Client:
-    return httpx.Client(base_url=stack.api_url, timeout=15,
-                        headers={"Authorization": f"Bearer {token}"} if token else {})
+    return httpx.Client(
+        base_url=stack.api_url, timeout=15, headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
 
 
 def _ws_url(stack: StackSettings, token: str, **params: str) -> str:
@@ -100,8 +105,9 @@ def test_an_expired_token_is_refused_like_a_revoked_one_even_while_cached(pipeli
     with _client(pipeline, other) as client:
         assert client.get("/api/v1/me").status_code == 200
         with psycopg.connect(pipeline.postgres_dsn) as conn:
-            conn.execute("UPDATE api_tokens SET expires_at = now() - interval '1 second' WHERE user_id = %s",
-                         (user.user_id,))
+            conn.execute(
+                "UPDATE api_tokens SET expires_at = now() - interval '1 second' WHERE user_id = %s", (user.user_id,)
+            )
         time.sleep(NOTIFY_DELIVERY_S)
         assert client.get("/api/v1/me").json() == {"detail": BAD_TOKEN}
 
@@ -123,8 +129,9 @@ def test_kota_users_token_sets_an_expiry_and_list_shows_it(stack):
     issued = run_kota(stack, "users", "token", name, "--expires", "2")
     assert issued.returncode == 0, issued.stderr
     with psycopg.connect(stack.postgres_dsn) as conn:
-        rows = conn.execute("SELECT expires_at - now() FROM api_tokens WHERE user_id = %s ORDER BY created_at",
-                            (name,)).fetchall()
+        rows = conn.execute(
+            "SELECT expires_at - now() FROM api_tokens WHERE user_id = %s ORDER BY created_at", (name,)
+        ).fetchall()
     assert rows[0][0] is None
     assert dt.timedelta(days=2) - dt.timedelta(minutes=1) < rows[1][0] <= dt.timedelta(days=2)
     soonest = (dt.datetime.now(dt.UTC) + rows[1][0]).strftime("%Y-%m-%d")
@@ -133,8 +140,10 @@ def test_kota_users_token_sets_an_expiry_and_list_shows_it(stack):
     default = run_kota(stack, "users", "token", name)
     assert default.returncode == 0
     with psycopg.connect(stack.postgres_dsn) as conn:
-        [(lifetime,)] = conn.execute("SELECT expires_at - created_at FROM api_tokens WHERE user_id = %s "
-                                     "ORDER BY created_at DESC LIMIT 1", (name,)).fetchall()
+        [(lifetime,)] = conn.execute(
+            "SELECT expires_at - created_at FROM api_tokens WHERE user_id = %s ORDER BY created_at DESC LIMIT 1",
+            (name,),
+        ).fetchall()
     assert lifetime == accounts.DEFAULT_TOKEN_LIFETIME
     for wrong in ("0", "-3", "soon"):
         refused = run_kota(stack, "users", "token", name, "--expires", wrong)
@@ -193,10 +202,12 @@ async def test_revoking_closes_the_users_websocket_and_sse_streams_within_second
     user, token = _account(pipeline)
     _, bystander = _account(pipeline)
     headers = {"Authorization": f"Bearer {token}"}
-    async with (websockets.connect(_ws_url(pipeline, token)) as ws,
-                websockets.connect(_ws_url(pipeline, bystander)) as other,
-                httpx.AsyncClient(base_url=pipeline.api_url, headers=headers, timeout=20) as client,
-                client.stream("GET", "/api/v1/live/sse") as sse):
+    async with (
+        websockets.connect(_ws_url(pipeline, token)) as ws,
+        websockets.connect(_ws_url(pipeline, bystander)) as other,
+        httpx.AsyncClient(base_url=pipeline.api_url, headers=headers, timeout=20) as client,
+        client.stream("GET", "/api/v1/live/sse") as sse,
+    ):
         lines = sse.aiter_lines()
         assert await anext(lines) == ": connected"
         with psycopg.connect(pipeline.postgres_dsn) as conn:
@@ -241,23 +252,39 @@ async def test_a_token_in_the_url_is_refused_on_rest_and_accepted_on_the_live_fe
             assert (answer.status_code, answer.json()) == (401, {"detail": QUERY_TOKEN}), path
     async with websockets.connect(_ws_url(pipeline, token, type="alert")) as ws:
         assert await _still_open(ws, 1.0)
-    async with (httpx.AsyncClient(base_url=pipeline.api_url, timeout=20) as client,
-                client.stream("GET", "/api/v1/live/sse", params={"token": token, "type": "alert"}) as sse):
+    async with (
+        httpx.AsyncClient(base_url=pipeline.api_url, timeout=20) as client,
+        client.stream("GET", "/api/v1/live/sse", params={"token": token, "type": "alert"}) as sse,
+    ):
         assert sse.status_code == 200
         assert await anext(sse.aiter_lines()) == ": connected"
 
 
 def test_every_answer_carries_the_security_headers(pipeline, admin_token):
     with _client(pipeline, admin_token) as client, _client(pipeline) as anonymous:
-        answers = {"200": client.get("/api/v1/me"), "404": client.get("/api/v1/devices/no-such-device"),
-                   "404 unrouted": client.get("/no/such/path"), "401": anonymous.get("/api/v1/me"),
-                   "422": client.get("/api/v1/alerts", params={"limit": "many"}),
-                   "static js": anonymous.get("/static/app.js"), "page": anonymous.get("/static/index.html"),
-                   "redirect": anonymous.get("/"), "health": anonymous.get("/health"),
-                   "metrics": client.get("/metrics"), "openapi": anonymous.get("/openapi.json"),
-                   "docs": anonymous.get("/docs")}
-    assert [answers[k].status_code for k in ("200", "404", "404 unrouted", "401", "422", "static js", "redirect")] \
-        == [200, 404, 404, 401, 422, 200, 307]
+        answers = {
+            "200": client.get("/api/v1/me"),
+            "404": client.get("/api/v1/devices/no-such-device"),
+            "404 unrouted": client.get("/no/such/path"),
+            "401": anonymous.get("/api/v1/me"),
+            "422": client.get("/api/v1/alerts", params={"limit": "many"}),
+            "static js": anonymous.get("/static/app.js"),
+            "page": anonymous.get("/static/index.html"),
+            "redirect": anonymous.get("/"),
+            "health": anonymous.get("/health"),
+            "metrics": client.get("/metrics"),
+            "openapi": anonymous.get("/openapi.json"),
+            "docs": anonymous.get("/docs"),
+        }
+    assert [answers[k].status_code for k in ("200", "404", "404 unrouted", "401", "422", "static js", "redirect")] == [
+        200,
+        404,
+        404,
+        401,
+        422,
+        200,
+        307,
+    ]
     for name, answer in answers.items():
         for header, value in HEADERS.items():
             assert answer.headers.get(header) == value, (name, header, dict(answer.headers))
@@ -300,9 +327,16 @@ def api_with_dependencies_down(pipeline, tmp_path: Path):
     nothing listens."""
     port, dead_mqtt, dead_kafka = free_port(), free_port(), free_port()
     offset = pipeline.port_offset
-    argv, env = kota_command(pipeline, "api", env={
-        "KOTA_API_BASE_PORT": str(port - offset), "KOTA_MQTT_BASE_PORT": str(dead_mqtt - offset),
-        "KOTA_KAFKA_BASE_PORT": str(dead_kafka - offset), "KOTA_API_WORKERS": "1"})
+    argv, env = kota_command(
+        pipeline,
+        "api",
+        env={
+            "KOTA_API_BASE_PORT": str(port - offset),
+            "KOTA_MQTT_BASE_PORT": str(dead_mqtt - offset),
+            "KOTA_KAFKA_BASE_PORT": str(dead_kafka - offset),
+            "KOTA_API_WORKERS": "1",
+        },
+    )
     log = tmp_path / "api.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -342,13 +376,17 @@ def test_health_with_a_dependency_down_is_degraded_without_exception_text(api_wi
 # -- 422 and caches ------------------------------------------------------------------------------
 def test_a_422_for_a_value_the_database_refuses_carries_no_database_text(pipeline, admin_token):
     with _client(pipeline, admin_token) as client:
-        answers = [client.get("/api/v1/devices", params={"city": "bandung\x00"}),
-                   client.get("/api/v1/alerts", params={"city": "x\x00y"}),
-                   client.get("/api/v1/devices", params={"district": "a\x00"})]
+        answers = [
+            client.get("/api/v1/devices", params={"city": "bandung\x00"}),
+            client.get("/api/v1/alerts", params={"city": "x\x00y"}),
+            client.get("/api/v1/devices", params={"district": "a\x00"}),
+        ]
     for answer in answers:
         assert answer.status_code == 422, answer.text
-        assert answer.json() == {"detail": "invalid value: a parameter holds something the database cannot store "
-                                           "or compare", "code": "invalid_value"}
+        assert answer.json() == {
+            "detail": "invalid value: a parameter holds something the database cannot store or compare",
+            "code": "invalid_value",
+        }
         for text in ("NUL", "0x00", "psycopg", "SQL", "byte"):
             assert text not in answer.text
 
@@ -357,12 +395,14 @@ async def test_the_device_map_cache_stays_bounded_after_many_distinct_districts(
     """Over the real API: 1,500 districts nobody has, each a key of its own; then every worker's
     caches, as signed-in /health reports them, hold no lock and at most their bound of answers."""
     headers = {"Authorization": f"Bearer {admin_token}"}
-    async with httpx.AsyncClient(base_url=pipeline.api_url, headers=headers, timeout=30,
-                                 limits=httpx.Limits(max_connections=20)) as client:
+    async with httpx.AsyncClient(
+        base_url=pipeline.api_url, headers=headers, timeout=30, limits=httpx.Limits(max_connections=20)
+    ) as client:
         districts = [f"nowhere-{i}-{unique_id('d')}" for i in range(1500)]
         for start in range(0, len(districts), 100):
-            answers = await asyncio.gather(*(client.get("/api/v1/devices", params={"district": d})
-                                             for d in districts[start:start + 100]))
+            answers = await asyncio.gather(
+                *(client.get("/api/v1/devices", params={"district": d}) for d in districts[start : start + 100])
+            )
             assert all(a.status_code == 200 for a in answers)
         seen = [(await client.get("/health")).json()["caches"] for _ in range(8)]
     for caches in seen:
@@ -393,6 +433,8 @@ def test_token_and_series_caches_are_bounded():
     assert tokens.get("t999") is None
     series = SeriesCache(max_bytes=10**9, max_pages=10)
     for i in range(100):
-        series._keep((None, f"d{i}", "m", "1m", 10, None, None),
-                     _Kept(dt.datetime.now(dt.UTC), (), b"[1,2,3]", (1, 6), time.monotonic()))
+        series._keep(
+            (None, f"d{i}", "m", "1m", 10, None, None),
+            _Kept(dt.datetime.now(dt.UTC), (), b"[1,2,3]", (1, 6), time.monotonic()),
+        )
     assert len(series) == 10

@@ -65,8 +65,11 @@ def test_every_import_runs_down_a_layer_or_along_the_data_path():
     upward = []
     for name, targets in import_graph().items():
         home = name.split(".")[0]
-        upward += [f"{name} imports {target}" for target in sorted(targets)
-                   if target.split(".")[0] not in {home, *MAY_IMPORT[home]}]
+        upward += [
+            f"{name} imports {target}"
+            for target in sorted(targets)
+            if target.split(".")[0] not in {home, *MAY_IMPORT[home]}
+        ]
     assert not upward, "\n".join(upward)
 
 

@@ -6,9 +6,22 @@ import pytest
 from cli.main import build_parser
 from tests.helpers import kota_ok, run_kota
 
-SUBCOMMANDS = ["install", "up", "down", "status", "gateway", "processor", "api", "simulate", "migrate", "devices",
-               "deadletters", "users", "score",
-               "replay"]
+SUBCOMMANDS = [
+    "install",
+    "up",
+    "down",
+    "status",
+    "gateway",
+    "processor",
+    "api",
+    "simulate",
+    "migrate",
+    "devices",
+    "deadletters",
+    "users",
+    "score",
+    "replay",
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

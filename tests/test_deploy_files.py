@@ -47,9 +47,13 @@ SETTINGS: tuple[type[BaseSettings], ...] = (StackSettings, GatewaySettings, Proc
 # Who each project command logs in as: (PostgreSQL role, Kafka user; None: it uses no Kafka).
 # broker-access reads the registry as the gateway does. The migrations run as the schema's owner,
 # and in compose also create the topics as Kafka's admin (k8s: Strimzi's KafkaTopics).
-ACCOUNTS = {"gateway": ("kota_gateway", "kota-gateway"), "processor": ("kota_processor", "kota-processor"),
-            "api": ("kota_api", "kota-api"), "broker-access": ("kota_gateway", None),
-            "migrate": ("kota_owner", "kota-admin")}
+ACCOUNTS = {
+    "gateway": ("kota_gateway", "kota-gateway"),
+    "processor": ("kota_processor", "kota-processor"),
+    "api": ("kota_api", "kota-api"),
+    "broker-access": ("kota_gateway", None),
+    "migrate": ("kota_owner", "kota-admin"),
+}
 SUPERUSERS = {"postgres", "kota-admin"}
 PARSER_LIMIT = GatewaySettings().max_payload_bytes
 MQTT_OVERHEAD = 1024  # the largest PUBLISH header on top of the parser's payload limit, rounded up
@@ -62,8 +66,7 @@ def compose() -> dict[str, Any]:
 
 def k8s_documents() -> list[dict[str, Any]]:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    return [doc for name in kustomization["resources"]
-            for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
+    return [doc for name in kustomization["resources"] for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
 
 
 def k8s_doc(kind: str, name: str) -> dict[str, Any]:
@@ -108,13 +111,41 @@ def settings_for(env: dict[str, str]) -> dict[type[BaseSettings], BaseSettings]:
 # -- Mosquitto configuration ---------------------------------------------------------------------
 # Options that belong to the listener above them; with per_listener_settings true, the
 # authentication options too (mosquitto.conf(5)).
-LISTENER_OPTIONS = {"bind_interface", "cafile", "capath", "certfile", "keyfile", "ciphers", "ciphers_tls1.3", "crlfile",
-                    "dhparamfile", "http_dir", "max_connections", "max_qos", "max_topic_alias", "mount_point",
-                    "protocol", "psk_hint", "require_certificate", "socket_domain", "tls_version",
-                    "use_identity_as_username", "use_subject_as_username", "use_username_as_clientid"}
+LISTENER_OPTIONS = {
+    "bind_interface",
+    "cafile",
+    "capath",
+    "certfile",
+    "keyfile",
+    "ciphers",
+    "ciphers_tls1.3",
+    "crlfile",
+    "dhparamfile",
+    "http_dir",
+    "max_connections",
+    "max_qos",
+    "max_topic_alias",
+    "mount_point",
+    "protocol",
+    "psk_hint",
+    "require_certificate",
+    "socket_domain",
+    "tls_version",
+    "use_identity_as_username",
+    "use_subject_as_username",
+    "use_username_as_clientid",
+}
 REPEATABLE = {"log_dest", "log_type"}
-PER_LISTENER_SECURITY = {"acl_file", "allow_anonymous", "allow_zero_length_clientid", "auth_plugin", "auto_id_prefix",
-                         "password_file", "plugin", "psk_file"}
+PER_LISTENER_SECURITY = {
+    "acl_file",
+    "allow_anonymous",
+    "allow_zero_length_clientid",
+    "auth_plugin",
+    "auto_id_prefix",
+    "password_file",
+    "plugin",
+    "psk_file",
+}
 
 
 def mosquitto_conf(text: str) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
@@ -196,9 +227,13 @@ def _kafka_properties_of_the_local_stack() -> dict[str, str]:
 def compose_secrets() -> Iterator[Path]:
     """What deploy/compose/make-secrets.sh makes, in a folder of its own."""
     folder = Path(tempfile.mkdtemp(prefix="kota-compose-secrets-")) / "secrets"
-    run = subprocess.run([str(COMPOSE_DIR / "make-secrets.sh"), "mqtt.example.id", "10.1.2.3"],
-                         env={**os.environ, "KOTA_COMPOSE_SECRETS": str(folder)}, capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [str(COMPOSE_DIR / "make-secrets.sh"), "mqtt.example.id", "10.1.2.3"],
+        env={**os.environ, "KOTA_COMPOSE_SECRETS": str(folder)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     yield folder
     shutil.rmtree(folder.parent, ignore_errors=True)
@@ -210,8 +245,17 @@ def test_every_file_parses_and_kustomization_lists_every_manifest():
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secrets.example.yaml"}
     assert listed == on_disk
     kinds = {d["kind"] for d in k8s_documents()}
-    assert {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser", "StatefulSet", "Deployment", "Job", "Service",
-            "NetworkPolicy"} <= kinds
+    assert {
+        "Kafka",
+        "KafkaNodePool",
+        "KafkaTopic",
+        "KafkaUser",
+        "StatefulSet",
+        "Deployment",
+        "Job",
+        "Service",
+        "NetworkPolicy",
+    } <= kinds
     # Placeholder secrets must never be applied with the rest.
     assert "Secret" not in kinds
 
@@ -248,8 +292,9 @@ def test_settings_in_containers_point_at_the_services_and_their_ports():
             assert stack.mqtt_host in names or (_in_broker_pod(where) and stack.mqtt_host == "127.0.0.1"), where
             assert {stack.postgres_host, stack.processor_host} <= names, where
             assert stack.kafka_host == "kota-kafka-bootstrap"  # Strimzi's <cluster>-kafka-bootstrap
-        _general, listeners = mosquitto_conf(compose_broker_conf() if where.startswith("compose") else
-                                             k8s_broker_conf())
+        _general, listeners = mosquitto_conf(
+            compose_broker_conf() if where.startswith("compose") else k8s_broker_conf()
+        )
         assert {stack.mqtt_port, stack.mqtt_tls_port, stack.mqtt_mtls_port} <= set(listeners), where
         assert "certfile" not in listeners[stack.mqtt_port] and "certfile" in listeners[stack.mqtt_tls_port]
         assert listeners[stack.mqtt_mtls_port].get("require_certificate") == "true", where
@@ -282,17 +327,20 @@ def test_health_probes_ask_the_port_and_path_the_process_serves():
     unprobed = []
     for where, env, argv, container in kota_containers():
         stack = settings_for(env)[StackSettings]
-        serves = {"gateway": {"/metrics": stack.gateway_metrics_port},
-                  "processor": {"/metrics": stack.processor_metrics_port},
-                  "api": {path: stack.api_port for path in api_paths} | {"tcp": stack.api_port}}.get(argv[0], {})
+        serves = {
+            "gateway": {"/metrics": stack.gateway_metrics_port},
+            "processor": {"/metrics": stack.processor_metrics_port},
+            "api": {path: stack.api_port for path in api_paths} | {"tcp": stack.api_port},
+        }.get(argv[0], {})
         probes = _probe_ports(container)
         for path, port in probes.items():
             assert serves.get(path) == port, f"{where}: probe {path} on {port}, but it serves {serves}"
         if serves and not probes:
             unprobed.append(where)
         # k8s: {containerPort: N}; compose: "host:container"
-        ports = [p["containerPort"] if isinstance(p, dict) else int(p.split(":")[-1])
-                 for p in container.get("ports", [])]
+        ports = [
+            p["containerPort"] if isinstance(p, dict) else int(p.split(":")[-1]) for p in container.get("ports", [])
+        ]
         assert set(ports) <= set(serves.values()), f"{where} exposes {ports}"
     assert not unprobed, f"long-running processes without a health check: {unprobed}"
 
@@ -313,32 +361,46 @@ def test_topics_partitions_and_consumers_agree_with_the_contract():
 
 def test_versions_match_the_local_stack():
     pom = ET.parse(DEPLOY / "kafka" / "pom.xml").getroot()
-    kafka_version = pom.find("{http://maven.apache.org/POM/4.0.0}properties/"
-                             "{http://maven.apache.org/POM/4.0.0}kafka.version").text
+    kafka_version = pom.find(
+        "{http://maven.apache.org/POM/4.0.0}properties/{http://maven.apache.org/POM/4.0.0}kafka.version"
+    ).text
     postgres_major = postgres_bin().parent.name  # /usr/lib/postgresql/<major>/bin
     services = compose()["services"]
     assert services["kafka"]["image"] == f"apache/kafka:{kafka_version}"
     assert next(d for d in k8s_documents() if d["kind"] == "Kafka")["spec"]["kafka"]["version"] == kafka_version
-    images = [services["timescaledb"]["image"]] + [c["image"] for d in k8s_documents() for c in containers(d)
-                                                    if "timescaledb" in c["image"]]
+    images = [services["timescaledb"]["image"]] + [
+        c["image"] for d in k8s_documents() for c in containers(d) if "timescaledb" in c["image"]
+    ]
     assert images and all(image.endswith(f"-pg{postgres_major}") for image in images)
-    for image in [s["image"] for s in services.values()] + [c["image"] for d in k8s_documents()
-                                                             for c in containers(d)]:
+    for image in [s["image"] for s in services.values()] + [c["image"] for d in k8s_documents() for c in containers(d)]:
         assert ":" in image and not image.endswith(":latest"), f"{image} is not pinned"
 
 
 # -- Kafka: SASL/SCRAM everywhere, ACLs as the local stack's -------------------------------------
-SECURITY_KEYS = ("listener.security.protocol.map", "sasl.mechanism.inter.broker.protocol",
-                 "listener.name.client.sasl.enabled.mechanisms", "sasl.mechanism.controller.protocol",
-                 "listener.name.controller.sasl.enabled.mechanisms", "inter.broker.listener.name",
-                 "controller.listener.names", "authorizer.class.name", "super.users", "allow.everyone.if.no.acl.found")
+SECURITY_KEYS = (
+    "listener.security.protocol.map",
+    "sasl.mechanism.inter.broker.protocol",
+    "listener.name.client.sasl.enabled.mechanisms",
+    "sasl.mechanism.controller.protocol",
+    "listener.name.controller.sasl.enabled.mechanisms",
+    "inter.broker.listener.name",
+    "controller.listener.names",
+    "authorizer.class.name",
+    "super.users",
+    "allow.everyone.if.no.acl.found",
+)
 
 
 def test_compose_kafka_settings_match_the_local_broker():
     local = _kafka_properties_of_the_local_stack()
     props = compose_kafka_properties()
-    for key in ("auto.create.topics.enable", "message.max.bytes", "log.retention.hours",
-                "group.initial.rebalance.delay.ms", *SECURITY_KEYS):
+    for key in (
+        "auto.create.topics.enable",
+        "message.max.bytes",
+        "log.retention.hours",
+        "group.initial.rebalance.delay.ms",
+        *SECURITY_KEYS,
+    ):
         assert props[key] == local[key], key
     strimzi = next(d for d in k8s_documents() if d["kind"] == "Kafka")["spec"]["kafka"]["config"]
     for key in ("message.max.bytes", "log.retention.hours"):
@@ -360,8 +422,9 @@ def test_kafka_listeners_take_only_sasl_and_the_authorizer_refuses_what_no_acl_a
     assert props["allow.everyone.if.no.acl.found"] == "false"
     assert "jaas" not in (COMPOSE_DIR / "kafka.properties").read_text().lower(), "passwords come from the secrets"
     kafka = next(d for d in k8s_documents() if d["kind"] == "Kafka")["spec"]["kafka"]
-    assert kafka["listeners"] and all(listener.get("authentication", {}).get("type") == "scram-sha-512"
-                                      for listener in kafka["listeners"]), kafka["listeners"]
+    assert kafka["listeners"] and all(
+        listener.get("authentication", {}).get("type") == "scram-sha-512" for listener in kafka["listeners"]
+    ), kafka["listeners"]
     assert kafka["authorization"] == {"type": "simple", "superUsers": ["kota-admin"]}
     assert str(kafka["config"]["allow.everyone.if.no.acl.found"]).lower() == "false"
 
@@ -374,8 +437,16 @@ def _local_acls() -> set[tuple[str, str, str, str, str]]:
 
     kinds = {ka.TOPIC: "topic", ka.GROUP: "group", ka.CLUSTER: "cluster"}
     operations = {ka.READ: "READ", ka.WRITE: "WRITE", ka.DESCRIBE: "DESCRIBE", ka.IDEMPOTENT_WRITE: "IDEMPOTENT_WRITE"}
-    return {(a.user, kinds[a.resource_type], "" if a.resource_type == ka.CLUSTER else a.resource_name,
-             "prefix" if a.pattern == ka.PREFIXED else "literal", operations[a.operation]) for a in ka.ACLS}
+    return {
+        (
+            a.user,
+            kinds[a.resource_type],
+            "" if a.resource_type == ka.CLUSTER else a.resource_name,
+            "prefix" if a.pattern == ka.PREFIXED else "literal",
+            operations[a.operation],
+        )
+        for a in ka.ACLS
+    }
 
 
 def _compose_acls() -> set[tuple[str, str, str, str, str]]:
@@ -397,8 +468,16 @@ def _k8s_acls() -> set[tuple[str, str, str, str, str]]:
     for user in (d for d in k8s_documents() if d["kind"] == "KafkaUser"):
         for acl in user["spec"].get("authorization", {}).get("acls", []):
             resource = acl["resource"]
-            found |= {(user["metadata"]["name"], resource["type"], resource.get("name", ""),
-                       resource.get("patternType", "literal"), _OPERATIONS[op]) for op in acl["operations"]}
+            found |= {
+                (
+                    user["metadata"]["name"],
+                    resource["type"],
+                    resource.get("name", ""),
+                    resource.get("patternType", "literal"),
+                    _OPERATIONS[op],
+                )
+                for op in acl["operations"]
+            }
     return found
 
 
@@ -419,8 +498,9 @@ def test_kafka_users_and_acls_are_the_local_stacks():
         assert spec["authentication"]["type"] == "scram-sha-512", name
         assert "secretKeyRef" in spec["authentication"]["password"]["valueFrom"], name
     assert "authorization" not in users[ka.ADMIN]
-    reset = re.search(r"for user in ([\w -]+); do\s+/opt/kafka/bin/kafka-configs.sh", (COMPOSE_DIR /
-                                                                                    "kafka-access.sh").read_text())
+    reset = re.search(
+        r"for user in ([\w -]+); do\s+/opt/kafka/bin/kafka-configs.sh", (COMPOSE_DIR / "kafka-access.sh").read_text()
+    )
     assert reset and set(reset.group(1).split()) == set(ka.USERS) - {ka.ADMIN}
 
 
@@ -469,8 +549,14 @@ def test_broker_settings_match_the_local_stack():
     """The deployed broker keeps readings through a gateway outage as the local one does."""
     general, _listeners = mosquitto_conf(compose_broker_conf())
     local, local_listeners = mosquitto_conf(local_broker_conf())
-    for key in ("persistence", "max_inflight_messages", "max_queued_messages", "max_queued_bytes",
-                "max_packet_size", "per_listener_settings"):
+    for key in (
+        "persistence",
+        "max_inflight_messages",
+        "max_queued_messages",
+        "max_queued_bytes",
+        "max_packet_size",
+        "per_listener_settings",
+    ):
         assert general[key] == local[key], key
     # The local stack has the same kinds of listener: plain, TLS, mutual TLS, ingest.
     assert len(local_listeners) == len(_listeners)
@@ -489,8 +575,11 @@ def test_devices_reach_only_the_tls_listeners():
     # k8s: a Service reachable from outside the cluster exposes only TLS ports of the broker.
     _general, k8s_listeners = mosquitto_conf(k8s_broker_conf())
     k8s_tls = {p for p, o in k8s_listeners.items() if "certfile" in o}
-    outside = [d for d in k8s_documents() if d["kind"] == "Service"
-               and d["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort")]
+    outside = [
+        d
+        for d in k8s_documents()
+        if d["kind"] == "Service" and d["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort")
+    ]
     assert outside, "devices need a Service"
     for service in outside:
         assert service["spec"]["selector"] == {"app": "mosquitto"}, service["metadata"]["name"]
@@ -501,8 +590,13 @@ def test_devices_reach_only_the_tls_listeners():
     assert {p["port"] for p in internal["spec"]["ports"]} == set(k8s_listeners) - k8s_tls
     # The broker's TLS files come from a Secret (k8s) and from make-secrets.sh's folder (compose).
     broker = k8s_doc("StatefulSet", "mosquitto")["spec"]["template"]["spec"]
-    certs = next(m for c in broker["containers"] if c["name"] == "mosquitto" for m in c["volumeMounts"]
-                 if m["mountPath"] == "/mosquitto/certs")
+    certs = next(
+        m
+        for c in broker["containers"]
+        if c["name"] == "mosquitto"
+        for m in c["volumeMounts"]
+        if m["mountPath"] == "/mosquitto/certs"
+    )
     volume = next(v for v in broker["volumes"] if v["name"] == certs["name"])
     assert volume["secret"]["secretName"] == "kota-mqtt-tls"
     assert "./secrets/mqtt-tls:/mosquitto/certs:ro" in services["mosquitto"]["volumes"]
@@ -524,8 +618,9 @@ def test_broker_access_writes_where_the_broker_reads_and_signals_its_pid_file(tm
         assert "certfile" not in listeners[stack.mqtt_port], where
     # broker-access writes every file the broker reads, and the ingest account is in the ingest
     # listener's files only.
-    write_access_files(StackSettings(state_dir=tmp_path / "state"), tmp_path, with_registry=False,
-                       ingest_secret="ingest-secret")
+    write_access_files(
+        StackSettings(state_dir=tmp_path / "state"), tmp_path, with_registry=False, ingest_secret="ingest-secret"
+    )
     for options in listeners.values():
         for key in ("password_file", "acl_file"):
             if key in options:
@@ -542,8 +637,11 @@ def test_broker_access_writes_where_the_broker_reads_and_signals_its_pid_file(tm
 # -- PostgreSQL: passwords, one role per component ----------------------------------------------
 def test_postgres_requires_passwords_and_keeps_the_superuser_to_itself():
     db = compose()["services"]["timescaledb"]["environment"]
-    k8s = {e["name"]: e.get("value") or e["valueFrom"] for c in containers(k8s_doc("StatefulSet", "timescaledb"))
-           for e in c["env"]}
+    k8s = {
+        e["name"]: e.get("value") or e["valueFrom"]
+        for c in containers(k8s_doc("StatefulSet", "timescaledb"))
+        for e in c["env"]
+    }
     for where, env in (("compose", db), ("k8s", k8s)):
         assert env["POSTGRES_HOST_AUTH_METHOD"] == "scram-sha-256", where
         assert "--auth-host=scram-sha-256" in env["POSTGRES_INITDB_ARGS"], where
@@ -580,13 +678,17 @@ def test_roles_step_makes_every_role_before_the_migrations():
     (step,) = job["initContainers"]
     assert step["command"][-1] == "/etc/kota/db-roles.sh"
     projected = next(v for v in job["volumes"] if v["name"] == "role-passwords")["projected"]["sources"]
-    assert {item["path"] for s in projected for item in s["secret"]["items"]} == \
-        {f"postgres-{r}.password" for r in roles | {"postgres"}}
+    assert {item["path"] for s in projected for item in s["secret"]["items"]} == {
+        f"postgres-{r}.password" for r in roles | {"postgres"}
+    }
 
 
 def _k8s_password_sources(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
-            for e in container.get("env", []) if "valueFrom" in e}
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container.get("env", [])
+        if "valueFrom" in e
+    }
 
 
 def test_each_component_logs_in_as_its_own_user_with_its_own_secret():
@@ -642,8 +744,13 @@ def test_make_secrets_gives_each_service_its_own_passwords(compose_secrets):
             else:
                 assert "KOTA_GATEWAY_MQTT_PASSWORD" not in values, name
     # A second run keeps every password.
-    subprocess.run([str(COMPOSE_DIR / "make-secrets.sh")], env={**os.environ, "KOTA_COMPOSE_SECRETS": str(folder)},
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [str(COMPOSE_DIR / "make-secrets.sh")],
+        env={**os.environ, "KOTA_COMPOSE_SECRETS": str(folder)},
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert {p.name: p.read_text().strip() for p in folder.glob("*.password")} == passwords
 
 
@@ -727,7 +834,12 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
     assert _apps(_allowed("mosquitto", env.mqtt_port)) == {"kota-api"}  # /health's CONNACK
     # PostgreSQL: the platform's pods (broker-access is in the broker's pod).
     assert _apps(_allowed("timescaledb", env.postgres_port)) == {
-        "kota-migrate", "kota-gateway", "kota-processor", "kota-api", "mosquitto"}
+        "kota-migrate",
+        "kota-gateway",
+        "kota-processor",
+        "kota-api",
+        "mosquitto",
+    }
     # Kafka: Strimzi's policy from each listener's peers.
     kafka = next(d for d in k8s_documents() if d["kind"] == "Kafka")["spec"]["kafka"]
     for listener in kafka["listeners"]:
@@ -745,8 +857,9 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
             if not rule.get("from"):
                 assert {p["port"] for p in rule["ports"]} <= DEVICE_TLS_PORTS, policy["metadata"]["name"]
     # Every pod the manifests run is selected by some policy other than the default.
-    pods = {d["spec"]["template"]["metadata"]["labels"]["app"] for d in k8s_documents()
-            if "template" in d.get("spec", {})}
+    pods = {
+        d["spec"]["template"]["metadata"]["labels"]["app"] for d in k8s_documents() if "template" in d.get("spec", {})
+    }
     assert pods == {"kota-migrate", "kota-gateway", "kota-processor", "kota-api", "mosquitto", "timescaledb"}
 
 
@@ -783,17 +896,24 @@ def test_no_literal_secrets_in_manifests():
             if SECRETISH.search(key):
                 assert key.endswith("_FILE") and str(value).startswith("/run/secrets/"), f"compose {name}: {key}"
     # Nothing committed under deploy/compose holds one: they are made by make-secrets.sh into secrets/.
-    tracked = subprocess.run(["git", "ls-files", "deploy/compose", "deploy/k8s"], cwd=PROJECT_ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "deploy/compose", "deploy/k8s"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert not [t for t in tracked if "/secrets/" in t or t.endswith((".env", ".password", ".key"))], tracked
     assert (COMPOSE_DIR / ".gitignore").read_text().count("/secrets/") == 1
 
 
 def test_deploy_doc_names_every_file_and_command():
     doc = (PROJECT_ROOT / "docs" / "deploy.md").read_text()
-    for path in ["deploy/compose/compose.yaml", "deploy/Dockerfile"] + [
-            f"deploy/k8s/{p.name}" for p in K8S.glob("*.yaml")] + [
-            f"deploy/compose/{p.name}" for p in COMPOSE_DIR.iterdir() if p.suffix in (".sh", ".conf", ".properties")]:
+    for path in (
+        ["deploy/compose/compose.yaml", "deploy/Dockerfile"]
+        + [f"deploy/k8s/{p.name}" for p in K8S.glob("*.yaml")]
+        + [f"deploy/compose/{p.name}" for p in COMPOSE_DIR.iterdir() if p.suffix in (".sh", ".conf", ".properties")]
+    ):
         assert path in doc, path
     commands = re.findall(r"^    (kota .+)$", doc, re.M)  # the indented command lines
     assert commands
@@ -838,8 +958,9 @@ def start_deploy_broker(root: Path, conf_text: str) -> tuple[subprocess.Popen[by
         conf = re.sub(rf"^listener {port}$", f"listener {local} 127.0.0.1", conf, flags=re.M)
     assert server.cert.exists()
     (root / "mosquitto.conf").write_text(conf + ("user mosquitto\n" if os.geteuid() == 0 else ""))
-    broker = subprocess.Popen(["mosquitto", "-c", str(root / "mosquitto.conf")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    broker = subprocess.Popen(
+        ["mosquitto", "-c", str(root / "mosquitto.conf")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     return broker, ports
 
 
@@ -861,8 +982,9 @@ def test_deploy_broker_lets_devices_in_only_over_tls_and_the_ingest_account_only
 
     root = broker_root
     (root / "access").mkdir()
-    write_access_files(StackSettings(state_dir=root / "state"), root / "access", with_registry=False,
-                       ingest_secret="ingest-secret")
+    write_access_files(
+        StackSettings(state_dir=root / "state"), root / "access", with_registry=False, ingest_secret="ingest-secret"
+    )
     _general, listeners = mosquitto_conf(compose_broker_conf())
     ingest = ingest_listener(listeners)
     # A device account as broker-access writes it from the registry, in the device listeners' files.
@@ -874,8 +996,13 @@ def test_deploy_broker_lets_devices_in_only_over_tls_and_the_ingest_account_only
     broker, ports = start_deploy_broker(root, compose_broker_conf())
     try:
         tls = ssl.create_default_context(cafile=str(root / "certs" / "ca.crt"))
-        wait_for(lambda: _connack(ports[ingest], login_connect(unique_id("c"), INGEST_USER, "ingest-secret")) == 0
-                 or broker.poll() is not None, what="the broker to start")
+        wait_for(
+            lambda: (
+                _connack(ports[ingest], login_connect(unique_id("c"), INGEST_USER, "ingest-secret")) == 0
+                or broker.poll() is not None
+            ),
+            what="the broker to start",
+        )
         assert broker.poll() is None, broker.stdout.read().decode() if broker.stdout else ""
 
         def code(port: int, user: str, secret: str, context: ssl.SSLContext | None = None) -> int | None:
@@ -921,21 +1048,34 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
     # The sidecar reaches its broker as compose's KOTA_MQTT_HOST does: here, this test's broker,
     # whose ports are known once it is configured; access-init runs before, as in compose.
     base_env = {**os.environ, **component_env(pipeline), "KOTA_GATEWAY_MQTT_PASSWORD": "ingest-secret"}
-    argv = [sys.executable, "-m", "cli", "broker-access", "--folder", str(root / "access"),
-            "--broker-pid-file", str(root / "run" / "mosquitto.pid")]
+    argv = [
+        sys.executable,
+        "-m",
+        "cli",
+        "broker-access",
+        "--folder",
+        str(root / "access"),
+        "--broker-pid-file",
+        str(root / "run" / "mosquitto.pid"),
+    ]
     subprocess.run(argv + ["--once"], env=base_env, check=True, timeout=60)  # access-init
     broker, ports = start_deploy_broker(root, compose_broker_conf())
     port = ports[settings_for(compose()["services"]["broker-access"]["environment"])[StackSettings].mqtt_port]
     ingest = ports[ingest_listener(listeners)]
-    env = {**base_env, "KOTA_MQTT_BASE_PORT": str(port - pipeline.port_offset),
-           "KOTA_MQTT_INGEST_BASE_PORT": str(ingest - pipeline.port_offset)}
+    env = {
+        **base_env,
+        "KOTA_MQTT_BASE_PORT": str(port - pipeline.port_offset),
+        "KOTA_MQTT_INGEST_BASE_PORT": str(ingest - pipeline.port_offset),
+    }
     sidecar_log = root / "sidecar.log"
     with sidecar_log.open("w") as log:
         sidecar = subprocess.Popen(argv + ["--every", "0.5"], env=env, stdout=log, stderr=subprocess.STDOUT)
     device = gateway = None
     try:
-        wait_for(lambda: connack_code(ingest, login_connect(unique_id("c"), "kota-ingest", "ingest-secret")) == 0,
-                 what="the broker to accept the ingest account")
+        wait_for(
+            lambda: connack_code(ingest, login_connect(unique_id("c"), "kota-ingest", "ingest-secret")) == 0,
+            what="the broker to accept the ingest account",
+        )
         device = provision(pipeline, "noise")  # registered after both started
         login = MqttLogin(port, device.device_id, PASSWORDS[device.device_id])
 
@@ -955,8 +1095,10 @@ def test_broker_access_sidecar_keeps_a_separate_broker_in_step_with_the_registry
             disabled_version = registry_version(conn)
         wait_for(lambda: not accepted(), what="the sidecar to remove the disabled device")
         # The broker may refuse the device before the sidecar has seen its reload through (and said so).
-        wait_for(lambda: f"registry version {disabled_version}" in sidecar_log.read_text(),
-                 what="the sidecar to report the files for the disabled device")
+        wait_for(
+            lambda: f"registry version {disabled_version}" in sidecar_log.read_text(),
+            what="the sidecar to report the files for the disabled device",
+        )
     finally:
         if device is not None:
             with psycopg.connect(pipeline.postgres_dsn) as conn:

@@ -16,13 +16,18 @@ MINUTE = 60_000
 
 
 def _alerts(stack, device_id: str) -> list[tuple]:
-    return query(stack, "SELECT alert_id, alert_type, severity, state, count, cleared_by, message FROM alerts "
-                        "WHERE device_id = %s ORDER BY alert_id", (device_id,))
+    return query(
+        stack,
+        "SELECT alert_id, alert_type, severity, state, count, cleared_by, message FROM alerts "
+        "WHERE device_id = %s ORDER BY alert_id",
+        (device_id,),
+    )
 
 
 def _events(stack, alert_id: int) -> list[tuple]:
-    return query(stack, "SELECT action, actor, severity FROM alert_events WHERE alert_id = %s ORDER BY event_id",
-                 (alert_id,))
+    return query(
+        stack, "SELECT action, actor, severity FROM alert_events WHERE alert_id = %s ORDER BY event_id", (alert_id,)
+    )
 
 
 def _steady(start_ms: int, n: int, step_ms: int, level: float) -> list[tuple[int, float]]:
@@ -42,7 +47,8 @@ def test_a_flapping_series_raises_one_alert_that_counts_repeats_and_clears_itsel
     publish_series(pipeline, meter, "pressure", normal + flapping)
     wait_for(lambda: len(stored_readings(pipeline, meter.device_id)) == 600, what="the flapping readings")
     [(alert_id, alert_type, severity, state, count, _, message)] = wait_for(
-        lambda: _alerts(pipeline, meter.device_id), what="an alert")
+        lambda: _alerts(pipeline, meter.device_id), what="an alert"
+    )
     anomalies = query(pipeline, "SELECT count(*) FROM anomalies WHERE device_id = %s", (meter.device_id,))[0][0]
     assert (alert_type, state) == ("spike", "active")
     # The first flaps are anomalies; the rest are not news (quiet period, then routine for this
@@ -78,11 +84,14 @@ def test_operators_acknowledge_and_clear_and_a_new_anomaly_then_raises_a_new_ale
         asyncio.run(_act(pipeline, alerts.clear, alert_id, "operator-budi", "twice"))
     with pytest.raises(LookupError):
         asyncio.run(_act(pipeline, alerts.clear, 10**12, "operator-budi", "no such alert"))
-    assert _events(pipeline, alert_id) == [("raised", alerts.SYSTEM_ACTOR, "major"),
-                                           ("acknowledged", "operator-ani", "major"),
-                                           ("cleared", "operator-budi", "major")]
-    acked_by, cleared_by = query(pipeline, "SELECT acknowledged_by, cleared_by FROM alerts WHERE alert_id = %s",
-                                 (alert_id,))[0]
+    assert _events(pipeline, alert_id) == [
+        ("raised", alerts.SYSTEM_ACTOR, "major"),
+        ("acknowledged", "operator-ani", "major"),
+        ("cleared", "operator-budi", "major"),
+    ]
+    acked_by, cleared_by = query(
+        pipeline, "SELECT acknowledged_by, cleared_by FROM alerts WHERE alert_id = %s", (alert_id,)
+    )[0]
     assert (acked_by, cleared_by) == ("operator-ani", "operator-budi")
 
     later = start + 200 * 10_000
@@ -96,15 +105,23 @@ def test_air_quality_station_gets_ispu_and_an_alert_when_it_turns_unhealthy(pipe
     start = (int(time.time() * 1000) // MINUTE - 30) * MINUTE
     publish_series(pipeline, station, "pm10", [(start + i * MINUTE, 40.0) for i in range(10)])
     publish_series(pipeline, station, "pm25", [(start + i * MINUTE, 12.0) for i in range(10)])
-    wait_for(lambda: query(pipeline, "SELECT 1 FROM station_ispu WHERE device_id = %s", (station.device_id,)),
-             what="the station's ISPU")
+    wait_for(
+        lambda: query(pipeline, "SELECT 1 FROM station_ispu WHERE device_id = %s", (station.device_id,)),
+        what="the station's ISPU",
+    )
     assert _alerts(pipeline, station.device_id) == []  # Baik: no alert
     # An episode: PM2.5 at 300 ug/m3 for 20 minutes; the mean over the hour moves into Sangat Tidak Sehat.
     publish_series(pipeline, station, "pm25", [(start + (10 + i) * MINUTE, 300.0) for i in range(20)])
-    wait_for(lambda: query(pipeline, "SELECT category FROM station_ispu WHERE device_id = %s",
-                           (station.device_id,))[0][0] == "Sangat Tidak Sehat", what="the episode in the ISPU")
-    ispu, critical, subs = query(pipeline, "SELECT ispu, critical, sub_indices FROM station_ispu WHERE device_id = %s",
-                                 (station.device_id,))[0]
+    wait_for(
+        lambda: (
+            query(pipeline, "SELECT category FROM station_ispu WHERE device_id = %s", (station.device_id,))[0][0]
+            == "Sangat Tidak Sehat"
+        ),
+        what="the episode in the ISPU",
+    )
+    ispu, critical, subs = query(
+        pipeline, "SELECT ispu, critical, sub_indices FROM station_ispu WHERE device_id = %s", (station.device_id,)
+    )[0]
     mean_pm25 = (10 * 12.0 + 20 * 300.0) / 30
     assert critical == "pm25" and 200 < ispu <= 300
     assert subs["pm25"] == pytest.approx(round((300 - 200) / (250.4 - 150.4) * (mean_pm25 - 150.4) + 200, 1))
@@ -122,14 +139,20 @@ def test_flood_gate_steps_up_through_siaga_levels_and_a_fast_rise_alerts_first(p
     wait_for(lambda: _alerts(pipeline, gate.device_id), what="the fast-rise alert")
     assert [a[1] for a in _alerts(pipeline, gate.device_id)] == ["flood_rising"], "rise alert before any threshold"
     publish_series(pipeline, gate, "currentLevel", rising[30:], per_message=10)
-    wait_for(lambda: query(pipeline, "SELECT siaga FROM gate_status WHERE device_id = %s",
-                           (gate.device_id,))[0][0] == 1, what="Siaga 1")
+    wait_for(
+        lambda: query(pipeline, "SELECT siaga FROM gate_status WHERE device_id = %s", (gate.device_id,))[0][0] == 1,
+        what="Siaga 1",
+    )
     siaga = {a[1]: a for a in _alerts(pipeline, gate.device_id)}["flood_siaga"]
     assert (siaga[2], siaga[3]) == ("critical", "active")
     assert [(e[0], e[2]) for e in _events(pipeline, siaga[0])] == [
-        ("raised", "minor"), ("escalated", "major"), ("escalated", "critical")], "one alert, escalated each step up"
-    level, rise = query(pipeline, "SELECT level_cm, rise_cm_per_h FROM gate_status WHERE device_id = %s",
-                        (gate.device_id,))[0]
+        ("raised", "minor"),
+        ("escalated", "major"),
+        ("escalated", "critical"),
+    ], "one alert, escalated each step up"
+    level, rise = query(
+        pipeline, "SELECT level_cm, rise_cm_per_h FROM gate_status WHERE device_id = %s", (gate.device_id,)
+    )[0]
     assert level == 218.0 and rise == pytest.approx(120.0, rel=0.05)
 
 
@@ -137,8 +160,10 @@ def test_a_reading_later_than_the_allowed_lateness_is_kept_aside_and_counted(pip
     meter = provision(pipeline, "water_meter")
     three_days_ago = int(time.time() * 1000) - 3 * 86_400_000  # the gateway takes up to 7 days; windows close at 2
     publish_series(pipeline, meter, "pressure", [(three_days_ago, 2.5)])
-    [(reason,)] = wait_for(lambda: query(pipeline, "SELECT reason FROM late_readings WHERE device_id = %s",
-                                         (meter.device_id,)), what="the late reading")
+    [(reason,)] = wait_for(
+        lambda: query(pipeline, "SELECT reason FROM late_readings WHERE device_id = %s", (meter.device_id,)),
+        what="the late reading",
+    )
     assert "allowed lateness is 48.0 h" in reason
     assert stored_readings(pipeline, meter.device_id) == []
     assert query(pipeline, "SELECT count(*) FROM agg_1m WHERE device_id = %s", (meter.device_id,)) == [(0,)]
@@ -149,7 +174,8 @@ def test_a_silent_series_raises_a_dropout_alert_on_the_timer_and_clears_when_dat
     now = int(time.time() * 1000)
     publish_series(pipeline, light, "powerConsumption", _steady(now - 40_000, 40, 1000, 60.0))  # one a second
     [(alert_id, alert_type, severity, state, *_)] = wait_for(
-        lambda: _alerts(pipeline, light.device_id), timeout_s=60, what="the dropout alert")
+        lambda: _alerts(pipeline, light.device_id), timeout_s=60, what="the dropout alert"
+    )
     assert (alert_type, severity, state) == ("dropout", "minor", "active")
     publish_series(pipeline, light, "powerConsumption", [(int(time.time() * 1000), 61.0)])
     wait_for(lambda: _alerts(pipeline, light.device_id)[0][3] == "cleared", what="clear on return")
@@ -160,7 +186,8 @@ def test_a_restarted_processor_does_not_signal_an_open_dropout_again(pipeline):
     now = int(time.time() * 1000)
     publish_series(pipeline, quiet, "pressure", _steady(now - 40_000, 40, 1000, 3.0))  # then silence
     [(alert_id, _, _, state, count, *_)] = wait_for(
-        lambda: _alerts(pipeline, quiet.device_id), timeout_s=60, what="the dropout alert")
+        lambda: _alerts(pipeline, quiet.device_id), timeout_s=60, what="the dropout alert"
+    )
     assert state == "active"
 
     assert procs.stop(pipeline, "processor", hard=True)

@@ -35,8 +35,9 @@ def test_readings_published_over_mqtt_are_served_by_the_api(pipeline, api):
     assert {v["metric"]: v["value"] for v in latest} == {"pm25": 42.5, "pm10": 61.0}
     assert all(v["unit"] == "ug/m3" for v in latest)
 
-    gate_latest = wait_for(lambda: api.get(f"/api/v1/devices/{gate.device_id}/latest").json()["values"] or None,
-                           what="latest water level")
+    gate_latest = wait_for(
+        lambda: api.get(f"/api/v1/devices/{gate.device_id}/latest").json()["values"] or None, what="latest water level"
+    )
     assert [(v["metric"], v["value"], v["unit"]) for v in gate_latest] == [("currentLevel", 154.0, "cm")]
 
     collection = api.get("/api/v1/devices", params={"city": "testkota"}).json()
@@ -47,8 +48,11 @@ def test_readings_published_over_mqtt_are_served_by_the_api(pipeline, api):
     assert listed[air.device_id]["district"] == "coblong"
     assert listed[air.device_id]["last_seen"] is not None
     assert stored_readings(pipeline, air.device_id) == [
-        (now - 2000, "pm10", 35.0), (now - 2000, "pm25", 20.0), (now - 1000, "pm10", 61.0),
-        (now - 1000, "pm25", 42.5)]
+        (now - 2000, "pm10", 35.0),
+        (now - 2000, "pm25", 20.0),
+        (now - 1000, "pm10", 61.0),
+        (now - 1000, "pm25", 42.5),
+    ]
 
 
 def test_unknown_device_answers_404(api):
@@ -71,8 +75,9 @@ def test_health_reports_each_dependency(api):
 
 
 async def _dead_letters_for(stack, topic: str, expected: int, since_ms: int = 0) -> list[dict]:
-    consumer = AIOKafkaConsumer(DEADLETTER_TOPIC, **stack.kafka_client_options(),
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        DEADLETTER_TOPIC, **stack.kafka_client_options(), auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     found: list[dict] = []
     try:
@@ -80,8 +85,11 @@ async def _dead_letters_for(stack, topic: str, expected: int, since_ms: int = 0)
         while len(found) < expected and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
-                found += [body for r in records if (body := decode_dead_letter(r.value))["topic"] == topic
-                          and int(body["received_ms"]) >= since_ms]
+                found += [
+                    body
+                    for r in records
+                    if (body := decode_dead_letter(r.value))["topic"] == topic and int(body["received_ms"]) >= since_ms
+                ]
     finally:
         await consumer.stop()
     return found

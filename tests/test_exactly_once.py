@@ -41,7 +41,7 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
                 if m == MESSAGES // 2:
                     # Half the stream comes after the kill, however fast the processor kept up with the first half.
                     killed.wait(timeout=120)
-                chunk = expected[m * PER_MESSAGE:(m + 1) * PER_MESSAGE]
+                chunk = expected[m * PER_MESSAGE : (m + 1) * PER_MESSAGE]
                 publish(client, gate, [{"ts": ts, "values": {"currentLevel": v}} for ts, _, v in chunk])
                 time.sleep(0.01)
         finally:
@@ -64,8 +64,11 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
         publisher.join(timeout=120)
     assert done.is_set()
     assert stored_at_kill < len(expected), "the kill came too late to prove anything"
-    wait_for(lambda: len(stored_readings(pipeline, gate.device_id)) >= len(expected), timeout_s=60,
-             what="every reading after the restart")
+    wait_for(
+        lambda: len(stored_readings(pipeline, gate.device_id)) >= len(expected),
+        timeout_s=60,
+        what="every reading after the restart",
+    )
     time.sleep(1.0)  # would a replay add doubles?
     assert stored_readings(pipeline, gate.device_id) == expected
     # The one-minute aggregates equal a clean aggregation of what is stored: nothing merged twice.
@@ -75,18 +78,27 @@ def test_processor_kill_minus_9_mid_stream_loses_and_doubles_nothing(pipeline):
     # The restarted processor re-read the gate's partition from its older detector checkpoint, and
     # checkpoints again as soon as it is past where it was killed, not a whole checkpoint interval
     # (30 s) later: restarted more often than that, it would re-read more on every start.
-    wait_for(lambda: _checkpoint_offset(pipeline, partition) >= offset_at_kill, timeout_s=15,
-             what="a detector checkpoint once caught up")
+    wait_for(
+        lambda: _checkpoint_offset(pipeline, partition) >= offset_at_kill,
+        timeout_s=15,
+        what="a detector checkpoint once caught up",
+    )
 
 
 def _stored_offset(stack, partition: int) -> int:
-    return query(stack, "SELECT next_offset FROM stream_offsets WHERE consumer_group = 'kota-processor' "
-                        "AND partition = %s", (partition,))[0][0]
+    return query(
+        stack,
+        "SELECT next_offset FROM stream_offsets WHERE consumer_group = 'kota-processor' AND partition = %s",
+        (partition,),
+    )[0][0]
 
 
 def _checkpoint_offset(stack, partition: int) -> int:
-    rows = query(stack, "SELECT next_offset FROM detector_checkpoints WHERE consumer_group = 'kota-processor' "
-                        "AND partition = %s", (partition,))
+    rows = query(
+        stack,
+        "SELECT next_offset FROM detector_checkpoints WHERE consumer_group = 'kota-processor' AND partition = %s",
+        (partition,),
+    )
     return rows[0][0] if rows else -1
 
 
@@ -95,8 +107,9 @@ async def _send_twice(stack, readings: list[Reading]) -> None:
     await producer.start()
     try:
         for _ in range(2):  # what a gateway retry after a lost acknowledgement looks like
-            await producer.send_and_wait(READINGS_TOPIC, encode_device_batch(readings),
-                                         key=readings[0].device_id.encode())
+            await producer.send_and_wait(
+                READINGS_TOPIC, encode_device_batch(readings), key=readings[0].device_id.encode()
+            )
     finally:
         await producer.stop()
 
@@ -120,8 +133,14 @@ def test_minute_aggregates_merge_out_of_order_arrivals(pipeline):
     try:  # one minute's readings, newest first, in three messages
         publish(client, gate, {"ts": minute + 50_000, "values": {"currentLevel": 70.0}})
         publish(client, gate, {"ts": minute + 10_000, "values": {"currentLevel": 40.0}})
-        publish(client, gate, [{"ts": minute + 30_000, "values": {"currentLevel": 90.0}},
-                               {"ts": minute + 70_000, "values": {"currentLevel": 10.0}}])  # next minute
+        publish(
+            client,
+            gate,
+            [
+                {"ts": minute + 30_000, "values": {"currentLevel": 90.0}},
+                {"ts": minute + 70_000, "values": {"currentLevel": 10.0}},
+            ],
+        )  # next minute
     finally:
         client.disconnect()
     wait_for(lambda: len(stored_readings(pipeline, gate.device_id)) == 4, what="four readings")
@@ -132,4 +151,5 @@ def test_minute_aggregates_merge_out_of_order_arrivals(pipeline):
     assert int(first_ts.timestamp() * 1000) == minute + 10_000 and int(last_ts.timestamp() * 1000) == minute + 50_000
     assert second[2:4] == (1, 10.0)
     assert stored_minute_aggregates(pipeline, gate.device_id) == minute_aggregates_from_readings(
-        pipeline, gate.device_id)
+        pipeline, gate.device_id
+    )

@@ -39,9 +39,11 @@ def clean_run(pipeline: StackSettings, start: dt.datetime, tmp_path_factory: pyt
 
 def after_first_readings(stack: StackSettings, city: str, fault: Callable[[], None]) -> Callable[[], None]:
     """A `during` for simulate(): wait until the stream is under way, then break something."""
+
     def during() -> None:
         wait_for(lambda: aggregated_count_in_city(stack, city) > 2000, timeout_s=60, what="the stream to be under way")
         fault()
+
     return during
 
 

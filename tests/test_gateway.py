@@ -42,13 +42,18 @@ def test_gateway_metrics_count_messages_readings_and_rejections_by_reason(pipeli
     finally:
         client.disconnect()
     url = f"http://127.0.0.1:{pipeline.gateway_metrics_port}/metrics"
+
     def metrics_with_the_rejection() -> str | None:
         text = httpx.get(url).text
         return text if 'kota_gateway_rejected_total{reason="out_of_range"}' in text else None
 
     text = wait_for(metrics_with_the_rejection, what="the out_of_range counter")
-    for name in ("kota_gateway_messages_in_total", "kota_gateway_readings_out_total", "kota_gateway_queue_depth",
-                 "kota_gateway_kafka_send_seconds_count"):
+    for name in (
+        "kota_gateway_messages_in_total",
+        "kota_gateway_readings_out_total",
+        "kota_gateway_queue_depth",
+        "kota_gateway_kafka_send_seconds_count",
+    ):
         assert name in text
 
 

@@ -49,14 +49,17 @@ def test_the_api_and_the_cli_refuse_reserved_ids(pipeline, api):
         gateway = run_kota(pipeline, "devices", "add-gateway", identity, "--city", "testkota")
         assert gateway.returncode == 1 and "reserved" in gateway.stdout + gateway.stderr
     with psycopg.connect(pipeline.postgres_dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM mqtt_identities WHERE kind <> 'system' AND id = ANY(%s)",
-                            (["kota-ingest", "admin"],)).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM mqtt_identities WHERE kind <> 'system' AND id = ANY(%s)", (["kota-ingest", "admin"],)
+        ).fetchone() == (0,)
 
 
 def test_devices_and_gateways_share_one_namespace_in_the_database(pipeline):
     gateway, device = provision_gateway(pipeline), provision(pipeline, "noise")
-    insert_device = ("INSERT INTO devices (device_id, city, domain, device_type, metrics) "
-                     "VALUES (%s, 'testkota', 'environment', 'noise', '{}')")
+    insert_device = (
+        "INSERT INTO devices (device_id, city, domain, device_type, metrics) "
+        "VALUES (%s, 'testkota', 'environment', 'noise', '{}')"
+    )
     with psycopg.connect(pipeline.postgres_dsn) as conn, pytest.raises(psycopg.errors.UniqueViolation):
         conn.execute(insert_device, (gateway.gateway_id,))
     with psycopg.connect(pipeline.postgres_dsn) as conn, pytest.raises(psycopg.errors.UniqueViolation):
@@ -103,8 +106,10 @@ def test_a_device_can_neither_log_in_as_nor_take_the_session_of_another(pipeline
     assert connack_code(pipeline.mqtt_ingest_port, login_connect(unique_id("c"), a.device_id, a_password)) == 5
     # The control: the right account is accepted on each listener.
     assert connack_code(pipeline.mqtt_port, login_connect(unique_id("c"), a.device_id, a_password)) == 0
-    assert connack_code(pipeline.mqtt_ingest_port,
-                        login_connect(unique_id("c"), mqtt_access.INGEST_USER, ingest_password)) == 0
+    assert (
+        connack_code(pipeline.mqtt_ingest_port, login_connect(unique_id("c"), mqtt_access.INGEST_USER, ingest_password))
+        == 0
+    )
 
     b_client = mqtt_client(pipeline, b.device_id, client_id=b.device_id)
     heard: list[str] = []
@@ -169,8 +174,11 @@ class Publisher(threading.Thread):
         ts = int(time.time() * 1000) - 60_000
         while not self.stop.is_set():
             try:
-                client = connect(MqttLogin(self.stack.mqtt_port, self.device.device_id,
-                                           PASSWORDS[self.device.device_id]), self.device.device_id, timeout_s=2)
+                client = connect(
+                    MqttLogin(self.stack.mqtt_port, self.device.device_id, PASSWORDS[self.device.device_id]),
+                    self.device.device_id,
+                    timeout_s=2,
+                )
             except ConnectionError:
                 self.refused += 1
                 continue
@@ -192,8 +200,9 @@ class Publisher(threading.Thread):
 
 def _stored_times(stack, device_id: str) -> set[int]:
     with psycopg.connect(stack.postgres_dsn) as conn:
-        rows = conn.execute("SELECT (extract(epoch FROM ts) * 1000)::bigint FROM readings WHERE device_id = %s",
-                            (device_id,)).fetchall()
+        rows = conn.execute(
+            "SELECT (extract(epoch FROM ts) * 1000)::bigint FROM readings WHERE device_id = %s", (device_id,)
+        ).fetchall()
     return {int(r[0]) for r in rows}
 
 
@@ -202,8 +211,9 @@ def _acked(publishers) -> int:
 
 
 def _locked_out(stack, device) -> bool:
-    return connack_code(stack.mqtt_port, login_connect(unique_id("c"), device.device_id,
-                                                       PASSWORDS[device.device_id])) == 5
+    return (
+        connack_code(stack.mqtt_port, login_connect(unique_id("c"), device.device_id, PASSWORDS[device.device_id])) == 5
+    )
 
 
 def _revoke_and_restore_the_ingest_password(pipeline, publishers, marks: dict[str, float]) -> None:
@@ -239,15 +249,26 @@ def _wipe_the_ingest_session(pipeline, publishers, marks: dict[str, float]) -> N
     components.start_component(pipeline, "gateway")
 
 
-@pytest.mark.parametrize("breakage", [
-    _revoke_and_restore_the_ingest_password,
-    pytest.param(_wipe_the_ingest_session, marks=pytest.mark.xfail(strict=True, reason=(
-        "a clean-session login with the gateway's client id on the ingest listener (it needs the ingest "
-        "password) discards the offline session and everything it held, as MQTT 3.1.1 says it must; "
-        "Mosquitto 2.0.11 has no hook to refuse or delay it, so the guard can only lock devices out "
-        "after it: what was acknowledged from the gateway's death to the wipe, and up to the guard's "
-        "next probe (0.1 s), is lost"))),
-], ids=["revoked-password", "wiped-session"])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _revoke_and_restore_the_ingest_password,
+        pytest.param(
+            _wipe_the_ingest_session,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "a clean-session login with the gateway's client id on the ingest listener (it needs the ingest "
+                    "password) discards the offline session and everything it held, as MQTT 3.1.1 says it must; "
+                    "Mosquitto 2.0.11 has no hook to refuse or delay it, so the guard can only lock devices out "
+                    "after it: what was acknowledged from the gateway's death to the wipe, and up to the guard's "
+                    "next probe (0.1 s), is lost"
+                ),
+            ),
+        ),
+    ],
+    ids=["revoked-password", "wiped-session"],
+)
 def test_every_acknowledged_reading_is_stored_while_the_ingest_side_is_broken(pipeline, breakage):
     """Three devices publish and count every PUBACK while the ingest side is broken on purpose
     (the gateway killed, then its credentials revoked and restored, or its session wiped), and then
@@ -271,9 +292,13 @@ def test_every_acknowledged_reading_is_stored_while_the_ingest_side_is_broken(pi
             p.join(10)
         if not procs.running_pid(pipeline, "gateway"):
             components.start_component(pipeline, "gateway")
+
     def missing() -> dict[str, list[int]]:
-        return {p.device.device_id: gone for p in publishers
-                if (gone := sorted(set(p.acked) - _stored_times(pipeline, p.device.device_id)))}
+        return {
+            p.device.device_id: gone
+            for p in publishers
+            if (gone := sorted(set(p.acked) - _stored_times(pipeline, p.device.device_id)))
+        }
 
     try:
         wait_for(lambda: not missing(), timeout_s=60, what="every acknowledged reading stored")
@@ -284,8 +309,10 @@ def test_every_acknowledged_reading_is_stored_while_the_ingest_side_is_broken(pi
     start = marks["ingest broken"]
     when = sorted(round(p.acked[ts] - start, 3) for p in publishers for ts in lost.get(p.device.device_id, []))
     timeline = {k: round(v - start, 3) for k, v in marks.items()}
-    assert lost == {}, (f"{len(when)} acknowledged readings lost of {_acked(publishers)}; acknowledged at "
-                        f"{when[:3]}..{when[-3:]} s; timeline {timeline}")
+    assert lost == {}, (
+        f"{len(when)} acknowledged readings lost of {_acked(publishers)}; acknowledged at "
+        f"{when[:3]}..{when[-3:]} s; timeline {timeline}"
+    )
 
 
 def test_rotating_the_ingest_password_loses_nothing(pipeline):
@@ -310,5 +337,8 @@ def test_rotating_the_ingest_password_loses_nothing(pipeline):
             p.stop.set()
         for p in publishers:
             p.join(10)
-    wait_for(lambda: all(set(p.acked) <= _stored_times(pipeline, p.device.device_id) for p in publishers),
-             timeout_s=60, what="every acknowledged reading stored")
+    wait_for(
+        lambda: all(set(p.acked) <= _stored_times(pipeline, p.device.device_id) for p in publishers),
+        timeout_s=60,
+        what="every acknowledged reading stored",
+    )

@@ -95,8 +95,13 @@ def _senml_payloads(rng: random.Random, base_ts: int, index: int, devices: list[
 
 async def _dead_letters_since(stack, since_ms: int, want: set[str], timeout_s: float) -> dict[str, dict]:
     """Dead letters received since `since_ms`, by payload SHA-256, until every one in `want` is seen."""
-    consumer = AIOKafkaConsumer(DEADLETTER_TOPIC, **stack.kafka_client_options(), auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        DEADLETTER_TOPIC,
+        **stack.kafka_client_options(),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     found: dict[str, dict] = {}
     try:
@@ -159,8 +164,14 @@ def test_thousands_of_hostile_messages_leave_the_gateway_up_bounded_and_accounta
     expected_readings: set[tuple[str, str, int]] = set()
     expected_letters: set[str] = set()
     for _, topic, payload in messages:
-        result = parse_message(topic, payload, devices=registry, gateways=gateways,
-                               received_ms=int(time.time() * 1000), limits=ParseLimits())
+        result = parse_message(
+            topic,
+            payload,
+            devices=registry,
+            gateways=gateways,
+            received_ms=int(time.time() * 1000),
+            limits=ParseLimits(),
+        )
         expected_readings |= {(r.device_id, r.metric, r.ts_ms) for r in result.readings}
         if result.rejections:
             expected_letters.add(hashlib.sha256(payload).hexdigest())
@@ -169,8 +180,11 @@ def test_thousands_of_hostile_messages_leave_the_gateway_up_bounded_and_accounta
     ids = [d.device_id for d in devices] + [b.device_id for b in bound]
 
     def stored() -> set[tuple[str, str, int]]:
-        rows = query(stack, "SELECT device_id, metric, (extract(epoch FROM ts) * 1000)::bigint FROM readings "
-                            "WHERE device_id = ANY(%s)", (ids,))
+        rows = query(
+            stack,
+            "SELECT device_id, metric, (extract(epoch FROM ts) * 1000)::bigint FROM readings WHERE device_id = ANY(%s)",
+            (ids,),
+        )
         return {(d, m, int(t)) for d, m, t in rows}
 
     wait_for(lambda: stored() >= expected_readings, timeout_s=120, what="every accepted reading stored")
@@ -215,8 +229,11 @@ def test_an_unexpected_failure_checking_one_message_dead_letters_it_and_ingest_g
                 assert info.is_published()
         finally:
             client.disconnect()
-        wait_for(lambda: query(stack, "SELECT value FROM readings WHERE device_id = %s", (device.device_id,)),
-                 timeout_s=60, what="the message after the failing one stored")
+        wait_for(
+            lambda: query(stack, "SELECT value FROM readings WHERE device_id = %s", (device.device_id,)),
+            timeout_s=60,
+            what="the message after the failing one stored",
+        )
         sha = hashlib.sha256(poison).hexdigest()
         letters = asyncio.run(_dead_letters_since(stack, since_ms, {sha}, timeout_s=30))
         assert letters[sha]["reason"] == "internal_error" and letters[sha]["payload"] == poison
@@ -239,16 +256,23 @@ def test_a_device_over_its_rate_is_dead_lettered_and_counted_not_stored(pipeline
     client = mqtt_client(stack, device.device_id)
     try:
         topic = device_telemetry_topic(device.city, device.domain, device.device_id)
-        infos = [client.publish(topic, json.dumps({"ts": base + i * 1000, "values": {"LAeq": 40.0}}), qos=1)
-                 for i in range(sent)]
+        infos = [
+            client.publish(topic, json.dumps({"ts": base + i * 1000, "values": {"LAeq": 40.0}}), qos=1)
+            for i in range(sent)
+        ]
         for info in infos:
             info.wait_for_publish(timeout=30)
     finally:
         client.disconnect()
 
     async def limited() -> int:
-        consumer = AIOKafkaConsumer(DEADLETTER_TOPIC, **stack.kafka_client_options(), auto_offset_reset="earliest",
-                                    enable_auto_commit=False, group_id=None)
+        consumer = AIOKafkaConsumer(
+            DEADLETTER_TOPIC,
+            **stack.kafka_client_options(),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+        )
         await consumer.start()
         total, quiet_since = 0, time.monotonic()
         try:
@@ -281,4 +305,3 @@ def local_metrics(stack) -> str:
     import httpx
 
     return httpx.get(f"http://127.0.0.1:{stack.gateway_metrics_port}/metrics", timeout=5).text
-

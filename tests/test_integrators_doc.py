@@ -32,29 +32,46 @@ def test_the_guide_has_examples_for_every_payload_form():
 
 def test_every_example_in_the_integrators_guide_works(pipeline):
     started_ms = int(time.time() * 1000)
-    env = {**os.environ, **component_env(pipeline), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "KOTA_MQTT_PORT": str(pipeline.mqtt_port), "KOTA_MQTT_TLS_PORT": str(pipeline.mqtt_tls_port),
-           "KOTA_MQTT_MTLS_PORT": str(pipeline.mqtt_mtls_port)}
+    env = {
+        **os.environ,
+        **component_env(pipeline),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "KOTA_MQTT_PORT": str(pipeline.mqtt_port),
+        "KOTA_MQTT_TLS_PORT": str(pipeline.mqtt_tls_port),
+        "KOTA_MQTT_MTLS_PORT": str(pipeline.mqtt_mtls_port),
+    }
     script = "set -euo pipefail\n" + "\n".join(shell_blocks())
-    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                            cwd=PROJECT_ROOT)
+    result = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"out_of_range\s+kota/bandung/environment/bandung-aq-101/telemetry\s+pm25 = -4", result.stdout)
 
     def since_start(device: str) -> list[tuple[str, float]]:
-        return sorted((metric, value) for ts, metric, value in stored_readings(pipeline, device)
-                      if ts >= started_ms - 2000)
+        return sorted(
+            (metric, value) for ts, metric, value in stored_readings(pipeline, device) if ts >= started_ms - 2000
+        )
 
     def when_complete(device: str, count: int):
         return lambda: (got := since_start(device)) and len(got) >= count and got
 
     assert wait_for(when_complete("bandung-aq-101", 5), what="air-quality values") == [
-        ("pm10", 40.0), ("pm10", 48.0), ("pm25", 31.5), ("relativeHumidity", 71.0), ("temperature", 27.5)]
+        ("pm10", 40.0),
+        ("pm10", 48.0),
+        ("pm25", 31.5),
+        ("relativeHumidity", 71.0),
+        ("temperature", 27.5),
+    ]
     # 92 cm as JSON, and 1.62 m as SenML converted to centimetres
     assert wait_for(when_complete("bandung-gate-101", 2), what="water levels") == [
-        ("currentLevel", 92.0), ("currentLevel", 162.0)]
+        ("currentLevel", 92.0),
+        ("currentLevel", 162.0),
+    ]
     assert wait_for(when_complete("bandung-corridor-101", 2), what="the gateway's device") == [
-        ("averageVehicleSpeed", 23.5), ("occupancy", 0.61)]
-    letters = asyncio.run(_dead_letters_for(pipeline, "kota/bandung/environment/bandung-aq-101/telemetry", 1,
-                                            since_ms=started_ms))
+        ("averageVehicleSpeed", 23.5),
+        ("occupancy", 0.61),
+    ]
+    letters = asyncio.run(
+        _dead_letters_for(pipeline, "kota/bandung/environment/bandung-aq-101/telemetry", 1, since_ms=started_ms)
+    )
     assert [letter["reason"] for letter in letters] == ["out_of_range"]

@@ -38,11 +38,21 @@ def test_missing_and_impossible_values_are_left_out():
     assert station_ispu({"temperature": 30.0}) is None
 
 
-@pytest.mark.parametrize(("ispu", "name", "colour"), [
-    (1, "Baik", "hijau"), (50, "Baik", "hijau"), (50.4, "Baik", "hijau"), (51, "Sedang", "biru"),
-    (100, "Sedang", "biru"), (101, "Tidak Sehat", "kuning"), (200, "Tidak Sehat", "kuning"),
-    (201, "Sangat Tidak Sehat", "merah"), (300, "Sangat Tidak Sehat", "merah"), (301, "Berbahaya", "hitam"),
-])
+@pytest.mark.parametrize(
+    ("ispu", "name", "colour"),
+    [
+        (1, "Baik", "hijau"),
+        (50, "Baik", "hijau"),
+        (50.4, "Baik", "hijau"),
+        (51, "Sedang", "biru"),
+        (100, "Sedang", "biru"),
+        (101, "Tidak Sehat", "kuning"),
+        (200, "Tidak Sehat", "kuning"),
+        (201, "Sangat Tidak Sehat", "merah"),
+        (300, "Sangat Tidak Sehat", "merah"),
+        (301, "Berbahaya", "hitam"),
+    ],
+)
 def test_categories_and_colours(ispu, name, colour):
     assert (category(ispu).name, category(ispu).colour) == (name, colour)
 
@@ -82,6 +92,11 @@ def test_siaga_steps_up_at_each_threshold_and_down_only_past_the_deadband():
     assert [siaga_for(level, thresholds, current=3, deadband_cm=5) for level in (79.5, 76, 75, 74)] == [3, 3, 4, 4]
     # From Siaga 1 each step down has its own deadband: 197 holds 1, 190 is 2, 146 holds 2, 144 is 3.
     assert [siaga_for(level, thresholds, current=1, deadband_cm=5) for level in (197, 190, 146, 144, 60)] == [
-        1, 2, 2, 3, 4]
+        1,
+        2,
+        2,
+        3,
+        4,
+    ]
     assert siaga_for(160, thresholds, current=3, deadband_cm=5) == 2  # stepping up needs no deadband
     assert siaga_for(79, thresholds, deadband_cm=5) == 4  # from normal, the deadband changes nothing

@@ -18,8 +18,11 @@ NOT_LOGGED_IN = KafkaConnectionError  # aiokafka's answer to a refused SASL logi
 
 
 def as_user(stack: StackSettings, user: str, password: str | None = None) -> dict[str, Any]:
-    return {**stack.kafka_client_options(), "sasl_plain_username": user,
-            "sasl_plain_password": password or read_secret(stack.state_dir, kafka_access.password_file(user))}
+    return {
+        **stack.kafka_client_options(),
+        "sasl_plain_username": user,
+        "sasl_plain_password": password or read_secret(stack.state_dir, kafka_access.password_file(user)),
+    }
 
 
 async def produce(options: dict[str, Any], topic: str, value: bytes, **extra: Any) -> None:
@@ -33,8 +36,9 @@ async def produce(options: dict[str, Any], topic: str, value: bytes, **extra: An
 
 async def consume(options: dict[str, Any], group_id: str | None) -> None:
     """Read kota.readings once: as a member of `group_id`, or assigned partition 0 without a group."""
-    consumer = AIOKafkaConsumer(**options, group_id=group_id, enable_auto_commit=False, request_timeout_ms=5000,
-                                auto_offset_reset="latest")
+    consumer = AIOKafkaConsumer(
+        **options, group_id=group_id, enable_auto_commit=False, request_timeout_ms=5000, auto_offset_reset="latest"
+    )
     try:
         await asyncio.wait_for(consumer.start(), 10)
         if group_id is None:
@@ -54,8 +58,9 @@ async def consume(options: dict[str, Any], group_id: str | None) -> None:
 
 def dead_letter() -> bytes:
     rejection = Rejection(Reason.BAD_SHAPE, "tests/test_kafka_access.py: the gateway may write")
-    return encode_dead_letter(topic="kota/test/access", payload=b"{}", received_ms=int(time.time() * 1000),
-                              rejections=[rejection])
+    return encode_dead_letter(
+        topic="kota/test/access", payload=b"{}", received_ms=int(time.time() * 1000), rejections=[rejection]
+    )
 
 
 def test_clients_without_credentials_or_with_a_wrong_password_are_refused(stack):

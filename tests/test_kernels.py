@@ -21,8 +21,9 @@ from processing.settings import ProcessorSettings
 from tests.reference_detectors import reference_scores
 
 
-def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset(),
-             switched=frozenset()):
+def run_both(
+    series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset(), switched=frozenset()
+):
     kinds = {**dict.fromkeys(codes, k.STATE_CODE), **dict.fromkeys(switched, k.SWITCHED)}
     detector = Detectors(params, kind_of=lambda key: kinds.get(key, k.MEASURED))
     detector.series_ids(range(int(max(series, default=-1)) + 1), ranges)
@@ -31,8 +32,7 @@ def run_both(series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS
         s, r = detector.score(np.asarray(series)[chunk], np.asarray(ts)[chunk], np.asarray(values)[chunk])
         scores += list(s)
         reasons += list(r)
-    reference = reference_scores(list(zip(series, ts, values, strict=True)), params, ranges or {}, {}, codes,
-                                 switched)
+    reference = reference_scores(list(zip(series, ts, values, strict=True)), params, ranges or {}, {}, codes, switched)
     return np.array(scores), np.array(reasons), reference
 
 
@@ -71,8 +71,9 @@ def test_random_switched_loads_agree_with_the_reference_in_any_batching(seed, ba
     off = np.random.default_rng(seed + 10).random(len(values)) < 0.3
     values = np.where(off, 0.0, np.abs(values))  # three in ten readings off, the rest on
     ranges = {s: (0.0, 1e6) for s in range(7)}
-    scores, reasons, reference = run_both(series, ts, values, ranges=ranges, batches=batches,
-                                          params=k.ALL_DETECTORS_PARAMS, switched={0, 1, 2, 3})
+    scores, reasons, reference = run_both(
+        series, ts, values, ranges=ranges, batches=batches, params=k.ALL_DETECTORS_PARAMS, switched={0, 1, 2, 3}
+    )
     assert_agree(scores, reasons, reference)
     judged = np.isin(series, [0, 1, 2, 3])
     assert set(reasons[judged & off]) == {k.NONE} and (scores[judged & ~off] > 0).any()
@@ -162,8 +163,9 @@ def test_a_daily_cycle_makes_a_usual_night_value_at_noon_a_dip():
 
 def test_a_water_level_rising_fast_is_a_rate_of_change():
     levels = [80.0 + 0.5 * (i % 3) for i in range(200)] + [80.0 + 15.0 * i for i in range(1, 6)]
-    scores, reasons, reference = run_both([0] * 205, [i * 60_000.0 for i in range(205)], levels,
-                                          params=k.ALL_DETECTORS_PARAMS)
+    scores, reasons, reference = run_both(
+        [0] * 205, [i * 60_000.0 for i in range(205)], levels, params=k.ALL_DETECTORS_PARAMS
+    )
     assert_agree(scores, reasons, reference)
     assert reasons[200] in (k.RATE_OF_CHANGE, k.SPIKE) and scores[200] > 0.3
 
@@ -175,7 +177,6 @@ def test_nan_scores_zero_and_teaches_nothing():
     scores, reasons, reference = run_both(series, ts, with_nan)
     assert_agree(scores, reasons, reference)
     assert (scores[::17] == 0).all() and (reasons[::17] == k.NONE).all()
-
 
 
 def test_nan_times_all_nan_batches_and_unknown_ids():
@@ -194,6 +195,7 @@ def test_nan_times_all_nan_batches_and_unknown_ids():
     for ids in ([0, 3], [-1, 0]):
         with pytest.raises(ValueError, match="unknown series id"):
             detector.score(np.array(ids), np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+
 
 def test_constant_runs_are_stuck_only_for_series_that_usually_move():
     rng = np.random.default_rng(5)
@@ -265,8 +267,9 @@ def test_a_switched_load_that_is_off_is_not_silent():
     params = k.DEFAULT_PARAMS.copy()
     params[k.P_GAP_FACTOR] = 5.0
     ranges = {0: (0.0, 10_000.0)}
-    scores, reasons, reference = run_both(np.zeros(len(ts), np.int64), ts, values, ranges=ranges,
-                                          params=params, switched={0})
+    scores, reasons, reference = run_both(
+        np.zeros(len(ts), np.int64), ts, values, ranges=ranges, params=params, switched={0}
+    )
     assert_agree(scores, reasons, reference)
     assert k.DROPOUT not in set(reasons)  # twelve hours off is not twelve hours of silence
     detector = Detectors(kind_of=lambda key: k.SWITCHED)
@@ -303,8 +306,8 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
     series, blob = serialize(detector.snapshot())
     with np.load(io.BytesIO(blob)) as arrays:
         old = dict(arrays)
-    old["params"] = old["params"][:k.P_GAP_FACTOR]  # as written before the gap detector existed
-    old["state"] = old["state"][:, :k.ROUTINE]  # and before the routine-outlier rate
+    old["params"] = old["params"][: k.P_GAP_FACTOR]  # as written before the gap detector existed
+    old["state"] = old["state"][:, : k.ROUTINE]  # and before the routine-outlier rate
     old["hourly"] = old["hourly"][0]  # and before weekend profiles: (series, hours, 3)
     del old["measured"]
     buffer = io.BytesIO()
@@ -312,7 +315,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
     restored = deserialize(series, buffer.getvalue())
     np.testing.assert_array_equal(restored.params, k.DEFAULT_PARAMS)
     assert list(restored.measured) == [1.0]
-    assert restored.state.shape == (1, k.STATE_COLUMNS) and not restored.state[0, k.ROUTINE:].any()
+    assert restored.state.shape == (1, k.STATE_COLUMNS) and not restored.state[0, k.ROUTINE :].any()
     assert restored.hourly.shape == (k.DAY_KINDS, 1, k.HOURS, 3) and not restored.hourly[1].any()
     Detectors().restore(restored)
 
@@ -346,12 +349,14 @@ def test_snapshot_restored_gives_identical_scores():
     a.score(series[:1500], ts[:1500], values[:1500])
     b = Detectors()
     b.restore(a.snapshot())
-    np.testing.assert_array_equal(a.score(series[1500:], ts[1500:], values[1500:])[0],
-                                  b.score(series[1500:], ts[1500:], values[1500:])[0])
+    np.testing.assert_array_equal(
+        a.score(series[1500:], ts[1500:], values[1500:])[0], b.score(series[1500:], ts[1500:], values[1500:])[0]
+    )
 
 
 def test_state_rows_start_on_cache_lines_when_new_grown_and_restored():
     """The kernel prefetches a reading's state row as two cache lines: a row must not straddle three."""
+
     def aligned(d: Detectors) -> bool:
         return d.state.ctypes.data % 64 == 0 and d.hourly.ctypes.data % 64 == 0
 
@@ -398,9 +403,13 @@ def test_silence_is_scored_on_a_timer():
 def test_the_same_tests_pass_without_the_jit():
     if os.environ.get("NUMBA_DISABLE_JIT") == "1":
         pytest.skip("already running without the JIT")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                             "-k", "not without_the_jit"], env={**os.environ, "NUMBA_DISABLE_JIT": "1"},
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not without_the_jit"],
+        env={**os.environ, "NUMBA_DISABLE_JIT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -461,8 +470,10 @@ def test_minute_partials_equal_a_plain_grouping(n):
         xs = [x for _, x in points]
         first = min(points, key=lambda p: p[0])
         last = max(reversed(points), key=lambda p: p[0])  # the last to arrive among equal times
-        np.testing.assert_allclose(out_stats[i], [len(xs), sum(xs), sum(x * x for x in xs), min(xs), max(xs),
-                                                  first[0], first[1], last[0], last[1]])
+        np.testing.assert_allclose(
+            out_stats[i],
+            [len(xs), sum(xs), sum(x * x for x in xs), min(xs), max(xs), first[0], first[1], last[0], last[1]],
+        )
 
 
 def test_silence_since_arrival_counts_from_the_wall_clock_not_event_time():
@@ -507,8 +518,14 @@ def test_a_series_that_spikes_routinely_stops_alerting_on_every_spike_but_a_quie
 def test_the_processor_settings_choose_dropouts_and_routine_spikes_also_over_a_checkpoint():
     assert new_detectors(ProcessorSettings()).params[k.P_ROUTINE_RATE] == k.DEFAULT_PARAMS[k.P_ROUTINE_RATE]
     assert new_detectors(ProcessorSettings()).params[k.P_WEEKENDS] == 1.0  # a city follows the week
-    settings = ProcessorSettings(dropout_factor=7.0, routine_spike_rate=0.004, anomaly_threshold=0.4,
-                                 weekend_profiles=False, utc_offset_hours=8.0, daily_tightness=0.0)
+    settings = ProcessorSettings(
+        dropout_factor=7.0,
+        routine_spike_rate=0.004,
+        anomaly_threshold=0.4,
+        weekend_profiles=False,
+        utc_offset_hours=8.0,
+        daily_tightness=0.0,
+    )
     detectors = new_detectors(settings)
     assert detectors.params[k.P_GAP_FACTOR] == 7.0 and detectors.params[k.P_ROUTINE_RATE] == 0.004
     assert detectors.params[k.P_WEEKENDS] == 0.0 and detectors.params[k.P_UTC_OFFSET_HOURS] == 8.0
@@ -546,13 +563,21 @@ def partials_of(series, ts, values):
     """minute_partials as {(series, window start): row}."""
     n = len(series)
     out_series, out_bucket, out_stats = np.empty(n, np.int64), np.empty(n), np.empty((n, k.AGG_COLUMNS))
-    rows = k.minute_partials(np.asarray(series, np.int64), np.asarray(ts, np.float64), np.asarray(values, np.float64),
-                             60_000.0, out_series, out_bucket, out_stats)
+    rows = k.minute_partials(
+        np.asarray(series, np.int64),
+        np.asarray(ts, np.float64),
+        np.asarray(values, np.float64),
+        60_000.0,
+        out_series,
+        out_bucket,
+        out_stats,
+    )
     return {(int(out_series[i]), float(out_bucket[i])): out_stats[i].copy() for i in range(rows)}
 
 
-readings_strategy = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4 * 60_000), st.integers(-1000, 1000)),
-                             max_size=60)
+readings_strategy = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 4 * 60_000), st.integers(-1000, 1000)), max_size=60
+)
 
 
 @settings(max_examples=200, deadline=None)

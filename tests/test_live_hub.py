@@ -28,8 +28,10 @@ async def test_each_client_gets_only_what_its_filter_and_scope_allow():
     _reading(hub, "a", "d3", domain="traffic")
     hub.publish("alert", "b", "environment", "d2", {"type": "alert", "alert_id": 1})
     assert len(frame_events(await scoped.take())) == 2  # city a's reading and its traffic reading, never b's
-    assert frame_events(await one_device.take()) == [b'{"type":"readings","city":"b","device_id":"d2"}',
-                                                     b'{"type":"alert","alert_id":1}']
+    assert frame_events(await one_device.take()) == [
+        b'{"type":"readings","city":"b","device_id":"d2"}',
+        b'{"type":"alert","alert_id":1}',
+    ]
     assert frame_events(await traffic.take()) == [b'{"type":"readings","city":"a","device_id":"d3"}']
     assert frame_events(await alerts_only.take()) == [b'{"type":"alert","alert_id":1}']
 
@@ -57,8 +59,10 @@ async def test_a_client_behind_by_several_frames_gets_them_as_one_json_array():
     _reading(hub, "a", "d2")
     frames = await client.take()
     assert len(frames) == 2
-    assert json.loads(frame_text(frames)) == [{"type": "readings", "city": "a", "device_id": "d1"},
-                                              {"type": "readings", "city": "a", "device_id": "d2"}]
+    assert json.loads(frame_text(frames)) == [
+        {"type": "readings", "city": "a", "device_id": "d1"},
+        {"type": "readings", "city": "a", "device_id": "d2"},
+    ]
 
 
 async def test_a_slow_client_is_dropped_with_a_reason_and_its_memory_freed():

@@ -24,7 +24,6 @@ def _fuzz(api_url: str, headers: dict[str, str], examples: int, check) -> list[s
         if operation.path == "/api/v1/live/sse":
             continue  # an endless stream by design; tests/test_ops_api.py covers it and its 401/404
 
-
         @given(case=operation.as_strategy())
         @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def run(case) -> None:  # noqa: ANN001

@@ -41,69 +41,108 @@ class World:
 
 def _seed_hourly(conn: psycopg.Connection, device_id: str, metric: str, bucket: dt.datetime, mean: float) -> None:
     """History older than the processor's lateness limit cannot come over MQTT: seed the hourly rollup."""
-    conn.execute("INSERT INTO agg_1h (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, "
-                 "last_ts, last_value) VALUES (%s, %s, %s, 60, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                 (device_id, metric, bucket, mean * 60, mean * mean * 60, mean, mean, bucket, mean, bucket, mean))
+    conn.execute(
+        "INSERT INTO agg_1h (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, first_value, "
+        "last_ts, last_value) VALUES (%s, %s, %s, 60, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (device_id, metric, bucket, mean * 60, mean * mean * 60, mean, mean, bucket, mean, bucket, mean),
+    )
 
 
 @pytest.fixture(scope="module")
 def world(pipeline: StackSettings) -> World:
     city_a, city_b = unique_id("kota-a"), unique_id("kota-b")
-    kinds = {"air": ("air_quality", "coblong"), "gate": ("water_level", "regol"), "noise": ("noise", "coblong"),
-             "road": ("traffic_corridor", "coblong"), "meter": ("water_meter", "regol"),
-             "meter_usual": ("water_meter", "regol"),
-             "lamp_fault": ("street_light", "coblong"), "lamp_off": ("street_light", "coblong")}
-    devices = {name: provision(pipeline, device_type, city=city_a, district=district, lat=-6.9, lon=107.6)
-               for name, (device_type, district) in kinds.items()}
+    kinds = {
+        "air": ("air_quality", "coblong"),
+        "gate": ("water_level", "regol"),
+        "noise": ("noise", "coblong"),
+        "road": ("traffic_corridor", "coblong"),
+        "meter": ("water_meter", "regol"),
+        "meter_usual": ("water_meter", "regol"),
+        "lamp_fault": ("street_light", "coblong"),
+        "lamp_off": ("street_light", "coblong"),
+    }
+    devices = {
+        name: provision(pipeline, device_type, city=city_a, district=district, lat=-6.9, lon=107.6)
+        for name, (device_type, district) in kinds.items()
+    }
     devices["air_b"] = provision(pipeline, "air_quality", city=city_b, district="kota-lama", lat=-7.0, lon=110.4)
 
     now = int(time.time() * 1000)
     hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
     with psycopg.connect(pipeline.postgres_dsn) as conn:
         for weeks, speed in ((1, 50.0), (2, 40.0)):
-            _seed_hourly(conn, devices["road"].device_id, "averageVehicleSpeed", hour - dt.timedelta(weeks=weeks),
-                         speed)
+            _seed_hourly(
+                conn, devices["road"].device_id, "averageVehicleSpeed", hour - dt.timedelta(weeks=weeks), speed
+            )
         for days in (1, 2):
             _seed_hourly(conn, devices["meter"].device_id, "waterConsumption", hour - dt.timedelta(days=days), 0.6)
-            _seed_hourly(conn, devices["meter_usual"].device_id, "waterConsumption", hour - dt.timedelta(days=days),
-                         1.0)
-        users = {"operator_a": accounts.User(unique_id("op-a"), "operator", (city_a,)),
-                 "integrator_a": accounts.User(unique_id("int-a"), "integrator", (city_a,)),
-                 "operator_b": accounts.User(unique_id("op-b"), "operator", (city_b,)),
-                 "province": accounts.User(unique_id("prov"), "operator", (city_a, city_b)),
-                 "admin": accounts.User(unique_id("admin"), "admin", ())}
+            _seed_hourly(
+                conn, devices["meter_usual"].device_id, "waterConsumption", hour - dt.timedelta(days=days), 1.0
+            )
+        users = {
+            "operator_a": accounts.User(unique_id("op-a"), "operator", (city_a,)),
+            "integrator_a": accounts.User(unique_id("int-a"), "integrator", (city_a,)),
+            "operator_b": accounts.User(unique_id("op-b"), "operator", (city_b,)),
+            "province": accounts.User(unique_id("prov"), "operator", (city_a, city_b)),
+            "admin": accounts.User(unique_id("admin"), "admin", ()),
+        }
         tokens = {}
         for name, user in users.items():
             accounts.upsert_user(conn, user, actor="tests")
             tokens[name] = accounts.issue_token(conn, user.user_id, actor="tests")
 
-    send(pipeline, devices["air"], [{"ts": now - 60_000, "values": {"pm25": 100.0}},
-                                     {"ts": now, "values": {"pm25": 100.0}}])
+    send(
+        pipeline,
+        devices["air"],
+        [{"ts": now - 60_000, "values": {"pm25": 100.0}}, {"ts": now, "values": {"pm25": 100.0}}],
+    )
     send(pipeline, devices["air_b"], {"ts": now, "values": {"pm25": 10.0}})
     send(pipeline, devices["gate"], {"ts": now, "values": {"currentLevel": 160.0}})
     send(pipeline, devices["noise"], {"ts": now, "values": {"LAeq": 70.0, "LAmax": 82.0}})
-    send(pipeline, devices["road"], {"ts": now, "values": {"averageVehicleSpeed": 20.0, "occupancy": 0.6,
-                                                             "intensity": 30.0}})
+    send(
+        pipeline,
+        devices["road"],
+        {"ts": now, "values": {"averageVehicleSpeed": 20.0, "occupancy": 0.6, "intensity": 30.0}},
+    )
     # Three hours of flow that never drops below 1.2 m3/h: a leak where the meter usually gets down to
     # 0.6 at these hours, but ordinary where it usually gets down to 1.0 (a building that never sleeps).
     for meter in ("meter", "meter_usual"):
-        send(pipeline, devices[meter], [{"ts": now - i * 60_000, "values": {"waterConsumption": 1.2}}
-                                        for i in range(180)])
+        send(
+            pipeline,
+            devices[meter],
+            [{"ts": now - i * 60_000, "values": {"waterConsumption": 1.2}} for i in range(180)],
+        )
     send(pipeline, devices["lamp_fault"], {"ts": now, "values": {"powerState": 1, "powerConsumption": 0.0}})
     send(pipeline, devices["lamp_off"], {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
 
     w = World(pipeline, city_a, city_b, devices, tokens)
     with w.client("admin") as admin:
         for meter in ("meter", "meter_usual"):
-            wait_for(lambda m=meter: len(admin.get(f"/api/v1/devices/{devices[m].device_id}/series",
-                                                   params={"metric": "waterConsumption", "resolution": "raw",
-                                                           "start": _iso(now - 4 * 3_600_000)}).json()["points"])
-                     == 180, what=f"the {meter}'s three hours stored")
+            wait_for(
+                lambda m=meter: (
+                    len(
+                        admin.get(
+                            f"/api/v1/devices/{devices[m].device_id}/series",
+                            params={
+                                "metric": "waterConsumption",
+                                "resolution": "raw",
+                                "start": _iso(now - 4 * 3_600_000),
+                            },
+                        ).json()["points"]
+                    )
+                    == 180
+                ),
+                what=f"the {meter}'s three hours stored",
+            )
         for name in ("air", "gate", "noise", "road", "lamp_fault", "lamp_off", "air_b"):
-            wait_for(lambda n=name: admin.get(f"/api/v1/devices/{devices[n].device_id}/latest").json()["values"],
-                     what=f"{name} stored")
-        wait_for(lambda: admin.get("/api/v1/alerts", params={"city": city_a, "state": "open"}).json()["alerts"],
-                 what="alerts raised in city A")
+            wait_for(
+                lambda n=name: admin.get(f"/api/v1/devices/{devices[n].device_id}/latest").json()["values"],
+                what=f"{name} stored",
+            )
+        wait_for(
+            lambda: admin.get("/api/v1/alerts", params={"city": city_a, "state": "open"}).json()["alerts"],
+            what="alerts raised in city A",
+        )
     return w
 
 
@@ -121,13 +160,25 @@ def _alert_of(world: World, alert_type: str) -> dict:
 def _endpoints(world: World) -> list[tuple[str, str]]:
     air = world.devices["air"].device_id
     alert_id = _alert_of(world, "flood_siaga")["alert_id"]
-    return [("GET", "/api/v1/me"), ("GET", "/api/v1/cities"), ("GET", f"/api/v1/cities/{world.city_a}/environment"),
-            ("GET", f"/api/v1/cities/{world.city_a}/living"), ("GET", "/api/v1/province"),
-            ("GET", "/api/v1/devices"), ("GET", f"/api/v1/devices/{air}"), ("GET", f"/api/v1/devices/{air}/latest"),
-            ("GET", f"/api/v1/devices/{air}/series?metric=pm25"), ("POST", "/api/v1/devices"),
-            ("PATCH", f"/api/v1/devices/{air}"), ("GET", "/api/v1/alerts"), ("GET", f"/api/v1/alerts/{alert_id}"),
-            ("POST", f"/api/v1/alerts/{alert_id}/acknowledge"), ("POST", f"/api/v1/alerts/{alert_id}/clear"),
-            ("GET", "/api/v1/audit"), ("GET", "/api/v1/live/sse")]
+    return [
+        ("GET", "/api/v1/me"),
+        ("GET", "/api/v1/cities"),
+        ("GET", f"/api/v1/cities/{world.city_a}/environment"),
+        ("GET", f"/api/v1/cities/{world.city_a}/living"),
+        ("GET", "/api/v1/province"),
+        ("GET", "/api/v1/devices"),
+        ("GET", f"/api/v1/devices/{air}"),
+        ("GET", f"/api/v1/devices/{air}/latest"),
+        ("GET", f"/api/v1/devices/{air}/series?metric=pm25"),
+        ("POST", "/api/v1/devices"),
+        ("PATCH", f"/api/v1/devices/{air}"),
+        ("GET", "/api/v1/alerts"),
+        ("GET", f"/api/v1/alerts/{alert_id}"),
+        ("POST", f"/api/v1/alerts/{alert_id}/acknowledge"),
+        ("POST", f"/api/v1/alerts/{alert_id}/clear"),
+        ("GET", "/api/v1/audit"),
+        ("GET", "/api/v1/live/sse"),
+    ]
 
 
 def test_every_endpoint_answers_401_without_a_token_or_with_a_wrong_one(world):
@@ -148,14 +199,16 @@ def test_another_citys_data_answers_404_as_if_it_did_not_exist(world):
     air_a = world.devices["air"].device_id
     alert_id = _alert_of(world, "flood_siaga")["alert_id"]
     with world.client("operator_b") as op_b:
-        for path, detail in ((f"/api/v1/devices/{air_a}", "device not found"),
-                             (f"/api/v1/devices/{air_a}/latest", "device not found"),
-                             (f"/api/v1/devices/{air_a}/series?metric=pm25", "device not found"),
-                             (f"/api/v1/cities/{world.city_a}/environment", "city not found"),
-                             (f"/api/v1/cities/{world.city_a}/living", "city not found"),
-                             (f"/api/v1/alerts/{alert_id}", "alert not found"),
-                             ("/api/v1/devices/no-such-device", "device not found"),
-                             ("/api/v1/alerts/999999999", "alert not found")):
+        for path, detail in (
+            (f"/api/v1/devices/{air_a}", "device not found"),
+            (f"/api/v1/devices/{air_a}/latest", "device not found"),
+            (f"/api/v1/devices/{air_a}/series?metric=pm25", "device not found"),
+            (f"/api/v1/cities/{world.city_a}/environment", "city not found"),
+            (f"/api/v1/cities/{world.city_a}/living", "city not found"),
+            (f"/api/v1/alerts/{alert_id}", "alert not found"),
+            ("/api/v1/devices/no-such-device", "device not found"),
+            ("/api/v1/alerts/999999999", "alert not found"),
+        ):
             response = op_b.get(path)
             assert (response.status_code, response.json()) == (404, {"detail": detail}), path
         for action in ("acknowledge", "clear"):
@@ -169,8 +222,11 @@ def test_another_citys_data_answers_404_as_if_it_did_not_exist(world):
         assert [c["city"] for c in op_b.get("/api/v1/cities").json()] == [world.city_b]
         assert all(a["city"] == world.city_b for a in op_b.get("/api/v1/alerts").json()["alerts"])
         assert [c["city"] for c in op_b.get("/api/v1/province").json()["cities"]] == [world.city_b]
-        assert op_b.get("/api/v1/me").json() == {"user_id": op_b.get("/api/v1/me").json()["user_id"],
-                                                 "role": "operator", "cities": [world.city_b]}
+        assert op_b.get("/api/v1/me").json() == {
+            "user_id": op_b.get("/api/v1/me").json()["user_id"],
+            "role": "operator",
+            "cities": [world.city_b],
+        }
     with world.client("admin") as admin:
         assert {world.city_a, world.city_b} <= {c["city"] for c in admin.get("/api/v1/cities").json()}
         assert admin.get(f"/api/v1/devices/{air_a}").status_code == 200
@@ -183,7 +239,9 @@ def test_roles_answer_403_with_a_stable_detail(world):
     with world.client("integrator_a") as integrator:
         response = integrator.post(f"/api/v1/alerts/{alert_id}/acknowledge", json={})
         assert (response.status_code, response.json()) == (
-            403, {"detail": "role integrator may not acknowledge alerts"})
+            403,
+            {"detail": "role integrator may not acknowledge alerts"},
+        )
         response = integrator.post(f"/api/v1/alerts/{alert_id}/clear", json={})
         assert (response.status_code, response.json()) == (403, {"detail": "role integrator may not clear alerts"})
         assert integrator.get("/api/v1/audit").json() == {"detail": "role integrator may not read the audit log"}
@@ -197,18 +255,31 @@ def test_roles_answer_403_with_a_stable_detail(world):
 def test_an_integrator_manages_devices_of_their_city_only_and_each_change_is_audited(world):
     device_id = unique_id("noise")
     with world.client("integrator_a") as integrator:
-        outside = integrator.post("/api/v1/devices", json={"device_id": device_id, "city": world.city_b,
-                                                          "device_type": "noise"})
+        outside = integrator.post(
+            "/api/v1/devices", json={"device_id": device_id, "city": world.city_b, "device_type": "noise"}
+        )
         assert (outside.status_code, outside.json()) == (404, {"detail": "city not found"})
-        created = integrator.post("/api/v1/devices", json={"device_id": device_id, "city": world.city_a,
-                                                          "device_type": "noise", "district": "coblong",
-                                                          "lat": -6.88, "lon": 107.61})
+        created = integrator.post(
+            "/api/v1/devices",
+            json={
+                "device_id": device_id,
+                "city": world.city_a,
+                "device_type": "noise",
+                "district": "coblong",
+                "lat": -6.88,
+                "lon": 107.61,
+            },
+        )
         assert created.status_code == 201, created.text
         body = created.json()
         assert body["device"]["metrics"]["LAeq"] == {"unit": "dB", "low": 0.0, "high": 160.0}
         assert body["device"]["status"] == "offline"
-        assert integrator.post("/api/v1/devices", json={"device_id": device_id, "city": world.city_a,
-                                                       "device_type": "noise"}).status_code == 409
+        assert (
+            integrator.post(
+                "/api/v1/devices", json={"device_id": device_id, "city": world.city_a, "device_type": "noise"}
+            ).status_code
+            == 409
+        )
         changed = integrator.patch(f"/api/v1/devices/{device_id}", json={"enabled": False, "district": "regol"})
         assert (changed.json()["enabled"], changed.json()["district"]) == (False, "regol")
     # The device's new MQTT account works at once (the broker was reloaded), then closes when disabled.
@@ -250,8 +321,14 @@ def test_smart_environment_ispu_noise_and_water_levels(world):
         district = operator.get(f"/api/v1/cities/{world.city_a}/environment", params={"district": "regol"}).json()
     [station] = env["air_quality"]
     # pm25 100 µg/m3 over the window: band 55.4-150.4 → ISPU 101-200.
-    assert station["ispu"] == {"value": 147, "display": "147", "category": "Tidak Sehat", "category_en": "Unhealthy",
-                               "colour": "kuning", "hex": "#f2c200"}
+    assert station["ispu"] == {
+        "value": 147,
+        "display": "147",
+        "category": "Tidak Sehat",
+        "category_en": "Unhealthy",
+        "colour": "kuning",
+        "hex": "#f2c200",
+    }
     assert station["critical"] == "pm25"
     noise = next(n for n in env["noise"] if n["device_id"] == world.devices["noise"].device_id)
     assert env["noise"][0] == noise  # loudest first
@@ -283,8 +360,9 @@ def test_smart_living_traffic_utilities_and_street_lighting(world):
     assert meter["vs_baseline_pct"] == pytest.approx(100.0)
     # The same flow where the meter usually gets no lower than 1.0: within the 0.5 m3/h margin.
     assert (usual["suspected_leak"], usual["leak_usual_min_flow"]) == (False, 1.0)
-    assert living["street_lighting"] == [{"district": "coblong", "total": 2, "on": 0, "off": 1, "fault": 1,
-                                          "offline": 0}]
+    assert living["street_lighting"] == [
+        {"district": "coblong", "total": 2, "on": 0, "off": 1, "fault": 1, "offline": 0}
+    ]
 
 
 def test_province_view_sets_the_cities_side_by_side(world):
@@ -304,15 +382,26 @@ def test_series_pages_through_raw_and_minute_resolution(world):
     meter = world.devices["meter"].device_id
     start = _iso(int(time.time() * 1000) - 4 * 3_600_000)
     with world.client("operator_a") as operator:
-        first = operator.get(f"/api/v1/devices/{meter}/series", params={
-            "metric": "waterConsumption", "resolution": "1m", "start": start, "limit": 100}).json()
-        second = operator.get(f"/api/v1/devices/{meter}/series", params={
-            "metric": "waterConsumption", "resolution": "1m", "start": first["next_start"], "limit": 100}).json()
-        hourly = operator.get(f"/api/v1/devices/{meter}/series", params={
-            "metric": "waterConsumption", "resolution": "1h",
-            "start": _iso(int(time.time() * 1000) - 3 * 86_400_000)}).json()
-        bad = operator.get(f"/api/v1/devices/{meter}/series", params={
-            "metric": "waterConsumption", "start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z"})
+        first = operator.get(
+            f"/api/v1/devices/{meter}/series",
+            params={"metric": "waterConsumption", "resolution": "1m", "start": start, "limit": 100},
+        ).json()
+        second = operator.get(
+            f"/api/v1/devices/{meter}/series",
+            params={"metric": "waterConsumption", "resolution": "1m", "start": first["next_start"], "limit": 100},
+        ).json()
+        hourly = operator.get(
+            f"/api/v1/devices/{meter}/series",
+            params={
+                "metric": "waterConsumption",
+                "resolution": "1h",
+                "start": _iso(int(time.time() * 1000) - 3 * 86_400_000),
+            },
+        ).json()
+        bad = operator.get(
+            f"/api/v1/devices/{meter}/series",
+            params={"metric": "waterConsumption", "start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+        )
     assert len(first["points"]) == 100 and first["next_start"] is not None
     assert len(second["points"]) == 80 and second["next_start"] is None
     assert first["points"][-1]["ts"] < second["points"][0]["ts"]
@@ -324,12 +413,15 @@ def test_series_pages_through_raw_and_minute_resolution(world):
 # -- alerts --------------------------------------------------------------------------------------
 def test_alerts_filter_acknowledge_and_clear_with_history_and_audit(world):
     with world.client("operator_a") as operator:
-        listed = operator.get("/api/v1/alerts", params={"city": world.city_a, "domain": "environment",
-                                                        "severity": "major", "state": "active"}).json()["alerts"]
+        listed = operator.get(
+            "/api/v1/alerts",
+            params={"city": world.city_a, "domain": "environment", "severity": "major", "state": "active"},
+        ).json()["alerts"]
         gate_alert = next(a for a in listed if a["alert_type"] == "flood_siaga")
         assert gate_alert["device_id"] == world.devices["gate"].device_id and gate_alert["district"] == "regol"
-        assert operator.get("/api/v1/alerts", params={"city": world.city_a, "severity": "critical"}).json()[
-            "alerts"] == []
+        assert (
+            operator.get("/api/v1/alerts", params={"city": world.city_a, "severity": "critical"}).json()["alerts"] == []
+        )
         page = operator.get("/api/v1/alerts", params={"city": world.city_a, "limit": 1}).json()
         assert len(page["alerts"]) == 1 and page["next_before_id"] == page["alerts"][0]["alert_id"]
 
@@ -345,8 +437,10 @@ def test_alerts_filter_acknowledge_and_clear_with_history_and_audit(world):
     me = acked.json()["acknowledged_by"]
     assert cleared["state"] == "cleared" and cleared["cleared_by"] == me
     assert [(h["action"], h["actor"], h["comment"]) for h in detail["history"]] == [
-        ("raised", "kota-processor", detail["history"][0]["comment"]), ("acknowledged", me, "petugas di lokasi"),
-        ("cleared", me, "air surut")]
+        ("raised", "kota-processor", detail["history"][0]["comment"]),
+        ("acknowledged", me, "petugas di lokasi"),
+        ("cleared", me, "air surut"),
+    ]
     actions = [(e["action"], e["actor"], e["details"]["comment"]) for e in audit if e["target_id"] == str(alert_id)]
     assert actions == [("alert.clear", me, "air surut"), ("alert.acknowledge", me, "petugas di lokasi")]
 
@@ -367,8 +461,10 @@ async def _next_event(ws: websockets.ClientConnection, kind: str, timeout_s: flo
 
 
 async def test_websocket_feed_carries_readings_of_the_callers_cities_only(world):
-    async with (websockets.connect(_ws_url(world, "operator_b")) as ws_b,
-                websockets.connect(_ws_url(world, "operator_a", city=world.city_a)) as ws_a):
+    async with (
+        websockets.connect(_ws_url(world, "operator_b")) as ws_b,
+        websockets.connect(_ws_url(world, "operator_a", city=world.city_a)) as ws_a,
+    ):
         await asyncio.sleep(1.0)  # the hub reads Kafka from its end: let the subscriptions settle
         await asyncio.to_thread(send, world.stack, world.devices["noise"], {"LAeq": 61.5, "LAmax": 70.0})
         await asyncio.to_thread(send, world.stack, world.devices["air_b"], {"pm25": 12.5})
@@ -405,15 +501,21 @@ async def test_server_sent_events_carry_alert_changes(world):
                 pass
     event = json.loads(line.removeprefix("data: "))
     assert (event["type"], event["alert_id"], event["action"], event["comment"]) == (
-        "alert", alert_id, "acknowledged", "dicek")
+        "alert",
+        alert_id,
+        "acknowledged",
+        "dicek",
+    )
     assert event["actor"] == acked.json()["acknowledged_by"]
 
 
 def test_health_reports_lag_throughput_and_prometheus_metrics(world):
     # Signed in: the details (anyone else gets only ok or degraded); /metrics: admins only.
     with world.client("operator_a") as client:
-        health = wait_for(lambda: (h := client.get("/health").json())["processor"]["readings_per_s"] is not None
-                          and h, what="a throughput sample")
+        health = wait_for(
+            lambda: (h := client.get("/health").json())["processor"]["readings_per_s"] is not None and h,
+            what="a throughput sample",
+        )
     with world.client("admin") as client:
         metrics = client.get("/metrics").text
     assert health["processor"]["consumer_lag"] is not None and health["processor"]["consumer_lag"] >= 0

@@ -35,8 +35,12 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
     send_now(air, {"pm25": 30.0})
     send_now(gate, {"currentLevel": 170.0})  # Siaga 2: an alert to acknowledge
     with psycopg.connect(pipeline.postgres_dsn) as conn:
-        wait_for(lambda: conn.execute("SELECT 1 FROM alerts WHERE device_id = %s AND state = 'active'",
-                                      (gate.device_id,)).fetchone(), what="the gate's alert")
+        wait_for(
+            lambda: conn.execute(
+                "SELECT 1 FROM alerts WHERE device_id = %s AND state = 'active'", (gate.device_id,)
+            ).fetchone(),
+            what="the gate's alert",
+        )
 
     SCREENSHOTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
@@ -95,6 +99,7 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
     assert not errors, errors
     assert Path(shot).stat().st_size > 10_000
     with psycopg.connect(pipeline.postgres_dsn) as conn:
-        by = conn.execute("SELECT acknowledged_by FROM alerts WHERE device_id = %s AND alert_type = 'flood_siaga'",
-                          (gate.device_id,)).fetchone()
+        by = conn.execute(
+            "SELECT acknowledged_by FROM alerts WHERE device_id = %s AND alert_type = 'flood_siaga'", (gate.device_id,)
+        ).fetchone()
     assert by == (user.user_id,)

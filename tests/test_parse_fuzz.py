@@ -21,22 +21,33 @@ GATE = new_device("gate-1", "bandung", "water_level", gateway_id="gw-1")
 CORRIDOR = new_device("corridor-1", "bandung", "traffic_corridor", gateway_id="gw-1")
 DEVICES = {d.device_id: d for d in (AQ, LIGHT, GATE, CORRIDOR)}
 GATEWAYS = {"gw-1": Gateway("gw-1", "bandung")}
-TOPICS = [device_telemetry_topic("bandung", "environment", "aq-1"),
-          device_telemetry_topic("bandung", "environment", "aq-1", "senml"),
-          gateway_telemetry_topic("bandung", "gw-1"),
-          gateway_telemetry_topic("bandung", "gw-1", "senml")]
+TOPICS = [
+    device_telemetry_topic("bandung", "environment", "aq-1"),
+    device_telemetry_topic("bandung", "environment", "aq-1", "senml"),
+    gateway_telemetry_topic("bandung", "gw-1"),
+    gateway_telemetry_topic("bandung", "gw-1", "senml"),
+]
 LIMITS = ParseLimits()
 METRIC_NAMES = sorted({m for d in DEVICES.values() for m in d.metrics})
 
 huge_ints = st.integers(min_value=10**300, max_value=10**4000).map(lambda n: n * (-1) ** (n % 2))
-numbers = st.one_of(st.integers(), huge_ints, st.floats(allow_nan=True, allow_infinity=True),
-                    st.floats(min_value=-1e6, max_value=1e6))
-scalars = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=20),
-                    st.sampled_from(["\x1b[2J", "a\nb", "\u202e", "\ud800".encode("utf-8", "surrogatepass")
-                                     .decode("utf-8", "surrogatepass")]))
-json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                           max_leaves=20)
+numbers = st.one_of(
+    st.integers(), huge_ints, st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=-1e6, max_value=1e6)
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    numbers,
+    st.text(max_size=20),
+    st.sampled_from(
+        ["\x1b[2J", "a\nb", "\u202e", "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")]
+    ),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=20,
+)
 metric_names = st.one_of(st.sampled_from(METRIC_NAMES), st.text(max_size=12))
 times = st.one_of(st.none(), st.integers(min_value=NOW - 10**10, max_value=NOW + 10**9), numbers, json_values)
 
@@ -48,13 +59,27 @@ def device_payloads() -> st.SearchStrategy[object]:
 
 
 def senml_records() -> st.SearchStrategy[object]:
-    names = st.one_of(metric_names, st.sampled_from(["gate-1/currentLevel", "corridor-1/intensity", "x/pm25"]),
-                      st.text(max_size=16), json_values)
-    record = st.fixed_dictionaries({}, optional={"bn": st.one_of(st.just("gate-1/"), st.text(max_size=8), numbers),
-                                                 "bt": st.one_of(st.just(NOW / 1000), numbers), "n": names,
-                                                 "t": times, "u": st.one_of(st.text(max_size=6), json_values),
-                                                 "v": st.one_of(numbers, json_values), "vb": json_values,
-                                                 "vs": json_values, "bv": numbers, "bu": st.text(max_size=6)})
+    names = st.one_of(
+        metric_names,
+        st.sampled_from(["gate-1/currentLevel", "corridor-1/intensity", "x/pm25"]),
+        st.text(max_size=16),
+        json_values,
+    )
+    record = st.fixed_dictionaries(
+        {},
+        optional={
+            "bn": st.one_of(st.just("gate-1/"), st.text(max_size=8), numbers),
+            "bt": st.one_of(st.just(NOW / 1000), numbers),
+            "n": names,
+            "t": times,
+            "u": st.one_of(st.text(max_size=6), json_values),
+            "v": st.one_of(numbers, json_values),
+            "vb": json_values,
+            "vs": json_values,
+            "bv": numbers,
+            "bu": st.text(max_size=6),
+        },
+    )
     return st.one_of(record, st.lists(record, max_size=5), json_values)
 
 
@@ -65,9 +90,14 @@ def payloads() -> st.SearchStrategy[tuple[str, bytes]]:
 
     device = st.tuples(st.just(TOPICS[0]), device_payloads().map(encode))
     senml = st.tuples(st.sampled_from([TOPICS[1], TOPICS[3]]), senml_records().map(encode))
-    gateway = st.tuples(st.just(TOPICS[2]), st.dictionaries(
-        st.one_of(st.sampled_from(["gate-1", "corridor-1", "aq-1", "nobody"]), st.text(max_size=8)),
-        device_payloads(), max_size=4).map(encode))
+    gateway = st.tuples(
+        st.just(TOPICS[2]),
+        st.dictionaries(
+            st.one_of(st.sampled_from(["gate-1", "corridor-1", "aq-1", "nobody"]), st.text(max_size=8)),
+            device_payloads(),
+            max_size=4,
+        ).map(encode),
+    )
     raw = st.tuples(st.sampled_from(TOPICS), st.binary(max_size=300))
     return st.one_of(device, senml, gateway, raw)
 
@@ -147,7 +177,8 @@ def test_more_values_than_the_limit_refuse_the_message():
 
 
 def test_device_text_in_reasons_cannot_forge_lines_or_drive_a_terminal():
-    result = parse(TOPICS[0], json.dumps({"pm25\n2026-12-04 kota.gateway ERROR forged": 1,
-                                          "\x1b[2J\x1b[31mred": 2}).encode())
+    result = parse(
+        TOPICS[0], json.dumps({"pm25\n2026-12-04 kota.gateway ERROR forged": 1, "\x1b[2J\x1b[31mred": 2}).encode()
+    )
     assert [r.reason for r in result.rejections] == [Reason.UNKNOWN_METRIC] * 2
     assert all("\n" not in r.message and "\x1b" not in r.message for r in result.rejections)

@@ -25,8 +25,10 @@ pytestmark = pytest.mark.stack
 
 def dead_letter_counts(stack) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{stack.processor_metrics_port}/metrics", timeout=5).text
-    return {m[1]: float(m[2]) for m in re.finditer(r'^kota_processor_dead_letters_total\{reason="(\w+)"\} (\S+)$',
-                                                    text, re.M)}
+    return {
+        m[1]: float(m[2])
+        for m in re.finditer(r'^kota_processor_dead_letters_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    }
 
 
 def workers(stack) -> set[int]:
@@ -36,8 +38,12 @@ def workers(stack) -> set[int]:
 
 
 def stored_offset(stack, partition: int) -> int:
-    rows = query(stack, "SELECT next_offset FROM stream_offsets WHERE consumer_group = 'kota-processor' "
-                        "AND topic = %s AND partition = %s", (READINGS_TOPIC, partition))
+    rows = query(
+        stack,
+        "SELECT next_offset FROM stream_offsets WHERE consumer_group = 'kota-processor' "
+        "AND topic = %s AND partition = %s",
+        (READINGS_TOPIC, partition),
+    )
     return rows[0][0] if rows else -1
 
 
@@ -56,33 +62,67 @@ def test_bad_records_are_dead_lettered_and_the_partition_goes_on(pipeline):
     now = int(time.time() * 1000)
 
     def good(i: int) -> bytes:
-        return encode_device_batch([Reading(now - 60_000 + i * 1000, meter.city, meter.domain, meter.device_id,
-                                            "pressure", 3.0 + i, "bar", now, "test")])
+        return encode_device_batch(
+            [
+                Reading(
+                    now - 60_000 + i * 1000,
+                    meter.city,
+                    meter.domain,
+                    meter.device_id,
+                    "pressure",
+                    3.0 + i,
+                    "bar",
+                    now,
+                    "test",
+                )
+            ]
+        )
 
     def raw(ts: object, metric: str) -> bytes:
-        return orjson.dumps({"v": WIRE_VERSION, "city": meter.city, "domain": meter.domain, "device": meter.device_id,
-                             "recv": now, "src": "test", "r": [[ts, metric, 1.0, "bar"]]})
+        return orjson.dumps(
+            {
+                "v": WIRE_VERSION,
+                "city": meter.city,
+                "domain": meter.domain,
+                "device": meter.device_id,
+                "recv": now,
+                "src": "test",
+                "r": [[ts, metric, 1.0, "bar"]],
+            }
+        )
 
-    bad = {"undecodable": b"\xff not json at all",
-           "time_out_of_range": raw(1e20, "pressure"),  # overflowed the day arithmetic of the readings' partitions
-           # Decodes and passes every check, but too long for the readings' index: the database refuses it.
-           "storage_error": raw(now, base64.b64encode(os.urandom(6000)).decode())}
+    bad = {
+        "undecodable": b"\xff not json at all",
+        "time_out_of_range": raw(1e20, "pressure"),  # overflowed the day arithmetic of the readings' partitions
+        # Decodes and passes every check, but too long for the readings' index: the database refuses it.
+        "storage_error": raw(now, base64.b64encode(os.urandom(6000)).decode()),
+    }
     values = [good(0), bad["undecodable"], good(1), bad["time_out_of_range"], good(2), bad["storage_error"], good(3)]
     partitions = list(range(pipeline.kafka_partitions))
     partition = DefaultPartitioner()(meter.device_id.encode(), partitions, partitions)
     before, pids = dead_letter_counts(pipeline), workers(pipeline)
 
     offsets = asyncio.run(produce(pipeline, meter.device_id.encode(), values))
-    wait_for(lambda: stored_offset(pipeline, partition) > offsets[-1], timeout_s=60,
-             what="the partition past the bad records")
+    wait_for(
+        lambda: stored_offset(pipeline, partition) > offsets[-1],
+        timeout_s=60,
+        what="the partition past the bad records",
+    )
 
     expected = [(now - 60_000 + i * 1000, "pressure", 3.0 + i) for i in range(4)]
     assert stored_readings(pipeline, meter.device_id) == expected  # every good reading, once
-    rows = query(pipeline, 'SELECT "offset", reason, value_length, record_key FROM processor_dead_letters '
-                           'WHERE consumer_group = %s AND topic = %s AND partition = %s AND "offset" = ANY(%s) '
-                           'ORDER BY "offset"', ("kota-processor", READINGS_TOPIC, partition, offsets))
-    assert [(r[0], r[1]) for r in rows] == [(offsets[1], "undecodable"), (offsets[3], "time_out_of_range"),
-                                            (offsets[5], "storage_error")]
+    rows = query(
+        pipeline,
+        'SELECT "offset", reason, value_length, record_key FROM processor_dead_letters '
+        'WHERE consumer_group = %s AND topic = %s AND partition = %s AND "offset" = ANY(%s) '
+        'ORDER BY "offset"',
+        ("kota-processor", READINGS_TOPIC, partition, offsets),
+    )
+    assert [(r[0], r[1]) for r in rows] == [
+        (offsets[1], "undecodable"),
+        (offsets[3], "time_out_of_range"),
+        (offsets[5], "storage_error"),
+    ]
     assert [r[2] for r in rows] == [len(values[1]), len(values[3]), len(values[5])]
     assert all(bytes(r[3]) == meter.device_id.encode() for r in rows)
     after = dead_letter_counts(pipeline)
@@ -96,7 +136,15 @@ def test_bad_records_are_dead_lettered_and_the_partition_goes_on(pipeline):
     later = asyncio.run(produce(pipeline, meter.device_id.encode(), [good(4)]))
     wait_for(lambda: len(stored_readings(pipeline, meter.device_id)) == 5, timeout_s=60, what="the reading after")
     assert stored_readings(pipeline, meter.device_id) == [*expected, (now - 60_000 + 4000, "pressure", 7.0)]
-    assert len(query(pipeline, 'SELECT 1 FROM processor_dead_letters WHERE partition = %s AND "offset" = ANY(%s)',
-                     (partition, offsets))) == 3
+    assert (
+        len(
+            query(
+                pipeline,
+                'SELECT 1 FROM processor_dead_letters WHERE partition = %s AND "offset" = ANY(%s)',
+                (partition, offsets),
+            )
+        )
+        == 3
+    )
     assert later[0] > offsets[-1]
     assert not any(dead_letter_counts(pipeline).values()), "the restarted processor wrote dead letters again"

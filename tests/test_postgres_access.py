@@ -28,8 +28,9 @@ COMPONENT_ROLES = (postgres_access.PROCESSOR, postgres_access.GATEWAY, postgres_
 
 def _dsn(stack: StackSettings, role: str, *, password: str | None = None) -> str:
     secret = password if password is not None else read_secret(stack.state_dir, f"postgres-{role}.password")
-    return make_conninfo(host="127.0.0.1", port=stack.postgres_port, dbname=stack.database, user=role,
-                         password=secret, connect_timeout=5)
+    return make_conninfo(
+        host="127.0.0.1", port=stack.postgres_port, dbname=stack.database, user=role, password=secret, connect_timeout=5
+    )
 
 
 @pytest.fixture
@@ -60,8 +61,14 @@ def _refused(conn: psycopg.Connection, statement: str, on: str) -> None:
 def _psql(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """psql run as the OS user `nobody`, who has no password file, never prompted (-w)."""
     argv = ["runuser", "-u", "nobody", "--", str(install.postgres_bin() / "psql"), "-X", "-w", "-At", *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd="/",
-                          env={"PATH": os.environ["PATH"], "PGCONNECT_TIMEOUT": "5", **(env or {})})
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        env={"PATH": os.environ["PATH"], "PGCONNECT_TIMEOUT": "5", **(env or {})},
+    )
 
 
 # -- who gets in ---------------------------------------------------------------------------------
@@ -90,20 +97,62 @@ def test_socket_folder_is_not_open_to_other_users(stack):
 def test_a_local_user_without_the_password_is_refused(stack):
     paths = folders.postgres_paths(stack)
     for role in ("postgres", postgres_access.OWNER, *COMPONENT_ROLES):
-        tcp = _psql("-h", "127.0.0.1", "-p", str(stack.postgres_port), "-U", role, "-d", stack.database,
-                    "-c", "SELECT current_user")
+        tcp = _psql(
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(stack.postgres_port),
+            "-U",
+            role,
+            "-d",
+            stack.database,
+            "-c",
+            "SELECT current_user",
+        )
         assert tcp.returncode != 0 and "no password supplied" in tcp.stderr, (role, tcp.stdout, tcp.stderr)
-        wrong = _psql("-h", "127.0.0.1", "-p", str(stack.postgres_port), "-U", role, "-d", stack.database,
-                      "-c", "SELECT current_user", env={"PGPASSWORD": "guessed"})
+        wrong = _psql(
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(stack.postgres_port),
+            "-U",
+            role,
+            "-d",
+            stack.database,
+            "-c",
+            "SELECT current_user",
+            env={"PGPASSWORD": "guessed"},
+        )
         assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr, (role, wrong.stderr)
-        unix = _psql("-h", str(paths.socket_dir), "-p", str(stack.postgres_port), "-U", role, "-d", stack.database,
-                     "-c", "SELECT current_user")
+        unix = _psql(
+            "-h",
+            str(paths.socket_dir),
+            "-p",
+            str(stack.postgres_port),
+            "-U",
+            role,
+            "-d",
+            stack.database,
+            "-c",
+            "SELECT current_user",
+        )
         assert unix.returncode != 0, (role, unix.stdout, unix.stderr)
     # The same user with the password gets in: what refused it above was the password, nothing else.
     api = postgres_access.API
     secret = read_secret(stack.state_dir, f"postgres-{api}.password") or ""
-    allowed = _psql("-h", "127.0.0.1", "-p", str(stack.postgres_port), "-U", api, "-d", stack.database,
-                    "-c", "SELECT current_user", env={"PGPASSWORD": secret})
+    allowed = _psql(
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(stack.postgres_port),
+        "-U",
+        api,
+        "-d",
+        stack.database,
+        "-c",
+        "SELECT current_user",
+        env={"PGPASSWORD": secret},
+    )
     assert allowed.returncode == 0 and allowed.stdout.strip() == api, allowed.stderr
 
 
@@ -123,7 +172,9 @@ def test_no_component_role_is_a_superuser(stack):
             "       pg_has_role(oid, 'pg_execute_server_program', 'USAGE') "
             "       OR pg_has_role(oid, 'pg_write_server_files', 'USAGE') "
             "       OR pg_has_role(oid, 'pg_read_server_files', 'USAGE') "
-            "FROM pg_roles WHERE rolname = ANY(%s) ORDER BY rolname", (list(postgres_access.ROLES),)).fetchall()
+            "FROM pg_roles WHERE rolname = ANY(%s) ORDER BY rolname",
+            (list(postgres_access.ROLES),),
+        ).fetchall()
         who = conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
     assert [r[0] for r in rows] == sorted(postgres_access.ROLES)
     for name, *powers, can_login, server_access in rows:
@@ -159,8 +210,9 @@ def test_gateway_role_reads_the_registry_and_writes_nothing(stack, as_role):
     conn.execute("SELECT count(*) FROM devices").fetchone()
     conn.execute("SELECT count(*) FROM gateways").fetchone()
     conn.execute("SELECT version FROM registry_version").fetchone()
-    _refused(conn, "INSERT INTO devices (device_id, city, domain, device_type) VALUES ('gw', 'x', 'x', 'x')",
-             "table devices")
+    _refused(
+        conn, "INSERT INTO devices (device_id, city, domain, device_type) VALUES ('gw', 'x', 'x', 'x')", "table devices"
+    )
     _refused(conn, "UPDATE devices SET enabled = true WHERE false", "table devices")
     _refused(conn, "DELETE FROM gateways WHERE false", "table gateways")
     _refused(conn, "UPDATE registry_version SET version = version + 1", "table registry_version")
@@ -178,18 +230,24 @@ def test_processor_role_writes_its_tables_but_not_accounts(stack, as_role):
     _refused(conn, "SELECT secret_hash FROM api_tokens", "table api_tokens")
     _refused(conn, "UPDATE devices SET enabled = true WHERE false", "table devices")
     _refused(conn, "DROP TABLE readings_default", "must be owner of table readings_default")
-    _refused(conn, "CREATE TABLE readings_p20990101 PARTITION OF readings "
-                   "FOR VALUES FROM ('2099-01-01Z') TO ('2099-01-02Z')", "schema public")
+    _refused(
+        conn,
+        "CREATE TABLE readings_p20990101 PARTITION OF readings FOR VALUES FROM ('2099-01-01Z') TO ('2099-01-02Z')",
+        "schema public",
+    )
     # Its own work: readings, offsets, and a day's partition through the owner's function.
     conn.execute("INSERT INTO readings VALUES (now(), 'processor-test', 'pm25', 1, now()) ON CONFLICT DO NOTHING")
-    conn.execute("INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) "
-                 "VALUES ('privilege-test', 'kota.readings', 0, 1)")
+    conn.execute(
+        "INSERT INTO stream_offsets (consumer_group, topic, partition, next_offset) "
+        "VALUES ('privilege-test', 'kota.readings', 0, 1)"
+    )
     with psycopg.connect(stack.postgres_dsn) as owner:
         if schema.storage_backend(owner) == "postgres":
             day = dt.date(2099, 1, 1)
             assert schema.ensure_partitions(conn, day) == [schema.partition_name(day)]
-            assert conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = %s",
-                                (schema.partition_name(day),)).fetchone() == (postgres_access.OWNER,)
+            assert conn.execute(
+                "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = %s", (schema.partition_name(day),)
+            ).fetchone() == (postgres_access.OWNER,)
             # Only readings' own daily partitions can be dropped that way.
             assert conn.execute("SELECT kota_drop_readings_partition(%s)", (day,)).fetchone() == (True,)
             assert conn.execute("SELECT kota_drop_readings_partition('2099-01-02')").fetchone() == (False,)
@@ -200,11 +258,27 @@ def test_components_connect_as_their_own_roles(pipeline):
     """The running processor and API hold connections; each is its component's role. (Only a
     superuser sees other roles' sessions.)"""
     with psycopg.connect(postgres_access.superuser_dsn(pipeline, pipeline.database), autocommit=True) as conn:
-        procs.wait_until(lambda: {postgres_access.PROCESSOR, postgres_access.API} <= {r[0] for r in conn.execute(
-            "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database()")},
-            "processor and api connections", pipeline, timeout_s=30)
-        users = {r[0] for r in conn.execute("SELECT DISTINCT usename FROM pg_stat_activity "
-                                            "WHERE datname = current_database() AND pid <> pg_backend_pid()")}
+        procs.wait_until(
+            lambda: (
+                {postgres_access.PROCESSOR, postgres_access.API}
+                <= {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database()"
+                    )
+                }
+            ),
+            "processor and api connections",
+            pipeline,
+            timeout_s=30,
+        )
+        users = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT usename FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        }
     assert users <= set(postgres_access.ROLES), users
     for name, role in postgres_access.COMPONENT_ROLES.items():
         environ = Path(f"/proc/{procs.running_pid(pipeline, name)}/environ").read_bytes().split(b"\0")
@@ -222,22 +296,31 @@ def test_a_trust_cluster_from_older_code_is_upgraded_in_place(stack, monkeypatch
     """Made as the code before this change made it (initdb --auth=trust, everything owned by
     postgres, migrated to 0008), then started by today's deploy: passwords from then on, the
     database's objects handed to kota_owner, and kota_owner migrates the rest."""
-    old = StackSettings(state_dir=stack.state_dir / "old-trust-cluster", port_offset=0,
-                        postgres_base_port=_free_port())
+    old = StackSettings(state_dir=stack.state_dir / "old-trust-cluster", port_offset=0, postgres_base_port=_free_port())
     shutil.rmtree(old.state_dir, ignore_errors=True)
     paths = folders.postgres_paths(old)
     pg = install.postgres_bin()
-    subprocess.run(postgres.as_postgres([str(pg / "initdb"), "-D", str(paths.data), "-U", "postgres", "--auth=trust",
-                                       "-E", "UTF8", "--locale=C"]), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        postgres.as_postgres(
+            [str(pg / "initdb"), "-D", str(paths.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"]
+        ),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     paths.socket_dir.mkdir()
     paths.socket_dir.chmod(0o777)  # what a wide umask, or older code, may have left
     if folders.IS_ROOT:
         shutil.chown(paths.socket_dir, "postgres", "postgres")
     with (paths.data / "postgresql.conf").open("a") as conf:
-        conf.write(f"\nport = {old.postgres_port}\nlisten_addresses = '127.0.0.1'\n"
-                   f"unix_socket_directories = '{paths.socket_dir}'\n")
-    subprocess.run(postgres.as_postgres([str(pg / "pg_ctl"), "start", "-D", str(paths.data), "-l", str(paths.log),
-                                       "-w"]), check=True, stdout=subprocess.DEVNULL)
+        conf.write(
+            f"\nport = {old.postgres_port}\nlisten_addresses = '127.0.0.1'\n"
+            f"unix_socket_directories = '{paths.socket_dir}'\n"
+        )
+    subprocess.run(
+        postgres.as_postgres([str(pg / "pg_ctl"), "start", "-D", str(paths.data), "-l", str(paths.log), "-w"]),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         trust = f"host=127.0.0.1 port={old.postgres_port} user=postgres"
         with psycopg.connect(trust + " dbname=postgres", autocommit=True) as conn:
@@ -250,12 +333,16 @@ def test_a_trust_cluster_from_older_code_is_upgraded_in_place(stack, monkeypatch
             m.setattr(schema, "ensure_partitions", lambda *_a, **_k: [])  # 0008 had no partition function
             schema.migrate(trust + f" dbname={old.database}")
         with psycopg.connect(trust + f" dbname={old.database}", autocommit=True) as conn:
-            conn.execute("CREATE TABLE readings_p20300101 PARTITION OF readings FOR VALUES FROM ('2030-01-01Z') "
-                         "TO ('2030-01-02Z')")
+            conn.execute(
+                "CREATE TABLE readings_p20300101 PARTITION OF readings FOR VALUES FROM ('2030-01-01Z') "
+                "TO ('2030-01-02Z')"
+            )
             conn.execute("INSERT INTO readings VALUES ('2030-01-01 10:00Z', 'old', 'pm25', 1, now())")
-            conn.execute("INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, "
-                         "first_ts, last_ts, clear_after_s) VALUES ('old', 'c', 'd', 't', 'm', 'minor', 'm', now(), "
-                         "now(), 60)")
+            conn.execute(
+                "INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, "
+                "first_ts, last_ts, clear_after_s) VALUES ('old', 'c', 'd', 't', 'm', 'minor', 'm', now(), "
+                "now(), 60)"
+            )
 
         postgres.start_postgres(old, lambda _message: None)  # the cluster is running: upgraded in place
 
@@ -269,15 +356,18 @@ def test_a_trust_cluster_from_older_code_is_upgraded_in_place(stack, monkeypatch
             owners = conn.execute(
                 "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relnamespace = 'public'::regnamespace "
                 "UNION SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE pronamespace = 'public'::regnamespace "
-                "UNION SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()").fetchall()
+                "UNION SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+            ).fetchall()
             assert owners == [(postgres_access.OWNER,)]
             versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
             assert versions == [m.version for m in schema.discover_migrations()]
             assert conn.execute("SELECT count(*) FROM readings").fetchone() == (1,)
             # The sequence of a serial column went with its table: the owner can still raise alerts.
-            conn.execute("INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, "
-                         "first_ts, last_ts, clear_after_s) VALUES ('old', 'c', 'd', 't2', 'm', 'minor', 'm', now(), "
-                         "now(), 60)")
+            conn.execute(
+                "INSERT INTO alerts (device_id, city, domain, alert_type, metric, severity, message, "
+                "first_ts, last_ts, clear_after_s) VALUES ('old', 'c', 'd', 't2', 'm', 'minor', 'm', now(), "
+                "now(), 60)"
+            )
         with psycopg.connect(_dsn(old, postgres_access.API)) as conn:
             _refused(conn, "INSERT INTO readings VALUES (now(), 'api-forged', 'pm25', 1, now())", "table readings")
             assert conn.execute("SELECT count(*) FROM readings").fetchone() == (1,)

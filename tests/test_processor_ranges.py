@@ -19,8 +19,9 @@ pytestmark = pytest.mark.stack
 
 def _slice(*pairs: tuple[str, str]) -> PartitionSlice:
     now = int(time.time() * 1000)
-    readings = [Reading(now, "testkota", "environment", device_id, metric, 1.0, "", now, "test")
-                for device_id, metric in pairs]
+    readings = [
+        Reading(now, "testkota", "environment", device_id, metric, 1.0, "", now, "test") for device_id, metric in pairs
+    ]
     return PartitionSlice(0, 0, len(readings), [(i, [r]) for i, r in enumerate(readings)])
 
 
@@ -39,8 +40,9 @@ def test_ranges_are_loaded_for_new_devices_and_new_metrics_only(stack):
     declared = {**gate.metrics, "flow": MetricSpec("m3/s", 0.0, 500.0)}
     with psycopg.connect(stack.postgres_dsn) as conn:
         upsert_devices(conn, [dataclasses.replace(gate, metrics=declared)])
-    asyncio.run(processor._refresh_ranges([_slice((gate.device_id, "flow"), (meter.device_id, "pressure"),
-                                                  (missing, "x"))]))
+    asyncio.run(
+        processor._refresh_ranges([_slice((gate.device_id, "flow"), (meter.device_id, "pressure"), (missing, "x"))])
+    )
     assert processor._ranges[gate.device_id]["flow"] == (0.0, 500.0)
     assert set(processor._ranges) == {gate.device_id, meter.device_id}
     assert missing in processor._absent, "asked once; not again on every batch"

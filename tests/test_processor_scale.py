@@ -32,8 +32,9 @@ def _series(device_index: int, n: int, start_ms: int) -> tuple[np.ndarray, np.nd
 
 
 async def _produce(stack, devices: list[str], per_device: int, start_ms: int) -> None:
-    producer = AIOKafkaProducer(**stack.kafka_client_options(), acks="all", enable_idempotence=True,
-                                linger_ms=20, max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(
+        **stack.kafka_client_options(), acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=1 << 20
+    )
     await producer.start()
     try:
         now = int(time.time() * 1000)
@@ -41,11 +42,13 @@ async def _produce(stack, devices: list[str], per_device: int, start_ms: int) ->
         for offset in range(0, per_device, PER_RECORD):  # device by device within each slice of time: in order
             for d, device_id in enumerate(devices):
                 ts, values = _series(d, per_device, start_ms)
-                readings = [Reading(int(t), "scalekota", "utilities", device_id, "pressure", float(v), "bar", now,
-                                    "test") for t, v in zip(ts[offset:offset + PER_RECORD],
-                                                            values[offset:offset + PER_RECORD], strict=True)]
-                pending.append(await producer.send(READINGS_TOPIC, encode_device_batch(readings),
-                                                   key=device_id.encode()))
+                readings = [
+                    Reading(int(t), "scalekota", "utilities", device_id, "pressure", float(v), "bar", now, "test")
+                    for t, v in zip(ts[offset : offset + PER_RECORD], values[offset : offset + PER_RECORD], strict=True)
+                ]
+                pending.append(
+                    await producer.send(READINGS_TOPIC, encode_device_batch(readings), key=device_id.encode())
+                )
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
@@ -61,12 +64,15 @@ def _stored_count(stack, prefix: str) -> int:
 
 
 def _check_exact(stack, prefix: str, devices: list[str], per_device: int, start_ms: int) -> None:
-    [(count, total)] = query(stack, "SELECT count(*), sum(value) FROM readings WHERE device_id LIKE %s",
-                             (prefix + "%",))
+    [(count, total)] = query(
+        stack, "SELECT count(*), sum(value) FROM readings WHERE device_id LIKE %s", (prefix + "%",)
+    )
     expected_total = sum(_series(d, per_device, start_ms)[1].sum() for d in range(len(devices)))
     assert (count, total) == (len(devices) * per_device, expected_total)
     # One-minute aggregates equal a clean aggregation of the stored readings, both ways round.
-    differences = query(stack, """
+    differences = query(
+        stack,
+        """
         WITH clean AS (
             SELECT device_id, metric, date_bin('1 minute', ts, timestamptz 'epoch') AS bucket, count(*) AS n,
                    sum(value) AS sum, min(value) AS min, max(value) AS max, min(ts) AS first_ts, max(ts) AS last_ts
@@ -74,14 +80,21 @@ def _check_exact(stack, prefix: str, devices: list[str], per_device: int, start_
         kept AS (SELECT device_id, metric, bucket, n, sum, min, max, first_ts, last_ts FROM agg_1m
                  WHERE device_id LIKE %(p)s)
         SELECT count(*) FROM ((SELECT * FROM clean EXCEPT SELECT * FROM kept)
-                              UNION ALL (SELECT * FROM kept EXCEPT SELECT * FROM clean)) d""", {"p": prefix + "%"})
+                              UNION ALL (SELECT * FROM kept EXCEPT SELECT * FROM clean)) d""",
+        {"p": prefix + "%"},
+    )
     assert differences == [(0,)]
 
 
 def _stored_anomalies(stack, prefix: str) -> set[tuple[str, int, str]]:
-    return {(d, int(ts), reason) for d, ts, reason in query(
-        stack, "SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, reason FROM anomalies "
-               "WHERE device_id LIKE %s", (prefix + "%",))}
+    return {
+        (d, int(ts), reason)
+        for d, ts, reason in query(
+            stack,
+            "SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint, reason FROM anomalies WHERE device_id LIKE %s",
+            (prefix + "%",),
+        )
+    }
 
 
 def _offline_anomalies(devices: list[str], per_device: int, start_ms: int) -> set[tuple[str, int, str]]:
@@ -104,8 +117,11 @@ def test_a_million_readings_through_repeated_kill_minus_9_are_stored_exactly_onc
     asyncio.run(_produce(pipeline, devices, per_device, start_ms))
     kills = 0
     for fraction in (0.2, 0.45, 0.7):
-        wait_for(lambda f=fraction: _stored_count(pipeline, prefix) >= f * 1_000_000, timeout_s=180,
-                 what=f"{fraction:.0%} of the readings")
+        wait_for(
+            lambda f=fraction: _stored_count(pipeline, prefix) >= f * 1_000_000,
+            timeout_s=180,
+            what=f"{fraction:.0%} of the readings",
+        )
         if _stored_count(pipeline, prefix) < 1_000_000:
             assert procs.stop(pipeline, "processor", hard=True)
             kills += 1
@@ -127,8 +143,9 @@ def test_two_processors_share_the_partitions_and_store_the_same_result(pipeline)
     try:
         start_second_processor(pipeline, "processor-b", env={"KOTA_PROCESSOR_METRICS_ENABLED": "false"})
         asyncio.run(_produce(pipeline, devices, per_device, start_ms))
-        wait_for(lambda: _stored_count(pipeline, prefix) == len(devices) * per_device, timeout_s=180,
-                 what="every reading")
+        wait_for(
+            lambda: _stored_count(pipeline, prefix) == len(devices) * per_device, timeout_s=180, what="every reading"
+        )
         time.sleep(1.0)
         _check_exact(pipeline, prefix, devices, per_device, start_ms)
         assert _stored_anomalies(pipeline, prefix) == _offline_anomalies(devices, per_device, start_ms)
@@ -150,13 +167,17 @@ def test_a_worker_killed_mid_stream_is_started_again_and_nothing_is_lost_or_doub
     since = log.stat().st_size
     stored_before = scrape(pipeline.processor_metrics_port)["kota_processor_readings_stored_total"]
     asyncio.run(_produce(pipeline, devices, per_device, start_ms))
-    wait_for(lambda: _stored_count(pipeline, prefix) >= 0.3 * len(devices) * per_device, timeout_s=120,
-             what="a third of the readings")
+    wait_for(
+        lambda: _stored_count(pipeline, prefix) >= 0.3 * len(devices) * per_device,
+        timeout_s=120,
+        what="a third of the readings",
+    )
     os.kill(workers[0], signal.SIGKILL)
-    wait_for(lambda: "ended with signal 9; starting it again" in log.read_bytes()[since:].decode(errors="replace"),
-             what="the processor to start its worker again")
-    wait_for(lambda: _stored_count(pipeline, prefix) == len(devices) * per_device, timeout_s=180,
-             what="every reading")
+    wait_for(
+        lambda: "ended with signal 9; starting it again" in log.read_bytes()[since:].decode(errors="replace"),
+        what="the processor to start its worker again",
+    )
+    wait_for(lambda: _stored_count(pipeline, prefix) == len(devices) * per_device, timeout_s=180, what="every reading")
     time.sleep(1.0)  # would a replay add anything?
     _check_exact(pipeline, prefix, devices, per_device, start_ms)
     assert _stored_anomalies(pipeline, prefix) == _offline_anomalies(devices, per_device, start_ms)

@@ -49,13 +49,22 @@ def test_a_nab_file_replays_without_losing_a_row_and_writes_its_windows(pipeline
     whole = _kota(pipeline, str(source), "--city", city)
     assert whole.returncode != 0 and "spans 9.1 days" in whole.stderr, "refused up front, not half-stored"
     labels, counts = tmp_path / "labels.json", tmp_path / "counts.json"
-    result = _kota(pipeline, str(source), "--city", city, "--since", "2015-09-16T00:00:00+00:00",
-                   "--labels", str(labels), "--counts", str(counts))
+    result = _kota(
+        pipeline,
+        str(source),
+        "--city",
+        city,
+        "--since",
+        "2015-09-16T00:00:00+00:00",
+        "--labels",
+        str(labels),
+        "--counts",
+        str(counts),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(counts.read_text())["acknowledged_readings"] == expected
     assert _stored(pipeline, city, expected) == expected
-    [(metric,)] = query(pipeline, "SELECT DISTINCT metric FROM readings WHERE device_id = %s",
-                        (f"{city}-speed-7578",))
+    [(metric,)] = query(pipeline, "SELECT DISTINCT metric FROM readings WHERE device_id = %s", (f"{city}-speed-7578",))
     assert metric == "averageVehicleSpeed"
     windows = json.loads(labels.read_text())["labels"]
     assert windows and all(w["device_id"] == f"{city}-speed-7578" for w in windows)
@@ -65,18 +74,27 @@ def test_a_nab_file_replays_without_losing_a_row_and_writes_its_windows(pipeline
 def test_any_csv_replays_through_a_mapping_and_reports_what_it_left_out(pipeline, tmp_path):
     city = unique_id("csv")
     source = tmp_path / "gates.csv"
-    source.write_text("when;gate;level_m;rain\n"
-                      "2026-01-01 08:00;Gate A;1.20;0\n"
-                      "2026-01-01 08:00;Gate B;0.80;2.5\n"
-                      "2026-01-01 08:10;Gate A;;1\n"  # no level: one value left out
-                      "2026-01-01 08:10;Gate B;abc;1\n"  # not a number
-                      "not a time;Gate A;1.0;0\n"  # the whole row
-                      "2026-01-01 08:20;Gate A;99;0\n")  # 9,900 cm: outside currentLevel's range? no: kept
+    source.write_text(
+        "when;gate;level_m;rain\n"
+        "2026-01-01 08:00;Gate A;1.20;0\n"
+        "2026-01-01 08:00;Gate B;0.80;2.5\n"
+        "2026-01-01 08:10;Gate A;;1\n"  # no level: one value left out
+        "2026-01-01 08:10;Gate B;abc;1\n"  # not a number
+        "not a time;Gate A;1.0;0\n"  # the whole row
+        "2026-01-01 08:20;Gate A;99;0\n"
+    )  # 9,900 cm: outside currentLevel's range? no: kept
     mapping = tmp_path / "gates.json"
-    mapping.write_text(json.dumps({
-        "delimiter": ";", "device_type": "water_level", "device": {"column": "gate"},
-        "time": {"column": "when", "format": "%Y-%m-%d %H:%M", "timezone": "+07:00"},
-        "metrics": {"level_m": {"metric": "currentLevel", "unit": "m"}, "rain": {"metric": "precipitation"}}}))
+    mapping.write_text(
+        json.dumps(
+            {
+                "delimiter": ";",
+                "device_type": "water_level",
+                "device": {"column": "gate"},
+                "time": {"column": "when", "format": "%Y-%m-%d %H:%M", "timezone": "+07:00"},
+                "metrics": {"level_m": {"metric": "currentLevel", "unit": "m"}, "rain": {"metric": "precipitation"}},
+            }
+        )
+    )
     kind, parsed_mapping = mapping_for(source, mapping_file=mapping)
     parsed = parse(source, parsed_mapping)
     assert kind == "csv" and parsed.readings == 7 and parsed.bad_rows == {"unreadable time (ValueError)": 1}
@@ -85,5 +103,8 @@ def test_any_csv_replays_through_a_mapping_and_reports_what_it_left_out(pipeline
     assert result.returncode == 0, result.stderr[-2000:]
     assert "left out: 1 not a number" in result.stdout
     assert _stored(pipeline, city, 7) == 7
-    assert query(pipeline, "SELECT value FROM readings WHERE device_id = %s AND metric = 'currentLevel' ORDER BY ts",
-                 (f"{city}-gate-a",)) == [(120.0,)]
+    assert query(
+        pipeline,
+        "SELECT value FROM readings WHERE device_id = %s AND metric = 'currentLevel' ORDER BY ts",
+        (f"{city}-gate-a",),
+    ) == [(120.0,)]

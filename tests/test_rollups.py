@@ -26,6 +26,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.stack
 
+
 def test_hourly_and_daily_rollups_equal_an_aggregation_of_the_raw_readings(pipeline):
     meter = provision(pipeline, "water_meter")
     # Every 7 minutes for 30 hours ending an hour ago: many hours, at least one day boundary.
@@ -38,9 +39,11 @@ def test_hourly_and_daily_rollups_equal_an_aggregation_of_the_raw_readings(pipel
     def rolled_up() -> bool:
         with psycopg.connect(pipeline.postgres_dsn, autocommit=True) as conn:
             roll_up(conn)  # the processor's job may have taken the dirty hours already: either way
-        return all(stored_minute_aggregates(pipeline, meter.device_id, table)
-                   == minute_aggregates_from_readings(pipeline, meter.device_id, width)
-                   for table, width in (("agg_1h", "1 hour"), ("agg_1d", "1 day")))
+        return all(
+            stored_minute_aggregates(pipeline, meter.device_id, table)
+            == minute_aggregates_from_readings(pipeline, meter.device_id, width)
+            for table, width in (("agg_1h", "1 hour"), ("agg_1d", "1 day"))
+        )
 
     wait_for(rolled_up, what="hourly and daily rollups equal to the readings")
     assert len(stored_minute_aggregates(pipeline, meter.device_id, "agg_1h")) >= 30
@@ -58,10 +61,13 @@ def test_retention_drops_old_partitions_and_deletes_old_rollups(stack):
         ensure_partitions(conn, old_day)
         old = dt.datetime.combine(old_day, dt.time(12), dt.UTC)
         for ts in (old, recent):
-            conn.execute("INSERT INTO readings VALUES (%s, %s, 'pressure', 1.0, %s) ON CONFLICT DO NOTHING",
-                         (ts, device, ts))
-            conn.execute("INSERT INTO agg_1m VALUES (%s, 'pressure', %s, 1, 1, 1, 1, 1, %s, 1, %s, 1)",
-                         (device, ts - dt.timedelta(days=300), ts, ts))  # 300 days older again: past agg_1m's 400
+            conn.execute(
+                "INSERT INTO readings VALUES (%s, %s, 'pressure', 1.0, %s) ON CONFLICT DO NOTHING", (ts, device, ts)
+            )
+            conn.execute(
+                "INSERT INTO agg_1m VALUES (%s, 'pressure', %s, 1, 1, 1, 1, 1, %s, 1, %s, 1)",
+                (device, ts - dt.timedelta(days=300), ts, ts),
+            )  # 300 days older again: past agg_1m's 400
         report = apply_retention(conn, now)
     assert partition_name(old_day) in report.partitions_dropped
     assert query(stack, "SELECT ts FROM readings WHERE device_id = %s", (device,)) == [(recent,)]
@@ -86,8 +92,11 @@ def test_a_batch_marking_an_hour_does_not_wait_for_the_rollup_job_nor_lose_its_m
             await write_batch(conn, group=group, topic=READINGS_TOPIC, slices=slices, policy=WritePolicy())
 
     def marks() -> list[tuple[int, int]]:
-        return query(stack, "SELECT id, (extract(epoch FROM hour) * 1000)::bigint FROM rollup_dirty "
-                            "WHERE hour = kota_ms(%s)", (hour,))
+        return query(
+            stack,
+            "SELECT id, (extract(epoch FROM hour) * 1000)::bigint FROM rollup_dirty WHERE hour = kota_ms(%s)",
+            (hour,),
+        )
 
     def roll_up_as_the_job_does() -> None:
         with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
@@ -105,8 +114,15 @@ def test_a_batch_marking_an_hour_does_not_wait_for_the_rollup_job_nor_lose_its_m
             held.execute("BEGIN")
             held.execute("LOCK TABLE agg_1h IN EXCLUSIVE MODE")
             job = concurrent.futures.ThreadPoolExecutor(1).submit(roll_up_as_the_job_does)
-            wait_for(lambda: query(stack, "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = "
-                                          "'agg_1h'::regclass")[0][0] > 0, what="the rollup job to wait for agg_1h")
+            wait_for(
+                lambda: (
+                    query(stack, "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'agg_1h'::regclass")[
+                        0
+                    ][0]
+                    > 0
+                ),
+                what="the rollup job to wait for agg_1h",
+            )
             started = time.monotonic()
             asyncio.run(write(group, batch(1, hour + 120_000)))  # the same hour, while the job holds its marks
             waited = time.monotonic() - started

@@ -55,13 +55,18 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
 
     gateway_port, processor_port = free_port(), free_port()
     offset = pipeline.port_offset
-    components.start_component(pipeline, "gateway", instance="gateway-b", env={
-        "KOTA_GATEWAY_CLIENT_ID": "kota-gateway-b", "KOTA_GATEWAY_METRICS_BASE_PORT": str(gateway_port - offset)})
+    components.start_component(
+        pipeline,
+        "gateway",
+        instance="gateway-b",
+        env={"KOTA_GATEWAY_CLIENT_ID": "kota-gateway-b", "KOTA_GATEWAY_METRICS_BASE_PORT": str(gateway_port - offset)},
+    )
     device = provision(pipeline, "noise")
     now = int(time.time() * 1000)
     try:
-        start_second_processor(pipeline, "processor-b", env={
-            "KOTA_PROCESSOR_METRICS_BASE_PORT": str(processor_port - offset)})
+        start_second_processor(
+            pipeline, "processor-b", env={"KOTA_PROCESSOR_METRICS_BASE_PORT": str(processor_port - offset)}
+        )
         wait_for(lambda: _answers(gateway_port), what="the second gateway's metrics")
         ports = {"gateway": pipeline.gateway_metrics_port, "gateway-b": gateway_port}
         before = {name: scrape(port)["kota_gateway_readings_out_total"] for name, port in ports.items()}
@@ -74,8 +79,11 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
         shares = {name: scrape(port)["kota_gateway_readings_out_total"] - before[name] for name, port in ports.items()}
         # The second processor counts a batch's readings just after its commit, which city_result
         # may see first: on a quick run its share is one batch, and the count read at once was 0.
-        stored_by_b = wait_for(lambda: scrape(processor_port)["kota_processor_readings_stored_total"], timeout_s=10,
-                               what="the second processor to count what it stored")
+        stored_by_b = wait_for(
+            lambda: scrape(processor_port)["kota_processor_readings_stored_total"],
+            timeout_s=10,
+            what="the second processor to count what it stored",
+        )
     finally:
         procs.stop(pipeline, "gateway-b")
         procs.stop(pipeline, "processor-b")
@@ -93,8 +101,7 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
             before_drain = len(stored_readings(pipeline, device.device_id))
         finally:
             drained = kota_ok(pipeline, "gateway", "--drain", "kota-gateway-b", timeout=120)
-    print(f"gateway shares: {shares}; second processor stored {stored_by_b:.0f} "
-          f"of {sent_two} readings")
+    print(f"gateway shares: {shares}; second processor stored {stored_by_b:.0f} of {sent_two} readings")
     assert all(share > 0.2 * sent_two for share in shares.values()), f"both gateways work: {shares}"
     assert sum(shares.values()) == sent_two, "every reading went to Kafka once"
     assert stored_by_b > 0, "the second processor stored part of the stream"
@@ -110,8 +117,11 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
     assert one_of_each["anomalies"] and len(differing) <= max(2, 0.05 * len(both)), differing
 
     print(f"after scaling down, stored before the drain: {before_drain} of 20; {drained.strip()}")
-    wait_for(lambda: len(stored_readings(pipeline, device.device_id)) >= 20, timeout_s=60,
-             what="every reading after the drain")
+    wait_for(
+        lambda: len(stored_readings(pipeline, device.device_id)) >= 20,
+        timeout_s=60,
+        what="every reading after the drain",
+    )
     assert [v for _, _, v in stored_readings(pipeline, device.device_id)] == [50.0 + i for i in range(20)]
     # The drained session no longer takes a share: the next readings all arrive without help.
     client = mqtt_client(pipeline, device.device_id)
@@ -120,8 +130,11 @@ def test_two_gateways_and_two_processors_store_what_one_of_each_stores(pipeline,
             publish(client, device, {"ts": now - 30_000 + i * 1000, "values": {"LAeq": 50.0 + i}})
     finally:
         client.disconnect()
-    wait_for(lambda: len(stored_readings(pipeline, device.device_id)) == 30, timeout_s=60,
-             what="readings after the drain, through the one gateway left")
+    wait_for(
+        lambda: len(stored_readings(pipeline, device.device_id)) == 30,
+        timeout_s=60,
+        what="readings after the drain, through the one gateway left",
+    )
 
 
 def test_the_simulated_window_never_holds_a_street_light_switch():
@@ -129,6 +142,7 @@ def test_the_simulated_window_never_holds_a_street_light_switch():
         now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC) + dt.timedelta(minutes=minutes)
         start = start_away_from_dusk_and_dawn(now)
         assert now - dt.timedelta(hours=16) <= start <= now - dt.timedelta(hours=4)  # well within the lateness
-        local_hours = {(start + dt.timedelta(minutes=m)).astimezone(dt.timezone(dt.timedelta(hours=7))).hour
-                       for m in range(0, 181)}
+        local_hours = {
+            (start + dt.timedelta(minutes=m)).astimezone(dt.timezone(dt.timedelta(hours=7))).hour for m in range(0, 181)
+        }
         assert not local_hours & {5, 6, 17, 18}, (now, start)

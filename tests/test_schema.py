@@ -25,12 +25,17 @@ def test_plain_postgres_readings_are_range_partitioned_by_day_ahead(stack):
     with psycopg.connect(stack.postgres_dsn) as conn:
         if storage_backend(conn) != "postgres":
             pytest.skip("this database has TimescaleDB")
-        strategy = conn.execute("SELECT partstrat FROM pg_partitioned_table "
-                                "WHERE partrelid = 'readings'::regclass").fetchone()
+        strategy = conn.execute(
+            "SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'readings'::regclass"
+        ).fetchone()
         assert strategy == ("r",)
-        children = {r[0] for r in conn.execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = 'readings'::regclass")}
+        children = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'readings'::regclass"
+            )
+        }
     today = dt.datetime.now(dt.UTC).date()
     assert {partition_name(today + dt.timedelta(days=d)) for d in range(8)} <= children
     assert "readings_default" in children
@@ -40,8 +45,9 @@ def test_reading_lands_in_its_day_partition(stack):
     day = dt.date(2031, 1, 15)
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         ensure_partitions(conn, day)
-        conn.execute("INSERT INTO readings VALUES ('2031-01-15 10:00Z', 'schema-test', 'pm25', 1, now()) "
-                     "ON CONFLICT DO NOTHING")
+        conn.execute(
+            "INSERT INTO readings VALUES ('2031-01-15 10:00Z', 'schema-test', 'pm25', 1, now()) ON CONFLICT DO NOTHING"
+        )
         where = conn.execute("SELECT tableoid::regclass::text FROM readings WHERE device_id = 'schema-test'").fetchone()
         conn.execute("DELETE FROM readings WHERE device_id = 'schema-test'")
     assert where == (partition_name(day),)
@@ -72,7 +78,10 @@ def test_detector_checkpoints_are_stored_uncompressed(stack):
     # Compressing a checkpoint's float arrays gained little and made each one hold up its batch for
     # 3-4x as long (bench/checkpoints.py); migration 0007 turns it off for that column alone.
     with psycopg.connect(stack.postgres_dsn) as conn:
-        storage = dict(conn.execute(
-            "SELECT attname, attstorage FROM pg_attribute "
-            "WHERE attrelid = 'detector_checkpoints'::regclass AND attname IN ('state', 'series')").fetchall())
+        storage = dict(
+            conn.execute(
+                "SELECT attname, attstorage FROM pg_attribute "
+                "WHERE attrelid = 'detector_checkpoints'::regclass AND attname IN ('state', 'series')"
+            ).fetchall()
+        )
     assert storage == {"state": "e", "series": "x"}  # e: external, uncompressed; x: extended, the default

@@ -6,15 +6,25 @@ MIN = 60_000
 
 
 def test_detections_are_runs_and_labels_match_by_device_and_extended_window():
-    rows = [("gate", "currentLevel", 100 * MIN, "rate_of_change"), ("gate", "currentLevel", 105 * MIN, "spike"),
-            ("gate", "currentLevel", 300 * MIN, "spike"),  # a second run: more than 15 min later
-            ("meter", "pressure", 50 * MIN, "stuck"), ("light", "powerConsumption", 10 * MIN, "spike")]
+    rows = [
+        ("gate", "currentLevel", 100 * MIN, "rate_of_change"),
+        ("gate", "currentLevel", 105 * MIN, "spike"),
+        ("gate", "currentLevel", 300 * MIN, "spike"),  # a second run: more than 15 min later
+        ("meter", "pressure", 50 * MIN, "stuck"),
+        ("light", "powerConsumption", 10 * MIN, "spike"),
+    ]
     detections = group_detections(rows, merge_gap_ms=15 * MIN)
     assert sorted((d.device_id, d.first_ms // MIN, d.last_ms // MIN) for d in detections) == [
-        ("gate", 100, 105), ("gate", 300, 300), ("light", 10, 10), ("meter", 50, 50)]
-    labels = [Label("flood_wave", "gate", "currentLevel", 90 * MIN, 200 * MIN),
-              Label("stuck", "meter", "pressure", 20 * MIN, 40 * MIN),  # found 10 min after its end: in grace
-              Label("spike", "light", "powerConsumption", 500 * MIN, 501 * MIN)]  # never found
+        ("gate", 100, 105),
+        ("gate", 300, 300),
+        ("light", 10, 10),
+        ("meter", 50, 50),
+    ]
+    labels = [
+        Label("flood_wave", "gate", "currentLevel", 90 * MIN, 200 * MIN),
+        Label("stuck", "meter", "pressure", 20 * MIN, 40 * MIN),  # found 10 min after its end: in grace
+        Label("spike", "light", "powerConsumption", 500 * MIN, 501 * MIN),
+    ]  # never found
     card = score(labels, detections, alerts=[("gate", 130 * MIN)], city="x", grace_ms=30 * MIN)
     assert (card.labels, card.detections, card.true_detections) == (3, 4, 2)
     assert card.precision == 0.5 and round(card.recall, 3) == 0.667 and round(card.f1, 3) == 0.571

@@ -21,15 +21,27 @@ AWKWARD = [1e-300, -2.5e300, 0.1 + 0.2, -0.0, 42.0, 7.123456789012345]
 
 def as_json(points: list[Point]) -> list[dict[str, object]]:
     """Points as the API documents them: UTC times with `Z`, no zero fraction."""
-    return [{"ts": p.ts.astimezone(dt.UTC).replace(tzinfo=None).isoformat() + "Z", "count": p.count, "mean": p.mean,
-             "min": p.min, "max": p.max, "first": p.first, "last": p.last} for p in points]
+    return [
+        {
+            "ts": p.ts.astimezone(dt.UTC).replace(tzinfo=None).isoformat() + "Z",
+            "count": p.count,
+            "mean": p.mean,
+            "min": p.min,
+            "max": p.max,
+            "first": p.first,
+            "last": p.last,
+        }
+        for p in points
+    ]
 
 
-def json_page(dsn: str, *args: object, limit: int, **connect: object
-              ) -> tuple[list[dict[str, object]], int, dt.datetime | None]:
+def json_page(
+    dsn: str, *args: object, limit: int, **connect: object
+) -> tuple[list[dict[str, object]], int, dt.datetime | None]:
     async def run() -> tuple[bytes, int, dt.datetime | None]:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **connect) as conn:
             return await query_series_json(conn, *args, limit=limit)  # type: ignore[arg-type]
+
     text, count, last = asyncio.run(run())
     return orjson.loads(text), count, last
 
@@ -43,15 +55,22 @@ def test_json_page_equals_rows_for_every_resolution(stack):
             for i, value in enumerate(AWKWARD):
                 # Raw times with and without a fraction of a second.
                 ts = start + dt.timedelta(seconds=61 * i, milliseconds=250 * (i % 2))
-                cur.execute("INSERT INTO readings (ts, device_id, metric, value, received_at) "
-                            "VALUES (%s, %s, 'flow', %s, now())", (ts, DEVICE, value))
-                for table, width in (("agg_1m", dt.timedelta(minutes=1)), ("agg_1h", dt.timedelta(hours=1)),
-                                     ("agg_1d", dt.timedelta(days=1))):
+                cur.execute(
+                    "INSERT INTO readings (ts, device_id, metric, value, received_at) "
+                    "VALUES (%s, %s, 'flow', %s, now())",
+                    (ts, DEVICE, value),
+                )
+                for table, width in (
+                    ("agg_1m", dt.timedelta(minutes=1)),
+                    ("agg_1h", dt.timedelta(hours=1)),
+                    ("agg_1d", dt.timedelta(days=1)),
+                ):
                     bucket = start + i * width
                     cur.execute(
                         f"INSERT INTO {table} (device_id, metric, bucket, n, sum, sum_sq, min, max, first_ts, "  # noqa: S608
                         "first_value, last_ts, last_value) VALUES (%s, 'flow', %s, 3, %s, 0, %s, %s, %s, %s, %s, %s)",
-                        (DEVICE, bucket, value * 3, value, value, bucket, value, bucket, value))
+                        (DEVICE, bucket, value * 3, value, value, bucket, value, bucket, value),
+                    )
 
     end = start + dt.timedelta(days=len(AWKWARD) + 1)
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
@@ -64,22 +83,26 @@ def test_json_page_equals_rows_for_every_resolution(stack):
             # A page cut short by its limit, and an empty one.
             points, count, last = json_page(stack.postgres_dsn, DEVICE, "flow", resolution, start, end, limit=2)
             assert points == as_json(rows[:2]) and count == 2 and last == rows[1].ts
-            empty = json_page(stack.postgres_dsn, DEVICE, "flow", resolution, end, end + dt.timedelta(days=1),
-                              limit=100)
+            empty = json_page(
+                stack.postgres_dsn, DEVICE, "flow", resolution, end, end + dt.timedelta(days=1), limit=100
+            )
             assert empty == ([], 0, None)
             # Split at each point's time: the head's JSON and the tail's make the page.
             for at, point in enumerate(rows):
-                page = split_page(stack.postgres_dsn, DEVICE, "flow", resolution, start, end, limit=100,
-                                  cut=point.ts, head_json=True)
+                page = split_page(
+                    stack.postgres_dsn, DEVICE, "flow", resolution, start, end, limit=100, cut=point.ts, head_json=True
+                )
                 assert page.head_print[0] == at and page.count == len(rows)
-                assert orjson.loads(b"[" + b",".join(p for p in (page.head_json, page.tail_json) if p) + b"]"
-                                    ) == as_json(rows), (resolution, at)
+                assert orjson.loads(
+                    b"[" + b",".join(p for p in (page.head_json, page.tail_json) if p) + b"]"
+                ) == as_json(rows), (resolution, at)
 
 
 def split_page(dsn: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
     async def run():  # type: ignore[no-untyped-def]
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             return await query_series_split(conn, *args, **kwargs)  # type: ignore[arg-type]
+
     return asyncio.run(run())
 
 
@@ -88,9 +111,11 @@ KEPT = "seriescache-meter-1"
 
 def lending(conn: psycopg.AsyncConnection):  # type: ignore[no-untyped-def]
     """`connect` for SeriesCache.page: lends the one connection a test holds."""
+
     @contextlib.asynccontextmanager
     async def connect():  # type: ignore[no-untyped-def]
         yield conn
+
     return connect
 
 
@@ -105,8 +130,11 @@ def rendered(answer: tuple[bytes, int, dt.datetime | None]) -> bytes:
 
 def start_kept_series(conn: psycopg.Connection) -> None:
     """The kept-page device, in its own city, with no points yet."""
-    conn.execute("INSERT INTO devices (device_id, city, domain, device_type) VALUES (%s, 'keptcity', "
-                 "'utilities', 'water_meter') ON CONFLICT (device_id) DO UPDATE SET city = 'keptcity'", (KEPT,))
+    conn.execute(
+        "INSERT INTO devices (device_id, city, domain, device_type) VALUES (%s, 'keptcity', "
+        "'utilities', 'water_meter') ON CONFLICT (device_id) DO UPDATE SET city = 'keptcity'",
+        (KEPT,),
+    )
     conn.execute("DELETE FROM agg_1m WHERE device_id = %s", (KEPT,))
 
 
@@ -118,7 +146,8 @@ def put(conn: psycopg.Connection, bucket: dt.datetime, value: float = 1.0) -> No
         "ON CONFLICT (device_id, metric, bucket) DO UPDATE SET n = a.n + 1, sum = a.sum + excluded.sum, "
         "sum_sq = a.sum_sq + excluded.sum_sq, min = least(a.min, excluded.min), "
         "max = greatest(a.max, excluded.max), last_ts = excluded.last_ts, last_value = excluded.last_value",
-        (KEPT, bucket, value, value * value, value, value, bucket, value, bucket, value))
+        (KEPT, bucket, value, value * value, value, value, bucket, value, bucket, value),
+    )
 
 
 def test_kept_pages_answer_as_the_database_does_after_each_kind_of_change(stack):
@@ -129,10 +158,22 @@ def test_kept_pages_answer_as_the_database_does_after_each_kind_of_change(stack)
         cache = SeriesCache(max_bytes=1 << 20)
         seen = []
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+
             async def ask(step: str) -> None:
                 for limit in (1000, 100):  # a whole page, and one its limit cuts short
-                    kept = await cache.page(lending(conn), None, KEPT, "flow", "1m", start, end, limit=limit,
-                                            start_given=True, end_given=True, render=render)
+                    kept = await cache.page(
+                        lending(conn),
+                        None,
+                        KEPT,
+                        "flow",
+                        "1m",
+                        start,
+                        end,
+                        limit=limit,
+                        start_given=True,
+                        end_given=True,
+                        render=render,
+                    )
                     fresh = await query_series_json(conn, KEPT, "flow", "1m", start, end, limit=limit)
                     assert kept == rendered(fresh), (step, limit)
                     assert orjson.loads(kept)  # the parts joined are JSON
@@ -147,11 +188,14 @@ def test_kept_pages_answer_as_the_database_does_after_each_kind_of_change(stack)
                 await ask("late reading")
                 put(sync, start + dt.timedelta(minutes=7), 3.0)  # a first reading into an empty settled minute
                 await ask("new settled window")
-                sync.execute("UPDATE agg_1m SET max = max + 1, sum = sum + 1 WHERE device_id = %s AND bucket = %s",
-                             (KEPT, start + dt.timedelta(minutes=20)))  # a rewritten value, same count
+                sync.execute(
+                    "UPDATE agg_1m SET max = max + 1, sum = sum + 1 WHERE device_id = %s AND bucket = %s",
+                    (KEPT, start + dt.timedelta(minutes=20)),
+                )  # a rewritten value, same count
                 await ask("rewritten value")
-                sync.execute("DELETE FROM agg_1m WHERE device_id = %s AND bucket < %s",
-                             (KEPT, start + dt.timedelta(minutes=7)))  # retention takes the first minutes
+                sync.execute(
+                    "DELETE FROM agg_1m WHERE device_id = %s AND bucket < %s", (KEPT, start + dt.timedelta(minutes=7))
+                )  # retention takes the first minutes
                 await ask("retention")
         return seen
 
@@ -175,14 +219,36 @@ def test_kept_pages_stay_within_their_budget(stack):
     async def scenario() -> tuple[int, int]:
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
             one = SeriesCache(max_bytes=1 << 20)
-            await one.page(lending(conn), None, KEPT, "flow", "1m", end - dt.timedelta(hours=1), end, limit=1000,
-                           start_given=True, end_given=True, render=render)
+            await one.page(
+                lending(conn),
+                None,
+                KEPT,
+                "flow",
+                "1m",
+                end - dt.timedelta(hours=1),
+                end,
+                limit=1000,
+                start_given=True,
+                end_given=True,
+                render=render,
+            )
             size = one._bytes
             cache = SeriesCache(max_bytes=size * 2)  # room for two of these pages
             for _ in range(2):
                 for hours in (1, 2, 3):  # three keys over the same points
-                    await cache.page(lending(conn), None, KEPT, "flow", "1m", end - dt.timedelta(hours=hours), end,
-                                     limit=1000, start_given=True, end_given=True, render=render)
+                    await cache.page(
+                        lending(conn),
+                        None,
+                        KEPT,
+                        "flow",
+                        "1m",
+                        end - dt.timedelta(hours=hours),
+                        end,
+                        limit=1000,
+                        start_given=True,
+                        end_given=True,
+                        render=render,
+                    )
             return cache._bytes <= size * 2, cache.answers["unchanged"]
 
     within, hits = asyncio.run(scenario())
@@ -200,9 +266,22 @@ def test_kept_pages_within_their_fresh_time_skip_the_database_and_keep_to_the_ca
     async def scenario() -> tuple[object, ...]:
         cache = SeriesCache(max_bytes=1 << 20, fresh_s=3600)
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+
             async def ask(cities: list[str] | None):  # type: ignore[no-untyped-def]
-                return await cache.page(lending(conn), cities, KEPT, "flow", "1m", start, end, limit=100,
-                                        start_given=True, end_given=True, render=render)
+                return await cache.page(
+                    lending(conn),
+                    cities,
+                    KEPT,
+                    "flow",
+                    "1m",
+                    start,
+                    end,
+                    limit=100,
+                    start_given=True,
+                    end_given=True,
+                    render=render,
+                )
+
             elsewhere = await ask(["othercity"])  # another city's caller: not found, and nothing kept
             first = await ask(["keptcity"])
             await conn.execute("UPDATE agg_1m SET n = 2, sum = 5 WHERE device_id = %s", (KEPT,))
@@ -227,13 +306,26 @@ def test_kept_pages_asked_for_in_the_second_half_of_their_fresh_time_are_checked
         cache = SeriesCache(max_bytes=1 << 20, fresh_s=0.6)
         counts, steps = [], []
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+
             async def ask() -> None:
-                body = await cache.page(lending(conn), None, KEPT, "flow", "1m", start, end, limit=100,
-                                        start_given=True, end_given=True, render=render)
+                body = await cache.page(
+                    lending(conn),
+                    None,
+                    KEPT,
+                    "flow",
+                    "1m",
+                    start,
+                    end,
+                    limit=100,
+                    start_given=True,
+                    end_given=True,
+                    render=render,
+                )
                 assert body is not None
                 counts.append(orjson.loads(body)[0][0]["count"])
-                steps.append((cache.answers["fresh"], cache.answers["unchanged"], cache.answers["new"],
-                              cache.answers["changed"]))
+                steps.append(
+                    (cache.answers["fresh"], cache.answers["unchanged"], cache.answers["new"], cache.answers["changed"])
+                )
 
             await ask()  # new: checked now
             await asyncio.sleep(0.35)
@@ -263,9 +355,21 @@ def test_under_load_a_page_past_its_fresh_time_is_answered_as_kept_while_it_is_c
     async def scenario() -> tuple[list[int], tuple[int, ...], list[int], tuple[int, ...]]:
         cache = SeriesCache(max_bytes=1 << 20, fresh_s=0.2, stale_s=0.8)
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+
             async def ask() -> int:
-                body = await cache.page(lending(conn), None, KEPT, "flow", "1m", start, end, limit=100,
-                                        start_given=True, end_given=True, render=render)
+                body = await cache.page(
+                    lending(conn),
+                    None,
+                    KEPT,
+                    "flow",
+                    "1m",
+                    start,
+                    end,
+                    limit=100,
+                    start_given=True,
+                    end_given=True,
+                    render=render,
+                )
                 assert body is not None
                 return int(orjson.loads(body)[0][0]["count"])
 

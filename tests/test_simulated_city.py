@@ -20,14 +20,34 @@ def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
     latest_start = dt.datetime.now(wib) - dt.timedelta(hours=11)
     start = latest_start.replace(hour=0, minute=0, second=0, microsecond=0)
     labels, counts, out = tmp_path / "labels.json", tmp_path / "counts.json", tmp_path / "score"
-    kota_ok(pipeline, "simulate", "--city", city, "--devices", "24", "--seed", "11", "--start", start.isoformat(),
-          "--hours", "10", "--interval", "60", "--labels", str(labels), "--counts", str(counts))
+    kota_ok(
+        pipeline,
+        "simulate",
+        "--city",
+        city,
+        "--devices",
+        "24",
+        "--seed",
+        "11",
+        "--start",
+        start.isoformat(),
+        "--hours",
+        "10",
+        "--interval",
+        "60",
+        "--labels",
+        str(labels),
+        "--counts",
+        str(counts),
+    )
     sent = json.loads(counts.read_text())
     assert sent["ticks"] == 600
     assert sent["acknowledged_readings"] == sent["readings"] > 24 * 600 * 1.5
 
-    assert wait_for_stored(pipeline, city, sent["readings"], timeout_s=120,
-                           what="every acknowledged reading stored") == sent["readings"]
+    assert (
+        wait_for_stored(pipeline, city, sent["readings"], timeout_s=120, what="every acknowledged reading stored")
+        == sent["readings"]
+    )
     # (a third of the devices speak each form: gateway JSON, gateway SenML, their own topic; any form
     # the gateway refused would leave the count short)
 
@@ -50,7 +70,9 @@ def test_a_simulated_morning_is_stored_exactly_and_scored(pipeline, tmp_path):
     assert lamps[0][0] >= 1
     labelled = sorted({x["device_id"] for x in document["labels"]})
     unlabelled_lamp_anomalies = query(
-        pipeline, """SELECT a.device_id, a.reason, a.ts FROM anomalies a JOIN devices d USING (device_id)
+        pipeline,
+        """SELECT a.device_id, a.reason, a.ts FROM anomalies a JOIN devices d USING (device_id)
                      WHERE d.city = %s AND a.metric = 'powerConsumption' AND NOT a.device_id = ANY(%s)""",
-        (city, labelled))
+        (city, labelled),
+    )
     assert unlabelled_lamp_anomalies == []

@@ -46,8 +46,9 @@ def _stream(seed: int, devices: int = 36, interval_ms: int = 60_000, hours: int 
 
 
 def _bytes_of(stream: CityStream, ticks: int, interval_ms: int = 60_000) -> bytes:
-    return b"".join(m.topic.encode() + m.payload for k in range(ticks)
-                    for m in stream.tick(k, MIDNIGHT_WIB + k * interval_ms))
+    return b"".join(
+        m.topic.encode() + m.payload for k in range(ticks) for m in stream.tick(k, MIDNIGHT_WIB + k * interval_ms)
+    )
 
 
 def test_same_seed_same_stream_byte_for_byte_and_another_seed_differs():
@@ -133,8 +134,11 @@ def test_showers_wash_out_pollution_and_raise_the_gates_later():
 def test_weekends_have_no_morning_rush_and_busier_late_mornings():
     road = next(d for d in build_city("bandung", 36, seed=1).devices if d.device_type == "traffic_corridor")
     saturday = next(MIDNIGHT_WIB + day * DAY_MS for day in range(7) if is_weekend(MIDNIGHT_WIB + day * DAY_MS))
-    monday = next(MIDNIGHT_WIB + day * DAY_MS for day in range(7)
-                  if is_weekend(MIDNIGHT_WIB + (day - 1) * DAY_MS) and not is_weekend(MIDNIGHT_WIB + day * DAY_MS))
+    monday = next(
+        MIDNIGHT_WIB + day * DAY_MS
+        for day in range(7)
+        if is_weekend(MIDNIGHT_WIB + (day - 1) * DAY_MS) and not is_weekend(MIDNIGHT_WIB + day * DAY_MS)
+    )
     assert not is_weekend(saturday - DAY_MS) and is_weekend(saturday + DAY_MS)  # Friday, Saturday, Sunday
 
     def occupancy(day_start, hour):

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.stack
 
 
 def kota(stack, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
-                            env={**os.environ, **component_env(stack)}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **component_env(stack)},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -38,7 +43,8 @@ def test_kota_down_then_up_keeps_data_and_the_pipeline_resumes(pipeline):
 
     assert len(stored_readings(pipeline, light.device_id)) == 2
     send(pipeline, light, {"ts": now, "values": {"powerState": 0, "powerConsumption": 0.0}})
-    wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 4, timeout_s=90,
-             what="new readings after kota up")
+    wait_for(
+        lambda: len(stored_readings(pipeline, light.device_id)) == 4, timeout_s=90, what="new readings after kota up"
+    )
     assert stored_readings(pipeline, light.device_id)[-2:] == [(now, "powerConsumption", 0.0), (now, "powerState", 0.0)]
     assert "already running" in kota(pipeline, "up", "--no-simulator")  # idempotent

@@ -45,12 +45,17 @@ async def me(caller: Caller) -> Me:
 
 
 @router.get("/audit", response_model=AuditPage, responses=responses(401, 403))
-async def audit(caller: Caller, conn: Connection, city: str | None = None,
-                before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
-                limit: Annotated[int, Query(ge=1, le=500)] = 100) -> AuditPage:
+async def audit(
+    caller: Caller,
+    conn: Connection,
+    city: str | None = None,
+    before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> AuditPage:
     """Alert actions, device changes, accounts and tokens: who, what, when (operators and admins,
     for their cities)."""
     require(caller, "operator", doing="read the audit log")
     rows = await queries.audit(conn, caller.city_filter(), city=city, before_id=before_id, limit=limit)
-    return AuditPage(entries=[AuditEntry(**r) for r in rows],
-                     next_before_id=rows[-1]["event_id"] if len(rows) == limit else None)
+    return AuditPage(
+        entries=[AuditEntry(**r) for r in rows], next_before_id=rows[-1]["event_id"] if len(rows) == limit else None
+    )

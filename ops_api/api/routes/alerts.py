@@ -22,13 +22,35 @@ AlertId = Annotated[int, Path(ge=1, le=2**62)]
 
 
 class Alert(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "alert_id": 17, "device_id": "bandung-water-level-001", "city": "bandung", "domain": "environment",
-        "district": "regol", "alert_type": "flood_siaga", "metric": "currentLevel", "severity": "major",
-        "state": "active", "message": "Siaga 2 at 162 cm, up from Siaga 3", "count": 12,
-        "first_ts": "2026-11-22T06:10:00Z", "last_ts": "2026-11-22T07:58:00Z", "last_value": 162.0,
-        "details": {}, "created_at": "2026-11-22T06:10:01Z", "updated_at": "2026-11-22T07:58:01Z",
-        "acknowledged_at": None, "acknowledged_by": None, "cleared_at": None, "cleared_by": None}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "alert_id": 17,
+                    "device_id": "bandung-water-level-001",
+                    "city": "bandung",
+                    "domain": "environment",
+                    "district": "regol",
+                    "alert_type": "flood_siaga",
+                    "metric": "currentLevel",
+                    "severity": "major",
+                    "state": "active",
+                    "message": "Siaga 2 at 162 cm, up from Siaga 3",
+                    "count": 12,
+                    "first_ts": "2026-11-22T06:10:00Z",
+                    "last_ts": "2026-11-22T07:58:00Z",
+                    "last_value": 162.0,
+                    "details": {},
+                    "created_at": "2026-11-22T06:10:01Z",
+                    "updated_at": "2026-11-22T07:58:01Z",
+                    "acknowledged_at": None,
+                    "acknowledged_by": None,
+                    "cleared_at": None,
+                    "cleared_by": None,
+                }
+            ]
+        }
+    )
     alert_id: int
     device_id: str
     city: str
@@ -77,19 +99,35 @@ class Comment(BaseModel):
 
 @router.get("", response_model=AlertPage, responses=READ)
 async def list_alerts(
-        caller: Caller, conn: Connection, city: str | None = None,
-        domain: Domain | None = None, severity: Severity | None = None,
-        state: Annotated[State | Literal["open"] | None, Query(description="open = active or acknowledged")] = None,
-        device_id: str | None = None,
-        since: Annotated[dt.datetime | None, Query(description="last signal at or after")] = None,
-        until: Annotated[dt.datetime | None, Query(description="first signal before")] = None,
-        before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100) -> AlertPage:
+    caller: Caller,
+    conn: Connection,
+    city: str | None = None,
+    domain: Domain | None = None,
+    severity: Severity | None = None,
+    state: Annotated[State | Literal["open"] | None, Query(description="open = active or acknowledged")] = None,
+    device_id: str | None = None,
+    since: Annotated[dt.datetime | None, Query(description="last signal at or after")] = None,
+    until: Annotated[dt.datetime | None, Query(description="first signal before")] = None,
+    before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> AlertPage:
     """Alerts of the caller's cities, newest first, filtered by city, domain, severity, state, device and time."""
-    rows = await queries.alerts(conn, caller.city_filter(), city=city, domain=domain, severity=severity, state=state,
-                                device_id=device_id, since=since, until=until, before_id=before_id, limit=limit)
-    return AlertPage(alerts=[Alert(**r) for r in rows],
-                     next_before_id=rows[-1]["alert_id"] if len(rows) == limit else None)
+    rows = await queries.alerts(
+        conn,
+        caller.city_filter(),
+        city=city,
+        domain=domain,
+        severity=severity,
+        state=state,
+        device_id=device_id,
+        since=since,
+        until=until,
+        before_id=before_id,
+        limit=limit,
+    )
+    return AlertPage(
+        alerts=[Alert(**r) for r in rows], next_before_id=rows[-1]["alert_id"] if len(rows) == limit else None
+    )
 
 
 async def _visible(conn: Connection, caller: Caller, alert_id: int) -> dict[str, Any]:
@@ -100,8 +138,7 @@ async def _visible(conn: Connection, caller: Caller, alert_id: int) -> dict[str,
 
 
 @router.get("/{alert_id}", response_model=AlertDetail, responses=READ)
-async def alert_detail(alert_id: AlertId, caller: Caller,
-                       conn: Connection) -> AlertDetail:
+async def alert_detail(alert_id: AlertId, caller: Caller, conn: Connection) -> AlertDetail:
     """One alert with its history: raised, each escalation, acknowledged and cleared, with who and when."""
     return AlertDetail(**await _visible(conn, caller, alert_id))
 
@@ -114,8 +151,15 @@ async def _act(action: str, alert_id: int, body: Comment | None, caller: Caller,
     try:
         async with conn.transaction():
             await step(conn, alert_id, caller.user_id, comment)
-            await accounts.record_async(conn, caller.user_id, f"alert.{action}", "alert", str(alert_id), row["city"],
-                                        {"comment": comment, "device_id": row["device_id"]})
+            await accounts.record_async(
+                conn,
+                caller.user_id,
+                f"alert.{action}",
+                "alert",
+                str(alert_id),
+                row["city"],
+                {"comment": comment, "device_id": row["device_id"]},
+            )
     except lifecycle.AlertStateError as exc:
         raise HTTPException(409, str(exc)) from exc
     return AlertDetail(**await _visible(conn, caller, alert_id))

@@ -27,6 +27,7 @@ class City(BaseModel):
 
 class PlacedDevice(BaseModel):
     """What every device row of a view starts with: which device, and where it is on the map."""
+
     device_id: str
     district: str | None
     lat: float | None
@@ -96,16 +97,21 @@ class Meter(PlacedDevice):
     last_hour_mean: float | None
     baseline_mean: float | None = Field(description="mean of this local hour over the previous week")
     vs_baseline_pct: float | None
-    suspected_leak: bool = Field(description=(
-        "over the leak window (the last KOTA_API_LEAK_WINDOW_H hours) the flow never fell to within "
-        "KOTA_API_LEAK_MIN_FLOW_M3H of the lowest it usually reaches in those hours of the day "
-        "(median of the earlier days): water running that usually stops, the minimum-night-flow rule. "
-        "False without an earlier day to compare with."))
+    suspected_leak: bool = Field(
+        description=(
+            "over the leak window (the last KOTA_API_LEAK_WINDOW_H hours) the flow never fell to within "
+            "KOTA_API_LEAK_MIN_FLOW_M3H of the lowest it usually reaches in those hours of the day "
+            "(median of the earlier days): water running that usually stops, the minimum-night-flow rule. "
+            "False without an earlier day to compare with."
+        )
+    )
     leak_window_minutes: int = Field(description="minutes of the leak window with data (80% needed)")
     leak_window_min_flow: float | None = Field(description="lowest flow over the leak window")
     leak_usual_min_flow: float | None = Field(
-        None, description="median, over up to KOTA_API_LEAK_HISTORY_DAYS earlier days, of the lowest flow in "
-                          "the same hours of the day")
+        None,
+        description="median, over up to KOTA_API_LEAK_HISTORY_DAYS earlier days, of the lowest flow in "
+        "the same hours of the day",
+    )
     leak_history_days: int = Field(0, description="earlier days with data in those hours")
 
 
@@ -153,27 +159,39 @@ async def list_cities(caller: Caller, conn: Connection, settings: Settings) -> l
 
 
 @router.get("/cities/{city}/environment", response_model=Environment, responses=READ)
-async def environment(city: str, caller: Caller, conn: Connection, settings: Settings,
-                      district: str | None = None) -> Environment:
+async def environment(
+    city: str, caller: Caller, conn: Connection, settings: Settings, district: str | None = None
+) -> Environment:
     """Smart Environment: ISPU per station from real concentrations, noise against limits, and water
     levels with Siaga status and rate of rise per gate."""
     await _visible_city(conn, caller, city)
-    return Environment.model_validate({
-        "city": city, "district": district, "air_quality": await queries.air_quality(conn, city, district),
-        "noise": await queries.noise(conn, city, district, settings),
-        "water_levels": await queries.water_levels(conn, city, district)})
+    return Environment.model_validate(
+        {
+            "city": city,
+            "district": district,
+            "air_quality": await queries.air_quality(conn, city, district),
+            "noise": await queries.noise(conn, city, district, settings),
+            "water_levels": await queries.water_levels(conn, city, district),
+        }
+    )
 
 
 @router.get("/cities/{city}/living", response_model=Living, responses=READ)
-async def living(city: str, caller: Caller, conn: Connection, settings: Settings,
-                 district: str | None = None) -> Living:
+async def living(
+    city: str, caller: Caller, conn: Connection, settings: Settings, district: str | None = None
+) -> Living:
     """Smart Living: traffic per corridor against the usual, utilities against baseline with suspected
     leaks, and street lighting on/off/fault counts by district."""
     await _visible_city(conn, caller, city)
-    return Living.model_validate({
-        "city": city, "district": district, "traffic": await queries.traffic(conn, city, district, settings),
-        "utilities": await queries.utilities(conn, city, district, settings),
-        "street_lighting": await queries.street_lights(conn, city, district, settings)})
+    return Living.model_validate(
+        {
+            "city": city,
+            "district": district,
+            "traffic": await queries.traffic(conn, city, district, settings),
+            "utilities": await queries.utilities(conn, city, district, settings),
+            "street_lighting": await queries.street_lights(conn, city, district, settings),
+        }
+    )
 
 
 @router.get("/province", response_model=Province, responses=READ)

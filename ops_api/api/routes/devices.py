@@ -53,17 +53,42 @@ class Feature(BaseModel):
 
 
 class FeatureCollection(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "type": "FeatureCollection", "generated_at": "2026-11-22T08:00:00Z",
-        "features": [{"type": "Feature", "id": "bandung-air-quality-001",
-                      "geometry": {"type": "Point", "coordinates": [107.613, -6.887]},
-                      "properties": {"device_id": "bandung-air-quality-001", "city": "bandung",
-                                     "domain": "environment", "device_type": "air_quality", "district": "coblong",
-                                     "enabled": True, "status": "online", "last_seen": "2026-11-22T07:59:58Z",
-                                     "latest": {"pm25": {"value": 41.2, "unit": "ug/m3",
-                                                         "ts": "2026-11-22T07:59:58Z"}},
-                                     "ispu": {"value": 96, "display": "96", "category": "Sedang",
-                                              "category_en": "Moderate", "colour": "biru", "hex": "#1f6fd1"}}}]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "FeatureCollection",
+                    "generated_at": "2026-11-22T08:00:00Z",
+                    "features": [
+                        {
+                            "type": "Feature",
+                            "id": "bandung-air-quality-001",
+                            "geometry": {"type": "Point", "coordinates": [107.613, -6.887]},
+                            "properties": {
+                                "device_id": "bandung-air-quality-001",
+                                "city": "bandung",
+                                "domain": "environment",
+                                "device_type": "air_quality",
+                                "district": "coblong",
+                                "enabled": True,
+                                "status": "online",
+                                "last_seen": "2026-11-22T07:59:58Z",
+                                "latest": {"pm25": {"value": 41.2, "unit": "ug/m3", "ts": "2026-11-22T07:59:58Z"}},
+                                "ispu": {
+                                    "value": 96,
+                                    "display": "96",
+                                    "category": "Sedang",
+                                    "category_en": "Moderate",
+                                    "colour": "biru",
+                                    "hex": "#1f6fd1",
+                                },
+                            },
+                        }
+                    ],
+                }
+            ]
+        }
+    )
     type: Literal["FeatureCollection"] = "FeatureCollection"
     generated_at: dt.datetime
     features: list[Feature]
@@ -110,9 +135,20 @@ class Series(BaseModel):
 
 
 class NewDevice(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "device_id": "bandung-noise-042", "city": "bandung", "device_type": "noise", "district": "coblong",
-        "lat": -6.887, "lon": 107.613}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "device_id": "bandung-noise-042",
+                    "city": "bandung",
+                    "device_type": "noise",
+                    "district": "coblong",
+                    "lat": -6.887,
+                    "lon": 107.613,
+                }
+            ]
+        }
+    )
     device_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     city: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     device_type: str = Field(description=f"one of {', '.join(DEVICE_TYPES)}")
@@ -176,19 +212,39 @@ class SnapshotCache:
 
 def _feature(row: dict[str, Any]) -> dict[str, Any]:
     has_point = row["lat"] is not None and row["lon"] is not None
-    return {"type": "Feature", "id": row["device_id"],
-            "geometry": {"type": "Point", "coordinates": [row["lon"], row["lat"]]} if has_point else None,
-            "properties": {"device_id": row["device_id"], "city": row["city"], "domain": row["domain"],
-                           "device_type": row["device_type"], "district": row["district"], "enabled": row["enabled"],
-                           "status": row["status"], "last_seen": row["last_seen"], "latest": row["latest"],
-                           "ispu": queries.ispu_view(row["ispu"], row["category"]) if row["category"] else None}}
+    return {
+        "type": "Feature",
+        "id": row["device_id"],
+        "geometry": {"type": "Point", "coordinates": [row["lon"], row["lat"]]} if has_point else None,
+        "properties": {
+            "device_id": row["device_id"],
+            "city": row["city"],
+            "domain": row["domain"],
+            "device_type": row["device_type"],
+            "district": row["district"],
+            "enabled": row["enabled"],
+            "status": row["status"],
+            "last_seen": row["last_seen"],
+            "latest": row["latest"],
+            "ispu": queries.ispu_view(row["ispu"], row["category"]) if row["category"] else None,
+        },
+    }
 
 
-@router.get("", response_class=Response, responses={200: {"model": FeatureCollection,
-                                                          "content": {"application/geo+json": {}}}, **READ})
-async def list_devices(request: Request, caller: Caller, conn: Connection, settings: Settings,
-                       city: str | None = None, domain: Domain | None = None,
-                       district: str | None = None) -> Response:
+@router.get(
+    "",
+    response_class=Response,
+    responses={200: {"model": FeatureCollection, "content": {"application/geo+json": {}}}, **READ},
+)
+async def list_devices(
+    request: Request,
+    caller: Caller,
+    conn: Connection,
+    settings: Settings,
+    city: str | None = None,
+    domain: Domain | None = None,
+    district: str | None = None,
+) -> Response:
     """Devices of the caller's cities as a GeoJSON FeatureCollection: status, latest values, district,
     and ISPU for air-quality stations. Shared by concurrent callers for `KOTA_API_SNAPSHOT_CACHE_S`."""
     if city is not None:
@@ -196,8 +252,13 @@ async def list_devices(request: Request, caller: Caller, conn: Connection, setti
 
     async def build() -> bytes:
         rows = await queries.devices(conn, caller.city_filter(), settings, city=city, domain=domain, district=district)
-        return orjson.dumps({"type": "FeatureCollection", "generated_at": dt.datetime.now(dt.UTC),
-                             "features": [_feature(r) for r in rows]})
+        return orjson.dumps(
+            {
+                "type": "FeatureCollection",
+                "generated_at": dt.datetime.now(dt.UTC),
+                "features": [_feature(r) for r in rows],
+            }
+        )
 
     cache: SnapshotCache = request.app.state.snapshots
     body = await cache.get((caller.cities, city, domain, district), settings.snapshot_cache_s, build)
@@ -236,12 +297,15 @@ async def device_latest(device_id: str, caller: Caller, conn: Connection) -> Res
 
 @router.get("/{device_id}/series", response_model=Series, responses=READ)
 async def device_series(
-        request: Request, device_id: str, caller: Caller,
-        metric: Annotated[str, Query(min_length=1, max_length=64, examples=["pm25"])],
-        resolution: Resolution = "1m",
-        start: Annotated[dt.datetime | None, Query(description="inclusive; default: end minus one day")] = None,
-        end: Annotated[dt.datetime | None, Query(description="exclusive; default: now")] = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 1440) -> Response:
+    request: Request,
+    device_id: str,
+    caller: Caller,
+    metric: Annotated[str, Query(min_length=1, max_length=64, examples=["pm25"])],
+    resolution: Resolution = "1m",
+    start: Annotated[dt.datetime | None, Query(description="inclusive; default: end minus one day")] = None,
+    end: Annotated[dt.datetime | None, Query(description="exclusive; default: now")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1440,
+) -> Response:
     """A device's metric at raw, 1-minute, hourly or daily resolution, oldest first. Every page is an
     index range scan of its table, so it stays fast on months of data; follow `next_start` to page on.
     A page asked for again reuses its settled points' JSON while the data under them is unchanged, and
@@ -255,13 +319,33 @@ async def device_series(
     def render(count: int, last: dt.datetime | None) -> tuple[bytes, bytes]:
         """The body around its points."""
         next_start = last + dt.timedelta(microseconds=1) if count == limit and last else None
-        head = orjson.dumps({"device_id": device_id, "metric": metric, "resolution": resolution, "start": start,
-                             "end": end, "next_start": next_start}, option=orjson.OPT_UTC_Z)
+        head = orjson.dumps(
+            {
+                "device_id": device_id,
+                "metric": metric,
+                "resolution": resolution,
+                "start": start,
+                "end": end,
+                "next_start": next_start,
+            },
+            option=orjson.OPT_UTC_Z,
+        )
         return head[:-1] + b',"points":[', b"]}"
 
     cache: SeriesCache = request.app.state.series_cache
-    body = await cache.page(request.app.state.pool.connection, caller.city_filter(), device_id, metric, resolution,
-                            start, end, limit=limit, start_given=start_given, end_given=end_given, render=render)
+    body = await cache.page(
+        request.app.state.pool.connection,
+        caller.city_filter(),
+        device_id,
+        metric,
+        resolution,
+        start,
+        end,
+        limit=limit,
+        start_given=start_given,
+        end_given=end_given,
+        render=render,
+    )
     if body is None:
         raise HTTPException(404, "device not found")
     return Response(body, media_type="application/json")
@@ -272,8 +356,14 @@ def _aware(ts: dt.datetime) -> dt.datetime:
 
 
 @router.post("", response_model=CreatedDevice, status_code=201, responses=responses(401, 403, 404, 409))
-async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack: Stack, settings: Settings,
-                        registry_changed: RegistryChanged) -> CreatedDevice:
+async def create_device(
+    body: NewDevice,
+    caller: Caller,
+    conn: Connection,
+    stack: Stack,
+    settings: Settings,
+    registry_changed: RegistryChanged,
+) -> CreatedDevice:
     """Register a device of a known type in one of the caller's cities (integrators and admins). The
     answer holds its MQTT password, once; the broker accepts the device within a second."""
     require(caller, "integrator", doing="manage devices")
@@ -281,8 +371,9 @@ async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack
     if body.device_type not in DEVICE_TYPES:
         raise HTTPException(422, f"unknown device type {body.device_type!r}; one of {', '.join(DEVICE_TYPES)}")
     try:
-        device = new_device(body.device_id, body.city, body.device_type, district=body.district, lat=body.lat,
-                            lon=body.lon)
+        device = new_device(
+            body.device_id, body.city, body.device_type, district=body.district, lat=body.lat, lon=body.lon
+        )
     except ValueError as exc:  # a reserved id (kota.contract.is_reserved_id)
         raise HTTPException(422, str(exc)) from None
     password = new_password()
@@ -295,18 +386,34 @@ async def create_device(body: NewDevice, caller: Caller, conn: Connection, stack
                 upsert_devices(sync_conn, [device], {device.device_id: password})
             except psycopg.errors.UniqueViolation:  # a gateway holds the id (migration 0010)
                 raise HTTPException(409, "id already taken by a gateway") from None
-            accounts.record(sync_conn, caller.user_id, "device.created", "device", device.device_id, device.city,
-                            {"device_type": device.device_type, "district": device.district})
+            accounts.record(
+                sync_conn,
+                caller.user_id,
+                "device.created",
+                "device",
+                device.device_id,
+                device.city,
+                {"device_type": device.device_type, "district": device.district},
+            )
         registry_changed()
 
     await asyncio.to_thread(register)
-    return CreatedDevice(device=await _detail(conn, caller, settings, device.device_id),
-                         mqtt_username=device.device_id, mqtt_password=password)
+    return CreatedDevice(
+        device=await _detail(conn, caller, settings, device.device_id),
+        mqtt_username=device.device_id,
+        mqtt_password=password,
+    )
 
 
 @router.patch("/{device_id}", response_model=DeviceDetail, responses=responses(401, 403, 404))
-async def change_device(device_id: str, body: DeviceChange, caller: Caller, conn: Connection, settings: Settings,
-                        registry_changed: RegistryChanged) -> DeviceDetail:
+async def change_device(
+    device_id: str,
+    body: DeviceChange,
+    caller: Caller,
+    conn: Connection,
+    settings: Settings,
+    registry_changed: RegistryChanged,
+) -> DeviceDetail:
     """Enable or disable a device, or move it (integrators and admins). Disabling closes its MQTT access."""
     require(caller, "integrator", doing="manage devices")
     city = await queries.device_city(conn, caller.city_filter(), device_id)
@@ -316,8 +423,10 @@ async def change_device(device_id: str, body: DeviceChange, caller: Caller, conn
     if changes:
         async with conn.transaction():
             columns = ", ".join(f"{name} = %({name})s" for name in changes)  # names from the model, not the caller
-            await conn.execute(f"UPDATE devices SET {columns}, updated_at = now() WHERE device_id = %(device_id)s",  # noqa: S608
-                               {**changes, "device_id": device_id})
+            await conn.execute(
+                f"UPDATE devices SET {columns}, updated_at = now() WHERE device_id = %(device_id)s",  # noqa: S608
+                {**changes, "device_id": device_id},
+            )
             await accounts.record_async(conn, caller.user_id, "device.changed", "device", device_id, city, changes)
         if "enabled" in changes:
             await asyncio.to_thread(registry_changed)

@@ -62,8 +62,11 @@ class Health(HealthSummary):
     last_reading_at: dt.datetime | None
     processor: ProcessorHealth
     live_clients: int
-    caches: dict[str, int] = Field(default_factory=dict, description="entries in this API process's caches "
-                                   "(each is bounded): tokens, device_snapshots, device_snapshot_locks, series_pages")
+    caches: dict[str, int] = Field(
+        default_factory=dict,
+        description="entries in this API process's caches "
+        "(each is bounded): tokens, device_snapshots, device_snapshot_locks, series_pages",
+    )
 
 
 class ProcessorWatch:
@@ -167,8 +170,9 @@ class HealthProbe:
 
     async def _kafka_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(**self._stack.kafka_client_options(), group_id=None,
-                                        request_timeout_ms=int(CHECK_TIMEOUT_S * 1000))
+            consumer = AIOKafkaConsumer(
+                **self._stack.kafka_client_options(), group_id=None, request_timeout_ms=int(CHECK_TIMEOUT_S * 1000)
+            )
             try:
                 await consumer.start()
             except BaseException:
@@ -201,8 +205,10 @@ class HealthProbe:
         partitions = [TopicPartition(READINGS_TOPIC, p) for p in range(self._stack.kafka_partitions)]
         ends = await asyncio.wait_for(consumer.end_offsets(partitions), timeout=CHECK_TIMEOUT_S)
         async with pool.connection(timeout=CHECK_TIMEOUT_S) as conn:
-            cur = await conn.execute("SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s "
-                                     "AND topic = %s", (self._processor_group, READINGS_TOPIC))
+            cur = await conn.execute(
+                "SELECT partition, next_offset FROM stream_offsets WHERE consumer_group = %s AND topic = %s",
+                (self._processor_group, READINGS_TOPIC),
+            )
             stored: dict[int, int] = dict(await cur.fetchall())
         return {str(tp.partition): max(0, end - stored.get(tp.partition, 0)) for tp, end in ends.items()}
 
@@ -215,9 +221,11 @@ class HealthProbe:
                 last = await queries.last_reading_time(conn)
             return "PostgreSQL answered"
 
-        db, kafka, mqtt = await asyncio.gather(self._check("postgres", database), self._check("kafka", self._kafka),
-                                               self._check("mqtt", lambda: _mqtt(self._stack.mqtt_host,
-                                                                                 self._stack.mqtt_port)))
+        db, kafka, mqtt = await asyncio.gather(
+            self._check("postgres", database),
+            self._check("kafka", self._kafka),
+            self._check("mqtt", lambda: _mqtt(self._stack.mqtt_host, self._stack.mqtt_port)),
+        )
         lag: dict[str, int] = {}
         if db.ok and kafka.ok:
             try:
@@ -225,18 +233,29 @@ class HealthProbe:
             except Exception:  # noqa: BLE001 - lag unknown this time; the dependencies said why
                 log.debug("health: processor lag not known", exc_info=True)
         deps = {"postgres": db, "kafka": kafka, "mqtt": mqtt}
-        return Health(status="ok" if all(d.ok for d in deps.values()) else "degraded", dependencies=deps,
-                      last_reading_at=last,
-                      processor=ProcessorHealth(consumer_lag=sum(lag.values()) if lag else None, lag_by_partition=lag,
-                                                readings_per_s=None, last_batch_at=None),
-                      live_clients=0)
+        return Health(
+            status="ok" if all(d.ok for d in deps.values()) else "degraded",
+            dependencies=deps,
+            last_reading_at=last,
+            processor=ProcessorHealth(
+                consumer_lag=sum(lag.values()) if lag else None,
+                lag_by_partition=lag,
+                readings_per_s=None,
+                last_batch_at=None,
+            ),
+            live_clients=0,
+        )
 
 
 def _cache_sizes(request: Request) -> dict[str, int]:
     state = request.app.state
     snapshots, snapshot_locks = state.snapshots.sizes
-    return {"tokens": len(state.tokens), "device_snapshots": snapshots, "device_snapshot_locks": snapshot_locks,
-            "series_pages": len(state.series_cache)}
+    return {
+        "tokens": len(state.tokens),
+        "device_snapshots": snapshots,
+        "device_snapshot_locks": snapshot_locks,
+        "series_pages": len(state.series_cache),
+    }
 
 
 async def _signed_in(request: Request) -> bool:
@@ -246,8 +265,7 @@ async def _signed_in(request: Request) -> bool:
         token = bearer_token(request)
         if token is None:
             return False
-        await asyncio.wait_for(authenticate(request.app.state.pool, request.app.state.tokens, token),
-                               CHECK_TIMEOUT_S)
+        await asyncio.wait_for(authenticate(request.app.state.pool, request.app.state.tokens, token), CHECK_TIMEOUT_S)
     except HTTPException:
         return False
     except Exception:  # noqa: BLE001 - the summary says the database is away
@@ -255,11 +273,18 @@ async def _signed_in(request: Request) -> bool:
     return True
 
 
-@router.get("/health", response_model=None, responses={
-    200: {"model": Health | HealthSummary,
-          "description": "ok: the summary to anyone; with a token, each dependency, the processor's lag and "
-                         "throughput, the newest stored reading and live clients"},
-    503: {"model": Health | HealthSummary, "description": "degraded: a dependency does not answer"}})
+@router.get(
+    "/health",
+    response_model=None,
+    responses={
+        200: {
+            "model": Health | HealthSummary,
+            "description": "ok: the summary to anyone; with a token, each dependency, the processor's lag and "
+            "throughput, the newest stored reading and live clients",
+        },
+        503: {"model": Health | HealthSummary, "description": "degraded: a dependency does not answer"},
+    },
+)
 async def health(request: Request) -> JSONResponse:
     """Each dependency, the processor's Kafka lag and throughput, and the newest stored reading (signed
     in; anyone else gets only ok or degraded)."""
@@ -270,8 +295,13 @@ async def health(request: Request) -> JSONResponse:
     if not await _signed_in(request):
         return JSONResponse(HealthSummary(status=report.status).model_dump(), status_code=status_code)
     watch: ProcessorWatch = request.app.state.watch
-    detailed = report.model_copy(update={
-        "processor": report.processor.model_copy(update={"readings_per_s": watch.readings_per_s,
-                                                         "last_batch_at": watch.last_batch_at}),
-        "live_clients": hub.clients, "caches": _cache_sizes(request)})
+    detailed = report.model_copy(
+        update={
+            "processor": report.processor.model_copy(
+                update={"readings_per_s": watch.readings_per_s, "last_batch_at": watch.last_batch_at}
+            ),
+            "live_clients": hub.clients,
+            "caches": _cache_sizes(request),
+        }
+    )
     return JSONResponse(detailed.model_dump(mode="json"), status_code=status_code)

@@ -37,8 +37,14 @@ Devices = Annotated[list[str] | None, Query(alias="device_id", description="only
 Types = Annotated[list[str] | None, Query(alias="type", description="readings and/or alert (default both)")]
 
 
-async def _filter(app: object, caller: Principal, cities: list[str] | None, domains: list[str] | None,
-                  devices: list[str] | None, types: list[str] | None) -> Filter:
+async def _filter(
+    app: object,
+    caller: Principal,
+    cities: list[str] | None,
+    domains: list[str] | None,
+    devices: list[str] | None,
+    types: list[str] | None,
+) -> Filter:
     for city in cities or ():
         if not caller.sees(city):
             raise HTTPException(404, "city not found")
@@ -50,13 +56,19 @@ async def _filter(app: object, caller: Principal, cities: list[str] | None, doma
     unknown = set(types or ()) - set(KINDS)
     if unknown:
         raise HTTPException(422, f"unknown event type {sorted(unknown)[0]!r}; use readings or alert")
-    return Filter(caller.cities, frozenset(cities or ()), frozenset(domains or ()), frozenset(devices or ()),
-                  frozenset(types or KINDS))
+    return Filter(
+        caller.cities,
+        frozenset(cities or ()),
+        frozenset(domains or ()),
+        frozenset(devices or ()),
+        frozenset(types or KINDS),
+    )
 
 
 @router.websocket("")
-async def live_websocket(websocket: WebSocket, city: Cities = None, domain: Domains = None,
-                         device: Devices = None, kind: Types = None) -> None:
+async def live_websocket(
+    websocket: WebSocket, city: Cities = None, domain: Domains = None, device: Devices = None, kind: Types = None
+) -> None:
     app = websocket.app
     try:
         token = bearer_token(websocket, in_query=True)  # type: ignore[arg-type]
@@ -98,11 +110,20 @@ async def _serve(websocket: WebSocket, subscriber: Subscriber) -> None:
                 await task
 
 
-@router.get("/sse", response_class=StreamingResponse, responses={
-    200: {"content": {"text/event-stream": {"example": 'event: alert\ndata: {"type": "alert", "alert_id": 17}\n\n'}},
-          "description": "a stream of `readings` and `alert` events"}, **READ})
-async def live_sse(request: Request, city: Cities = None, domain: Domains = None, device: Devices = None,
-                   kind: Types = None) -> StreamingResponse:
+@router.get(
+    "/sse",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"example": 'event: alert\ndata: {"type": "alert", "alert_id": 17}\n\n'}},
+            "description": "a stream of `readings` and `alert` events",
+        },
+        **READ,
+    },
+)
+async def live_sse(
+    request: Request, city: Cities = None, domain: Domains = None, device: Devices = None, kind: Types = None
+) -> StreamingResponse:
     """The live feed as Server-Sent Events, for clients without WebSocket (token in the Authorization
     header, or `?token=` for EventSource)."""
     token = bearer_token(request, in_query=True)
@@ -126,11 +147,20 @@ async def live_sse(request: Request, city: Cities = None, domain: Domains = None
                     yield b": heartbeat\n\n"
                     continue
                 if frames is None:
-                    yield b"event: dropped\ndata: " + orjson.dumps(
-                        {"code": subscriber.close_code, "reason": subscriber.dropped or ""}) + b"\n\n"
+                    yield (
+                        b"event: dropped\ndata: "
+                        + orjson.dumps({"code": subscriber.close_code, "reason": subscriber.dropped or ""})
+                        + b"\n\n"
+                    )
                     return
-                yield b"".join(b"event: " + (b"alert" if m.startswith(b'{"type":"alert"') else b"readings")
-                               + b"\ndata: " + m + b"\n\n" for m in frame_events(frames))
+                yield b"".join(
+                    b"event: "
+                    + (b"alert" if m.startswith(b'{"type":"alert"') else b"readings")
+                    + b"\ndata: "
+                    + m
+                    + b"\n\n"
+                    for m in frame_events(frames)
+                )
         finally:
             hub.unsubscribe(subscriber)
 
