@@ -81,7 +81,7 @@ ACLS = (
 
 
 # -- the two requests aiokafka lacks, in their flexible (KIP-482) versions ---------------------
-class CreateAclsResponse_v2(Response):
+class CreateAclsResponse_v2(Response):  # type: ignore[misc]  # aiokafka ships no types
     API_KEY = 30
     API_VERSION = 2
     SCHEMA = Schema(
@@ -94,7 +94,7 @@ class CreateAclsResponse_v2(Response):
     )
 
 
-class CreateAclsRequest_v2(RequestStruct):
+class CreateAclsRequest_v2(RequestStruct):  # type: ignore[misc]  # aiokafka ships no types
     FLEXIBLE_VERSION = True
     API_KEY = 30
     API_VERSION = 2
@@ -129,7 +129,7 @@ class CreateAclsRequest_v3(CreateAclsRequest_v2):
 CreateAclsStruct: TypeAlias = CreateAclsRequest_v2 | CreateAclsRequest_v3
 
 
-class CreateAcls(Request[CreateAclsStruct]):
+class CreateAcls(Request[CreateAclsStruct]):  # type: ignore[misc]  # aiokafka ships no types
     API_KEY = 30
 
     def __init__(self, acls: tuple[Acl, ...]) -> None:
@@ -141,7 +141,7 @@ class CreateAcls(Request[CreateAclsStruct]):
         return request_struct_class(self._creations, {})
 
 
-class AlterUserScramCredentialsResponse_v0(Response):
+class AlterUserScramCredentialsResponse_v0(Response):  # type: ignore[misc]  # aiokafka ships no types
     API_KEY = 51
     API_VERSION = 0
     SCHEMA = Schema(
@@ -159,7 +159,7 @@ class AlterUserScramCredentialsResponse_v0(Response):
     )
 
 
-class AlterUserScramCredentialsRequest_v0(RequestStruct):
+class AlterUserScramCredentialsRequest_v0(RequestStruct):  # type: ignore[misc]  # aiokafka ships no types
     FLEXIBLE_VERSION = True
     API_KEY = 51
     API_VERSION = 0
@@ -181,7 +181,7 @@ class AlterUserScramCredentialsRequest_v0(RequestStruct):
     )
 
 
-class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):
+class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):  # type: ignore[misc]  # aiokafka ships no types
     API_KEY = 51
 
     def __init__(self, passwords: dict[str, str]) -> None:

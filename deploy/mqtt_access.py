@@ -45,6 +45,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from deploy import procs
 from deploy.broker_limits import BROKER_MAX_QUEUED_BYTES, BROKER_MAX_QUEUED_MESSAGES
@@ -320,7 +321,7 @@ def wait_for_ingest_subscription(stack: StackSettings, timeout_s: float) -> bool
     answers: dict[int, int] = {}
     answered = threading.Condition()
 
-    def on_publish(_c: object, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
+    def on_publish(_c: object, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
         with answered:
             answers[mid] = reason.value
             answered.notify_all()
@@ -383,7 +384,7 @@ def guard_ingest(
     answered = threading.Condition()
     store = {"count": 0, "bytes": 0}
 
-    def on_publish(_c: object, _u: object, mid: int, reason: mqtt.ReasonCode, _p: object) -> None:
+    def on_publish(_c: object, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
         with answered:
             answers[mid] = reason.value
             answered.notify_all()

@@ -34,7 +34,7 @@ def dsn(port: int) -> str:
     return f"host=127.0.0.1 port={port} user=postgres dbname=postgres password=pglite sslmode=disable"
 
 
-def start(port: int, log_path: Path, data_dir: Path | None = None, timeout_s: float = 60.0) -> subprocess.Popen:
+def start(port: int, log_path: Path, data_dir: Path | None = None, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
     """Start the server (in memory unless `data_dir`) and wait until it answers a query."""
     install()
     node = shutil.which("node")

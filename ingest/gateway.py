@@ -113,7 +113,7 @@ class IngestGateway:
         self._gateways: dict[str, Gateway] = {}
         self._devices_loaded_at = 0.0  # monotonic, for the periodic refresh
         self._devices_as_of_ms = 0  # wall clock when the registry was read
-        self._registry_version: tuple = ()  # kota.registry.registry_version at that read
+        self._registry_version: tuple[int, ...] = ()  # kota.registry.registry_version at that read
         self._producer: AIOKafkaProducer | None = None
         self._burst = BurstLog(log, settings.log_burst_s)
         # (topic, key) → partition, computed once per device with Kafka's own (murmur2)
@@ -192,7 +192,7 @@ class IngestGateway:
             self._rate_overrides = load_rate_limits(conn)
             return load_devices(conn), load_gateways(conn)
 
-    def _read_version(self) -> tuple:
+    def _read_version(self) -> tuple[int, ...]:
         with psycopg.connect(self._stack.postgres_dsn, connect_timeout=5) as conn:
             return registry_version(conn)
 

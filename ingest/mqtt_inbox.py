@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class MqttInbox:
 
     # -- paho's thread -------------------------------------------------------------------------
     def _on_connect(
-        self, client: mqtt.Client, _userdata: object, _flags: object, reason_code: mqtt.ReasonCode, _props: object
+        self, client: mqtt.Client, _userdata: object, _flags: object, reason_code: ReasonCode, _props: object
     ) -> None:
         if reason_code.is_failure:
             log.error("MQTT %s:%s refused the connection: %s", self._host, self._port, reason_code)
@@ -109,7 +110,7 @@ class MqttInbox:
         log.info("MQTT connected to %s:%s, subscribed to %s", self._host, self._port, self._topic_filter)
 
     def _on_disconnect(
-        self, _client: mqtt.Client, _userdata: object, _flags: object, reason_code: mqtt.ReasonCode, _props: object
+        self, _client: mqtt.Client, _userdata: object, _flags: object, reason_code: ReasonCode, _props: object
     ) -> None:
         self.connected.clear()
         if not self._stopping.is_set():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -104,7 +104,7 @@ def _cleared_between(times: list[int], after_ms: float, before_ms: int) -> bool:
 def _episodes(
     signals: Iterable[Signal],
     repeats: Iterable[Repeat],
-    open_alerts: dict[tuple[str, str], tuple],
+    open_alerts: dict[tuple[str, str], tuple[Any, ...]],
     clear_after_ms: Callable[[str], float],
     times: dict[tuple[str, str], list[int]],
 ) -> list[_Episode]:
@@ -242,7 +242,7 @@ async def apply_signals(
                 cur.nextset()
     changes: list[AlertChange] = []
     events: list[tuple[int, str, str, str, str | None]] = []
-    updates: list[tuple] = []
+    updates: list[tuple[Any, ...]] = []
     for e in episodes:
         if e.alert_id is None:
             continue

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 # MQTT 3.1.1 CONNECT, clean session, keepalive 5 s, client id "kota-health", no login. A CONNACK of
 # any return code (0 accepted, 5 not authorised) proves the broker is up and speaking MQTT: health
@@ -80,7 +81,7 @@ def connect(
     accepted = threading.Event()
     refusals: list[str] = []
 
-    def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: mqtt.ReasonCode, _p: object) -> None:
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
         if reason.is_failure:
             refusals.append(str(reason))
         else:

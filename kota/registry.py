@@ -247,7 +247,7 @@ def device_ranges(conn: psycopg.Connection, device_ids: list[str]) -> dict[str, 
     }
 
 
-def registry_version(conn: psycopg.Connection) -> tuple:
+def registry_version(conn: psycopg.Connection) -> tuple[int, ...]:
     """Changes whenever a transaction that wrote devices or gateways commits (migration 0006)."""
     row = conn.execute("SELECT version FROM registry_version").fetchone()
     assert row is not None  # the migration inserts the one row

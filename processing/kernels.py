@@ -214,7 +214,7 @@ else:
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
             array_struct = context.make_array(signature.args[0])(context, builder, args[0])
-            row_stride = cgutils.unpack_tuple(builder, array_struct.strides)[0]
+            row_stride = cgutils.unpack_tuple(builder, array_struct.strides)[0]  # type: ignore[no-untyped-call]
             address = builder.gep(
                 builder.bitcast(array_struct.data, cgutils.voidptr_t), [builder.mul(args[1], row_stride)]
             )

@@ -27,6 +27,7 @@ import numpy as np
 import psycopg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter, Gauge, start_http_server
 
 from kota.alerts import Signal, apply_signals
@@ -283,7 +284,10 @@ class Processor:
         return max(1, min(self._settings.max_batch_records, int(wanted)))
 
     async def _store_until_done(
-        self, conn: psycopg.AsyncConnection, batch: dict, stop: asyncio.Event
+        self,
+        conn: psycopg.AsyncConnection,
+        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        stop: asyncio.Event,
     ) -> psycopg.AsyncConnection:
         slices = [self._decode(tp, records) for tp, records in batch.items() if records]
         records = sum(len(s.readings_by_offset) for s in slices)
@@ -515,7 +519,7 @@ class Processor:
         except psycopg.Error as exc:
             log.warning("maintenance skipped (%s)", exc)
 
-    def _decode(self, tp: TopicPartition, records: list) -> PartitionSlice:
+    def _decode(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> PartitionSlice:
         """The records' readings; a record not in the wire format, or with a time or value the
         platform does not keep, holds none and becomes a dead letter (written with the batch)."""
         by_offset: list[tuple[int, list[Reading]]] = []

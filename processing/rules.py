@@ -21,6 +21,7 @@ import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -132,7 +133,7 @@ async def evaluate_air_quality(
         return []
     concentrations = await window_means(conn, minutes, policy.ispu_window_minutes)
     signals = []
-    newest: dict[str, tuple] = {}
+    newest: dict[str, tuple[Any, ...]] = {}
     for device_id, t_ms in points:  # each station's minutes in time order
         result = ispu.station_ispu(concentrations.get((device_id, t_ms), {}))
         if result is None:

@@ -309,7 +309,7 @@ def picture(dsn: str, document: dict[str, Any], device_id: str, path: Path) -> N
             for (ts,) in raised:
                 ax.axvline(ts, color="#7030a0", ls="--", lw=1)
             ax.set_title(f"{device_id} {metric}" + (f" ({len(raised)} alert(s), dashed)" if raised else ""))
-            ax.xaxis.set_major_formatter(mdates.DateFormatter("%d %H:%M"))
+            ax.xaxis.set_major_formatter(mdates.DateFormatter("%d %H:%M"))  # type: ignore[no-untyped-call]
             handles, names = ax.get_legend_handles_labels()
             unique = dict(zip(names, handles, strict=False))
             ax.legend(unique.values(), unique.keys(), loc="upper left", fontsize=8)
