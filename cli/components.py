@@ -43,13 +43,18 @@ def cmd_processor(_args: argparse.Namespace) -> int:
 
 def api_app() -> FastAPI:
     """The ops API as `kota api` serves it: a registry change made through it reaches the local
-    broker at once. (Under compose and k8s no broker runs beside the API: its sync finds none to
-    reload, and the broker-access sidecar keeps the broker in step.)"""
-    from deploy import mqtt_access
+    broker at once. Under compose and k8s no broker runs beside the API (no pid file in its state
+    folder), so the hook does nothing: the broker-access sidecar keeps that broker in step."""
+    from deploy import mqtt_access, procs
     from ops_api.main import create_app
 
     stack = StackSettings()
-    return create_app(stack, on_registry_change=lambda: mqtt_access.sync(stack))
+
+    def sync_local_broker() -> None:
+        if procs.running_pid(stack, "mosquitto") is not None:
+            mqtt_access.sync(stack)
+
+    return create_app(stack, on_registry_change=sync_local_broker)
 
 
 def cmd_api(_args: argparse.Namespace) -> int:

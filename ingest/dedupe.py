@@ -12,6 +12,11 @@ from kota.contract import Reading
 
 
 class RecentReadings:
+    """The readings accepted lately, to refuse one sent again (a device's retry after a lost PUBACK).
+
+    Two generations of hashes: when the young one is full it becomes the old one, so memory is
+    bounded by `capacity` and a reading is remembered for at least half of it."""
+
     def __init__(self, capacity: int = 400_000) -> None:
         if capacity < 2:
             raise ValueError("capacity must be at least 2")

@@ -87,6 +87,9 @@ class BurstLog:
 
 
 class IngestGateway:
+    """MQTT in, Kafka out: take batches from the inbox, check each message, send readings and dead
+    letters, and acknowledge the MQTT messages only once Kafka holds every record they became."""
+
     def __init__(self, *, stack: StackSettings, settings: GatewaySettings, drain: bool = False) -> None:
         self._stack, self._settings = stack, settings
         self._drain = drain

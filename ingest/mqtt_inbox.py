@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
+    """One MQTT message as received, with what is needed to acknowledge it later."""
+
     mid: int
     qos: int
     topic: str

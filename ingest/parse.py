@@ -52,6 +52,8 @@ MAX_TS_MS = 253_402_300_799_999
 
 @dataclass(frozen=True, slots=True)
 class ParseLimits:
+    """The bounds every message is checked against: size, time window, nesting and number of values."""
+
     max_payload_bytes: int = 256 * 1024
     max_future_ms: int = 5 * 60 * 1000  # clocks drift; more than this ahead is a device bug
     max_age_ms: int = 7 * 24 * 3600 * 1000  # older readings belong in a replay, not live ingest
@@ -67,6 +69,8 @@ MAX_KEPT_REJECTIONS = 20
 
 @dataclass(slots=True)
 class ParseResult:
+    """What one message became: readings to forward, and why the rest was refused."""
+
     readings: list[Reading]
     rejections: list[Rejection]  # the first MAX_KEPT_REJECTIONS
     reason_counts: dict[str, int] = field(default_factory=dict)  # every rejection, by reason

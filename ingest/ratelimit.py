@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
+    """A token bucket's shape: the sustained rate and the burst."""
+
     per_s: float  # sustained messages per second; 0 means no limit
     burst: float  # messages a sender may send at once after being quiet
 

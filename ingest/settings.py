@@ -7,6 +7,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class GatewaySettings(BaseSettings):
+    """The gateway's settings (`KOTA_GATEWAY_*`): its MQTT session, batching, limits and rates."""
+
     model_config = SettingsConfigDict(env_prefix="KOTA_GATEWAY_", extra="ignore")
 
     # Each gateway keeps its own persistent MQTT session under this id. "{hostname}" is replaced,

@@ -86,6 +86,8 @@ def gateway_topics(city: str, gateway_id: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class TelemetryTopic:
+    """A telemetry topic taken apart: who published, for which city and domain, in which form."""
+
     city: str
     domain: str | None  # None on a gateway topic: its devices say their own
     sender_id: str  # the device, or the gateway, that published
@@ -293,6 +295,8 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
+    """Why one value or message was refused: a stable reason code and a message for a person."""
+
     reason: Reason
     message: str  # for a person: what was wrong and how to fix it
 

@@ -49,6 +49,8 @@ def connack_code(port: int, connect_packet: bytes, host: str = "127.0.0.1") -> i
 
 @dataclass(frozen=True)
 class MqttLogin:
+    """How to reach the broker and log in: port and host, password or TLS files."""
+
     port: int
     username: str | None = None
     password: str | None = None

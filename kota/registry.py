@@ -19,6 +19,8 @@ from kota.contract import DOMAINS, METRICS, is_reserved_id, is_valid_id
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
+    """What a device may send for one metric: the canonical unit and the valid range."""
+
     unit: str
     low: float
     high: float
@@ -43,6 +45,8 @@ def default_metrics(device_type: str) -> dict[str, MetricSpec]:
 
 @dataclass(frozen=True, slots=True)
 class Device:
+    """A registered device: where it is, what it measures, and who may publish for it."""
+
     device_id: str
     city: str
     domain: str

@@ -28,6 +28,8 @@ _ADVISORY_LOCK_ID = 0x6B6F7461  # "kota": one migrator at a time
 
 @dataclass(frozen=True)
 class Migration:
+    """One numbered migration: its common SQL file and any backend-specific part."""
+
     version: int
     name: str
     common: Path

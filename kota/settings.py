@@ -71,6 +71,11 @@ def _dsn_quoted(value: str) -> str:
 
 
 class StackSettings(BaseSettings):
+    """Where every service of one stack is (hosts, ports, state folder) and how to log in to it.
+
+    Every component reads the same `KOTA_*` variables, so a child started with the parent's
+    environment finds the same services."""
+
     model_config = SettingsConfigDict(env_prefix="KOTA_", extra="ignore")
 
     state_dir: Path = Field(default_factory=_default_state_dir)

@@ -32,6 +32,8 @@ log = logging.getLogger("kota.api.auth")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who is calling: the user, their role and the cities they may see, and their token's expiry."""
+
     user_id: str
     role: Role
     cities: frozenset[str] | None  # None: every city (admin)

@@ -151,6 +151,9 @@ class _Group:
 
 
 class LiveHub:
+    """The live feed's fan-out: one Kafka reader and one LISTEN connection per API process, and the
+    WebSocket and SSE clients grouped by what they follow, each with a bounded queue."""
+
     def __init__(self, stack: StackSettings, *, queue_events: int, kafka_enabled: bool = True) -> None:
         self._stack = stack
         self._queue_events = queue_events

@@ -9,6 +9,8 @@ from kota.contract import PROCESSOR_GROUP
 
 
 class ApiSettings(BaseSettings):
+    """The ops API's settings (`KOTA_API_*`): workers, caches, the live feed and token lifetimes."""
+
     model_config = SettingsConfigDict(env_prefix="KOTA_API_", extra="ignore")
 
     # Device status from the newest stored reading: online, then stale, then offline.

@@ -145,6 +145,9 @@ def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarra
 
 
 class SeekToDatabaseOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
+    """On each assignment, start every partition at the offset stored with its data in the database
+    (exactly once), and forget the state of partitions taken away."""
+
     def __init__(self, processor: Processor) -> None:
         self._processor = processor
 
@@ -159,6 +162,12 @@ class SeekToDatabaseOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Processor:
+    """The stream processor: Kafka batches in; readings, aggregates, anomalies, alerts and offsets out,
+    in one database transaction per batch.
+
+    Detector state is kept per assigned partition (PartitionState) and checkpointed with the data, so
+    a partition that moves to another processor, or a restart, goes on exactly where it was."""
+
     def __init__(self, *, stack: StackSettings, settings: ProcessorSettings) -> None:
         self._stack, self._settings = stack, settings
         self._consumer: AIOKafkaConsumer | None = None

@@ -41,6 +41,8 @@ SIAGA_SEVERITY: dict[int, Severity] = {3: "minor", 2: "major", 1: "critical"}
 
 @dataclass(frozen=True, slots=True)
 class RulePolicy:
+    """The domain rules' thresholds: the ISPU window and the flood gates' Siaga levels and rate of rise."""
+
     ispu_window_minutes: int = 60
     # Default gate thresholds in cm (Katulampa's, from ../shared/docs/domain.md); per gate in flood_gates.
     siaga3_cm: float = 80.0

@@ -9,25 +9,18 @@ from processing import kernels
 
 
 class ProcessorSettings(BaseSettings):
+    """The stream processor's settings (`KOTA_PROCESSOR_*`): batching, workers, detectors and alerts."""
+
     model_config = SettingsConfigDict(env_prefix="KOTA_PROCESSOR_", extra="ignore")
 
     group_id: str = PROCESSOR_GROUP
     # Processes sharing the readings partitions (processing/workers.py): one processor and its
-    # database backend take turns, so one of this machine's two cores sat idle with one.
-    # bench.processing, the same run: 62k readings/s with one, 99-101k with two.
+    # database backend take turns, so with one, one of two cores sits idle (docs/processing.md).
     workers: int = 2
     max_batch_records: int = 5_000
-    # A batch is also bounded by readings: a record holds one device message, from one reading to
-    # hundreds (a replay, a gateway's backlog). Bounded by records alone, the million-reading test's
-    # batches held 390,000 readings (785 records of 500: what a 4 MB partition fetch gives), each a
-    # transaction of many seconds that a kill -9 threw away whole. The record count asked of Kafka
-    # follows the readings per record of recent batches. A batch below the bound holds what came
-    # while the last one was written, so the bound matters only near saturation, where a larger
-    # batch holds more readings of each series and its one-minute and latest-value upserts (one a
-    # series a batch) cost less a reading. bench.e2e on a bench database of 13 GB, both orders:
-    # 50,000/s sustained with 24,000 (p99 to the database 1.46 and 1.87 s), not with 8,000 (41-51k
-    # stored, p99 2.8-4.6 s); at 60,000/s offered, 51-56k stored against 48k. (8,000 was chosen
-    # when one slower worker ran at 15,000/s, where a larger bound made a live stream wait longer.)
+    # A batch is also bounded by readings (a record holds one message: one reading or hundreds), so
+    # no transaction grows to seconds; the bound matters only near saturation, where larger batches
+    # cost less a reading (figures in docs/processing.md, "How we got here").
     max_batch_readings: int = 24_000
     poll_timeout_ms: int = 200
     retry_wait_s: float = 1.0

@@ -97,6 +97,9 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class WritePolicy:
+    """How write_batch writes: lateness allowed, the rules' thresholds, when alerts clear, and the
+    storage path (COPY or INSERT, rollup marks)."""
+
     allowed_lateness_ms: int = 2 * 86_400_000
     rules: RulePolicy = field(default_factory=RulePolicy)
     clear_after_s: dict[str, float] = field(default_factory=lambda: {"dropout": 0.0})
@@ -112,6 +115,8 @@ class WritePolicy:
 
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
+    """What one batch's transaction did: readings in and stored, records skipped, anomalies and alerts."""
+
     readings_in: int
     readings_stored: int
     records_skipped: int  # already applied by an earlier transaction (replay after crash or rebalance)

@@ -1,12 +1,11 @@
 """`python -m processing` (`kota processor`): the processor as worker processes, one component.
 
 One processor process and its database backend take turns: while a batch is written, the
-processor waits; while it decodes and scores the next, the database waits. On this machine's two
-cores one of them sat idle (bench.processing: the processor 50% and PostgreSQL 47% of a core at
-62k readings/s). Two workers in the one consumer group share the readings partitions, each with
-its own detectors, connection and transactions, as two `kota processor` instances do (the
-exactly-once design already holds for them: tests/test_processor_scale.py), and keep both cores
-busy: 99-101k readings/s. The API serves with two worker processes for the same reason.
+processor waits; while it decodes and scores the next, the database waits, so one of two cores
+sits idle. Two workers in the one consumer group share the readings partitions, each with its own
+detectors, connection and transactions, as two `kota processor` instances do (the exactly-once
+design already holds for them: tests/test_processor_scale.py), and keep both cores busy (the
+figures are in docs/processing.md). The API serves with two worker processes for the same reason.
 
 The parent does no stream work. It serves the workers' Prometheus counters on the processor's
 metrics port (added up, multiprocess mode: one address for the API's health and for Prometheus

@@ -41,6 +41,8 @@ MIX = [
 
 @dataclass(frozen=True)
 class SimulatedCity:
+    """A simulated city: its devices, where they are, and the seed its readings come from."""
+
     city: str
     devices: list[Device]
     seed: int

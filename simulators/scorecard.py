@@ -64,6 +64,8 @@ class KindScore:
 
 @dataclass
 class Scorecard:
+    """What the platform detected against the labels: per kind of anomaly, false alarms by reason, NAB score."""
+
     city: str
     labels: int
     detections: int

@@ -51,6 +51,8 @@ def _round(values: dict[str, float]) -> dict[str, float]:
 
 
 class CityStream:
+    """The city's MQTT messages tick by tick, with the injected anomalies, in each device's form."""
+
     def __init__(
         self, city: SimulatedCity, injector: Injector, forms: dict[str, str], devices_per_message: int = 100
     ) -> None:
