@@ -43,11 +43,13 @@ scalars = st.one_of(
         ["\x1b[2J", "a\nb", "\u202e", "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")]
     ),
 )
-json_values = st.recursive(
-    scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=20,
-)
+
+
+def _containers(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4))
+
+
+json_values = st.recursive(scalars, _containers, max_leaves=20)
 metric_names = st.one_of(st.sampled_from(METRIC_NAMES), st.text(max_size=12))
 times = st.one_of(st.none(), st.integers(min_value=NOW - 10**10, max_value=NOW + 10**9), numbers, json_values)
 
