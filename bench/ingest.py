@@ -215,7 +215,6 @@ def _flood(port: int, seconds: float, counter: Any) -> None:
     import paho.mqtt.client as mqtt
 
     client = connect(MqttLogin(port, FLOODER, PASSWORD), FLOODER, max_queued=5000)
-    client.max_inflight_messages_set(5000)
     topic = device_telemetry_topic("benchkota", "environment", FLOODER)
     deadline, sent, ts = time.monotonic() + seconds, 0, int(time.time() * 1000) - 3_600_000
     while time.monotonic() < deadline:
