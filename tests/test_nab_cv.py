@@ -1,0 +1,102 @@
+"""Cross-validated NAB scores (simulators.scoring.CandidateResults, bench.nab): a setting chosen for
+a fold never sees the fold, and the aggregate is the held-out raw scores normalised by hand."""
+
+import numpy as np
+import pytest
+
+from simulators.scoring import STANDARD, CandidateResults, FileSweep, corpus_score, file_score, prepare
+
+N = 2000
+WINDOW = (1000, 1199)
+
+
+def synthetic(name: str, at: dict[int, float], windows=(WINDOW,)):
+    """A file scoring 0 but for `at` (index: score)."""
+    scores = np.zeros(N)
+    for i, s in at.items():
+        scores[i] = s
+    return prepare(name, scores, list(windows))
+
+
+def corpus(candidate_scores: dict[str, list[dict[int, float]]]) -> CandidateResults:
+    named = {
+        c: [synthetic(f"cat{i % 2}/f{i}.csv", at) for i, at in enumerate(fs)] for c, fs in candidate_scores.items()
+    }
+    return CandidateResults(named)
+
+
+def test_the_vectorised_sweep_equals_file_score_at_every_threshold():
+    rng = np.random.default_rng(1)
+    f = prepare("a/b.csv", rng.random(3000), [(900, 1100), (2000, 2300)])
+    sweep = FileSweep(f)
+    thresholds = np.concatenate([np.quantile(f.scores, np.linspace(0, 1, 50)), [0.0, 1.0, np.inf]])
+    raw, tp, fp, fn = sweep.at(thresholds)
+    for k, t in enumerate(thresholds):
+        want = file_score(f, float(t))
+        assert raw[k] == pytest.approx(want[0], abs=1e-9)
+        assert (tp[k], fp[k], fn[k]) == want[1:]
+
+
+def test_the_setting_chosen_for_a_fold_never_sees_the_fold():
+    # Files 0-2 are found only at a threshold of 0.5 (their anomalies score 0.6, with noise at 0.4
+    # outside the window); file 3's anomaly scores 0.3, so only a threshold of 0.3 finds it.
+    files = [{1010: 0.6, 1500: 0.4} for _ in range(3)] + [{1010: 0.3}]
+    results = corpus({"one": files})
+    held_out_3 = results.evaluate([[3]]).folds[0]
+    assert held_out_3.choice.threshold > 0.4  # chosen on files 0-2: above their noise, so file 3 is missed
+    assert held_out_3.tp == 0 and held_out_3.fn == 1
+    # Whatever the held-out file holds, its fold's choice is the same: it is never looked at.
+    changed = corpus({"one": files[:3] + [{1010: 0.9, 100: 0.95, 1600: 0.1}]})
+    assert changed.evaluate([[3]]).folds[0].choice == held_out_3.choice
+    assert changed.choose([0, 1, 2]) == results.choose([0, 1, 2]) == held_out_3.choice
+    # Candidates too: "late" is best on files 0-2, "early" only on file 3.
+    two = corpus(
+        {
+            "early": [{1190: 0.6} for _ in range(3)] + [{1010: 0.6}],
+            "late": [{1010: 0.6} for _ in range(3)] + [{1190: 0.6}],
+        }
+    )
+    assert two.evaluate([[3]]).folds[0].choice.candidate == "late"
+    assert two.in_sample().folds[0].choice.candidate == "late"
+
+
+def test_the_cross_validated_score_sums_held_out_raw_scores_and_normalises_over_the_corpus():
+    files = [{1010: 0.6, 1500: 0.4}, {1100: 0.6, 1500: 0.4}, {1190: 0.6}, {1010: 0.3}]
+    results = corpus({"one": files})
+    evaluation = results.leave_one_out(["f0", "f1", "f2", "f3"])
+    # By hand: each file scored at the threshold its fold chose on the other three.
+    raw = 0.0
+    for i, fold in enumerate(evaluation.folds):
+        train = [j for j in range(4) if j != i]
+        assert fold.choice == results.choose(train)
+        raw += file_score(results.sweeps["one"][i].file, fold.choice.threshold)[0]
+    null, perfect = -STANDARD.fn * 4, STANDARD.tp * 4  # four windows in all
+    assert evaluation.raw == pytest.approx(raw)
+    assert evaluation.score == pytest.approx(100 * (raw - null) / (perfect - null))
+    # Leaving a category out: files 0 and 2 are cat0, 1 and 3 cat1.
+    by_category = results.leave_one_out(["cat0", "cat1", "cat0", "cat1"])
+    assert [f.held_out for f in by_category.folds] == [("cat0/f0.csv", "cat0/f2.csv"), ("cat1/f1.csv", "cat1/f3.csv")]
+    cat0 = results.choose([1, 3])
+    hand = sum(file_score(results.sweeps["one"][i].file, cat0.threshold)[0] for i in (0, 2))
+    assert by_category.folds[0].raw == pytest.approx(hand)
+    # In-sample is the old corpus-wide sweep.
+    whole = corpus_score([s.file for s in results.sweeps["one"]])
+    assert results.in_sample().score == pytest.approx(whole.score)
+    assert results.in_sample().score >= evaluation.score
+
+
+def test_bench_nab_runs_each_candidate_once_per_file():
+    from bench import nab
+
+    calls: list[int] = []
+
+    def detect(ts, values):
+        calls.append(len(values))
+        return np.zeros(len(values))
+
+    data = [(f"c{i}/f.csv", np.arange(N) * 60_000.0, np.zeros(N), [WINDOW]) for i in range(3)]
+    results = nab.run_method(data, {"a": detect, "b": detect})
+    results.leave_one_out(["c0", "c1", "c2"])
+    results.leave_one_out(["c0/f.csv", "c1/f.csv", "c2/f.csv"])
+    assert len(calls) == 6
+    assert nab.category("realTraffic/speed_7578.csv") == "realTraffic"
