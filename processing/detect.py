@@ -4,6 +4,7 @@
     batch = detectors.score_readings(readings, now_ms)   # the one entry point for a batch
     batch.scores, batch.reasons                           # per reading, in the order given
     snapshot = detectors.snapshot(); detectors.restore(snapshot)   # exact, for checkpoints
+    detectors.evict_silent(now_ms, after_ms)              # forget series silent that long (event time)
 
 Each series' kind (how it is judged: kernels.MEASURED, STATE_CODE or SWITCHED) comes from one
 place, `kind_of(key)`, given once: applied to a series when it is first seen and to every series
@@ -208,6 +209,41 @@ class Detectors:
             float(now_ms), self.state[:n], np.ascontiguousarray(last_seen), self.params[kernels.P_WARMUP], factor, out
         )
         return out
+
+    def evict(self, before_ms: float) -> np.ndarray:
+        """Forget every series whose newest reading (event time, its state's LAST_TS) is older than
+        `before_ms`: its rows go, the others keep their order and are renumbered densely, so a
+        snapshot holds only the kept series. A series evicted that reports again starts fresh, as a
+        new one. Returns each old id's new id (-1: evicted), for whoever holds ids (the processor's
+        dropout set). A series that never scored a reading in range (LAST_TS 0) has learnt nothing
+        and goes too."""
+        n = self.n_series
+        keep = ~(self.state[:n, kernels.LAST_TS] < before_ms)
+        new_id = np.full(n, -1, dtype=np.int64)
+        kept = np.flatnonzero(keep)
+        new_id[kept] = np.arange(kept.size)
+        if kept.size == n:
+            return new_id
+        keys = self.keys()
+        m = kept.size
+        state, hourly = self.state[kept], self.hourly[:, kept]
+        low, high, measured, arrivals = self.low[kept], self.high[kept], self.measured[kept], self.arrivals[kept]
+        # Give memory back once most rows are gone; else compact in place.
+        capacity = self.state.shape[0]
+        self._reset(max(1024, 2 * m) if capacity > 4 * max(m, 256) else capacity)
+        self._ids = {keys[i]: j for j, i in enumerate(kept.tolist())}
+        self.state[:m], self.hourly[:, :m] = state, hourly
+        self.low[:m], self.high[:m], self.measured[:m], self.arrivals[:m] = low, high, measured, arrivals
+        return new_id
+
+    def evict_silent(self, now_ms: float, after_ms: float) -> np.ndarray:
+        """Evict the series silent for more than `after_ms` of event time, counted back from the
+        newest event time these detectors have scored, or from `now_ms` (the wall clock) if that is
+        earlier: a device whose clock runs years ahead must not make every other series look silent.
+        Event time, so a replay or a re-read after a restart evicts as a live stream does."""
+        n = self.n_series
+        newest = float(self.state[:n, kernels.LAST_TS].max()) if n else -np.inf
+        return self.evict(min(newest, now_ms) - after_ms)
 
     def snapshot(self) -> DetectorSnapshot:
         n = self.n_series

@@ -99,6 +99,19 @@ class PartitionState:
     checkpoint_when_past: int | None = None
     sought_back: int | None = None  # the last offset _in_step sought back to
     silent: set[int] = dataclasses.field(default_factory=set)  # series already signalled as dropped out
+    next_eviction: float = -math.inf  # time.monotonic() of the next look for series to evict
+
+    def evict_if_due(self, now_ms: float, settings: ProcessorSettings) -> int:
+        """Every `evict_check_s`, evict the series silent for `evict_after_days` of event time (0:
+        never); the dropout set follows the renumbered ids. Returns how many went."""
+        if settings.evict_after_days <= 0 or time.monotonic() < self.next_eviction:
+            return 0
+        self.next_eviction = time.monotonic() + settings.evict_check_s
+        new_id = self.detectors.evict_silent(now_ms, settings.evict_after_days * kernels.DAY_MS)
+        evicted = int((new_id < 0).sum())
+        if evicted:
+            self.silent = {int(new_id[sid]) for sid in self.silent if new_id[sid] >= 0}
+        return evicted
 
     def checkpoint_due(self, next_offset: int, interval_s: float) -> bool:
         """Whether the detectors' state as of `next_offset` is to be saved with this batch."""
@@ -416,6 +429,13 @@ class Processor:
                     ANOMALIES.labels(REASONS[reasons[i]]).inc()
             partition.silent.difference_update(ids.tolist())
             partition.detected_until = s.next_offset
+            if evicted := partition.evict_if_due(now_ms, self._settings):
+                log.info(
+                    "partition %d: evicted %d series silent for %g days",
+                    s.partition,
+                    evicted,
+                    self._settings.evict_after_days,
+                )
             if partition.checkpoint_due(s.next_offset, self._settings.checkpoint_interval_s):
                 partition.checkpoint_when_past = None
                 series, blob = serialize(detectors.snapshot())

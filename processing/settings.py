@@ -50,6 +50,13 @@ class ProcessorSettings(BaseSettings):
     # judges spikes and dips against its own usual level (processing/kernels.py, P_DAILY_TIGHTNESS;
     # 0: the hour's profile only excuses a value).
     daily_tightness: float = float(kernels.DEFAULT_PARAMS[kernels.P_DAILY_TIGHTNESS])
+    # Series silent for this many days of event time are evicted from the detectors' state and so
+    # from its checkpoints (0: never); one that reports again starts fresh. Event time, so a replay
+    # or a re-read after a restart evicts as the live stream did (docs/processing.md, "Eviction").
+    evict_after_days: float = 30.0
+    # How often (processing time) a partition's detectors look for series to evict: a check is a pass
+    # over every series' last time, too much for every batch and never urgent.
+    evict_check_s: float = 300.0
     clear_after_s: float = 600.0  # an alert clears after its metric is normal this long (event time)
     maintenance_interval_s: float = 60.0  # rollups and retention (plain PostgreSQL)
     ispu_window_minutes: int = 60
