@@ -193,7 +193,12 @@ class CandidateResults:
     candidate. Choosing a setting (candidate and threshold) for a fold looks only at the fold's
     training files: their scores give the thresholds tried, their labels the score maximised."""
 
-    def __init__(self, results: dict[str, list[ScoredFile]], profile: Profile = STANDARD) -> None:
+    def __init__(
+        self,
+        results: dict[str, list[ScoredFile]],
+        profile: Profile = STANDARD,
+        fixed_thresholds: dict[str, float] | None = None,
+    ) -> None:
         names = {tuple(f.name for f in files) for files in results.values()}
         if len(names) != 1:
             raise ValueError("every candidate needs a result for the same files, in the same order")
@@ -201,6 +206,8 @@ class CandidateResults:
         self.profile = profile
         self.sweeps = {c: [FileSweep(f, profile) for f in files] for c, files in results.items()}
         self.windows = [f.n_windows for f in next(iter(results.values()))]
+        # Candidates run at a threshold set beforehand (the processor's anomaly threshold): not chosen.
+        self.fixed_thresholds = fixed_thresholds or {}
 
     def normalised(self, raw: float, files: list[int]) -> float:
         windows = sum(self.windows[i] for i in files)
@@ -213,7 +220,10 @@ class CandidateResults:
         best: Choice | None = None
         best_raw = -np.inf
         for candidate, sweeps in self.sweeps.items():
-            grid = threshold_grid([sweeps[i].scorable_scores for i in train], max_thresholds)
+            if candidate in self.fixed_thresholds:
+                grid = np.array([self.fixed_thresholds[candidate]])
+            else:
+                grid = threshold_grid([sweeps[i].scorable_scores for i in train], max_thresholds)
             raw = np.zeros(grid.size)
             for i in train:
                 raw += sweeps[i].at(grid)[0]

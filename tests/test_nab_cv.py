@@ -100,3 +100,12 @@ def test_bench_nab_runs_each_candidate_once_per_file():
     results.leave_one_out(["c0/f.csv", "c1/f.csv", "c2/f.csv"])
     assert len(calls) == 6
     assert nab.category("realTraffic/speed_7578.csv") == "realTraffic"
+
+
+def test_a_candidate_at_a_fixed_threshold_is_scored_there_not_swept():
+    files = [{1010: 0.6, 1500: 0.4} for _ in range(3)]
+    named = {"fixed": [synthetic(f"c/f{i}.csv", at) for i, at in enumerate(files)]}
+    results = CandidateResults(named, fixed_thresholds={"fixed": 0.3})
+    for evaluation in (results.in_sample(), results.leave_one_out(["a", "b", "c"])):
+        assert {f.choice.threshold for f in evaluation.folds} == {0.3}
+        assert evaluation.fp == 3  # the noise at 0.4 counts: 0.3 was not chosen to miss it
