@@ -31,8 +31,8 @@ CACHE_LINE = 64  # bytes
 
 
 def _cache_aligned(array: np.ndarray) -> np.ndarray:
-    """`array` copied to memory that starts on a cache line. A series' state row (16 float64, 128
-    bytes) then spans two lines, not three: the kernel prefetches each reading's row ahead, and
+    """`array` copied to memory that starts on a cache line. A series' state row (24 float64, 192
+    bytes) then spans three lines, not four: the kernel prefetches each reading's row ahead, and
     NumPy's own allocations start 16 bytes into a line."""
     raw = np.empty(array.nbytes + CACHE_LINE, np.uint8)
     start = -raw.ctypes.data % CACHE_LINE

@@ -29,6 +29,7 @@ The parameters are one table, `PARAMETERS`: name, default and meaning of each.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -63,8 +64,14 @@ REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "ou
     QUIET_SCORE,
     ROUTINE,
     OUTLIER_RUN,
-) = range(16)
-STATE_COLUMNS = 16
+    LL_SHORT,
+    LL_MEAN,
+    LL_VAR,
+    LL_REASON,
+) = range(20)
+# 20 columns used, padded to 24: a row is 192 bytes, three whole cache lines when the wrapper aligns
+# the array, so no row straddles a fourth line (docs/processing.md, "Kernel speed").
+STATE_COLUMNS = 24
 HOURS = 24
 # The profile has a day of hours for working days and another for weekends (local Saturday and
 # Sunday). Its array is (2, series, HOURS, 3), working days first: each kind of day's profiles lie
@@ -123,6 +130,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("daily_days", 2.0, "days' worth of readings an hour's profile needs to judge by the hour"),
     Param("utc_offset_hours", 0.0, "local time, for weekends: UTC plus this"),
     Param("weekends", 0.0, "1: Saturdays and Sundays have a profile of their own"),
+    Param("likelihood", 0.0, "1: report the anomaly likelihood of the raw scores (Ahmad et al. 2017), not them"),
+    Param("likelihood_short", 10.0, "readings in the likelihood's short window (its span: EW rate 2/(this+1))"),
+    Param("likelihood_long", 8640.0, "readings in the likelihood's long window (its span, as the short one)"),
+    Param("likelihood_learning", 288.0, "raw scores the likelihood learns from before it reports"),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMETERS)
 
@@ -158,6 +169,10 @@ class Params(NamedTuple):
     daily_days: float
     utc_offset_hours: float
     weekends: float
+    likelihood: float
+    likelihood_short: float
+    likelihood_long: float
+    likelihood_learning: float
 
 
 if Params._fields != PARAM_NAMES:
@@ -188,10 +203,23 @@ P_REPEAT_BELOW = param_index("repeat_below")
 P_DAILY_TIGHTNESS = param_index("daily_tightness")
 P_UTC_OFFSET_HOURS = param_index("utc_offset_hours")
 P_WEEKENDS = param_index("weekends")
+P_LIKELIHOOD = param_index("likelihood")
 
 DEFAULT_PARAMS = params_with()
 # Every detector on: the rate of change, and dropouts seen in event time.
 ALL_DETECTORS_PARAMS = params_with(w_rate=1.0, gap_factor=5.0)
+# The raw detectors calibrated by the anomaly likelihood (`_likelihood`). Routine-spike damping is
+# off: it asks the likelihood's question ("does this series usually score like this?") with a rate
+# fitted on bench.nab, and the likelihood answers it from each series' own history.
+LIKELIHOOD_PARAMS = params_with(likelihood=1.0, routine_rate=0.0)
+# The anomaly likelihood's lower bounds on the long window's mean and variance of averaged raw
+# scores, from Numenta's `estimateNormal` (nupic/htm.core anomaly_likelihood.py, used by NAB):
+# a series that almost never scores would otherwise turn the slightest blip red.
+LIKELIHOOD_MIN_MEAN = 0.03
+LIKELIHOOD_MIN_VARIANCE = 0.0003
+# NAB's log scale (`computeLogLikelihood`): log(1.0000000001 - L) / log(1 - 0.9999999999), so a
+# tail probability of 1e-5 (Numenta's red, L = 1 - 1e-5) scores 0.5 and 1e-10 or less scores 1.
+LIKELIHOOD_EPSILON = 1e-10
 
 # Columns of a one-minute partial (minute_partials, merge): the agg_1m table's, mergeable.
 (AGG_N, AGG_SUM, AGG_SUM_SQ, AGG_MIN, AGG_MAX, AGG_FIRST_TS, AGG_FIRST_VALUE, AGG_LAST_TS, AGG_LAST_VALUE) = range(9)
@@ -382,6 +410,44 @@ def _gap(dt: float, interval: float, p: Params) -> float:
 
 
 @helper
+def _likelihood(
+    raw: float, reason: int, k: float, short: float, mean: float, var: float, last_reason: float, p: Params
+) -> tuple[float, int, float, float, float, float]:
+    """Numenta's anomaly likelihood (Ahmad, Lavin, Purdy, Agha, "Unsupervised real-time anomaly
+    detection for streaming data", Neurocomputing 262, 2017; NAB's `anomaly_likelihood`) over the
+    raw score `raw` of the `k`-th reading judged (0 for the first): how improbable the short-run
+    mean of the raw scores is against the long-run distribution of that mean, as NAB's log score
+    (LIKELIHOOD_EPSILON). So a score means the same on every series, whatever its raw detectors'
+    usual level, and one threshold transfers. Returns the score, its reason (that of the newest
+    raw score above 0) and the new state: short mean, long mean and variance, last reason.
+
+    Both windows are exponential moments, not rings: Numenta keeps 10 raw scores and 8,640 averaged
+    ones (69 KB a series, 6.9 GB at 100,000 series); here four numbers. The EW rate of a span of N
+    readings is 2/(N+1), whose readings have the window's mean age (pandas' `span`). The long
+    moments are exact running means until that rate is reached, and incremental EW variance after
+    Finch ("Incremental calculation of weighted mean and variance", 2009). The tail is the upper
+    one only (Numenta mirrors below the mean; an unusually quiet detector is not an anomaly) and
+    exact (`erfc`, where Numenta rounds to a table of 0.1 standard deviations). Nothing is reported
+    during the first `likelihood_learning` raw scores (Numenta's 288-record learning period).
+    """
+    short = raw if k <= 0.0 else short + 2.0 / (p.likelihood_short + 1.0) * (raw - short)
+    if raw > 0.0:
+        last_reason = float(reason)
+    score = 0.0
+    if k >= p.likelihood_learning:
+        centre = max(mean, LIKELIHOOD_MIN_MEAN)
+        z = (short - centre) / math.sqrt(max(var, LIKELIHOOD_MIN_VARIANCE))
+        if z > 0.0:  # at or below the usual mean the log score is under 0.03: nothing to report
+            tail = 0.5 * math.erfc(z / math.sqrt(2.0))
+            score = min(1.0, math.log(tail + LIKELIHOOD_EPSILON) / math.log(LIKELIHOOD_EPSILON))
+    rate = max(1.0 / (k + 1.0), 2.0 / (p.likelihood_long + 1.0))
+    deviation = short - mean
+    mean += rate * deviation
+    var = (1.0 - rate) * (var + rate * deviation * deviation)
+    return score, int(last_reason) if score > 0.0 else NONE, short, mean, var, last_reason
+
+
+@helper
 def _repeats(
     best: float, reason: int, undamped: float, n: float, quiet_until: float, quiet_score: float, p: Params
 ) -> tuple[float, int, float, float]:
@@ -487,10 +553,11 @@ def detect_batch(
     for i in range(count):
         if i + PREFETCH_AHEAD < count:
             coming = series[i + PREFETCH_AHEAD]
-            # A state row is 128 bytes: two cache lines when it starts on one (the wrapper aligns
-            # the array), and both are wanted.
+            # A state row is 192 bytes: three cache lines when it starts on one (the wrapper aligns
+            # the array), and all are wanted.
             _prefetch(state_lines, coming * STATE_COLUMNS)
-            _prefetch(state_lines, coming * STATE_COLUMNS + STATE_COLUMNS // 2)
+            _prefetch(state_lines, coming * STATE_COLUMNS + 8)
+            _prefetch(state_lines, coming * STATE_COLUMNS + 16)
             _prefetch(measured, coming)
             slots[i + PREFETCH_AHEAD] = _profile_slot(ts[i + PREFETCH_AHEAD], offset_ms, weekends)
             _prefetch(hour_rows, _profile_row(coming, slots[i + PREFETCH_AHEAD], n_series))
@@ -541,6 +608,10 @@ def detect_batch(
         quiet_score = state[s, QUIET_SCORE]
         routine = state[s, ROUTINE]
         outlier_run = state[s, OUTLIER_RUN]
+        ll_short = state[s, LL_SHORT]
+        ll_mean = state[s, LL_MEAN]
+        ll_var = state[s, LL_VAR]
+        ll_reason = state[s, LL_REASON]
         hour_mean = hour_rows[hr, HOUR_MEAN]
         hour_mad = hour_rows[hr, HOUR_MAD]
         hn = hour_rows[hr, HOUR_COUNT]
@@ -588,6 +659,11 @@ def detect_batch(
             gap_score = _gap(dt, interval, p)
             if gap_score > best:
                 best, reason = gap_score, DROPOUT
+            if p.likelihood != 0.0:
+                best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
+                    best, reason, n - p.warmup, ll_short, ll_mean, ll_var, ll_reason, p
+                )
+                undamped = best  # what is news is judged on the calibrated score
             best, reason, quiet_until, quiet_score = _repeats(best, reason, undamped, n, quiet_until, quiet_score, p)
         scores[i] = best
         reasons[i] = reason
@@ -612,6 +688,10 @@ def detect_batch(
         state[s, QUIET_SCORE] = quiet_score
         state[s, ROUTINE] = routine
         state[s, OUTLIER_RUN] = outlier_run
+        state[s, LL_SHORT] = ll_short
+        state[s, LL_MEAN] = ll_mean
+        state[s, LL_VAR] = ll_var
+        state[s, LL_REASON] = ll_reason
         state[s, LAST_VALUE] = x
         state[s, LAST_TS] = t
         state[s, COUNT] = n + 1.0

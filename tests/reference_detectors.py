@@ -27,11 +27,36 @@ class SeriesState:
     rate: float = 0.0
     routine: float = 0.0  # running rate of short big spikes and dips that came and went
     outlier_run: int = 0
+    ll_short: float = 0.0  # the anomaly likelihood's short mean of raw scores
+    ll_mean: float = 0.0  # and the long-run mean and variance of that short mean
+    ll_var: float = 0.0
+    ll_reason: int = 0  # the reason of the newest raw score above 0
     hours: dict[int, list[float]] = field(default_factory=dict)  # hour (+24 at weekends) → [mean, mad, count]
 
 
 def score_of(z: float, floor: float, scale: float) -> float:
     return 0.0 if z <= floor else (z - floor) / (z - floor + scale)
+
+
+def likelihood(st: SeriesState, raw: tuple[float, int], judged: float, p) -> tuple[float, int]:
+    """The short EW mean of the raw scores, its upper-tail probability against the long EW mean and
+    variance of that mean (Numenta's floors), as NAB's log score."""
+    score, reason = raw
+    st.ll_short = score if judged <= 0 else st.ll_short + 2 / (p.likelihood_short + 1) * (score - st.ll_short)
+    if score > 0:
+        st.ll_reason = reason
+    out = 0.0
+    if judged >= p.likelihood_learning:
+        centre = max(st.ll_mean, k.LIKELIHOOD_MIN_MEAN)
+        z = (st.ll_short - centre) / math.sqrt(max(st.ll_var, k.LIKELIHOOD_MIN_VARIANCE))
+        if z > 0:
+            tail = 0.5 * math.erfc(z / math.sqrt(2))
+            out = min(1.0, math.log(tail + k.LIKELIHOOD_EPSILON) / math.log(k.LIKELIHOOD_EPSILON))
+    rate = max(1 / (judged + 1), 2 / (p.likelihood_long + 1))
+    deviation = st.ll_short - st.ll_mean
+    st.ll_mean += rate * deviation
+    st.ll_var = (1 - rate) * (st.ll_var + rate * deviation * deviation)
+    return out, st.ll_reason if out > 0 else k.NONE
 
 
 def reference_scores(
@@ -125,6 +150,9 @@ def reference_scores(
             for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
                 if c[0] > best[0]:
                     best = c
+            if p.likelihood:  # Numenta's anomaly likelihood of the raw scores replaces them
+                best = likelihood(st, best, st.count - p.warmup, p)
+                undamped = best[0]
             would_be = max(undamped, best[0])
             if st.count < st.quiet_until and best[0] <= st.quiet_score + p.quiet_margin:
                 best = (0.0, best[1])  # same event, already signalled

@@ -342,20 +342,57 @@ def test_scores_stay_in_unit_interval_and_zero_while_warming_up():
         assert (scores[idx] == 0).all(), first_reads[s]
 
 
-def test_snapshot_restored_gives_identical_scores():
+# The likelihood with a learning period the short random streams get past (288 readings by default).
+LIKELIHOOD_SOON = k.params_with(likelihood=1.0, routine_rate=0.0, likelihood_learning=50.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("batches", [1, 13])
+@pytest.mark.parametrize("params", [k.LIKELIHOOD_PARAMS, LIKELIHOOD_SOON], ids=["likelihood", "learnt-soon"])
+def test_the_anomaly_likelihood_agrees_with_the_reference_in_any_batching(seed, batches, params):
+    scores, reasons, reference = run_both(*random_stream(seed, n=6000), batches=batches, params=params)
+    assert_agree(scores, reasons, reference)
+    assert scores.max() >= 0.5 and {k.SPIKE, k.DIP} <= set(reasons)  # exercised, with the raw reasons
+
+
+def test_the_anomaly_likelihood_makes_a_spike_mean_less_on_a_series_that_often_scores():
+    """A series whose detectors score a spike every 15 readings: once the likelihood has learnt
+    that (288 raw scores), those spikes are not news, though raw most would alert;
+    a spike twice as big still is, and the same spike on a quiet series more so (Ahmad et al. 2017)."""
+    rng = np.random.default_rng(3)
+    n = 1500
+    quiet = rng.normal(50, 1, n)
+    busy = rng.normal(50, 1, n)
+    routine = np.arange(40, n - 100, 15)
+    busy[routine] += rng.choice([-9.0, 9.0], len(routine))
+    quiet[-50] = busy[-50] = 70.0
+    ts = np.arange(n) * 60_000.0
+    (busy_scores, busy_reasons, reference) = run_both([0] * n, ts, busy, params=k.LIKELIHOOD_PARAMS)
+    assert_agree(busy_scores, busy_reasons, reference)
+    (quiet_scores, quiet_reasons, reference) = run_both([0] * n, ts, quiet, params=k.LIKELIHOOD_PARAMS)
+    assert_agree(quiet_scores, quiet_reasons, reference)
+    learnt = routine[routine > 30 + 288]
+    raw_busy, _, _ = run_both([0] * n, ts, busy, params=k.params_with(routine_rate=0.0, quiet_points=0.0))
+    assert (raw_busy[learnt] >= 0.3).sum() >= 20 and (busy_scores[learnt] >= 0.3).mean() < 0.05
+    assert 0.5 <= busy_scores[-50] < quiet_scores[-50] and busy_reasons[-50] == quiet_reasons[-50] == k.SPIKE
+
+
+@pytest.mark.parametrize("params", [k.DEFAULT_PARAMS, LIKELIHOOD_SOON], ids=["default", "likelihood"])
+def test_snapshot_restored_gives_identical_scores(params):
     series, ts, values = random_stream(7)
-    a = Detectors()
+    a = Detectors(params)
     a.series_ids(range(7))
     a.score(series[:1500], ts[:1500], values[:1500])
     b = Detectors()
-    b.restore(a.snapshot())
+    b.restore(deserialize(*serialize(a.snapshot())))
     np.testing.assert_array_equal(
         a.score(series[1500:], ts[1500:], values[1500:])[0], b.score(series[1500:], ts[1500:], values[1500:])[0]
     )
+    assert a.state[:7, k.LL_VAR].any() == bool(params[k.P_LIKELIHOOD])  # its windows are in the state
 
 
 def test_state_rows_start_on_cache_lines_when_new_grown_and_restored():
-    """The kernel prefetches a reading's state row as two cache lines: a row must not straddle three."""
+    """The kernel prefetches a reading's state row as three cache lines: a row must not straddle four."""
 
     def aligned(d: Detectors) -> bool:
         return d.state.ctypes.data % 64 == 0 and d.hourly.ctypes.data % 64 == 0
