@@ -427,14 +427,18 @@ def _likelihood(
     moments are exact running means until that rate is reached, and incremental EW variance after
     Finch ("Incremental calculation of weighted mean and variance", 2009). The tail is the upper
     one only (Numenta mirrors below the mean; an unusually quiet detector is not an anomaly) and
-    exact (`erfc`, where Numenta rounds to a table of 0.1 standard deviations). Nothing is reported
-    during the first `likelihood_learning` raw scores (Numenta's 288-record learning period).
+    exact (`erfc`, where Numenta rounds to a table of 0.1 standard deviations). During the first
+    `likelihood_learning` raw scores (Numenta's 288-record learning period) the raw score is
+    reported as it is: Numenta reports nothing there (0.5) because HTM itself is still learning,
+    while these detectors are warm after `warmup` readings, and a new sensor must alert from its
+    first day (288 readings are 4.8 hours at one a minute).
     """
     short = raw if k <= 0.0 else short + 2.0 / (p.likelihood_short + 1.0) * (raw - short)
     if raw > 0.0:
         last_reason = float(reason)
-    score = 0.0
+    score = raw  # until the likelihood has learnt: the raw score (the detectors are warm by now)
     if k >= p.likelihood_learning:
+        score = 0.0
         centre = max(mean, LIKELIHOOD_MIN_MEAN)
         z = (short - centre) / math.sqrt(max(var, LIKELIHOOD_MIN_VARIANCE))
         if z > 0.0:  # at or below the usual mean the log score is under 0.03: nothing to report
@@ -444,6 +448,8 @@ def _likelihood(
     deviation = short - mean
     mean += rate * deviation
     var = (1.0 - rate) * (var + rate * deviation * deviation)
+    if k < p.likelihood_learning:
+        return score, reason, short, mean, var, last_reason
     return score, int(last_reason) if score > 0.0 else NONE, short, mean, var, last_reason
 
 

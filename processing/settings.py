@@ -40,6 +40,11 @@ class ProcessorSettings(BaseSettings):
     # off). A sensor that starts flapping raises one alert from its first spikes; the damped ones
     # after them are repeats (kernels.REPEAT), which keep that alert from clearing while it flaps.
     routine_spike_rate: float = 0.003
+    # Scores reported as Numenta's anomaly likelihood of the detectors' raw scores (processing/kernels.py,
+    # P_LIKELIHOOD; docs/processing.md, "Anomaly likelihood"), with routine-spike damping off, as
+    # bench/nab's "anomaly likelihood" row. Off for now: it learns from 288 readings of each series
+    # before it reports (4.8 hours at one a minute), and the simulated city has not been scored with it.
+    anomaly_likelihood: bool = False
     # Saturdays and Sundays get an hour-of-day profile of their own (processing/kernels.py, P_WEEKENDS),
     # by local time at this offset from UTC (7: Western Indonesian Time): a city's traffic, noise and
     # power follow the week, and a series judged against its usual hour would otherwise call every

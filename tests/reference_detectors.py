@@ -45,8 +45,9 @@ def likelihood(st: SeriesState, raw: tuple[float, int], judged: float, p) -> tup
     st.ll_short = score if judged <= 0 else st.ll_short + 2 / (p.likelihood_short + 1) * (score - st.ll_short)
     if score > 0:
         st.ll_reason = reason
-    out = 0.0
+    out = score  # the raw score until the likelihood has learnt
     if judged >= p.likelihood_learning:
+        out = 0.0
         centre = max(st.ll_mean, k.LIKELIHOOD_MIN_MEAN)
         z = (st.ll_short - centre) / math.sqrt(max(st.ll_var, k.LIKELIHOOD_MIN_VARIANCE))
         if z > 0:
@@ -56,6 +57,8 @@ def likelihood(st: SeriesState, raw: tuple[float, int], judged: float, p) -> tup
     deviation = st.ll_short - st.ll_mean
     st.ll_mean += rate * deviation
     st.ll_var = (1 - rate) * (st.ll_var + rate * deviation * deviation)
+    if judged < p.likelihood_learning:
+        return out, reason
     return out, st.ll_reason if out > 0 else k.NONE
 
 

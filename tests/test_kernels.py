@@ -574,6 +574,14 @@ def test_the_processor_settings_choose_dropouts_and_routine_spikes_also_over_a_c
     restored.restore(deserialize(*serialize(saved.snapshot())))
     apply_settings(restored.params, settings)  # as Processor.seek_to_stored does
     np.testing.assert_array_equal(restored.params, detectors.params)
+    # The anomaly likelihood: what bench.nab's likelihood row scores, with the processor's own choices.
+    assert new_detectors(ProcessorSettings()).params[k.P_LIKELIHOOD] == 0.0
+    calibrated = ProcessorSettings(anomaly_likelihood=True)
+    np.testing.assert_array_equal(
+        new_detectors(calibrated).params, apply_settings(k.LIKELIHOOD_PARAMS.copy(), calibrated)
+    )
+    assert new_detectors(calibrated).params[k.P_LIKELIHOOD] == 1.0
+    assert new_detectors(calibrated).params[k.P_ROUTINE_RATE] == 0.0
 
 
 def test_a_series_that_switches_level_has_not_spiked():
