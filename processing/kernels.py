@@ -68,8 +68,9 @@ REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "ou
     LL_MEAN,
     LL_VAR,
     LL_REASON,
-) = range(20)
-# 20 columns used, padded to 24: a row is 192 bytes, three whole cache lines when the wrapper aligns
+    LL_COUNT,
+) = range(21)
+# 21 columns used, padded to 24: a row is 192 bytes, three whole cache lines when the wrapper aligns
 # the array, so no row straddles a fourth line (docs/processing.md, "Kernel speed").
 STATE_COLUMNS = 24
 HOURS = 24
@@ -415,14 +416,16 @@ def _likelihood(
 ) -> tuple[float, int, float, float, float, float]:
     """Numenta's anomaly likelihood (Ahmad, Lavin, Purdy, Agha, "Unsupervised real-time anomaly
     detection for streaming data", Neurocomputing 262, 2017; NAB's `anomaly_likelihood`) over the
-    raw score `raw` of the `k`-th reading judged (0 for the first): how improbable the short-run
+    raw score `raw` of the `k`-th reading it judges (0 for the first; counted apart from the
+    series' readings, so a checkpoint from before the likelihood, or a series that ran without it,
+    starts it learning): how improbable the short-run
     mean of the raw scores is against the long-run distribution of that mean, as NAB's log score
     (LIKELIHOOD_EPSILON). So a score means the same on every series, whatever its raw detectors'
     usual level, and one threshold transfers. Returns the score, its reason (that of the newest
     raw score above 0) and the new state: short mean, long mean and variance, last reason.
 
     Both windows are exponential moments, not rings: Numenta keeps 10 raw scores and 8,640 averaged
-    ones (69 KB a series, 6.9 GB at 100,000 series); here four numbers. The EW rate of a span of N
+    ones (69 KB a series, 6.9 GB at 100,000 series); here five numbers. The EW rate of a span of N
     readings is 2/(N+1), whose readings have the window's mean age (pandas' `span`). The long
     moments are exact running means until that rate is reached, and incremental EW variance after
     Finch ("Incremental calculation of weighted mean and variance", 2009). The tail is the upper
@@ -618,6 +621,7 @@ def detect_batch(
         ll_mean = state[s, LL_MEAN]
         ll_var = state[s, LL_VAR]
         ll_reason = state[s, LL_REASON]
+        ll_count = state[s, LL_COUNT]
         hour_mean = hour_rows[hr, HOUR_MEAN]
         hour_mad = hour_rows[hr, HOUR_MAD]
         hn = hour_rows[hr, HOUR_COUNT]
@@ -667,8 +671,9 @@ def detect_batch(
                 best, reason = gap_score, DROPOUT
             if p.likelihood != 0.0:
                 best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
-                    best, reason, n - p.warmup, ll_short, ll_mean, ll_var, ll_reason, p
+                    best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
                 )
+                ll_count += 1.0
                 undamped = best  # what is news is judged on the calibrated score
             best, reason, quiet_until, quiet_score = _repeats(best, reason, undamped, n, quiet_until, quiet_score, p)
         scores[i] = best
@@ -698,6 +703,7 @@ def detect_batch(
         state[s, LL_MEAN] = ll_mean
         state[s, LL_VAR] = ll_var
         state[s, LL_REASON] = ll_reason
+        state[s, LL_COUNT] = ll_count
         state[s, LAST_VALUE] = x
         state[s, LAST_TS] = t
         state[s, COUNT] = n + 1.0

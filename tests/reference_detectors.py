@@ -31,6 +31,7 @@ class SeriesState:
     ll_mean: float = 0.0  # and the long-run mean and variance of that short mean
     ll_var: float = 0.0
     ll_reason: int = 0  # the reason of the newest raw score above 0
+    ll_count: int = 0  # raw scores the likelihood has judged
     hours: dict[int, list[float]] = field(default_factory=dict)  # hour (+24 at weekends) → [mean, mad, count]
 
 
@@ -154,7 +155,8 @@ def reference_scores(
                 if c[0] > best[0]:
                     best = c
             if p.likelihood:  # Numenta's anomaly likelihood of the raw scores replaces them
-                best = likelihood(st, best, st.count - p.warmup, p)
+                best = likelihood(st, best, st.ll_count, p)
+                st.ll_count += 1
                 undamped = best[0]
             would_be = max(undamped, best[0])
             if st.count < st.quiet_until and best[0] <= st.quiet_score + p.quiet_margin:

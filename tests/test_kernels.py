@@ -389,6 +389,9 @@ def test_snapshot_restored_gives_identical_scores(params):
         a.score(series[1500:], ts[1500:], values[1500:])[0], b.score(series[1500:], ts[1500:], values[1500:])[0]
     )
     assert a.state[:7, k.LL_VAR].any() == bool(params[k.P_LIKELIHOOD])  # its windows are in the state
+    # It counts what it has judged itself: a series that ran without it starts it learning.
+    judged = a.state[:7, k.COUNT] - k.DEFAULT_PARAMS[k.P_WARMUP] if params[k.P_LIKELIHOOD] else 0.0
+    np.testing.assert_array_equal(a.state[:7, k.LL_COUNT], judged)
 
 
 def test_state_rows_start_on_cache_lines_when_new_grown_and_restored():
