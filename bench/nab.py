@@ -8,7 +8,9 @@ definition), a random detector, and a plain windowed-Gaussian z-score detector. 
 scoreboard (all 58 NAB files): ARTime 74.9, Numenta HTM 70.5, CAD OSE 69.9, Skyline 58.2,
 KNN CAD 58.0, Windowed Gaussian 39.6, random 11.0. This folder holds 25 of the 58 files, so the
 figures are indicative, not comparable one to one. The second row gives weekends a profile of
-their own, as the processor does for a city.
+their own, as the processor does for a city; the third reports Numenta's anomaly likelihood of the
+same detectors' raw scores (kernels.LIKELIHOOD_PARAMS; KOTA_PROCESSOR_ANOMALY_LIKELIHOOD in the
+processor; docs/processing.md, "Anomaly likelihood").
 
 Honest evaluation: beside the in-sample score (threshold swept over every file), each method is
 scored cross-validated, leaving one category out (LOCO) and one file out (LOFO): every setting
