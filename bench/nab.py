@@ -104,6 +104,7 @@ def methods() -> dict[str, Method]:
         "kota (numba streaming)": {"defaults": kota_scores},
         "kota, weekend profiles": {"weekends": lambda ts, v: kota_scores(ts, v, params=WEEKEND_PARAMS)},
         "kota, anomaly likelihood": {"likelihood": lambda ts, v: kota_scores(ts, v, params=kernels.LIKELIHOOD_PARAMS)},
+        "kota, likelihood ensemble": {"ensemble": lambda ts, v: kota_scores(ts, v, params=kernels.ENSEMBLE_PARAMS)},
         # Every parameter the processor's settings choose (apply_settings), dropouts in event time
         # included, at NAB's local time.
         "kota, processor settings": {"processor": lambda ts, v: kota_scores(ts, v, params=PROCESSOR_PARAMS)},

@@ -69,8 +69,11 @@ REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "ou
     LL_VAR,
     LL_REASON,
     LL_COUNT,
-) = range(21)
-# 21 columns used, padded to 24: a row is 192 bytes, three whole cache lines when the wrapper aligns
+    LL_SHIFT_SHORT,
+    LL_SHIFT_MEAN,
+    LL_SHIFT_VAR,
+) = range(24)
+# 24 columns: a row is 192 bytes, three whole cache lines when the wrapper aligns
 # the array, so no row straddles a fourth line (docs/processing.md, "Kernel speed").
 STATE_COLUMNS = 24
 HOURS = 24
@@ -131,7 +134,12 @@ PARAMETERS: tuple[Param, ...] = (
     Param("daily_days", 2.0, "days' worth of readings an hour's profile needs to judge by the hour"),
     Param("utc_offset_hours", 0.0, "local time, for weekends: UTC plus this"),
     Param("weekends", 0.0, "1: Saturdays and Sundays have a profile of their own"),
-    Param("likelihood", 0.0, "1: report the anomaly likelihood of the raw scores (Ahmad et al. 2017), not them"),
+    Param(
+        "likelihood",
+        0.0,
+        "1: report the anomaly likelihood of the highest raw score (Ahmad et al. 2017); 2: of"
+        " spikes and of level shifts each, the higher (an ensemble); 0: raw scores",
+    ),
     Param("likelihood_short", 10.0, "readings in the likelihood's short window (its span: EW rate 2/(this+1))"),
     Param("likelihood_long", 8640.0, "readings in the likelihood's long window (its span, as the short one)"),
     Param("likelihood_learning", 288.0, "raw scores the likelihood learns from before it reports"),
@@ -213,6 +221,10 @@ ALL_DETECTORS_PARAMS = params_with(w_rate=1.0, gap_factor=5.0)
 # off: it asks the likelihood's question ("does this series usually score like this?") with a rate
 # fitted on bench.nab, and the likelihood answers it from each series' own history.
 LIKELIHOOD_PARAMS = params_with(likelihood=1.0, routine_rate=0.0)
+# An ensemble through the likelihood: spikes and level shifts each calibrated against their own
+# history, so a series whose level often shifts does not mute its spikes, nor routine spikes its
+# level shifts; stuck runs, rates and gaps are already judged against the series' own history.
+ENSEMBLE_PARAMS = params_with(likelihood=2.0, routine_rate=0.0)
 # The anomaly likelihood's lower bounds on the long window's mean and variance of averaged raw
 # scores, from Numenta's `estimateNormal` (nupic/htm.core anomaly_likelihood.py, used by NAB):
 # a series that almost never scores would otherwise turn the slightest blip red.
@@ -425,8 +437,9 @@ def _likelihood(
     raw score above 0) and the new state: short mean, long mean and variance, last reason.
 
     Both windows are exponential moments, not rings: Numenta keeps 10 raw scores and 8,640 averaged
-    ones (69 KB a series, 6.9 GB at 100,000 series); here five numbers. The EW rate of a span of N
-    readings is 2/(N+1), whose readings have the window's mean age (pandas' `span`). The long
+    ones (69 KB a series, 6.9 GB at 100,000 series); here five numbers (eight for the ensemble).
+    The EW rate of a span of N readings is 2/(N+1), whose readings have the window's mean age
+    (pandas' `span`). The long
     moments are exact running means until that rate is reached, and incremental EW variance after
     Finch ("Incremental calculation of weighted mean and variance", 2009). The tail is the upper
     one only (Numenta mirrors below the mean; an unusually quiet detector is not an anomaly) and
@@ -551,6 +564,7 @@ def detect_batch(
     # prove the outputs do not alias the state), and the state a dozen readings ahead is prefetched.
     offset_ms = p.utc_offset_hours * HOUR_MS
     weekends = p.weekends != 0.0
+    likelihood = p.likelihood != 0.0  # its columns are read and written only when it is on
     n_series = hourly.shape[1]
     hour_rows = hourly.reshape(DAY_KINDS * n_series * HOURS, 3)
     state_lines = state.reshape(state.shape[0] * STATE_COLUMNS)  # flat, to prefetch a row's second half
@@ -566,7 +580,8 @@ def detect_batch(
             # the array), and all are wanted.
             _prefetch(state_lines, coming * STATE_COLUMNS)
             _prefetch(state_lines, coming * STATE_COLUMNS + 8)
-            _prefetch(state_lines, coming * STATE_COLUMNS + 16)
+            if likelihood:  # the third line holds only the likelihood's columns
+                _prefetch(state_lines, coming * STATE_COLUMNS + 16)
             _prefetch(measured, coming)
             slots[i + PREFETCH_AHEAD] = _profile_slot(ts[i + PREFETCH_AHEAD], offset_ms, weekends)
             _prefetch(hour_rows, _profile_row(coming, slots[i + PREFETCH_AHEAD], n_series))
@@ -617,11 +632,16 @@ def detect_batch(
         quiet_score = state[s, QUIET_SCORE]
         routine = state[s, ROUTINE]
         outlier_run = state[s, OUTLIER_RUN]
-        ll_short = state[s, LL_SHORT]
-        ll_mean = state[s, LL_MEAN]
-        ll_var = state[s, LL_VAR]
-        ll_reason = state[s, LL_REASON]
-        ll_count = state[s, LL_COUNT]
+        ll_short = ll_mean = ll_var = ll_reason = ll_count = sh_short = sh_mean = sh_var = 0.0
+        if likelihood:
+            ll_short = state[s, LL_SHORT]
+            ll_mean = state[s, LL_MEAN]
+            ll_var = state[s, LL_VAR]
+            ll_reason = state[s, LL_REASON]
+            ll_count = state[s, LL_COUNT]
+            sh_short = state[s, LL_SHIFT_SHORT]
+            sh_mean = state[s, LL_SHIFT_MEAN]
+            sh_var = state[s, LL_SHIFT_VAR]
         hour_mean = hour_rows[hr, HOUR_MEAN]
         hour_mad = hour_rows[hr, HOUR_MAD]
         hn = hour_rows[hr, HOUR_COUNT]
@@ -658,6 +678,15 @@ def detect_batch(
             best, routine, outlier_run = _routine_damping(best, routine, outlier_run, p)
             # The first strictly higher score wins, in this order.
             shift_score = _level_shift(fast, slow, slow_mad, eps, p)
+            if p.likelihood == 2.0:  # an ensemble: spikes and level shifts, each against its own usual
+                best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
+                    best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
+                )
+                shift_score, _, sh_short, sh_mean, sh_var, _ = _likelihood(
+                    shift_score, LEVEL_SHIFT, ll_count, sh_short, sh_mean, sh_var, float(LEVEL_SHIFT), p
+                )
+                ll_count += 1.0
+                undamped = best  # what is news is judged on the calibrated scores
             if shift_score > best:
                 best, reason = shift_score, LEVEL_SHIFT
             stuck_score = _stuck(run, longest_run, mad, eps, x, floor, p)
@@ -669,7 +698,7 @@ def detect_batch(
             gap_score = _gap(dt, interval, p)
             if gap_score > best:
                 best, reason = gap_score, DROPOUT
-            if p.likelihood != 0.0:
+            if p.likelihood == 1.0:
                 best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
                     best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
                 )
@@ -699,11 +728,15 @@ def detect_batch(
         state[s, QUIET_SCORE] = quiet_score
         state[s, ROUTINE] = routine
         state[s, OUTLIER_RUN] = outlier_run
-        state[s, LL_SHORT] = ll_short
-        state[s, LL_MEAN] = ll_mean
-        state[s, LL_VAR] = ll_var
-        state[s, LL_REASON] = ll_reason
-        state[s, LL_COUNT] = ll_count
+        if likelihood:
+            state[s, LL_SHORT] = ll_short
+            state[s, LL_MEAN] = ll_mean
+            state[s, LL_VAR] = ll_var
+            state[s, LL_REASON] = ll_reason
+            state[s, LL_COUNT] = ll_count
+            state[s, LL_SHIFT_SHORT] = sh_short
+            state[s, LL_SHIFT_MEAN] = sh_mean
+            state[s, LL_SHIFT_VAR] = sh_var
         state[s, LAST_VALUE] = x
         state[s, LAST_TS] = t
         state[s, COUNT] = n + 1.0

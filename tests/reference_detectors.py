@@ -10,6 +10,17 @@ from processing import kernels as k
 
 
 @dataclass
+class Moments:
+    """One anomaly likelihood's state: the short mean of raw scores, the long mean and variance of
+    that short mean, the reason of the newest raw score above 0."""
+
+    short: float = 0.0
+    mean: float = 0.0
+    var: float = 0.0
+    reason: int = 0
+
+
+@dataclass
 class SeriesState:
     count: int = 0
     mean: float = 0.0
@@ -27,10 +38,8 @@ class SeriesState:
     rate: float = 0.0
     routine: float = 0.0  # running rate of short big spikes and dips that came and went
     outlier_run: int = 0
-    ll_short: float = 0.0  # the anomaly likelihood's short mean of raw scores
-    ll_mean: float = 0.0  # and the long-run mean and variance of that short mean
-    ll_var: float = 0.0
-    ll_reason: int = 0  # the reason of the newest raw score above 0
+    ll: Moments = field(default_factory=Moments)  # the likelihood of the highest raw score, or of spikes
+    ll_shift: Moments = field(default_factory=Moments)  # of level shifts (the ensemble)
     ll_count: int = 0  # raw scores the likelihood has judged
     hours: dict[int, list[float]] = field(default_factory=dict)  # hour (+24 at weekends) → [mean, mad, count]
 
@@ -39,28 +48,27 @@ def score_of(z: float, floor: float, scale: float) -> float:
     return 0.0 if z <= floor else (z - floor) / (z - floor + scale)
 
 
-def likelihood(st: SeriesState, raw: tuple[float, int], judged: float, p) -> tuple[float, int]:
+def likelihood(m: Moments, raw: tuple[float, int], judged: float, p) -> tuple[float, int]:
     """The short EW mean of the raw scores, its upper-tail probability against the long EW mean and
-    variance of that mean (Numenta's floors), as NAB's log score."""
+    variance of that mean (Numenta's floors), as NAB's log score; the raw score while learning."""
     score, reason = raw
-    st.ll_short = score if judged <= 0 else st.ll_short + 2 / (p.likelihood_short + 1) * (score - st.ll_short)
+    m.short = score if judged <= 0 else m.short + 2 / (p.likelihood_short + 1) * (score - m.short)
     if score > 0:
-        st.ll_reason = reason
-    out = score  # the raw score until the likelihood has learnt
+        m.reason = reason
+    out = score
     if judged >= p.likelihood_learning:
         out = 0.0
-        centre = max(st.ll_mean, k.LIKELIHOOD_MIN_MEAN)
-        z = (st.ll_short - centre) / math.sqrt(max(st.ll_var, k.LIKELIHOOD_MIN_VARIANCE))
+        z = (m.short - max(m.mean, k.LIKELIHOOD_MIN_MEAN)) / math.sqrt(max(m.var, k.LIKELIHOOD_MIN_VARIANCE))
         if z > 0:
             tail = 0.5 * math.erfc(z / math.sqrt(2))
             out = min(1.0, math.log(tail + k.LIKELIHOOD_EPSILON) / math.log(k.LIKELIHOOD_EPSILON))
     rate = max(1 / (judged + 1), 2 / (p.likelihood_long + 1))
-    deviation = st.ll_short - st.ll_mean
-    st.ll_mean += rate * deviation
-    st.ll_var = (1 - rate) * (st.ll_var + rate * deviation * deviation)
+    deviation = m.short - m.mean
+    m.mean += rate * deviation
+    m.var = (1 - rate) * (m.var + rate * deviation * deviation)
     if judged < p.likelihood_learning:
         return out, reason
-    return out, st.ll_reason if out > 0 else k.NONE
+    return out, m.reason if out > 0 else k.NONE
 
 
 def reference_scores(
@@ -141,6 +149,11 @@ def reference_scores(
             candidates = [(spike, k.SPIKE if x > centre else k.DIP)]
             shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
             candidates.append((score_of(p.w_shift * shift, p.z_floor, p.z_scale), k.LEVEL_SHIFT))
+            if p.likelihood == 2:  # the ensemble: spikes and level shifts, each against its own usual
+                candidates[0] = likelihood(st.ll, candidates[0], st.ll_count, p)
+                candidates[1] = (likelihood(st.ll_shift, candidates[1], st.ll_count, p)[0], k.LEVEL_SHIFT)
+                st.ll_count += 1
+                undamped = candidates[0][0]
             stuck_after = max(p.stuck_min, 2 * st.longest_run)
             if st.mad > eps and st.run >= stuck_after and x > low:
                 stuck = score_of(p.w_stuck * p.z_floor * st.run / stuck_after, p.z_floor, p.z_scale)
@@ -154,8 +167,8 @@ def reference_scores(
             for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
                 if c[0] > best[0]:
                     best = c
-            if p.likelihood:  # Numenta's anomaly likelihood of the raw scores replaces them
-                best = likelihood(st, best, st.ll_count, p)
+            if p.likelihood == 1:  # Numenta's anomaly likelihood of the highest raw score replaces it
+                best = likelihood(st.ll, best, st.ll_count, p)
                 st.ll_count += 1
                 undamped = best[0]
             would_be = max(undamped, best[0])

@@ -344,11 +344,16 @@ def test_scores_stay_in_unit_interval_and_zero_while_warming_up():
 
 # The likelihood with a learning period the short random streams get past (288 readings by default).
 LIKELIHOOD_SOON = k.params_with(likelihood=1.0, routine_rate=0.0, likelihood_learning=50.0)
+ENSEMBLE_SOON = k.params_with(likelihood=2.0, routine_rate=0.0, likelihood_learning=50.0)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("batches", [1, 13])
-@pytest.mark.parametrize("params", [k.LIKELIHOOD_PARAMS, LIKELIHOOD_SOON], ids=["likelihood", "learnt-soon"])
+@pytest.mark.parametrize(
+    "params",
+    [k.LIKELIHOOD_PARAMS, LIKELIHOOD_SOON, k.ENSEMBLE_PARAMS, ENSEMBLE_SOON],
+    ids=["likelihood", "learnt-soon", "ensemble", "ensemble-learnt-soon"],
+)
 def test_the_anomaly_likelihood_agrees_with_the_reference_in_any_batching(seed, batches, params):
     scores, reasons, reference = run_both(*random_stream(seed, n=6000), batches=batches, params=params)
     assert_agree(scores, reasons, reference)
@@ -377,7 +382,9 @@ def test_the_anomaly_likelihood_makes_a_spike_mean_less_on_a_series_that_often_s
     assert 0.5 <= busy_scores[-50] < quiet_scores[-50] and busy_reasons[-50] == quiet_reasons[-50] == k.SPIKE
 
 
-@pytest.mark.parametrize("params", [k.DEFAULT_PARAMS, LIKELIHOOD_SOON], ids=["default", "likelihood"])
+@pytest.mark.parametrize(
+    "params", [k.DEFAULT_PARAMS, LIKELIHOOD_SOON, ENSEMBLE_SOON], ids=["default", "likelihood", "ensemble"]
+)
 def test_snapshot_restored_gives_identical_scores(params):
     series, ts, values = random_stream(7)
     a = Detectors(params)
@@ -389,6 +396,7 @@ def test_snapshot_restored_gives_identical_scores(params):
         a.score(series[1500:], ts[1500:], values[1500:])[0], b.score(series[1500:], ts[1500:], values[1500:])[0]
     )
     assert a.state[:7, k.LL_VAR].any() == bool(params[k.P_LIKELIHOOD])  # its windows are in the state
+    assert a.state[:7, k.LL_SHIFT_VAR].any() == (params[k.P_LIKELIHOOD] == 2.0)
     # It counts what it has judged itself: a series that ran without it starts it learning.
     judged = a.state[:7, k.COUNT] - k.DEFAULT_PARAMS[k.P_WARMUP] if params[k.P_LIKELIHOOD] else 0.0
     np.testing.assert_array_equal(a.state[:7, k.LL_COUNT], judged)
