@@ -20,6 +20,9 @@ series' state (scalars) and the parameters, inlined by numba:
   square wave is not "stuck");
 - `_rate_of_change`: the absolute rate of change against its own running typical rate;
 - `_gap`: a reading that ends a silence much longer than the series' usual interval;
+- `_likelihood`: Numenta's anomaly likelihood (Ahmad et al. 2017), optional (`likelihood`): the
+  raw score reported as how improbable its recent mean is against that series' own history of it,
+  so one threshold means the same on every series;
 - `_repeats`: one event, one signal (a quiet period after a signal), and REPEAT for what would have
   been an anomaly but is not news.
 Declared physical ranges are checked first; on a timer, `silence_scores` finds silences while they
