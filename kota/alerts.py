@@ -314,6 +314,32 @@ async def auto_clear(conn: psycopg.AsyncConnection, device_ids: list[str]) -> li
     return [AlertChange(alert_id, d, t, "cleared", s) for alert_id, d, t, s in rows]
 
 
+async def clear_back_to_normal(
+    conn: psycopg.AsyncConnection, alert_type: str, normal: list[tuple[str, int]], comment: str
+) -> list[AlertChange]:
+    """Clear the open `alert_type` alerts of devices a rule found back to normal at a time (device,
+    ts_ms) later than the alert's last signal: a rule that decides now and then (a night's minimum
+    flow) instead of on every reading."""
+    if not normal:
+        return []
+    devices, times = [d for d, _ in normal], [t for _, t in normal]
+    cur = await conn.execute(
+        "UPDATE alerts a SET state = 'cleared', cleared_at = now(), cleared_by = %s, updated_at = now() "
+        "FROM (SELECT device_id, max(t) AS t FROM unnest(%b::text[], %b::bigint[]) AS n(device_id, t) GROUP BY 1) n "
+        "WHERE a.device_id = n.device_id AND a.alert_type = %s AND a.state <> 'cleared' AND a.last_ts < kota_ms(n.t) "
+        "RETURNING a.alert_id, a.device_id, a.alert_type, a.severity",
+        (SYSTEM_ACTOR, devices, times, alert_type),
+    )
+    rows = await cur.fetchall()
+    if rows:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                INSERT_EVENT,
+                [(alert_id, "cleared", SYSTEM_ACTOR, severity, comment) for alert_id, _, _, severity in rows],
+            )
+    return [AlertChange(alert_id, d, t, "cleared", s) for alert_id, d, t, s in rows]
+
+
 async def acknowledge(
     conn: psycopg.AsyncConnection, alert_id: int, actor: str, comment: str | None = None
 ) -> AlertChange:

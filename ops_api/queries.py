@@ -15,10 +15,10 @@ from psycopg.rows import dict_row
 
 from ops_api.settings import ApiSettings
 from processing import ispu
-from processing.rules import RulePolicy
+from processing.rules import RulePolicy, suspected_leak
 
 Row = dict[str, Any]
-GATE_DEFAULTS = RulePolicy()
+GATE_DEFAULTS = RulePolicy()  # the rules' defaults: gate thresholds, leak coverage
 SIAGA_LABELS = {4: "Siaga 4 (normal)", 3: "Siaga 3 (waspada)", 2: "Siaga 2 (siaga)", 1: "Siaga 1 (awas)"}
 CATEGORY_BY_NAME = {c.name: c for c in ispu.CATEGORIES}
 
@@ -337,16 +337,14 @@ async def utilities(conn: AsyncConnection, city: str, district: str | None, sett
             "leak_days": settings.leak_history_days,
         },
     )
-    needed_minutes = settings.leak_window_h * 60 * 0.8  # most of the window must be covered by data
+    # The processor's minimum-night-flow rule (processing.rules) over the last leak window, at any
+    # hour: most of the window must be covered by data.
+    needed_minutes = settings.leak_window_h * 60 * GATE_DEFAULTS.leak_coverage
     for r in rows:
         r["vs_baseline_pct"] = _percent_change(r["last_hour_mean"], r["baseline_mean"])
         floor, usual = r["leak_window_min_flow"], r["leak_usual_min_flow"]
-        r["suspected_leak"] = bool(
-            r["metric"] == "waterConsumption"
-            and r["leak_window_minutes"] >= needed_minutes
-            and floor is not None
-            and usual is not None
-            and floor >= usual + settings.leak_min_flow_m3h
+        r["suspected_leak"] = r["metric"] == "waterConsumption" and suspected_leak(
+            r["leak_window_minutes"], needed_minutes, floor, usual, settings.leak_min_flow_m3h
         )
     return rows
 

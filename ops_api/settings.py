@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kota.contract import PROCESSOR_GROUP
+from processing.rules import RulePolicy
 
 
 class ApiSettings(BaseSettings):
@@ -25,10 +26,11 @@ class ApiSettings(BaseSettings):
     baseline_weeks: int = 4
     # Water (minimum night flow, at any hour): a meter whose lowest flow over the window stays this
     # far above the lowest it usually reaches in those hours (median of the earlier days) is a
-    # suspected leak: water running that usually stops.
+    # suspected leak: water running that usually stops. The rule and its margin are the processor's
+    # (processing.rules.suspected_leak), which alerts on it over 01:00-04:00 each night.
     leak_window_h: float = 3.0
-    leak_min_flow_m3h: float = 0.5
-    leak_history_days: int = 7
+    leak_min_flow_m3h: float = RulePolicy().leak_min_flow_m3h
+    leak_history_days: int = RulePolicy().leak_history_nights
     # Street lights: "on" drawing less than this is a failed lamp.
     lamp_fault_w: float = 10.0
     # Server processes sharing the port: Python serves one request at a time per process, so this

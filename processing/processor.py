@@ -189,7 +189,8 @@ class Processor:
         self._partition_days: set[dt.date] = set()
         self._backend: Backend = "postgres"
         self._partitions: dict[int, PartitionState] = {}
-        # Each air-quality station's newest minute whose ISPU a committed batch evaluated (write_batch):
+        # Each air-quality station's newest minute whose ISPU a committed batch evaluated, and each water
+        # meter's newest night hour evaluated for leaks (write_batch):
         # not kept across restarts, when a station's current minute is evaluated once more.
         self._ispu_evaluated: dict[str, int] = {}
         self._ranges: dict[str, dict[str, tuple[float, float]]] = {}

@@ -10,18 +10,29 @@
   below the threshold it crossed; a signal while a gate is at Siaga 3 or above (each
   step up escalates its alert) and a separate one when the water rises faster than the gate's
   limit, so operators hear of a fast rise before a threshold is crossed.
+- Water meters (minimum night flow): between 01:00 and 04:00 local time almost nobody draws water,
+  so a meter's lowest flow over those hours is its leakage plus a little legitimate use. A night
+  whose lowest flow stays `leak_min_flow_m3h` above the lowest the meter usually reaches in the
+  same hours (median of up to `leak_history_nights` earlier nights) is water running that usually
+  stops: a `leak` signal, once the meter has `leak_min_nights` earlier nights to compare with.
+  Evaluated once per meter per night hour (at 02:00, 03:00 and 04:00, over the night so far), not
+  per reading; a night back to its usual minimum clears the alert. `suspected_leak` is the rule
+  itself, which the ops API's living view applies (at any hour) too.
 
-Both read what this same transaction just merged into `agg_1m`, so they see every stored reading
+All read what this same transaction just merged into `agg_1m`, so they see every stored reading
 exactly once, whatever order batches arrive in.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import math
-from collections.abc import Iterable
+import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import psycopg
@@ -32,7 +43,10 @@ from kota.contract import Reading
 from processing import ispu
 
 WATER_LEVEL = "currentLevel"
+WATER_FLOW = "waterConsumption"
 MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
 
 # Severity by ISPU category (index in ispu.CATEGORIES) and by Siaga level.
 ISPU_SEVERITY: dict[int, Severity] = {2: "minor", 3: "major", 4: "critical"}
@@ -41,7 +55,8 @@ SIAGA_SEVERITY: dict[int, Severity] = {3: "minor", 2: "major", 1: "critical"}
 
 @dataclass(frozen=True, slots=True)
 class RulePolicy:
-    """The domain rules' thresholds: the ISPU window and the flood gates' Siaga levels and rate of rise."""
+    """The domain rules' thresholds: the ISPU window, the flood gates' Siaga levels and rate of rise,
+    and the water meters' minimum night flow."""
 
     ispu_window_minutes: int = 60
     # Default gate thresholds in cm (Katulampa's, from ../shared/docs/domain.md); per gate in flood_gates.
@@ -51,6 +66,18 @@ class RulePolicy:
     rise_cm_per_h: float = 30.0
     rise_window_minutes: int = 15
     siaga_deadband_cm: float = 5.0  # below a threshold by this much before a gate's status steps down
+    # Minimum night flow: the night's hours in local time (the cities served are on WIB, no DST).
+    timezone: str = "Asia/Jakarta"
+    leak_night_start_hour: int = 1
+    leak_night_end_hour: int = 4
+    # A night's lowest flow this far above the usual lowest (median of the earlier nights) is a leak:
+    # above what a meter's own night-time use varies by, below the smallest leak worth a visit.
+    leak_min_flow_m3h: float = 0.5
+    leak_history_nights: int = 7
+    # Two earlier nights before a verdict: with one, a single odd night (a tank filled at 02:00, a
+    # night with the meter's own small leak fixed the next day) would be the whole "usual".
+    leak_min_nights: int = 2
+    leak_coverage: float = 0.8  # share of a window's minutes with data before its minimum counts
 
 
 def siaga_for(
@@ -70,13 +97,125 @@ def siaga_for(
     return siaga
 
 
-def rule_inputs(readings: Iterable[Reading]) -> tuple[dict[str, dict[int, int]], dict[str, list[tuple[int, float]]]]:
+def suspected_leak(
+    window_minutes: int,
+    needed_minutes: float,
+    window_min_flow: float | None,
+    usual_min_flow: float | None,
+    min_flow_m3h: float,
+) -> bool:
+    """The minimum-night-flow rule: over a window covered by data (`needed_minutes` of it), the flow
+    never fell to within `min_flow_m3h` of the lowest it usually reaches in those hours. False
+    without a usual to compare with."""
+    return (
+        window_minutes >= needed_minutes
+        and window_min_flow is not None
+        and usual_min_flow is not None
+        and window_min_flow >= usual_min_flow + min_flow_m3h
+    )
+
+
+def usual_min_flow(night_minima: Sequence[float]) -> float | None:
+    """The lowest flow a meter usually reaches in some hours: the median of earlier days' minima (one
+    odd day, a tank filled or a pipe flushed, does not move it)."""
+    return statistics.median(night_minima) if night_minima else None
+
+
+def night_hours_reached(first_ms: int, last_ms: int, policy: RulePolicy) -> list[int]:
+    """The night hours' ends (epoch ms: 02:00, 03:00 and 04:00 local by default) whose following hour
+    overlaps [first_ms, last_ms]: a meter's readings there evaluate the night up to that end."""
+    zone = ZoneInfo(policy.timezone)
+    ends: list[int] = []
+    day = dt.datetime.fromtimestamp((first_ms - HOUR_MS) / 1000, zone).date()
+    while True:
+        midnight = dt.datetime.combine(day, dt.time(), zone)
+        midnight_ms = int(midnight.timestamp() * 1000)
+        if midnight_ms + (policy.leak_night_start_hour + 1) * HOUR_MS > last_ms:
+            return ends
+        for hour in range(policy.leak_night_start_hour + 1, policy.leak_night_end_hour + 1):
+            end = midnight_ms + hour * HOUR_MS
+            if end <= last_ms and end + HOUR_MS > first_ms:
+                ends.append(end)
+        day += dt.timedelta(days=1)
+
+
+def _night_start(end_ms: int, zone: ZoneInfo, policy: RulePolicy) -> int:
+    """The start of the night (01:00 local by default) that a night hour's end belongs to."""
+    local = dt.datetime.fromtimestamp(end_ms / 1000, zone)
+    return int(local.replace(hour=policy.leak_night_start_hour, minute=0, second=0, microsecond=0).timestamp() * 1000)
+
+
+async def evaluate_leaks(
+    conn: psycopg.AsyncConnection, meters: dict[str, list[int]], policy: RulePolicy
+) -> tuple[list[Signal], list[tuple[str, int]]]:
+    """The minimum-night-flow rule for each (meter, night hour's end) in `meters` (from `rule_inputs`,
+    less those evaluated before): the night so far against the same hours of earlier nights, from
+    agg_1m (one query for all). Returns leak signals and the (meter, end) whose night was back to
+    normal (their open leak alert clears)."""
+    points = [(device_id, end) for device_id, ends in meters.items() for end in sorted(ends)]
+    if not points:
+        return [], []
+    zone = ZoneInfo(policy.timezone)
+    keys: tuple[list[int], list[int], list[str], list[int], list[int]] = ([], [], [], [], [])
+    for i, (device_id, end) in enumerate(points):
+        start = _night_start(end, zone, policy)
+        for night in range(policy.leak_history_nights + 1):
+            for column, value in zip(
+                keys, (i, night, device_id, start - night * DAY_MS, end - night * DAY_MS), strict=True
+            ):
+                column.append(value)  # type: ignore[attr-defined]
+    cur = await conn.execute(
+        "SELECT k.i, k.night, count(*), min(a.min) "
+        "FROM unnest(%b::int[], %b::int[], %b::text[], %b::bigint[], %b::bigint[]) AS k(i, night, device_id, s, e) "
+        "JOIN agg_1m a ON a.device_id = k.device_id AND a.metric = %b "
+        "AND a.bucket >= kota_ms(k.s) AND a.bucket < kota_ms(k.e) GROUP BY 1, 2",
+        (*keys, WATER_FLOW),
+    )
+    nights: dict[int, dict[int, tuple[int, float]]] = {}
+    for i, night, minutes, floor in await cur.fetchall():
+        nights.setdefault(i, {})[night] = (minutes, floor)
+    signals: list[Signal] = []
+    normal: list[tuple[str, int]] = []
+    for i, (device_id, end) in enumerate(points):
+        start = _night_start(end, zone, policy)
+        needed = (end - start) / MINUTE_MS * policy.leak_coverage
+        seen = nights.get(i, {})
+        minutes, floor = seen.get(0, (0, None))
+        history = [f for night, (m, f) in seen.items() if night > 0 and m >= needed]
+        if minutes < needed or len(history) < policy.leak_min_nights:
+            continue  # not enough of tonight, or not enough earlier nights: no verdict
+        usual = usual_min_flow(history)
+        if suspected_leak(minutes, needed, floor, usual, policy.leak_min_flow_m3h):
+            assert floor is not None and usual is not None
+            signals.append(
+                Signal(
+                    device_id,
+                    "leak",
+                    WATER_FLOW,
+                    "major",
+                    end,
+                    floor,
+                    f"suspected leak: night flow never below {floor:g} m3/h, usually down to {usual:g} "
+                    f"({len(history)} earlier nights)",
+                    {"night_min_flow": floor, "usual_min_flow": usual, "nights": len(history)},
+                )
+            )
+        else:
+            normal.append((device_id, end))
+    return signals, normal
+
+
+def rule_inputs(
+    readings: Iterable[Reading],
+) -> tuple[dict[str, dict[int, int]], dict[str, list[tuple[int, float]]], dict[str, tuple[int, int]]]:
     """What the rules evaluate, in one pass over a batch's readings:
     - for each station with pollutant readings, each minute bucket (epoch ms) they fall in, with the
       newest reading time in it (`evaluate_air_quality`);
-    - for each gate, its water levels as (ts_ms, cm) (`evaluate_flood_gates`)."""
+    - for each gate, its water levels as (ts_ms, cm) (`evaluate_flood_gates`);
+    - for each water meter, its first and last flow reading time (`night_hours_reached`)."""
     minutes: dict[str, dict[int, int]] = {}
     levels: dict[str, list[tuple[int, float]]] = {}
+    flows: dict[str, tuple[int, int]] = {}
     for r in readings:
         if r.metric in ispu.CONCENTRATION_EDGES:
             station = minutes.setdefault(r.device_id, {})
@@ -85,7 +224,10 @@ def rule_inputs(readings: Iterable[Reading]) -> tuple[dict[str, dict[int, int]],
                 station[bucket] = r.ts_ms
         elif r.metric == WATER_LEVEL:
             levels.setdefault(r.device_id, []).append((r.ts_ms, r.value))
-    return minutes, levels
+        elif r.metric == WATER_FLOW:
+            first, last = flows.get(r.device_id, (r.ts_ms, r.ts_ms))
+            flows[r.device_id] = (min(first, r.ts_ms), max(last, r.ts_ms))
+    return minutes, levels, flows
 
 
 async def window_means(

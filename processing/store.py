@@ -26,11 +26,19 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from kota.alerts import AlertChange, Repeat, Signal, apply_signals, auto_clear
+from kota.alerts import AlertChange, Repeat, Signal, apply_signals, auto_clear, clear_back_to_normal
 from kota.contract import Reading
 from processing import kernels
 from processing.kernels import REASONS, REPEAT
-from processing.rules import RulePolicy, detector_signal, evaluate_air_quality, evaluate_flood_gates, rule_inputs
+from processing.rules import (
+    RulePolicy,
+    detector_signal,
+    evaluate_air_quality,
+    evaluate_flood_gates,
+    evaluate_leaks,
+    night_hours_reached,
+    rule_inputs,
+)
 
 log = logging.getLogger("kota.processor")
 
@@ -102,7 +110,9 @@ class WritePolicy:
 
     allowed_lateness_ms: int = 2 * 86_400_000
     rules: RulePolicy = field(default_factory=RulePolicy)
-    clear_after_s: dict[str, float] = field(default_factory=lambda: {"dropout": 0.0})
+    # A leak is signalled at night hours only: held open to the next night's verdict (which clears
+    # it when the flow drops again), or 36 h if no night is evaluated.
+    clear_after_s: dict[str, float] = field(default_factory=lambda: {"dropout": 0.0, "leak": 36 * 3600.0})
     default_clear_after_s: float = 600.0
     track_rollups: bool = True  # plain PostgreSQL: mark changed hours for processing.maintenance
     use_copy: bool = True  # False for servers without COPY FROM STDIN (the PGlite TimescaleDB test server)
@@ -123,7 +133,8 @@ class BatchOutcome:
     late: int = 0
     anomalies: int = 0
     alert_changes: list[AlertChange] = field(default_factory=list)
-    ispu_minutes: dict[str, int] = field(default_factory=dict)  # each station's newest minute evaluated
+    # Each station's newest minute evaluated (ISPU) and each water meter's newest night hour (leaks).
+    ispu_minutes: dict[str, int] = field(default_factory=dict)
     dead_letters: list[str] = field(default_factory=list)  # reasons of the dead letters written now
 
     def plus(self, other: BatchOutcome) -> BatchOutcome:
@@ -323,7 +334,8 @@ async def write_batch(
     readings, anomalies, rules and alerts, detector checkpoints, and the new offsets.
 
     `nested`: inside a transaction of the caller's (write_isolating), as a savepoint.
-    `ispu_evaluated`: each station's newest minute (epoch ms) an earlier batch evaluated ISPU at,
+    `ispu_evaluated`: each station's newest minute (epoch ms) an earlier batch evaluated ISPU at
+    (and each water meter's newest night hour's end evaluated for leaks, the same way),
     kept by the caller: a minute is evaluated once, in the first batch that holds readings of it
     (a live stream brings each station's minute over many batches, and an unhealthy minute must
     count on its alert once). None: every minute the batch holds (each batch on its own, as
@@ -357,7 +369,7 @@ async def write_batch(
         late=len(late),
         anomalies=len(kept),
         alert_changes=changes,
-        ispu_minutes={d: max(minutes) for d, minutes in stations.items()},
+        ispu_minutes=stations,
         dead_letters=dead,
     )
 
@@ -468,10 +480,11 @@ async def _anomalies_rules_and_alerts(
     fresh: list[Reading],
     policy: WritePolicy,
     ispu_evaluated: dict[str, int] | None,
-) -> tuple[list[AnomalyRow], list[AlertChange], dict[str, dict[int, int]]]:
+) -> tuple[list[AnomalyRow], list[AlertChange], dict[str, int]]:
     """Store the anomalies of records not applied yet, evaluate the domain rules, and raise, update
     and clear alerts from both (repeats count on open alerts). Returns the anomalies stored, the
-    alert changes and the stations' minutes whose ISPU was evaluated."""
+    alert changes and each station's newest minute whose ISPU was evaluated and each meter's newest
+    night hour evaluated for leaks."""
     unapplied = [a for a in anomalies if a.offset >= stored[a.partition]]
     kept = [a for a in unapplied if a.reason != REASONS[REPEAT]]
     repeats = [Repeat(a.device_id, a.metric, a.ts_ms, a.value) for a in unapplied if a.reason == REASONS[REPEAT]]
@@ -489,15 +502,24 @@ async def _anomalies_rules_and_alerts(
         for a in kept
         if a.reason != "dropout"
     ]
-    stations, gates = rule_inputs(fresh)
-    if ispu_evaluated is not None:
-        stations = {
-            d: later
-            for d, minutes in stations.items()
-            if (later := {b: t for b, t in minutes.items() if b > ispu_evaluated.get(d, -1)})
-        }
+    stations, gates, flows = rule_inputs(fresh)
+    evaluated = ispu_evaluated or {}
+    stations = {
+        d: later
+        for d, minutes in stations.items()
+        if (later := {b: t for b, t in minutes.items() if b > evaluated.get(d, -1)})
+    }
+    # Leaks: each meter's night hours reached by this batch's flow readings, not evaluated before
+    # (at most once per meter per night hour, however many batches bring that hour's readings).
+    meters = {
+        d: ends
+        for d, (first, last) in flows.items()
+        if (ends := [e for e in night_hours_reached(first, last, policy.rules) if e > evaluated.get(d, -1)])
+    }
     signals += await evaluate_air_quality(conn, stations, policy.rules)
     signals += await evaluate_flood_gates(conn, gates, policy.rules)
+    leaks, normal = await evaluate_leaks(conn, meters, policy.rules)
+    signals += leaks
     changes = await apply_signals(
         conn,
         signals,
@@ -506,8 +528,10 @@ async def _anomalies_rules_and_alerts(
         repeats=repeats,
         times=_reading_times(fresh, signals, repeats),
     )
+    changes += await clear_back_to_normal(conn, "leak", normal, "night flow back to its usual minimum")
     changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
-    return kept, changes, stations
+    evaluated_now = {d: max(minutes) for d, minutes in stations.items()} | {d: max(e) for d, e in meters.items()}
+    return kept, changes, evaluated_now
 
 
 async def _save_checkpoints(
