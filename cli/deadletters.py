@@ -1,4 +1,5 @@
-"""`kota deadletters`: rejected input with its reason code, from the dead-letter topic."""
+"""`kota deadletters`: rejected input with its reason code, from the dead-letter topic; with
+`--processor`, the Kafka records the processor could not store (the processor_dead_letters table)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,38 @@ from cli.common import say
 from kota.settings import StackSettings
 
 
+def show_processor_dead_letters(stack: StackSettings, since_s: float, limit: int) -> int:
+    """Print the processor's dead letters of the last `since_s` seconds, newest first; how many."""
+    import psycopg
+
+    from kota.contract import escaped
+
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        rows = conn.execute(
+            'SELECT dead_at, reason, topic, partition, "offset", message, value_length '
+            "FROM processor_dead_letters WHERE dead_at >= now() - make_interval(secs => %s) "
+            "ORDER BY dead_at DESC LIMIT %s",
+            (since_s, limit),
+        ).fetchall()
+    for dead_at, reason, topic, partition, offset, message, length in rows:
+        # The message may quote the record (a device's metric name): escaped like every dead letter.
+        print(
+            f"{dead_at:%Y-%m-%d %H:%M:%S}  {escaped(reason, 40):<18} {topic}[{partition}]@{offset}  "
+            f"{length} bytes  {escaped(message)}",
+            flush=True,
+        )
+    return len(rows)
+
+
 def cmd_deadletters(args: argparse.Namespace) -> int:
     from ingest.deadletters import read_dead_letters
     from kota.contract import escaped
 
     stack = StackSettings()
+    if args.processor:
+        if not show_processor_dead_letters(stack, args.since, args.limit):
+            say(f"no processor dead letters in the last {args.since:.0f} s")
+        return 0
 
     def show(letter: dict[str, Any]) -> None:
         # Everything here came from a device: escaped, so it cannot forge lines or drive the terminal.
@@ -54,4 +82,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     dl.add_argument("--follow", action="store_true", help="keep showing new rejections")
     dl.add_argument("--wait-for", metavar="REASON", help="wait until a rejection with this reason appears")
     dl.add_argument("--timeout", type=float, default=30, help="seconds to wait with --wait-for (default 30)")
+    dl.add_argument(
+        "--processor",
+        action="store_true",
+        help="the Kafka records the processor could not store (undecodable, out of range, refused), not the gateway's",
+    )
+    dl.add_argument("--limit", type=int, default=200, help="at most this many, newest first, with --processor")
     dl.set_defaults(func=cmd_deadletters)

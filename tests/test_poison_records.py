@@ -18,7 +18,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from deploy import components, procs
 from kota.contract import READINGS_TOPIC, WIRE_VERSION, Reading, encode_device_batch
-from tests.helpers import provision, query, stored_readings, wait_for
+from tests.helpers import kota_ok, provision, query, stored_readings, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -148,3 +148,12 @@ def test_bad_records_are_dead_lettered_and_the_partition_goes_on(pipeline):
     )
     assert later[0] > offsets[-1]
     assert not any(dead_letter_counts(pipeline).values()), "the restarted processor wrote dead letters again"
+
+    # An operator sees them with `kota deadletters --processor`.
+    shown = kota_ok(pipeline, "deadletters", "--processor", "--since", "3600").splitlines()
+    for offset, reason in (
+        (offsets[1], "undecodable"),
+        (offsets[3], "time_out_of_range"),
+        (offsets[5], "storage_error"),
+    ):
+        assert any(f"{READINGS_TOPIC}[{partition}]@{offset}" in line and reason in line for line in shown), shown
