@@ -13,6 +13,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 
 import psycopg
+from psycopg import sql
 
 from kota.contract import DOMAINS, METRICS, is_reserved_id, is_valid_id
 
@@ -210,14 +211,21 @@ def enabled_identity(conn: psycopg.Connection, identity: str) -> bool:
     )
 
 
+def _set_on_account(conn: psycopg.Connection, identity: str, column: str, value: object) -> bool:
+    """Set one column of the device, or else the gateway, of that id; False when there is neither.
+    Devices and gateways share one id namespace (migration 0010), so at most one row matches."""
+    for table, key in (("devices", "device_id"), ("gateways", "gateway_id")):
+        statement = sql.SQL("UPDATE {} SET {} = %s, updated_at = now() WHERE {} = %s").format(
+            sql.Identifier(table), sql.Identifier(column), sql.Identifier(key)
+        )
+        if conn.execute(statement, (value, identity)).rowcount == 1:
+            return True
+    return False
+
+
 def set_enabled(conn: psycopg.Connection, device_id: str, enabled: bool) -> bool:
     """Enable or disable a device (or a gateway) by id."""
-    cur = conn.execute("UPDATE devices SET enabled = %s, updated_at = now() WHERE device_id = %s", (enabled, device_id))
-    if cur.rowcount == 0:
-        cur = conn.execute(
-            "UPDATE gateways SET enabled = %s, updated_at = now() WHERE gateway_id = %s", (enabled, device_id)
-        )
-    return cur.rowcount == 1
+    return _set_on_account(conn, device_id, "enabled", enabled)
 
 
 def load_devices(conn: psycopg.Connection, city: str | None = None) -> dict[str, Device]:
@@ -263,14 +271,7 @@ def set_rate_limit(conn: psycopg.Connection, identity: str, per_s: float | None)
     """Give a device or gateway a message rate of its own (None: the default; 0: no limit)."""
     if per_s is not None and not per_s >= 0:
         raise ValueError("a rate limit is a number of messages per second, 0 or more")
-    cur = conn.execute(
-        "UPDATE devices SET rate_limit_per_s = %s, updated_at = now() WHERE device_id = %s", (per_s, identity)
-    )
-    if cur.rowcount == 0:
-        cur = conn.execute(
-            "UPDATE gateways SET rate_limit_per_s = %s, updated_at = now() WHERE gateway_id = %s", (per_s, identity)
-        )
-    return cur.rowcount == 1
+    return _set_on_account(conn, identity, "rate_limit_per_s", per_s)
 
 
 def load_rate_limits(conn: psycopg.Connection) -> dict[str, float]:
@@ -285,12 +286,4 @@ def load_rate_limits(conn: psycopg.Connection) -> dict[str, float]:
 
 def set_mqtt_password(conn: psycopg.Connection, identity: str, password: str) -> bool:
     """A new MQTT password for a device or gateway (only its hash is kept); False when there is none."""
-    digest = hash_mqtt_password(password)
-    cur = conn.execute(
-        "UPDATE devices SET mqtt_password_hash = %s, updated_at = now() WHERE device_id = %s", (digest, identity)
-    )
-    if cur.rowcount == 0:
-        cur = conn.execute(
-            "UPDATE gateways SET mqtt_password_hash = %s, updated_at = now() WHERE gateway_id = %s", (digest, identity)
-        )
-    return cur.rowcount == 1
+    return _set_on_account(conn, identity, "mqtt_password_hash", hash_mqtt_password(password))
