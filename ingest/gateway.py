@@ -23,7 +23,7 @@ from prometheus_client import Gauge, Histogram, start_http_server
 
 from ingest.dedupe import RecentReadings
 from ingest.mqtt_inbox import InboundMessage, MqttInbox
-from ingest.parse import ParseLimits, parse_message
+from ingest.parse import ParseLimits, ParseResult, parse_message
 from ingest.ratelimit import RateLimit, SenderBuckets
 from ingest.settings import GatewaySettings
 from kota.contract import (
@@ -127,7 +127,7 @@ class IngestGateway:
         self._buckets = SenderBuckets()
         self._device_rate = RateLimit.of(settings.device_rate_per_s, settings.rate_burst_s)
         self._gateway_rate = RateLimit.of(settings.gateway_rate_per_s, settings.rate_burst_s)
-        self._rate_overrides: dict[str, float] = {}  # registry rows with a rate of their own
+        self._rate_overrides: dict[str, RateLimit] = {}  # registry rows with a rate of their own
         self._registry_rechecked = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -192,7 +192,10 @@ class IngestGateway:
             # One transaction on one snapshot: the version describes exactly the devices read with it.
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             self._registry_version = registry_version(conn)
-            self._rate_overrides = load_rate_limits(conn)
+            self._rate_overrides = {
+                sender: RateLimit.of(per_s, self._settings.rate_burst_s)
+                for sender, per_s in load_rate_limits(conn).items()
+            }
             return load_devices(conn), load_gateways(conn)
 
     def _read_version(self) -> tuple[int, ...]:
@@ -262,15 +265,7 @@ class IngestGateway:
                     Reason.INTERNAL_ERROR,
                     f"the platform failed to check this message ({type(exc).__name__}); it is kept here for replay",
                 )
-                records.append(
-                    (
-                        DEADLETTER_TOPIC,
-                        msg.topic.encode(),
-                        encode_dead_letter(
-                            topic=msg.topic, payload=msg.payload, rejections=[rejection], received_ms=msg.received_ms
-                        ),
-                    )
-                )
+                records.append(_dead_letter(msg, [rejection]))
                 rejected[Reason.INTERNAL_ERROR.value] += 1
         for sender, messages in throttled.items():
             records.append(self._rate_limited_letter(sender, messages))
@@ -286,14 +281,7 @@ class IngestGateway:
     ) -> int:
         """Parse one message and append its Kafka records (readings by device, and at most one dead
         letter); return how many readings it adds."""
-        result = parse_message(
-            msg.topic,
-            msg.payload,
-            devices=self._devices,
-            gateways=self._gateways,
-            received_ms=msg.received_ms,
-            limits=self._limits,
-        )
+        result = self._parse(msg)
         if (
             not self._registry_rechecked
             and msg.received_ms >= self._devices_as_of_ms
@@ -305,14 +293,7 @@ class IngestGateway:
             # registry changed, so a flood of such messages costs no full reads.
             self._registry_rechecked = True
             if await self._refresh_devices():
-                result = parse_message(
-                    msg.topic,
-                    msg.payload,
-                    devices=self._devices,
-                    gateways=self._gateways,
-                    received_ms=msg.received_ms,
-                    limits=self._limits,
-                )
+                result = self._parse(msg)
         new, duplicates = self._recent.split_new(result.readings)
         for dup in duplicates:
             result.reject(Reason.DUPLICATE, f"{dup.device_id} {dup.metric} at ts {dup.ts_ms} was already accepted")
@@ -325,29 +306,27 @@ class IngestGateway:
             accepted += len(readings)
         if result.rejections:
             # One dead letter per message, however many of its values were rejected.
-            records.append(
-                (
-                    DEADLETTER_TOPIC,
-                    msg.topic.encode(),
-                    encode_dead_letter(
-                        topic=msg.topic,
-                        payload=msg.payload,
-                        rejections=result.rejections,
-                        reason_counts=dict(result.reason_counts),
-                        received_ms=msg.received_ms,
-                    ),
-                )
-            )
+            records.append(_dead_letter(msg, result.rejections, result.reason_counts))
             rejected.update(result.reason_counts)
             for rejection in result.rejections[:3]:
                 self._log_rejection(msg, rejection)
         return accepted
 
+    def _parse(self, msg: InboundMessage) -> ParseResult:
+        return parse_message(
+            msg.topic,
+            msg.payload,
+            devices=self._devices,
+            gateways=self._gateways,
+            received_ms=msg.received_ms,
+            limits=self._limits,
+        )
+
     def _rate_limit_of(self, sender: str, topic: str) -> RateLimit:
         override = self._rate_overrides.get(sender)
         is_gateway = topic.split("/", 3)[2:3] == [GATEWAY_SEGMENT]
         default = self._gateway_rate if is_gateway else self._device_rate
-        return default if override is None else RateLimit.of(override, self._settings.rate_burst_s)
+        return default if override is None else override
 
     def _rate_limited_letter(self, sender: str, messages: list[InboundMessage]) -> tuple[str, bytes, bytes]:
         """A sender's messages over its limit in one batch → one dead letter with the first one's bytes."""
@@ -360,17 +339,7 @@ class IngestGateway:
             "accepted; the first is kept here",
         )
         self._burst.warning(f"reject:{Reason.RATE_LIMITED}", f"rate limited {escaped(sender, 64)}: {rejection.message}")
-        return (
-            DEADLETTER_TOPIC,
-            first.topic.encode(),
-            encode_dead_letter(
-                topic=first.topic,
-                payload=first.payload,
-                rejections=[rejection],
-                reason_counts={Reason.RATE_LIMITED.value: len(messages)},
-                received_ms=first.received_ms,
-            ),
-        )
+        return _dead_letter(first, [rejection], {Reason.RATE_LIMITED.value: len(messages)})
 
     async def _send_until_acknowledged(self, records: list[tuple[str, bytes, bytes]], stop: asyncio.Event) -> None:
         """Send every record; on failure send them all again. A retry may duplicate a record in
@@ -439,6 +408,20 @@ class IngestGateway:
             f"reject:{rejection.reason}",
             f"rejected {rejection.reason} on {escaped(msg.topic, 200)}: {escaped(rejection.message)}",
         )
+
+
+def _dead_letter(
+    msg: InboundMessage, rejections: list[Rejection], reason_counts: dict[str, int] | None = None
+) -> tuple[str, bytes, bytes]:
+    """The one dead-letter record of a rejected message: (topic, key, value) for Kafka."""
+    value = encode_dead_letter(
+        topic=msg.topic,
+        payload=msg.payload,
+        rejections=rejections,
+        reason_counts=reason_counts,
+        received_ms=msg.received_ms,
+    )
+    return (DEADLETTER_TOPIC, msg.topic.encode(), value)
 
 
 def _sender_of(topic: str) -> str:
