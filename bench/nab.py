@@ -7,10 +7,11 @@ time order, exactly as the processor would. Baselines in the same run: the null 
 definition), a random detector, and a plain windowed-Gaussian z-score detector. The published
 scoreboard (all 58 NAB files): ARTime 74.9, Numenta HTM 70.5, CAD OSE 69.9, Skyline 58.2,
 KNN CAD 58.0, Windowed Gaussian 39.6, random 11.0. This folder holds 25 of the 58 files, so the
-figures are indicative, not comparable one to one. The second row gives weekends a profile of
-their own, as the processor does for a city; the third reports Numenta's anomaly likelihood of the
-same detectors' raw scores (kernels.LIKELIHOOD_PARAMS; KOTA_PROCESSOR_ANOMALY_LIKELIHOOD in the
-processor; docs/processing.md, "Anomaly likelihood").
+figures are indicative, not comparable one to one. The first row is the processor's detectors:
+Numenta's anomaly likelihood over graded raw scores (kernels.LIKELIHOOD_PARAMS; docs/processing.md,
+"Anomaly likelihood"); the next add the two settings the processor adds for a city, then all its
+settings, then at its fixed threshold; then the raw scores it ran before, whose defaults were
+chosen on these files.
 
 Honest evaluation: beside the in-sample score (threshold swept over every file), each method is
 scored cross-validated, leaving one category out (LOCO) and one file out (LOFO): every setting
@@ -83,11 +84,10 @@ def windowed_gaussian_scores(values: np.ndarray, window: int = 6400) -> np.ndarr
     return out
 
 
-# The processor gives weekends a profile of their own (ProcessorSettings.weekend_profiles): a city
-# follows the week. NAB's recordings are one to two weeks long, too short to learn weekends from.
-# NAB's times are local, so local time is UTC here.
-WEEKEND_PARAMS = kernels.params_with(weekends=1.0, utc_offset_hours=0.0)
-
+# NAB's times are local, so local time is UTC here. The processor gives weekends a profile of their
+# own (a city follows the week); NAB's recordings are one to two weeks long, too short to learn
+# weekends from. It also scores a reading that ends a silence (dropouts in event time); NAB's
+# silences are not labelled.
 PROCESSOR_PARAMS = apply_settings(kernels.DEFAULT_PARAMS.copy(), ProcessorSettings(utc_offset_hours=0.0))
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -100,23 +100,31 @@ FIXED_THRESHOLDS = {"processor at its threshold": ProcessorSettings().anomaly_th
 
 def methods() -> dict[str, Method]:
     rng = np.random.default_rng(0)
+    likelihood = kernels.LIKELIHOOD_PARAMS
+    with_weekends = likelihood.copy()
+    with_weekends[[kernels.P_WEEKENDS, kernels.P_UTC_OFFSET_HOURS]] = 1.0, 0.0
+    with_dropouts = likelihood.copy()
+    with_dropouts[kernels.P_GAP_FACTOR] = ProcessorSettings().dropout_factor
     return {
-        "kota (numba streaming)": {"defaults": kota_scores},
-        "kota, weekend profiles": {"weekends": lambda ts, v: kota_scores(ts, v, params=WEEKEND_PARAMS)},
-        "kota, anomaly likelihood": {"likelihood": lambda ts, v: kota_scores(ts, v, params=kernels.LIKELIHOOD_PARAMS)},
-        "kota, likelihood ensemble": {"ensemble": lambda ts, v: kota_scores(ts, v, params=kernels.ENSEMBLE_PARAMS)},
-        # Every parameter the processor's settings choose (apply_settings), dropouts in event time
-        # included, at NAB's local time.
+        # The processor's detectors (kernels.LIKELIHOOD_PARAMS): the headline row.
+        "kota, anomaly likelihood": {"likelihood": lambda ts, v: kota_scores(ts, v, params=likelihood)},
+        # The two settings the processor adds for a city, one at a time, then with all of them
+        # (apply_settings: weekend profiles and dropouts in event time), at NAB's local time.
+        "kota, + weekend profiles": {"weekends": lambda ts, v: kota_scores(ts, v, params=with_weekends)},
+        "kota, + dropouts": {"dropouts": lambda ts, v: kota_scores(ts, v, params=with_dropouts)},
         "kota, processor settings": {"processor": lambda ts, v: kota_scores(ts, v, params=PROCESSOR_PARAMS)},
         "kota, processor as deployed": {
             "processor at its threshold": lambda ts, v: kota_scores(ts, v, params=PROCESSOR_PARAMS)
         },
-        # The one tuned knob docs/processing.md reports a sweep for (tightness 1.5-3 gave 73-78 on the
+        # Raw scores, the processor's default before the likelihood (defaults chosen on these files).
+        "kota, raw scores": {"raw": kota_scores},
+        # The one raw knob docs/processing.md reports a sweep for (tightness 1.5-3 gave 73-78 on the
         # 18 files then): here chosen per fold among its documented values, 0 turning it off.
-        "kota, tightness per fold": {
+        "kota, raw, tightness per fold": {
             f"tightness {x:g}": (lambda ts, v, x=x: kota_scores(ts, v, params=kernels.params_with(daily_tightness=x)))
             for x in (0.0, 1.5, 2.0, 3.0)
         },
+        "kota, likelihood ensemble": {"ensemble": lambda ts, v: kota_scores(ts, v, params=kernels.ENSEMBLE_PARAMS)},
         "windowed gaussian": {"window 6400": lambda ts, v: windowed_gaussian_scores(v)},
         "random": {"seed 0": lambda ts, v: rng.random(len(v))},
     }
@@ -159,7 +167,7 @@ def main() -> None:
         "whole corpus' null (0) and perfect (100) scores, as the in-sample figure is."
     )
     print(
-        f"{'detector':<28} {'cand':>4} {'in-sample':>9} {'LOCO':>6} {'LOFO':>6} {'threshold':>9} "
+        f"{'detector':<30} {'cand':>4} {'in-sample':>9} {'LOCO':>6} {'LOFO':>6} {'threshold':>9} "
         f"{'TP':>4} {'FP':>5} {'FN':>4} {'seconds':>8}"
     )
     loco_choices: dict[str, list[str]] = {}
@@ -174,7 +182,7 @@ def main() -> None:
         flag = f"  OVER-FITTED ({worst:.1f} points)" if worst > OVERFIT_POINTS else ""
         chosen = inside.folds[0].choice
         print(
-            f"{label:<28} {len(method):>4} {inside.score:>9.1f} {loco.score:>6.1f} {lofo.score:>6.1f} "
+            f"{label:<30} {len(method):>4} {inside.score:>9.1f} {loco.score:>6.1f} {lofo.score:>6.1f} "
             f"{chosen.threshold:>9.3f} {inside.tp:>4} {inside.fp:>5} {inside.fn:>4} {elapsed:>8.2f}{flag}"
         )
         loco_choices[label] = [

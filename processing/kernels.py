@@ -93,6 +93,10 @@ HOUR_MS = 3_600_000.0
 # power draw) by every detector while it is on, and by its range alone while it is off (at the
 # bottom of its range), its off readings teaching its baselines nothing.
 STATE_CODE, MEASURED, SWITCHED = 0.0, 1.0, 2.0
+# A stuck run scores as a distance of this many robust scales at its onset, twice it at twice the
+# length: the raw detectors' floor, so a stuck run is news at once without a likelihood, and a graded
+# raw score under one (where the floor is 0).
+STUCK_ONSET_Z = 3.0
 SPIKE_MAX_RUN = 3.0  # readings: a longer excursion is a change of level, not a spike
 PREFETCH_AHEAD = 12  # readings ahead whose state is fetched into cache (docs/processing.md)
 HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
@@ -146,6 +150,12 @@ PARAMETERS: tuple[Param, ...] = (
     Param("likelihood_short", 10.0, "readings in the likelihood's short window (its span: EW rate 2/(this+1))"),
     Param("likelihood_long", 8640.0, "readings in the likelihood's long window (its span, as the short one)"),
     Param("likelihood_learning", 288.0, "raw scores the likelihood learns from before it reports"),
+    Param(
+        "learning_floor",
+        3.0,
+        "while the likelihood learns, a raw score is reported as it would be with this z floor (the raw"
+        " detectors' own), when `z_floor` is lower",
+    ),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMETERS)
 
@@ -185,6 +195,7 @@ class Params(NamedTuple):
     likelihood_short: float
     likelihood_long: float
     likelihood_learning: float
+    learning_floor: float
 
 
 if Params._fields != PARAM_NAMES:
@@ -220,10 +231,18 @@ P_LIKELIHOOD = param_index("likelihood")
 DEFAULT_PARAMS = params_with()
 # Every detector on: the rate of change, and dropouts seen in event time.
 ALL_DETECTORS_PARAMS = params_with(w_rate=1.0, gap_factor=5.0)
-# The raw detectors calibrated by the anomaly likelihood (`_likelihood`). Routine-spike damping is
-# off: it asks the likelihood's question ("does this series usually score like this?") with a rate
-# fitted on bench.nab, and the likelihood answers it from each series' own history.
-LIKELIHOOD_PARAMS = params_with(likelihood=1.0, routine_rate=0.0)
+# The raw detectors calibrated by the anomaly likelihood (`_likelihood`): what the processor runs.
+# - The likelihood judges how unusual a series' recent surprise is against its own history, so its
+#   input must be graded: the z floor is 0 (every distance scores a little; Numenta feeds it HTM's
+#   prediction error, which is seldom exactly 0). With the raw floor of 3 it sees zeros almost
+#   always, and any blip past the floor is red (docs/processing.md, "Anomaly likelihood").
+# - The rate of change is on: a reading far from the one before is one more kind of surprise, and
+#   the likelihood discounts it on a series where big steps are ordinary (the reason it was off raw).
+# - Routine-spike damping is off: it asks the likelihood's question ("does this series usually
+#   score like this?") with a rate fitted on bench.nab; the likelihood answers it per series.
+LIKELIHOOD_PARAMS = params_with(likelihood=1.0, routine_rate=0.0, z_floor=0.0, w_rate=1.0)
+# The parameters the likelihood sets (the processor applies them over its other settings).
+LIKELIHOOD_SETS = ("likelihood", "routine_rate", "z_floor", "w_rate")
 # An ensemble through the likelihood: spikes and level shifts each calibrated against their own
 # history, so a series whose level often shifts does not mute its spikes, nor routine spikes its
 # level shifts; stuck runs, rates and gaps are already judged against the series' own history.
@@ -403,7 +422,7 @@ def _stuck(run: float, longest_run: float, mad: float, eps: float, x: float, flo
     it. Resting at the bottom of its range (no power, no flow, no vehicles) is not stuck."""
     stuck_after = max(p.stuck_min, 2.0 * longest_run)
     if mad > eps and run >= stuck_after and x > floor:
-        return _score(p.w_stuck * p.z_floor * run / stuck_after, p.z_floor, p.z_scale)
+        return _score(p.w_stuck * STUCK_ONSET_Z * run / stuck_after, p.z_floor, p.z_scale)
     return 0.0
 
 
@@ -423,6 +442,19 @@ def _gap(dt: float, interval: float, p: Params) -> float:
         excess = dt / interval - p.gap_factor
         return excess / (excess + p.gap_factor)
     return 0.0
+
+
+@helper
+def _refloored(raw: float, p: Params) -> float:
+    """A raw score made with the floor `z_floor`, as it would be with the higher `learning_floor`.
+    Spikes, dips, level shifts, stuck runs and rates all map a distance z to excess / (excess +
+    z_scale), excess = z - floor, so the distance is recovered exactly and judged again."""
+    if p.learning_floor <= p.z_floor or raw <= 0.0:
+        return raw
+    if raw >= 1.0:  # pragma: no cover - every score here is below 1
+        return 1.0
+    z = p.z_floor + p.z_scale * raw / (1.0 - raw)
+    return _score(z, p.learning_floor, p.z_scale)
 
 
 @helper
@@ -455,7 +487,7 @@ def _likelihood(
     short = raw if k <= 0.0 else short + 2.0 / (p.likelihood_short + 1.0) * (raw - short)
     if raw > 0.0:
         last_reason = float(reason)
-    score = raw  # until the likelihood has learnt: the raw score (the detectors are warm by now)
+    score = _refloored(raw, p)  # until the likelihood has learnt: the raw score, as the raw detectors judge
     if k >= p.likelihood_learning:
         score = 0.0
         centre = max(mean, LIKELIHOOD_MIN_MEAN)
@@ -693,20 +725,35 @@ def detect_batch(
             if shift_score > best:
                 best, reason = shift_score, LEVEL_SHIFT
             stuck_score = _stuck(run, longest_run, mad, eps, x, floor, p)
-            if stuck_score > best:
-                best, reason = stuck_score, STUCK
             rate_score = _rate_of_change(rate, typical_rate, dt, p)
-            if rate_score > best:
-                best, reason = rate_score, RATE_OF_CHANGE
             gap_score = _gap(dt, interval, p)
-            if gap_score > best:
-                best, reason = gap_score, DROPOUT
             if p.likelihood == 1.0:
+                # The likelihood calibrates how far readings are from what was expected (spikes,
+                # dips, level shifts, rates). Stuck runs and gaps are judged against the series' own
+                # longest run and usual interval already, and beside it they keep its history
+                # clean: a series that often repeats itself would otherwise mute its spikes.
+                if rate_score > best:
+                    best, reason = rate_score, RATE_OF_CHANGE
+                raw_best = best
                 best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
                     best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
                 )
                 ll_count += 1.0
-                undamped = best  # what is news is judged on the calibrated score
+                stuck_score = _refloored(stuck_score, p)
+                if stuck_score > best:
+                    best, reason = stuck_score, STUCK
+                if gap_score > best:
+                    best, reason = gap_score, DROPOUT
+                # What is news is judged on the calibrated score; what the raw detectors would call
+                # an anomaly but this series does routinely is a REPEAT (a flapping sensor's flaps).
+                undamped = max(best, _refloored(raw_best, p))
+            else:
+                if stuck_score > best:
+                    best, reason = stuck_score, STUCK
+                if rate_score > best:
+                    best, reason = rate_score, RATE_OF_CHANGE
+                if gap_score > best:
+                    best, reason = gap_score, DROPOUT
             best, reason, quiet_until, quiet_score = _repeats(best, reason, undamped, n, quiet_until, quiet_score, p)
         scores[i] = best
         reasons[i] = reason

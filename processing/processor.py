@@ -145,16 +145,20 @@ def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarra
     - dropouts seen in event time: a reading that ends a silence of more than `dropout_factor` usual
       intervals is a dropout anomaly. The timer finds a silence while it lasts, but only by the wall
       clock, so a replayed or fast-forwarded stream needs this;
-    - routine-spike damping at `routine_spike_rate` (0: off), or the anomaly likelihood
-      (`anomaly_likelihood`) without it, as `kernels.LIKELIHOOD_PARAMS`;
+    - the anomaly likelihood (`anomaly_likelihood`, on) with the parameters it sets as
+      `kernels.LIKELIHOOD_PARAMS` does, or raw scores with routine-spike damping at
+      `routine_spike_rate` (0: off);
     - judgement against the usual for the hour at `daily_tightness` (0: off), and weekend profiles,
       by local time at `utc_offset_hours`."""
     params[kernels.P_GAP_FACTOR] = settings.dropout_factor
     params[kernels.P_WEEKENDS] = 1.0 if settings.weekend_profiles else 0.0
     params[kernels.P_DAILY_TIGHTNESS] = settings.daily_tightness
     params[kernels.P_UTC_OFFSET_HOURS] = settings.utc_offset_hours
-    params[kernels.P_LIKELIHOOD] = 1.0 if settings.anomaly_likelihood else 0.0
-    params[kernels.P_ROUTINE_RATE] = 0.0 if settings.anomaly_likelihood else settings.routine_spike_rate
+    calibrated_by = kernels.LIKELIHOOD_PARAMS if settings.anomaly_likelihood else kernels.DEFAULT_PARAMS
+    for name in kernels.LIKELIHOOD_SETS:
+        params[kernels.param_index(name)] = calibrated_by[kernels.param_index(name)]
+    if not settings.anomaly_likelihood:
+        params[kernels.P_ROUTINE_RATE] = settings.routine_spike_rate
     params[kernels.P_REPEAT_BELOW] = settings.anomaly_threshold
     return params
 

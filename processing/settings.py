@@ -41,10 +41,10 @@ class ProcessorSettings(BaseSettings):
     # after them are repeats (kernels.REPEAT), which keep that alert from clearing while it flaps.
     routine_spike_rate: float = 0.003
     # Scores reported as Numenta's anomaly likelihood of the detectors' raw scores (processing/kernels.py,
-    # P_LIKELIHOOD; docs/processing.md, "Anomaly likelihood"), with routine-spike damping off, as
-    # bench/nab's "anomaly likelihood" row. Off for now: it learns from 288 readings of each series
-    # before it reports (4.8 hours at one a minute), and the simulated city has not been scored with it.
-    anomaly_likelihood: bool = False
+    # LIKELIHOOD_PARAMS; docs/processing.md, "Anomaly likelihood"), as bench/nab's headline row: the
+    # one whose score holds on files its settings were not chosen on (cross-validated within a point
+    # of in-sample, where raw scores lose 17-24 points). Off: raw scores with routine-spike damping.
+    anomaly_likelihood: bool = True
     # Saturdays and Sundays get an hour-of-day profile of their own (processing/kernels.py, P_WEEKENDS),
     # by local time at this offset from UTC (7: Western Indonesian Time): a city's traffic, noise and
     # power follow the week, and a series judged against its usual hour would otherwise call every

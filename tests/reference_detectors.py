@@ -48,6 +48,24 @@ def score_of(z: float, floor: float, scale: float) -> float:
     return 0.0 if z <= floor else (z - floor) / (z - floor + scale)
 
 
+def first_highest(candidates: list[tuple[float, int]]) -> tuple[float, int]:
+    """The first strictly highest (score, reason), as the kernel compares them in order."""
+    best = candidates[0]
+    for c in candidates[1:]:
+        if c[0] > best[0]:
+            best = c
+    return best
+
+
+def refloored(raw: float, p) -> float:
+    """While learning: the raw score as with the floor `learning_floor`, when `z_floor` is lower."""
+    if p.learning_floor <= p.z_floor or raw <= 0:
+        return raw
+    if raw >= 1:
+        return 1.0
+    return score_of(p.z_floor + p.z_scale * raw / (1 - raw), p.learning_floor, p.z_scale)
+
+
 def likelihood(m: Moments, raw: tuple[float, int], judged: float, p) -> tuple[float, int]:
     """The short EW mean of the raw scores, its upper-tail probability against the long EW mean and
     variance of that mean (Numenta's floors), as NAB's log score; the raw score while learning."""
@@ -55,7 +73,7 @@ def likelihood(m: Moments, raw: tuple[float, int], judged: float, p) -> tuple[fl
     m.short = score if judged <= 0 else m.short + 2 / (p.likelihood_short + 1) * (score - m.short)
     if score > 0:
         m.reason = reason
-    out = score
+    out = refloored(score, p)
     if judged >= p.likelihood_learning:
         out = 0.0
         z = (m.short - max(m.mean, k.LIKELIHOOD_MIN_MEAN)) / math.sqrt(max(m.var, k.LIKELIHOOD_MIN_VARIANCE))
@@ -154,23 +172,28 @@ def reference_scores(
                 candidates[1] = (likelihood(st.ll_shift, candidates[1], st.ll_count, p)[0], k.LEVEL_SHIFT)
                 st.ll_count += 1
                 undamped = candidates[0][0]
+            stuck = (0.0, k.STUCK)
             stuck_after = max(p.stuck_min, 2 * st.longest_run)
             if st.mad > eps and st.run >= stuck_after and x > low:
-                stuck = score_of(p.w_stuck * p.z_floor * st.run / stuck_after, p.z_floor, p.z_scale)
-                candidates.append((stuck, k.STUCK))
+                stuck = (score_of(p.w_stuck * k.STUCK_ONSET_Z * st.run / stuck_after, p.z_floor, p.z_scale), k.STUCK)
+            rate_of_change = (0.0, k.RATE_OF_CHANGE)
             if st.rate > 0 and dt > 0:
-                candidates.append((score_of(p.w_rate * rate / st.rate / 2, p.z_floor, p.z_scale), k.RATE_OF_CHANGE))
+                rate_of_change = (score_of(p.w_rate * rate / st.rate / 2, p.z_floor, p.z_scale), k.RATE_OF_CHANGE)
+            gap = (0.0, k.DROPOUT)
             if p.gap_factor > 0 and st.interval > 0 and dt > p.gap_factor * st.interval:
                 excess = dt / st.interval - p.gap_factor
-                candidates.append((excess / (excess + p.gap_factor), k.DROPOUT))
-            best = candidates[0]
-            for c in candidates[1:]:  # the first strictly higher wins, as in the kernel
-                if c[0] > best[0]:
-                    best = c
-            if p.likelihood == 1:  # Numenta's anomaly likelihood of the highest raw score replaces it
-                best = likelihood(st.ll, best, st.ll_count, p)
+                gap = (excess / (excess + p.gap_factor), k.DROPOUT)
+            if p.likelihood == 1:
+                # Numenta's anomaly likelihood of the highest of spikes, shifts and rates replaces
+                # it; stuck runs and gaps are judged beside it (the first strictly higher wins).
+                raw_best = first_highest([*candidates, rate_of_change])
+                best = likelihood(st.ll, raw_best, st.ll_count, p)
                 st.ll_count += 1
-                undamped = best[0]
+                best = first_highest([best, (refloored(stuck[0], p), k.STUCK), gap])
+                # what the raw detectors would call an anomaly, but the series does routinely: a repeat
+                undamped = max(best[0], refloored(raw_best[0], p))
+            else:
+                best = first_highest([*candidates, stuck, rate_of_change, gap])
             would_be = max(undamped, best[0])
             if st.count < st.quiet_until and best[0] <= st.quiet_score + p.quiet_margin:
                 best = (0.0, best[1])  # same event, already signalled
