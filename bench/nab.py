@@ -9,9 +9,9 @@ scoreboard (all 58 NAB files): ARTime 74.9, Numenta HTM 70.5, CAD OSE 69.9, Skyl
 KNN CAD 58.0, Windowed Gaussian 39.6, random 11.0. This folder holds 25 of the 58 files, so the
 figures are indicative, not comparable one to one. The first row is the processor's detectors:
 Numenta's anomaly likelihood over graded raw scores (kernels.LIKELIHOOD_PARAMS; docs/processing.md,
-"Anomaly likelihood"); the next add the two settings the processor adds for a city, then all its
-settings, then at its fixed threshold; then the raw scores it ran before, whose defaults were
-chosen on these files.
+"Anomaly likelihood"), with spikes and dips also judged raw beside it; then two ablations; then with
+the processor's settings (weekend profiles), and at its fixed threshold; then the raw scores it ran
+before, whose defaults were chosen on these files.
 
 Honest evaluation: beside the in-sample score (threshold swept over every file), each method is
 scored cross-validated, leaving one category out (LOCO) and one file out (LOFO): every setting
@@ -85,9 +85,7 @@ def windowed_gaussian_scores(values: np.ndarray, window: int = 6400) -> np.ndarr
 
 
 # NAB's times are local, so local time is UTC here. The processor gives weekends a profile of their
-# own (a city follows the week); NAB's recordings are one to two weeks long, too short to learn
-# weekends from. It also scores a reading that ends a silence (dropouts in event time); NAB's
-# silences are not labelled.
+# own (a city follows the week); NAB's recordings are one to two weeks long, short to learn weekends from.
 PROCESSOR_PARAMS = apply_settings(kernels.DEFAULT_PARAMS.copy(), ProcessorSettings(utc_offset_hours=0.0))
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -101,17 +99,20 @@ FIXED_THRESHOLDS = {"processor at its threshold": ProcessorSettings().anomaly_th
 def methods() -> dict[str, Method]:
     rng = np.random.default_rng(0)
     likelihood = kernels.LIKELIHOOD_PARAMS
-    with_weekends = likelihood.copy()
-    with_weekends[[kernels.P_WEEKENDS, kernels.P_UTC_OFFSET_HOURS]] = 1.0, 0.0
-    with_dropouts = likelihood.copy()
-    with_dropouts[kernels.P_GAP_FACTOR] = ProcessorSettings().dropout_factor
+    raw_points_off = likelihood.copy()
+    raw_points_off[kernels.param_index("raw_points")] = 0.0
+    with_gaps = likelihood.copy()
+    with_gaps[kernels.P_GAP_FACTOR] = ProcessorSettings().dropout_factor
     return {
         # The processor's detectors (kernels.LIKELIHOOD_PARAMS): the headline row.
         "kota, anomaly likelihood": {"likelihood": lambda ts, v: kota_scores(ts, v, params=likelihood)},
-        # The two settings the processor adds for a city, one at a time, then with all of them
-        # (apply_settings: weekend profiles and dropouts in event time), at NAB's local time.
-        "kota, + weekend profiles": {"weekends": lambda ts, v: kota_scores(ts, v, params=with_weekends)},
-        "kota, + dropouts": {"dropouts": lambda ts, v: kota_scores(ts, v, params=with_dropouts)},
+        # Ablations: the likelihood alone (spikes and dips not judged raw beside it), and with the
+        # kernels' gap detector (a reading that ends a silence; the processor finds silences while
+        # they last instead, and NAB's silences are not labelled).
+        "kota, likelihood alone": {"no raw points": lambda ts, v: kota_scores(ts, v, params=raw_points_off)},
+        "kota, + gaps at return": {"gaps": lambda ts, v: kota_scores(ts, v, params=with_gaps)},
+        # What the processor adds for a city: weekend profiles (apply_settings), at NAB's local
+        # time; then at its fixed threshold.
         "kota, processor settings": {"processor": lambda ts, v: kota_scores(ts, v, params=PROCESSOR_PARAMS)},
         "kota, processor as deployed": {
             "processor at its threshold": lambda ts, v: kota_scores(ts, v, params=PROCESSOR_PARAMS)

@@ -156,6 +156,12 @@ PARAMETERS: tuple[Param, ...] = (
         "while the likelihood learns, a raw score is reported as it would be with this z floor (the raw"
         " detectors' own), when `z_floor` is lower",
     ),
+    Param(
+        "raw_points",
+        1.0,
+        "1: under the likelihood, spikes and dips are also judged as the raw detectors judge them (at"
+        " `learning_floor`): one reading barely moves the likelihood's short mean",
+    ),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMETERS)
 
@@ -196,6 +202,7 @@ class Params(NamedTuple):
     likelihood_long: float
     likelihood_learning: float
     learning_floor: float
+    raw_points: float
 
 
 if Params._fields != PARAM_NAMES:
@@ -709,6 +716,7 @@ def detect_batch(
                     p,
                 )
             best, reason = _spike_or_dip(z, x, centre, p)
+            point, point_reason = best, reason
             undamped = best
             best, routine, outlier_run = _routine_damping(best, routine, outlier_run, p)
             # The first strictly higher score wins, in this order.
@@ -739,6 +747,13 @@ def detect_batch(
                     best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
                 )
                 ll_count += 1.0
+                # A point anomaly, one reading far from its expected value, moves the likelihood's
+                # short mean by 2/11 of its score at most: it is judged as the raw detectors judge
+                # it, beside the likelihood, which answers for what lasts (Ahmad et al. 2017 built
+                # the likelihood for HTM's sustained prediction errors).
+                point = _refloored(point, p) * p.raw_points
+                if point > best:
+                    best, reason = point, point_reason
                 stuck_score = _refloored(stuck_score, p)
                 if stuck_score > best:
                     best, reason = stuck_score, STUCK

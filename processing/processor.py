@@ -52,6 +52,7 @@ from processing.store import (
     database_unavailable,
     load_checkpoints,
     load_offsets,
+    not_signalled_yet,
     write_batch,
     write_isolating,
 )
@@ -119,19 +120,6 @@ class PartitionState:
         return caught_up or time.monotonic() - self.last_checkpoint >= interval_s
 
 
-async def _not_signalled_yet(conn: psycopg.AsyncConnection, signals: list[Signal]) -> list[Signal]:
-    """Dropout signals less those of a silence the device's open dropout alert already holds (its
-    last time at or after the series' last reading). Which series were signalled is kept in memory,
-    and a restarted processor (or a partition's new owner) counted every silence again."""
-    cursor = await conn.execute(
-        "SELECT device_id, (extract(epoch FROM last_ts) * 1000)::bigint FROM alerts "
-        "WHERE alert_type = 'dropout' AND state <> 'cleared' AND device_id = ANY(%s)",
-        (sorted({s.device_id for s in signals}),),
-    )
-    held_until: dict[str, int] = dict(await cursor.fetchall())
-    return [s for s in signals if s.ts_ms > held_until.get(s.device_id, -math.inf)]
-
-
 def catalogue_kind(key: tuple[str, str]) -> float:
     """How the detectors judge a (device, metric) series, from the measurement catalogue."""
     metric = METRICS.get(key[1])
@@ -142,15 +130,16 @@ def catalogue_kind(key: tuple[str, str]) -> float:
 
 def apply_settings(params: np.ndarray, settings: ProcessorSettings) -> np.ndarray:
     """The detector parameters the processor's settings choose, in place (also on restored checkpoints):
-    - dropouts seen in event time: a reading that ends a silence of more than `dropout_factor` usual
-      intervals is a dropout anomaly. The timer finds a silence while it lasts, but only by the wall
-      clock, so a replayed or fast-forwarded stream needs this;
+    - no dropout at the reading that ends a silence (the kernels' gap detector, off): the processor
+      finds a silence of more than `dropout_factor` usual intervals while it lasts, in event time
+      with each batch (`_silences_in_event_time`, so a replay finds it too) and on the wall clock;
+      the reading that ends it would be the same event told again, when it is over;
     - the anomaly likelihood (`anomaly_likelihood`, on) with the parameters it sets as
       `kernels.LIKELIHOOD_PARAMS` does, or raw scores with routine-spike damping at
       `routine_spike_rate` (0: off);
     - judgement against the usual for the hour at `daily_tightness` (0: off), and weekend profiles,
       by local time at `utc_offset_hours`."""
-    params[kernels.P_GAP_FACTOR] = settings.dropout_factor
+    params[kernels.P_GAP_FACTOR] = 0.0
     params[kernels.P_WEEKENDS] = 1.0 if settings.weekend_profiles else 0.0
     params[kernels.P_DAILY_TIGHTNESS] = settings.daily_tightness
     params[kernels.P_UTC_OFFSET_HOURS] = settings.utc_offset_hours
@@ -435,6 +424,8 @@ class Processor:
                 if reasons[i] != kernels.REPEAT:
                     ANOMALIES.labels(REASONS[reasons[i]]).inc()
             partition.silent.difference_update(ids.tolist())
+            if rows:
+                anomalies.extend(self._silences_in_event_time(s.partition, partition, rows))
             partition.detected_until = s.next_offset
             if evicted := partition.evict_if_due(now_ms, self._settings):
                 log.info(
@@ -449,6 +440,58 @@ class Processor:
                 checkpoints.append(Checkpoint(s.partition, s.next_offset, series, blob))
                 partition.last_checkpoint = time.monotonic()
         return detected, anomalies, checkpoints
+
+    def _silences_in_event_time(
+        self, partition_id: int, partition: PartitionState, rows: list[tuple[int, Reading]]
+    ) -> list[AnomalyRow]:
+        """Dropouts while they last, in event time: series silent for more than `dropout_factor`
+        usual intervals by what this batch shows. A series of a device reporting in the batch is
+        judged against that device's newest reading (a metric silent while its device reports on).
+        Any other is judged against the lowest of the reporting devices' oldest readings in the batch:
+        every source in it has gone on at least that far, however far behind the others it runs
+        (connections in a replay run ahead or behind; a gateway sends minutes of readings at once),
+        so a device absent from a batch only because its next message has not come is not silent.
+        A replay, however fast, so finds a silence near the event time it happened, where the
+        wall-clock timer would find it only if the replay were as slow as life. Each is dated when
+        its silence crossed the bound (a function of the series' state, so the same batch read again
+        dates it alike) and carried with the batch's last record, so it is written exactly once with it."""
+        detectors = partition.detectors
+        factor = self._settings.dropout_factor
+        oldest: dict[str, int] = {}
+        newest: dict[str, int] = {}
+        for _, r in rows:
+            if r.ts_ms < oldest.get(r.device_id, r.ts_ms + 1):
+                oldest[r.device_id] = r.ts_ms
+            if r.ts_ms > newest.get(r.device_id, r.ts_ms - 1):
+                newest[r.device_id] = r.ts_ms
+        everyone_past = min(oldest.values())
+        # Silent by the newest reading of all: a superset, judged one by one below.
+        candidates = np.flatnonzero(detectors.silence(float(max(newest.values())), factor) > 0).tolist()
+        found = []
+        keys = detectors.keys() if candidates else []
+        state = detectors.state
+        for sid in candidates:
+            if sid in partition.silent:
+                continue
+            device_id, metric = keys[sid]
+            since = state[sid, kernels.LAST_TS] + factor * state[sid, kernels.INTERVAL]
+            if newest.get(device_id, everyone_past) <= since:
+                continue
+            partition.silent.add(sid)
+            found.append(
+                AnomalyRow(
+                    partition_id,
+                    rows[-1][0],
+                    device_id,
+                    metric,
+                    int(since),
+                    float(state[sid, kernels.LAST_VALUE]),
+                    1.0,
+                    "dropout",
+                    silence=True,
+                )
+            )
+        return found
 
     def _in_step(self, tp: TopicPartition, first_offset: int) -> bool:
         """Whether these records start where the partition's detector state left off. If not, seek
@@ -536,7 +579,7 @@ class Processor:
             return conn
         try:
             async with conn.transaction():
-                signals = await _not_signalled_yet(conn, signals)
+                signals = await not_signalled_yet(conn, signals)
                 changes = await apply_signals(
                     conn, signals, self._policy.clear_after_s, self._policy.default_clear_after_s
                 )

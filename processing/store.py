@@ -19,6 +19,7 @@ detector state from its checkpoint without writing anything twice).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -91,6 +92,22 @@ class AnomalyRow:
     value: float
     score: float
     reason: str
+    # A dropout found in event time while it lasts (the partition's other series report on and this
+    # one is silent): alerted, unlike a gap seen when data comes back, which is over by then.
+    silence: bool = False
+
+
+async def not_signalled_yet(conn: psycopg.AsyncConnection, signals: list[Signal]) -> list[Signal]:
+    """Dropout signals less those of a silence the device's open dropout alert already holds (its
+    last time at or after the series' last reading). Which series were signalled is kept in memory,
+    and a restarted processor (or a partition's new owner) counted every silence again."""
+    cursor = await conn.execute(
+        "SELECT device_id, (extract(epoch FROM last_ts) * 1000)::bigint FROM alerts "
+        "WHERE alert_type = 'dropout' AND state <> 'cleared' AND device_id = ANY(%s)",
+        (sorted({s.device_id for s in signals}),),
+    )
+    held_until: dict[str, int] = dict(await cursor.fetchall())
+    return [s for s in signals if s.ts_ms > held_until.get(s.device_id, -math.inf)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,12 +513,17 @@ async def _anomalies_rules_and_alerts(
                 [(a.device_id, a.metric, a.ts_ms, a.reason, a.value, a.score) for a in kept],
             )
     # A dropout from the detectors is a gap seen in event time, over by the time it is seen (data
-    # came back): stored as an anomaly, not alerted. The processor's timer alerts while a silence lasts.
+    # came back): stored as an anomaly, not alerted. A silence found while it lasts is alerted (the
+    # processor finds them in event time with each batch, and on a wall-clock timer), once per
+    # silence however often it is found again (after a restart, by the timer).
     signals: list[Signal] = [
         detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason)
         for a in kept
         if a.reason != "dropout"
     ]
+    silences = [detector_signal(a.device_id, a.metric, a.ts_ms, a.value, a.score, a.reason) for a in kept if a.silence]
+    if silences:
+        signals += await not_signalled_yet(conn, silences)
     stations, gates, flows = rule_inputs(fresh)
     evaluated = ispu_evaluated or {}
     stations = {

@@ -156,7 +156,7 @@ def reference_scores(
         result = (0.0, k.NONE)
         if st.count >= p.warmup and sid not in codes:
             spike = score_of(p.w_spike * z, p.z_floor, p.z_scale)
-            undamped = spike
+            undamped = point_score = spike
             big = spike > p.routine_level
             spike_ended = 1.0 if not big and 0 < st.outlier_run <= k.SPIKE_MAX_RUN else 0.0
             if p.routine_rate > 0 and spike > 0:
@@ -189,7 +189,8 @@ def reference_scores(
                 raw_best = first_highest([*candidates, rate_of_change])
                 best = likelihood(st.ll, raw_best, st.ll_count, p)
                 st.ll_count += 1
-                best = first_highest([best, (refloored(stuck[0], p), k.STUCK), gap])
+                point = (refloored(point_score, p) * p.raw_points, candidates[0][1])  # spikes and dips, raw
+                best = first_highest([best, point, (refloored(stuck[0], p), k.STUCK), gap])
                 # what the raw detectors would call an anomaly, but the series does routinely: a repeat
                 undamped = max(best[0], refloored(raw_best[0], p))
             else:

@@ -183,6 +183,40 @@ def test_a_silent_series_raises_a_dropout_alert_on_the_timer_and_clears_when_dat
     wait_for(lambda: _alerts(pipeline, light.device_id)[0][3] == "cleared", what="clear on return")
 
 
+def test_a_silence_raises_its_dropout_alert_in_event_time_while_it_lasts(pipeline):
+    """A replay, however fast: a meter's flow falls silent while its pressure reports on, and the
+    alert is raised at the event time the silence passed five usual intervals, with the batch that
+    shows it, not when data comes back nor when the wall-clock timer would notice (five minutes)."""
+    meter = provision(pipeline, "water_meter")
+    start = (int(time.time() * 1000) // MINUTE - 180) * MINUTE
+    flow = [(start + i * MINUTE, 2.0 + 0.01 * (i % 7)) for i in range(60)]
+    pressure = [(start + i * MINUTE, 3.0 + 0.01 * (i % 5)) for i in range(90)]
+    publish_series(pipeline, meter, "waterConsumption", flow)
+    publish_series(pipeline, meter, "pressure", pressure)
+    asked = time.monotonic()
+    [(alert_id, alert_type, severity, state, *_)] = wait_for(
+        lambda: _alerts(pipeline, meter.device_id), timeout_s=60, what="the dropout alert"
+    )
+    assert time.monotonic() - asked < 5 * 60, "raised before the wall-clock timer could have"
+    assert (alert_type, severity, state) == ("dropout", "minor", "active")
+    silent_since = flow[-1][0] + 5 * MINUTE  # five usual intervals after the last reading
+    [(metric, first_ms)] = query(
+        pipeline,
+        "SELECT metric, (extract(epoch FROM first_ts) * 1000)::bigint FROM alerts WHERE alert_id = %s",
+        (alert_id,),
+    )
+    assert (metric, first_ms) == ("waterConsumption", silent_since)
+    assert query(
+        pipeline,
+        "SELECT reason, (extract(epoch FROM ts) * 1000)::bigint FROM anomalies WHERE device_id = %s",
+        (meter.device_id,),
+    ) == [("dropout", silent_since)]
+    # The flow comes back: the alert clears, and the gap it ends is stored, not alerted again.
+    publish_series(pipeline, meter, "waterConsumption", [(start + 90 * MINUTE, 2.0)])
+    wait_for(lambda: _alerts(pipeline, meter.device_id)[0][3] == "cleared", what="clear on return")
+    assert len(_alerts(pipeline, meter.device_id)) == 1
+
+
 def test_a_restarted_processor_does_not_signal_an_open_dropout_again(pipeline):
     quiet = provision(pipeline, "water_meter")
     now = int(time.time() * 1000)

@@ -582,7 +582,8 @@ def test_the_processor_settings_choose_dropouts_and_routine_spikes_also_over_a_c
         daily_tightness=0.0,
     )
     detectors = new_detectors(settings)
-    assert detectors.params[k.P_GAP_FACTOR] == 7.0 and detectors.params[k.P_ROUTINE_RATE] == 0.004
+    # Silences are found while they last (processor.py), not again at the reading that ends them.
+    assert detectors.params[k.P_GAP_FACTOR] == 0.0 and detectors.params[k.P_ROUTINE_RATE] == 0.004
     assert detectors.params[k.P_WEEKENDS] == 0.0 and detectors.params[k.P_UTC_OFFSET_HOURS] == 8.0
     assert detectors.params[k.P_DAILY_TIGHTNESS] == 0.0
     assert detectors.params[k.P_REPEAT_BELOW] == 0.4  # a repeat is whatever the processor would not store

@@ -109,3 +109,36 @@ def test_a_candidate_at_a_fixed_threshold_is_scored_there_not_swept():
     for evaluation in (results.in_sample(), results.leave_one_out(["a", "b", "c"])):
         assert {f.choice.threshold for f in evaluation.folds} == {0.3}
         assert evaluation.fp == 3  # the noise at 0.4 counts: 0.3 was not chosen to miss it
+
+
+def test_bench_nab_scores_the_detectors_the_processor_runs():
+    """The contract: bench.nab's headline row is the processor's detectors with the processor's
+    defaults, through processing.detect; its processor rows add exactly the processor's settings."""
+    from bench import nab
+    from processing import kernels
+    from processing.detect import Detectors
+    from processing.processor import apply_settings
+    from processing.settings import ProcessorSettings
+
+    processor = apply_settings(kernels.DEFAULT_PARAMS.copy(), ProcessorSettings())
+    assert ProcessorSettings().anomaly_likelihood
+    for name in kernels.LIKELIHOOD_SETS:  # the likelihood's own choices are the headline row's
+        assert processor[kernels.param_index(name)] == kernels.LIKELIHOOD_PARAMS[kernels.param_index(name)]
+    # Besides them, the processor sets only its city settings (and the repeat threshold), at NAB's local time.
+    city = {kernels.P_WEEKENDS, kernels.P_UTC_OFFSET_HOURS, kernels.P_REPEAT_BELOW}
+    differs = {i for i in range(len(processor)) if processor[i] != kernels.LIKELIHOOD_PARAMS[i]}
+    assert differs <= city
+    at_nab_time = apply_settings(kernels.DEFAULT_PARAMS.copy(), ProcessorSettings(utc_offset_hours=0.0))
+    np.testing.assert_array_equal(nab.PROCESSOR_PARAMS, at_nab_time)
+    # The rows score through Detectors, as the processor does: the same scores for the same stream.
+    rng = np.random.default_rng(4)
+    ts = np.arange(3000) * 300_000.0
+    values = rng.normal(10, 1, ts.size)
+    values[2500] += 12
+    detectors = Detectors(nab.PROCESSOR_PARAMS)
+    ids = detectors.series_ids(["series"])
+    direct = np.concatenate(
+        [detectors.score(np.repeat(ids, 100), ts[i : i + 100], values[i : i + 100])[0] for i in range(0, ts.size, 100)]
+    )
+    np.testing.assert_array_equal(nab.kota_scores(ts, values, params=nab.PROCESSOR_PARAMS), direct)
+    assert direct[2500] >= ProcessorSettings().anomaly_threshold
