@@ -61,7 +61,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from kota.mqtt import MqttLogin
     from kota.registry import new_password
-    from simulators.anomalies import Injector, label_entries, plan, write_labels
+    from simulators.anomalies import Injector, label_entries, plan, weather_labels, write_labels
     from simulators.city import build_city
     from simulators.publisher import run
     from simulators.stream import FORMS, CityStream, device_forms
@@ -88,7 +88,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         start_ms=plan_start,
         end_ms=plan_end,
         interval_ms=interval_ms,
-        labels=label_entries(anomalies),
+        labels=label_entries(anomalies) + weather_labels(city, plan_start, plan_end, interval_ms),
     )
 
     forms_of = device_forms(city, forms, args.single_devices)

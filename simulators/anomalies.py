@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kota.registry import Device
-from simulators.city import SimulatedCity
+from simulators.city import SIAGA3_CM, SimulatedCity, rain_over_siaga
 
 HOUR_MS = 3_600_000
 
@@ -35,6 +35,8 @@ TARGET: dict[str, tuple[str, float]] = {
 POINT_KINDS = ("spike", "level_shift", "stuck", "drift", "dropout")
 # How long each point anomaly lasts (a spike is one reading: its window is the reading's tick).
 DURATION_MS = {"level_shift": 3 * HOUR_MS, "stuck": 2 * HOUR_MS, "drift": 6 * HOUR_MS, "dropout": HOUR_MS}
+LEAK_MS = 30 * HOUR_MS
+DAY_MS = 24 * HOUR_MS
 FLOOD_LAG_MS = 20 * 60_000  # the wave reaches each next gate downstream this much later
 
 
@@ -106,11 +108,14 @@ def plan(
             in_district = tuple(d.device_id for d in stations if d.district == district)
             if all(free(d, first, first + 3 * HOUR_MS) for d in in_district):
                 book(Anomaly("pollution_episode", in_district, "pm25", first, first + 3 * HOUR_MS, 140.0))
+        # A leak runs until it is repaired: here LEAK_MS, so every one spans a whole night (01-04
+        # local), the hours the minimum-night-flow rule judges. That rule compares a night with a
+        # meter's earlier nights and wants two of them, so leaks begin from the third day.
         meters = by_type.get("water_meter", [])
-        first = start_between(day_start + 2 * HOUR_MS, day_end - 6 * HOUR_MS)
-        if meters and first is not None:
+        first = start_between(max(day_start, start_ms + 2 * DAY_MS) + 2 * HOUR_MS, day_end)
+        if meters and first is not None and first + LEAK_MS <= end_ms:
             meter = meters[int(rng.integers(len(meters)))]
-            last = min(day_end, first + 10 * HOUR_MS)
+            last = first + LEAK_MS
             if free(meter.device_id, first, last):
                 book(Anomaly("leak", (meter.device_id,), "waterConsumption", first, last, 1.5))
 
@@ -165,6 +170,25 @@ class Injector:
                 value += anomaly.magnitude  # a steady flow that never stops, night included
             values = {**values, metric: max(value, 0.0)}
         return values
+
+
+def weather_labels(city: SimulatedCity, start_ms: int, end_ms: int, interval_ms: int) -> list[dict[str, object]]:
+    """Conditions of the simulated weather an operator must be told about, labelled like anomalies:
+    each gate while a shower holds its water over Siaga 3 (`rain_over_siaga`). Without them a
+    scorecard would count the Siaga alerts that rain raises, which are right, as false alarms."""
+    gates = [d.device_id for d in city.devices if d.device_type == "water_level"]
+    return [
+        {
+            "kind": "rain_over_siaga",
+            "device_id": gate,
+            "metric": "currentLevel",
+            "start_ms": first,
+            "end_ms": last,
+            "magnitude": SIAGA3_CM,
+        }
+        for first, last in rain_over_siaga(city.seed, start_ms, end_ms, interval_ms)
+        for gate in gates
+    ]
 
 
 def label_entries(anomalies: list[Anomaly]) -> list[dict[str, object]]:

@@ -84,6 +84,12 @@ def _daily(hour: float, peak: float, width: float = 2.5) -> float:
 
 DAY_MS = 86_400_000
 WIB_MS = 7 * 3_600_000  # Western Indonesian Time, UTC+7
+SHOWER_RAMP_H = 0.25
+# Siaga 3 at a gate: the domain rules' default threshold (../shared/docs/domain.md; the processor's
+# RulePolicy.siaga3_cm). A shower that takes a gate's water over it is a real Siaga 3, which the
+# simulator labels as it labels the anomalies it injects (`rain_over_siaga`).
+SIAGA3_CM = 80.0
+GATE_NOISE_CM = 1.0  # a gate sensor's noise (standard deviation)
 
 
 @lru_cache(maxsize=64)
@@ -107,11 +113,41 @@ def weather(seed: int, ts_ms: int) -> tuple[float, float]:
         for start, length, intensity in _showers(seed, int(day) - back):
             since_start = hour_now + 24 * back - start
             if 0 <= since_start <= length:
-                rain = max(rain, intensity)
+                # Rain builds up and eases off over a quarter of an hour, as a shower does, rather
+                # than washing half the city's dust out of the air within one minute.
+                ramp = min(1.0, since_start / SHOWER_RAMP_H, (length - since_start) / SHOWER_RAMP_H)
+                rain = max(rain, intensity * ramp)
             since_end = since_start - length / 2  # the response to the shower's middle
             if since_end > 0:
                 wet += intensity * length / 2 * (since_end / 1.5) * math.exp(1 - since_end / 1.5)
     return rain, wet
+
+
+def gate_level(ts_ms: int, wet: float) -> float:
+    """A flood gate's water level (cm) without its sensor's noise: a slow swell, and the rain of the
+    past hours (`weather`'s wetness)."""
+    return 60 + 10 * math.sin(ts_ms / 3_600_000 / 6) + 30 * wet
+
+
+def rain_over_siaga(seed: int, start_ms: int, end_ms: int, step_ms: int) -> list[tuple[int, int]]:
+    """The spans [first, last) of [start_ms, end_ms), on a grid of `step_ms`, in which the rain takes
+    the city's gates over Siaga 3 (every gate shares the weather and the swell). A span runs while
+    a reading may show it (the level within three sensor noises of the threshold) and is kept
+    where the level comes within two: over the dozens of readings near its peak, some then show
+    it over the threshold, and the gate's Siaga 3 is raised, rightly as far as anyone can tell."""
+    spans: list[tuple[int, int]] = []
+    first: int | None = None
+    peak = -math.inf
+    for t in range(start_ms, end_ms + step_ms, step_ms):
+        level = gate_level(t, weather(seed, t)[1]) if t < end_ms else -math.inf
+        if level > SIAGA3_CM - GATE_NOISE_CM * 3:
+            first = t if first is None else first
+            peak = max(peak, level)
+        elif first is not None:
+            if peak > SIAGA3_CM - GATE_NOISE_CM * 2:
+                spans.append((first, min(t, end_ms)))
+            first, peak = None, -math.inf
+    return spans
 
 
 def is_weekend(ts_ms: int) -> bool:
@@ -152,7 +188,7 @@ def values_at(device: Device, ts_ms: int, rng: np.random.Generator, seed: int = 
         laeq = 48 + 22 * rush + 8 * (1 - night) + 4 * rain + noise(0, 1.5)
         return {"LAeq": laeq, "LAmax": laeq + 12 + abs(noise(0, 3))}
     if t == "water_level":
-        return {"currentLevel": max(0, 60 + 10 * math.sin(ts_ms / 3_600_000 / 6) + 30 * wet + noise(0, 1))}
+        return {"currentLevel": max(0, gate_level(ts_ms, wet) + noise(0, GATE_NOISE_CM))}
     if t == "traffic_corridor":
         occupancy = min(0.95, max(0.02, 0.12 + 0.6 * rush + noise(0, 0.03)))
         return {

@@ -176,6 +176,13 @@ def nab_score(
     return scoring.corpus_score(files) if files else None
 
 
+def without_the_end(signals: list[Any], last_tick: int) -> list[Any]:
+    """Signals (device, metric, ms, reason) less the dropouts dated at or after the stream's last tick:
+    once a simulation or replay stops, every series falls silent, and the processor's timer rightly
+    says so, dated at each series' last reading. The stream's own end is not an anomaly."""
+    return [x for x in signals if not (str(x[3]).endswith("dropout") and int(x[2]) >= last_tick)]
+
+
 # -- the database side --------------------------------------------------------------------------------
 def load(
     dsn: str, document: dict[str, Any], *, merge_gap_ms: int = 15 * MINUTE_MS, grace_ms: int = 30 * MINUTE_MS
@@ -206,6 +213,8 @@ def load(
             ).fetchall()
             if points:
                 series[(device_id, metric)] = (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
+    last_tick = int(document["end_ms"]) - int(document.get("interval_ms") or 0)
+    rows, alerts = without_the_end(rows, last_tick), without_the_end(alerts, last_tick)
     signals = [(d, m, int(t), r) for d, m, t, r in rows + alerts]
     detections = group_detections(signals, merge_gap_ms) if signals else []
     return score(

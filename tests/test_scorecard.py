@@ -1,5 +1,6 @@
 """The scorecard's counting, on hand-made labels and detections."""
 
+from simulators import scorecard
 from simulators.scorecard import Label, group_detections, score
 
 MIN = 60_000
@@ -33,3 +34,14 @@ def test_detections_are_runs_and_labels_match_by_device_and_extended_window():
     assert card.by_kind["stuck"].detect_delays_ms == [30 * MIN]
     assert card.by_kind["spike"].detected == 0
     assert card.false_by_reason == {"spike": 2}
+
+
+def test_the_streams_own_end_is_not_a_dropout():
+    last_tick = 10_000
+    signals = [
+        ("a", "pm25", 9_999, "alert:dropout"),  # a silence during the stream
+        ("a", "pm25", 10_000, "alert:dropout"),  # every series at the end
+        ("b", "LAeq", 10_000, "dropout"),
+        ("b", "LAeq", 10_000, "spike"),  # an anomaly on the last tick is still one
+    ]
+    assert scorecard.without_the_end(signals, last_tick) == [signals[0], signals[3]]

@@ -1,10 +1,21 @@
 import json
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kota.contract import DOMAINS
-from simulators.anomalies import Injector, plan
-from simulators.city import build_city, is_weekend, values_at, weather
+from simulators.anomalies import Injector, plan, weather_labels
+from simulators.city import (
+    GATE_NOISE_CM,
+    SIAGA3_CM,
+    build_city,
+    gate_level,
+    is_weekend,
+    rain_over_siaga,
+    values_at,
+    weather,
+)
 from simulators.stream import FORMS, CityStream, device_forms
 
 
@@ -57,10 +68,29 @@ def test_same_seed_same_stream_byte_for_byte_and_another_seed_differs():
     assert first != other
 
 
+def test_a_leak_runs_through_a_whole_night_after_two_nights_of_its_meter():
+    """The minimum-night-flow rule compares a night (01-04 local) with a meter's earlier nights:
+    each planned leak starts after two of them and lasts through a whole night, as a leak does
+    until it is repaired."""
+    for seed in (1, 2, 3):
+        _, anomalies, _ = _stream(seed=seed, hours=7 * 24)
+        leaks = [a for a in anomalies if a.kind == "leak"]
+        assert leaks
+        for leak in leaks:
+            assert leak.start_ms >= MIDNIGHT_WIB + 2 * DAY_MS
+            nights = [
+                MIDNIGHT_WIB + d * DAY_MS + 3_600_000
+                for d in range(8)
+                if leak.start_ms <= MIDNIGHT_WIB + d * DAY_MS + 3_600_000
+                and MIDNIGHT_WIB + d * DAY_MS + 4 * 3_600_000 <= leak.end_ms
+            ]
+            assert nights, "a whole night 01:00-04:00 inside the leak"
+
+
 def test_a_day_plans_every_kind_of_anomaly_without_overlap_on_a_device():
     city, anomalies, _ = _stream(seed=1, devices=60)
     kinds = {a.kind for a in anomalies}
-    assert {"flood_wave", "pollution_episode", "leak"} <= kinds
+    assert {"flood_wave", "pollution_episode"} <= kinds and "leak" not in kinds  # a leak needs two nights first
     assert len(kinds & {"spike", "level_shift", "stuck", "drift", "dropout"}) >= 3
     windows: dict[str, list[tuple[int, int]]] = {}
     for anomaly in anomalies:
@@ -129,6 +159,37 @@ def test_showers_wash_out_pollution_and_raise_the_gates_later():
 
     assert mean(station, "pm25", raining, 1) < mean(station, "pm25", raining, dry_seed)
     assert mean(gate, "currentLevel", wettest, 1) > mean(gate, "currentLevel", wettest, dry_seed) + 5
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(1, 10_000), day=st.integers(0, 365))
+def test_rain_that_takes_the_gates_to_siaga_3_is_labelled_and_nothing_else(seed, day):
+    """Every minute a gate's level comes within two sensor noises of Siaga 3 lies in a labelled
+    span; every labelled span reaches that close and stays within three noises of it throughout."""
+    start = MIDNIGHT_WIB + day * DAY_MS
+    end = start + 3 * DAY_MS
+    spans = rain_over_siaga(seed, start, end, 60_000)
+    level = {t: gate_level(t, weather(seed, t)[1]) for t in range(start, end, 60_000)}
+    inside = {t for first, last in spans for t in range(first, last, 60_000)}
+    assert all(t in inside for t, x in level.items() if x > SIAGA3_CM - 2 * GATE_NOISE_CM)
+    assert all(level[t] > SIAGA3_CM - 3 * GATE_NOISE_CM for t in inside)
+    for first, last in spans:
+        assert max(level[t] for t in range(first, last, 60_000)) > SIAGA3_CM - 2 * GATE_NOISE_CM
+    assert spans == sorted(spans) and all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_weather_labels_name_every_gate_for_each_rain_over_siaga():
+    start = MIDNIGHT_WIB
+    seed_with_rain = next(s for s in range(1, 500) if rain_over_siaga(s, start, start + 7 * DAY_MS, 60_000))
+    city = build_city("bandung", 36, seed=seed_with_rain)
+    labels = weather_labels(city, start, start + 7 * DAY_MS, 60_000)
+    spans = rain_over_siaga(city.seed, start, start + 7 * DAY_MS, 60_000)
+    gates = sorted(d.device_id for d in city.devices if d.device_type == "water_level")
+    assert gates and len(labels) == len(spans) * len(gates)
+    assert {(x["device_id"], x["start_ms"], x["end_ms"]) for x in labels} == {
+        (g, a, b) for g in gates for a, b in spans
+    }
+    assert {x["kind"] for x in labels} == {"rain_over_siaga"}
 
 
 def test_weekends_have_no_morning_rush_and_busier_late_mornings():
