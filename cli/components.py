@@ -1,4 +1,4 @@
-"""The platform's components in the foreground: `kota gateway`, `processor`, `api`."""
+"""The platform's components in the foreground: `kota gateway`, `processor`, `api`, `notifier`."""
 
 from __future__ import annotations
 
@@ -86,6 +86,16 @@ def cmd_api(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notifier(_args: argparse.Namespace) -> int:
+    from notifier.delivery import run_notifier
+    from notifier.settings import NotifierSettings
+
+    setup_logging()
+    stack, settings = StackSettings(), NotifierSettings()
+    run_until_signalled(lambda stop: run_notifier(stack, settings, stop))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gwp = sub.add_parser("gateway", help="run the MQTT → Kafka gateway in the foreground")
     gwp.add_argument(
@@ -97,3 +107,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gwp.set_defaults(func=cmd_gateway)
     sub.add_parser("processor", help="run the stream processor in the foreground").set_defaults(func=cmd_processor)
     sub.add_parser("api", help="run the ops API and page in the foreground").set_defaults(func=cmd_api)
+    sub.add_parser(
+        "notifier", help="deliver alert notifications (webhook, email, Telegram) in the foreground"
+    ).set_defaults(func=cmd_notifier)

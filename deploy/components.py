@@ -11,7 +11,7 @@ from deploy.folders import mosquitto_dir
 from deploy.procs import Say
 from kota.settings import PROJECT_ROOT, StackSettings, ensure_secret
 
-COMPONENTS = ("gateway", "processor", "api", "simulator")
+COMPONENTS = ("gateway", "processor", "api", "notifier", "simulator")
 
 
 def component_env(stack: StackSettings, component: str | None = None) -> dict[str, str]:

@@ -385,3 +385,24 @@ async def _event(
     conn: psycopg.AsyncConnection, alert_id: int, action: str, actor: str, severity: str, comment: str | None
 ) -> None:
     await conn.execute(INSERT_EVENT, (alert_id, action, actor, severity, comment))
+
+
+async def escalate_to_tier(
+    conn: psycopg.AsyncConnection, alert_id: int, tier: int, actor: str, comment: str
+) -> AlertChange | None:
+    """Escalate a still active (unacknowledged) alert to notification tier `tier`: an 'escalated'
+    event that the notification outbox routes to subscriptions up to that tier. None when the alert
+    was acknowledged, cleared or escalated that far meanwhile."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE alerts SET notify_tier = %s, updated_at = now() "
+            "WHERE alert_id = %s AND state = 'active' AND notify_tier < %s "
+            "RETURNING device_id, alert_type, severity",
+            (tier, alert_id, tier),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        device_id, alert_type, severity = row
+        await _event(conn, alert_id, "escalated", actor, severity, comment)
+    return AlertChange(alert_id, device_id, alert_type, "escalated", severity)

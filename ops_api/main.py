@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kota.logs import setup_logging
 from kota.settings import StackSettings
-from ops_api.api.routes import access, alerts, cities, devices, health, live
+from ops_api.api.routes import access, alerts, cities, devices, health, live, notifications
 from ops_api.auth import Caller, TokenCache, require
 from ops_api.live import LiveHub
 from ops_api.series_cache import BACKGROUND_CHECKS, SeriesCache
@@ -251,7 +251,15 @@ def create_app(
     app.state.watch = health.ProcessorWatch(stack)
     app.state.health = health.HealthProbe(stack, settings.health_cache_s, settings.processor_group_id)
     live.watch_access(app)
-    for router in (health.router, access.router, cities.router, devices.router, alerts.router, live.router):
+    for router in (
+        health.router,
+        access.router,
+        cities.router,
+        devices.router,
+        alerts.router,
+        live.router,
+        notifications.router,
+    ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     registry = _metrics_registry()

@@ -1,0 +1,365 @@
+"""Notifications through the whole stack: alerts raised by the real processor from readings published
+over MQTT, the outbox written with their events, a real notifier process delivering to aiosmtpd
+(STARTTLS + AUTH), a webhook receiver that verifies signatures and a Telegram Bot API stand-in;
+acknowledged from the link and from Telegram's button; a kill -9 of the notifier mid-send; a storm."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from deploy import components, procs
+from kota.notifications import NotificationKeys
+from kota.settings import StackSettings
+from tests.helpers import provision, publish_series, query, unique_id, wait_for
+from tests.notify_servers import TelegramStandIn, WebhookReceiver, start_smtp
+
+pytestmark = pytest.mark.stack
+MINUTE = 60_000
+SMTP_USER, SMTP_PASSWORD = "kota-mailer", "s3cret-smtp-Pa55"
+BOT_TOKEN = "123456:ABC-standin-token"
+CHAT_ID = "-100777"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("notify")
+    controller, mailbox, smtp_port, cert = start_smtp(folder, SMTP_USER, SMTP_PASSWORD)
+    telegram = TelegramStandIn(BOT_TOKEN)
+    telegram_server = telegram.start()
+    yield {"mailbox": mailbox, "smtp_port": smtp_port, "cert": cert, "telegram": telegram}
+    telegram_server.shutdown()
+    controller.stop()
+
+
+def notifier_env(servers: dict[str, Any]) -> dict[str, str]:
+    return {
+        "KOTA_NOTIFIER_TELEGRAM_API": f"http://127.0.0.1:{servers['telegram'].port}",
+        "KOTA_NOTIFIER_SMTP_CA_FILE": str(servers["cert"]),
+        "KOTA_NOTIFIER_SEND_TIMEOUT_S": "4",
+        "KOTA_NOTIFIER_LEASE_MARGIN_S": "1",
+        "KOTA_NOTIFIER_BACKOFF_BASE_S": "0.5",
+        "KOTA_NOTIFIER_BACKOFF_MAX_S": "2",
+        "KOTA_NOTIFIER_MAX_ATTEMPTS": "3",
+        "KOTA_NOTIFIER_POLL_INTERVAL_S": "0.3",
+        "KOTA_NOTIFIER_TELEGRAM_POLL_S": "0.5",
+        "KOTA_NOTIFIER_ESCALATION_CHECK_S": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def notifier(pipeline: StackSettings, servers: dict[str, Any]) -> Iterator[StackSettings]:
+    procs.stop(pipeline, "notifier")  # one with this module's servers, not a leftover
+    components.start_component(pipeline, "notifier", env=notifier_env(servers))
+    yield pipeline
+    procs.stop(pipeline, "notifier")
+
+
+def add_channel(stack: StackSettings, city: str, kind: str, config: dict[str, Any], secret: str) -> int:
+    """A channel as the API stores it: config in the clear, the secret encrypted with the state's key."""
+    keys = NotificationKeys.from_state(stack.state_dir)
+    [(channel_id,)] = query(
+        stack,
+        "INSERT INTO notification_channels (city, name, kind, config, secret, created_by) "
+        "VALUES (%s, %s, %s, %s, %s, 'tests') RETURNING channel_id",
+        (city, unique_id(kind), kind, Jsonb(config), keys.encrypt(secret)),
+    )
+    return int(channel_id)
+
+
+def subscribe(stack: StackSettings, channel_id: int, city: str, **options: Any) -> int:
+    columns = {"channel_id": channel_id, "city": city, "created_by": "tests", **options}
+    names = ", ".join(columns)
+    marks = ", ".join(["%s"] * len(columns))
+    [(subscription_id,)] = query(
+        stack,
+        f"INSERT INTO notification_subscriptions ({names}) VALUES ({marks}) RETURNING subscription_id",  # noqa: S608
+        tuple(columns.values()),
+    )
+    return int(subscription_id)
+
+
+def flood_gate(stack: StackSettings, city: str, district: str = "regol") -> Any:
+    gate = provision(stack, "water_level", city=city, district=district)
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        conn.execute("INSERT INTO flood_gates VALUES (%s, 100, 150, 200, 1000)", (gate.device_id,))
+    return gate
+
+
+def raise_siaga(stack: StackSettings, gate: Any, level_cm: float = 220.0) -> None:
+    """Readings over MQTT that the processor turns into a flood_siaga alert (Siaga 1 at 220 cm)."""
+    start = (int(time.time() * 1000) // MINUTE - 30) * MINUTE
+    publish_series(stack, gate, "currentLevel", [(start + i * MINUTE, level_cm) for i in range(5)], per_message=5)
+
+
+def outbox(stack: StackSettings, subscription_id: int) -> list[tuple]:
+    return query(
+        stack,
+        "SELECT o.message_id, o.kind, e.action, o.status, o.attempts, o.possible_duplicate, o.last_error "
+        "FROM notification_outbox o LEFT JOIN alert_events e USING (event_id) "
+        "WHERE o.subscription_id = %s ORDER BY o.message_id",
+        (subscription_id,),
+    )
+
+
+def alert_of(stack: StackSettings, device_id: str, alert_type: str = "flood_siaga") -> tuple:
+    return wait_for(
+        lambda: query(
+            stack,
+            "SELECT alert_id, severity, state FROM alerts WHERE device_id = %s AND alert_type = %s",
+            (device_id, alert_type),
+        ),
+        what=f"a {alert_type} alert of {device_id}",
+    )[0]
+
+
+def test_a_raised_alert_reaches_email_webhook_and_telegram_once_each_and_is_acknowledged_from_the_link(
+    notifier: StackSettings, servers: dict[str, Any]
+) -> None:
+    city = unique_id("notifycity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-" + unique_id("k"))
+    webhook_server = receiver.start()
+    try:
+        webhook = add_channel(
+            notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/hook"}, receiver.secret
+        )
+        email = add_channel(
+            notifier,
+            city,
+            "email",
+            {
+                "host": "127.0.0.1",
+                "port": servers["smtp_port"],
+                "username": SMTP_USER,
+                "from": "kota@bandung.example",
+                "to": ["bpbd@bandung.example"],
+            },
+            SMTP_PASSWORD,
+        )
+        telegram = add_channel(notifier, city, "telegram", {"chat_id": CHAT_ID}, BOT_TOKEN)
+        subs = {
+            "webhook": subscribe(notifier, webhook, city, alert_types=["flood_siaga"], language="en"),
+            "email": subscribe(notifier, email, city, alert_types=["flood_siaga"], language="id"),
+            "telegram": subscribe(notifier, telegram, city, alert_types=["flood_siaga"], language="en"),
+        }
+        # Another district's subscription and one for a higher tier hear nothing of this alert.
+        elsewhere = subscribe(notifier, webhook, city, district="coblong")
+        gate = flood_gate(notifier, city)
+        raise_siaga(notifier, gate)
+        alert_id, severity, _ = alert_of(notifier, gate.device_id)
+        assert severity == "critical"
+        for name, sub in subs.items():
+            wait_for(lambda sub=sub: [m[3] for m in outbox(notifier, sub)] == ["sent"], what=f"{name} sent")
+        assert outbox(notifier, elsewhere) == []
+
+        # The webhook: one signed body with what the issue asks for.
+        [payload] = [p for p in receiver.verified if p["alert"]["device_id"] == gate.device_id]
+        assert receiver.rejected == 0
+        assert payload["action"] == "raised" and payload["alert"]["alert_id"] == alert_id
+        assert payload["alert"]["siaga"] == 1 and payload["alert"]["district"] == "regol"
+        assert payload["alert"]["value"] == 220.0
+        assert "Siaga 1: 200 cm" in payload["alert"]["threshold"]
+        assert payload["alert"]["url"].endswith(f"#alert={alert_id}")
+        # The email, in Indonesian, through STARTTLS and login.
+        mails = [m for m in servers["mailbox"].received if gate.device_id in m[2]["Subject"]]
+        assert len(mails) == 1
+        user, recipients, mail = mails[0]
+        assert (user, recipients) == (SMTP_USER, ["bpbd@bandung.example"])
+        text = mail.get_payload(decode=True).decode()
+        assert "Peringatan baru" in mail["Subject"] and "Kecamatan: regol" in text and "Siaga 1" in text
+        # Telegram, with its Acknowledge button.
+        [message] = [m for m in servers["telegram"].sent if gate.device_id in m["text"]]
+        assert message["chat_id"] == CHAT_ID
+        assert message["reply_markup"]["inline_keyboard"][0][0]["text"] == "Acknowledge"
+
+        # Acknowledge from the email's link: GET only shows a page (mail scanners follow links).
+        link = re.search(r"(http://\S+/api/v1/notifications/ack/\S+)", text)[1]
+        page = httpx.get(link, timeout=10)
+        assert page.status_code == 200 and "<form" in page.text
+        assert alert_of(notifier, gate.device_id)[2] == "active"
+        done = httpx.post(link, timeout=10)
+        assert done.status_code == 200, done.text
+        assert alert_of(notifier, gate.device_id)[2] == "acknowledged"
+        assert httpx.post(link, timeout=10).status_code == 410, "single use"
+        [(actor,)] = query(
+            notifier, "SELECT actor FROM alert_events WHERE alert_id = %s AND action = 'acknowledged'", (alert_id,)
+        )
+        assert actor == f"link:subscription-{subs['email']}"
+        audit = query(
+            notifier,
+            "SELECT actor, details->>'via' FROM audit_log WHERE target_id = %s AND action = %s",
+            (str(alert_id), "alert.acknowledge"),
+        )
+        assert audit == [(actor, "link")]
+        # The acknowledgement is itself an event: each subscription hears it, once.
+        for name, sub in subs.items():
+            wait_for(
+                lambda sub=sub: (
+                    [(m[2], m[3]) for m in outbox(notifier, sub)] == [("raised", "sent"), ("acknowledged", "sent")]
+                ),
+                what=f"{name}: the acknowledgement sent",
+            )
+        attempts = query(
+            notifier,
+            "SELECT count(*), count(*) FILTER (WHERE outcome = 'sent') FROM notification_attempts a "
+            "JOIN notification_outbox o USING (message_id) WHERE o.subscription_id = ANY(%s)",
+            (list(subs.values()),),
+        )
+        assert attempts == [(6, 6)]
+    finally:
+        webhook_server.shutdown()
+
+
+def test_the_telegram_button_acknowledges_with_who_pressed_it(notifier: StackSettings, servers: dict[str, Any]) -> None:
+    city = unique_id("tgcity").replace("-", "")
+    telegram = add_channel(notifier, city, "telegram", {"chat_id": CHAT_ID}, BOT_TOKEN)
+    subscribe(notifier, telegram, city, alert_types=["flood_siaga"], language="id")
+    gate = flood_gate(notifier, city)
+    raise_siaga(notifier, gate)
+    alert_id, _, _ = alert_of(notifier, gate.device_id)
+    message = wait_for(
+        lambda: [m for m in servers["telegram"].sent if gate.device_id in m["text"]], what="the Telegram message"
+    )[0]
+    assert message["reply_markup"]["inline_keyboard"][0][0]["text"] == "Tandai ditangani"
+    servers["telegram"].press(message, user="budi_bpbd")
+    wait_for(lambda: alert_of(notifier, gate.device_id)[2] == "acknowledged", what="the acknowledgement")
+    [(actor, comment)] = query(
+        notifier,
+        "SELECT actor, comment FROM alert_events WHERE alert_id = %s AND action = 'acknowledged'",
+        (alert_id,),
+    )
+    assert (actor, comment) == ("telegram:budi_bpbd", "acknowledged from Telegram")
+    assert query(
+        notifier,
+        "SELECT actor, details->>'via' FROM audit_log WHERE target_id = %s AND action = 'alert.acknowledge'",
+        (str(alert_id),),
+    ) == [("telegram:budi_bpbd", "telegram")]
+    wait_for(lambda: any(a.get("text") == "OK" for a in servers["telegram"].answered), what="the button answered")
+
+
+def test_a_notifier_killed_mid_send_loses_nothing_and_sends_at_most_once_more(
+    notifier: StackSettings, servers: dict[str, Any]
+) -> None:
+    city = unique_id("killcity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-kill", delay_s=3.0)  # answers late: the kill lands mid-send
+    webhook_server = receiver.start()
+    try:
+        channel = add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/"}, receiver.secret)
+        sub = subscribe(notifier, channel, city, alert_types=["flood_siaga"])
+        gates = [flood_gate(notifier, city) for _ in range(3)]
+        for gate in gates:
+            raise_siaga(notifier, gate)
+        wait_for(lambda: receiver.verified, what="a first request in flight")
+        assert procs.stop(notifier, "notifier", hard=True)  # kill -9
+        receiver.delay_s = 0.0
+        cut = [m for m in outbox(notifier, sub) if m[3] == "sending"]
+        assert cut, "the kill left a message between send and record"
+        components.start_component(notifier, "notifier", env=notifier_env(servers))
+        rows = wait_for(
+            lambda: (r := outbox(notifier, sub)) and len(r) == 3 and all(m[3] == "sent" for m in r) and r,
+            timeout_s=60,
+            what="every message sent after the restart",
+        )
+        received: dict[int, int] = {}
+        for body in receiver.verified:
+            received[body["alert"]["alert_id"]] = received.get(body["alert"]["alert_id"], 0) + 1
+        assert len(received) == 3, "nothing lost"
+        assert all(n <= 2 for n in received.values()), received
+        duplicates = {m[0] for m in rows if m[5]}
+        assert {m[0] for m in cut} <= duplicates, "a cut message is marked possible_duplicate"
+        interrupted = query(
+            notifier,
+            "SELECT count(*) FROM notification_attempts WHERE message_id = ANY(%s) AND outcome = 'interrupted'",
+            ([m[0] for m in cut],),
+        )[0][0]
+        assert interrupted == len(cut)
+        print(f"\nkill -9 mid-send: {len(cut)} message(s) cut, {sum(received.values())} requests for 3 messages")
+    finally:
+        webhook_server.shutdown()
+
+
+def test_a_failing_endpoint_is_retried_with_backoff_then_given_up_with_the_reason(
+    notifier: StackSettings, servers: dict[str, Any]
+) -> None:
+    city = unique_id("failcity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-fail", fail_with=503)
+    webhook_server = receiver.start()
+    try:
+        channel = add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/"}, receiver.secret)
+        sub = subscribe(notifier, channel, city, alert_types=["flood_siaga"])
+        gate = flood_gate(notifier, city)
+        raise_siaga(notifier, gate)
+        [(message_id, _, _, status, attempts, _, reason)] = wait_for(
+            lambda: [m for m in outbox(notifier, sub) if m[3] == "failed"], timeout_s=60, what="the give-up"
+        )
+        assert attempts == 3 and reason.startswith("gave up after 3 attempts: webhook: HTTP 503")
+        tries = query(
+            notifier,
+            "SELECT outcome, started_at FROM notification_attempts WHERE message_id = %s ORDER BY attempt",
+            (message_id,),
+        )
+        assert [t[0] for t in tries] == ["failed"] * 3
+        gaps = [(b[1] - a[1]).total_seconds() for a, b in zip(tries, tries[1:], strict=False)]
+        assert gaps[1] > gaps[0] * 1.2, f"backoff grows: {gaps}"
+    finally:
+        webhook_server.shutdown()
+
+
+def test_a_storm_of_alerts_becomes_a_bounded_number_of_messages_and_one_digest(
+    notifier: StackSettings, servers: dict[str, Any]
+) -> None:
+    city = unique_id("stormcity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-storm")
+    webhook_server = receiver.start()
+    limit, window_s, n = 4, 12, 20
+    try:
+        channel = add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/"}, receiver.secret)
+        sub = subscribe(
+            notifier, channel, city, alert_types=["flood_siaga"], digest_limit=limit, digest_window_s=window_s
+        )
+        gates = [flood_gate(notifier, city) for _ in range(n)]
+        for gate in gates:
+            raise_siaga(notifier, gate)
+        wait_for(
+            lambda: (
+                query(
+                    notifier,
+                    "SELECT count(*) FROM alerts a JOIN devices d USING (device_id) WHERE d.city = %s",
+                    (city,),
+                )[0][0]
+                >= n
+            ),
+            timeout_s=60,
+            what="every alert of the storm",
+        )
+        rows = wait_for(
+            lambda: (
+                (r := outbox(notifier, sub))
+                and len([m for m in r if m[1] == "event"]) == n
+                and all(m[3] in ("sent", "digested") for m in r)
+                and any(m[1] == "digest" and m[3] == "sent" for m in r)
+                and r
+            ),
+            timeout_s=90,
+            what="the storm delivered",
+        )
+        singles = [m for m in rows if m[1] == "event" and m[3] == "sent"]
+        digested = [m for m in rows if m[3] == "digested"]
+        digests = [b for b in receiver.verified if b.get("kind") == "digest"]
+        assert len(singles) + len(digested) == n
+        assert len(receiver.verified) == len(singles) + len(digests)
+        assert len(singles) <= limit * (1 + 90 // window_s)
+        assert sum(d["count"] for d in digests) == len(digested)
+        print(
+            f"\nstorm: {n} alerts raised in a burst -> {len(receiver.verified)} messages sent "
+            f"({len(singles)} single, {len(digests)} digest of {len(digested)}); limit {limit} per {window_s} s"
+        )
+    finally:
+        webhook_server.shutdown()
