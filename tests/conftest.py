@@ -20,7 +20,7 @@ from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
 from ops_api import accounts
 
-PIPELINE = ("gateway", "processor", "api")
+PIPELINE = ("gateway", "processor", "api", "notifier")
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,7 @@ def stack() -> Iterator[StackSettings]:
 
 @pytest.fixture(scope="session")
 def pipeline(stack: StackSettings) -> StackSettings:
-    """Gateway, processor and API running as real background processes against the test stack."""
+    """Gateway, processor, API and notifier running as real background processes against the test stack."""
     for name in PIPELINE:
         components.start_component(stack, name)
     mosquitto.open_devices_when_ingest_subscribed(stack, print)

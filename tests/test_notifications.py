@@ -5,10 +5,12 @@ acknowledged from the link and from Telegram's button; a kill -9 of the notifier
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from collections.abc import Iterator
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
@@ -18,6 +20,7 @@ from psycopg.types.json import Jsonb
 from deploy import components, procs
 from kota.notifications import NotificationKeys
 from kota.settings import StackSettings
+from ops_api import accounts
 from tests.helpers import provision, publish_series, query, unique_id, wait_for
 from tests.notify_servers import TelegramStandIn, WebhookReceiver, start_smtp
 
@@ -60,6 +63,7 @@ def notifier(pipeline: StackSettings, servers: dict[str, Any]) -> Iterator[Stack
     components.start_component(pipeline, "notifier", env=notifier_env(servers))
     yield pipeline
     procs.stop(pipeline, "notifier")
+    components.start_component(pipeline, "notifier")  # as the pipeline fixture left it
 
 
 def add_channel(stack: StackSettings, city: str, kind: str, config: dict[str, Any], secret: str) -> int:
@@ -363,3 +367,187 @@ def test_a_storm_of_alerts_becomes_a_bounded_number_of_messages_and_one_digest(
         )
     finally:
         webhook_server.shutdown()
+
+
+def test_an_unacknowledged_alert_escalates_to_the_next_tier(notifier: StackSettings, servers: dict[str, Any]) -> None:
+    city = unique_id("esccity").replace("-", "")
+    duty, chief = WebhookReceiver(secret="whsec-duty"), WebhookReceiver(secret="whsec-chief")
+    duty_server, chief_server = duty.start(), chief.start()
+    try:
+        first = subscribe(
+            notifier,
+            add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{duty.port}/"}, duty.secret),
+            city,
+            alert_types=["flood_siaga"],
+        )
+        second = subscribe(
+            notifier,
+            add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{chief.port}/"}, chief.secret),
+            city,
+            alert_types=["flood_siaga"],
+            tier=2,
+            escalate_after_s=3,
+            min_severity="major",
+        )
+        gate = flood_gate(notifier, city)
+        raise_siaga(notifier, gate)
+        alert_id, _, _ = alert_of(notifier, gate.device_id)
+        wait_for(lambda: [m[2] for m in outbox(notifier, first)] == ["raised"], what="tier 1 hears the raise")
+        assert outbox(notifier, second) == [], "tier 2 hears nothing before the delay"
+        wait_for(
+            lambda: [(m[2], m[3]) for m in outbox(notifier, second)] == [("escalated", "sent")],
+            timeout_s=30,
+            what="tier 2 notified after the delay",
+        )
+        [(actor, comment)] = query(
+            notifier,
+            "SELECT actor, comment FROM alert_events WHERE alert_id = %s AND action = 'escalated'",
+            (alert_id,),
+        )
+        assert actor == "kota-notifier" and comment.startswith("not acknowledged within 3 s: tier 2")
+        assert query(
+            notifier,
+            "SELECT details->>'tier' FROM audit_log WHERE action = 'alert.escalate' AND target_id = %s",
+            (str(alert_id),),
+        ) == [("2",)]
+        assert [b["action"] for b in chief.verified] == ["escalated"]
+        wait_for(lambda: [m[2] for m in outbox(notifier, first)] == ["raised", "escalated"], what="tier 1 told too")
+        time.sleep(3)  # the check runs every second: a second escalation would have come by now
+        assert len(query(notifier, "SELECT 1 FROM alert_events WHERE alert_id = %s", (alert_id,))) == 2
+    finally:
+        duty_server.shutdown()
+        chief_server.shutdown()
+
+
+def test_quiet_hours_hold_back_all_but_the_most_severe(notifier: StackSettings, servers: dict[str, Any]) -> None:
+    city = unique_id("quietcity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-quiet")
+    webhook_server = receiver.start()
+    try:
+        now = dt.datetime.now(ZoneInfo("Asia/Jakarta"))
+        sub = subscribe(
+            notifier,
+            add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/"}, receiver.secret),
+            city,
+            alert_types=["flood_siaga"],
+            quiet_start=(now - dt.timedelta(hours=1)).time(),
+            quiet_end=(now + dt.timedelta(hours=1)).time(),
+            timezone="Asia/Jakarta",
+        )
+        siaga2, siaga1 = flood_gate(notifier, city), flood_gate(notifier, city)
+        raise_siaga(notifier, siaga2, level_cm=160.0)  # Siaga 2: major
+        raise_siaga(notifier, siaga1, level_cm=220.0)  # Siaga 1: never held back
+        rows = wait_for(
+            lambda: (
+                (r := outbox(notifier, sub)) and len(r) == 2 and all(m[3] in ("sent", "suppressed") for m in r) and r
+            ),
+            what="both decided",
+        )
+        by_device = {b["alert"]["device_id"]: b for b in receiver.verified}
+        assert list(by_device) == [siaga1.device_id]
+        [suppressed] = [m for m in rows if m[3] == "suppressed"]
+        assert suppressed[6].startswith("quiet hours") and suppressed[4] == 0, "never attempted"
+    finally:
+        webhook_server.shutdown()
+
+
+# -- the API: city scope, secrets, audit, a test message ----------------------------------------
+def _token_for(stack: StackSettings, user_id: str, role: str, cities: tuple[str, ...]) -> dict[str, str]:
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        accounts.upsert_user(conn, accounts.User(user_id, role, cities), actor="tests")
+        return {"Authorization": f"Bearer {accounts.issue_token(conn, user_id, label='tests', actor='tests')}"}
+
+
+def test_the_api_manages_channels_per_city_never_returns_secrets_and_sends_a_test(
+    notifier: StackSettings, servers: dict[str, Any]
+) -> None:
+    city, other = unique_id("apicity").replace("-", ""), unique_id("othercity").replace("-", "")
+    operator = _token_for(notifier, unique_id("op"), "operator", (city,))
+    stranger = _token_for(notifier, unique_id("op"), "operator", (other,))
+    integrator = _token_for(notifier, unique_id("int"), "integrator", (city,))
+    receiver = WebhookReceiver(secret="whsec-api-" + unique_id("k"))
+    webhook_server = receiver.start()
+    base = f"{notifier.api_url}/api/v1/notifications"
+    try:
+        channel = {
+            "city": city,
+            "name": "bpbd",
+            "kind": "webhook",
+            "config": {"url": f"http://127.0.0.1:{receiver.port}/"},
+            "secret": receiver.secret,
+        }
+        assert httpx.post(f"{base}/channels", json=channel, headers=integrator).status_code == 403
+        assert httpx.post(f"{base}/channels", json=channel, headers=stranger).status_code == 404
+        bad = httpx.post(f"{base}/channels", json={**channel, "config": {"url": "ftp://x"}}, headers=operator)
+        assert bad.status_code == 422
+        made = httpx.post(f"{base}/channels", json=channel, headers=operator)
+        assert made.status_code == 201, made.text
+        channel_id = made.json()["channel_id"]
+        assert made.json()["has_secret"] is True
+        assert httpx.post(f"{base}/channels", json=channel, headers=operator).status_code == 409
+        listed = httpx.get(f"{base}/channels", headers=integrator)
+        assert [c["channel_id"] for c in listed.json()] == [channel_id]
+        assert receiver.secret not in listed.text and receiver.secret not in made.text
+        assert httpx.get(f"{base}/channels", headers=stranger).json() == []
+        [(stored,)] = query(notifier, "SELECT secret FROM notification_channels WHERE channel_id = %s", (channel_id,))
+        assert receiver.secret.encode() not in bytes(stored), "encrypted at rest"
+
+        sub = httpx.post(
+            f"{base}/subscriptions",
+            json={"channel_id": channel_id, "min_severity": "major", "alert_types": ["flood_siaga"], "language": "en"},
+            headers=operator,
+        )
+        assert sub.status_code == 201, sub.text
+        assert httpx.get(f"{base}/subscriptions", headers=stranger).json() == []
+        assert httpx.post(f"{base}/channels/{channel_id}/test", headers=stranger).status_code == 404
+        queued = httpx.post(f"{base}/channels/{channel_id}/test", json={"language": "en"}, headers=operator)
+        assert queued.status_code == 202, queued.text
+        wait_for(lambda: [b for b in receiver.verified if b["kind"] == "test"], what="the test message")
+        [delivery] = wait_for(
+            lambda: [
+                d
+                for d in httpx.get(f"{base}/deliveries", params={"channel_id": channel_id}, headers=integrator).json()
+                if d["status"] == "sent"
+            ],
+            what="the test's delivery",
+        )
+        assert delivery["kind"] == "test" and [a["outcome"] for a in delivery["history"]] == ["sent"]
+        assert httpx.get(f"{base}/deliveries", params={"channel_id": channel_id}, headers=stranger).json() == []
+
+        # A channel whose endpoint is gone: the give-up and its reason show in /deliveries.
+        broken = httpx.patch(
+            f"{base}/channels/{channel_id}", json={"config": {"url": "http://127.0.0.1:9/"}}, headers=operator
+        )
+        assert broken.status_code == 200, broken.text
+        httpx.post(f"{base}/channels/{channel_id}/test", headers=operator)
+        [failed] = wait_for(
+            lambda: httpx.get(f"{base}/deliveries", params={"status": "failed"}, headers=operator).json(),
+            timeout_s=60,
+            what="the give-up",
+        )
+        assert failed["last_error"].startswith("gave up after 3 attempts: webhook: ConnectError")
+        assert [a["outcome"] for a in failed["history"]] == ["failed"] * 3
+        audit = [
+            r[0] for r in query(notifier, "SELECT action FROM audit_log WHERE city = %s ORDER BY event_id", (city,))
+        ]
+        assert audit == [
+            "notification.channel.add",
+            "notification.subscription.add",
+            "notification.channel.test",
+            "notification.channel.change",
+            "notification.channel.test",
+        ]
+        assert httpx.delete(f"{base}/channels/{channel_id}", headers=stranger).status_code == 404
+        assert httpx.delete(f"{base}/channels/{channel_id}", headers=operator).status_code == 204
+    finally:
+        webhook_server.shutdown()
+
+
+def test_a_forged_or_expired_ack_link_acknowledges_nothing(notifier: StackSettings) -> None:
+    keys = NotificationKeys.from_state(notifier.state_dir)
+    base = f"{notifier.api_url}/api/v1/notifications/ack"
+    expired = keys.ack_token(1, 1, int(time.time()) - 10)
+    forged = NotificationKeys("another key").ack_token(1, 1, int(time.time()) + 600)
+    assert httpx.post(f"{base}/{expired}", timeout=10).status_code == 410
+    assert httpx.post(f"{base}/{forged}", timeout=10).status_code == 404
+    assert httpx.get(f"{base}/not-a-token", timeout=10).status_code == 404
