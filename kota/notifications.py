@@ -33,7 +33,7 @@ SIGNATURE_VERSION = "v1"
 TIMESTAMP_HEADER = "X-Kota-Timestamp"
 SIGNATURE_HEADER = "X-Kota-Signature"
 MAX_TOKEN_CHARS = 200
-_PAYLOAD = re.compile(r"^([1-9][0-9]{0,17}):([1-9][0-9]{0,17}):([1-9][0-9]{0,11}):([A-Za-z0-9_-]{16,43})$")
+_PAYLOAD = re.compile(r"^([1-9][0-9]{0,18}):([1-9][0-9]{0,18}):([1-9][0-9]{0,11}):([A-Za-z0-9_-]{16,43})$")
 _B64 = re.compile(r"^[A-Za-z0-9_-]+$")
 
 

@@ -38,7 +38,7 @@ ACTOR = "kota-notifier"
 AUDIT_INSERT = (
     "INSERT INTO audit_log (actor, action, target_type, target_id, city, details) VALUES (%s, %s, %s, %s, %s, %s)"
 )
-_TELEGRAM_ACK = re.compile(r"^ack:([1-9][0-9]{0,17})$")
+_TELEGRAM_ACK = re.compile(r"^ack:([1-9][0-9]{0,18})$")
 
 EVENT_ROW = """
 SELECT e.event_id, e.action, e.actor, e.severity, e.comment, e.at, a.alert_id, a.city, a.domain, a.device_id,

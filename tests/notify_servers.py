@@ -23,8 +23,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kota.notifications import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_webhook
+from kota.settings import PROJECT_ROOT
 from tests.helpers import free_port
+
+
+def documented_verifier() -> Any:
+    """`verify_kota_webhook` exactly as docs/notifications.md gives it to receivers."""
+    [code] = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "docs" / "notifications.md").read_text(), flags=re.S)
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # noqa: S102 - our own documentation, run as a receiver would
+    return namespace["verify_kota_webhook"]
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
@@ -121,6 +129,7 @@ class WebhookReceiver:
 
     def start(self) -> _Server:
         receiver = self
+        verify = documented_verifier()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -128,13 +137,7 @@ class WebhookReceiver:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                ok = verify_webhook(
-                    receiver.secret,
-                    self.headers.get(TIMESTAMP_HEADER, ""),
-                    self.headers.get(SIGNATURE_HEADER, ""),
-                    body,
-                    time.time(),
-                )
+                ok = verify(receiver.secret, dict(self.headers.items()), body)
                 if not ok:
                     receiver.rejected += 1
                     self.send_response(401)

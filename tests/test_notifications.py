@@ -21,7 +21,7 @@ from deploy import components, procs
 from kota.notifications import NotificationKeys
 from kota.settings import StackSettings
 from ops_api import accounts
-from tests.helpers import provision, publish_series, query, unique_id, wait_for
+from tests.helpers import kota_ok, provision, publish_series, query, run_kota, unique_id, wait_for
 from tests.notify_servers import TelegramStandIn, WebhookReceiver, start_smtp
 
 pytestmark = pytest.mark.stack
@@ -551,3 +551,44 @@ def test_a_forged_or_expired_ack_link_acknowledges_nothing(notifier: StackSettin
     assert httpx.post(f"{base}/{expired}", timeout=10).status_code == 410
     assert httpx.post(f"{base}/{forged}", timeout=10).status_code == 404
     assert httpx.get(f"{base}/not-a-token", timeout=10).status_code == 404
+
+
+def test_the_cli_adds_a_channel_and_subscription_and_sends_a_test(notifier: StackSettings) -> None:
+    city = unique_id("clicity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-cli-" + unique_id("k"))
+    webhook_server = receiver.start()
+    try:
+        added = kota_ok(
+            notifier,
+            "notifications", "channels", "add", "--city", city, "--name", "cli-hook", "--kind", "webhook",
+            "--config", f'{{"url": "http://127.0.0.1:{receiver.port}/"}}', "--secret-env", "HOOK_SECRET",
+            env={"HOOK_SECRET": receiver.secret},
+        )  # fmt: skip
+        channel_id = int(re.search(r"channel (\d+) added", added)[1])
+        listed = kota_ok(notifier, "notifications", "channels", "list", "--city", city)
+        assert "cli-hook" in listed and receiver.secret not in listed
+        kota_ok(
+            notifier,
+            "notifications", "subscriptions", "add", "--channel-id", str(channel_id), "--alert-type", "flood_siaga",
+            "--quiet", "22:00", "06:00", "--language", "en",
+        )  # fmt: skip
+        assert "22:00" in kota_ok(notifier, "notifications", "subscriptions", "list", "--city", city)
+        kota_ok(notifier, "notifications", "channels", "test", str(channel_id), "--language", "en")
+        wait_for(lambda: [b for b in receiver.verified if b["kind"] == "test"], what="the CLI's test message")
+        wait_for(
+            lambda: "sent" in kota_ok(notifier, "notifications", "deliveries", "--city", city),
+            what="the delivery listed",
+        )
+        bad = run_kota(notifier, "notifications", "channels", "add", "--city", city, "--name", "x", "--kind",
+                       "email", "--config", '{"host": "h"}', "--secret-env", "HOOK_SECRET",
+                       env={"HOOK_SECRET": "x"})  # fmt: skip
+        assert bad.returncode == 2 and "from" in bad.stdout
+        actions = [
+            r[0] for r in query(notifier, "SELECT action FROM audit_log WHERE city = %s ORDER BY event_id", (city,))
+        ]
+        assert actions == ["notification.channel.add", "notification.subscription.add", "notification.channel.test"]
+        assert query(notifier, "SELECT DISTINCT actor LIKE 'cli:%%' FROM audit_log WHERE city = %s", (city,)) == [
+            (True,)
+        ]
+    finally:
+        webhook_server.shutdown()
