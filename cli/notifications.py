@@ -59,7 +59,7 @@ def cmd_notifications(args: argparse.Namespace) -> int:
     from ops_api.api.routes.notifications import SUBSCRIPTION_COLUMNS, ChannelIn, SubscriptionIn
 
     stack = StackSettings()
-    keys = NotificationKeys.from_state(stack.state_dir)
+    keys = NotificationKeys.from_stack(stack)
     with psycopg.connect(stack.postgres_dsn, row_factory=dict_row) as conn:
         try:
             match (args.group, args.action):

@@ -22,11 +22,10 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from kota.settings import ensure_secret
+from kota.settings import StackSettings, ensure_secret
 
 KEY_FILE = "notifications.key"
 SIGNATURE_VERSION = "v1"
@@ -52,8 +51,12 @@ class NotificationKeys:
     secret: str
 
     @classmethod
-    def from_state(cls, state_dir: Path) -> NotificationKeys:
-        return cls(ensure_secret(state_dir, KEY_FILE))
+    def from_stack(cls, stack: StackSettings) -> NotificationKeys:
+        """KOTA_NOTIFICATIONS_KEY where set (compose, k8s: the API and the notifier are given the same
+        one), else the state's secrets/notifications.key, made at first use (the local stack)."""
+        if stack.notifications_key is not None:
+            return cls(stack.notifications_key.get_secret_value())
+        return cls(ensure_secret(stack.state_dir, KEY_FILE))
 
     @property
     def _fernet(self) -> Fernet:

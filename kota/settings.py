@@ -125,6 +125,9 @@ class StackSettings(BaseSettings):
     kafka_replication: int = 1  # 3 on a cluster of brokers (deploy/k8s)
     kafka_heap: str = "512m"
     database: str = "kota"
+    # Encrypts notification channels' secrets and signs acknowledge links (kota/notifications.py):
+    # the API's and the notifier's. A missing one is read from the secrets folder (notifications.key).
+    notifications_key: SecretStr | None = None
 
     # -- derived addresses -------------------------------------------------------------------
     @property

@@ -475,7 +475,7 @@ class Notifier:
 
 async def run_notifier(stack: StackSettings, settings: NotifierSettings, stop: asyncio.Event) -> None:
     """Deliver until stopped; a lost database connection is made again."""
-    keys = NotificationKeys.from_state(stack.state_dir)
+    keys = NotificationKeys.from_stack(stack)
     notifier = Notifier(stack, settings, keys)
     log.info("notifier started (page %s, telegram %s)", notifier.page_url, settings.telegram_api)
     async with httpx.AsyncClient(timeout=settings.send_timeout_s) as http:

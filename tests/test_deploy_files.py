@@ -35,6 +35,7 @@ from deploy.install import postgres_bin
 from ingest.settings import GatewaySettings
 from kota.contract import DEADLETTER_TOPIC, READINGS_TOPIC
 from kota.settings import PROJECT_ROOT, StackSettings
+from notifier.settings import NotifierSettings
 from ops_api.settings import ApiSettings
 from processing.settings import ProcessorSettings
 
@@ -42,7 +43,13 @@ DEPLOY = PROJECT_ROOT / "deploy"
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
 K8S = DEPLOY / "k8s"
-SETTINGS: tuple[type[BaseSettings], ...] = (StackSettings, GatewaySettings, ProcessorSettings, ApiSettings)
+SETTINGS: tuple[type[BaseSettings], ...] = (
+    StackSettings,
+    GatewaySettings,
+    ProcessorSettings,
+    ApiSettings,
+    NotifierSettings,
+)
 
 # Who each project command logs in as: (PostgreSQL role, Kafka user; None: it uses no Kafka).
 # broker-access reads the registry as the gateway does. The migrations run as the schema's owner,
@@ -51,10 +58,12 @@ ACCOUNTS = {
     "gateway": ("kota_gateway", "kota-gateway"),
     "processor": ("kota_processor", "kota-processor"),
     "api": ("kota_api", "kota-api"),
+    "notifier": ("kota_notifier", None),
     "broker-access": ("kota_gateway", None),
     "migrate": ("kota_owner", "kota-admin"),
 }
 SUPERUSERS = {"postgres", "kota-admin"}
+NOTIFICATIONS_KEY = "kota-notifications-key"  # k8s Secret; compose: one value in api.env and notifier.env
 PARSER_LIMIT = GatewaySettings().max_payload_bytes
 MQTT_OVERHEAD = 1024  # the largest PUBLISH header on top of the parser's payload limit, rounded up
 DEVICE_TLS_PORTS = {8883, 8884}
@@ -697,7 +706,9 @@ def test_each_component_logs_in_as_its_own_user_with_its_own_secret():
         command = argv[0]
         pg_role, kafka_user = ACCOUNTS[command]
         assert env.get("KOTA_POSTGRES_USER") == pg_role, f"{where}: PostgreSQL user {env.get('KOTA_POSTGRES_USER')}"
-        uses_kafka = command not in ("broker-access",) and not (command == "migrate" and where.startswith("k8s"))
+        uses_kafka = command not in ("broker-access", "notifier") and not (
+            command == "migrate" and where.startswith("k8s")
+        )
         assert env.get("KOTA_KAFKA_USERNAME") == (kafka_user if uses_kafka else None), where
         if command != "migrate":
             assert not {env.get("KOTA_POSTGRES_USER"), env.get("KOTA_KAFKA_USERNAME")} & SUPERUSERS, where
@@ -717,7 +728,11 @@ def test_each_component_logs_in_as_its_own_user_with_its_own_secret():
         for a, sa in mine.items():
             for b, sb in mine.items():
                 if a < b and {a, b} != {f"{platform} gateway", f"{platform} broker-access"}:
-                    assert not sa & sb, f"{a} and {b} share {sa & sb}"
+                    # The API and the notifier share the notifications key (links one signs, the other checks).
+                    shared = sa & sb - (
+                        {NOTIFICATIONS_KEY} if {a, b} == {f"{platform} api", f"{platform} notifier"} else set()
+                    )
+                    assert not shared, f"{a} and {b} share {shared}"
 
 
 def test_make_secrets_gives_each_service_its_own_passwords(compose_secrets):
@@ -838,6 +853,7 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
         "kota-gateway",
         "kota-processor",
         "kota-api",
+        "kota-notifier",
         "mosquitto",
     }
     # Kafka: Strimzi's policy from each listener's peers.
@@ -860,7 +876,15 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
     pods = {
         d["spec"]["template"]["metadata"]["labels"]["app"] for d in k8s_documents() if "template" in d.get("spec", {})
     }
-    assert pods == {"kota-migrate", "kota-gateway", "kota-processor", "kota-api", "mosquitto", "timescaledb"}
+    assert pods == {
+        "kota-migrate",
+        "kota-gateway",
+        "kota-processor",
+        "kota-api",
+        "kota-notifier",
+        "mosquitto",
+        "timescaledb",
+    }
 
 
 # -- No credential in what is committed ---------------------------------------------------------

@@ -68,7 +68,7 @@ def notifier(pipeline: StackSettings, servers: dict[str, Any]) -> Iterator[Stack
 
 def add_channel(stack: StackSettings, city: str, kind: str, config: dict[str, Any], secret: str) -> int:
     """A channel as the API stores it: config in the clear, the secret encrypted with the state's key."""
-    keys = NotificationKeys.from_state(stack.state_dir)
+    keys = NotificationKeys.from_stack(stack)
     [(channel_id,)] = query(
         stack,
         "INSERT INTO notification_channels (city, name, kind, config, secret, created_by) "
@@ -544,7 +544,7 @@ def test_the_api_manages_channels_per_city_never_returns_secrets_and_sends_a_tes
 
 
 def test_a_forged_or_expired_ack_link_acknowledges_nothing(notifier: StackSettings) -> None:
-    keys = NotificationKeys.from_state(notifier.state_dir)
+    keys = NotificationKeys.from_stack(notifier)
     base = f"{notifier.api_url}/api/v1/notifications/ack"
     expired = keys.ack_token(1, 1, int(time.time()) - 10)
     forged = NotificationKeys("another key").ack_token(1, 1, int(time.time()) + 600)

@@ -186,7 +186,7 @@ class Queued(BaseModel):
 
 
 def _keys(stack: Stack) -> NotificationKeys:
-    return NotificationKeys.from_state(stack.state_dir)
+    return NotificationKeys.from_stack(stack)
 
 
 def _manage(caller: Caller, city: str) -> None:
