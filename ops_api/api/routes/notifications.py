@@ -18,7 +18,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import HTMLResponse
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kota import alerts as lifecycle
 from kota.contract import Domain
@@ -257,7 +257,10 @@ async def change_channel(channel_id: Id, body: ChannelPatch, caller: Caller, con
     """Change a channel's configuration, replace its secret, or switch it off and on."""
     row = await _channel(conn, caller, channel_id)
     _manage(caller, row["city"])
-    config = CONFIGS[row["kind"]].model_validate(body.config).model_dump(by_alias=True) if body.config else None
+    try:
+        config = CONFIGS[row["kind"]].model_validate(body.config).model_dump(by_alias=True) if body.config else None
+    except ValidationError as exc:
+        raise HTTPException(422, f"config of a {row['kind']} channel: {exc.errors(include_url=False)}") from exc
     async with conn.transaction():
         await conn.execute(
             "UPDATE notification_channels SET config = coalesce(%s, config), secret = coalesce(%s, secret), "
