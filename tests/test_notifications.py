@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from deploy import components, procs
 from kota.notifications import NotificationKeys
-from kota.settings import StackSettings
+from kota.settings import PROJECT_ROOT, StackSettings
 from ops_api import accounts
 from tests.helpers import kota_ok, provision, publish_series, query, run_kota, unique_id, wait_for
 from tests.notify_servers import TelegramStandIn, WebhookReceiver, start_smtp
@@ -29,6 +29,7 @@ MINUTE = 60_000
 SMTP_USER, SMTP_PASSWORD = "kota-mailer", "s3cret-smtp-Pa55"
 BOT_TOKEN = "123456:ABC-standin-token"
 CHAT_ID = "-100777"
+SCREENSHOT_DIR = PROJECT_ROOT / "test-output"
 
 
 @pytest.fixture(scope="module")
@@ -590,5 +591,61 @@ def test_the_cli_adds_a_channel_and_subscription_and_sends_a_test(notifier: Stac
         assert query(notifier, "SELECT DISTINCT actor LIKE 'cli:%%' FROM audit_log WHERE city = %s", (city,)) == [
             (True,)
         ]
+    finally:
+        webhook_server.shutdown()
+
+
+def test_the_page_opens_a_messages_alert_adds_a_subscription_and_sends_a_test(
+    notifier: StackSettings, servers: dict[str, Any]
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from deploy import install
+
+    chromium = install.ensure_chromium(print)
+    city = unique_id("pagecity").replace("-", "")
+    headers = _token_for(notifier, unique_id("op"), "operator", (city,))
+    token = headers["Authorization"].removeprefix("Bearer ")
+    receiver = WebhookReceiver(secret="whsec-page")
+    webhook_server = receiver.start()
+    try:
+        channel_id = add_channel(
+            notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/"}, receiver.secret
+        )
+        subscribe(notifier, channel_id, city, alert_types=["flood_siaga"])
+        gate = flood_gate(notifier, city)
+        raise_siaga(notifier, gate)
+        alert_id, _, _ = alert_of(notifier, gate.device_id)
+        [body] = wait_for(lambda: [b for b in receiver.verified if b["kind"] == "alert_event"], what="the message")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{notifier.api_url}/#token={token}")
+            expect(page.locator("#notify-channels")).to_contain_text("webhook", timeout=15_000)
+            # The message's own link to the alert, opened by a signed-in operator.
+            page.goto(body["alert"]["url"])
+            page.reload()
+            expect(page.locator("#linked-alert")).to_contain_text(f"#{alert_id}", timeout=15_000)
+            expect(page.locator("#linked-alert")).to_contain_text("raised")
+            page.select_option("#notify-add select[name=min_severity]", "critical")
+            page.fill("#notify-add input[name=alert_types]", "flood_siaga, flood_rising")
+            page.click("#notify-add button[type=submit]")
+            expect(page.locator("#notify-subscriptions")).to_contain_text("flood_rising", timeout=10_000)
+            page.click(f"button.notify-test[data-channel='{channel_id}']")
+            wait_for(lambda: [b for b in receiver.verified if b["kind"] == "test"], what="the page's test message")
+            expect(page.locator("#notify-deliveries")).to_contain_text("test", timeout=10_000)
+            SCREENSHOT_DIR.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT_DIR / "notifications.png"), full_page=True)
+            browser.close()
+        assert errors == []
+        [(types, severity, created_by)] = query(
+            notifier,
+            "SELECT alert_types, min_severity, created_by FROM notification_subscriptions "
+            "WHERE city = %s AND min_severity = 'critical'",
+            (city,),
+        )
+        assert types == ["flood_siaga", "flood_rising"] and severity == "critical" and created_by.startswith("op-")
     finally:
         webhook_server.shutdown()

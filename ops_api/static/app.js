@@ -2,6 +2,7 @@
 // operator's token; live values arrive over the WebSocket feed and update the page in place.
 import { CityMap, STATUS_COLOURS } from "./map.js";
 import { language, setLanguage, t } from "./i18n.js";
+import { renderNotifications, showLinkedAlert } from "./notifications.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { token: null, city: null, cities: [], latest: new Map(), liveCount: 0, socket: null };
@@ -62,6 +63,9 @@ async function start(token) {
   if (!state.cities.some((c) => c.city === state.city)) state.city = state.cities[0]?.city ?? null;
   select.value = state.city;
   $("province-toggle").hidden = state.cities.length < 2;
+  // Opened from a notification's link (#alert=<id>): that alert, in its own city.
+  const linked = await showLinkedAlert($("linked-alert"), api, language()).catch(() => null);
+  if (linked && state.cities.some((c) => c.city === linked.city)) { state.city = linked.city; select.value = state.city; }
   await loadCity();
   connectLive();
   setInterval(refreshViews, 10_000);
@@ -80,6 +84,7 @@ async function loadCity() {
   $("device-count").replaceChildren(`${devices.features.length} `, el("span", { "data-i18n": "devices" }, t("devices")));
   drawLegend();
   await refreshViews();
+  renderNotifications($("notifications-panel"), api, state.city, language()).catch(() => {});
 }
 
 async function refreshViews() {
@@ -243,7 +248,8 @@ window.addEventListener("DOMContentLoaded", () => {
   window.kotaMap = map;  // for the browser test and for curious operators
   setLanguage(language());
   $("lang").textContent = language() === "id" ? "EN" : "ID";
-  $("lang").onclick = () => { setLanguage(language() === "id" ? "en" : "id"); $("lang").textContent = language() === "id" ? "EN" : "ID"; drawLegend(); refreshViews(); };
+  $("lang").onclick = () => { setLanguage(language() === "id" ? "en" : "id"); $("lang").textContent = language() === "id" ? "EN" : "ID"; drawLegend(); refreshViews();
+    if (state.city) renderNotifications($("notifications-panel"), api, state.city, language()).catch(() => {}); };
   $("city").onchange = async (e) => { state.city = e.target.value; await loadCity(); connectLive(); };
   $("colour-by").onchange = (e) => { map.setColourBy(e.target.value); drawLegend(); };
   $("province-toggle").onclick = async () => {
