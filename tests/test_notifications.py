@@ -638,6 +638,14 @@ def test_the_page_opens_a_messages_alert_adds_a_subscription_and_sends_a_test(
             expect(page.locator("#notify-deliveries")).to_contain_text("test", timeout=10_000)
             SCREENSHOT_DIR.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT_DIR / "notifications.png"), full_page=True)
+            # The message's acknowledge link in a browser, under the API's Content-Security-Policy:
+            # opening it changes nothing; its button acknowledges.
+            page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+            page.goto(body["ack_url"])
+            expect(page.locator("form button")).to_be_visible()
+            assert alert_of(notifier, gate.device_id)[2] == "active"
+            page.click("form button")
+            expect(page.locator("h1")).to_contain_text("Acknowledged", timeout=10_000)
             browser.close()
         assert errors == []
         [(types, severity, created_by)] = query(
@@ -647,5 +655,30 @@ def test_the_page_opens_a_messages_alert_adds_a_subscription_and_sends_a_test(
             (city,),
         )
         assert types == ["flood_siaga", "flood_rising"] and severity == "critical" and created_by.startswith("op-")
+        assert alert_of(notifier, gate.device_id)[2] == "acknowledged"
+    finally:
+        webhook_server.shutdown()
+
+
+def test_a_flapping_gate_is_one_alert_and_one_message(notifier: StackSettings, servers: dict[str, Any]) -> None:
+    city = unique_id("flapcity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-flap")
+    webhook_server = receiver.start()
+    try:
+        channel = add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/"}, receiver.secret)
+        sub = subscribe(notifier, channel, city, alert_types=["flood_siaga"])
+        gate = flood_gate(notifier, city)
+        start = (int(time.time() * 1000) // MINUTE - 40) * MINUTE
+        # Siaga 1 and back to normal every other minute for 30 minutes: inside the clear-after time.
+        flapping = [(start + i * MINUTE, 220.0 if i % 2 == 0 else 20.0) for i in range(30)]
+        publish_series(notifier, gate, "currentLevel", flapping, per_message=3)
+        wait_for(
+            lambda: query(notifier, "SELECT count FROM alerts WHERE device_id = %s", (gate.device_id,)) == [(15,)],
+            what="one alert counting 15 signals",
+        )
+        wait_for(lambda: [(m[2], m[3]) for m in outbox(notifier, sub)] == [("raised", "sent")], what="one message")
+        time.sleep(2)  # the notifier polls every 0.3 s: anything more would be there by now
+        assert len(outbox(notifier, sub)) == 1 and len(receiver.verified) == 1
+        print(f"\nflapping gate: 15 signals in 30 min -> 1 alert, {len(receiver.verified)} message")
     finally:
         webhook_server.shutdown()

@@ -447,7 +447,7 @@ async def list_deliveries(
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(
         f"<!doctype html><html lang=id><meta charset=utf-8><meta name=viewport content='width=device-width'>"
-        f"<title>{html.escape(title)}</title><body style='font-family:sans-serif;max-width:32em;margin:2em auto'>"
+        f"<title>{html.escape(title)}</title><link rel=stylesheet href=/style.css><body>"
         f"<h1>{html.escape(title)}</h1>{body}</body></html>",
         status_code=status,
     )
