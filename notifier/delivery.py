@@ -95,6 +95,7 @@ class Notifier:
         self.page_url = settings.page_url or stack.api_url
         self._telegram_polled: dict[int, float] = {}
         self._escalation_checked = 0.0
+        self._retention_checked = 0.0
 
     # -- the outbox ---------------------------------------------------------------------------
     async def claim(self, conn: psycopg.AsyncConnection) -> list[Job]:
@@ -110,7 +111,14 @@ class Notifier:
             )
             rows = await cur.fetchall()
             for row in rows:
-                job = await self._claim_one(cur, row)
+                try:
+                    async with conn.transaction():  # a savepoint: one bad message fails alone
+                        job = await self._claim_one(cur, row)
+                except (psycopg.DataError, psycopg.ProgrammingError, KeyError, TypeError, ValueError) as exc:
+                    # Never a loop on one message: it is given up with the reason, the rest go on.
+                    log.exception("message %s cannot be prepared; given up", row["message_id"])
+                    await self._finish(cur, row["message_id"], "failed", f"cannot be prepared: {exc}"[:500])
+                    continue
                 if job is not None:
                     jobs.append(job)
         return jobs
@@ -380,6 +388,29 @@ class Notifier:
                     escalated += 1
         return escalated
 
+    # -- retention ----------------------------------------------------------------------------
+    async def forget_old(self, conn: psycopg.AsyncConnection, *, now: bool = False) -> tuple[int, int]:
+        """Delete finished messages (and their attempts) older than keep_days, and the used nonces of
+        acknowledge links that have expired anyway. Pending, sending and held messages stay."""
+        if not now and time.monotonic() - self._retention_checked < self.settings.retention_check_s:
+            return 0, 0
+        self._retention_checked = time.monotonic()
+        async with conn.transaction():
+            cur = await conn.execute(
+                "DELETE FROM notification_outbox WHERE status IN ('sent', 'failed', 'suppressed', 'digested') "
+                "AND created_at < now() - %s * interval '1 day'",
+                (self.settings.keep_days,),
+            )
+            messages = cur.rowcount
+            cur = await conn.execute(
+                "DELETE FROM notification_ack_uses WHERE used_at < now() - %s * interval '1 second'",
+                (self.settings.ack_link_ttl_s + 86_400,),
+            )
+            nonces = cur.rowcount
+        if messages or nonces:
+            log.info("retention: %d old messages and %d expired link nonces deleted", messages, nonces)
+        return messages, nonces
+
     # -- Telegram's Acknowledge button --------------------------------------------------------
     async def poll_telegram(self, conn: psycopg.AsyncConnection, http: httpx.AsyncClient) -> int:
         """Read each Telegram channel's button presses (getUpdates) and acknowledge their alerts."""
@@ -394,7 +425,11 @@ class Notifier:
             if time.monotonic() - self._telegram_polled.get(channel_id, 0.0) < self.settings.telegram_poll_s:
                 continue
             self._telegram_polled[channel_id] = time.monotonic()
-            token = self.keys.decrypt(secret)
+            try:
+                token = self.keys.decrypt(secret)
+            except ValueError as exc:
+                log.warning("telegram channel %s: %s", channel_id, exc)
+                continue
             try:
                 updates = await telegram_call(
                     http,
@@ -487,6 +522,7 @@ async def run_notifier(stack: StackSettings, settings: NotifierSettings, stop: a
                         await notifier.fold_held(conn)
                         await notifier.escalate_due(conn)
                         await notifier.poll_telegram(conn, http)
+                        await notifier.forget_old(conn)
                         if claimed < settings.batch_size:
                             try:
                                 await asyncio.wait_for(stop.wait(), settings.poll_interval_s)
@@ -494,6 +530,12 @@ async def run_notifier(stack: StackSettings, settings: NotifierSettings, stop: a
                                 pass
             except psycopg.OperationalError as exc:
                 log.warning("database: %s; connecting again", exc)
+                try:
+                    await asyncio.wait_for(stop.wait(), 2.0)
+                except TimeoutError:
+                    pass
+            except Exception:  # noqa: BLE001 - the notifier outlives any one failure; it is logged
+                log.exception("notifier round failed; starting again")
                 try:
                     await asyncio.wait_for(stop.wait(), 2.0)
                 except TimeoutError:

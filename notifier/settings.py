@@ -27,6 +27,9 @@ class NotifierSettings(BaseSettings):
     # SMTP servers with a private CA (tests, a city's own relay): a PEM file to trust besides the system's.
     smtp_ca_file: str | None = None
     escalation_check_s: float = 15.0
+    # Delivered, given-up and suppressed messages (with their attempts) are kept this long.
+    keep_days: float = 30.0
+    retention_check_s: float = 3600.0
 
     @property
     def lease_s(self) -> float:

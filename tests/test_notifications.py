@@ -682,3 +682,72 @@ def test_a_flapping_gate_is_one_alert_and_one_message(notifier: StackSettings, s
         print(f"\nflapping gate: 15 signals in 30 min -> 1 alert, {len(receiver.verified)} message")
     finally:
         webhook_server.shutdown()
+
+
+def test_a_message_that_cannot_be_prepared_fails_alone_with_its_reason(
+    notifier: StackSettings, servers: dict[str, Any]
+) -> None:
+    city = unique_id("poisoncity").replace("-", "")
+    receiver = WebhookReceiver(secret="whsec-good")
+    webhook_server = receiver.start()
+    try:
+        good = add_channel(notifier, city, "webhook", {"url": f"http://127.0.0.1:{receiver.port}/"}, receiver.secret)
+        # A secret encrypted under another key (a restored backup, a key replaced by hand).
+        [(bad,)] = query(
+            notifier,
+            "INSERT INTO notification_channels (city, name, kind, config, secret, created_by) "
+            "VALUES (%s, 'foreign', 'webhook', %s, %s, 'tests') RETURNING channel_id",
+            (city, Jsonb({"url": f"http://127.0.0.1:{receiver.port}/"}), NotificationKeys("other").encrypt("x")),
+        )
+        bad_sub, good_sub = subscribe(notifier, bad, city), subscribe(notifier, good, city)
+        gate = flood_gate(notifier, city)
+        raise_siaga(notifier, gate)
+        wait_for(lambda: [m[3] for m in outbox(notifier, good_sub)][:1] == ["sent"], what="the good channel's message")
+        [failed, *_] = wait_for(lambda: outbox(notifier, bad_sub), what="the foreign channel's message")
+        assert failed[3] == "failed" and "does not decrypt" in failed[6], failed
+        assert procs.running_pid(notifier, "notifier"), "the notifier goes on"
+    finally:
+        webhook_server.shutdown()
+
+
+def test_old_finished_messages_are_forgotten_by_the_notifiers_own_role(notifier: StackSettings) -> None:
+    import asyncio
+
+    from pydantic import SecretStr
+
+    from deploy import postgres_access
+    from notifier.delivery import Notifier
+    from notifier.settings import NotifierSettings
+
+    city = unique_id("oldcity").replace("-", "")
+    channel = add_channel(notifier, city, "webhook", {"url": "http://127.0.0.1:9/"}, "k")
+    old = query(
+        notifier,
+        "INSERT INTO notification_outbox (kind, channel_id, city, status, created_at) "
+        "SELECT 'test', %s, %s, s, now() - interval '40 days' FROM unnest(ARRAY['sent', 'failed', 'pending']) s "
+        "RETURNING message_id, status",
+        (channel, city),
+    )
+    query(
+        notifier,
+        "INSERT INTO notification_ack_uses (nonce, actor, used_at) VALUES (%s, 't', now() - interval '5 days') "
+        "RETURNING nonce",
+        (unique_id("nonce"),),
+    )
+    role = postgres_access.component_env(notifier, "notifier")
+    as_notifier = notifier.model_copy(
+        update={
+            "postgres_user": role["KOTA_POSTGRES_USER"],
+            "postgres_password": SecretStr(role["KOTA_POSTGRES_PASSWORD"]),
+        }
+    )
+
+    async def forget() -> tuple[int, int]:
+        keys = NotificationKeys.from_stack(notifier)
+        async with await psycopg.AsyncConnection.connect(as_notifier.postgres_dsn) as conn:
+            return await Notifier(as_notifier, NotifierSettings(), keys).forget_old(conn, now=True)
+
+    messages, nonces = asyncio.run(forget())
+    assert messages >= 2 and nonces >= 1
+    left = query(notifier, "SELECT status FROM notification_outbox WHERE message_id = ANY(%s)", ([m[0] for m in old],))
+    assert left == [("pending",)], "a message still to send is kept, however old"

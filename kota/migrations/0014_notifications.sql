@@ -142,6 +142,9 @@ GRANT SELECT ON devices, alerts, alert_events, station_ispu, gate_status, notifi
     notification_subscriptions TO kota_notifier;
 GRANT UPDATE (telegram_offset) ON notification_channels TO kota_notifier;
 GRANT SELECT, INSERT, UPDATE ON notification_outbox, notification_attempts TO kota_notifier;
+-- Retention (KOTA_NOTIFIER_KEEP_DAYS): finished messages, and the used nonces of expired links.
+GRANT DELETE ON notification_outbox TO kota_notifier;
+GRANT SELECT, DELETE ON notification_ack_uses TO kota_notifier;
 GRANT UPDATE (state, acknowledged_at, acknowledged_by, updated_at, notify_tier) ON alerts TO kota_notifier;
 GRANT INSERT ON alert_events, audit_log TO kota_notifier;
 GRANT USAGE ON SEQUENCE notification_outbox_message_id_seq, notification_attempts_attempt_id_seq,
