@@ -245,6 +245,7 @@ def simulate(
     *,
     rate: int | None = None,
     during: Callable[[], None] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> int:
     """`kota simulate` of the tests' standard city (3 simulated hours from `start`) under the name
     `city`; `during` breaks something while it runs. Wait until every acknowledged reading is
@@ -264,6 +265,7 @@ def simulate(
         "--counts",
         str(counts),
         *pace,
+        *extra,
     )
     with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sim:
         if during is not None:

@@ -751,3 +751,130 @@ def test_old_finished_messages_are_forgotten_by_the_notifiers_own_role(notifier:
     assert messages >= 2 and nonces >= 1
     left = query(notifier, "SELECT status FROM notification_outbox WHERE message_id = ANY(%s)", ([m[0] for m in old],))
     assert left == [("pending",)], "a message still to send is kept, however old"
+
+
+def test_a_simulated_city_notifies_each_event_once_by_email_and_telegram_and_is_acknowledged_from_them(
+    notifier: StackSettings, servers: dict[str, Any], tmp_path: Any
+) -> None:
+    """The whole loop as people meet it: `kota simulate` with its injected anomalies raises real
+    alerts; every alert event becomes exactly one message per subscription; storms fold into
+    digests; one alert is acknowledged from Telegram's button and another from the email's link."""
+    from tests.helpers import simulate
+
+    city = unique_id("simcity").replace("-", "")
+    chat = "-100424242"
+    email = add_channel(
+        notifier,
+        city,
+        "email",
+        {"host": "127.0.0.1", "port": servers["smtp_port"], "username": SMTP_USER,
+         "from": "kota@kota.example", "to": [f"piket@{city}.example"]},
+        SMTP_PASSWORD,
+    )  # fmt: skip
+    telegram = add_channel(notifier, city, "telegram", {"chat_id": chat}, BOT_TOKEN)
+    limit, window_s = 5, 15
+    subs = [
+        subscribe(notifier, email, city, language="id", digest_limit=limit, digest_window_s=window_s),
+        subscribe(notifier, telegram, city, language="en", digest_limit=limit, digest_window_s=window_s),
+    ]
+    start = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=4)).replace(second=0, microsecond=0)
+    readings = simulate(notifier, city, start, tmp_path, rate=4000, extra=("--anomalies-per-day", "240"))
+    [(last_event,)] = query(notifier, "SELECT max(event_id) FROM alert_events")
+    events = query(
+        notifier,
+        "SELECT e.event_id, e.action, a.alert_id, a.alert_type FROM alert_events e JOIN alerts a USING (alert_id) "
+        "WHERE a.city = %s AND e.event_id <= %s ORDER BY e.event_id",
+        (city, last_event),
+    )
+    assert events, "the simulated city raised alerts"
+    # Exactly one message per (event, subscription), written with the event.
+    per_event = query(
+        notifier,
+        "SELECT e.event_id, count(o.message_id) FROM alert_events e JOIN alerts a USING (alert_id) "
+        "LEFT JOIN notification_outbox o ON o.event_id = e.event_id "
+        "WHERE a.city = %s AND e.event_id <= %s GROUP BY e.event_id",
+        (city, last_event),
+    )
+    assert {n for _, n in per_event} == {2}, per_event
+
+    def settled() -> bool:
+        rows = query(
+            notifier,
+            "SELECT count(*) FILTER (WHERE status NOT IN ('sent', 'digested')) FROM notification_outbox "
+            "WHERE subscription_id = ANY(%s) AND (event_id IS NULL OR event_id <= %s)",
+            (subs, last_event),
+        )
+        return rows[0][0] == 0
+
+    wait_for(settled, timeout_s=180, what="every message of the simulated city sent or in a digest")
+    mails = [m for m in servers["mailbox"].received if f"piket@{city}.example" in m[1]]
+    texts = [m for m in servers["telegram"].sent if m["chat_id"] == chat]
+    singles = query(
+        notifier,
+        "SELECT subscription_id, count(*) FILTER (WHERE kind = 'event' AND status = 'sent'), "
+        "count(*) FILTER (WHERE kind = 'digest' AND status = 'sent'), count(*) FILTER (WHERE status = 'digested') "
+        "FROM notification_outbox WHERE subscription_id = ANY(%s) GROUP BY 1 ORDER BY 1",
+        (subs,),
+    )
+    print(
+        f"\nsimulated city {city}: {readings} readings, {len({e[2] for e in events})} alerts, {len(events)} events "
+        f"-> per subscription (single, digests, events in digests): {[s[1:] for s in singles]}; "
+        f"{len(mails)} emails and {len(texts)} Telegram messages received"
+    )
+    for _, single, _digests, digested in singles:
+        assert single + digested >= len(events) - 1  # later events (dropouts) may have joined meanwhile
+    assert len(mails) >= 1 and len(texts) >= 1
+
+    # The city's anomalies cleared themselves within the simulated hours. Two of its flood gates now
+    # rise to Siaga 1 and stay there: one is acknowledged from the email's link, one from Telegram.
+    gates = [flood_gate(notifier, city), flood_gate(notifier, city)]
+    for gate in gates:
+        raise_siaga(notifier, gate)
+    alerts_ = [alert_of(notifier, gate.device_id)[0] for gate in gates]
+
+    def email_of(alert_id: int) -> str:
+        def find() -> list[str]:
+            bodies = [m[2].get_payload(decode=True).decode() for m in servers["mailbox"].received]
+            return [b for b in bodies if f"#alert={alert_id}" in b and "/notifications/ack/" in b]
+
+        return wait_for(find, what=f"the email of alert {alert_id}")[0]
+
+    mail_text = email_of(alerts_[0])
+    link = re.search(r"(http://\S+/api/v1/notifications/ack/\S+)", mail_text)[1]
+    assert httpx.post(link, timeout=10).status_code == 200
+    [pressed] = wait_for(
+        lambda: [m for m in servers["telegram"].sent if f"#alert={alerts_[1]}" in m["text"] and "reply_markup" in m],
+        what="the Telegram message of the second gate",
+    )
+    servers["telegram"].press(pressed, user="sari_dishub")
+    wait_for(lambda: alert_of(notifier, gates[1].device_id)[2] == "acknowledged", what="the button's acknowledgement")
+    expected = {alerts_[0]: f"link:subscription-{subs[0]}", alerts_[1]: "telegram:sari_dishub"}
+    for alert_id, actor in expected.items():
+        assert query(notifier, "SELECT acknowledged_by FROM alerts WHERE alert_id = %s", (alert_id,)) == [(actor,)]
+    audit = query(
+        notifier,
+        "SELECT at, actor, action, target_id, details->>'via' FROM audit_log "
+        "WHERE target_id = ANY(%s) AND action = 'alert.acknowledge' ORDER BY event_id",
+        ([str(a) for a in expected],),
+    )
+    assert sorted((a[3], a[1]) for a in audit) == sorted((str(k), v) for k, v in expected.items())
+    # Each acknowledgement is an event too: both channels hear both, once.
+    for sub in subs:
+        wait_for(
+            lambda sub=sub: (
+                len(
+                    query(
+                        notifier,
+                        "SELECT 1 FROM notification_outbox o JOIN alert_events e USING (event_id) "
+                        "WHERE o.subscription_id = %s AND e.action = 'acknowledged' AND o.status = 'sent' "
+                        "AND e.alert_id = ANY(%s)",
+                        (sub, alerts_),
+                    )
+                )
+                == 2
+            ),
+            what="the acknowledgements announced",
+        )
+    print("an email as received:\n" + mail_text)
+    print("a Telegram message as received:\n" + pressed["text"])
+    print("audit:", [(str(a[0])[:19], *a[1:]) for a in audit])
