@@ -271,12 +271,13 @@ class Notifier:
                     (job.message_id, job.attempt),
                 )
                 return
+            retry_s = None if job.attempt >= self.settings.max_attempts else backoff_s(job.attempt, self.settings)
             await conn.execute(
-                "UPDATE notification_attempts SET outcome = 'failed', finished_at = now(), error = %s "
-                "WHERE message_id = %s AND attempt = %s",
-                (error, job.message_id, job.attempt),
+                "UPDATE notification_attempts SET outcome = 'failed', finished_at = now(), error = %s, "
+                "retry_at = now() + %s * interval '1 second' WHERE message_id = %s AND attempt = %s",
+                (error, retry_s, job.message_id, job.attempt),
             )
-            if job.attempt >= self.settings.max_attempts:
+            if retry_s is None:
                 await conn.execute(
                     "UPDATE notification_outbox SET status = 'failed', last_error = %s "
                     "WHERE message_id = %s AND attempts = %s",
@@ -287,7 +288,7 @@ class Notifier:
                 await conn.execute(
                     "UPDATE notification_outbox SET status = 'pending', last_error = %s, "
                     "next_attempt_at = now() + %s * interval '1 second' WHERE message_id = %s AND attempts = %s",
-                    (error, backoff_s(job.attempt, self.settings), job.message_id, job.attempt),
+                    (error, retry_s, job.message_id, job.attempt),
                 )
 
     async def deliver_due(self, conn: psycopg.AsyncConnection, http: httpx.AsyncClient) -> int:

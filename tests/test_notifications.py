@@ -305,14 +305,17 @@ def test_a_failing_endpoint_is_retried_with_backoff_then_given_up_with_the_reaso
             lambda: [m for m in outbox(notifier, sub) if m[3] == "failed"], timeout_s=60, what="the give-up"
         )
         assert attempts == 3 and reason.startswith("gave up after 3 attempts: webhook: HTTP 503")
+        # Each failure schedules the next attempt (in its own transaction: one now()), twice as far out.
         tries = query(
             notifier,
-            "SELECT outcome, started_at FROM notification_attempts WHERE message_id = %s ORDER BY attempt",
+            "SELECT outcome, extract(epoch FROM retry_at - finished_at) FROM notification_attempts "
+            "WHERE message_id = %s ORDER BY attempt",
             (message_id,),
         )
         assert [t[0] for t in tries] == ["failed"] * 3
-        gaps = [(b[1] - a[1]).total_seconds() for a, b in zip(tries, tries[1:], strict=False)]
-        assert gaps[1] > gaps[0] * 1.2, f"backoff grows: {gaps}"
+        delays = [float(t[1]) for t in tries[:2]]
+        assert 0.45 <= delays[0] <= 0.55 and 0.9 <= delays[1] <= 1.1, f"0.5 s then 1 s, with 10 % jitter: {delays}"
+        assert tries[2][1] is None, "the last one schedules nothing: given up"
     finally:
         webhook_server.shutdown()
 

@@ -101,6 +101,7 @@ CREATE TABLE notification_attempts (
     finished_at timestamptz,
     outcome     text NOT NULL DEFAULT 'sending' CHECK (outcome IN ('sending', 'sent', 'failed', 'interrupted')),
     error       text,
+    retry_at    timestamptz,  -- a failed attempt: when the next one is due (none: given up)
     UNIQUE (message_id, attempt)
 );
 

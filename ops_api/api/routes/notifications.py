@@ -157,6 +157,7 @@ class Attempt(BaseModel):
     finished_at: dt.datetime | None
     outcome: Literal["sending", "sent", "failed", "interrupted"]
     error: str | None
+    retry_at: dt.datetime | None = Field(None, description="a failed attempt: when the next is due; none: given up")
 
 
 class Delivery(BaseModel):
@@ -420,7 +421,8 @@ async def list_deliveries(
             "SELECT o.message_id, o.kind, o.city, o.channel_id, o.subscription_id, o.alert_id, o.event_id, o.status, "
             "o.attempts, o.possible_duplicate, o.last_error, o.created_at, o.sent_at, o.digest_id, "
             "coalesce((SELECT json_agg(json_build_object('attempt', a.attempt, 'started_at', a.started_at, "
-            "'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.attempt) "
+            "'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error, 'retry_at', a.retry_at) "
+            "ORDER BY a.attempt) "
             "FROM notification_attempts a WHERE a.message_id = o.message_id), '[]') AS history "
             "FROM notification_outbox o WHERE (%s::text[] IS NULL OR o.city = ANY(%s)) "
             "AND (%s::text IS NULL OR o.city = %s) AND (%s::text IS NULL OR o.status = %s) "
