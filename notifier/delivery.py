@@ -38,6 +38,7 @@ ACTOR = "kota-notifier"
 AUDIT_INSERT = (
     "INSERT INTO audit_log (actor, action, target_type, target_id, city, details) VALUES (%s, %s, %s, %s, %s, %s)"
 )
+SUBSCRIPTION_LOCK = 0x6B6F74614E << 24  # advisory lock keys of subscriptions: this plus the id
 _TELEGRAM_ACK = re.compile(r"^ack:([1-9][0-9]{0,18})$")
 
 EVENT_ROW = """
@@ -154,6 +155,14 @@ class Notifier:
                 await self._finish(cur, message_id, "failed", "alert event no longer exists")
                 return None
             if row["attempts"] == 0 and row["status"] == "pending":
+                # One notifier at a time counts a subscription's window (replicas share the outbox);
+                # another holding it now takes this message, or it waits for the next round.
+                await cur.execute(
+                    "SELECT pg_try_advisory_xact_lock(%s) AS mine", (SUBSCRIPTION_LOCK + row["subscription_id"],)
+                )
+                locked = await cur.fetchone()
+                if not (locked and locked["mine"]):
+                    return None
                 now = dt.datetime.now(dt.UTC)
                 details = event["details"] or {}
                 if in_quiet_hours(now, row["quiet_start"], row["quiet_end"], row["timezone"]) and not most_severe(
@@ -202,14 +211,15 @@ class Notifier:
         return Job(message_id, attempt, row["kind"], channel, secret, language, message, ack_callback)
 
     async def _over_limit(self, cur: psycopg.AsyncCursor[dict[str, Any]], row: dict[str, Any]) -> bool:
-        """Whether the subscription already had its limit of messages in its window, or has some held
-        (which go first, in the digest)."""
+        """Whether the subscription already had its limit of messages in its window (a digest made but
+        not yet sent counts), or has some held (which go first, in the digest)."""
         await cur.execute(
-            "SELECT count(*) FILTER (WHERE dispatched_at > now() - %s * interval '1 second') AS recent, "
+            "SELECT count(*) FILTER (WHERE status <> 'held') AS recent, "
             "count(*) FILTER (WHERE status = 'held') AS held "
             "FROM notification_outbox WHERE subscription_id = %s AND kind IN ('event', 'digest') "
-            "AND (status = 'held' OR dispatched_at > now() - %s * interval '1 second')",
-            (row["digest_window_s"], row["subscription_id"], row["digest_window_s"]),
+            "AND (status = 'held' OR dispatched_at > now() - %s * interval '1 second' "
+            "     OR (kind = 'digest' AND status = 'pending'))",
+            (row["subscription_id"], row["digest_window_s"]),
         )
         counts = await cur.fetchone()
         assert counts is not None
