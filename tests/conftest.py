@@ -20,7 +20,7 @@ from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
 from ops_api import accounts
 
-PIPELINE = ("gateway", "processor", "api")
+PIPELINE = ("gateway", "processor", "api", "commander")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,159 @@
+"""Publish queued commands, resend them until acknowledged, record replies, expire the stale.
+
+One loop, one database connection (role kota_commander), one MQTT v5 session on the ingest listener
+(account kota-commander: write command topics, read reply topics). A publish counts as *sent* only
+when the broker's PUBACK says some session is subscribed to that device's command topic; "no
+matching subscribers" (an offline device with no persistent session) leaves it queued, and it is
+published again every `resend_after_s` until the device acknowledges it or its TTL passes.
+
+Replies come from a paho thread into a bounded queue and are recorded here. Whatever a device sends,
+the reply is recorded or refused with a stable reason (kota.commands.ReplyReason) and logged; the
+loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from commander.settings import CommanderSettings
+from kota import commands
+from kota.contract import REPLY_TOPICS, escaped, parse_reply_topic
+from kota.settings import StackSettings
+
+log = logging.getLogger("kota.commander")
+NO_MATCHING_SUBSCRIBERS = 0x10
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+def handle_reply(conn: psycopg.Connection, topic: str, payload: bytes) -> commands.Status | commands.ReplyReason:
+    """Record one reply from the broker, or say why it is refused. Never raises for what a device
+    sends (only for the database)."""
+    where = parse_reply_topic(topic)
+    if where is None:
+        return commands.ReplyReason.BAD_TOPIC
+    reply = commands.parse_reply(payload)
+    if isinstance(reply, commands.ReplyReason):
+        return reply
+    return commands.apply_reply(conn, where[2], reply)
+
+
+class Commander:
+    """The MQTT side: a connected client, PUBACK reasons by message id, and the replies received."""
+
+    def __init__(self, stack: StackSettings, settings: CommanderSettings) -> None:
+        self.settings = settings
+        self.replies: queue.Queue[tuple[str, bytes]] = queue.Queue(settings.max_pending_replies)
+        self.dropped = 0
+        self.arrived = threading.Event()  # a reply came: wakes the loop
+        self._acks: dict[int, int] = {}
+        self._acked = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=mqtt.MQTTv5)
+        password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+        self.client.username_pw_set(settings.mqtt_username, password)
+        self.client.reconnect_delay_set(1, 5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        session = Properties(PacketTypes.CONNECT)
+        session.SessionExpiryInterval = SESSION_EXPIRY_S
+        self.client.connect_async(
+            stack.mqtt_host, stack.mqtt_ingest_port, keepalive=30, clean_start=False, properties=session
+        )
+
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the commander: %s", reason)
+            return
+        client.subscribe(REPLY_TOPICS, qos=1)
+        log.info("MQTT connected; subscribed to %s", REPLY_TOPICS)
+
+    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.replies.put_nowait((message.topic, bytes(message.payload)))
+            self.arrived.set()
+        except queue.Full:
+            self.dropped += 1  # the device's next reply (to the resend) will do
+
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
+        with self._acked:
+            self._acks[mid] = reason.value
+            self._acked.notify_all()
+
+    def publish(self, topic: str, payload: bytes) -> int | None:
+        """Publish at QoS 1 and wait for the PUBACK: its reason code, or None without one."""
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        with self._acked:
+            self._acked.wait_for(lambda: info.mid in self._acks, timeout=self.settings.publish_timeout_s)
+            return self._acks.pop(info.mid, None)
+
+    def start(self) -> None:
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run_once(conn: psycopg.Connection, commander: Commander, refused: Counter[str]) -> int:
+    """One round: expire, record replies, publish what is due. How much it did."""
+    settings, actor = commander.settings, commander.settings.mqtt_username
+    done = len(commands.expire_commands(conn, actor))
+    while True:
+        try:
+            topic, payload = commander.replies.get_nowait()
+        except queue.Empty:
+            break
+        try:
+            outcome = handle_reply(conn, topic, payload)
+        except psycopg.OperationalError:
+            commander.replies.put((topic, payload))  # the database went away: keep it for the next connection
+            raise
+        except psycopg.Error as exc:  # a value the database refused (e.g. a NUL in the result): the device's fault
+            log.warning("reply on %s not recorded: %s", escaped(topic, 200), exc)
+            outcome = commands.ReplyReason.BAD_SHAPE
+        done += 1
+        if isinstance(outcome, commands.ReplyReason):
+            refused[outcome.value] += 1
+            log.info("reply on %s refused: %s", escaped(topic, 200), outcome.value)
+    if commander.client.is_connected():
+        for outgoing in commands.due_commands(conn, settings.resend_after_s):
+            code = commander.publish(outgoing.topic, outgoing.payload)
+            if code is None or (code >= 0x80):
+                log.warning("publishing %s to %s: PUBACK %s", outgoing.command_id, outgoing.topic, code)
+                continue
+            commands.record_published(conn, outgoing, actor, subscribed=code != NO_MATCHING_SUBSCRIBERS)
+            done += 1
+    return done
+
+
+def run_commander(stack: StackSettings, settings: CommanderSettings, stop: threading.Event) -> None:
+    commander = Commander(stack, settings)
+    commander.start()
+    refused: Counter[str] = Counter()
+    try:
+        while not stop.is_set():
+            try:
+                with psycopg.connect(stack.postgres_dsn, autocommit=True, connect_timeout=5) as conn:
+                    log.info("database connected")
+                    while not stop.is_set():
+                        commander.arrived.clear()
+                        if not run_once(conn, commander, refused):
+                            commander.arrived.wait(settings.poll_s)  # a reply, or the next look at the table
+            except psycopg.OperationalError as exc:
+                log.warning("database: %s; reconnecting", exc)
+                stop.wait(1.0)
+    finally:
+        commander.close()
+        log.info("stopped; replies refused by reason: %s; dropped (queue full): %d", dict(refused), commander.dropped)
