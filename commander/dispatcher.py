@@ -1,10 +1,10 @@
 """Publish queued commands, resend them until acknowledged, record replies, expire the stale.
 
 One loop, one database connection (role kota_commander), one MQTT v5 session on the ingest listener
-(account kota-commander: write command topics, read reply topics). A publish counts as *sent* only
-when the broker's PUBACK says some session is subscribed to that device's command topic; "no
-matching subscribers" (an offline device with no persistent session) leaves it queued, and it is
-published again every `resend_after_s` until the device acknowledges it or its TTL passes.
+(account kota-commander: write command topics, read reply topics). A command is *sent* once the
+broker has acknowledged it (PUBACK), and is published again every `resend_after_s` until the device
+acknowledges it or its TTL passes: a device that was offline gets it when it is back. (The broker
+cannot say whether the device is subscribed: see kota.commands.record_published.)
 
 Replies come from a paho thread into a bounded queue and are recorded here. Whatever a device sends,
 the reply is recorded or refused with a stable reason (kota.commands.ReplyReason) and logged; the
@@ -31,7 +31,6 @@ from kota.contract import REPLY_TOPICS, escaped, parse_reply_topic
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.commander")
-NO_MATCHING_SUBSCRIBERS = 0x10
 SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
@@ -133,7 +132,7 @@ def run_once(conn: psycopg.Connection, commander: Commander, refused: Counter[st
             if code is None or (code >= 0x80):
                 log.warning("publishing %s to %s: PUBACK %s", outgoing.command_id, outgoing.topic, code)
                 continue
-            commands.record_published(conn, outgoing, actor, subscribed=code != NO_MATCHING_SUBSCRIBERS)
+            commands.record_published(conn, outgoing, actor)
             done += 1
     return done
 

@@ -5,7 +5,7 @@ commander/) publishes it on the device's command topic and resends it until the 
 it or its time to live runs out; the device answers on its own reply topic (`parse_reply`), and the
 commander records each answer (`apply_reply`). Every step goes to the audit log with who did it.
 
-    awaiting_approval ──approve──> queued ──published──> sent ──"received"──> acknowledged
+    awaiting_approval ──approve──> queued ──PUBACK──> sent ──"received"──> acknowledged
                                      │                    │                      │
                                      └────────────────────┴──"succeeded"/"failed"┴──> succeeded | failed
     any state before a result ──TTL passed──> expired
@@ -410,27 +410,21 @@ def due_commands(conn: psycopg.Connection, resend_after_s: float, limit: int = 5
     ]
 
 
-def record_published(conn: psycopg.Connection, outgoing: Outgoing, actor: str, *, subscribed: bool) -> None:
-    """The broker took the command. `subscribed`: the device (or its gateway) is subscribed, so it is
-    sent; otherwise it stays queued, and is published again after the resend interval."""
+def record_published(conn: psycopg.Connection, outgoing: Outgoing, actor: str) -> None:
+    """The broker took the command (its PUBACK): it is sent, and published again after the resend
+    interval until the device acknowledges it. Whether the device is online the broker cannot say:
+    the ingest gateways' wildcard subscription matches every command topic (denied at delivery by
+    its ACL), so a PUBACK never reports "no matching subscribers"."""
     with conn.transaction():
         row = conn.execute(
             "SELECT status, send_count FROM device_commands WHERE command_id = %s FOR UPDATE", (outgoing.command_id,)
         ).fetchone()
         if row is None or row[0] not in TO_SEND:
             return  # answered or expired meanwhile
-        becomes_sent = subscribed and row[0] == Status.QUEUED
         conn.execute(
-            "UPDATE device_commands SET send_count = send_count + 1, last_sent_at = now(), status = %s, "
-            "sent_at = coalesce(sent_at, CASE WHEN %s THEN now() END) WHERE command_id = %s",
-            (Status.SENT if becomes_sent else row[0], subscribed, outgoing.command_id),
+            "UPDATE device_commands SET send_count = send_count + 1, last_sent_at = now(), status = 'sent', "
+            "sent_at = coalesce(sent_at, now()) WHERE command_id = %s",
+            (outgoing.command_id,),
         )
-        if becomes_sent:
-            audit(
-                conn,
-                actor,
-                "command.sent",
-                outgoing.command_id,
-                outgoing.city,
-                {"device_id": outgoing.device_id, "publishes": row[1] + 1},
-            )
+        if row[0] == Status.QUEUED:
+            audit(conn, actor, "command.sent", outgoing.command_id, outgoing.city, {"device_id": outgoing.device_id})
