@@ -1,6 +1,6 @@
 """Publish queued commands, resend them until acknowledged, record replies, expire the stale.
 
-One loop, one database connection (role kota_commander), one MQTT v5 session on the ingest listener
+One loop, one database connection (role kota_commander), one persistent MQTT session on the ingest listener
 (account kota-commander: write command topics, read reply topics). A command is *sent* once the
 broker has acknowledged it (PUBACK), and is published again every `resend_after_s` until the device
 acknowledges it or its TTL passes: a device that was offline gets it when it is back. (The broker
@@ -21,8 +21,6 @@ from collections import Counter
 import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from commander.settings import CommanderSettings
@@ -31,7 +29,6 @@ from kota.contract import REPLY_TOPICS, escaped, parse_reply_topic
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.commander")
-SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
 def handle_reply(conn: psycopg.Connection, topic: str, payload: bytes) -> commands.Status | commands.ReplyReason:
@@ -56,18 +53,19 @@ class Commander:
         self.arrived = threading.Event()  # a reply came: wakes the loop
         self._acks: dict[int, int] = {}
         self._acked = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=mqtt.MQTTv5)
+        # MQTT 3.1.1 with a persistent session, as the gateways: Mosquitto 2.0.11 aborted
+        # (will_delay.c: `delay_list != NULL`) when this client came back as MQTT 5 with a session
+        # expiry, taking the broker down with it.
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=mqtt.MQTTv311, clean_session=False
+        )
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         self.client.username_pw_set(settings.mqtt_username, password)
         self.client.reconnect_delay_set(1, 5)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
-        session = Properties(PacketTypes.CONNECT)
-        session.SessionExpiryInterval = SESSION_EXPIRY_S
-        self.client.connect_async(
-            stack.mqtt_host, stack.mqtt_ingest_port, keepalive=30, clean_start=False, properties=session
-        )
+        self.client.connect_async(stack.mqtt_host, stack.mqtt_ingest_port, keepalive=30)
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
         if reason.is_failure:
