@@ -24,7 +24,7 @@ from kota.contract import device_command_topic, device_reply_topic
 from kota.registry import Device
 from kota.settings import StackSettings
 from ops_api import accounts
-from tests.helpers import kota_command, mqtt_client, provision, query, unique_id, wait_for
+from tests.helpers import kota_command, kota_ok, mqtt_client, provision, query, run_kota, unique_id, wait_for
 
 CITY = "cmdkota"
 
@@ -277,3 +277,20 @@ def test_refusals_have_stable_codes_and_roles_are_kept(pipeline, people):
     assert [m.status_code for m in made] == [201] * 10 + [429]
     assert made[-1].json()["detail"]["code"] == "rate_limited"
     assert len(people["op-b"].get(path).json()["commands"]) == 10
+
+
+def test_the_cli_sends_lists_and_approves_through_the_api(pipeline):
+    siren = provision(pipeline, "flood_siren", city=CITY)
+    asker, approver = _token(pipeline, unique_id("cli-a"), "operator"), _token(pipeline, unique_id("cli-b"), "operator")
+    sent = kota_ok(pipeline, "commands", "send", siren.device_id, "sound", "--token", asker)
+    command_id = sent.split()[0]
+    assert "awaiting_approval" in sent and f"kota commands approve {siren.device_id} {command_id}" in sent
+    refused = run_kota(pipeline, "commands", "approve", siren.device_id, command_id, "--token", asker)
+    assert refused.returncode == 1 and "own_command" in refused.stderr
+    assert "queued" in kota_ok(pipeline, "commands", "approve", siren.device_id, command_id, "--token", approver)
+    bad = run_kota(
+        pipeline, "commands", "send", siren.device_id, "set_interval", "--param", "seconds=0", "--token", asker
+    )
+    assert bad.returncode == 1 and "bad_parameters" in bad.stderr
+    listing = kota_ok(pipeline, "commands", "list", siren.device_id, env={"KOTA_API_TOKEN": approver})
+    assert "obeys: sound (critical), stop, set_interval" in listing and command_id in listing

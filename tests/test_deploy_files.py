@@ -31,6 +31,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from cli.main import build_parser
+from commander.settings import CommanderSettings
 from deploy.install import postgres_bin
 from ingest.settings import GatewaySettings
 from kota.contract import DEADLETTER_TOPIC, READINGS_TOPIC
@@ -42,7 +43,13 @@ DEPLOY = PROJECT_ROOT / "deploy"
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
 K8S = DEPLOY / "k8s"
-SETTINGS: tuple[type[BaseSettings], ...] = (StackSettings, GatewaySettings, ProcessorSettings, ApiSettings)
+SETTINGS: tuple[type[BaseSettings], ...] = (
+    StackSettings,
+    GatewaySettings,
+    ProcessorSettings,
+    ApiSettings,
+    CommanderSettings,
+)
 
 # Who each project command logs in as: (PostgreSQL role, Kafka user; None: it uses no Kafka).
 # broker-access reads the registry as the gateway does. The migrations run as the schema's owner,
@@ -53,6 +60,7 @@ ACCOUNTS = {
     "api": ("kota_api", "kota-api"),
     "broker-access": ("kota_gateway", None),
     "migrate": ("kota_owner", "kota-admin"),
+    "commander": ("kota_commander", None),
 }
 SUPERUSERS = {"postgres", "kota-admin"}
 PARSER_LIMIT = GatewaySettings().max_payload_bytes
@@ -697,7 +705,9 @@ def test_each_component_logs_in_as_its_own_user_with_its_own_secret():
         command = argv[0]
         pg_role, kafka_user = ACCOUNTS[command]
         assert env.get("KOTA_POSTGRES_USER") == pg_role, f"{where}: PostgreSQL user {env.get('KOTA_POSTGRES_USER')}"
-        uses_kafka = command not in ("broker-access",) and not (command == "migrate" and where.startswith("k8s"))
+        uses_kafka = command not in ("broker-access", "commander") and not (
+            command == "migrate" and where.startswith("k8s")
+        )
         assert env.get("KOTA_KAFKA_USERNAME") == (kafka_user if uses_kafka else None), where
         if command != "migrate":
             assert not {env.get("KOTA_POSTGRES_USER"), env.get("KOTA_KAFKA_USERNAME")} & SUPERUSERS, where
@@ -710,13 +720,17 @@ def test_each_component_logs_in_as_its_own_user_with_its_own_secret():
             assert not any("PASSWORD" in k for k in env), f"{where}: passwords belong in its env_file"
             secrets = set(container["env_file"])
         secrets_of.setdefault(f"{where.split()[0]} {command}", set()).update(secrets)
-    # One secret per component; broker-access holds the gateway's (the same PostgreSQL role).
+    # One secret per component; broker-access holds the gateway's (the same PostgreSQL role), and in
+    # k8s the commander's (it writes the commander's broker password into the broker's files).
     for platform in ("k8s", "compose"):
         mine = {c: s for c, s in secrets_of.items() if c.startswith(platform)}
         assert set(mine) == {f"{platform} {c}" for c in ACCOUNTS}, mine
         for a, sa in mine.items():
             for b, sb in mine.items():
-                if a < b and {a, b} != {f"{platform} gateway", f"{platform} broker-access"}:
+                if a < b and {a, b} not in (
+                    {f"{platform} gateway", f"{platform} broker-access"},
+                    {f"{platform} commander", f"{platform} broker-access"},
+                ):
                     assert not sa & sb, f"{a} and {b} share {sa & sb}"
 
 
@@ -830,7 +844,7 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
         assert None in _allowed("mosquitto", port), port
     for port in set(listeners) - DEVICE_TLS_PORTS:
         assert None not in _allowed("mosquitto", port), f"anyone reaches broker port {port}"
-    assert _apps(_allowed("mosquitto", ingest)) == {"kota-gateway"}
+    assert _apps(_allowed("mosquitto", ingest)) == {"kota-gateway", "kota-commander"}
     assert _apps(_allowed("mosquitto", env.mqtt_port)) == {"kota-api"}  # /health's CONNACK
     # PostgreSQL: the platform's pods (broker-access is in the broker's pod).
     assert _apps(_allowed("timescaledb", env.postgres_port)) == {
@@ -838,6 +852,7 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
         "kota-gateway",
         "kota-processor",
         "kota-api",
+        "kota-commander",
         "mosquitto",
     }
     # Kafka: Strimzi's policy from each listener's peers.
@@ -860,7 +875,15 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
     pods = {
         d["spec"]["template"]["metadata"]["labels"]["app"] for d in k8s_documents() if "template" in d.get("spec", {})
     }
-    assert pods == {"kota-migrate", "kota-gateway", "kota-processor", "kota-api", "mosquitto", "timescaledb"}
+    assert pods == {
+        "kota-migrate",
+        "kota-gateway",
+        "kota-processor",
+        "kota-api",
+        "kota-commander",
+        "mosquitto",
+        "timescaledb",
+    }
 
 
 # -- No credential in what is committed ---------------------------------------------------------
