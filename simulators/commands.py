@@ -80,7 +80,7 @@ class DeviceCommands:
             if kind == "flood_siren" and name in ("sound", "stop"):
                 self._siren[who] = 1.0 if name == "sound" else 0.0
                 return {"sirenState": int(self._siren[who])}, None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # 1e400 is infinity
             return None, f"bad parameters: {exc}"
         return None, f"a {kind} does not obey {name!r}"
 

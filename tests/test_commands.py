@@ -222,3 +222,17 @@ def test_the_interval_thins_a_devices_reports_and_a_bad_command_fails():
     assert json.loads(firmware.take_replies()[-1][1])["status"] == "failed"
     firmware.receive(device_command_topic("bandung", "environment", "siren-1"), b"\xff not json")
     assert firmware.take_replies() == []
+
+
+@given(st.binary(max_size=200), st.sampled_from([LIGHT, SIREN]))
+@example(b'{"id": 1, "command": "off"}', LIGHT)
+@example(b'{"id": "x", "command": "dim", "params": {"level": "high"}}', LIGHT)
+@example(b'{"id": "x", "command": "dim", "params": []}', LIGHT)
+@example(b'{"id": "x", "command": "set_interval", "params": {"seconds": 1e400}}', SIREN)
+def test_the_simulated_firmware_takes_any_bytes_without_raising(payload, device):
+    firmware = DeviceCommands([LIGHT, SIREN])
+    firmware.receive(device_command_topic(device.city, device.domain, device.device_id), payload)
+    for _topic, reply in firmware.take_replies():
+        assert json.loads(reply)["status"] in ("received", "succeeded", "failed")
+    values = {"powerState": 1.0, "powerConsumption": 100.0} if device is LIGHT else {"sirenState": 0.0}
+    firmware.adjust(device, 0, values)

@@ -7,6 +7,7 @@ critical one waits for a second operator; no device reads another's commands or 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
@@ -19,8 +20,16 @@ import httpx
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer
 
-from kota.contract import device_command_topic, device_reply_topic
+from deploy import components, procs
+from kota.contract import (
+    DEADLETTER_TOPIC,
+    decode_dead_letter,
+    device_command_topic,
+    device_reply_topic,
+    device_telemetry_topic,
+)
 from kota.registry import Device
 from kota.settings import StackSettings
 from ops_api import accounts
@@ -251,9 +260,48 @@ def test_no_device_reads_anothers_commands_nor_answers_for_it(pipeline, people):
         assert _wait_status(people["op-a"], b.device_id, command_id, "succeeded")["error"] is None
         assert spy.received == []  # neither B's command nor anything under kota/#
         assert [body["id"] for _, body in victim.received] == [command_id] * len(victim.received)
+        # The ingest gateways never saw a command or a reply: no dead letter for either, up to a marker.
+        marker = device_telemetry_topic(a.city, a.domain, a.device_id)
+        spy.raw(b'{"powerState": 7}', topic=marker)
+        topics = asyncio.run(_dead_letter_topics_until(pipeline, marker))
+        assert not [t for t in topics if "/command" in t], topics
     finally:
         spy.close()
         victim.close()
+
+
+async def _dead_letter_topics_until(stack: StackSettings, marker: str) -> list[str]:
+    """The topics of the dead letters from the start of the topic up to the first one for `marker`."""
+    consumer = AIOKafkaConsumer(
+        DEADLETTER_TOPIC, **stack.kafka_client_options(), auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    topics: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while marker not in topics:
+            assert time.monotonic() < deadline, "the marker's dead letter never came"
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                topics += [decode_dead_letter(r.value)["topic"] for r in records]
+    finally:
+        await consumer.stop()
+    return topics
+
+
+def test_a_reply_sent_while_the_commander_is_down_is_recorded_when_it_is_back(pipeline, people):
+    light = provision(pipeline, "street_light", city=CITY)
+    device = FakeDevice(pipeline, light)
+    try:
+        made = _send(people["op-a"], light.device_id, "on")
+        wait_for(lambda: device.received, what="the command")
+        procs.stop(pipeline, "commander")
+        device.reply(made["command_id"], "succeeded", result={"powerState": 1})  # kept in its broker session
+        assert _status(people["op-a"], light.device_id, made["command_id"])["status"] == "sent"
+        components.start_component(pipeline, "commander")
+        _wait_status(people["op-a"], light.device_id, made["command_id"], "succeeded")
+    finally:
+        components.start_component(pipeline, "commander")
+        device.close()
 
 
 def test_refusals_have_stable_codes_and_roles_are_kept(pipeline, people):

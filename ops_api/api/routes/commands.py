@@ -84,7 +84,7 @@ def _refused(status: int, code: str, message: str) -> HTTPException:
     return HTTPException(status, {"code": code, "message": message})
 
 
-REFUSALS = {
+REFUSALS: dict[int | str, dict[str, Any]] = {
     422: {"description": "unknown_command or bad_parameters: `detail` is {code, message}"},
     429: {"description": "rate_limited: too many commands for this device in the last minute"},
 }
