@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 
 import paho.mqtt.client as mqtt
@@ -103,6 +104,19 @@ class Commander:
         self.client.loop_stop()
 
 
+_last_logged: dict[str, float] = {}
+LOG_EVERY_S = 10.0
+
+
+def _log_refusal(topic: str, reason: commands.ReplyReason, refused: Counter[str]) -> None:
+    """One line per reason per LOG_EVERY_S, with the count so far: a device flooding its reply topic
+    with garbage cannot flood the log."""
+    now = time.monotonic()
+    if now - _last_logged.get(reason.value, -LOG_EVERY_S) >= LOG_EVERY_S:
+        _last_logged[reason.value] = now
+        log.info("reply on %s refused: %s (%d so far)", escaped(topic, 200), reason.value, refused[reason.value])
+
+
 def run_once(conn: psycopg.Connection, commander: Commander, refused: Counter[str]) -> int:
     """One round: expire, record replies, publish what is due. How much it did."""
     settings, actor = commander.settings, commander.settings.mqtt_username
@@ -123,7 +137,7 @@ def run_once(conn: psycopg.Connection, commander: Commander, refused: Counter[st
         done += 1
         if isinstance(outcome, commands.ReplyReason):
             refused[outcome.value] += 1
-            log.info("reply on %s refused: %s", escaped(topic, 200), outcome.value)
+            _log_refusal(topic, outcome, refused)
     if commander.client.is_connected():
         for outgoing in commands.due_commands(conn, settings.resend_after_s):
             code = commander.publish(outgoing.topic, outgoing.payload)

@@ -342,3 +342,21 @@ def test_the_cli_sends_lists_and_approves_through_the_api(pipeline):
     assert bad.returncode == 1 and "bad_parameters" in bad.stderr
     listing = kota_ok(pipeline, "commands", "list", siren.device_id, env={"KOTA_API_TOKEN": approver})
     assert "obeys: sound (critical), stop, set_interval" in listing and command_id in listing
+
+
+def test_the_commander_role_may_move_commands_along_and_nothing_more(pipeline):
+    commander = pipeline.model_copy(update={"postgres_user": "kota_commander"})
+    with psycopg.connect(commander.postgres_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("kota_commander",)
+        conn.execute("SELECT count(*) FROM device_commands").fetchone()
+        for refused in (
+            "SELECT count(*) FROM users",
+            "SELECT count(*) FROM readings",
+            "SELECT count(*) FROM audit_log",
+            "INSERT INTO device_commands (command_id, device_id, city, command, status, requested_by, expires_at) "
+            "VALUES (gen_random_uuid(), 'x', 'x', 'on', 'queued', 'x', now())",
+            "DELETE FROM device_commands",
+            "UPDATE devices SET enabled = false",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(refused)
