@@ -129,7 +129,10 @@ def run_once(conn: psycopg.Connection, commander: Commander, refused: Counter[st
         try:
             outcome = handle_reply(conn, topic, payload)
         except psycopg.OperationalError:
-            commander.replies.put((topic, payload))  # the database went away: keep it for the next connection
+            try:  # the database went away: keep the reply for the next connection
+                commander.replies.put_nowait((topic, payload))
+            except queue.Full:
+                commander.dropped += 1
             raise
         except psycopg.Error as exc:  # a value the database refused (e.g. a NUL in the result): the device's fault
             log.warning("reply on %s not recorded: %s", escaped(topic, 200), exc)

@@ -95,7 +95,7 @@ class Connection:
 def listen_for_commands(client: mqtt.Client, commands: DeviceCommands) -> None:
     """Subscribe to the devices' command topics now and after every reconnection (clean sessions)."""
     topics = [(topic, 1) for topic in commands.topics()]
-    login_callback = client.on_connect
+    login_callback: Any = client.on_connect  # kota.mqtt.connect's, which says it is logged in
 
     def on_connect(c: mqtt.Client, userdata: object, flags: object, reason: Any, properties: object) -> None:
         if login_callback is not None:

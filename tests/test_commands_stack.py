@@ -325,6 +325,10 @@ def test_refusals_have_stable_codes_and_roles_are_kept(pipeline, people):
     assert [m.status_code for m in made] == [201] * 10 + [429]
     assert made[-1].json()["detail"]["code"] == "rate_limited"
     assert len(people["op-b"].get(path).json()["commands"]) == 10
+    for not_an_id in ("-" * 36, "x"):
+        assert people["op-b"].get(f"{path}/{not_an_id}").status_code == 422
+        assert people["op-b"].post(f"{path}/{not_an_id}/approve").status_code == 422
+    assert people["op-b"].get(f"{path}/{uuid.uuid4()}").status_code == 404
 
 
 def test_the_cli_sends_lists_and_approves_through_the_api(pipeline):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from typing import Annotated, Any
 
 import psycopg
@@ -21,7 +22,7 @@ from ops_api.api.errors import READ, responses
 from ops_api.auth import Caller, Principal, require
 
 router = APIRouter(prefix="/api/v1/devices", tags=["commands"])
-CommandId = Annotated[str, Path(pattern=r"^[0-9a-fA-F-]{32,36}$")]
+CommandId = Annotated[uuid.UUID, Path(description="the command's id (a UUID)")]
 
 
 class NewCommand(BaseModel):
@@ -155,7 +156,7 @@ async def command_status(device_id: str, command_id: CommandId, caller: Caller, 
     await _device(conn, caller, device_id)
     cur = await conn.execute(
         f"SELECT {commands.COLUMNS} FROM device_commands WHERE command_id = %s AND device_id = %s",  # noqa: S608
-        (command_id, device_id),
+        (str(command_id), device_id),
     )
     row = await cur.fetchone()
     if row is None:
@@ -175,7 +176,7 @@ async def approve_command(
 
     def approve() -> dict[str, Any]:
         with psycopg.connect(stack.postgres_dsn) as sync_conn:
-            return commands.approve_command(sync_conn, command_id, device_id, caller.user_id)
+            return commands.approve_command(sync_conn, str(command_id), device_id, caller.user_id)
 
     try:
         return await asyncio.to_thread(approve)
