@@ -171,6 +171,28 @@ def test_the_simulated_street_light_obeys_and_its_readings_show_it(pipeline, peo
                 "command.requested", "command.sent", "command.acknowledged", "command.succeeded",
             ]  # fmt: skip
             assert _audit(pipeline, off["command_id"])[-1][1] == light  # the device said so
+
+            # Every 3 s instead of every second: the readings' own times are 3 s apart from then on.
+            slower = _send(people["op-a"], light, "set_interval", params={"seconds": 3})
+            slowed = _wait_status(people["op-a"], light, slower["command_id"], "succeeded")
+            assert slowed["result"] == {"interval_s": 3.0}
+
+            def times_after(finished: str) -> list[float]:
+                rows = query(
+                    pipeline,
+                    "SELECT extract(epoch FROM ts) FROM readings WHERE device_id = %s AND metric = 'powerState' "
+                    "AND received_at > %s::timestamptz ORDER BY ts",
+                    (light, finished),
+                )
+                return [float(r[0]) for r in rows]
+
+            spaced = wait_for(
+                lambda: (t := times_after(slowed["finished_at"])) and len(t) >= 4 and t,
+                timeout_s=60,
+                what="readings at the new interval",
+            )
+            # (From the second on: the first may be the tick that took the command, a second after the one before.)
+            assert all(b - a >= 2.999 for a, b in zip(spaced[1:], spaced[2:], strict=False)), spaced
         finally:
             sim.terminate()
             output = sim.communicate(timeout=60)[0]
