@@ -33,10 +33,12 @@ def cmd_rotate_ingest_password(_args: argparse.Namespace) -> int:
 def cmd_broker_access(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from commander.settings import CommanderSettings
     from deploy import mqtt_access
     from ingest.settings import GatewaySettings
 
     secret = GatewaySettings().mqtt_password
+    commander_secret = CommanderSettings().mqtt_password
     if secret is None:
         say("broker-access needs KOTA_GATEWAY_MQTT_PASSWORD: the password the gateways log in with")
         return 2
@@ -47,6 +49,7 @@ def cmd_broker_access(args: argparse.Namespace) -> int:
         ingest_secret=secret.get_secret_value(),
         every_s=args.every,
         once=args.once,
+        commander_secret=commander_secret.get_secret_value() if commander_secret else None,
     )
     return 0
 

@@ -63,6 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from kota.registry import new_password
     from simulators.anomalies import Injector, label_entries, plan, weather_labels, write_labels
     from simulators.city import build_city
+    from simulators.commands import DeviceCommands
     from simulators.publisher import run
     from simulators.stream import FORMS, CityStream, device_forms
 
@@ -116,7 +117,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         run(
-            CityStream(city, Injector(anomalies), forms_of),
+            CityStream(city, Injector(anomalies), forms_of, commands=DeviceCommands(city.devices)),
             logins=logins,
             stop=stop,
             interval_ms=interval_ms,

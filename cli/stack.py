@@ -25,7 +25,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         mqtt_access.sync(settings)
         if mqtt_access.ingest_held(folders.mosquitto_dir(settings)):  # ingest.secret replaced by hand
             components.restart_gateway_and_accept(settings, say)
-        for name in ("gateway", "processor", "api", "notifier"):
+        for name in ("gateway", "processor", "api", "notifier", "commander"):
             components.start_component(settings, name)
         mosquitto.open_devices_when_ingest_subscribed(settings, say)
         if not args.no_simulator:

@@ -11,7 +11,7 @@ from deploy.folders import mosquitto_dir
 from deploy.procs import Say
 from kota.settings import PROJECT_ROOT, StackSettings, ensure_secret
 
-COMPONENTS = ("gateway", "processor", "api", "notifier", "simulator")
+COMPONENTS = ("gateway", "processor", "api", "notifier", "simulator", "commander")
 
 
 def component_env(stack: StackSettings, component: str | None = None) -> dict[str, str]:
@@ -29,6 +29,8 @@ def component_env(stack: StackSettings, component: str | None = None) -> dict[st
             "KOTA_KAFKA_USERNAME": user,
             "KOTA_KAFKA_PASSWORD": ensure_secret(stack.state_dir, kafka_access.password_file(user)),
         }
+    if component == "commander":  # its own broker account (deploy/mqtt_access.py)
+        env["KOTA_COMMANDER_MQTT_PASSWORD"] = mqtt_access.commander_password(mosquitto_dir(stack))
     # Its own PostgreSQL role too (deploy/postgres_access.py); the others are kota_owner.
     env |= postgres_access.component_env(stack, component)
     return env

@@ -19,6 +19,11 @@ and lets them in once one is (tests/test_identity.py). It logs in as its own acc
 on the ingest listener: it may publish the probe and read the broker's store counters, nothing
 else), so nothing done to the ingest account's credentials locks the guard out.
 
+The commander (`kota commander`, commander/) logs in on the ingest listener too, as `kota-commander`
+with a password of its own (`commander.secret`): it may write every device's command topic and read
+every reply topic, nothing else. Devices read only their own command topic and write only their own
+reply topic (a gateway: those of its bound devices), and the ingest account is denied both.
+
 Changing the ingest password is a reload that breaks every offline ingest session: Mosquitto 2.0.11
 re-checks each session's credentials on SIGHUP, offline ones included, and one that no longer
 matches keeps its subscription but is denied every message routed to it, after the sender's PUBACK
@@ -50,7 +55,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from deploy import procs
 from deploy.broker_limits import BROKER_MAX_QUEUED_BYTES, BROKER_MAX_QUEUED_MESSAGES
 from deploy.folders import mosquitto_dir
-from kota.contract import INGEST_PROBE_TOPIC, MQTT_TOPIC_ROOT
+from kota.contract import COMMAND_TOPICS, COMMAND_TREE, INGEST_PROBE_TOPIC, MQTT_TOPIC_ROOT, REPLY_TOPICS
 from kota.mqtt import connack_code, login_connect
 from kota.registry import hash_mqtt_password, mqtt_accounts, registry_version
 from kota.settings import StackSettings
@@ -67,6 +72,8 @@ GUARD_CREDENTIAL_FILE = "guard.secret"  # noqa: S105 (a file name)
 STORE_COUNTERS = "$SYS/broker/store/messages/#"  # what the guard reads: messages held and their bytes
 INGEST_ACCEPTED_FILE = "ingest.accepted"  # digest of the password the ingest sessions logged in with
 INGEST_HELD_FILE = "ingest-held"  # the ingest password differs from it: devices stay out
+COMMANDER_USER = "kota-commander"  # the commander's account, on the ingest listener
+COMMANDER_CREDENTIAL_FILE = "commander.secret"  # noqa: S105 (a file name)
 
 
 def _mosquitto_owned(path: Path) -> None:
@@ -112,6 +119,15 @@ def guard_password(folder: Path) -> str:
     return secret.read_text().strip()
 
 
+def commander_password(folder: Path) -> str:
+    """The commander's MQTT password on the local stack, made once per broker folder."""
+    secret = folder / COMMANDER_CREDENTIAL_FILE
+    if not secret.exists():
+        secret.write_text(secrets.token_urlsafe(24))
+        os.chmod(secret, 0o600)
+    return secret.read_text().strip()
+
+
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -147,8 +163,10 @@ def write_access_files(
     with_registry: bool = True,
     ingest_secret: str | None = None,
     broker_starting: bool = False,
+    commander_secret: str | None = None,
 ) -> None:
     """Write passwd and acl into the broker's folder; the registry part only once the schema exists.
+    `commander_secret`: the commander's password where a deployment hands it out (else made here).
     `ingest_secret` is the gateways' password where a deployment hands it out (else made here).
     `broker_starting`: no ingest session is loaded yet, so this password becomes the accepted one."""
     secret = ingest_secret or ingest_password(stack, folder)
@@ -163,11 +181,16 @@ def write_access_files(
     ingest_acl = [
         "# The ingest listener's rules (deploy/mqtt_access.py); edits are overwritten.",
         f"user {INGEST_USER}",
+        f"topic deny {COMMAND_TREE}",  # commands and replies are not readings
         f"topic read {MQTT_TOPIC_ROOT}/#",
         "",
         f"user {GUARD_USER}",
         f"topic write {INGEST_PROBE_TOPIC}",
         f"topic read {STORE_COUNTERS}",
+        "",
+        f"user {COMMANDER_USER}",
+        f"topic write {COMMAND_TOPICS}",
+        f"topic read {REPLY_TOPICS}",
     ]
     for account in accounts:
         if account.password_hash:
@@ -175,10 +198,12 @@ def write_access_files(
         # Certificate users need ACL lines too, whether or not they also have a password.
         acl.append(f"user {account.username}")
         acl += [f"topic write {topic}" for topic in account.write_topics]
+        acl += [f"topic read {topic}" for topic in account.read_topics]
         acl.append("")
     _write_atomically(
         folder / INGEST_PASSWD,
-        f"{INGEST_USER}:{hash_mqtt_password(secret)}\n{GUARD_USER}:{hash_mqtt_password(guard_password(folder))}\n",
+        f"{INGEST_USER}:{hash_mqtt_password(secret)}\n{GUARD_USER}:{hash_mqtt_password(guard_password(folder))}\n"
+        f"{COMMANDER_USER}:{hash_mqtt_password(commander_secret or commander_password(folder))}\n",
     )
     _write_atomically(folder / INGEST_ACL, "\n".join(ingest_acl) + "\n")
     _write_atomically(folder / "passwd", "\n".join(passwd) + "\n")
@@ -246,7 +271,14 @@ def sync(stack: StackSettings, *, ingest_secret: str | None = None) -> None:
 
 
 def serve_broker_access(
-    stack: StackSettings, folder: Path, broker_pid_file: Path, *, ingest_secret: str, every_s: float, once: bool = False
+    stack: StackSettings,
+    folder: Path,
+    broker_pid_file: Path,
+    *,
+    ingest_secret: str,
+    every_s: float,
+    once: bool = False,
+    commander_secret: str | None = None,
 ) -> None:
     """For a broker on another host or in another container (deploy/compose, deploy/k8s): keep
     its passwd and acl files, in a folder both share, in step with the registry, and reload the
@@ -261,7 +293,13 @@ def serve_broker_access(
     def apply() -> None:
         with one_writer:
             starting = not broker_pid_file.exists()  # not yet, when this writes the files a broker starts with
-            write_access_files(stack, folder, ingest_secret=ingest_secret, broker_starting=starting)
+            write_access_files(
+                stack,
+                folder,
+                ingest_secret=ingest_secret,
+                broker_starting=starting,
+                commander_secret=commander_secret,
+            )
             if not starting:
                 signal_until_loaded(
                     int(broker_pid_file.read_text().split()[0]), folder, stack.mqtt_host, stack.mqtt_port

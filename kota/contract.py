@@ -8,6 +8,8 @@ MQTT (device side; docs/integrators.md is the integrators' version)
     kota/{city}/{domain}/{device_id}/senml         the same, as SenML (RFC 8428)
     kota/{city}/gateway/{gateway_id}/telemetry     a gateway publishes for its bound devices
     kota/{city}/gateway/{gateway_id}/senml         the same, as SenML with names "{device}/{metric}"
+    kota/{city}/{domain}/{device_id}/command       the platform's commands to one device (kota.commands)
+    kota/{city}/{domain}/{device_id}/command/reply the device's acknowledgement and result
 
 Kafka (inside the platform)
     READINGS_TOPIC     one record per (MQTT message, device): key = device id (keeps each
@@ -82,6 +84,36 @@ def device_topics(city: str, domain: str, device_id: str) -> tuple[str, ...]:
 
 def gateway_topics(city: str, gateway_id: str) -> tuple[str, ...]:
     return tuple(gateway_telemetry_topic(city, gateway_id, fmt) for fmt in FORMATS)
+
+
+COMMAND_SEGMENT = "command"
+REPLY_SEGMENT = "reply"
+# What the commander subscribes to and publishes on (its ACL, deploy/mqtt_access.py). The ingest
+# account is denied both: a command is not a reading, and would otherwise reach its 5-level filter.
+COMMAND_TOPICS = f"{MQTT_TOPIC_ROOT}/+/+/+/{COMMAND_SEGMENT}"
+REPLY_TOPICS = f"{MQTT_TOPIC_ROOT}/+/+/+/{COMMAND_SEGMENT}/{REPLY_SEGMENT}"
+COMMAND_TREE = f"{MQTT_TOPIC_ROOT}/+/+/+/{COMMAND_SEGMENT}/#"  # both of the above
+
+
+def device_command_topic(city: str, domain: str, device_id: str) -> str:
+    """Where the platform publishes commands for one device (only that device may read it)."""
+    return f"{MQTT_TOPIC_ROOT}/{city}/{domain}/{device_id}/{COMMAND_SEGMENT}"
+
+
+def device_reply_topic(city: str, domain: str, device_id: str) -> str:
+    """Where one device acknowledges and answers its commands (only it, or its gateway, may write)."""
+    return f"{device_command_topic(city, domain, device_id)}/{REPLY_SEGMENT}"
+
+
+def parse_reply_topic(topic: str) -> tuple[str, str, str] | None:
+    """A reply topic → (city, domain, device id), or None if it is not one."""
+    parts = topic.split("/")
+    if len(parts) != 6 or parts[0] != MQTT_TOPIC_ROOT or parts[4:] != [COMMAND_SEGMENT, REPLY_SEGMENT]:
+        return None
+    _, city, domain, device_id, _, _ = parts
+    if domain not in DOMAINS or not is_valid_id(city) or not is_valid_id(device_id):
+        return None
+    return city, domain, device_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +206,7 @@ METRICS: dict[str, Metric] = {
         _m("powerState", "/", 0, 2, "street light state: 0 off, 1 on, 2 fault", state=True),
         _m("illuminanceLevel", "lx", 0, 200000, "illuminance"),
         _m("powerConsumption", "W", 0, 10000, "street light power draw", switched=True),
+        _m("sirenState", "/", 0, 1, "flood siren: 0 silent, 1 sounding", state=True),
     )
 }
 

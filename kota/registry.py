@@ -36,6 +36,7 @@ DEVICE_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "water_meter": ("utilities", ("waterConsumption", "pressure")),
     "electricity_meter": ("utilities", ("activePower", "activeEnergy")),
     "street_light": ("utilities", ("powerState", "powerConsumption")),
+    "flood_siren": ("environment", ("sirenState",)),
 }
 
 
@@ -172,25 +173,46 @@ def load_gateways(conn: psycopg.Connection) -> dict[str, Gateway]:
 
 @dataclass(frozen=True, slots=True)
 class MqttAccount:
-    """What the broker needs to know about one sender: who, its password hash, where it may write."""
+    """What the broker needs to know about one sender: who, its password hash, where it may write,
+    and what it may read (its commands: kota.commands)."""
 
     username: str
     password_hash: str | None
     write_topics: tuple[str, ...]
+    read_topics: tuple[str, ...] = ()
 
 
 def mqtt_accounts(conn: psycopg.Connection) -> list[MqttAccount]:
-    """Every enabled device and gateway, with the topics it may publish to (its own only)."""
-    from kota.contract import device_topics, gateway_topics
+    """Every enabled device and gateway, with the topics it may publish to (its own only) and read.
+
+    A device reads its own command topic and writes its own reply topic; a gateway does both for
+    each enabled device bound to it, which may have no connection of its own."""
+    from kota.contract import device_command_topic, device_reply_topic, device_topics, gateway_topics
 
     accounts = [
-        MqttAccount(r[0], r[3], device_topics(r[1], r[2], r[0]))
+        MqttAccount(
+            r[0],
+            r[3],
+            (*device_topics(r[1], r[2], r[0]), device_reply_topic(r[1], r[2], r[0])),
+            (device_command_topic(r[1], r[2], r[0]),),
+        )
         for r in conn.execute(
             "SELECT device_id, city, domain, mqtt_password_hash FROM devices WHERE enabled ORDER BY device_id"
         )
     ]
+    bound: dict[str, list[tuple[str, str, str]]] = {}
+    for device_id, city, domain, gateway_id in conn.execute(
+        "SELECT device_id, city, domain, gateway_id FROM devices WHERE enabled AND gateway_id IS NOT NULL "
+        "ORDER BY device_id"
+    ):
+        bound.setdefault(gateway_id, []).append((city, domain, device_id))
     accounts += [
-        MqttAccount(r[0], r[2], gateway_topics(r[1], r[0]))
+        MqttAccount(
+            r[0],
+            r[2],
+            (*gateway_topics(r[1], r[0]), *(device_reply_topic(*d) for d in bound.get(r[0], []))),
+            tuple(device_command_topic(*d) for d in bound.get(r[0], [])),
+        )
         for r in conn.execute(
             "SELECT gateway_id, city, mqtt_password_hash FROM gateways WHERE enabled ORDER BY gateway_id"
         )

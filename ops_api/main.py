@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kota.logs import setup_logging
 from kota.settings import StackSettings
-from ops_api.api.routes import access, alerts, cities, devices, health, live, notifications
+from ops_api.api.routes import access, alerts, cities, commands, devices, health, live, notifications
 from ops_api.auth import Caller, TokenCache, require
 from ops_api.live import LiveHub
 from ops_api.series_cache import BACKGROUND_CHECKS, SeriesCache
@@ -261,6 +261,7 @@ def create_app(
         notifications.router,
     ):
         app.include_router(router)
+    app.include_router(commands.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     registry = _metrics_registry()
 

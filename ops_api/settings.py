@@ -59,3 +59,7 @@ class ApiSettings(BaseSettings):
     # /health reports Kafka lag against the offsets this consumer group stored: the processor's own
     # setting, read here without importing the processor (which loads numba).
     processor_group_id: str = Field(default=PROCESSOR_GROUP, validation_alias="KOTA_PROCESSOR_GROUP_ID")
+    # Commands to devices (kota/commands.py): how long one waits for a result unless the request says,
+    # and how many one device may be sent a minute (more: 429 rate_limited).
+    command_ttl_s: float = 3600.0
+    commands_per_device_per_minute: int = 10

@@ -209,4 +209,6 @@ def values_at(device: Device, ts_ms: int, rng: np.random.Generator, seed: int = 
     if t == "street_light":
         on = 1.0 if hour >= 18 or hour < 6 else 0.0
         return {"powerState": on, "powerConsumption": max(0.0, on * 120 + noise(0, 2)) if on else 0.0}
+    if t == "flood_siren":
+        return {"sirenState": 0.0}  # silent unless a command sounds it (simulators/commands.py)
     raise ValueError(f"no simulation for device type {t!r}")

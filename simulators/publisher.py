@@ -17,10 +17,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from kota.mqtt import MqttLogin, connect
+from simulators.commands import DeviceCommands
 from simulators.stream import CityStream
 
 log = logging.getLogger("kota.simulator")
@@ -90,6 +92,23 @@ class Connection:
         self.client.disconnect()
 
 
+def listen_for_commands(client: mqtt.Client, commands: DeviceCommands) -> None:
+    """Subscribe to the devices' command topics now and after every reconnection (clean sessions)."""
+    topics = [(topic, 1) for topic in commands.topics()]
+    login_callback: Any = client.on_connect  # kota.mqtt.connect's, which says it is logged in
+
+    def on_connect(c: mqtt.Client, userdata: object, flags: object, reason: Any, properties: object) -> None:
+        if login_callback is not None:
+            login_callback(c, userdata, flags, reason, properties)
+        if not reason.is_failure and topics:
+            c.subscribe(topics)
+
+    client.on_connect = on_connect
+    client.on_message = lambda _c, _u, message: commands.receive(message.topic, bytes(message.payload))
+    if topics:
+        client.subscribe(topics)
+
+
 def run(
     stream: CityStream,
     *,
@@ -102,11 +121,16 @@ def run(
     max_queued: int = 1000,
     count_log: Path | None = None,
 ) -> Sent:
-    """Publish until `stop` (or `max_ticks`); `logins` holds one login per sender (gateway or device)."""
+    """Publish until `stop` (or `max_ticks`); `logins` holds one login per sender (gateway or device).
+    With `stream.commands`, the devices obey commands taken through the gateway's connection, and
+    their replies go out after each tick's readings (simulators/commands.py)."""
     sent, lock = Sent(), threading.Lock()
     connections = {
         sender: Connection(login, f"kota-sim-{sender}", sent, lock, max_queued) for sender, login in logins.items()
     }
+    commands = stream.commands
+    if commands is not None:
+        listen_for_commands(connections[stream.city.gateway_id].client, commands)
     began = time.monotonic()
     tick = 0
     try:
@@ -117,6 +141,9 @@ def run(
             for message in messages:
                 if not connections[message.sender].publish(message.topic, message.payload, message.readings, stop):
                     break
+            if commands is not None:
+                for topic, payload in commands.take_replies():
+                    connections[stream.city.gateway_id].publish(topic, payload, 0, stop)
             sent.ticks = tick = tick + 1
             sent.first_ts_ms = sent.first_ts_ms or ts_ms
             sent.last_ts_ms = ts_ms

@@ -17,6 +17,7 @@ from kota.contract import device_telemetry_topic, gateway_telemetry_topic
 from kota.registry import Device
 from simulators.anomalies import Injector
 from simulators.city import SimulatedCity, values_at
+from simulators.commands import DeviceCommands
 
 FORMS = ("batch", "senml", "single")
 MISSING_SHARE = 0.005  # a reading now and then simply does not arrive
@@ -54,10 +55,16 @@ class CityStream:
     """The city's MQTT messages tick by tick, with the injected anomalies, in each device's form."""
 
     def __init__(
-        self, city: SimulatedCity, injector: Injector, forms: dict[str, str], devices_per_message: int = 100
+        self,
+        city: SimulatedCity,
+        injector: Injector,
+        forms: dict[str, str],
+        devices_per_message: int = 100,
+        commands: DeviceCommands | None = None,
     ) -> None:
         self.city, self._injector, self._forms = city, injector, forms
         self._per_message = devices_per_message
+        self.commands = commands  # what the devices were told to do (simulators/commands.py)
 
     def tick(self, tick: int, ts_ms: int) -> list[Message]:
         rng = np.random.default_rng([self.city.seed, tick])
@@ -68,6 +75,8 @@ class CityStream:
             clean = values_at(device, ts_ms, rng, self.city.seed)
             missing = rng.random() < MISSING_SHARE
             values = self._injector.apply(device, ts_ms, clean)
+            if values is not None and self.commands is not None:
+                values = self.commands.adjust(device, ts_ms, values)
             if values is None or missing:
                 continue
             values = _round(values)

@@ -20,7 +20,7 @@ from kota.schema import migrate
 from kota.settings import PROJECT_ROOT, StackSettings
 from ops_api import accounts
 
-PIPELINE = ("gateway", "processor", "api", "notifier")
+PIPELINE = ("gateway", "processor", "api", "notifier", "commander")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kota.settings import PROJECT_ROOT
 
-STAGES = {"simulators", "ingest", "processing", "ops_api", "notifier"}
+STAGES = {"simulators", "ingest", "processing", "ops_api", "notifier", "commander"}
 # What each top-level package may import besides itself: cli → deploy → stages → kota. A stage
 # reads only upstream on the data path: the API reads what processing owns (its rules), nothing else.
 MAY_IMPORT: dict[str, set[str]] = {
@@ -18,6 +18,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "processing": {"kota"},
     "ops_api": {"kota", "processing"},
     "notifier": {"kota", "processing"},
+    "commander": {"kota"},
     "deploy": {"kota"},
     "cli": {"kota", "deploy", *STAGES},
     "bench": {"kota", "deploy", *STAGES},

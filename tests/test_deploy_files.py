@@ -31,6 +31,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from cli.main import build_parser
+from commander.settings import CommanderSettings
 from deploy.install import postgres_bin
 from ingest.settings import GatewaySettings
 from kota.contract import DEADLETTER_TOPIC, READINGS_TOPIC
@@ -49,6 +50,7 @@ SETTINGS: tuple[type[BaseSettings], ...] = (
     ProcessorSettings,
     ApiSettings,
     NotifierSettings,
+    CommanderSettings,
 )
 
 # Who each project command logs in as: (PostgreSQL role, Kafka user; None: it uses no Kafka).
@@ -61,6 +63,7 @@ ACCOUNTS = {
     "notifier": ("kota_notifier", None),
     "broker-access": ("kota_gateway", None),
     "migrate": ("kota_owner", "kota-admin"),
+    "commander": ("kota_commander", None),
 }
 SUPERUSERS = {"postgres", "kota-admin"}
 NOTIFICATIONS_KEY = "kota-notifications-key"  # k8s Secret; compose: one value in api.env and notifier.env
@@ -706,7 +709,7 @@ def test_each_component_logs_in_as_its_own_user_with_its_own_secret():
         command = argv[0]
         pg_role, kafka_user = ACCOUNTS[command]
         assert env.get("KOTA_POSTGRES_USER") == pg_role, f"{where}: PostgreSQL user {env.get('KOTA_POSTGRES_USER')}"
-        uses_kafka = command not in ("broker-access", "notifier") and not (
+        uses_kafka = command not in ("broker-access", "notifier", "commander") and not (
             command == "migrate" and where.startswith("k8s")
         )
         assert env.get("KOTA_KAFKA_USERNAME") == (kafka_user if uses_kafka else None), where
@@ -721,13 +724,17 @@ def test_each_component_logs_in_as_its_own_user_with_its_own_secret():
             assert not any("PASSWORD" in k for k in env), f"{where}: passwords belong in its env_file"
             secrets = set(container["env_file"])
         secrets_of.setdefault(f"{where.split()[0]} {command}", set()).update(secrets)
-    # One secret per component; broker-access holds the gateway's (the same PostgreSQL role).
+    # One secret per component; broker-access holds the gateway's (the same PostgreSQL role), and in
+    # k8s the commander's (it writes the commander's broker password into the broker's files).
     for platform in ("k8s", "compose"):
         mine = {c: s for c, s in secrets_of.items() if c.startswith(platform)}
         assert set(mine) == {f"{platform} {c}" for c in ACCOUNTS}, mine
         for a, sa in mine.items():
             for b, sb in mine.items():
-                if a < b and {a, b} != {f"{platform} gateway", f"{platform} broker-access"}:
+                if a < b and {a, b} not in (
+                    {f"{platform} gateway", f"{platform} broker-access"},
+                    {f"{platform} commander", f"{platform} broker-access"},
+                ):
                     # The API and the notifier share the notifications key (links one signs, the other checks).
                     shared = sa & sb - (
                         {NOTIFICATIONS_KEY} if {a, b} == {f"{platform} api", f"{platform} notifier"} else set()
@@ -845,7 +852,7 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
         assert None in _allowed("mosquitto", port), port
     for port in set(listeners) - DEVICE_TLS_PORTS:
         assert None not in _allowed("mosquitto", port), f"anyone reaches broker port {port}"
-    assert _apps(_allowed("mosquitto", ingest)) == {"kota-gateway"}
+    assert _apps(_allowed("mosquitto", ingest)) == {"kota-gateway", "kota-commander"}
     assert _apps(_allowed("mosquitto", env.mqtt_port)) == {"kota-api"}  # /health's CONNACK
     # PostgreSQL: the platform's pods (broker-access is in the broker's pod).
     assert _apps(_allowed("timescaledb", env.postgres_port)) == {
@@ -854,6 +861,7 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
         "kota-processor",
         "kota-api",
         "kota-notifier",
+        "kota-commander",
         "mosquitto",
     }
     # Kafka: Strimzi's policy from each listener's peers.
@@ -882,6 +890,7 @@ def test_network_policies_deny_by_default_and_allow_only_what_each_service_needs
         "kota-processor",
         "kota-api",
         "kota-notifier",
+        "kota-commander",
         "mosquitto",
         "timescaledb",
     }

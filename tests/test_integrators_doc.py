@@ -12,7 +12,7 @@ import pytest
 
 from deploy.components import component_env
 from kota.settings import PROJECT_ROOT
-from tests.helpers import stored_readings, wait_for
+from tests.helpers import query, stored_readings, wait_for
 from tests.test_end_to_end import _dead_letters_for
 
 pytestmark = pytest.mark.stack
@@ -26,7 +26,7 @@ def shell_blocks() -> list[str]:
 
 def test_the_guide_has_examples_for_every_payload_form():
     text = "\n".join(shell_blocks())
-    for needle in ("/telemetry", "/senml", "/gateway/", "--cafile", "--cert", "kota deadletters"):
+    for needle in ("/telemetry", "/senml", "/gateway/", "--cafile", "--cert", "kota deadletters", "/command/reply"):
         assert needle in text
 
 
@@ -75,3 +75,16 @@ def test_every_example_in_the_integrators_guide_works(pipeline):
         _dead_letters_for(pipeline, "kota/bandung/environment/bandung-aq-101/telemetry", 1, since_ms=started_ms)
     )
     assert [letter["reason"] for letter in letters] == ["out_of_range"]
+    # The street light of section 9 took its command and answered: the platform recorded the result.
+    assert wait_for(
+        lambda: (
+            query(
+                pipeline,
+                "SELECT status, result FROM device_commands WHERE device_id = 'bandung-light-101' AND command = 'dim' "
+                "AND created_at >= to_timestamp(%s / 1000.0) ORDER BY created_at DESC LIMIT 1",
+                (started_ms - 2000,),
+            )
+            == [("succeeded", {"level": 40})]
+        ),
+        what="the light's command to succeed",
+    )

@@ -11,7 +11,7 @@ secrets=${KOTA_SECRETS_DIR:-/run/secrets}
 export PGUSER=postgres PGHOST="${PGHOST:-timescaledb}" PGDATABASE="${PGDATABASE:-kota}"
 PGPASSWORD=$(cat "$secrets/postgres-postgres.password")
 export PGPASSWORD
-for role in kota_owner kota_processor kota_gateway kota_api kota_notifier; do
+for role in kota_owner kota_processor kota_gateway kota_api kota_notifier kota_commander; do
   # The password goes to psql through its environment, never its command line.
   KOTA_ROLE_PASSWORD=$(cat "$secrets/postgres-$role.password") \
     psql -X -q -v ON_ERROR_STOP=1 -v role="$role" <<'SQL'
@@ -27,4 +27,4 @@ SELECT 'CREATE EXTENSION IF NOT EXISTS timescaledb'
  WHERE EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb') \gexec
 SELECT format('ALTER DATABASE %I OWNER TO kota_owner', current_database()) \gexec
 SQL
-echo "roles kota_owner, kota_processor, kota_gateway, kota_api, kota_notifier ready in database $PGDATABASE"
+echo "roles kota_owner, kota_processor, kota_gateway, kota_api, kota_notifier, kota_commander ready in database $PGDATABASE"

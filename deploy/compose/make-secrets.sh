@@ -25,9 +25,10 @@ password() {  # secrets/<name>.password, made once
   chmod 644 "$file"
 }
 
-for role in postgres kota_owner kota_processor kota_gateway kota_api kota_notifier; do password "postgres-$role"; done
+for role in postgres kota_owner kota_processor kota_gateway kota_api kota_notifier kota_commander; do password "postgres-$role"; done
 for user in kota-admin kota-gateway kota-processor kota-api; do password "kafka-$user"; done
 password mqtt-kota-ingest
+password mqtt-kota-commander
 password notifications-key  # channel secrets at rest and acknowledge links: the API's and the notifier's
 
 secret() { cat "$out/$1.password"; }
@@ -43,7 +44,9 @@ env_file() {  # <service> VAR=secret-name ...
 env_file migrate KOTA_POSTGRES_PASSWORD=postgres-kota_owner KOTA_KAFKA_PASSWORD=kafka-kota-admin
 env_file gateway KOTA_POSTGRES_PASSWORD=postgres-kota_gateway KOTA_KAFKA_PASSWORD=kafka-kota-gateway \
   KOTA_GATEWAY_MQTT_PASSWORD=mqtt-kota-ingest
-env_file broker-access KOTA_POSTGRES_PASSWORD=postgres-kota_gateway KOTA_GATEWAY_MQTT_PASSWORD=mqtt-kota-ingest
+env_file broker-access KOTA_POSTGRES_PASSWORD=postgres-kota_gateway KOTA_GATEWAY_MQTT_PASSWORD=mqtt-kota-ingest \
+  KOTA_COMMANDER_MQTT_PASSWORD=mqtt-kota-commander
+env_file commander KOTA_POSTGRES_PASSWORD=postgres-kota_commander KOTA_COMMANDER_MQTT_PASSWORD=mqtt-kota-commander
 env_file processor KOTA_POSTGRES_PASSWORD=postgres-kota_processor KOTA_KAFKA_PASSWORD=kafka-kota-processor
 env_file api KOTA_POSTGRES_PASSWORD=postgres-kota_api KOTA_KAFKA_PASSWORD=kafka-kota-api \
   KOTA_NOTIFICATIONS_KEY=notifications-key

@@ -1,12 +1,14 @@
 // The command-centre page: plain ES modules, no build step. Data comes from /api/v1 with the
 // operator's token; live values arrive over the WebSocket feed and update the page in place.
 import { CityMap, STATUS_COLOURS } from "./map.js";
+import { CommandsPanel } from "./commands.js";
 import { language, setLanguage, t } from "./i18n.js";
 import { renderNotifications, showLinkedAlert } from "./notifications.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { token: null, city: null, cities: [], latest: new Map(), liveCount: 0, socket: null };
 let map;
+let commandsPanel;
 
 // -- small helpers -----------------------------------------------------------------------------
 const fmt = (v, digits = 1) => (v === null || v === undefined ? "—" : Number(v).toFixed(digits));
@@ -34,7 +36,10 @@ async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: { Authorization: `Bearer ${state.token}`,
     "Content-Type": "application/json", ...(options.headers || {}) } });
   if (response.status === 401) { logout(t("bad_token")); throw new Error("401"); }
-  if (!response.ok) throw new Error(`${response.status} ${(await response.json()).detail}`);
+  if (!response.ok) {
+    const detail = (await response.json()).detail;  // a string, or {code, message} (commands)
+    throw new Error(`${response.status} ${detail?.code ? `${detail.code}: ${detail.message}` : detail}`);
+  }
   return response.json();
 }
 
@@ -79,6 +84,7 @@ async function loadCity() {
   localStorage.setItem("kota.city", state.city);
   const devices = await api(`/api/v1/devices?city=${encodeURIComponent(state.city)}`);
   map.setDevices(devices.features);
+  commandsPanel.setDevices(devices.features);
   state.latest.clear();
   for (const f of devices.features) state.latest.set(f.id, f.properties.latest);
   $("device-count").replaceChildren(`${devices.features.length} `, el("span", { "data-i18n": "devices" }, t("devices")));
@@ -246,6 +252,7 @@ function onEvent(event) {
 window.addEventListener("DOMContentLoaded", () => {
   map = new CityMap($("map"));
   window.kotaMap = map;  // for the browser test and for curious operators
+  commandsPanel = new CommandsPanel($("commands-panel"), api, el);
   setLanguage(language());
   $("lang").textContent = language() === "id" ? "EN" : "ID";
   $("lang").onclick = () => { setLanguage(language() === "id" ? "en" : "id"); $("lang").textContent = language() === "id" ? "EN" : "ID"; drawLegend(); refreshViews();

@@ -12,6 +12,7 @@ export const LABELS = {
     bad_token: "Token tidak berlaku.", limit: "batas", leak: "dugaan bocor", vs_baseline: "vs biasa",
     usual: "biasanya", congestion: "kemacetan", on: "nyala", off: "mati", fault: "rusak", rising: "naik cepat",
     acknowledged: "diakui", active: "aktif", no_data: "belum ada data",
+    commands: "Perintah perangkat",
   },
   en: {
     title: "Command Centre", city: "City", province: "Province", logout: "Log out", login: "Sign in",
@@ -25,6 +26,7 @@ export const LABELS = {
     bad_token: "That token is not valid.", limit: "limit", leak: "suspected leak", vs_baseline: "vs usual",
     usual: "usual", congestion: "congestion", on: "on", off: "off", fault: "fault", rising: "rising fast",
     acknowledged: "acknowledged", active: "active", no_data: "no data yet",
+    commands: "Device commands",
   },
 };
 

@@ -1,0 +1,1 @@
+"""The commander: publishes queued commands to devices and records their replies (`kota commander`)."""
