@@ -38,6 +38,7 @@ from kota.settings import StackSettings
 from processing import kernels, maintenance
 from processing.detect import Detectors, deserialize, serialize
 from processing.kernels import REASONS
+from processing.rulebook import RuleBook
 from processing.rules import RulePolicy, detector_signal
 from processing.settings import ProcessorSettings
 from processing.store import (
@@ -204,6 +205,7 @@ class Processor:
             allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
             rules=RulePolicy(ispu_window_minutes=settings.ispu_window_minutes),
             default_clear_after_s=settings.clear_after_s,
+            rulebook=RuleBook(),  # the operators' rules, read again when they change (processing/rulebook.py)
         )
 
     async def seek_to_stored(self, assigned: set[TopicPartition]) -> None:

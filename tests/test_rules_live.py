@@ -1,0 +1,192 @@
+"""Rules operators edit, on the real stack (docs/rules.md): a change through the API reaches the
+running processor without a restart, readings published through the broker raise (or no longer
+raise) the alert with the version recorded, a rollback brings the old rule back, the preview over
+the stored aggregates finds what the processor raised, and the rules are city-scoped and audited."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import httpx
+import psycopg
+import pytest
+
+from deploy import procs
+from ops_api import accounts
+from processing.rulebook import MINUTE_MS
+from tests.helpers import provision, publish_series, query, unique_id, wait_for
+
+HOT = {
+    "id": "hot",
+    "metric": "temperature",
+    "op": "above",
+    "value": 30,
+    "for_s": 120,
+    "deadband": 2,
+    "severity": "major",
+}
+
+
+def client(stack, user_id: str, role: str, cities: tuple[str, ...]) -> httpx.Client:
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        accounts.upsert_user(conn, accounts.User(user_id, role, cities), actor="tests")  # type: ignore[arg-type]
+        token = accounts.issue_token(conn, user_id, actor="tests")
+    return httpx.Client(base_url=stack.api_url, timeout=20, headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def city(pipeline):
+    name = unique_id("rules")
+    device = provision(pipeline, "air_quality", city=name, district="coblong")
+    operator = client(pipeline, unique_id("op"), "operator", (name,))
+    yield name, device, operator
+    operator.close()
+
+
+def episode(start_ms: int, hot: float) -> list[tuple[int, float]]:
+    """15 minutes of temperature, three readings a minute: 25 for 5 minutes, `hot` for 5, 25 for 5."""
+    values = [25.0] * 5 + [hot] * 5 + [25.0] * 5
+    return [(start_ms + i * MINUTE_MS + s * 20_000, v) for i, v in enumerate(values) for s in range(3)]
+
+
+def judged_past(stack, device_id: str, ts_ms: int) -> None:
+    def past() -> bool:
+        rows = query(
+            stack,
+            "SELECT (extract(epoch FROM judged_before) * 1000)::bigint FROM rule_watermarks "
+            "WHERE device_id = %s AND metric = 'temperature'",
+            (device_id,),
+        )
+        return bool(rows) and rows[0][0] > ts_ms
+
+    wait_for(past, timeout_s=90, what=f"the processor to judge {device_id} past {ts_ms}")
+
+
+def rule_alerts(stack, device_id: str) -> list[tuple]:
+    return query(
+        stack,
+        "SELECT (extract(epoch FROM first_ts) * 1000)::bigint, (extract(epoch FROM last_ts) * 1000)::bigint, count, "
+        "state, details->>'rules_version', severity, cleared_by FROM alerts "
+        "WHERE device_id = %s AND alert_type = 'rule:hot' ORDER BY first_ts",
+        (device_id,),
+    )
+
+
+def test_a_rule_changed_through_the_api_applies_live_rolls_back_and_previews_what_the_processor_raised(pipeline, city):
+    name, device, operator = city
+    processor_pid = procs.running_pid(pipeline, "processor")
+    base = int(time.time() * 1000) - 3 * 3_600_000
+    base -= base % MINUTE_MS
+
+    # Version 1: temperature above 30 for two minutes. The first episode (35 for five minutes) raises it.
+    saved = operator.put(
+        f"/api/v1/cities/{name}/rules", json={"rules": {"rules": [HOT]}, "comment": "hot", "expected_version": 0}
+    )
+    assert saved.status_code == 200, saved.text
+    assert saved.json()["version"] == 1 and saved.json()["author"].startswith("op-")
+    publish_series(pipeline, device, "temperature", episode(base, 35.0), per_message=15)
+    judged_past(pipeline, device.device_id, base + 10 * MINUTE_MS)
+    first = rule_alerts(pipeline, device.device_id)
+    # Raised at the second minute at 35 (two minutes held), counted on the next three, cleared at 25.
+    assert first == [(base + 6 * MINUTE_MS, base + 9 * MINUTE_MS, 4, "cleared", "1", "major", "kota-processor")]
+
+    # Version 2: above 40. The same episode again raises nothing.
+    higher = operator.put(
+        f"/api/v1/cities/{name}/rules",
+        json={"rules": {"rules": [{**HOT, "value": 40}]}, "comment": "too noisy", "expected_version": 1},
+    )
+    assert higher.status_code == 200 and higher.json()["version"] == 2
+    stale = operator.put(f"/api/v1/cities/{name}/rules", json={"rules": {}, "comment": "late", "expected_version": 1})
+    assert stale.status_code == 409, "an edit from a version that is no longer current is refused"
+    publish_series(pipeline, device, "temperature", episode(base + 20 * MINUTE_MS, 35.0), per_message=15)
+    judged_past(pipeline, device.device_id, base + 30 * MINUTE_MS)
+    assert rule_alerts(pipeline, device.device_id) == first, "version 2 no longer raises at 35"
+
+    # Roll back to version 1 (as version 3): the third episode raises again, recorded with version 3.
+    back = operator.post(f"/api/v1/cities/{name}/rules/rollback", json={"version": 1, "comment": "storm season"})
+    assert back.status_code == 200, back.text
+    assert back.json()["version"] == 3 and back.json()["rolled_back_to"] == 1
+    assert back.json()["rules"]["rules"][0]["value"] == 30
+    publish_series(pipeline, device, "temperature", episode(base + 40 * MINUTE_MS, 36.0), per_message=15)
+    judged_past(pipeline, device.device_id, base + 50 * MINUTE_MS)
+    alerts = rule_alerts(pipeline, device.device_id)
+    assert alerts[1:] == [(base + 46 * MINUTE_MS, base + 49 * MINUTE_MS, 4, "cleared", "3", "major", "kota-processor")]
+    assert procs.running_pid(pipeline, "processor") == processor_pid, "applied without restarting the processor"
+
+    # The preview of version 1's rule over the stored aggregates: the two episodes the processor
+    # raised, exactly, and the one version 2 kept quiet.
+    preview = operator.post(f"/api/v1/cities/{name}/rules/preview", json={"rule": HOT, "days": 1})
+    assert preview.status_code == 200, preview.text
+    found = preview.json()
+    assert found["alerts"] == 3 and found["devices_alerted"] == [device.device_id] and found["devices_judged"] == 1
+
+    def ms(text: str | None) -> int | None:
+        return None if text is None else int(dt.datetime.fromisoformat(text).timestamp() * 1000)
+
+    shown = [(ms(e["raised_at"]), ms(e["last_at"]), e["minutes"], ms(e["cleared_at"])) for e in found["episodes"]]
+    raised = [(first_ts, last_ts, count, last_ts + MINUTE_MS) for first_ts, last_ts, count, *_ in alerts]
+    assert [shown[0], shown[2]] == raised
+    assert shown[1] == (base + 26 * MINUTE_MS, base + 29 * MINUTE_MS, 4, base + 30 * MINUTE_MS)
+    assert found["episodes"][2]["worst"] == pytest.approx(36.0)
+
+    # History and audit: three versions with their authors and comments, each change in audit_log.
+    history = operator.get(f"/api/v1/cities/{name}/rules/versions").json()
+    assert [(v["version"], v["comment"]) for v in history] == [
+        (3, "storm season"),
+        (2, "too noisy"),
+        (1, "hot"),
+        (0, "today's behaviour"),
+    ]
+    audit = query(
+        pipeline,
+        "SELECT action, target_id, details->>'comment' FROM audit_log WHERE city = %s AND target_type = 'rules' "
+        "ORDER BY event_id",
+        (name,),
+    )
+    assert audit == [
+        ("rules.changed", f"{name}@1", "hot"),
+        ("rules.changed", f"{name}@2", "too noisy"),
+        ("rules.rolled_back", f"{name}@3", "storm season"),
+    ]
+
+
+def test_rules_are_city_scoped_and_only_operators_and_admins_edit_them(pipeline, city):
+    name, device, operator = city
+    other_city = unique_id("rules")
+    provision(pipeline, "air_quality", city=other_city)
+    outsider = client(pipeline, unique_id("op"), "operator", (other_city,))
+    integrator = client(pipeline, unique_id("int"), "integrator", (name,))
+    body = {"rules": {"rules": [HOT]}, "comment": "x"}
+    with outsider, integrator:
+        for response in (
+            outsider.get(f"/api/v1/cities/{name}/rules"),
+            outsider.get(f"/api/v1/cities/{name}/rules/versions"),
+            outsider.put(f"/api/v1/cities/{name}/rules", json=body),
+            outsider.post(f"/api/v1/cities/{name}/rules/rollback", json={"version": 0}),
+            outsider.post(f"/api/v1/cities/{name}/rules/preview", json={"rule": HOT}),
+        ):
+            assert response.status_code == 404, response.text
+        assert integrator.get(f"/api/v1/cities/{name}/rules").status_code == 200
+        assert integrator.put(f"/api/v1/cities/{name}/rules", json=body).status_code == 403
+        assert integrator.post(f"/api/v1/cities/{name}/rules/rollback", json={"version": 0}).status_code == 403
+        # A rule naming another city's device is refused, as is one that does not validate; nothing is stored.
+        foreign = {**HOT, "scope": {"device_id": device.device_id}}
+        assert (
+            outsider.put(
+                f"/api/v1/cities/{other_city}/rules", json={"rules": {"rules": [foreign]}, "comment": "x"}
+            ).status_code
+            == 422
+        )
+        for bad in ({**HOT, "metric": "warmth"}, {**HOT, "for_s": 10**12}, {**HOT, "value": 1e300}):
+            refused = operator.put(f"/api/v1/cities/{name}/rules", json={"rules": {"rules": [bad]}, "comment": "x"})
+            assert refused.status_code == 422, bad
+        for number in (b"NaN", b"Infinity", b"-Infinity", b"1e999"):  # JSON as Python's parser takes it
+            refused = operator.put(
+                f"/api/v1/cities/{name}/rules",
+                content=b'{"rules": {"rules": [{"id": "a", "metric": "pm25", "value": %s}]}, "comment": "x"}' % number,
+                headers={"content-type": "application/json"},
+            )
+            assert refused.status_code == 422, number
+    assert operator.get(f"/api/v1/cities/{name}/rules").json()["version"] == 0
+    assert query(pipeline, "SELECT count(*) FROM rule_versions WHERE city IN (%s, %s)", (name, other_city)) == [(0,)]
