@@ -6,6 +6,7 @@ the stored aggregates finds what the processor raised, and the rules are city-sc
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 from deploy import procs
 from ops_api import accounts
 from processing.rulebook import MINUTE_MS
-from tests.helpers import provision, publish_series, query, unique_id, wait_for
+from tests.helpers import kota_ok, provision, publish_series, query, unique_id, wait_for
 
 HOT = {
     "id": "hot",
@@ -190,3 +191,55 @@ def test_rules_are_city_scoped_and_only_operators_and_admins_edit_them(pipeline,
             assert refused.status_code == 422, number
     assert operator.get(f"/api/v1/cities/{name}/rules").json()["version"] == 0
     assert query(pipeline, "SELECT count(*) FROM rule_versions WHERE city IN (%s, %s)", (name, other_city)) == [(0,)]
+
+
+def test_flood_gate_ispu_and_noise_rules_are_data_too_and_the_cli_edits_them(pipeline, city):
+    """Today's domain rules read their thresholds from the city's rules: a gate's Siaga levels, the
+    ISPU categories that alert, a sensor's noise limit (which alerts once given a severity)."""
+    name, station, operator = city
+    gate = provision(pipeline, "water_level", city=name)
+    meter = provision(pipeline, "noise", city=name)
+    body = {
+        "flood": {
+            "gates": {gate.device_id: {"siaga3_cm": 10, "siaga2_cm": 20, "siaga1_cm": 30, "rise_cm_per_h": 5000}}
+        },
+        "ispu": {"Sedang": "warning"},
+        "noise": {"sensors": {meter.device_id: 60}, "severity": "minor"},
+    }
+    rules_file = pipeline.state_dir / f"{name}.json"
+    rules_file.write_text(json.dumps(body))
+    out = kota_ok(pipeline, "rules", "set", name, "--file", f"@{rules_file}", "--comment", "from the cli")
+    assert "version 1 saved" in out
+    base = int(time.time() * 1000) - 3_600_000
+    base -= base % MINUTE_MS
+    publish_series(pipeline, gate, "currentLevel", [(base + i * 20_000, 25.0) for i in range(9)])
+    publish_series(pipeline, station, "pm25", [(base + i * 20_000, 30.0) for i in range(9)])  # ISPU about 68: Sedang
+    publish_series(pipeline, meter, "LAeq", [(base + i * 20_000, 70.0 if i < 6 else 50.0) for i in range(12)])
+
+    def alert(device_id: str, alert_type: str) -> list[tuple]:
+        return query(
+            pipeline,
+            "SELECT severity, details->>'rules_version', details FROM alerts WHERE device_id = %s AND alert_type = %s",
+            (device_id, alert_type),
+        )
+
+    flood = wait_for(lambda: alert(gate.device_id, "flood_siaga"), timeout_s=90, what="the gate's Siaga alert")
+    assert flood[0][:2] == ("major", "1") and flood[0][2]["thresholds_cm"] == [10, 20, 30], "25 cm is Siaga 2 here"
+    air = wait_for(lambda: alert(station.device_id, "air_quality_unhealthy"), timeout_s=90, what="the ISPU alert")
+    assert air[0][:2] == ("warning", "1") and air[0][2]["category"] == "Sedang"
+    noise = wait_for(lambda: alert(meter.device_id, "noise_limit"), timeout_s=90, what="the noise alert")
+    assert noise[0][:2] == ("minor", "1") and noise[0][2]["threshold"] == 60
+
+    # The CLI: add a custom rule, see the history, preview, roll back to the defaults.
+    hot = json.dumps({"id": "loud", "metric": "LAeq", "value": 65, "severity": "major"})
+    assert "version 2 saved" in kota_ok(pipeline, "rules", "set", name, "--add-rule", hot, "--comment", "loud")
+    listed = kota_ok(pipeline, "rules", "list", name)
+    assert "loud: LAeq above 65" in listed and "version 2" in listed
+    preview = kota_ok(pipeline, "rules", "preview", name, hot, "--days", "1")
+    assert "1 alerts on 1 of 1 devices" in preview and meter.device_id in preview
+    assert "version 3 saved" in kota_ok(pipeline, "rules", "rollback", name, "0")
+    history = kota_ok(pipeline, "rules", "history", name)
+    assert "v3" in history and "rollback to version 0" in history and "cli:" in history
+    assert operator.get(f"/api/v1/cities/{name}/rules").json()["rules"] == json.loads(
+        kota_ok(pipeline, "rules", "show", name, "--version", "0")
+    )
