@@ -318,14 +318,20 @@ def series_values(judge: Judge, minutes: Sequence[Minute]) -> list[tuple[int, fl
 
 
 def judge(
-    rule: Judge, minutes: Sequence[Minute], judge_from_ms: int, *, open_at_start: bool
+    rule: Judge,
+    minutes: Sequence[Minute],
+    judge_from_ms: int,
+    *,
+    open_at_start: bool,
+    unjudged: tuple[int, int] | None = None,
 ) -> tuple[list[Judged], bool]:
     """Judge the minutes at or after `judge_from_ms` (those before are the lookback: they only say how
     long a run has lasted). A minute breaches when its value is `op` the rule's value; the condition
     holds once breaching minutes, none more than MAX_GAP_MS apart, span `for_s`. An open episode
     (`open_at_start`: the rule's alert is open) goes on while minutes stay within the deadband of the
-    value, and clears at the first past it. Returns what the judged minutes did, and whether an
-    episode is open after them."""
+    value, and clears at the first past it. Minutes strictly inside `unjudged` (start, end) count
+    for runs but are not judged. Returns what the judged minutes did, and whether an episode is open
+    after them."""
     above = rule.op == "above"
     is_open = open_at_start
     run_start: int | None = None
@@ -342,7 +348,7 @@ def judge(
         else:
             run_start = None
         previous = ts_ms
-        if ts_ms < judge_from_ms:
+        if ts_ms < judge_from_ms or unjudged is not None and unjudged[0] < ts_ms < unjudged[1]:
             continue
         if breach and (is_open or run_start is not None and ts_ms + MINUTE_MS - run_start >= rule.for_s * 1000):
             out.append(Judged("signal", ts_ms, value))
@@ -494,11 +500,19 @@ async def judge_batch(
     )
     watermark = {(d, m): int(t) for d, m, t in await cur.fetchall()}
     windows: dict[tuple[str, str], tuple[int, int]] = {}
+    # Minutes stored between a series' watermark minute and this batch's first were stored while no
+    # rule judged the series (a rule added since): judging them now would raise alerts about the
+    # past on a rule change. They only count for runs.
+    unjudged: dict[tuple[str, str], tuple[int, int]] = {}
     for key in keys:
         first, last = span[key]
         before = last - last % MINUTE_MS
         start = watermark.get(key, first - first % MINUTE_MS)
-        if before > start:
+        unjudged[key] = (start, first - first % MINUTE_MS)
+        if before > start or key not in watermark:
+            # A series' first batch may close no minute (all its readings in one): its watermark is
+            # written all the same, or the next batch would start from its own first minute and that
+            # minute would never be judged.
             windows[key] = (start, before)
     if not windows:
         return verdicts
@@ -516,7 +530,13 @@ async def judge_batch(
         device_id, metric = key
         version = snapshot.of(city_of[device_id]).version
         for a in applied[key]:
-            judged, _ = judge(a.judge, means.get(key, []), start, open_at_start=(device_id, a.alert_type) in open_now)
+            judged, _ = judge(
+                a.judge,
+                means.get(key, []),
+                start,
+                open_at_start=(device_id, a.alert_type) in open_now,
+                unjudged=unjudged[key],
+            )
             depth = 0
             for verdict in judged:
                 if verdict.action == "signal":

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -195,3 +197,106 @@ def test_any_body_is_either_a_valid_rule_set_or_refused_and_a_valid_one_judges_w
         assert math.isfinite(r.value) and math.isfinite(r.deadband) and 0 <= r.for_s <= MAX_DURATION_S
         for applied in rules_for(parsed, device, r.metric, {}):
             judge(applied.judge, minutes([0.0, 1e9, -1e9, 5.0]), T0, open_at_start=False)
+
+
+# -- through processing.store against PostgreSQL -----------------------------------------------------
+def _temperature(minute: int) -> float:
+    """Two hot spells (minutes 10-19 and 40-44) with a dip into the deadband (minute 15), in mild air."""
+    if minute == 15:
+        return 29.5
+    return 35.0 if 10 <= minute < 20 or 40 <= minute < 45 else 25.0
+
+
+async def _store_custom(
+    dsn: str, city: str, device_id: str, start: int, minutes: int, per_batch: int, first_minute: int = 0
+) -> None:
+    from kota.contract import READINGS_TOPIC, Reading
+    from processing.rulebook import RuleBook
+    from processing.store import PartitionSlice, WritePolicy, write_batch
+    from tests.helpers import unique_id
+
+    readings = [
+        Reading(
+            start + m * MINUTE_MS + s, city, "environment", device_id, "temperature", _temperature(m), "Cel", start, "t"
+        )
+        for m in range(first_minute, minutes)
+        for s in (5_000, 35_000)
+    ]
+    policy, group = WritePolicy(rulebook=RuleBook()), unique_id("custom")
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        for first in range(0, len(readings), 2 * per_batch):
+            chunk = readings[first : first + 2 * per_batch]
+            batch = PartitionSlice(0, first, first + len(chunk), [(first + i, [r]) for i, r in enumerate(chunk)])
+            for _ in range(2):  # each batch twice, as a replay after a crash would bring it: applied once
+                await write_batch(conn, group=group, topic=READINGS_TOPIC, slices=[batch], policy=policy)
+
+
+@pytest.mark.stack
+def test_custom_rule_alerts_through_the_store_do_not_depend_on_batches_and_match_the_preview(stack):
+    import asyncio
+
+    from processing import rulebook
+    from tests.helpers import provision, query, unique_id
+
+    city = unique_id("custom")
+    rules = RuleSet.model_validate(
+        {"rules": [{"id": "hot", "metric": "temperature", "value": 30, "for_s": 180, "deadband": 1}]}
+    )
+
+    async def save() -> None:
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+            await rulebook.save_version(conn, city, rules, author="tests", comment="hot")
+
+    start = (int(time.time() * 1000) // 3_600_000 - 3) * 3_600_000
+    outcomes = []
+    for per_batch in (1, 7, 60):
+        device = provision(stack, "air_quality", city=city)
+        if per_batch == 1:
+            asyncio.run(save())
+        asyncio.run(_store_custom(stack.postgres_dsn, city, device.device_id, start, 60, per_batch))
+        outcomes.append(
+            query(
+                stack,
+                "SELECT (extract(epoch FROM first_ts) * 1000)::bigint - %s, "
+                "(extract(epoch FROM last_ts) * 1000)::bigint - %s, count, state, details->>'rules_version' "
+                "FROM alerts WHERE device_id = %s AND alert_type = 'rule:hot' ORDER BY alert_id",
+                (start, start, device.device_id),
+            )
+        )
+    # Raised at the third hot minute; the dip to 29.5 is within the deadband (the run starts again,
+    # but the open alert goes on); cleared at 25. The second spell again from its third minute.
+    assert outcomes[0] == [
+        (12 * MINUTE_MS, 19 * MINUTE_MS, 7, "cleared", "1"),
+        (42 * MINUTE_MS, 44 * MINUTE_MS, 3, "cleared", "1"),
+    ]
+    assert outcomes[1] == outcomes[0], "seven minutes a batch"
+    assert outcomes[2] == outcomes[0], "the whole hour in one batch: clear and raise again inside it"
+
+    async def preview() -> list[rulebook.Episode]:
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+            return (await rulebook.preview(conn, city, rules.rules[0], start - 3_600_000))[1]
+
+    # A rule removed and added again judges its series from then on, not the minutes stored meanwhile.
+    later_city = unique_id("custom")
+    device = provision(stack, "air_quality", city=later_city)
+
+    async def store_under(rule_set: RuleSet, first: int, last: int) -> None:
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+            await rulebook.save_version(conn, later_city, rule_set, author="tests", comment="-")
+        await _store_custom(stack.postgres_dsn, later_city, device.device_id, start, last, 5, first_minute=first)
+
+    asyncio.run(store_under(rules, 0, 5))  # the rule judges minutes 0-4: its watermark is at minute 4
+    asyncio.run(store_under(RuleSet(), 5, 30))  # no rule while the first spell is stored
+    asyncio.run(store_under(rules, 30, 60))
+    assert query(
+        stack,
+        "SELECT (extract(epoch FROM first_ts) * 1000)::bigint - %s, count FROM alerts WHERE device_id = %s "
+        "AND alert_type = 'rule:hot'",
+        (start, device.device_id),
+    ) == [(42 * MINUTE_MS, 3)], "the first spell was stored while no rule judged it: not alerted"
+
+    shown = asyncio.run(preview())
+    assert len(shown) == 6
+    assert {(e.raised_ms - start, e.last_ms - start, e.minutes, "cleared") for e in shown} == {
+        a[:4] for a in outcomes[0]
+    }
