@@ -214,6 +214,17 @@ class RuleSnapshot:
 
     counter: int
     cities: dict[str, CityRules] = field(default_factory=dict)
+    # The metrics each city's custom rules (and alerting noise limits) judge: a batch's readings are
+    # looked up here, and most cities have none.
+    watched: dict[str, frozenset[str]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for city, city_rules in self.cities.items():
+            metrics = {r.metric for r in city_rules.rules.rules}
+            if city_rules.rules.noise.severity is not None:
+                metrics.add(NOISE_METRIC)
+            if metrics:
+                self.watched[city] = frozenset(metrics)
 
     def of(self, city: str) -> CityRules:
         return self.cities.get(city) or CityRules(0, DEFAULT_RULES)
@@ -473,9 +484,11 @@ async def judge_batch(
     verdicts = CustomVerdicts()
     span: dict[tuple[str, str], tuple[int, int]] = {}
     city_of: dict[str, str] = {}
+    watched = snapshot.watched
+    if not watched:
+        return verdicts
     for r in fresh:
-        rules = snapshot.of(r.city).rules
-        if not rules.rules and (rules.noise.severity is None or r.metric != NOISE_METRIC):
+        if r.metric not in watched.get(r.city, ()):
             continue
         key = (r.device_id, r.metric)
         first, last = span.get(key, (r.ts_ms, r.ts_ms))
