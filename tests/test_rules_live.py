@@ -12,10 +12,12 @@ import time
 import httpx
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deploy import procs
 from ops_api import accounts
-from processing.rulebook import MINUTE_MS
+from processing.rulebook import MINUTE_MS, RuleSet
 from tests.helpers import kota_ok, provision, publish_series, query, unique_id, wait_for
 
 HOT = {
@@ -230,6 +232,11 @@ def test_flood_gate_ispu_and_noise_rules_are_data_too_and_the_cli_edits_them(pip
     noise = wait_for(lambda: alert(meter.device_id, "noise_limit"), timeout_s=90, what="the noise alert")
     assert noise[0][:2] == ("minor", "1") and noise[0][2]["threshold"] == 60
 
+    # The environment view shows the limits and thresholds the processor judges by.
+    env = operator.get(f"/api/v1/cities/{name}/environment").json()
+    assert [(n["limit_dba"], n["exceeds_limit"]) for n in env["noise"]] == [(60, False)]  # newest LAeq is 50
+    assert [(w["siaga3_cm"], w["siaga2_cm"], w["siaga1_cm"]) for w in env["water_levels"]] == [(10, 20, 30)]
+
     # The CLI: add a custom rule, see the history, preview, roll back to the defaults.
     hot = json.dumps({"id": "loud", "metric": "LAeq", "value": 65, "severity": "major"})
     assert "version 2 saved" in kota_ok(pipeline, "rules", "set", name, "--add-rule", hot, "--comment", "loud")
@@ -243,3 +250,65 @@ def test_flood_gate_ispu_and_noise_rules_are_data_too_and_the_cli_edits_them(pip
     assert operator.get(f"/api/v1/cities/{name}/rules").json()["rules"] == json.loads(
         kota_ok(pipeline, "rules", "show", name, "--version", "0")
     )
+
+
+rule_bodies = st.fixed_dictionaries(
+    {
+        "id": st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True),
+        "metric": st.sampled_from(["temperature", "pm25", "x"]),
+    },
+    optional={
+        "kind": st.sampled_from(["threshold", "rate", "ratio"]),
+        "op": st.sampled_from(["above", "below", "near"]),
+        "value": st.floats(allow_nan=False, allow_infinity=False)
+        | st.integers(-(10**20), 10**20)
+        | st.text(max_size=4),
+        "for_s": st.integers(-5, 10**7) | st.floats(allow_nan=False, allow_infinity=False),
+        "deadband": st.floats(allow_nan=False, allow_infinity=False),
+        "window_s": st.integers(0, 10**6),
+        "severity": st.sampled_from(["minor", "critical", "loud"]),
+        "scope": st.fixed_dictionaries(
+            {}, optional={"district": st.text(max_size=8), "device_type": st.sampled_from(["air_quality", "toaster"])}
+        ),
+    },
+)
+
+
+def test_any_rule_sent_to_the_api_is_stored_as_checked_or_refused_and_the_processor_goes_on(pipeline, city):
+    """Hypothesis against the real API: every body is a 200 (stored exactly as the checks read it) or
+    a 422 (nothing stored), never a 500; and whatever was stored, the processor keeps storing readings."""
+    name, device, operator = city
+    processor_pid = procs.running_pid(pipeline, "processor")
+    outcomes: list[int] = []
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(rules=st.lists(rule_bodies, max_size=3))
+    def put(rules) -> None:
+        before = operator.get(f"/api/v1/cities/{name}/rules").json()["version"]
+        response = operator.put(f"/api/v1/cities/{name}/rules", json={"rules": {"rules": rules}, "comment": "fuzz"})
+        outcomes.append(response.status_code)
+        after = operator.get(f"/api/v1/cities/{name}/rules").json()
+        if response.status_code == 200:
+            assert after["version"] == before + 1
+            assert after["rules"] == RuleSet.model_validate({"rules": rules}).model_dump(mode="json")
+        else:
+            assert response.status_code == 422, response.text
+            assert after["version"] == before
+
+    put()
+    assert 200 in outcomes and 422 in outcomes, "both valid and invalid bodies were tried"
+    ts = int(time.time() * 1000)
+    publish_series(pipeline, device, "temperature", [(ts + i * 20_000, 20.0 + i) for i in range(6)])
+    wait_for(
+        lambda: (
+            query(
+                pipeline,
+                "SELECT count(*) FROM readings WHERE device_id = %s AND ts >= kota_ms(%s)",
+                (device.device_id, ts),
+            )[0][0]
+            == 6
+        ),
+        timeout_s=60,
+        what="readings stored under the fuzzed rules",
+    )
+    assert procs.running_pid(pipeline, "processor") == processor_pid

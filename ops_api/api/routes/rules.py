@@ -103,6 +103,33 @@ class PreviewResult(BaseModel):
     episodes: list[PreviewEpisode]
 
 
+async def apply_to_environment(
+    conn: Connection, city: str, noise: list[dict[str, Any]], water: list[dict[str, Any]]
+) -> None:
+    """The environment view's noise limits and gate thresholds as the processor judges them, for a
+    city whose rules were edited (version 0 keeps the API's own defaults, as before): the rule set's
+    per-device values, else the device's table row, else the rule set's default."""
+    current = await rulebook.city_version(conn, city)
+    if current is None or current.version == 0:
+        return
+    rules = current.rules
+    for r in noise:
+        limit = rules.noise.sensors.get(r["device_id"])
+        if limit is None and not r.get("own_limit"):
+            limit = rules.noise.default_dba
+        if limit is not None:
+            r["limit_dba"] = limit
+            r["exceeds_limit"] = r["laeq"] is not None and r["laeq"] > limit
+            r["excess_db"] = round(r["laeq"] - limit, 1) if r["exceeds_limit"] else 0.0
+    for r in water:
+        gate = rules.flood.gates.get(r["device_id"])
+        if gate is None and not r.get("own_thresholds"):
+            gate = rules.flood.default
+        if gate is not None:
+            r["siaga3_cm"], r["siaga2_cm"], r["siaga1_cm"], r["rise_limit_cm_per_h"] = gate.as_tuple()
+            r["rising_fast"] = r["rise_cm_per_h"] is not None and r["rise_cm_per_h"] > gate.rise_cm_per_h
+
+
 async def _visible_city(conn: Connection, caller: Caller, city: str) -> None:
     require_city(caller, city)
     if not await queries.city_exists(conn, city):
