@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -604,8 +605,17 @@ def episodes(judged: Iterable[Judged], device_id: str, op: str) -> list[Episode]
     return out
 
 
+# The most one-minute aggregates a preview reads (devices x minutes): a month of 100 stations. Past
+# it the caller narrows the scope or the days rather than hold an API worker for a minute.
+PREVIEW_MAX_MINUTES = 5_000_000
+
+
+class PreviewTooLarge(ValueError):
+    """A preview that would read more than PREVIEW_MAX_MINUTES aggregates."""
+
+
 async def preview(
-    conn: psycopg.AsyncConnection, city: str, rule: CustomRule, since_ms: int
+    conn: psycopg.AsyncConnection, city: str, rule: CustomRule, since_ms: int, now_ms: int | None = None
 ) -> tuple[list[str], list[Episode]]:
     """What `rule` would have raised in `city` from `since_ms` on, over the stored one-minute
     aggregates: the devices it judges and the episodes, judged by `judge` as the processor does
@@ -618,6 +628,12 @@ async def preview(
     devices = [d for d in devices if rule.scope.matches(d)]
     if not devices:
         return [], []
+    span_minutes = ((now_ms or int(time.time() * 1000)) - since_ms) // MINUTE_MS
+    if len(devices) * span_minutes > PREVIEW_MAX_MINUTES:
+        raise PreviewTooLarge(
+            f"{len(devices)} devices over {span_minutes / 1440:.1f} days is more than {PREVIEW_MAX_MINUTES:,} "
+            "minutes of data: narrow the rule's scope or the days"
+        )
     cur = await conn.execute(
         "SELECT device_id, (extract(epoch FROM max(bucket)) * 1000)::bigint FROM agg_1m "
         "WHERE device_id = ANY(%b::text[]) AND metric = %s AND bucket >= kota_ms(%s) GROUP BY 1",

@@ -295,6 +295,14 @@ def test_custom_rule_alerts_through_the_store_do_not_depend_on_batches_and_match
         (start, device.device_id),
     ) == [(42 * MINUTE_MS, 3)], "the first spell was stored while no rule judged it: not alerted"
 
+    async def preview_too_long() -> None:
+        async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, autocommit=True) as conn:
+            far = start - (rulebook.PREVIEW_MAX_MINUTES // 3 + 1) * MINUTE_MS  # three devices judged
+            await rulebook.preview(conn, city, rules.rules[0], far, now_ms=start)
+
+    with pytest.raises(rulebook.PreviewTooLarge):
+        asyncio.run(preview_too_long())
+
     shown = asyncio.run(preview())
     assert len(shown) == 6
     assert {(e.raised_ms - start, e.last_ms - start, e.minutes, "cleared") for e in shown} == {

@@ -253,7 +253,10 @@ async def preview(city: CityName, body: PreviewRequest, caller: Caller, conn: Co
     if foreign := await rulebook.foreign_devices(conn, city, RuleSet(rules=[body.rule])):
         raise HTTPException(422, f"not devices of {city}: {', '.join(foreign)}")
     since_ms = int((time.time() - body.days * 86_400) * 1000)
-    judged, found = await rulebook.preview(conn, city, body.rule, since_ms)
+    try:
+        judged, found = await rulebook.preview(conn, city, body.rule, since_ms)
+    except rulebook.PreviewTooLarge as exc:
+        raise HTTPException(422, str(exc)) from exc
     return PreviewResult(
         city=city,
         rule=body.rule,
