@@ -307,7 +307,10 @@ class Judge:
 
     def lookback_ms(self) -> int:
         """How much data before the first minute judged is read: the run a duration needs, the window
-        of a rate, and a gap at each (see `judge`)."""
+        of a rate, and a gap at each (see `judge`). None for a threshold that holds at once: each
+        minute is judged on its own, and the processor reads no more than the minutes it judges."""
+        if self.kind == "threshold" and self.for_s == 0:
+            return 0
         rate = self.window_s * 1000 + MAX_GAP_MS if self.kind == "rate" else 0
         return self.for_s * 1000 + MAX_GAP_MS + rate
 
