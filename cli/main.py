@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import broker, city, commands, components, deadletters, notifications, registry, stack
+from cli import broker, city, commands, components, deadletters, notifications, registry, rules, stack
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kota", description="kotacerdas: smart-city sensor platform")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (stack, components, city, broker, deadletters, registry, notifications, commands):
+    for group in (stack, components, city, broker, deadletters, registry, notifications, commands, rules):
         group.add_commands(sub)
     return parser
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import select
 import time
@@ -16,6 +17,8 @@ from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Histogram, generate_latest, multiprocess
@@ -25,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kota.logs import setup_logging
 from kota.settings import StackSettings
-from ops_api.api.routes import access, alerts, cities, commands, devices, health, live, notifications
+from ops_api.api.routes import access, alerts, cities, commands, devices, health, live, notifications, rules
 from ops_api.auth import Caller, TokenCache, require
 from ops_api.live import LiveHub
 from ops_api.series_cache import BACKGROUND_CHECKS, SeriesCache
@@ -176,6 +179,17 @@ def _has_input(conn: psycopg.AsyncConnection[Any]) -> bool:
     return bool(readable)
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as strings, anywhere inside (so it can be written as JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def _metrics_registry() -> CollectorRegistry:
     """The process's own metrics, or, under `kota api` with several workers, all workers' added up."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -262,6 +276,7 @@ def create_app(
     ):
         app.include_router(router)
     app.include_router(commands.router)
+    app.include_router(rules.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     registry = _metrics_registry()
 
@@ -281,6 +296,13 @@ def create_app(
         # database's own words stay in the log: they may quote schema, SQL or other rows.
         log.info("422 for %s %s: %r", request.method, request.url.path, str(error).splitlines()[0][:300])
         return JSONResponse(INVALID_VALUE, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer quotes the input, and Python's JSON parser takes NaN and Infinity: a
+        # body with a NaN where a finite number belongs was refused, then the refusal itself could
+        # not be written as JSON (a 500). The same answer, with such numbers quoted as text.
+        return JSONResponse({"detail": _finite(jsonable_encoder(error.errors()))}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     async def page() -> RedirectResponse:

@@ -192,6 +192,7 @@ async def noise(conn: AsyncConnection, city: str, district: str | None, settings
         """
         SELECT d.device_id, d.district, d.lat, d.lon, la.ts, la.value AS laeq, lm.value AS lamax,
                coalesce(n.zone, 'residential') AS zone, coalesce(n.limit_dba, %(limit)s) AS limit_dba,
+               n.limit_dba IS NOT NULL AS own_limit,
                (SELECT 10 * log(avg(power(10, (a.sum / a.n) / 10))) FROM agg_1m a
                 WHERE a.device_id = d.device_id AND a.metric = 'LAeq' AND a.bucket >= now() - interval '1 hour'
                ) AS laeq_1h
@@ -216,7 +217,8 @@ async def water_levels(conn: AsyncConnection, city: str, district: str | None) -
         SELECT d.device_id, d.district, d.lat, d.lon, coalesce(g.ts, lv.ts) AS ts,
                coalesce(g.level_cm, lv.value) AS level_cm, g.siaga, g.rise_cm_per_h,
                coalesce(f.siaga3_cm, %(s3)s) AS siaga3_cm, coalesce(f.siaga2_cm, %(s2)s) AS siaga2_cm,
-               coalesce(f.siaga1_cm, %(s1)s) AS siaga1_cm, coalesce(f.rise_cm_per_h, %(rise)s) AS rise_limit_cm_per_h
+               coalesce(f.siaga1_cm, %(s1)s) AS siaga1_cm, coalesce(f.rise_cm_per_h, %(rise)s) AS rise_limit_cm_per_h,
+               f.device_id IS NOT NULL AS own_thresholds
         FROM devices d
         LEFT JOIN gate_status g ON g.device_id = d.device_id
         LEFT JOIN flood_gates f ON f.device_id = d.device_id

@@ -15,6 +15,7 @@ between checkpoint and stored offset once more while the store writes nothing fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import gc
@@ -38,6 +39,7 @@ from kota.settings import StackSettings
 from processing import kernels, maintenance
 from processing.detect import Detectors, deserialize, serialize
 from processing.kernels import REASONS
+from processing.rulebook import RuleBook
 from processing.rules import RulePolicy, detector_signal
 from processing.settings import ProcessorSettings
 from processing.store import (
@@ -197,6 +199,7 @@ class Processor:
             allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
             rules=RulePolicy(ispu_window_minutes=settings.ispu_window_minutes),
             default_clear_after_s=settings.clear_after_s,
+            rulebook=RuleBook(),  # the operators' rules, read again when they change (processing/rulebook.py)
         )
 
     async def seek_to_stored(self, assigned: set[TopicPartition]) -> None:
@@ -243,13 +246,24 @@ class Processor:
         return await psycopg.AsyncConnection.connect(self._stack.postgres_dsn, connect_timeout=5)
 
     async def _reconnect_if_broken(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
-        """A fresh connection if `conn` is gone; `conn` itself while the database is still down."""
-        if not (conn.closed or conn.broken):
+        """A fresh connection if `conn` is gone or stuck; `conn` itself while the database is still down.
+
+        Stuck: a server shutdown in the middle of an executemany (psycopg's pipeline mode) left the
+        connection neither closed nor broken, but still in the aborted pipeline ("cannot exit pipeline
+        mode while busy"); every retry of the batch on it failed the same way, for good (seen in
+        tests/test_faults.py). Between batches a usable connection is idle, so any other state is
+        replaced too."""
+        stuck = not (conn.closed or conn.broken) and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        if not (conn.closed or conn.broken or stuck):
             return conn
         try:
-            return await self._connect()
+            fresh = await self._connect()
         except psycopg.OperationalError:
             return conn
+        if stuck:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        return fresh
 
     async def run(self, stop: asyncio.Event) -> None:
         # Python's cycle collector ran after every 700 new container objects, and a batch makes a

@@ -29,7 +29,7 @@ import datetime as dt
 import itertools
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -41,6 +41,10 @@ from psycopg.types.json import Jsonb
 from kota.alerts import Severity, Signal
 from kota.contract import Reading
 from processing import ispu
+from processing.rulebook import CityRules
+
+# Each device's city's rules as of the batch (processing.rulebook); None: the defaults here.
+RulesOf = Callable[[str], CityRules] | None
 
 WATER_LEVEL = "currentLevel"
 WATER_FLOW = "waterConsumption"
@@ -267,11 +271,11 @@ async def window_means(
 
 
 async def evaluate_air_quality(
-    conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]], policy: RulePolicy
+    conn: psycopg.AsyncConnection, minutes: dict[str, dict[int, int]], policy: RulePolicy, rules_of: RulesOf = None
 ) -> list[Signal]:
     """ISPU of each station at each minute in `minutes` (from `rule_inputs`): the mean of the
-    window's one-minute aggregates up to and including that minute. A signal for each unhealthy one;
-    `station_ispu` keeps the newest."""
+    window's one-minute aggregates up to and including that minute. A signal for each category its
+    city's rules alert on (ISPU_SEVERITY by default); `station_ispu` keeps the newest."""
     points = [(device_id, t_ms) for device_id, buckets in minutes.items() for t_ms in sorted(buckets.values())]
     if not points:
         return []
@@ -293,17 +297,28 @@ async def evaluate_air_quality(
             Jsonb(subs),
             policy.ispu_window_minutes,
         )
-        if rank in ISPU_SEVERITY:
+        severities, version = ISPU_SEVERITY, None
+        if rules_of is not None:
+            city_rules = rules_of(device_id)
+            severities, version = city_rules.rules.ispu_severity(), city_rules.version
+        if rank in severities:
+            details: dict[str, object] = {
+                "ispu": result.label,
+                "category": result.category.name,
+                "critical": result.critical,
+            }
+            if version is not None:
+                details["rules_version"] = version
             signals.append(
                 Signal(
                     device_id,
                     "air_quality_unhealthy",
                     result.critical,
-                    ISPU_SEVERITY[rank],
+                    severities[rank],
                     t_ms,
                     result.value,
                     f"ISPU {result.label} ({result.category.name}), critical pollutant {result.critical}",
-                    {"ispu": result.label, "category": result.category.name, "critical": result.critical},
+                    details,
                 )
             )
     if newest:  # one statement for all stations (one each: an upsert may not meet a row twice)
@@ -321,9 +336,14 @@ async def evaluate_air_quality(
 
 
 async def evaluate_flood_gates(
-    conn: psycopg.AsyncConnection, levels: dict[str, list[tuple[int, float]]], policy: RulePolicy
+    conn: psycopg.AsyncConnection,
+    levels: dict[str, list[tuple[int, float]]],
+    policy: RulePolicy,
+    rules_of: RulesOf = None,
 ) -> list[Signal]:
-    """Siaga status and rate of rise for the gates that sent water levels in this batch."""
+    """Siaga status and rate of rise for the gates that sent water levels in this batch. A gate's
+    thresholds: its city's rules for that gate, else its flood_gates row, else the rules' default
+    (the policy's without rules)."""
     if not levels:
         return []
     gates = list(levels)
@@ -350,9 +370,16 @@ async def evaluate_flood_gates(
     signals: list[Signal] = []
     rows = []
     for gate in gates:
-        siaga3, siaga2, siaga1, rise_limit = configured.get(
-            gate, (policy.siaga3_cm, policy.siaga2_cm, policy.siaga1_cm, policy.rise_cm_per_h)
-        )
+        default = (policy.siaga3_cm, policy.siaga2_cm, policy.siaga1_cm, policy.rise_cm_per_h)
+        versioned: dict[str, object] = {}
+        if rules_of is not None:
+            city_rules = rules_of(gate)
+            flood = city_rules.rules.flood
+            default = flood.default.as_tuple()
+            versioned = {"rules_version": city_rules.version}
+            if gate in flood.gates:
+                configured[gate] = flood.gates[gate].as_tuple()
+        siaga3, siaga2, siaga1, rise_limit = configured.get(gate, default)
         thresholds = (siaga3, siaga2, siaga1)
         status_ts, current = status.get(gate, (-1, 4))
         for ts_ms, level in sorted(levels[gate]):
@@ -368,7 +395,7 @@ async def evaluate_flood_gates(
                         ts_ms,
                         level,
                         f"Siaga {siaga}: water at {level:.0f} cm{step}",
-                        {"siaga": siaga, "thresholds_cm": list(thresholds)},
+                        {"siaga": siaga, "thresholds_cm": list(thresholds), **versioned},
                     )
                 )
             if ts_ms > status_ts:
@@ -387,7 +414,7 @@ async def evaluate_flood_gates(
                         ts_ms,
                         level,
                         f"water rising {rise:.0f} cm/h (limit {rise_limit:.0f}), now {level:.0f} cm",
-                        {"rise_cm_per_h": round(rise, 1)},
+                        {"rise_cm_per_h": round(rise, 1), **versioned},
                     )
                 )
         rows.append((gate, status_ts, level if status_ts == ts_ms else None, current, rise))

@@ -31,6 +31,7 @@ from kota.alerts import AlertChange, Repeat, Signal, apply_signals, auto_clear, 
 from kota.contract import Reading
 from processing import kernels
 from processing.kernels import REASONS, REPEAT
+from processing.rulebook import RULE_CLEAR_AFTER_S, CityRules, CustomVerdicts, RuleBook, RuleSnapshot, judge_batch
 from processing.rules import (
     RulePolicy,
     detector_signal,
@@ -134,6 +135,9 @@ class WritePolicy:
     track_rollups: bool = True  # plain PostgreSQL: mark changed hours for processing.maintenance
     use_copy: bool = True  # False for servers without COPY FROM STDIN (the PGlite TimescaleDB test server)
     insert_chunk: int = 500
+    # The operators' rules (processing/rulebook.py): read once per batch, in its transaction. None: the
+    # defaults, and no custom rules (tests that write batches without a processor).
+    rulebook: RuleBook | None = None
 
     def is_late(self, reading: Reading) -> bool:
         """Later than the allowed lateness after its time (by the gateway's receive time): kept aside."""
@@ -345,6 +349,7 @@ async def write_batch(
     policy: WritePolicy | None = None,
     ispu_evaluated: dict[str, int] | None = None,
     nested: bool = False,
+    rules: RuleSnapshot | None = None,
 ) -> BatchOutcome:
     """Store a batch exactly once, in one transaction of named phases: lock the offsets, dead letters,
     the readings not applied yet, their one-minute partials, rollup marks, newest values, late
@@ -356,7 +361,9 @@ async def write_batch(
     kept by the caller: a minute is evaluated once, in the first batch that holds readings of it
     (a live stream brings each station's minute over many batches, and an unhealthy minute must
     count on its alert once). None: every minute the batch holds (each batch on its own, as
-    tests/test_rules.py writes them)."""
+    tests/test_rules.py writes them).
+    `rules`: the rules to judge by (write_isolating pins one for all its parts); None: the policy's
+    rulebook as of this transaction."""
     policy = policy or WritePolicy()
     readings_in = sum(len(r) for s in slices for _, r in s.readings_by_offset)
     async with conn.transaction():
@@ -374,8 +381,10 @@ async def write_batch(
             await conn.execute(MARK_ROLLUPS_DIRTY, (hours_of(fresh),))
         await _upsert_latest(conn, fresh)
         await _keep_late(conn, late, policy)
+        if rules is None and policy.rulebook is not None:
+            rules = await policy.rulebook.current(conn)
         kept, changes, stations = await _anomalies_rules_and_alerts(
-            conn, anomalies or [], stored, fresh, policy, ispu_evaluated
+            conn, anomalies or [], stored, fresh, policy, ispu_evaluated, rules
         )
         await _save_checkpoints(conn, group, topic, checkpoints or [])
         await _advance_offsets(conn, group, topic, slices)
@@ -497,6 +506,7 @@ async def _anomalies_rules_and_alerts(
     fresh: list[Reading],
     policy: WritePolicy,
     ispu_evaluated: dict[str, int] | None,
+    rules: RuleSnapshot | None = None,
 ) -> tuple[list[AnomalyRow], list[AlertChange], dict[str, int]]:
     """Store the anomalies of records not applied yet, evaluate the domain rules, and raise, update
     and clear alerts from both (repeats count on open alerts). Returns the anomalies stored, the
@@ -538,18 +548,38 @@ async def _anomalies_rules_and_alerts(
         for d, (first, last) in flows.items()
         if (ends := [e for e in night_hours_reached(first, last, policy.rules) if e > evaluated.get(d, -1)])
     }
-    signals += await evaluate_air_quality(conn, stations, policy.rules)
-    signals += await evaluate_flood_gates(conn, gates, policy.rules)
+    rules_of = None
+    custom = CustomVerdicts()
+    if rules is not None:
+        city_of = {r.device_id: r.city for r in fresh}
+        snapshot = rules
+
+        def rules_of(device_id: str) -> CityRules:
+            return snapshot.of(city_of.get(device_id, ""))
+
+        custom = await judge_batch(conn, rules, fresh)
+    signals += await evaluate_air_quality(conn, stations, policy.rules, rules_of)
+    signals += await evaluate_flood_gates(conn, gates, policy.rules, rules_of)
     leaks, normal = await evaluate_leaks(conn, meters, policy.rules)
     signals += leaks
+    clear_after_s = policy.clear_after_s | dict.fromkeys(custom.alert_types, RULE_CLEAR_AFTER_S)
+    rounds = custom.rounds or [([], [])]
     changes = await apply_signals(
         conn,
-        signals,
-        policy.clear_after_s,
+        signals + rounds[0][0],
+        clear_after_s,
         policy.default_clear_after_s,
         repeats=repeats,
         times=_reading_times(fresh, signals, repeats),
     )
+    # A custom rule's episode that clears and comes back within the batch: its clears, then its next
+    # signals, round by round (processing.rulebook.CustomVerdicts).
+    for depth, (_, clears) in enumerate(rounds):
+        if depth > 0:
+            changes += await apply_signals(conn, rounds[depth][0], clear_after_s, policy.default_clear_after_s)
+        for alert_type in sorted({t for t, _, _ in clears}):
+            normal_now = [(d, ts) for t, d, ts in clears if t == alert_type]
+            changes += await clear_back_to_normal(conn, alert_type, normal_now, "back past the rule's deadband")
     changes += await clear_back_to_normal(conn, "leak", normal, "night flow back to its usual minimum")
     changes += await auto_clear(conn, sorted({r.device_id for r in fresh}))
     evaluated_now = {d: max(minutes) for d, minutes in stations.items()} | {d: max(e) for d, e in meters.items()}
@@ -678,6 +708,7 @@ async def write_isolating(
                     policy=policy,
                     ispu_evaluated=ispu_evaluated,
                     nested=True,
+                    rules=pinned,
                 )
             )
             return
@@ -706,7 +737,10 @@ async def write_isolating(
                 )
             )
 
+    pinned: RuleSnapshot | None = None
     async with conn.transaction():
+        if policy is not None and policy.rulebook is not None:
+            pinned = await policy.rulebook.current(conn)  # one version for every part of the batch
         if records:
             await attempt(records)
         if checkpoints:  # the detectors' state as of the whole batch, records dead-lettered or not

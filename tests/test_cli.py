@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "migrate",
     "devices",
     "deadletters",
+    "rules",
     "users",
     "score",
     "replay",

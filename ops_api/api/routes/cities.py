@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from ops_api import queries
 from ops_api.api.deps import Connection, Settings
 from ops_api.api.errors import READ
+from ops_api.api.routes import rules
 from ops_api.auth import Caller, require_city
 
 router = APIRouter(prefix="/api/v1", tags=["cities"])
@@ -165,13 +166,15 @@ async def environment(
     """Smart Environment: ISPU per station from real concentrations, noise against limits, and water
     levels with Siaga status and rate of rise per gate."""
     await _visible_city(conn, caller, city)
+    noise, water = await queries.noise(conn, city, district, settings), await queries.water_levels(conn, city, district)
+    await rules.apply_to_environment(conn, city, noise, water)  # limits and thresholds as the city's rules set them
     return Environment.model_validate(
         {
             "city": city,
             "district": district,
             "air_quality": await queries.air_quality(conn, city, district),
-            "noise": await queries.noise(conn, city, district, settings),
-            "water_levels": await queries.water_levels(conn, city, district),
+            "noise": noise,
+            "water_levels": water,
         }
     )
 
