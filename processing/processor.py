@@ -102,6 +102,10 @@ class PartitionState:
     checkpoint_when_past: int | None = None
     sought_back: int | None = None  # the last offset _in_step sought back to
     silent: set[int] = dataclasses.field(default_factory=set)  # series already signalled as dropped out
+    # The way each device's readings last came (`source_path`): devices on one way share its pace, so
+    # one of them silent while the others go on is a dropout in event time. Not checkpointed: a device
+    # not seen since a restart is judged again from its next reading on.
+    path_of: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     next_eviction: float = -math.inf  # time.monotonic() of the next look for series to evict
 
     def evict_if_due(self, now_ms: float, settings: ProcessorSettings) -> int:
@@ -120,6 +124,14 @@ class PartitionState:
         """Whether the detectors' state as of `next_offset` is to be saved with this batch."""
         caught_up = self.checkpoint_when_past is not None and next_offset >= self.checkpoint_when_past
         return caught_up or time.monotonic() - self.last_checkpoint >= interval_s
+
+
+def source_path(reading: Reading) -> tuple[str, str]:
+    """The way a reading came: (city, "gateway") through a city's gateways, which send their devices'
+    readings together, or (device id, "") on the device's own connection."""
+    if reading.source.startswith("mqtt-gateway-"):
+        return reading.city, "gateway"
+    return reading.device_id, ""
 
 
 def catalogue_kind(key: tuple[str, str]) -> float:
@@ -461,24 +473,37 @@ class Processor:
         """Dropouts while they last, in event time: series silent for more than `dropout_factor`
         usual intervals by what this batch shows. A series of a device reporting in the batch is
         judged against that device's newest reading (a metric silent while its device reports on).
-        Any other is judged against the lowest of the reporting devices' oldest readings in the batch:
-        every source in it has gone on at least that far, however far behind the others it runs
-        (connections in a replay run ahead or behind; a gateway sends minutes of readings at once),
-        so a device absent from a batch only because its next message has not come is not silent.
-        A replay, however fast, so finds a silence near the event time it happened, where the
-        wall-clock timer would find it only if the replay were as slow as life. Each is dated when
-        its silence crossed the bound (a function of the series' state, so the same batch read again
-        dates it alike) and carried with the batch's last record, so it is written exactly once with it."""
+        A device is also judged against the others that come the same way (`source_path`: through a
+        city's gateways, which send their devices' readings together): the lowest of their newest
+        readings in the batch, which every one of them has reached. Readings that come different
+        ways run ahead or behind each other in a replay, so only a device's own way says it is
+        silent, and a device alone on its way (its own connection) is left to its own readings and
+        the wall-clock timer. A replay, however fast, so finds a silence near the
+        event time it happened. Each is dated when its silence crossed the bound (a function of the
+        series' state, so the same batch read again dates it alike) and carried with the batch's
+        last record, so it is written exactly once with it."""
         detectors = partition.detectors
         factor = self._settings.dropout_factor
-        oldest: dict[str, int] = {}
         newest: dict[str, int] = {}
         for _, r in rows:
-            if r.ts_ms < oldest.get(r.device_id, r.ts_ms + 1):
-                oldest[r.device_id] = r.ts_ms
             if r.ts_ms > newest.get(r.device_id, r.ts_ms - 1):
                 newest[r.device_id] = r.ts_ms
-        everyone_past = min(oldest.values())
+            partition.path_of[r.device_id] = source_path(r)
+        # Per way, the devices' newest readings, lowest first: the others on a device's way have all
+        # gone at least as far as the lowest of theirs.
+        by_way: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for device_id, last in newest.items():
+            by_way.setdefault(partition.path_of[device_id], []).append((last, device_id))
+        for ranked in by_way.values():
+            ranked.sort()
+
+        def others_reached(device_id: str) -> int | None:
+            way = partition.path_of.get(device_id)
+            if way is None or not way[1]:
+                return None  # alone on its way (its own connection): only its own readings say
+            others = [last for last, d in by_way.get(way, [])[:2] if d != device_id]
+            return others[0] if others else None
+
         # Silent by the newest reading of all: a superset, judged one by one below.
         candidates = np.flatnonzero(detectors.silence(float(max(newest.values())), factor) > 0).tolist()
         found = []
@@ -489,7 +514,8 @@ class Processor:
                 continue
             device_id, metric = keys[sid]
             since = state[sid, kernels.LAST_TS] + factor * state[sid, kernels.INTERVAL]
-            if newest.get(device_id, everyone_past) <= since:
+            reached = max(newest.get(device_id, -1), others_reached(device_id) or -1)
+            if reached <= since:
                 continue
             partition.silent.add(sid)
             found.append(

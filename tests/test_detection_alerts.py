@@ -5,10 +5,21 @@ import time
 
 import psycopg
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from deploy import components, procs
 from kota import alerts
-from tests.helpers import provision, publish_series, query, stored_readings, wait_for
+from kota.contract import gateway_telemetry_topic
+from tests.helpers import (
+    mqtt_client,
+    provision,
+    provision_gateway,
+    publish,
+    publish_series,
+    query,
+    stored_readings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -215,6 +226,40 @@ def test_a_silence_raises_its_dropout_alert_in_event_time_while_it_lasts(pipelin
     publish_series(pipeline, meter, "waterConsumption", [(start + 90 * MINUTE, 2.0)])
     wait_for(lambda: _alerts(pipeline, meter.device_id)[0][3] == "cleared", what="clear on return")
     assert len(_alerts(pipeline, meter.device_id)) == 1
+
+
+def test_a_device_silent_while_its_gateway_sends_the_others_raises_a_dropout_in_event_time(pipeline):
+    """Devices behind one gateway come the same way, at one pace: one of them silent while the
+    gateway goes on sending the others is a dropout, found in event time from their readings."""
+    gateway = provision_gateway(pipeline)
+    partitions = list(range(pipeline.kafka_partitions))
+    partition_of = DefaultPartitioner()
+    devices: list = []
+    while len(devices) < 3:  # three on one partition: the processor judges a partition's devices together
+        device = provision(pipeline, "noise", gateway_id=gateway.gateway_id)
+        if not devices or partition_of(device.device_id.encode(), partitions, partitions) == partition_of(
+            devices[0].device_id.encode(), partitions, partitions
+        ):
+            devices.append(device)
+    silent = devices[2]
+    start = (int(time.time() * 1000) // MINUTE - 180) * MINUTE
+    client = mqtt_client(pipeline, gateway.gateway_id)
+    topic = gateway_telemetry_topic(gateway.city, gateway.gateway_id)
+    try:
+        for i in range(90):
+            reporting = devices if i < 40 else devices[:2]
+            body = {
+                d.device_id: [{"ts": start + i * MINUTE, "values": {"LAeq": 50.0 + 0.1 * (i % 7)}}] for d in reporting
+            }
+            publish(client, devices[0], body, topic=topic)
+    finally:
+        client.disconnect()
+    [(alert_id, alert_type, *_)] = wait_for(lambda: _alerts(pipeline, silent.device_id), what="the dropout alert")
+    [(first_ms,)] = query(
+        pipeline, "SELECT (extract(epoch FROM first_ts) * 1000)::bigint FROM alerts WHERE alert_id = %s", (alert_id,)
+    )
+    assert (alert_type, first_ms) == ("dropout", start + 39 * MINUTE + 5 * MINUTE)
+    assert _alerts(pipeline, devices[0].device_id) == _alerts(pipeline, devices[1].device_id) == []
 
 
 def test_a_restarted_processor_does_not_signal_an_open_dropout_again(pipeline):
