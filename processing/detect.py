@@ -104,6 +104,11 @@ class Detectors:
     def n_series(self) -> int:
         return len(self._ids)
 
+    @property
+    def n_series_allocated(self) -> int:
+        """Rows of state allocated: a series id at or past this has no state yet (it grows when scored)."""
+        return int(self.state.shape[0])
+
     def knows(self, key: Hashable) -> bool:
         return key in self._ids
 

@@ -432,7 +432,13 @@ class Processor:
                 for r in readings
                 if not self._policy.is_late(r)
             ]
+            # Each reading's series state as the batch finds it (new series: none yet), for silences inside it.
+            known = detectors.series_ids([(r.device_id, r.metric) for _, r in rows])
+            before = np.zeros((len(rows), kernels.STATE_COLUMNS))
+            grown = known < detectors.n_series_allocated
+            before[grown] = detectors.state[known[grown]]
             ids, scores, reasons = detectors.score_readings([r for _, r in rows], now_ms)
+            anomalies.extend(self._silences_inside(s.partition, partition, rows, ids, before))
             for i in np.flatnonzero((scores >= threshold) | (reasons == kernels.REPEAT)):
                 offset, r = rows[i]
                 anomalies.append(
@@ -466,6 +472,55 @@ class Processor:
                 checkpoints.append(Checkpoint(s.partition, s.next_offset, series, blob))
                 partition.last_checkpoint = time.monotonic()
         return detected, anomalies, checkpoints
+
+    def _silences_inside(
+        self,
+        partition_id: int,
+        partition: PartitionState,
+        rows: list[tuple[int, Reading]],
+        ids: np.ndarray,
+        before: np.ndarray,
+    ) -> list[AnomalyRow]:
+        """Dropouts that began and ended inside what this batch shows: a series' reading more than
+        `dropout_factor` usual intervals after its one before (in the batch, or before it: `before`
+        is each reading's series state as the batch found it). A batch of a fast replay holds hours
+        of event time, so a silence can start and end within one; dated when it crossed the bound,
+        as `_silences_in_event_time` dates the ones that last, and not again for a series that one
+        already signalled."""
+        if not rows:
+            return []
+        factor = self._settings.dropout_factor
+        warmup = partition.detectors.params[kernels.P_WARMUP]
+        ts = np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows))
+        order = np.lexsort((ts, ids))
+        sorted_ids, sorted_ts = ids[order], ts[order]
+        first = np.ones(len(order), bool)
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        previous = np.where(first, before[order, kernels.LAST_TS], np.concatenate(([0.0], sorted_ts[:-1])))
+        interval = before[order, kernels.INTERVAL]
+        known = (before[order, kernels.COUNT] >= warmup) & (interval > 0.0) & (previous > 0.0)
+        since = previous + factor * interval
+        found = []
+        for k in np.flatnonzero(known & (sorted_ts > since)).tolist():
+            sid = int(sorted_ids[k])
+            if first[k] and sid in partition.silent:
+                continue  # signalled while it lasted; this reading ends it
+            offset, r = rows[int(order[k])]
+            last_value = before[order[k], kernels.LAST_VALUE] if first[k] else rows[int(order[k - 1])][1].value
+            found.append(
+                AnomalyRow(
+                    partition_id,
+                    offset,
+                    r.device_id,
+                    r.metric,
+                    int(since[k]),
+                    float(last_value),
+                    1.0,
+                    "dropout",
+                    silence=True,
+                )
+            )
+        return found
 
     def _silences_in_event_time(
         self, partition_id: int, partition: PartitionState, rows: list[tuple[int, Reading]]

@@ -107,7 +107,7 @@ def test_operators_acknowledge_and_clear_and_a_new_anomaly_then_raises_a_new_ale
     )[0]
     assert (acked_by, cleared_by) == ("operator-ani", "operator-budi")
 
-    later = start + 200 * 10_000
+    later = start + 101 * 10_000  # on without a silence (which would be a dropout of its own)
     publish_series(pipeline, meter, "activePower", _steady(later, 150, 10_000, 5.0) + [(later + 150 * 10_000, 900.0)])
     wait_for(lambda: len(_alerts(pipeline, meter.device_id)) == 2, what="a second, new alert")
     assert [a[3] for a in _alerts(pipeline, meter.device_id)] == ["cleared", "active"]
@@ -260,6 +260,24 @@ def test_a_device_silent_while_its_gateway_sends_the_others_raises_a_dropout_in_
     )
     assert (alert_type, first_ms) == ("dropout", start + 39 * MINUTE + 5 * MINUTE)
     assert _alerts(pipeline, devices[0].device_id) == _alerts(pipeline, devices[1].device_id) == []
+
+
+def test_a_silence_that_begins_and_ends_within_one_batch_is_a_dropout_dated_when_it_began(pipeline):
+    """A fast replay puts hours of event time in one batch: a sensor silent for an hour in the
+    middle of it raised nothing, because its state had moved past the silence by the time the batch
+    was judged. Its alert is dated five usual intervals into the silence, and cleared by the return."""
+    light = provision(pipeline, "street_light")
+    start = (int(time.time() * 1000) // MINUTE - 240) * MINUTE
+    publish_series(pipeline, light, "powerState", [(start + i * MINUTE, 1.0) for i in range(30)])
+    wait_for(lambda: len(stored_readings(pipeline, light.device_id)) == 30, what="its first half hour")
+    minutes = [*range(30, 60), *range(120, 180)]  # then one message, silent from minute 60 to 119
+    publish_series(pipeline, light, "powerState", [(start + i * MINUTE, 1.0) for i in minutes], per_message=90)
+    [(alert_id, alert_type, _, state, *_)] = wait_for(lambda: _alerts(pipeline, light.device_id), what="the dropout")
+    [(first_ms,)] = query(
+        pipeline, "SELECT (extract(epoch FROM first_ts) * 1000)::bigint FROM alerts WHERE alert_id = %s", (alert_id,)
+    )
+    assert (alert_type, first_ms) == ("dropout", start + 59 * MINUTE + 5 * MINUTE)
+    wait_for(lambda: _alerts(pipeline, light.device_id)[0][3] == "cleared", what="cleared by the return")
 
 
 def test_a_restarted_processor_does_not_signal_an_open_dropout_again(pipeline):
