@@ -54,12 +54,20 @@ class SeriesReading(Protocol):
     def value(self) -> float: ...
 
 
+# What `BatchScores.found` holds of each reading's series, as the batch found it (before scoring).
+FOUND_COLUMNS = (kernels.COUNT, kernels.LAST_TS, kernels.INTERVAL, kernels.LAST_VALUE)
+FOUND_COUNT, FOUND_LAST_TS, FOUND_INTERVAL, FOUND_LAST_VALUE = range(len(FOUND_COLUMNS))
+
+
 class BatchScores(NamedTuple):
-    """Scores of a batch of readings, in the order given: series ids, scores in [0, 1], reason codes."""
+    """Scores of a batch of readings, in the order given: series ids, scores in [0, 1], reason codes,
+    and each reading's series as the batch found it (`FOUND_COLUMNS`; zeros for a new series), which
+    tells a silence that began and ended inside the batch."""
 
     series: np.ndarray
     scores: np.ndarray
     reasons: np.ndarray
+    found: np.ndarray
 
 
 def _any_range(key: Any) -> tuple[float, float]:
@@ -104,11 +112,6 @@ class Detectors:
     def n_series(self) -> int:
         return len(self._ids)
 
-    @property
-    def n_series_allocated(self) -> int:
-        """Rows of state allocated: a series id at or past this has no state yet (it grows when scored)."""
-        return int(self.state.shape[0])
-
     def knows(self, key: Hashable) -> bool:
         return key in self._ids
 
@@ -141,13 +144,15 @@ class Detectors:
         Kafka; the results come back in the order given."""
         n = len(readings)
         ids = self.series_ids([(r.device_id, r.metric) for r in readings])
+        self._grow(self.n_series)
+        found = self.state[ids[:, None], FOUND_COLUMNS]
         ts = np.fromiter((r.ts_ms for r in readings), np.float64, n)
         values = np.fromiter((r.value for r in readings), np.float64, n)
         order = np.argsort(ts, kind="stable")
         scores, reasons = np.empty(n), np.empty(n, np.int64)
         scores[order], reasons[order] = self.score(ids[order], ts[order], values[order])
         self.mark_arrivals(ids, now_ms)
-        return BatchScores(ids, scores, reasons)
+        return BatchScores(ids, scores, reasons, found)
 
     def _grow(self, needed: int) -> None:
         size = self.state.shape[0]

@@ -37,7 +37,15 @@ from kota.registry import device_ranges
 from kota.schema import Backend, ensure_partitions, storage_backend
 from kota.settings import StackSettings
 from processing import kernels, maintenance
-from processing.detect import Detectors, deserialize, serialize
+from processing.detect import (
+    FOUND_COUNT,
+    FOUND_INTERVAL,
+    FOUND_LAST_TS,
+    FOUND_LAST_VALUE,
+    Detectors,
+    deserialize,
+    serialize,
+)
 from processing.kernels import REASONS
 from processing.rulebook import RuleBook
 from processing.rules import RulePolicy, detector_signal
@@ -124,6 +132,16 @@ class PartitionState:
         """Whether the detectors' state as of `next_offset` is to be saved with this batch."""
         caught_up = self.checkpoint_when_past is not None and next_offset >= self.checkpoint_when_past
         return caught_up or time.monotonic() - self.last_checkpoint >= interval_s
+
+
+def _dropout(
+    partition: int, offset: int, device_id: str, metric: str, since_ms: float, last_value: float
+) -> AnomalyRow:
+    """A silence found in event time, dated when it crossed the bound, carried with the record at
+    `offset` (written exactly once with it) and alerted (`AnomalyRow.silence`)."""
+    return AnomalyRow(
+        partition, offset, device_id, metric, int(since_ms), float(last_value), 1.0, "dropout", silence=True
+    )
 
 
 def source_path(reading: Reading) -> tuple[str, str]:
@@ -432,13 +450,8 @@ class Processor:
                 for r in readings
                 if not self._policy.is_late(r)
             ]
-            # Each reading's series state as the batch finds it (new series: none yet), for silences inside it.
-            known = detectors.series_ids([(r.device_id, r.metric) for _, r in rows])
-            before = np.zeros((len(rows), kernels.STATE_COLUMNS))
-            grown = known < detectors.n_series_allocated
-            before[grown] = detectors.state[known[grown]]
-            ids, scores, reasons = detectors.score_readings([r for _, r in rows], now_ms)
-            anomalies.extend(self._silences_inside(s.partition, partition, rows, ids, before))
+            ids, scores, reasons, found = detectors.score_readings([r for _, r in rows], now_ms)
+            anomalies.extend(self._silences_inside(s.partition, partition, rows, ids, found))
             for i in np.flatnonzero((scores >= threshold) | (reasons == kernels.REPEAT)):
                 offset, r = rows[i]
                 anomalies.append(
@@ -479,48 +492,35 @@ class Processor:
         partition: PartitionState,
         rows: list[tuple[int, Reading]],
         ids: np.ndarray,
-        before: np.ndarray,
+        found: np.ndarray,
     ) -> list[AnomalyRow]:
         """Dropouts that began and ended inside what this batch shows: a series' reading more than
-        `dropout_factor` usual intervals after its one before (in the batch, or before it: `before`
-        is each reading's series state as the batch found it). A batch of a fast replay holds hours
-        of event time, so a silence can start and end within one; dated when it crossed the bound,
-        as `_silences_in_event_time` dates the ones that last, and not again for a series that one
-        already signalled."""
+        `dropout_factor` usual intervals after its one before (in the batch, or before it: `found` is
+        each reading's series as the batch found it, `BatchScores.found`). A batch of a fast replay
+        holds hours of event time, so a silence can start and end within one; dated when it crossed
+        the bound, as `_silences_in_event_time` dates the ones that last, and not again for a series
+        that one already signalled."""
         if not rows:
             return []
         factor = self._settings.dropout_factor
         warmup = partition.detectors.params[kernels.P_WARMUP]
         ts = np.fromiter((r.ts_ms for _, r in rows), np.float64, len(rows))
         order = np.lexsort((ts, ids))
-        sorted_ids, sorted_ts = ids[order], ts[order]
+        sorted_ids, sorted_ts, found = ids[order], ts[order], found[order]
         first = np.ones(len(order), bool)
         first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-        previous = np.where(first, before[order, kernels.LAST_TS], np.concatenate(([0.0], sorted_ts[:-1])))
-        interval = before[order, kernels.INTERVAL]
-        known = (before[order, kernels.COUNT] >= warmup) & (interval > 0.0) & (previous > 0.0)
+        previous = np.where(first, found[:, FOUND_LAST_TS], np.concatenate(([0.0], sorted_ts[:-1])))
+        interval = found[:, FOUND_INTERVAL]
+        known = (found[:, FOUND_COUNT] >= warmup) & (interval > 0.0) & (previous > 0.0)
         since = previous + factor * interval
-        found = []
+        dropouts = []
         for k in np.flatnonzero(known & (sorted_ts > since)).tolist():
-            sid = int(sorted_ids[k])
-            if first[k] and sid in partition.silent:
+            if first[k] and int(sorted_ids[k]) in partition.silent:
                 continue  # signalled while it lasted; this reading ends it
             offset, r = rows[int(order[k])]
-            last_value = before[order[k], kernels.LAST_VALUE] if first[k] else rows[int(order[k - 1])][1].value
-            found.append(
-                AnomalyRow(
-                    partition_id,
-                    offset,
-                    r.device_id,
-                    r.metric,
-                    int(since[k]),
-                    float(last_value),
-                    1.0,
-                    "dropout",
-                    silence=True,
-                )
-            )
-        return found
+            last_value = found[k, FOUND_LAST_VALUE] if first[k] else rows[int(order[k - 1])][1].value
+            dropouts.append(_dropout(partition_id, offset, r.device_id, r.metric, since[k], last_value))
+        return dropouts
 
     def _silences_in_event_time(
         self, partition_id: int, partition: PartitionState, rows: list[tuple[int, Reading]]
@@ -573,19 +573,7 @@ class Processor:
             if reached <= since:
                 continue
             partition.silent.add(sid)
-            found.append(
-                AnomalyRow(
-                    partition_id,
-                    rows[-1][0],
-                    device_id,
-                    metric,
-                    int(since),
-                    float(state[sid, kernels.LAST_VALUE]),
-                    1.0,
-                    "dropout",
-                    silence=True,
-                )
-            )
+            found.append(_dropout(partition_id, rows[-1][0], device_id, metric, since, state[sid, kernels.LAST_VALUE]))
         return found
 
     def _in_step(self, tp: TopicPartition, first_offset: int) -> bool:

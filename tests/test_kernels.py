@@ -676,3 +676,21 @@ def test_the_parameter_table_is_the_source_of_the_defaults_and_the_kernels_names
     np.testing.assert_array_equal(changed, k.ALL_DETECTORS_PARAMS)
     with pytest.raises(ValueError, match="unknown"):
         k.params_with(no_such_parameter=1.0)
+
+
+def test_score_readings_tells_how_the_batch_found_each_series():
+    """`found`: a new series has no state yet (zeros); a known one its count, last time, usual
+    interval and last value from before the batch, not after it."""
+    from types import SimpleNamespace
+
+    from processing.detect import FOUND_COLUMNS
+
+    detectors = Detectors()
+    first = [SimpleNamespace(device_id="d", metric="m", ts_ms=t * 60_000, value=1.0 + t) for t in range(3)]
+    batch = detectors.score_readings(first, 0.0)
+    assert not batch.found.any()
+    later = [SimpleNamespace(device_id="d", metric="m", ts_ms=10 * 60_000, value=9.0)]
+    batch = detectors.score_readings([*later, SimpleNamespace(device_id="e", metric="m", ts_ms=0, value=1.0)], 0.0)
+    assert batch.found.shape == (2, len(FOUND_COLUMNS))
+    np.testing.assert_array_equal(batch.found[0], [3.0, 2 * 60_000, 60_000, 3.0])
+    np.testing.assert_array_equal(batch.found[1], [0.0, 0.0, 0.0, 0.0])
