@@ -199,11 +199,17 @@ def _read(caller: Caller) -> None:
     require(caller, "operator", "integrator", doing="read notifications")
 
 
+# What the API shows of a channel: never its secret, only whether one is stored.
+CHANNEL_COLUMNS = (
+    "channel_id, city, name, kind, config, secret IS NOT NULL AS has_secret, enabled, created_by, created_at"
+)
+
+
 async def _channel(conn: Connection, caller: Caller, channel_id: int) -> dict[str, Any]:
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "SELECT channel_id, city, name, kind, config, secret IS NOT NULL AS has_secret, enabled, created_by, "
-            "created_at FROM notification_channels WHERE channel_id = %s AND (%s::text[] IS NULL OR city = ANY(%s))",
+            f"SELECT {CHANNEL_COLUMNS} FROM notification_channels "  # noqa: S608
+            "WHERE channel_id = %s AND (%s::text[] IS NULL OR city = ANY(%s))",
             (channel_id, caller.city_filter(), caller.city_filter()),
         )
         row = await cur.fetchone()
@@ -218,8 +224,8 @@ async def list_channels(caller: Caller, conn: Connection, city: str | None = Non
     _read(caller)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "SELECT channel_id, city, name, kind, config, secret IS NOT NULL AS has_secret, enabled, created_by, "
-            "created_at FROM notification_channels WHERE (%s::text[] IS NULL OR city = ANY(%s)) "
+            f"SELECT {CHANNEL_COLUMNS} FROM notification_channels "  # noqa: S608
+            "WHERE (%s::text[] IS NULL OR city = ANY(%s)) "
             "AND (%s::text IS NULL OR city = %s) ORDER BY channel_id",
             (caller.city_filter(), caller.city_filter(), city, city),
         )
