@@ -118,7 +118,8 @@ class PartitionState:
 
     def evict_if_due(self, now_ms: float, settings: ProcessorSettings) -> int:
         """Every `evict_check_s`, evict the series silent for `evict_after_days` of event time (0:
-        never); the dropout set follows the renumbered ids. Returns how many went."""
+        never); the dropout set follows the renumbered ids, and the ways devices came forget the
+        devices left with no series. Returns how many went."""
         if settings.evict_after_days <= 0 or time.monotonic() < self.next_eviction:
             return 0
         self.next_eviction = time.monotonic() + settings.evict_check_s
@@ -126,6 +127,8 @@ class PartitionState:
         evicted = int((new_id < 0).sum())
         if evicted:
             self.silent = {int(new_id[sid]) for sid in self.silent if new_id[sid] >= 0}
+            kept = {device_id for device_id, _ in self.detectors.keys()}
+            self.path_of = {d: way for d, way in self.path_of.items() if d in kept}
         return evicted
 
     def checkpoint_due(self, next_offset: int, interval_s: float) -> bool:

@@ -123,8 +123,10 @@ def test_the_processor_evicts_at_most_every_check_interval_and_keeps_its_dropout
     settings = ProcessorSettings(evict_after_days=30, evict_check_s=300)
     partition = PartitionState(setup(), detected_until=None)
     partition.silent = {0, 2}  # dev-a and dev-c signalled as dropped out
+    partition.path_of = {f"dev-{x}": (f"dev-{x}", "") for x in "abcd"}
     assert partition.evict_if_due(45 * DAY, settings) == 1
     assert partition.silent == {1}  # dev-c, renumbered; dev-a gone
+    assert sorted(partition.path_of) == ["dev-b", "dev-c", "dev-d"]  # the way dev-a came is forgotten
     again = PartitionState(setup(), detected_until=None, next_eviction=partition.next_eviction)
     assert again.evict_if_due(45 * DAY, settings) == 0  # not due yet
     off = PartitionState(setup(), detected_until=None)
