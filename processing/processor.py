@@ -529,41 +529,45 @@ class Processor:
         self, partition_id: int, partition: PartitionState, rows: list[tuple[int, Reading]]
     ) -> list[AnomalyRow]:
         """Dropouts while they last, in event time: series silent for more than `dropout_factor`
-        usual intervals by what this batch shows. A series of a device reporting in the batch is
-        judged against that device's newest reading (a metric silent while its device reports on).
-        A device is also judged against the others that come the same way (`source_path`: through a
-        city's gateways, which send their devices' readings together): the lowest of their newest
-        readings in the batch, which every one of them has reached. Readings that come different
-        ways run ahead or behind each other in a replay, so only a device's own way says it is
-        silent, and a device alone on its way (its own connection) is left to its own readings and
-        the wall-clock timer. A replay, however fast, so finds a silence near the
-        event time it happened. Each is dated when its silence crossed the bound (a function of the
-        series' state, so the same batch read again dates it alike) and carried with the batch's
-        last record, so it is written exactly once with it."""
+        usual intervals by what came after them in this batch. A series is judged against its own
+        device's readings in records after its own last one (a metric silent while its device reports
+        on; a device that sends each metric in messages of its own may send one metric's hours ahead
+        of another's, so only what came after counts), and against the others that come the same way
+        (`source_path`: through a city's gateways, which send their devices' readings together) with
+        a record after its own last one: the lowest of their newest readings, which every one of them
+        has reached. Readings that come different ways run ahead or behind each other in a replay,
+        so only a device's own way says it is silent, and a device alone on its way (its own
+        connection) is left to its own readings and the wall-clock timer. A replay, however fast, so
+        finds a silence near the event time it happened. Each is dated when its silence crossed the
+        bound (a function of the series' state, so the same batch read again dates it alike) and
+        carried with the batch's last record, so it is written exactly once with it."""
         detectors = partition.detectors
         factor = self._settings.dropout_factor
-        newest: dict[str, int] = {}
-        for _, r in rows:
-            if r.ts_ms > newest.get(r.device_id, r.ts_ms - 1):
-                newest[r.device_id] = r.ts_ms
+        series_last: dict[tuple[str, str], int] = {}  # each series' last record in the batch
+        readings_of: dict[str, list[tuple[int, int]]] = {}  # each device's (record, time), in order
+        for offset, r in rows:
+            series_last[(r.device_id, r.metric)] = offset
+            readings_of.setdefault(r.device_id, []).append((offset, r.ts_ms))
             partition.path_of[r.device_id] = source_path(r)
-        # Per way, the devices' newest readings, lowest first: the others on a device's way have all
-        # gone at least as far as the lowest of theirs.
-        by_way: dict[tuple[str, str], list[tuple[int, str]]] = {}
-        for device_id, last in newest.items():
-            by_way.setdefault(partition.path_of[device_id], []).append((last, device_id))
-        for ranked in by_way.values():
-            ranked.sort()
+        # Per way, each device's last record and newest reading.
+        by_way: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+        for device_id, readings in readings_of.items():
+            by_way.setdefault(partition.path_of[device_id], []).append(
+                (device_id, readings[-1][0], max(ts for _, ts in readings))
+            )
 
-        def others_reached(device_id: str) -> int | None:
+        def reached_after(device_id: str, after: int) -> int:
+            """The furthest its device, or the others on its way, have gone in records after `after`."""
+            furthest = max((ts for offset, ts in readings_of.get(device_id, ()) if offset > after), default=-1)
             way = partition.path_of.get(device_id)
-            if way is None or not way[1]:
-                return None  # alone on its way (its own connection): only its own readings say
-            others = [last for last, d in by_way.get(way, [])[:2] if d != device_id]
-            return others[0] if others else None
+            if way is not None and way[1]:  # not alone on its way (its own connection)
+                others = [newest for d, last, newest in by_way.get(way, ()) if d != device_id and last > after]
+                furthest = max(furthest, min(others, default=-1))
+            return furthest
 
         # Silent by the newest reading of all: a superset, judged one by one below.
-        candidates = np.flatnonzero(detectors.silence(float(max(newest.values())), factor) > 0).tolist()
+        newest_of_all = max(r.ts_ms for _, r in rows)
+        candidates = np.flatnonzero(detectors.silence(float(newest_of_all), factor) > 0).tolist()
         found = []
         keys = detectors.keys() if candidates else []
         state = detectors.state
@@ -572,8 +576,7 @@ class Processor:
                 continue
             device_id, metric = keys[sid]
             since = state[sid, kernels.LAST_TS] + factor * state[sid, kernels.INTERVAL]
-            reached = max(newest.get(device_id, -1), others_reached(device_id) or -1)
-            if reached <= since:
+            if reached_after(device_id, series_last.get((device_id, metric), -1)) <= since:
                 continue
             partition.silent.add(sid)
             found.append(_dropout(partition_id, rows[-1][0], device_id, metric, since, state[sid, kernels.LAST_VALUE]))

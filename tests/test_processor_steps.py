@@ -6,7 +6,7 @@ offsets it is handed, not Kafka (the kill -9 tests run that part against the rea
 
 from aiokafka import TopicPartition
 
-from kota.contract import READINGS_TOPIC
+from kota.contract import READINGS_TOPIC, Reading
 from kota.settings import StackSettings
 from processing.processor import PartitionState, Processor, new_detectors
 from processing.settings import ProcessorSettings
@@ -61,3 +61,41 @@ def test_a_partition_with_no_detector_position_takes_whatever_comes_first():
     processor, consumer = _processor(None)
     assert processor._in_step(TP, 7)
     assert consumer.seeks == []
+
+
+def _readings(device: str, metric: str, minutes: range, source: str = "mqtt-json") -> list[Reading]:
+    start = 1_796_000_000_000
+    return [Reading(start + m * 60_000, "testkota", "utilities", device, metric, 3.0, "", 0, source) for m in minutes]
+
+
+def _silences(batches: list[list[Reading]]) -> list[tuple[str, str]]:
+    """The silences found while they last, batch by batch, with one record per reading."""
+    processor = Processor(stack=StackSettings(), settings=ProcessorSettings())
+    partition = PartitionState(new_detectors(ProcessorSettings()), None)
+    found, offset = [], 0
+    for readings in batches:
+        rows = [(offset + i, r) for i, r in enumerate(readings)]
+        offset += len(rows)
+        partition.detectors.score_readings(readings, 0.0)
+        found += [(a.device_id, a.metric) for a in processor._silences_in_event_time(0, partition, rows)]
+    return found
+
+
+def test_a_metric_sent_hours_ahead_of_another_of_its_device_does_not_make_that_one_silent():
+    """A device that sends each metric in messages of its own: one metric's three hours arrive
+    before the other's, and a batch ends inside the second. Only what came after a series' last
+    record in the batch says it is silent."""
+    ahead = _readings("meter", "pressure", range(0, 180))
+    behind = _readings("meter", "waterConsumption", range(0, 180))
+    assert _silences([ahead + behind[:60], behind[60:]]) == []
+
+
+def test_a_metric_silent_while_later_records_of_its_device_go_on_is_a_dropout():
+    both = [
+        r
+        for pair in zip(
+            _readings("meter", "pressure", range(60)), _readings("meter", "waterConsumption", range(60)), strict=True
+        )
+        for r in pair
+    ]
+    assert _silences([both, _readings("meter", "pressure", range(60, 120))]) == [("meter", "waterConsumption")]
