@@ -2,14 +2,15 @@
 
     .venv/bin/python -m bench.checkpoints [--series 17800] [--rounds 5] [--evict-series 100000] [--sizes-only]
 
-A checkpoint is every series' detector state as one .npz blob (processing.detect.serialize), about
-1.2 kB a series. It is written into `detector_checkpoints.state` inside a batch's transaction, so
+A checkpoint is every series' detector state as one deflated .npz blob (processing.detect.serialize),
+about 430 bytes a series. It is written into `detector_checkpoints.state` inside a batch's transaction, so
 the stream waits for it. Timed, interleaved in the same run: snapshot and serialisation in the
 processor, then the INSERT into a temporary copy of the table with the column compressed as
 PostgreSQL does by default (STORAGE EXTENDED, pglz) and stored as it comes (STORAGE EXTERNAL, what
 migration 0007 sets). Runs against the benchmarks' stack (.kota-bench/, ports shifted by 200).
 
-First, without the database: the checkpoint's size at 100,000 series (bytes, and per series), and
+First, without the database: the checkpoint's size at 100,000 series (bytes, and per series), against
+the way checkpoints were written before (float64 profiles, not deflated) in the same run, and
 before and after evicting the half of them silent past ProcessorSettings.evict_after_days, with
 what an eviction check costs (`--sizes-only` stops there).
 """
@@ -17,6 +18,7 @@ what an eviction check costs (`--sizes-only` stops there).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import time
@@ -26,8 +28,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from bench import start_bench_stack
+from bench.city_offline import DEFAULT_START, city_readings
 from processing import kernels
-from processing.detect import Detectors, serialize
+from processing.detect import Detectors, DetectorSnapshot, serialize
+from processing.processor import new_detectors
+from processing.settings import ProcessorSettings
+from simulators.anomalies import Injector, plan
+from simulators.city import build_city
 
 
 def say(message: str) -> None:
@@ -35,34 +42,92 @@ def say(message: str) -> None:
 
 
 def learned_detectors(n_series: int) -> Detectors:
-    """Detectors with n_series series whose state and hour-of-day profiles hold learned values (noise,
-    which compresses about as badly as real running means do)."""
-    detectors = Detectors(kernels.DEFAULT_PARAMS.copy())
-    detectors.series_ids([(f"city-device-{i:05d}", "pm25") for i in range(n_series)])
-    rng = np.random.default_rng(3)
-    detectors.state[:n_series] = rng.normal(50, 10, detectors.state[:n_series].shape)
-    detectors.hourly[:, :n_series] = rng.normal(50, 10, detectors.hourly[:, :n_series].shape)
+    """Detectors holding n_series series of learned state: what the processor's detectors hold after
+    two simulated days of a city (bench.city_offline: 100 devices, weekend profiles on, so both
+    kinds of day are filled), the series repeated to n_series under keys of their own. Real running
+    means and spreads compress as these do; the copies of a series lie over 300 kB apart, beyond
+    zlib's 32 kB window, so repeating them compresses nothing more."""
+    start_ms = int(DEFAULT_START.timestamp() * 1000)
+    city = build_city("bench", 100, seed=4)
+    learnt = new_detectors(ProcessorSettings())
+    ticks = 48 * 60
+    injector = Injector(plan(city, start_ms, start_ms + ticks * 60_000, 60_000))
+    for ts_ms, readings in city_readings(city, injector, start_ms, ticks, 60_000):
+        ids = learnt.series_ids([(device, metric) for device, metric, _ in readings])
+        learnt.score(ids, np.full(len(ids), float(ts_ms)), np.array([value for *_, value in readings]))
+    one = learnt.snapshot()
+    rows = np.arange(n_series) % learnt.n_series
+    detectors = Detectors(learnt.params.copy())
+    detectors.restore(
+        DetectorSnapshot(
+            {(f"city-device-{i:05d}", "pm25"): i for i in range(n_series)},
+            one.state[rows],
+            one.hourly[:, rows],
+            one.low[rows],
+            one.high[rows],
+            one.params,
+            one.measured[rows],
+        )
+    )
     return detectors
 
 
+def serialized_as_before(snapshot: DetectorSnapshot) -> bytes:
+    """The blob as checkpoints were written before float32 profiles and deflating: float64 profiles,
+    the .npz as it comes."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        state=snapshot.state,
+        hourly=snapshot.hourly.astype(np.float64),
+        low=snapshot.low,
+        high=snapshot.high,
+        params=snapshot.params,
+        measured=snapshot.measured,
+    )
+    return buffer.getvalue()
+
+
 def checkpoint_bytes(detectors: Detectors) -> int:
-    """A checkpoint's size as stored: the series keys (JSON) and the .npz blob."""
+    """A checkpoint's size as stored: the series keys (JSON) and the deflated .npz blob."""
     series, blob = serialize(detectors.snapshot())
     return len(json.dumps(series)) + len(blob)
 
 
-def eviction_figures(n_series: int) -> None:
-    """Checkpoint size at `n_series`, and before and after evicting the half silent for 31 days
+def size_figures(detectors: Detectors, rounds: int = 5) -> None:
+    """A checkpoint's size now and as it was written before (same state, same run), and what making
+    each costs (median and range of `rounds`)."""
+    n = detectors.n_series
+    times: dict[str, list[float]] = {"now": [], "before": []}
+    sizes: dict[str, int] = {}
+    for _ in range(rounds):
+        for way, make in (("now", lambda s: serialize(s)[1]), ("before", serialized_as_before)):
+            started = time.perf_counter()
+            blob = make(detectors.snapshot())
+            times[way].append(time.perf_counter() - started)
+            sizes[way] = len(blob)
+    keys = len(json.dumps(serialize(detectors.snapshot())[0]))
+    for way, label in (("before", "float64 profiles, as it comes (before)"), ("now", "float32 profiles, deflated")):
+        total = sizes[way] + keys
+        t = times[way]
+        say(
+            f"{n:,} series, {label}: {total / 1e6:.1f} MB, {total / n:,.0f} bytes a series; snapshot and "
+            f"serialisation {1000 * statistics.median(t):.0f} ms (range {1000 * min(t):.0f}-{1000 * max(t):.0f})"
+        )
+    say(f"{(sizes['before'] + keys) / (sizes['now'] + keys):.1f}x smaller")
+
+
+def eviction_figures(detectors: Detectors) -> None:
+    """Checkpoint size before and after evicting the half silent for 31 days
     (ProcessorSettings.evict_after_days, 30); what an eviction check costs with nothing to evict
     (every check but a few) and with half to evict (compaction)."""
-    detectors = learned_detectors(n_series)
+    n_series = detectors.n_series
     now_ms = 1_800_000_000_000.0
     last_ts = detectors.state[:n_series, kernels.LAST_TS]
     last_ts[:] = now_ms - 60_000.0
     last_ts[::2] = now_ms - 31 * kernels.DAY_MS  # every other series silent for 31 days
     after_ms = 30.0 * kernels.DAY_MS
     before = checkpoint_bytes(detectors)
-    say(f"{n_series:,} series: checkpoint {before / 1e6:.1f} MB, {before / n_series:,.0f} bytes a series")
     nothing = []
     for _ in range(5):
         started = time.perf_counter()
@@ -89,7 +154,9 @@ def main() -> None:
     parser.add_argument("--evict-series", type=int, default=100_000, help="series for the eviction figures")
     parser.add_argument("--sizes-only", action="store_true", help="sizes and eviction only: no database")
     args = parser.parse_args()
-    eviction_figures(args.evict_series)
+    detectors = learned_detectors(args.evict_series)
+    size_figures(detectors, args.rounds)
+    eviction_figures(detectors)
     if args.sizes_only:
         return
     stack = start_bench_stack(say)

@@ -19,6 +19,7 @@ snapshot restored gives the same scores as the original.
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -28,6 +29,16 @@ import numpy as np
 from processing import kernels
 
 CACHE_LINE = 64  # bytes
+# The hour-of-day profiles are float32: they are 3/4 of a series' state, an hour's mean and spread
+# remembered over about ten days are known to a few per cent, far coarser than float32's 1e-7, and
+# a checkpoint then holds half as many bytes of them (docs/processing.md, "Checkpoint size"). The
+# kernels compute in float64 and store float32; what is stored is what is used, so a restore is exact.
+PROFILE_DTYPE = np.float32
+# A checkpoint's blob is deflated at zlib's fastest level: its running means and spreads are about
+# half incompressible mantissa, so a higher level saves a few per cent for half as much time again
+# (bench.checkpoints prints both). An .npz (a zip) starts with ZIP_MAGIC, a zlib stream never does.
+CHECKPOINT_ZLIB_LEVEL = 1
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _cache_aligned(array: np.ndarray) -> np.ndarray:
@@ -100,7 +111,7 @@ class Detectors:
     def _reset(self, initial_series: int) -> None:
         self._ids: dict[Hashable, int] = {}
         self.state = _cache_aligned(np.zeros((initial_series, kernels.STATE_COLUMNS)))
-        self.hourly = _cache_aligned(np.zeros((kernels.DAY_KINDS, initial_series, kernels.HOURS, 3)))
+        self.hourly = _cache_aligned(np.zeros((kernels.DAY_KINDS, initial_series, kernels.HOURS, 3), PROFILE_DTYPE))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
         self.measured = np.full(initial_series, kernels.MEASURED)  # how each series is judged
@@ -161,7 +172,9 @@ class Detectors:
         new = max(needed, size * 2)
         self.state = _cache_aligned(np.concatenate([self.state, np.zeros((new - size, kernels.STATE_COLUMNS))]))
         self.hourly = _cache_aligned(
-            np.concatenate([self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3))], axis=1)
+            np.concatenate(
+                [self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3), PROFILE_DTYPE)], axis=1
+            )
         )
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
@@ -298,7 +311,8 @@ class DetectorSnapshot:
 
 
 def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
-    """Series keys in id order and the arrays as one .npz blob: what `detector_checkpoints` stores."""
+    """Series keys in id order and the arrays as one .npz blob, deflated (zlib, CHECKPOINT_ZLIB_LEVEL):
+    what `detector_checkpoints` stores."""
     keys = sorted(snapshot.ids, key=snapshot.ids.__getitem__)
     buffer = io.BytesIO()
     np.savez(
@@ -310,10 +324,13 @@ def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
         params=snapshot.params,
         measured=snapshot.measured,
     )
-    return [list(k) if isinstance(k, tuple) else [k] for k in keys], buffer.getvalue()  # type: ignore[list-item]
+    blob = zlib.compress(buffer.getbuffer(), CHECKPOINT_ZLIB_LEVEL)
+    return [list(k) if isinstance(k, tuple) else [k] for k in keys], blob  # type: ignore[list-item]
 
 
 def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
+    if not blob.startswith(ZIP_MAGIC):  # deflated; checkpoints written before that are the .npz itself
+        blob = zlib.decompress(blob)
     with np.load(io.BytesIO(blob)) as arrays:
         ids: dict[Hashable, int] = {tuple(key): i for i, key in enumerate(series)}
         # Checkpoints written before state codes existed have no "measured": every series was measured.
@@ -324,7 +341,8 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         state = arrays["state"]
         if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
             state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)
-        hourly = arrays["hourly"]
+        # Profiles were float64 before float32 (PROFILE_DTYPE): rounded once, on the first restore.
+        hourly = arrays["hourly"].astype(PROFILE_DTYPE, copy=False)
         if hourly.ndim == 3:  # (series, hours, 3): written before weekend profiles, which start empty
             hourly = np.stack([hourly, np.zeros_like(hourly)])
         return DetectorSnapshot(ids, state, hourly, arrays["low"], arrays["high"], params, measured)

@@ -684,9 +684,11 @@ def detect_batch(
             sh_short = state[s, LL_SHIFT_SHORT]
             sh_mean = state[s, LL_SHIFT_MEAN]
             sh_var = state[s, LL_SHIFT_VAR]
-        hour_mean = hour_rows[hr, HOUR_MEAN]
-        hour_mad = hour_rows[hr, HOUR_MAD]
-        hn = hour_rows[hr, HOUR_COUNT]
+        # Profiles are stored float32 (processing.detect.PROFILE_DTYPE) and judged in float64: float()
+        # says so for the interpreter too, where NumPy would keep float32 arithmetic.
+        hour_mean = float(hour_rows[hr, HOUR_MEAN])
+        hour_mad = float(hour_rows[hr, HOUR_MAD])
+        hn = float(hour_rows[hr, HOUR_COUNT])
 
         eps = 1e-9 + 1e-3 * abs(mean)
         scale = _robust_scale(mad, eps)
@@ -710,9 +712,9 @@ def detect_batch(
                     x,
                     eps,
                     interval,
-                    hour_rows[other, HOUR_MEAN],
-                    hour_rows[other, HOUR_MAD],
-                    hour_rows[other, HOUR_COUNT],
+                    float(hour_rows[other, HOUR_MEAN]),
+                    float(hour_rows[other, HOUR_MAD]),
+                    float(hour_rows[other, HOUR_COUNT]),
                     p,
                 )
             best, reason = _spike_or_dip(z, x, centre, p)

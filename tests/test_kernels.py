@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -304,11 +305,11 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
     detector = Detectors()
     detector.score(detector.series_ids(["a"]), np.array([0.0]), np.array([1.0]))
     series, blob = serialize(detector.snapshot())
-    with np.load(io.BytesIO(blob)) as arrays:
+    with np.load(io.BytesIO(zlib.decompress(blob))) as arrays:  # before checkpoints were deflated
         old = dict(arrays)
     old["params"] = old["params"][: k.P_GAP_FACTOR]  # as written before the gap detector existed
     old["state"] = old["state"][:, : k.ROUTINE]  # and before the routine-outlier rate
-    old["hourly"] = old["hourly"][0]  # and before weekend profiles: (series, hours, 3)
+    old["hourly"] = old["hourly"][0].astype(np.float64)  # and before weekend and float32 profiles
     del old["measured"]
     buffer = io.BytesIO()
     np.savez(buffer, **old)
@@ -317,6 +318,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
     assert list(restored.measured) == [1.0]
     assert restored.state.shape == (1, k.STATE_COLUMNS) and not restored.state[0, k.ROUTINE :].any()
     assert restored.hourly.shape == (k.DAY_KINDS, 1, k.HOURS, 3) and not restored.hourly[1].any()
+    assert restored.hourly.dtype == np.float32 and restored.hourly[0, 0, 0, 0] == 1.0
     Detectors().restore(restored)
 
 
