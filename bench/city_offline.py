@@ -30,7 +30,8 @@ from simulators.city import SimulatedCity, build_city, values_at
 from simulators.stream import MISSING_SHARE
 
 MINUTE_MS = 60_000
-DEFAULT_START = dt.datetime(2026, 11, 28, 6, tzinfo=dt.UTC)  # a Saturday morning, as the documented weeks
+# Saturday 06:00 WIB (UTC+7), as the documented weeks (docs/testing_streams.md)
+DEFAULT_START = dt.datetime(2026, 11, 28, 6, tzinfo=dt.timezone(dt.timedelta(hours=7)))
 
 
 def city_readings(
@@ -53,9 +54,16 @@ def city_readings(
 
 
 def detect_city(
-    seed: int, hours: float, devices: int, batch_ticks: int, start_ms: int, interval_ms: int = MINUTE_MS
+    seed: int,
+    hours: float,
+    devices: int,
+    batch_ticks: int,
+    start_ms: int,
+    interval_ms: int = MINUTE_MS,
+    missed: list[dict[str, object]] | None = None,
 ) -> tuple[scorecard.Scorecard, list[dict[str, object]]]:
-    """The scorecard of the processor's detectors over a simulated city, and its labels."""
+    """The scorecard of the processor's detectors over a simulated city, and its labels; the labels
+    no detection touched are appended to `missed` if given."""
     city = build_city(f"offline{seed}", devices, seed=seed)
     end_ms = start_ms + int(hours * 3_600_000)
     anomalies = plan(city, start_ms, end_ms, interval_ms)
@@ -84,8 +92,17 @@ def detect_city(
     if pending:
         flush()
     document = {"labels": labels}
-    detections = scorecard.group_detections(signals, 15 * MINUTE_MS)
-    return scorecard.score(scorecard.labels_from(document), detections, [], city=city.city), labels
+    detections = scorecard.group_detections(signals, 15 * MINUTE_MS) if signals else []
+    card = scorecard.score(scorecard.labels_from(document), detections, [], city=city.city)
+    if missed is not None:
+        for label in labels:
+            end = int(label["end_ms"]) + 30 * MINUTE_MS  # the scorecard's grace
+            if not any(
+                d.device_id == label["device_id"] and d.first_ms < end and d.last_ms >= int(label["start_ms"])
+                for d in detections
+            ):
+                missed.append(label)
+    return card, labels
 
 
 def minutes(delays_ms: list[int]) -> str:
