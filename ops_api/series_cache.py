@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import Counter
 from psycopg import AsyncConnection
@@ -75,7 +75,7 @@ Render = Callable[[int, dt.datetime | None], tuple[bytes, bytes]]
 
 @dataclass(frozen=True, slots=True)
 class _Ask:
-    """What a caller asked for a page, to check it again with."""
+    """What a caller asked for a page: what a check of it asks the database, then or later."""
 
     connect: Connect
     cities: list[str] | None
@@ -153,6 +153,7 @@ class SeriesCache:
             start if start_given else None,
             end if end_given else None,
         )
+        ask = _Ask(connect, cities, device_id, metric, resolution, start, end, limit, render)
         settling = SETTLING[resolution]
         kept = self._kept.get(key)
         if kept is None or not (start < kept.cut <= end and end - kept.cut <= RECUT_AFTER * settling):
@@ -168,36 +169,17 @@ class SeriesCache:
                 # oldest first: every page past fresh_s checked at once queued dozens of checks on
                 # the pool, ahead of the requests that must wait for one (p99 378 ms); whichever page
                 # was asked for when a check ended left others past stale_s (p99 73 ms).
-                self._due[key] = _Ask(
-                    self.background or connect, cities, device_id, metric, resolution, start, end, limit, render
-                )
+                self._due[key] = replace(ask, connect=self.background or connect)
                 self._check_due()
             return kept.body
         # New, or too old to answer as kept: wait for its check (one a page, whoever asked first).
-        checking = self._checking.get(key) or self._check(
-            key, kept, connect, cities, device_id, metric, resolution, start, end, limit, render
-        )
+        checking = self._checking.get(key) or self._check(key, kept, ask)
         return await asyncio.shield(checking)
 
-    def _check(
-        self,
-        key: PageKey,
-        kept: _Kept | None,
-        connect: Connect,
-        cities: list[str] | None,
-        device_id: str,
-        metric: str,
-        resolution: Resolution,
-        start: dt.datetime,
-        end: dt.datetime,
-        limit: int,
-        render: Render,
-    ) -> asyncio.Task[bytes | None]:
+    def _check(self, key: PageKey, kept: _Kept | None, ask: _Ask) -> asyncio.Task[bytes | None]:
         """Ask the database about the page in a task of its own, which every caller of the page meanwhile
         awaits (shielded: a caller that goes away does not cancel it for the others)."""
-        task = asyncio.create_task(
-            self._answer(key, kept, connect, cities, device_id, metric, resolution, start, end, limit, render)
-        )
+        task = asyncio.create_task(self._answer(key, kept, ask))
         self._checking[key] = task
         task.add_done_callback(lambda done, key=key: self._checked(key, done))  # type: ignore[misc]
         return task
@@ -210,19 +192,7 @@ class SeriesCache:
             kept = self._kept.get(key)
             if key in self._checking or kept is None or time.monotonic() - kept.checked_at < self.fresh_s / 2:
                 continue  # being checked for a caller, or gone, or checked since
-            task = self._check(
-                key,
-                kept,
-                ask.connect,
-                ask.cities,
-                ask.device_id,
-                ask.metric,
-                ask.resolution,
-                ask.start,
-                ask.end,
-                ask.limit,
-                ask.render,
-            )
+            task = self._check(key, kept, ask)
             self._ahead += 1
             task.add_done_callback(self._checked_ahead)
 
@@ -246,55 +216,32 @@ class SeriesCache:
             # Its callers got the error; the next request for the page asks again.
             log.warning("checking a series page failed: %s", task.exception())
 
-    async def _answer(
-        self,
-        key: PageKey,
-        kept: _Kept | None,
-        connect: Connect,
-        cities: list[str] | None,
-        device_id: str,
-        metric: str,
-        resolution: Resolution,
-        start: dt.datetime,
-        end: dt.datetime,
-        limit: int,
-        render: Render,
-    ) -> bytes | None:
+    async def _answer(self, key: PageKey, kept: _Kept | None, ask: _Ask) -> bytes | None:
         """Ask the database: the kept page's head checked and its tail written, or the page anew."""
         asked_at = time.monotonic()  # the answer is as of now at the earliest
+        page_of = (ask.device_id, ask.metric, ask.resolution, ask.start, ask.end)
         if kept is not None:
-            async with connect() as conn:
+            async with ask.connect() as conn:
                 page = await query_series_split(
-                    conn,
-                    device_id,
-                    metric,
-                    resolution,
-                    start,
-                    end,
-                    limit=limit,
-                    cut=kept.cut,
-                    head_json=False,
-                    cities=cities,
+                    conn, *page_of, limit=ask.limit, cut=kept.cut, head_json=False, cities=ask.cities
                 )
             if not page.visible:
                 self._keep(key, None)
                 return None
             if page.head_print == kept.head_print:
                 self._count("unchanged")
-                return self._keep_answer(key, kept.cut, kept.head_print, kept.head_json, page, render, asked_at)
+                return self._keep_answer(key, kept.cut, kept.head_print, kept.head_json, page, ask.render, asked_at)
             self._count("changed")
         else:
             self._count("new")
-        cut = max(start, end - SETTLING[resolution])
-        async with connect() as conn:
-            page = await query_series_split(
-                conn, device_id, metric, resolution, start, end, limit=limit, cut=cut, head_json=True, cities=cities
-            )
+        cut = max(ask.start, ask.end - SETTLING[ask.resolution])
+        async with ask.connect() as conn:
+            page = await query_series_split(conn, *page_of, limit=ask.limit, cut=cut, head_json=True, cities=ask.cities)
         if not page.visible:
             self._keep(key, None)
             return None
         assert page.head_json is not None
-        return self._keep_answer(key, cut, page.head_print, page.head_json, page, render, asked_at)
+        return self._keep_answer(key, cut, page.head_print, page.head_json, page, ask.render, asked_at)
 
     def _count(self, answer: str) -> None:
         self.answers[answer] += 1
