@@ -55,6 +55,7 @@ from processing.store import (
     TIME_OUT_OF_RANGE,
     UNDECODABLE,
     AnomalyRow,
+    Batch,
     Checkpoint,
     DeadLetter,
     PartitionSlice,
@@ -363,6 +364,7 @@ class Processor:
         slices, anomalies, checkpoints = self._detect(slices)
         if not slices:
             return conn
+        to_store = Batch(self._settings.group_id, READINGS_TOPIC, slices, anomalies, checkpoints, self._ispu_evaluated)
         tries = 0
         while True:
             isolating = tries >= self._settings.storage_tries
@@ -370,29 +372,10 @@ class Processor:
                 if self._backend == "postgres":
                     await self._ensure_partitions(slices, quiet=isolating)
                 if not isolating:
-                    outcome = await write_batch(
-                        conn,
-                        group=self._settings.group_id,
-                        topic=READINGS_TOPIC,
-                        slices=slices,
-                        anomalies=anomalies,
-                        checkpoints=checkpoints,
-                        policy=self._policy,
-                        ispu_evaluated=self._ispu_evaluated,
-                    )
+                    outcome = await write_batch(conn, to_store, self._policy)
                 else:
                     raw = {(tp.partition, r.offset): (r.key, r.value) for tp, records in batch.items() for r in records}
-                    outcome = await write_isolating(
-                        conn,
-                        group=self._settings.group_id,
-                        topic=READINGS_TOPIC,
-                        slices=slices,
-                        raw=raw,
-                        anomalies=anomalies,
-                        checkpoints=checkpoints,
-                        policy=self._policy,
-                        ispu_evaluated=self._ispu_evaluated,
-                    )
+                    outcome = await write_isolating(conn, to_store, raw, self._policy)
                 break
             except Exception as exc:
                 if database_unavailable(exc, conn):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import psycopg
@@ -119,6 +119,24 @@ class Checkpoint:
     next_offset: int
     series: list[list[str]]
     state: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one transaction stores for a consumer group's topic: the partitions' slices of records,
+    the detectors' anomalies and checkpoints for them, and `ispu_evaluated`: each station's newest
+    minute (epoch ms) an earlier batch evaluated ISPU at (and each water meter's newest night hour's
+    end evaluated for leaks, the same way), kept by the caller: a minute is evaluated once, in the
+    first batch that holds readings of it (a live stream brings each station's minute over many
+    batches, and an unhealthy minute must count on its alert once). None: every minute the batch
+    holds (each batch on its own, as tests/test_rules.py writes them)."""
+
+    group: str
+    topic: str
+    slices: list[PartitionSlice]
+    anomalies: list[AnomalyRow] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    ispu_evaluated: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,14 +358,9 @@ async def load_offsets(conn: psycopg.AsyncConnection, group: str, topic: str, pa
 
 async def write_batch(
     conn: psycopg.AsyncConnection,
-    *,
-    group: str,
-    topic: str,
-    slices: list[PartitionSlice],
-    anomalies: list[AnomalyRow] | None = None,
-    checkpoints: list[Checkpoint] | None = None,
+    batch: Batch,
     policy: WritePolicy | None = None,
-    ispu_evaluated: dict[str, int] | None = None,
+    *,
     nested: bool = False,
     rules: RuleSnapshot | None = None,
 ) -> BatchOutcome:
@@ -356,14 +369,9 @@ async def write_batch(
     readings, anomalies, rules and alerts, detector checkpoints, and the new offsets.
 
     `nested`: inside a transaction of the caller's (write_isolating), as a savepoint.
-    `ispu_evaluated`: each station's newest minute (epoch ms) an earlier batch evaluated ISPU at
-    (and each water meter's newest night hour's end evaluated for leaks, the same way),
-    kept by the caller: a minute is evaluated once, in the first batch that holds readings of it
-    (a live stream brings each station's minute over many batches, and an unhealthy minute must
-    count on its alert once). None: every minute the batch holds (each batch on its own, as
-    tests/test_rules.py writes them).
     `rules`: the rules to judge by (write_isolating pins one for all its parts); None: the policy's
     rulebook as of this transaction."""
+    group, topic, slices = batch.group, batch.topic, batch.slices
     policy = policy or WritePolicy()
     readings_in = sum(len(r) for s in slices for _, r in s.readings_by_offset)
     async with conn.transaction():
@@ -384,9 +392,9 @@ async def write_batch(
         if rules is None and policy.rulebook is not None:
             rules = await policy.rulebook.current(conn)
         kept, changes, stations = await _anomalies_rules_and_alerts(
-            conn, anomalies or [], stored, fresh, policy, ispu_evaluated, rules
+            conn, batch.anomalies, stored, fresh, policy, batch.ispu_evaluated, rules
         )
-        await _save_checkpoints(conn, group, topic, checkpoints or [])
+        await _save_checkpoints(conn, group, topic, batch.checkpoints)
         await _advance_offsets(conn, group, topic, slices)
     return BatchOutcome(
         readings_in=readings_in,
@@ -660,25 +668,16 @@ RawRecords = dict[tuple[int, int], tuple[bytes | None, bytes | None]]  # (partit
 
 
 async def write_isolating(
-    conn: psycopg.AsyncConnection,
-    *,
-    group: str,
-    topic: str,
-    slices: list[PartitionSlice],
-    raw: RawRecords,
-    anomalies: list[AnomalyRow] | None = None,
-    checkpoints: list[Checkpoint] | None = None,
-    policy: WritePolicy | None = None,
-    ispu_evaluated: dict[str, int] | None = None,
+    conn: psycopg.AsyncConnection, batch: Batch, raw: RawRecords, policy: WritePolicy | None = None
 ) -> BatchOutcome:
     """Store a batch that write_batch failed on in every try, in one transaction: halves of it, each
     in a savepoint, halved again where they fail, down to the records that fail alone, which become
     dead letters (STORAGE_ERROR). The good records are stored once and every offset moves on with
     them. A batch with k bad records of n takes about 2k log2(n) savepoints; the usual batch none."""
-    records = [(s.partition, offset, readings) for s in slices for offset, readings in s.readings_by_offset]
-    letters = {(s.partition, d.offset): d for s in slices for d in s.dead_letters}
+    records = [(s.partition, offset, readings) for s in batch.slices for offset, readings in s.readings_by_offset]
+    letters = {(s.partition, d.offset): d for s in batch.slices for d in s.dead_letters}
     by_record: dict[tuple[int, int], list[AnomalyRow]] = {}
-    for a in anomalies or ():
+    for a in batch.anomalies:
         by_record.setdefault((a.partition, a.offset), []).append(a)
     total = BatchOutcome(0, 0, 0)
 
@@ -701,12 +700,13 @@ async def write_isolating(
             total = total.plus(
                 await write_batch(
                     conn,
-                    group=group,
-                    topic=topic,
-                    slices=slices_of(chunk),
-                    anomalies=[a for p, o, _ in chunk for a in by_record.get((p, o), ())],
-                    policy=policy,
-                    ispu_evaluated=ispu_evaluated,
+                    replace(
+                        batch,
+                        slices=slices_of(chunk),
+                        anomalies=[a for p, o, _ in chunk for a in by_record.get((p, o), ())],
+                        checkpoints=[],
+                    ),
+                    policy,
                     nested=True,
                     rules=pinned,
                 )
@@ -723,7 +723,7 @@ async def write_isolating(
             p, offset, _ = chunk[0]
             log.error(
                 "%s[%d]@%d: readings not stored, written to processor_dead_letters: %s: %s",
-                topic,
+                batch.topic,
                 p,
                 offset,
                 type(exc).__name__,
@@ -731,11 +731,8 @@ async def write_isolating(
             )
             key, value = raw.get((p, offset), (None, None))
             letter = DeadLetter(p, offset, STORAGE_ERROR, f"{type(exc).__name__}: {exc}", key, value)
-            total = total.plus(
-                await write_batch(
-                    conn, group=group, topic=topic, slices=slices_of(chunk, letter), policy=policy, nested=True
-                )
-            )
+            only_the_letter = Batch(batch.group, batch.topic, slices_of(chunk, letter))
+            total = total.plus(await write_batch(conn, only_the_letter, policy, nested=True))
 
     pinned: RuleSnapshot | None = None
     async with conn.transaction():
@@ -743,16 +740,14 @@ async def write_isolating(
             pinned = await policy.rulebook.current(conn)  # one version for every part of the batch
         if records:
             await attempt(records)
-        if checkpoints:  # the detectors' state as of the whole batch, records dead-lettered or not
+        if batch.checkpoints:  # the detectors' state as of the whole batch, records dead-lettered or not
+            offsets_only = [PartitionSlice(s.partition, s.first_offset, s.next_offset, []) for s in batch.slices]
             try:
                 await write_batch(
                     conn,
-                    group=group,
-                    topic=topic,
-                    checkpoints=checkpoints,
-                    policy=policy,
+                    Batch(batch.group, batch.topic, offsets_only, checkpoints=batch.checkpoints),
+                    policy,
                     nested=True,
-                    slices=[PartitionSlice(s.partition, s.first_offset, s.next_offset, []) for s in slices],
                 )
             except Exception as exc:  # noqa: BLE001 - a restart re-reads from the checkpoint before: slower, not wrong
                 if database_unavailable(exc, conn):

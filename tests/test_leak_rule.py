@@ -10,7 +10,7 @@ import pytest
 
 from kota.contract import READINGS_TOPIC, Reading
 from processing.rules import RulePolicy, night_hours_reached
-from processing.store import PartitionSlice, WritePolicy, write_batch
+from processing.store import Batch, PartitionSlice, WritePolicy, write_batch
 from tests.helpers import provision, query, unique_id
 
 pytestmark = pytest.mark.stack
@@ -37,12 +37,7 @@ def _write(dsn: str, group: str, offset: int, readings: list[Reading], evaluated
                 chunk = readings[first : first + 37]
                 batch = PartitionSlice(0, offset, offset + len(chunk), [(offset + i, [r]) for i, r in enumerate(chunk)])
                 outcome = await write_batch(
-                    conn,
-                    group=group,
-                    topic=READINGS_TOPIC,
-                    slices=[batch],
-                    policy=WritePolicy(),
-                    ispu_evaluated=evaluated,
+                    conn, Batch(group, READINGS_TOPIC, [batch], ispu_evaluated=evaluated), WritePolicy()
                 )
                 evaluated.update(outcome.ispu_minutes)
                 offset += len(chunk)

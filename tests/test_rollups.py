@@ -12,7 +12,7 @@ from kota.contract import READINGS_TOPIC, Reading
 from kota.schema import ensure_partitions, partition_name
 from processing import maintenance
 from processing.maintenance import apply_retention, roll_up
-from processing.store import PartitionSlice, WritePolicy, write_batch
+from processing.store import Batch, PartitionSlice, WritePolicy, write_batch
 from tests.helpers import (
     minute_aggregates_from_readings,
     provision,
@@ -89,7 +89,7 @@ def test_a_batch_marking_an_hour_does_not_wait_for_the_rollup_job_nor_lose_its_m
 
     async def write(group: str, slices: list[PartitionSlice]) -> None:
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn, options="-c statement_timeout=5s") as conn:
-            await write_batch(conn, group=group, topic=READINGS_TOPIC, slices=slices, policy=WritePolicy())
+            await write_batch(conn, Batch(group, READINGS_TOPIC, slices), WritePolicy())
 
     def marks() -> list[tuple[int, int]]:
         return query(

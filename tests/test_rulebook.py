@@ -212,7 +212,7 @@ async def _store_custom(
 ) -> None:
     from kota.contract import READINGS_TOPIC, Reading
     from processing.rulebook import RuleBook
-    from processing.store import PartitionSlice, WritePolicy, write_batch
+    from processing.store import Batch, PartitionSlice, WritePolicy, write_batch
     from tests.helpers import unique_id
 
     readings = [
@@ -228,7 +228,7 @@ async def _store_custom(
             chunk = readings[first : first + 2 * per_batch]
             batch = PartitionSlice(0, first, first + len(chunk), [(first + i, [r]) for i, r in enumerate(chunk)])
             for _ in range(2):  # each batch twice, as a replay after a crash would bring it: applied once
-                await write_batch(conn, group=group, topic=READINGS_TOPIC, slices=[batch], policy=policy)
+                await write_batch(conn, Batch(group, READINGS_TOPIC, [batch]), policy)
 
 
 @pytest.mark.stack

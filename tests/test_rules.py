@@ -15,7 +15,7 @@ from kota import alerts
 from kota.contract import READINGS_TOPIC, Reading
 from processing import ispu, maintenance
 from processing.rules import window_means
-from processing.store import PartitionSlice, WritePolicy, write_batch
+from processing.store import Batch, PartitionSlice, WritePolicy, write_batch
 from tests.helpers import provision, query, unique_id
 
 pytestmark = pytest.mark.stack
@@ -46,7 +46,7 @@ async def _write_in_batches(dsn: str, readings: list[Reading], minutes_per_batch
         for first in range(0, len(readings), per_batch):
             chunk = readings[first : first + per_batch]
             batch = PartitionSlice(0, first, first + len(chunk), [(first + i, [r]) for i, r in enumerate(chunk)])
-            await write_batch(conn, group=group, topic=READINGS_TOPIC, slices=[batch], policy=WritePolicy())
+            await write_batch(conn, Batch(group, READINGS_TOPIC, [batch]), WritePolicy())
 
 
 def _expected_unhealthy_minutes(minutes: int) -> list[int]:
@@ -191,11 +191,7 @@ def test_latest_values_and_dirty_hours_come_from_the_batch_as_written(stack):
             )
             await conn.commit()
             await write_batch(
-                conn,
-                group=group,
-                topic=READINGS_TOPIC,
-                policy=WritePolicy(),
-                slices=[PartitionSlice(0, 0, 1, [(0, first)])],
+                conn, Batch(group, READINGS_TOPIC, [PartitionSlice(0, 0, 1, [(0, first)])]), WritePolicy()
             )
             cur = await conn.execute(
                 "SELECT DISTINCT (extract(epoch FROM hour) * 1000)::bigint FROM rollup_dirty "
@@ -206,11 +202,7 @@ def test_latest_values_and_dirty_hours_come_from_the_batch_as_written(stack):
             assert await newest(conn) == [("flow", hour + 20_000, 7.5), ("pressure", hour + 3_600_000 + 5_000, 3.0)]
             await conn.commit()
             await write_batch(
-                conn,
-                group=group,
-                topic=READINGS_TOPIC,
-                policy=WritePolicy(),
-                slices=[PartitionSlice(0, 1, 2, [(1, second)])],
+                conn, Batch(group, READINGS_TOPIC, [PartitionSlice(0, 1, 2, [(1, second)])]), WritePolicy()
             )
             assert await newest(conn) == [("flow", hour + 20_000, 7.5), ("pressure", hour + 2 * 3_600_000, 4.0)]
             await conn.commit()
@@ -281,13 +273,9 @@ def test_a_stations_minute_brought_by_several_batches_is_evaluated_once(stack):
         ]
         async with await psycopg.AsyncConnection.connect(stack.postgres_dsn) as conn:
             for offset, batch in enumerate(batches):
+                one_record = [PartitionSlice(0, offset, offset + 1, [(offset, batch)])]
                 outcome = await write_batch(
-                    conn,
-                    group=unique_id("once"),
-                    topic=READINGS_TOPIC,
-                    policy=WritePolicy(),
-                    slices=[PartitionSlice(0, offset, offset + 1, [(offset, batch)])],
-                    ispu_evaluated=evaluated,
+                    conn, Batch(unique_id("once"), READINGS_TOPIC, one_record, ispu_evaluated=evaluated), WritePolicy()
                 )
                 if evaluated is not None:
                     evaluated.update(outcome.ispu_minutes)

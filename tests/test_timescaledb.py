@@ -17,7 +17,7 @@ from deploy import pglite
 from kota.contract import Reading
 from kota.schema import migrate, storage_backend
 from ops_api.series import query_series
-from processing.store import AnomalyRow, Checkpoint, PartitionSlice, WritePolicy, write_batch
+from processing.store import AnomalyRow, Batch, Checkpoint, PartitionSlice, WritePolicy, write_batch
 from tests.test_series import as_json, json_page
 
 DEVICE = "tsdb-gate-1"
@@ -95,12 +95,14 @@ async def _write(dsn: str, readings: list[Reading], anomalies: list[AnomalyRow])
             batch = PartitionSlice(0, start, start + len(chunk), [(start + i, [r]) for i, r in enumerate(chunk)])
             outcome = await write_batch(
                 conn,
-                group="tsdb-test",
-                topic="kota.readings",
-                slices=[batch],
-                anomalies=[a for a in anomalies if start <= a.offset < start + len(chunk)],
-                checkpoints=[Checkpoint(0, start + len(chunk), [[DEVICE, "currentLevel"]], b"state")],
-                policy=policy,
+                Batch(
+                    "tsdb-test",
+                    "kota.readings",
+                    [batch],
+                    anomalies=[a for a in anomalies if start <= a.offset < start + len(chunk)],
+                    checkpoints=[Checkpoint(0, start + len(chunk), [[DEVICE, "currentLevel"]], b"state")],
+                ),
+                policy,
             )
             stored += outcome.readings_stored
     return stored
