@@ -71,9 +71,9 @@ def plan(
     busy: dict[str, list[tuple[int, int]]] = {}
     planned: list[Anomaly] = []
 
-    def free(device_id: str, first: int, last: int) -> bool:
+    def free(device_id: str, first: int, last: int, gap_ms: int = HOUR_MS) -> bool:
         # a gap of an hour each side keeps one anomaly from hiding in another's recovery
-        return all(last + HOUR_MS <= a or first >= b + HOUR_MS for a, b in busy.get(device_id, []))
+        return all(last + gap_ms <= a or first >= b + gap_ms for a, b in busy.get(device_id, []))
 
     def book(anomaly: Anomaly) -> None:
         for device_id in anomaly.devices:
@@ -116,7 +116,10 @@ def plan(
         if meters and first is not None and first + LEAK_MS <= end_ms:
             meter = meters[int(rng.integers(len(meters)))]
             last = first + LEAK_MS
-            if free(meter.device_id, first, last):
+            # A day each side: a repair shows in the flow only as a night back to its usual minimum,
+            # so a meter's next leak must leave it one (two leaks with no night between are one leak
+            # to the meter, and to any method that reads it).
+            if free(meter.device_id, first, last, DAY_MS):
                 book(Anomaly("leak", (meter.device_id,), "waterConsumption", first, last, 1.5))
 
     count = per_day if per_day is not None else max(6, len(city.devices) // 6)

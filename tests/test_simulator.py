@@ -87,6 +87,24 @@ def test_a_leak_runs_through_a_whole_night_after_two_nights_of_its_meter():
             assert nights, "a whole night 01:00-04:00 inside the leak"
 
 
+def test_two_leaks_on_a_meter_leave_a_night_hour_between_them():
+    """The minimum-night-flow rule sees a repair only as a night whose lowest flow (01:00-04:00) is
+    back to the meter's usual: two leaks on one meter with no such hour between are one leak to it,
+    and to any method reading the flow. A day apart, every night hour passes unleaked between them."""
+    checked = 0
+    for seed in range(1, 13):
+        _, anomalies, _ = _stream(seed=seed, hours=7 * 24)
+        by_meter: dict[str, list[tuple[int, int]]] = {}
+        for leak in (a for a in anomalies if a.kind == "leak"):
+            by_meter.setdefault(leak.devices[0], []).append((leak.start_ms, leak.end_ms))
+        for spans in by_meter.values():
+            spans.sort()
+            for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+                checked += 1
+                assert start - end >= DAY_MS
+    assert checked, "some seed plans two leaks on one meter"
+
+
 def test_a_day_plans_every_kind_of_anomaly_without_overlap_on_a_device():
     city, anomalies, _ = _stream(seed=1, devices=60)
     kinds = {a.kind for a in anomalies}
