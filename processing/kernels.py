@@ -2,8 +2,9 @@
 
 Every kernel walks a batch of readings in order (dense series id, event time in epoch ms, value),
 updates per-series state in place and writes a score in [0, 1] (high means anomalous, 0 while
-warming up) and a reason code. State is one float64 array per concern, indexed by series id, so a
-snapshot is a copy of arrays and a restore is exact. NaN handling is decided by the wrapper
+warming up) and a reason code. State is one array per concern, indexed by series id (float64; the
+hour profiles float32, computed in float64 and stored so), so a snapshot is a copy of arrays and a
+restore is exact. NaN handling is decided by the wrapper
 (`processing.detect`); the kernels see finite values only.
 
 `detect_batch` is a short loop over one small function per detector, each a pure function of a
