@@ -29,11 +29,11 @@ import numpy as np
 from processing import kernels
 
 CACHE_LINE = 64  # bytes
-# The hour-of-day profiles are float32: they are 3/4 of a series' state, an hour's mean and spread
-# remembered over about ten days are known to a few per cent, far coarser than float32's 1e-7, and
-# a checkpoint then holds half as many bytes of them (docs/processing.md, "Checkpoint size"). The
-# kernels compute in float64 and store float32; what is stored is what is used, so a restore is exact.
-PROFILE_DTYPE = np.float32
+# The hour-of-day profiles stay float64, though they are 3/4 of a series' state: an hour's mean learns
+# at `hour_alpha` per hour of readings, so a step of a reading a second is 3e-5 of its distance from
+# the mean, which float32 rounds away at a level of 1,000 (a pressure in hPa): the mean would freeze
+# (docs/processing.md, "Checkpoint size"). Named, so the choice is made in one place.
+PROFILE_DTYPE = np.float64
 # A checkpoint's blob is deflated at zlib's fastest level: its running means and spreads are about
 # half incompressible mantissa, so a higher level saves a few per cent for half as much time again
 # (bench.checkpoints prints both). An .npz (a zip) starts with ZIP_MAGIC, a zlib stream never does.
@@ -341,7 +341,6 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         state = arrays["state"]
         if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
             state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)
-        # Profiles were float64 before float32 (PROFILE_DTYPE): rounded once, on the first restore.
         hourly = arrays["hourly"].astype(PROFILE_DTYPE, copy=False)
         if hourly.ndim == 3:  # (series, hours, 3): written before weekend profiles, which start empty
             hourly = np.stack([hourly, np.zeros_like(hourly)])

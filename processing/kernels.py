@@ -2,9 +2,8 @@
 
 Every kernel walks a batch of readings in order (dense series id, event time in epoch ms, value),
 updates per-series state in place and writes a score in [0, 1] (high means anomalous, 0 while
-warming up) and a reason code. State is one array per concern, indexed by series id (float64; the
-hour profiles float32, computed in float64 and stored so), so a snapshot is a copy of arrays and a
-restore is exact. NaN handling is decided by the wrapper
+warming up) and a reason code. State is one float64 array per concern, indexed by series id, so a
+snapshot is a copy of arrays and a restore is exact. NaN handling is decided by the wrapper
 (`processing.detect`); the kernels see finite values only.
 
 `detect_batch` is a short loop over one small function per detector, each a pure function of a
@@ -685,11 +684,9 @@ def detect_batch(
             sh_short = state[s, LL_SHIFT_SHORT]
             sh_mean = state[s, LL_SHIFT_MEAN]
             sh_var = state[s, LL_SHIFT_VAR]
-        # Profiles are stored float32 (processing.detect.PROFILE_DTYPE) and judged in float64: float()
-        # says so for the interpreter too, where NumPy would keep float32 arithmetic.
-        hour_mean = float(hour_rows[hr, HOUR_MEAN])
-        hour_mad = float(hour_rows[hr, HOUR_MAD])
-        hn = float(hour_rows[hr, HOUR_COUNT])
+        hour_mean = hour_rows[hr, HOUR_MEAN]
+        hour_mad = hour_rows[hr, HOUR_MAD]
+        hn = hour_rows[hr, HOUR_COUNT]
 
         eps = 1e-9 + 1e-3 * abs(mean)
         scale = _robust_scale(mad, eps)
@@ -713,9 +710,9 @@ def detect_batch(
                     x,
                     eps,
                     interval,
-                    float(hour_rows[other, HOUR_MEAN]),
-                    float(hour_rows[other, HOUR_MAD]),
-                    float(hour_rows[other, HOUR_COUNT]),
+                    hour_rows[other, HOUR_MEAN],
+                    hour_rows[other, HOUR_MAD],
+                    hour_rows[other, HOUR_COUNT],
                     p,
                 )
             best, reason = _spike_or_dip(z, x, centre, p)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from processing import kernels as k
 
 
@@ -44,11 +42,6 @@ class SeriesState:
     ll_shift: Moments = field(default_factory=Moments)  # of level shifts (the ensemble)
     ll_count: int = 0  # raw scores the likelihood has judged
     hours: dict[int, list[float]] = field(default_factory=dict)  # hour (+24 at weekends) → [mean, mad, count]
-
-
-def _f32(x: float) -> float:
-    """`x` as an hour profile stores it (processing.detect.PROFILE_DTYPE, float32)."""
-    return float(np.float32(x))
 
 
 def score_of(z: float, floor: float, scale: float) -> float:
@@ -130,7 +123,7 @@ def reference_scores(
         if st.count == 0:
             st.mean = st.fast = st.slow = st.last_value = x
             st.last_ts, st.count = t, 1
-            st.hours[hour] = [_f32(x), 0.0, 1.0]
+            st.hours[hour] = [x, 0.0, 1.0]
             out.append((0.0, k.NONE))
             continue
         eps = 1e-9 + 1e-3 * abs(st.mean)
@@ -226,7 +219,7 @@ def reference_scores(
         hour_mean = hm if hn > 0 else x
         slot_alpha = p.hour_alpha * min(1.0, st.interval / 3_600_000) if st.interval > 0 else p.hour_alpha
         a = slot_alpha if hn >= 1 / slot_alpha else 1 / (hn + 1)
-        st.hours[hour] = [_f32(hour_mean + a * (x - hour_mean)), _f32(hmad + a * (abs(x - hour_mean) - hmad)), hn + 1]
+        st.hours[hour] = [hour_mean + a * (x - hour_mean), hmad + a * (abs(x - hour_mean) - hmad), hn + 1]
         if dt > 0:
             st.interval = dt if st.interval == 0 else st.interval + 0.05 * (dt - st.interval)
             st.rate = rate if st.rate == 0 else st.rate + p.rate_alpha * (rate - st.rate)

@@ -310,7 +310,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
         old = dict(arrays)
     old["params"] = old["params"][: k.P_GAP_FACTOR]  # as written before the gap detector existed
     old["state"] = old["state"][:, : k.ROUTINE]  # and before the routine-outlier rate
-    old["hourly"] = old["hourly"][0].astype(np.float64)  # and before weekend and float32 profiles
+    old["hourly"] = old["hourly"][0]  # and before weekend profiles: (series, hours, 3)
     del old["measured"]
     buffer = io.BytesIO()
     np.savez(buffer, **old)
@@ -319,7 +319,7 @@ def test_a_checkpoint_from_before_a_new_parameter_restores_with_its_default():
     assert list(restored.measured) == [1.0]
     assert restored.state.shape == (1, k.STATE_COLUMNS) and not restored.state[0, k.ROUTINE :].any()
     assert restored.hourly.shape == (k.DAY_KINDS, 1, k.HOURS, 3) and not restored.hourly[1].any()
-    assert restored.hourly.dtype == np.float32 and restored.hourly[0, 0, 0, 0] == 1.0
+    assert restored.hourly[0, 0, 0, 0] == 1.0
     Detectors().restore(restored)
 
 
@@ -706,8 +706,8 @@ def test_score_readings_tells_how_the_batch_found_each_series():
     specials=st.lists(st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e308, -1e-308, 5e-324]), max_size=8),
 )
 def test_any_snapshot_survives_a_checkpoint_bit_for_bit(n, seed, specials):
-    """serialize then deserialize gives back every array bit for bit (float32 profiles, deflated blob),
-    whatever the values: the exactness a restart relies on does not depend on what the state holds."""
+    """serialize then deserialize gives back every array bit for bit (the blob deflated), whatever the
+    values: the exactness a restart relies on does not depend on what the state holds."""
     rng = np.random.default_rng(seed)
     detectors = Detectors()
     detectors.series_ids([(f"dev-{i}", "pm25") for i in range(n)])
@@ -718,12 +718,29 @@ def test_any_snapshot_survives_a_checkpoint_bit_for_bit(n, seed, specials):
         if state.size:
             state.flat[(i * 7919) % state.size] = special
         if hourly.size:
-            with np.errstate(over="ignore"):  # 1e308 is inf in float32, as the kernels would store it
-                hourly.flat[(i * 104729) % hourly.size] = np.float64(special).astype(np.float32)
+            hourly.flat[(i * 104729) % hourly.size] = special
     written = dataclasses.replace(snapshot, state=state, hourly=hourly)
     restored = deserialize(*serialize(written))
     assert restored.ids == written.ids
-    assert restored.hourly.dtype == np.float32
     for name in ("state", "hourly", "low", "high", "params", "measured"):
         expected, got = getattr(written, name), getattr(restored, name)
         assert got.tobytes() == expected.tobytes(), name
+
+
+def test_an_hour_profile_follows_a_small_shift_of_a_reading_a_second():
+    """An hour's mean learns at `hour_alpha` per hour of readings: at a reading a second each step is
+    3e-5 of the distance, which a float32 profile rounds away at a level of 1,000 (its mean stayed at
+    1013.00). A pressure of 1,013 hPa that rises by 0.5 after twelve days moves its hour's usual."""
+    rng = np.random.default_rng(5)
+    seconds = 16 * 86_400
+    ts = np.arange(seconds, dtype=np.float64) * 1_000.0
+    values = 1013.0 + rng.normal(0, 0.3, seconds)
+    values[12 * 86_400 :] += 0.5  # past the profile's first ten days, a running mean
+    detectors = Detectors()
+    ids = np.zeros(seconds, dtype=np.int64)
+    detectors.series_ids(["pressure"])
+    for start in range(0, seconds, 100_000):
+        detectors.score(ids[start : start + 100_000], ts[start : start + 100_000], values[start : start + 100_000])
+    means = detectors.hourly[0, 0, :, k.HOUR_MEAN]
+    # Four days of each hour at the new level: 1 - exp(-0.4), a third of the way, 0.16 hPa.
+    assert (means > 1013.1).all(), means
