@@ -117,9 +117,13 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=157.0)
     parser.add_argument("--devices", type=int, default=36)
     parser.add_argument("--batch-ticks", type=int, default=5)
-    parser.add_argument("--start", default=DEFAULT_START.isoformat(), help="ISO time of the first tick")
+    parser.add_argument(
+        "--start", default=DEFAULT_START.isoformat(), help="ISO time of the first tick (WIB without a zone)"
+    )
     args = parser.parse_args()
-    start_ms = int(dt.datetime.fromisoformat(args.start).timestamp() * 1000)
+    start = dt.datetime.fromisoformat(args.start)
+    start = start if start.tzinfo else start.replace(tzinfo=DEFAULT_START.tzinfo)  # WIB, as kota simulate
+    start_ms = int(start.timestamp() * 1000)
     for seed in args.seeds:
         card, _ = detect_city(seed, args.hours, args.devices, args.batch_ticks, start_ms)
         print(

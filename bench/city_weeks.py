@@ -7,10 +7,12 @@ reading and the processor's allowed lateness raised to cover the time since the 
 the past is taken and on time), then for each seed `kota simulate`
 publishes the week as fast as the stack takes it (36 devices, a reading a minute, about 1,048,000
 readings), waits until every acknowledged reading is stored, and prints `kota score`'s scorecard.
-Each run names its cities afresh (wk<seed>-<HHMMSS>), so runs never mix. About 2 minutes a seed
-on the 2-core development machine. The default start is the documented weeks' (Saturday 2026-11-28
+Each run names its cities afresh (wk<seed>-<HHMMSS>), so runs never mix. 2.5-3 minutes in all on
+the 2-core development machine. The default start is the documented weeks' (Saturday 2026-11-28
 06:00 WIB), so every run plays the same readings: where the weekend falls in the week changes the
-figures (the same seeds from 16:00 that Saturday: recall 0.882 on seed 1 against 0.929). Stop the stack with
+figures (the same seeds from 16:00 that Saturday: recall 0.882 on seed 1 against 0.929). Until
+2027-02-26: raw readings are kept 90 days (the rollup job's retention), and `kota score`'s NAB
+figure reads them; precision and recall come from anomalies and alerts. Stop the stack with
 `KOTA_STATE_DIR=.kota-week KOTA_PORT_OFFSET=700 kota down`.
 """
 
@@ -91,7 +93,7 @@ def main() -> None:
         sent[seed] = (city, int(counts["acknowledged_readings"]))
         say(
             f"seed {seed}: {counts['acknowledged_readings']:,} of {counts['readings']:,} readings acknowledged "
-            f"in {time.monotonic() - started:.0f} s ({city}, from {start:%Y-%m-%dT%H:%M} WIB)"
+            f"in {time.monotonic() - started:.0f} s ({city}, from {start.isoformat()})"
         )
     deadline = time.monotonic() + args.settle_timeout_s
     for seed, (city, acknowledged) in sent.items():

@@ -28,6 +28,7 @@ def test_three_simulated_weeks_signal_nine_in_ten_true_and_find_their_point_anom
         found += sum(card.by_kind[kind].detected for kind in POINT_KINDS)
         planned += sum(card.by_kind[kind].labels for kind in POINT_KINDS)
         # A spike is news at once; a stuck sensor once its run is twice the longest it has shown.
+        assert card.by_kind["spike"].detect_delays_ms and card.by_kind["stuck"].detect_delays_ms, seed
         assert statistics.median(card.by_kind["spike"].detect_delays_ms) <= 60_000, seed
         assert max(card.by_kind["stuck"].detect_delays_ms) <= 30 * 60_000, seed
     assert true / signals >= 0.9, (true, signals)
