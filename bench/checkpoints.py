@@ -18,7 +18,6 @@ what an eviction check costs (`--sizes-only` stops there).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import time
@@ -30,7 +29,7 @@ from psycopg.types.json import Jsonb
 from bench import start_bench_stack
 from bench.city_offline import DEFAULT_START, city_readings
 from processing import kernels
-from processing.detect import Detectors, DetectorSnapshot, serialize
+from processing.detect import Detectors, DetectorSnapshot, serialize, snapshot_npz
 from processing.processor import new_detectors
 from processing.settings import ProcessorSettings
 from simulators.anomalies import Injector, plan
@@ -73,21 +72,6 @@ def learned_detectors(n_series: int) -> Detectors:
     return detectors
 
 
-def serialized_as_before(snapshot: DetectorSnapshot) -> bytes:
-    """The blob as checkpoints were written before they were deflated: the .npz as it comes."""
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        state=snapshot.state,
-        hourly=snapshot.hourly,
-        low=snapshot.low,
-        high=snapshot.high,
-        params=snapshot.params,
-        measured=snapshot.measured,
-    )
-    return buffer.getvalue()
-
-
 def checkpoint_bytes(detectors: Detectors) -> int:
     """A checkpoint's size as stored: the series keys (JSON) and the deflated .npz blob."""
     series, blob = serialize(detectors.snapshot())
@@ -101,7 +85,7 @@ def size_figures(detectors: Detectors, rounds: int = 5) -> None:
     times: dict[str, list[float]] = {"now": [], "before": []}
     sizes: dict[str, int] = {}
     for _ in range(rounds):
-        for way, make in (("now", lambda s: serialize(s)[1]), ("before", serialized_as_before)):
+        for way, make in (("now", lambda s: serialize(s)[1]), ("before", snapshot_npz)):
             started = time.perf_counter()
             blob = make(detectors.snapshot())
             times[way].append(time.perf_counter() - started)

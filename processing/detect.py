@@ -29,11 +29,6 @@ import numpy as np
 from processing import kernels
 
 CACHE_LINE = 64  # bytes
-# The hour-of-day profiles stay float64, though they are 3/4 of a series' state: an hour's mean learns
-# at `hour_alpha` per hour of readings, so a step of a reading a second is 3e-5 of its distance from
-# the mean, which float32 rounds away at a level of 1,000 (a pressure in hPa): the mean would freeze
-# (docs/processing.md, "Checkpoint size"). Named, so the choice is made in one place.
-PROFILE_DTYPE = np.float64
 # A checkpoint's blob is deflated at zlib's fastest level: its running means and spreads are about
 # half incompressible mantissa, so a higher level saves a few per cent for half as much time again
 # (bench.checkpoints prints both). An .npz (a zip) starts with ZIP_MAGIC, a zlib stream never does.
@@ -111,7 +106,10 @@ class Detectors:
     def _reset(self, initial_series: int) -> None:
         self._ids: dict[Hashable, int] = {}
         self.state = _cache_aligned(np.zeros((initial_series, kernels.STATE_COLUMNS)))
-        self.hourly = _cache_aligned(np.zeros((kernels.DAY_KINDS, initial_series, kernels.HOURS, 3), PROFILE_DTYPE))
+        # float64, though 3/4 of a series' state: an hour's mean learns at `hour_alpha` per hour of
+        # readings, so at a reading a second a step is 3e-5 of its distance from the mean, which
+        # float32 rounds away at a level of 1,000 (docs/processing.md, "Checkpoint size").
+        self.hourly = _cache_aligned(np.zeros((kernels.DAY_KINDS, initial_series, kernels.HOURS, 3)))
         self.low = np.full(initial_series, -np.inf)
         self.high = np.full(initial_series, np.inf)
         self.measured = np.full(initial_series, kernels.MEASURED)  # how each series is judged
@@ -172,9 +170,7 @@ class Detectors:
         new = max(needed, size * 2)
         self.state = _cache_aligned(np.concatenate([self.state, np.zeros((new - size, kernels.STATE_COLUMNS))]))
         self.hourly = _cache_aligned(
-            np.concatenate(
-                [self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3), PROFILE_DTYPE)], axis=1
-            )
+            np.concatenate([self.hourly, np.zeros((kernels.DAY_KINDS, new - size, kernels.HOURS, 3))], axis=1)
         )
         self.low = np.concatenate([self.low, np.full(new - size, -np.inf)])
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
@@ -314,6 +310,12 @@ def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
     """Series keys in id order and the arrays as one .npz blob, deflated (zlib, CHECKPOINT_ZLIB_LEVEL):
     what `detector_checkpoints` stores."""
     keys = sorted(snapshot.ids, key=snapshot.ids.__getitem__)
+    blob = zlib.compress(snapshot_npz(snapshot), CHECKPOINT_ZLIB_LEVEL)
+    return [list(k) if isinstance(k, tuple) else [k] for k in keys], blob  # type: ignore[list-item]
+
+
+def snapshot_npz(snapshot: DetectorSnapshot) -> memoryview:
+    """A snapshot's arrays as one .npz, not deflated: what checkpoints held before they were."""
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -324,8 +326,7 @@ def serialize(snapshot: DetectorSnapshot) -> tuple[list[list[str]], bytes]:
         params=snapshot.params,
         measured=snapshot.measured,
     )
-    blob = zlib.compress(buffer.getbuffer(), CHECKPOINT_ZLIB_LEVEL)
-    return [list(k) if isinstance(k, tuple) else [k] for k in keys], blob  # type: ignore[list-item]
+    return buffer.getbuffer()
 
 
 def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
@@ -341,7 +342,7 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         state = arrays["state"]
         if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
             state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)
-        hourly = arrays["hourly"].astype(PROFILE_DTYPE, copy=False)
+        hourly = arrays["hourly"]
         if hourly.ndim == 3:  # (series, hours, 3): written before weekend profiles, which start empty
             hourly = np.stack([hourly, np.zeros_like(hourly)])
         return DetectorSnapshot(ids, state, hourly, arrays["low"], arrays["high"], params, measured)

@@ -365,7 +365,7 @@ class Processor:
         slices, anomalies, snapshots = self._detect(slices)
         if not slices:
             return conn
-        # Serialising a checkpoint deflates every series' state (about 1.7 s at 100,000 series, zlib's
+        # Serialising a checkpoint deflates every series' state (about 1.6 s at 100,000 series, zlib's
         # CPU, which releases the GIL): on a thread, so the consumer's heartbeats and fetches go on.
         checkpoints = [
             Checkpoint(partition, next_offset, *await asyncio.to_thread(serialize, snapshot))
