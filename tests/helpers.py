@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -307,3 +307,10 @@ def city_result(stack: StackSettings, city: str) -> dict[str, list[tuple]]:
         (cut, city),
     )
     return {"readings": sorted(readings), "minutes": sorted(minutes), "anomalies": sorted(anomalies)}
+
+
+def record_page_errors(page: Any, errors: list[str]) -> None:
+    """Collect into `errors` a browser page's script errors and what the API's
+    Content-Security-Policy refused it (the policy must allow everything the page does)."""
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)

@@ -13,7 +13,7 @@ from playwright.sync_api import expect, sync_playwright
 from deploy import install
 from kota.settings import PROJECT_ROOT
 from ops_api import accounts
-from tests.helpers import provision, send, unique_id, wait_for
+from tests.helpers import provision, record_page_errors, send, unique_id, wait_for
 
 pytestmark = pytest.mark.stack
 SCREENSHOTS = PROJECT_ROOT / "test-output"
@@ -47,9 +47,7 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
         browser = pw.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        # The API's Content-Security-Policy must allow everything the page does (its scripts, styles, feed).
-        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+        record_page_errors(page, errors)
         page.goto(f"{pipeline.api_url}/#token={token}")
 
         expect(page.locator("#live-status")).to_have_class("ok", timeout=15_000)

@@ -10,7 +10,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from deploy import install
 from ops_api import accounts
-from tests.helpers import provision, unique_id, wait_for
+from tests.helpers import provision, record_page_errors, unique_id, wait_for
 from tests.test_commands_stack import FakeDevice
 
 pytestmark = pytest.mark.stack
@@ -35,8 +35,7 @@ def test_an_operator_commands_a_light_and_approves_a_siren_from_the_page(pipelin
             browser = pw.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
             errors: list[str] = []
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+            record_page_errors(page, errors)
             page.goto(f"{pipeline.api_url}/#token={first}")
             panel = page.locator("#commands-panel")
             panel.locator("#command-device").select_option(light.device_id)

@@ -13,7 +13,7 @@ from playwright.sync_api import expect, sync_playwright
 from deploy import install
 from ops_api import accounts
 from processing.rulebook import MINUTE_MS
-from tests.helpers import provision, publish_series, query, unique_id, wait_for
+from tests.helpers import provision, publish_series, query, record_page_errors, unique_id, wait_for
 
 pytestmark = pytest.mark.stack
 RULE = {"id": "hot", "metric": "temperature", "value": 30, "for_s": 120, "severity": "major"}
@@ -41,8 +41,7 @@ def test_operator_previews_saves_and_rolls_back_rules_on_the_page(pipeline):
         browser = pw.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+        record_page_errors(page, errors)
         page.goto(f"{pipeline.api_url}/#token={token}")
         expect(page.locator("#device-count")).to_contain_text("1", timeout=15_000)
 
