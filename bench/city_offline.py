@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import statistics
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,15 @@ from simulators.stream import MISSING_SHARE
 MINUTE_MS = 60_000
 # Saturday 06:00 WIB (UTC+7), as the documented weeks (docs/testing_streams.md)
 DEFAULT_START = dt.datetime(2026, 11, 28, 6, tzinfo=dt.timezone(dt.timedelta(hours=7)))
+
+
+class OfflineReading(NamedTuple):
+    """What the detectors read of a reading (processing.detect.SeriesReading)."""
+
+    device_id: str
+    metric: str
+    ts_ms: int
+    value: float
 
 
 def city_readings(
@@ -72,21 +82,19 @@ def detect_city(
     settings = ProcessorSettings()
     detectors = new_detectors(settings, range_of=lambda key: ranges.get(key, (-np.inf, np.inf)))
     signals: list[tuple[str, str, int, str]] = []
-    pending: list[tuple[str, str, int, float]] = []
+    pending: list[OfflineReading] = []
 
     def flush() -> None:
-        keys = [(d, m) for d, m, _, _ in pending]
-        ids = detectors.series_ids(keys)
-        ts = np.array([t for _, _, t, _ in pending], dtype=np.float64)
-        values = np.array([v for _, _, _, v in pending])
-        scores, reasons = detectors.score(ids, ts, values)
+        # The processor's entry point (score_readings), so relations between metrics are judged too.
+        _, scores, reasons, _ = detectors.score_readings(pending, now_ms=pending[-1].ts_ms)
         for i in np.flatnonzero((scores >= settings.anomaly_threshold) & (reasons != kernels.REPEAT)):
-            signals.append((pending[i][0], pending[i][1], pending[i][2], kernels.REASONS[int(reasons[i])]))
+            r = pending[i]
+            signals.append((r.device_id, r.metric, r.ts_ms, kernels.REASONS[int(reasons[i])]))
         pending.clear()
 
     ticks = int((end_ms - start_ms) // interval_ms)
     for tick, (ts_ms, readings) in enumerate(city_readings(city, Injector(anomalies), start_ms, ticks, interval_ms)):
-        pending += [(d, m, ts_ms, v) for d, m, v in readings]
+        pending += [OfflineReading(d, m, ts_ms, v) for d, m, v in readings]
         if (tick + 1) % batch_ticks == 0:
             flush()
     if pending:

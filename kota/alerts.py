@@ -53,7 +53,7 @@ class AlertChange:
 
 # The alert types a repeat (a reading that would have been an anomaly but is not news:
 # processing.kernels.REPEAT) keeps open: the detectors' own, but for dropouts (a timer's business).
-HELD_BY_REPEATS = ("spike", "dip", "level_shift", "stuck", "rate_of_change")
+HELD_BY_REPEATS = ("spike", "dip", "level_shift", "stuck", "rate_of_change", "inconsistent")
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,6 +211,35 @@ METRICS: dict[str, Metric] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """Two metrics of one device that keep a physical relation, judged together by the detectors
+    (processing/kernels.py, relation_batch): the primary is predicted from the reference, as a
+    share of it (`form` "ratio") or at an offset from it ("offset"), learnt per device. When one of
+    the two sensors drifts or fails, the relation breaks while each metric may still look usual on
+    its own; the anomaly (`inconsistent`) is stored on the primary. Readings are paired when a
+    device reports both at the same time, as one message does."""
+
+    primary: str
+    reference: str
+    form: str  # "ratio" or "offset"
+
+    @property
+    def series_name(self) -> str:
+        """The relation series' name beside the device's metrics: no metric name holds "~"."""
+        return f"{self.primary}~{self.reference}"
+
+
+# PM1 and PM2.5 are fractions of the mass PM10 counts (by particle size), so in the same air each is
+# a share of the larger one that changes slowly with the aerosol's sources; LAmax is the loudest
+# moment of the interval whose energy average is LAeq, so LAeq sits a crest below it that changes
+# slowly with the kind of noise (decibels: an offset, not a share).
+RELATIONS: tuple[Relation, ...] = (
+    Relation("pm25", "pm10", "ratio"),
+    Relation("pm1", "pm25", "ratio"),
+    Relation("LAeq", "LAmax", "offset"),
+)
+
 # A value in a known convertible unit is converted to the canonical one: value * scale + offset.
 UNIT_CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {
     ("K", "Cel"): (1.0, -273.15),

@@ -1,6 +1,6 @@
 """The Python side of the detectors: validate and coerce, mask NaN, call the kernels, grow state.
 
-    detectors = Detectors(params, kind_of=catalogue_kind, range_of=declared_range)
+    detectors = Detectors(params, kind_of=catalogue_kind, range_of=declared_range, relations=RELATIONS)
     batch = detectors.score_readings(readings, now_ms)   # the one entry point for a batch
     batch.scores, batch.reasons                           # per reading, in the order given
     snapshot = detectors.snapshot(); detectors.restore(snapshot)   # exact, for checkpoints
@@ -10,6 +10,12 @@ Each series' kind (how it is judged: kernels.MEASURED, STATE_CODE or SWITCHED) c
 place, `kind_of(key)`, given once: applied to a series when it is first seen and to every series
 of a restored checkpoint (today's catalogue wins over the one the checkpoint was saved under).
 Lower level, for tests and benchmarks: `series_ids(keys)` and `score(ids, ts_ms, values)`.
+
+`relations` (kota.contract.RELATIONS): pairs of a device's metrics judged together. A batch's
+readings of both metrics of a pair at the same time feed a relation series of their own, keyed
+(device, "primary~reference") beside the device's metrics and kept, snapshot and evicted with them;
+where the relation scores higher than the primary reading itself, that reading takes its score
+(`kernels.INCONSISTENT`). A relation series is never silent on its own (`silence`).
 
 Contract (shared by every detector, tested in tests/test_kernels.py): scores lie in [0, 1], high
 means anomalous, 0 until a series is warmed up; the constructor only stores parameters; a
@@ -65,6 +71,23 @@ FOUND_COLUMNS = (kernels.COUNT, kernels.LAST_TS, kernels.INTERVAL, kernels.LAST_
 FOUND_COUNT, FOUND_LAST_TS, FOUND_INTERVAL, FOUND_LAST_VALUE = range(len(FOUND_COLUMNS))
 
 
+class RelationSpec(Protocol):
+    """What the detectors read of a relation (kota.contract.Relation has it)."""
+
+    @property
+    def primary(self) -> str: ...
+    @property
+    def reference(self) -> str: ...
+    @property
+    def form(self) -> str: ...
+    @property
+    def series_name(self) -> str: ...
+
+
+RELATION_FORMS = {"ratio": kernels.RELATION_RATIO, "offset": kernels.RELATION_OFFSET}
+RELATION_KINDS = tuple(RELATION_FORMS.values())
+
+
 class BatchScores(NamedTuple):
     """Scores of a batch of readings, in the order given: series ids, scores in [0, 1], reason codes,
     and each reading's series as the batch found it (`FOUND_COLUMNS`; zeros for a new series), which
@@ -86,6 +109,7 @@ class Detectors:
     `kind_of(key)`: how a series is judged (kernels.MEASURED, the default; STATE_CODE, on/off/fault,
     which only the range detector judges; SWITCHED, a switched load, judged only while on).
     `range_of(key)`: its declared physical range (low, high), asked when a series is first seen.
+    `relations`: pairs of a device's metrics judged together (the module's docstring).
     """
 
     def __init__(
@@ -94,6 +118,7 @@ class Detectors:
         *,
         kind_of: Callable[[Any], float] | None = None,
         range_of: Callable[[Any], tuple[float, float]] | None = None,
+        relations: Iterable[RelationSpec] = (),
         initial_series: int = 1024,
     ) -> None:
         self.params = np.ascontiguousarray(kernels.DEFAULT_PARAMS if params is None else params, dtype=np.float64)
@@ -101,7 +126,20 @@ class Detectors:
             raise ValueError(f"params must have {kernels.DEFAULT_PARAMS.shape[0]} entries")
         self._kind_of = kind_of
         self._range_of = range_of or _any_range
+        self._relations = tuple(relations)
+        unknown = {r.form for r in self._relations} - RELATION_FORMS.keys()
+        if unknown:
+            raise ValueError(f"unknown relation forms {sorted(unknown)}: use {sorted(RELATION_FORMS)}")
+        self._relation_kind = {r.series_name: RELATION_FORMS[r.form] for r in self._relations}
+        self._paired = {m for r in self._relations for m in (r.primary, r.reference)}
         self._reset(initial_series)
+
+    def _kind(self, key: Any) -> float | None:
+        """How a series is judged: a relation's form for a relation series, else `kind_of`'s answer
+        (None: no opinion, the default stands)."""
+        if isinstance(key, tuple) and len(key) == 2 and key[1] in self._relation_kind:
+            return self._relation_kind[key[1]]
+        return self._kind_of(key) if self._kind_of is not None else None
 
     def _reset(self, initial_series: int) -> None:
         self._ids: dict[Hashable, int] = {}
@@ -140,8 +178,9 @@ class Detectors:
                 sid = self._ids[key] = len(self._ids)
                 self._grow(sid + 1)
                 self.low[sid], self.high[sid] = ranges[key] if ranges and key in ranges else self._range_of(key)
-                if self._kind_of is not None:
-                    self.measured[sid] = self._kind_of(key)
+                kind = self._kind(key)
+                if kind is not None:
+                    self.measured[sid] = kind
             ids.append(sid)
         return np.asarray(ids, dtype=np.int64)
 
@@ -160,8 +199,62 @@ class Detectors:
         order = np.argsort(ts, kind="stable")
         scores, reasons = np.empty(n), np.empty(n, np.int64)
         scores[order], reasons[order] = self.score(ids[order], ts[order], values[order])
+        if self._relations:
+            self._score_relations(readings, ts, values, scores, reasons)
         self.mark_arrivals(ids, now_ms)
         return BatchScores(ids, scores, reasons, found)
+
+    def _score_relations(
+        self,
+        readings: Sequence[SeriesReading],
+        ts: np.ndarray,
+        values: np.ndarray,
+        scores: np.ndarray,
+        reasons: np.ndarray,
+    ) -> None:
+        """Judge the batch's pairs (both metrics of a relation, one device, one time, finite values)
+        in event-time order; a pair's score replaces its primary reading's where it is higher, and
+        its REPEAT marks a primary reading that scored nothing itself."""
+        at: dict[tuple[str, float], dict[str, int]] = {}  # (device, time) -> metric -> reading index
+        paired = self._paired
+        finite = (np.isfinite(values) & np.isfinite(ts)).tolist()
+        times = ts.tolist()
+        for i, r in enumerate(readings):
+            if r.metric in paired and finite[i]:
+                at.setdefault((r.device_id, times[i]), {})[r.metric] = i  # a repeated reading: the last
+        pairs: list[tuple[tuple[str, str], int, int]] = []  # relation key, primary index, reference index
+        for (device_id, _), metrics in at.items():
+            for relation in self._relations:
+                p = metrics.get(relation.primary)
+                q = metrics.get(relation.reference)
+                if p is not None and q is not None:
+                    pairs.append(((device_id, relation.series_name), p, q))
+        if not pairs:
+            return
+        primary = np.fromiter((i for _, i, _ in pairs), np.int64, len(pairs))
+        reference = np.fromiter((j for _, _, j in pairs), np.int64, len(pairs))
+        order = np.argsort(ts[primary], kind="stable")
+        primary, reference = primary[order], reference[order]
+        keys = [pairs[k][0] for k in order.tolist()]
+        ids = self.series_ids(keys, dict.fromkeys(keys, (-np.inf, np.inf)))
+        self._grow(self.n_series)
+        pair_scores = np.zeros(len(keys))
+        pair_reasons = np.zeros(len(keys), np.int64)
+        kernels.relation_batch(
+            ids,
+            np.ascontiguousarray(ts[primary]),
+            np.ascontiguousarray(values[primary]),
+            np.ascontiguousarray(values[reference]),
+            self.measured,
+            self.state,
+            kernels.Params(*self.params.tolist()),
+            pair_scores,
+            pair_reasons,
+        )
+        for k in np.flatnonzero(pair_reasons != kernels.NONE).tolist():
+            i = int(primary[k])
+            if pair_scores[k] > scores[i] or (pair_reasons[k] == kernels.REPEAT and reasons[i] == kernels.NONE):
+                scores[i], reasons[i] = pair_scores[k], pair_reasons[k]
 
     def _grow(self, needed: int) -> None:
         size = self.state.shape[0]
@@ -227,6 +320,7 @@ class Detectors:
         kernels.silence_scores(
             float(now_ms), self.state[:n], np.ascontiguousarray(last_seen), self.params[kernels.P_WARMUP], factor, out
         )
+        out[np.isin(self.measured[:n], RELATION_KINDS)] = 0.0  # a relation's metrics tell their own silences
         return out
 
     def evict(self, before_ms: float) -> np.ndarray:
@@ -288,9 +382,12 @@ class Detectors:
         self.low[:n] = snapshot.low
         self.high[:n] = snapshot.high
         self.measured[:n] = snapshot.measured
-        if self._kind_of is not None:
-            for key, sid in self._ids.items():
-                self.measured[sid] = self._kind_of(key)
+        for key, sid in self._ids.items():
+            kind = self._kind(key)
+            # A relation series stays one (and never silent) where these detectors were given no
+            # relations: eviction forgets it in time.
+            if kind is not None and (kind in RELATION_KINDS or self.measured[sid] not in RELATION_KINDS):
+                self.measured[sid] = kind
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ series' state (scalars) and the parameters, inlined by numba:
   so one threshold means the same on every series;
 - `_repeats`: one event, one signal (a quiet period after a signal), and REPEAT for what would have
   been an anomaly but is not news.
+`relation_batch` judges pairs of a device's metrics that keep a physical relation (PM2.5 a share of
+PM10, LAeq below LAmax): an EWMA chart of the residual finds a drifting sensor as its drift builds.
 Declared physical ranges are checked first; on a timer, `silence_scores` finds silences while they
 last. `minute_partials` and `merge` are the mergeable one-minute aggregates.
 The parameters are one table, `PARAMETERS`: name, default and meaning of each.
@@ -46,8 +48,20 @@ from numba.extending import intrinsic
 # or more but does not because it is not news: inside the quiet period of an event already
 # signalled, or damped as a spike the series shows routinely. It is not an anomaly, but it is not
 # normal either: the processor keeps the metric's open alert from clearing itself while they go on.
-NONE, SPIKE, DIP, LEVEL_SHIFT, STUCK, RATE_OF_CHANGE, OUT_OF_RANGE, DROPOUT, REPEAT = range(9)
-REASONS = ("none", "spike", "dip", "level_shift", "stuck", "rate_of_change", "out_of_range", "dropout", "repeat")
+# INCONSISTENT: two metrics of one device that keep a physical relation no longer do (`relation_batch`).
+NONE, SPIKE, DIP, LEVEL_SHIFT, STUCK, RATE_OF_CHANGE, OUT_OF_RANGE, DROPOUT, REPEAT, INCONSISTENT = range(10)
+REASONS = (
+    "none",
+    "spike",
+    "dip",
+    "level_shift",
+    "stuck",
+    "rate_of_change",
+    "out_of_range",
+    "dropout",
+    "repeat",
+    "inconsistent",
+)
 
 # Columns of the per-series state array.
 (
@@ -93,6 +107,27 @@ HOUR_MS = 3_600_000.0
 # power draw) by every detector while it is on, and by its range alone while it is off (at the
 # bottom of its range), its off readings teaching its baselines nothing.
 STATE_CODE, MEASURED, SWITCHED = 0.0, 1.0, 2.0
+# A relation series (`relation_batch`): two metrics of one device, the primary predicted from the
+# reference as a share of it (PM2.5 of PM10) or at an offset from it (LAeq below LAmax). Only the
+# relation kernel judges it; `detect_batch` never sees one.
+RELATION_RATIO, RELATION_OFFSET = 3.0, 4.0
+# A relation series' state row reuses the columns COUNT, LAST_VALUE (its newest residual), LAST_TS,
+# QUIET_UNTIL and QUIET_SCORE, and these:
+REL_PRIMARY = MEAN  # EW mean of the primary as learnt (ratio), or of primary - reference (offset)
+REL_REFERENCE = SLOW  # EW mean of the reference (ratio)
+REL_SPREAD = MAD  # EW mean absolute residual, as learnt
+REL_CHART = FAST  # the EWMA chart: EW mean of the standardised residuals
+REL_CHART_VAR = SLOW_MAD  # the chart's own in-control variance
+# A standardised residual enters the chart clipped to this many spreads (one wild reading moves the
+# chart by at most this times its rate); the relation learns a reading as at most
+# RELATION_LEARN_CLIP spreads from its prediction (Huber), so an anomaly barely teaches it and it
+# never locks on a reference that no longer holds; the chart's variance learns from at most 2 of its
+# own standard deviations (which biases it low by 8% on Gaussian residuals).
+RELATION_INPUT_CLIP = 5.0
+RELATION_LEARN_CLIP = 3.0
+RELATION_CHART_LEARN_CLIP = 2.0
+# Mean absolute deviation to standard deviation on Gaussian residuals: sqrt(pi / 2).
+MEAN_ABS_TO_SD = 1.2533141373155003
 # A stuck run scores as a distance of this many robust scales at its onset, twice it at twice the
 # length: the raw detectors' floor, so a stuck run is news at once without a likelihood, and a graded
 # raw score under one (where the floor is 0).
@@ -162,6 +197,9 @@ PARAMETERS: tuple[Param, ...] = (
         "1: under the likelihood, spikes and dips are also judged as the raw detectors judge them (at"
         " `learning_floor`): one reading barely moves the likelihood's short mean",
     ),
+    Param("relation_span", 30.0, "readings in a relation's EWMA chart (its span: EW rate 2/(this+1))"),
+    Param("relation_memory", 1440.0, "readings a relation's coefficient and spreads remember (EW rate 1/this)"),
+    Param("relation_warmup", 120.0, "paired readings a relation learns from before it is judged"),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMETERS)
 
@@ -203,6 +241,9 @@ class Params(NamedTuple):
     likelihood_learning: float
     learning_floor: float
     raw_points: float
+    relation_span: float
+    relation_memory: float
+    relation_warmup: float
 
 
 if Params._fields != PARAM_NAMES:
@@ -804,6 +845,110 @@ def detect_batch(
             state[s, LL_SHIFT_VAR] = sh_var
         state[s, LAST_VALUE] = x
         state[s, LAST_TS] = t
+        state[s, COUNT] = n + 1.0
+
+
+@helper
+def _relation_prediction(measured: float, reference: float, primary_mean: float, reference_mean: float) -> float:
+    """The primary's value the relation expects, given the reference's."""
+    if measured == RELATION_RATIO:
+        return primary_mean / reference_mean * reference if reference_mean > 0.0 else primary_mean
+    return reference + primary_mean
+
+
+@kernel
+def relation_batch(
+    series: np.ndarray,
+    ts: np.ndarray,
+    primary: np.ndarray,
+    reference: np.ndarray,
+    measured: np.ndarray,
+    state: np.ndarray,
+    p: Params,
+    scores: np.ndarray,
+    reasons: np.ndarray,
+) -> None:
+    """Judge pairs of readings of two metrics of one device that keep a physical relation (analytical
+    redundancy: a fault in one sensor breaks a relation the others keep; Isermann, "Fault-Diagnosis
+    Systems", 2006, parity equations), in order, updating the relation series' `state` in place.
+
+    The primary is predicted from the reference (`measured`: RELATION_RATIO, a share of it learnt
+    as the ratio of their EW means, robust where both are low and noisy; RELATION_OFFSET, an offset
+    from it learnt as an EW mean). The residual, in its own EW spread, goes into an EWMA control
+    chart (Roberts, "Control chart tests based on geometric moving averages", Technometrics 1959),
+    judged against the chart's own in-control spread, so residuals that are autocorrelated (as real
+    ones are) widen it instead of raising alarms; it is never judged tighter than independent
+    residuals allow. A drift of one of the two sensors is found as it builds, where each metric's
+    own baselines follow it and the hour's profile has not learnt the hour yet. The relation learns
+    every reading, as at most RELATION_LEARN_CLIP spreads from its prediction (Huber), so an anomaly
+    barely teaches it and a relation that changes for good is learnt again in a few memories.
+    A score maps the chart's distance in its standard deviations as the raw detectors map a robust z.
+    """
+    rate_chart = 2.0 / (p.relation_span + 1.0)
+    independent_var = rate_chart / (2.0 - rate_chart)  # the chart's variance on independent residuals
+    floor = max(p.z_floor, p.learning_floor)
+    for i in range(series.shape[0]):
+        s = series[i]
+        a = primary[i]
+        b = reference[i]
+        form = measured[s]
+        n = state[s, COUNT]
+        scores[i] = 0.0
+        reasons[i] = NONE
+        if n == 0.0:
+            state[s, REL_PRIMARY] = a if form == RELATION_RATIO else a - b
+            state[s, REL_REFERENCE] = b
+            state[s, REL_SPREAD] = 0.0
+            state[s, REL_CHART] = 0.0
+            state[s, REL_CHART_VAR] = 0.0
+            state[s, LAST_VALUE] = 0.0
+            state[s, LAST_TS] = ts[i]
+            state[s, COUNT] = 1.0
+            continue
+        primary_mean = state[s, REL_PRIMARY]
+        reference_mean = state[s, REL_REFERENCE]
+        spread = state[s, REL_SPREAD]
+        chart = state[s, REL_CHART]
+        chart_var = state[s, REL_CHART_VAR]
+        quiet_until = state[s, QUIET_UNTIL]
+        quiet_score = state[s, QUIET_SCORE]
+        prediction = _relation_prediction(form, b, primary_mean, reference_mean)
+        residual = a - prediction
+        scale = MEAN_ABS_TO_SD * spread + 1e-9 + 1e-3 * abs(prediction)
+        u = min(RELATION_INPUT_CLIP, max(-RELATION_INPUT_CLIP, residual / scale))
+        chart += rate_chart * (u - chart)
+        warm = n >= p.relation_warmup
+        if warm:
+            sd = math.sqrt(max(chart_var, independent_var))
+            score = _score(abs(chart) / sd, floor, p.z_scale)
+            reason = INCONSISTENT if score > 0.0 else NONE
+            best, reason, quiet_until, quiet_score = _repeats(score, reason, score, n, quiet_until, quiet_score, p)
+            scores[i] = best
+            reasons[i] = reason
+            # The chart's own variance, learnt from readings after the warm-up only.
+            judged = n - p.relation_warmup
+            rate_var = max(1.0 / (judged + 1.0), 1.0 / p.relation_memory)
+            limit = RELATION_CHART_LEARN_CLIP * RELATION_CHART_LEARN_CLIP * max(chart_var, independent_var)
+            chart_var += rate_var * (min(chart * chart, limit) - chart_var)
+            bound = RELATION_LEARN_CLIP * scale
+            residual = min(bound, max(-bound, residual))
+        rate = max(1.0 / (n + 1.0), 1.0 / p.relation_memory)
+        learnt = prediction + residual  # the primary as the relation learns it
+        spread += rate * (abs(residual) - spread)
+        if form == RELATION_RATIO:
+            primary_mean += rate * (learnt - primary_mean)
+            reference_mean += rate * (b - reference_mean)
+        else:
+            primary_mean += rate * ((learnt - b) - primary_mean)
+        state[s, REL_PRIMARY] = primary_mean
+        state[s, REL_REFERENCE] = reference_mean
+        state[s, REL_SPREAD] = spread
+        state[s, REL_CHART] = chart
+        state[s, REL_CHART_VAR] = chart_var
+        state[s, QUIET_UNTIL] = quiet_until
+        state[s, QUIET_SCORE] = quiet_score
+        state[s, LAST_VALUE] = a - prediction
+        state[s, LAST_TS] = ts[i]
         state[s, COUNT] = n + 1.0
 
 

@@ -32,7 +32,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter, Gauge, start_http_server
 
 from kota.alerts import Signal, apply_signals
-from kota.contract import METRICS, READINGS_TOPIC, Reading, decode_device_batch
+from kota.contract import METRICS, READINGS_TOPIC, RELATIONS, Reading, decode_device_batch
 from kota.registry import device_ranges
 from kota.schema import Backend, ensure_partitions, storage_backend
 from kota.settings import StackSettings
@@ -95,8 +95,14 @@ def new_detectors(
     settings: ProcessorSettings, range_of: Callable[[tuple[str, str]], tuple[float, float]] | None = None
 ) -> Detectors:
     """The kernels' defaults with the processor's settings applied (apply_settings), judging each
-    series as the measurement catalogue says (catalogue_kind); `range_of`: declared ranges."""
-    return Detectors(apply_settings(kernels.DEFAULT_PARAMS.copy(), settings), kind_of=catalogue_kind, range_of=range_of)
+    series as the measurement catalogue says (catalogue_kind), and its relations' pairs together
+    where `relations` is on; `range_of`: declared ranges."""
+    return Detectors(
+        apply_settings(kernels.DEFAULT_PARAMS.copy(), settings),
+        kind_of=catalogue_kind,
+        range_of=range_of,
+        relations=RELATIONS if settings.relations else (),
+    )
 
 
 @dataclasses.dataclass

@@ -39,7 +39,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from kota.alerts import Severity, Signal
-from kota.contract import Reading
+from kota.contract import RELATIONS, Reading
 from processing import ispu
 from processing.rulebook import CityRules
 
@@ -432,20 +432,28 @@ async def evaluate_flood_gates(
 def detector_signal(device_id: str, metric: str, ts_ms: int, value: float, score: float, reason: str) -> Signal:
     """The alert signal for a detector's anomaly. Severity: impossible values and fast rises are major;
     spikes, dips and level shifts are major when the score is high, minor otherwise; a stuck sensor
-    is a warning (the reading may still be right); a silent one is minor."""
+    is a warning (the reading may still be right), as is a metric that no longer agrees with its
+    partner (kota.contract.RELATIONS: which of the two sensors is wrong takes a look); a silent one
+    is minor."""
     severity: Severity
     if reason in ("out_of_range", "rate_of_change"):
         severity = "major"
-    elif reason == "stuck":
+    elif reason in ("stuck", "inconsistent"):
         severity = "warning"
     elif reason == "dropout":
         severity = "minor"
     else:
         severity = "major" if score >= 0.8 else "minor"
     label = reason.replace("_", " ")
-    message = (
-        f"{metric} silent for much longer than usual"
-        if reason == "dropout"
-        else f"{label} in {metric}: {value:g} (score {score:.2f})"
-    )
+    if reason == "dropout":
+        message = f"{metric} silent for much longer than usual"
+    elif reason == "inconsistent":
+        partners = [r.reference for r in RELATIONS if r.primary == metric]
+        partner = partners[0] if partners else "its partner metric"
+        message = (
+            f"{metric} no longer agrees with {partner} of the same device: one of the two sensors is "
+            f"drifting or failing (now {value:g}, score {score:.2f})"
+        )
+    else:
+        message = f"{label} in {metric}: {value:g} (score {score:.2f})"
     return Signal(device_id, reason, metric, severity, ts_ms, value, message, {"score": round(score, 3)})

@@ -50,6 +50,10 @@ class ProcessorSettings(BaseSettings):
     # power follow the week, and a series judged against its usual hour would otherwise call every
     # Saturday's missing rush hour a dip.
     weekend_profiles: bool = True
+    # Pairs of a device's metrics that keep a physical relation (kota.contract.RELATIONS: PM2.5 a
+    # share of PM10, LAeq below LAmax) are judged together: a sensor drifting away from its partner
+    # is an `inconsistent` anomaly on the primary metric (processing/kernels.py, relation_batch).
+    relations: bool = True
     utc_offset_hours: float = 7.0
     # An hour of the day whose usual spread is under 1/daily_tightness of the series' overall spread
     # judges spikes and dips against its own usual level (processing/kernels.py, P_DAILY_TIGHTNESS;

@@ -226,3 +226,70 @@ def reference_scores(
         st.last_value, st.last_ts = x, t
         st.count += 1
     return out
+
+
+@dataclass
+class RelationState:
+    """One relation's state: what it has learnt of its two metrics, its residuals' spread, its chart."""
+
+    count: int = 0
+    primary: float = 0.0  # mean of the primary as learnt (ratio), or of primary - reference (offset)
+    reference: float = 0.0
+    spread: float = 0.0
+    chart: float = 0.0
+    chart_var: float = 0.0
+    quiet_until: float = 0.0
+    quiet_score: float = 0.0
+
+
+def reference_relation_scores(
+    pairs: list[tuple[object, float, float, float]], params, forms: dict[object, str], states: dict
+) -> list[tuple[float, int]]:
+    """(relation key, time, primary, reference) in order -> (score, reason): the EWMA chart of the
+    residual from a learnt share ("ratio") or offset ("offset"), judged in its own spread."""
+    p = k.Params(*(float(v) for v in params))
+    rate_chart = 2 / (p.relation_span + 1)
+    independent_var = rate_chart / (2 - rate_chart)
+    out = []
+    for key, _, a, b in pairs:
+        st = states.setdefault(key, RelationState())
+        ratio = forms[key] == "ratio"
+        if st.count == 0:
+            st.primary, st.reference, st.count = (a if ratio else a - b), b, 1
+            out.append((0.0, k.NONE))
+            continue
+        if ratio:
+            prediction = st.primary / st.reference * b if st.reference > 0 else st.primary
+        else:
+            prediction = b + st.primary
+        residual = a - prediction
+        scale = math.sqrt(math.pi / 2) * st.spread + 1e-9 + 1e-3 * abs(prediction)
+        st.chart += rate_chart * (min(5.0, max(-5.0, residual / scale)) - st.chart)
+        result = (0.0, k.NONE)
+        if st.count >= p.relation_warmup:
+            floor_var = max(st.chart_var, independent_var)
+            score = score_of(abs(st.chart) / math.sqrt(floor_var), max(p.z_floor, p.learning_floor), p.z_scale)
+            best = score
+            if st.count < st.quiet_until and score <= st.quiet_score + p.quiet_margin:
+                best = 0.0
+            elif score > p.quiet_level:
+                st.quiet_until, st.quiet_score = st.count + p.quiet_points, score
+            if best > 0:
+                result = (best, k.INCONSISTENT)
+            if best < p.repeat_below <= score:
+                result = (best, k.REPEAT)
+            judged = st.count - p.relation_warmup
+            st.chart_var += max(1 / (judged + 1), 1 / p.relation_memory) * (
+                min(st.chart**2, 4 * floor_var) - st.chart_var
+            )
+            residual = min(3 * scale, max(-3 * scale, residual))
+        out.append(result)
+        rate = max(1 / (st.count + 1), 1 / p.relation_memory)
+        st.spread += rate * (abs(residual) - st.spread)
+        if ratio:
+            st.primary += rate * (prediction + residual - st.primary)
+            st.reference += rate * (b - st.reference)
+        else:
+            st.primary += rate * (prediction + residual - b - st.primary)
+        st.count += 1
+    return out

@@ -10,17 +10,19 @@ import os
 import subprocess
 import sys
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kota.contract import RELATIONS
 from processing import kernels as k
 from processing.detect import Detectors, deserialize, serialize
 from processing.processor import apply_settings, new_detectors
 from processing.settings import ProcessorSettings
-from tests.reference_detectors import reference_scores
+from tests.reference_detectors import reference_relation_scores, reference_scores
 
 
 def run_both(
@@ -744,3 +746,85 @@ def test_an_hour_profile_follows_a_small_shift_of_a_reading_a_second():
     means = detectors.hourly[0, 0, :, k.HOUR_MEAN]
     # Four days of each hour at the new level: 1 - exp(-0.4), a third of the way, 0.16 hPa.
     assert (means > 1013.1).all(), means
+
+
+class _Reading(NamedTuple):
+    device_id: str
+    metric: str
+    ts_ms: int
+    value: float
+
+
+def random_paired_stream(seed, ticks=1500):
+    """Three devices a minute apart in time order, each tick's metrics together (as one message):
+    an air station (pm1, pm25, pm10), a noise meter (LAeq, LAmax) and a station that drifts; some
+    metrics missing, some NaN, some spikes, so pairs form, break and are skipped."""
+    rng = np.random.default_rng(seed)
+    readings = []
+    for tick in range(ticks):
+        ts = 1_700_000_000_000 + tick * 60_000
+        day = np.sin(tick / 1440 * 2 * np.pi)
+        for device, drift in (("air-1", 0.0), ("air-2", 40.0 * max(0.0, tick - 900) / 360), ("noise-1", 0.0)):
+            if device.startswith("air"):
+                pm25 = 30 + 15 * day + rng.normal(0, 3)
+                values = {
+                    "pm1": 0.6 * pm25 + rng.normal(0, 1),
+                    "pm25": pm25 + drift,
+                    "pm10": 1.6 * pm25 + rng.normal(0, 3),
+                }
+            else:
+                laeq = 60 + 10 * day + rng.normal(0, 1.5)
+                values = {"LAeq": laeq, "LAmax": laeq + 12 + abs(rng.normal(0, 3))}
+            for metric, value in values.items():
+                roll = rng.random()
+                if roll < 0.03:
+                    continue  # missing: no pair this tick
+                if roll < 0.04:
+                    value = float("nan")
+                elif roll < 0.05:
+                    value += rng.choice([-30.0, 30.0])
+                readings.append(_Reading(device, metric, ts, float(value)))
+    return readings
+
+
+def reference_with_relations(readings, params, relations):
+    """Each reading's own score (reference_scores), then each pair's (reference_relation_scores),
+    merged as the detectors merge them: a pair's higher score, or its repeat where the reading has none."""
+    own = reference_scores([((r.device_id, r.metric), r.ts_ms, r.value) for r in readings], params, {}, {})
+    merged = [list(x) for x in own]
+    forms, pairs, primaries = {}, [], []
+    by_time: dict = {}
+    for i, r in enumerate(readings):
+        if np.isfinite(r.value):
+            by_time.setdefault((r.device_id, r.ts_ms), {})[r.metric] = i
+    for (device, ts), metrics in by_time.items():
+        for relation in relations:
+            if relation.primary in metrics and relation.reference in metrics:
+                key = (device, relation.series_name)
+                forms[key] = relation.form
+                i, j = metrics[relation.primary], metrics[relation.reference]
+                pairs.append((key, ts, readings[i].value, readings[j].value))
+                primaries.append(i)
+    for i, (score, reason) in zip(primaries, reference_relation_scores(pairs, params, forms, {}), strict=True):
+        if reason != k.NONE and (score > merged[i][0] or (reason == k.REPEAT and merged[i][1] == k.NONE)):
+            merged[i] = [score, reason]
+    return [tuple(x) for x in merged]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("batches", [1, 13])
+@pytest.mark.parametrize("params", [k.DEFAULT_PARAMS, k.LIKELIHOOD_PARAMS], ids=["raw", "likelihood"])
+def test_relations_between_metrics_agree_with_the_reference_in_any_batching(seed, batches, params):
+    readings = random_paired_stream(seed)
+    detector = Detectors(params, relations=RELATIONS)
+    scores, reasons = [], []
+    ticks = sorted({r.ts_ms for r in readings})
+    for chunk in np.array_split(np.array(ticks), batches):  # a tick's readings stay in one batch, as one message's do
+        batch = [r for r in readings if chunk[0] <= r.ts_ms <= chunk[-1]]
+        _, s, r, _ = detector.score_readings(batch, now_ms=0)
+        scores += list(s)
+        reasons += list(r)
+    reference = reference_with_relations(readings, params, RELATIONS)
+    assert_agree(np.array(scores), np.array(reasons), reference)
+    assert k.INCONSISTENT in set(reasons)  # the drifting station is judged, not just agreed on
+    assert detector.knows(("noise-1", "LAeq~LAmax")) and detector.knows(("air-1", "pm1~pm25"))
