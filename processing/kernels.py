@@ -165,7 +165,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("w_stuck", 1.0, "weight of stuck runs (0: off)"),
     Param("w_rate", 0.0, "weight of the rate of change (off: big single steps are ordinary on NAB)"),
     Param("quiet_level", 0.2, "a score above this starts a quiet period: one event, one signal"),
-    Param("quiet_points", 100.0, "readings a quiet period lasts"),
+    Param("quiet_points", 100.0, "readings a quiet period lasts past an event's latest anomalous reading"),
     Param("quiet_margin", 0.2, "how far a score must rise above the signalled one to break the quiet"),
     Param("gap_factor", 0.0, "a reading after more than this many usual intervals is a dropout (0: off)"),
     Param("routine_alpha", 0.001, "EW rate of a series' rate of routine spikes (a memory of ~1,000 readings)"),
@@ -557,11 +557,16 @@ def _repeats(
     best: float, reason: int, undamped: float, n: float, quiet_until: float, quiet_score: float, p: Params
 ) -> tuple[float, int, float, float]:
     """One event, one signal: after a score above `quiet_level` a series stays quiet for
-    `quiet_points` readings unless its score rises by `quiet_margin`. What would have scored
-    `repeat_below` or more but is not news (quiet, or damped as routine) is a REPEAT.
+    `quiet_points` readings unless its score rises by `quiet_margin`; a score above `quiet_level`
+    while quiet is the same event going on, and the quiet lasts `quiet_points` readings past it (an
+    event is a run of anomalous readings no more than `quiet_points` apart, as a detection is a run
+    of signals in a scorecard). What would have scored `repeat_below` or more but is not news
+    (quiet, or damped as routine) is a REPEAT.
     Returns the score, the reason and the new quiet period (until, score)."""
     would_be = max(undamped, best)  # the score were it news
     if n < quiet_until and best <= quiet_score + p.quiet_margin:
+        if best > p.quiet_level:
+            quiet_until = n + p.quiet_points  # the event goes on
         best = 0.0  # the same event, already signalled
     elif best > p.quiet_level:
         quiet_until = n + p.quiet_points

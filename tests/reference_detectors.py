@@ -197,6 +197,8 @@ def reference_scores(
                 best = first_highest([*candidates, stuck, rate_of_change, gap])
             would_be = max(undamped, best[0])
             if st.count < st.quiet_until and best[0] <= st.quiet_score + p.quiet_margin:
+                if best[0] > p.quiet_level:
+                    st.quiet_until = st.count + p.quiet_points  # the same event, going on
                 best = (0.0, best[1])  # same event, already signalled
             elif best[0] > p.quiet_level:
                 st.quiet_until, st.quiet_score = st.count + p.quiet_points, best[0]
@@ -271,6 +273,8 @@ def reference_relation_scores(
             score = score_of(abs(st.chart) / math.sqrt(floor_var), max(p.z_floor, p.learning_floor), p.z_scale)
             best = score
             if st.count < st.quiet_until and score <= st.quiet_score + p.quiet_margin:
+                if score > p.quiet_level:
+                    st.quiet_until = st.count + p.quiet_points
                 best = 0.0
             elif score > p.quiet_level:
                 st.quiet_until, st.quiet_score = st.count + p.quiet_points, score

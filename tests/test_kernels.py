@@ -490,6 +490,23 @@ def test_a_flapping_series_signals_once_per_event_not_per_reading():
     assert (scores[repeats] < k.DEFAULT_PARAMS[k.P_REPEAT_BELOW]).all()
 
 
+def test_a_train_of_spikes_is_one_event_until_it_has_stopped_for_a_quiet_period():
+    # Spikes every 60 readings for 600 readings (each inside the quiet period the one before left),
+    # then one 150 readings after the last: the train is one event, the lone spike a new one.
+    rng = np.random.default_rng(11)
+    n = 1400
+    values = rng.normal(50, 1, n)
+    train = list(range(400, 1000, 60))
+    values[train] += 12
+    values[1150] += 12
+    params = k.params_with(routine_rate=0.0)  # every spike judged in full: only the quiet period decides
+    scores, reasons, reference = run_both(np.zeros(n, dtype=int), np.arange(n) * 60_000.0, values, params=params)
+    assert_agree(scores, reasons, reference)
+    signalled = np.flatnonzero(scores > k.DEFAULT_PARAMS[k.P_QUIET_LEVEL])
+    assert list(signalled) == [400, 1150], signalled
+    assert set(np.flatnonzero(reasons == k.REPEAT)) == set(train[1:])
+
+
 def test_a_serialized_checkpoint_restores_exactly_the_same_scores():
     rng = np.random.default_rng(7)
     keys = [("dev-a", "pm25"), ("dev-b", "currentLevel"), ("dev-a", "pm10")]
