@@ -99,6 +99,15 @@ class BatchScores(NamedTuple):
     found: np.ndarray
 
 
+def _merged(own: float, own_reason: int, pair: float, pair_reason: int, repeat_below: float) -> tuple[float, int]:
+    """A primary reading's judgement with its relation's: the higher score, with its reason; but a
+    score under `repeat_below` where either said REPEAT is a REPEAT (it holds its alert open)."""
+    score, reason = (pair, pair_reason) if pair > own else (own, own_reason)
+    if score < repeat_below and kernels.REPEAT in (own_reason, pair_reason):
+        reason = kernels.REPEAT
+    return score, reason
+
+
 def _any_range(key: Any) -> tuple[float, float]:
     return -np.inf, np.inf
 
@@ -184,12 +193,16 @@ class Detectors:
             ids.append(sid)
         return np.asarray(ids, dtype=np.int64)
 
-    def score_readings(self, readings: Sequence[SeriesReading], now_ms: float) -> BatchScores:
+    def score_readings(
+        self, readings: Sequence[SeriesReading], now_ms: float, records: Sequence[int] | None = None
+    ) -> BatchScores:
         """Score a batch of readings of (device_id, metric) series, arrived at wall-clock `now_ms`.
 
         Each series is scored in event-time order within the batch (a stable sort: in-order series
         keep their order), since several gateways can swap two messages of one device on the way to
-        Kafka; the results come back in the order given."""
+        Kafka; the results come back in the order given. `records`: the record (message) each
+        reading came in, where relations pair readings only within one (so how records fall into
+        batches changes nothing); None: the batch is one record."""
         n = len(readings)
         ids = self.series_ids([(r.device_id, r.metric) for r in readings])
         self._grow(self.n_series)
@@ -200,30 +213,33 @@ class Detectors:
         scores, reasons = np.empty(n), np.empty(n, np.int64)
         scores[order], reasons[order] = self.score(ids[order], ts[order], values[order])
         if self._relations:
-            self._score_relations(readings, ts, values, scores, reasons)
+            self._score_relations(readings, records, ids, ts, values, scores, reasons)
         self.mark_arrivals(ids, now_ms)
         return BatchScores(ids, scores, reasons, found)
 
     def _score_relations(
         self,
         readings: Sequence[SeriesReading],
+        records: Sequence[int] | None,
+        ids: np.ndarray,
         ts: np.ndarray,
         values: np.ndarray,
         scores: np.ndarray,
         reasons: np.ndarray,
     ) -> None:
-        """Judge the batch's pairs (both metrics of a relation, one device, one time, finite values)
-        in event-time order; a pair's score replaces its primary reading's where it is higher, and
-        its REPEAT marks a primary reading that scored nothing itself."""
-        at: dict[tuple[str, float], dict[str, int]] = {}  # (device, time) -> metric -> reading index
+        """Judge the batch's pairs (both metrics of a relation, one device, one time, one record,
+        each value finite and inside its series' declared range) in event-time order, and merge
+        each pair's judgement into its primary reading's (`_merged`)."""
+        at: dict[tuple[str, float, int], dict[str, int]] = {}  # (device, time, record) -> metric -> index
         paired = self._paired
-        finite = (np.isfinite(values) & np.isfinite(ts)).tolist()
+        usable = (np.isfinite(ts) & (values >= self.low[ids]) & (values <= self.high[ids])).tolist()
         times = ts.tolist()
         for i, r in enumerate(readings):
-            if r.metric in paired and finite[i]:
-                at.setdefault((r.device_id, times[i]), {})[r.metric] = i  # a repeated reading: the last
+            if r.metric in paired and usable[i]:
+                record = records[i] if records is not None else 0
+                at.setdefault((r.device_id, times[i], record), {})[r.metric] = i  # a repeated reading: the last
         pairs: list[tuple[tuple[str, str], int, int]] = []  # relation key, primary index, reference index
-        for (device_id, _), metrics in at.items():
+        for (device_id, _, _), metrics in at.items():
             for relation in self._relations:
                 p = metrics.get(relation.primary)
                 q = metrics.get(relation.reference)
@@ -236,12 +252,12 @@ class Detectors:
         order = np.argsort(ts[primary], kind="stable")
         primary, reference = primary[order], reference[order]
         keys = [pairs[k][0] for k in order.tolist()]
-        ids = self.series_ids(keys, dict.fromkeys(keys, (-np.inf, np.inf)))
+        relation_ids = self.series_ids(keys, dict.fromkeys(keys, (-np.inf, np.inf)))
         self._grow(self.n_series)
         pair_scores = np.zeros(len(keys))
         pair_reasons = np.zeros(len(keys), np.int64)
         kernels.relation_batch(
-            ids,
+            relation_ids,
             np.ascontiguousarray(ts[primary]),
             np.ascontiguousarray(values[primary]),
             np.ascontiguousarray(values[reference]),
@@ -251,10 +267,12 @@ class Detectors:
             pair_scores,
             pair_reasons,
         )
+        repeat_below = float(self.params[kernels.P_REPEAT_BELOW])
         for k in np.flatnonzero(pair_reasons != kernels.NONE).tolist():
             i = int(primary[k])
-            if pair_scores[k] > scores[i] or (pair_reasons[k] == kernels.REPEAT and reasons[i] == kernels.NONE):
-                scores[i], reasons[i] = pair_scores[k], pair_reasons[k]
+            scores[i], reasons[i] = _merged(
+                float(scores[i]), int(reasons[i]), float(pair_scores[k]), int(pair_reasons[k]), repeat_below
+            )
 
     def _grow(self, needed: int) -> None:
         size = self.state.shape[0]
@@ -385,8 +403,10 @@ class Detectors:
         for key, sid in self._ids.items():
             kind = self._kind(key)
             # A relation series stays one (and never silent) where these detectors were given no
-            # relations: eviction forgets it in time.
+            # relations: eviction forgets it in time. One whose form changed learns again.
             if kind is not None and (kind in RELATION_KINDS or self.measured[sid] not in RELATION_KINDS):
+                if kind in RELATION_KINDS and kind != self.measured[sid]:
+                    self.state[sid, kernels.COUNT] = 0.0
                 self.measured[sid] = kind
 
 

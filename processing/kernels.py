@@ -122,7 +122,8 @@ REL_CHART_VAR = SLOW_MAD  # the chart's own in-control variance
 # chart by at most this times its rate); the relation learns a reading as at most
 # RELATION_LEARN_CLIP spreads from its prediction (Huber), so an anomaly barely teaches it and it
 # never locks on a reference that no longer holds; the chart's variance learns from at most 2 of its
-# own standard deviations (which biases it low by 8% on Gaussian residuals).
+# own standard deviations (which biases it low by about 10% on Gaussian residuals, 5% in its
+# standard deviation, in the steady state).
 RELATION_INPUT_CLIP = 5.0
 RELATION_LEARN_CLIP = 3.0
 RELATION_CHART_LEARN_CLIP = 2.0
@@ -857,7 +858,11 @@ def detect_batch(
 def _relation_prediction(measured: float, reference: float, primary_mean: float, reference_mean: float) -> float:
     """The primary's value the relation expects, given the reference's."""
     if measured == RELATION_RATIO:
-        return primary_mean / reference_mean * reference if reference_mean > 0.0 else primary_mean
+        # A reference that has averaged nothing (a PM10 sensor reading 0) predicts nothing: the
+        # primary's own mean, so the relation neither divides by it nor judges by it.
+        if reference_mean > 1e-9 * abs(primary_mean):
+            return primary_mean / reference_mean * reference
+        return primary_mean
     return reference + primary_mean
 
 
@@ -906,6 +911,8 @@ def relation_batch(
             state[s, REL_SPREAD] = 0.0
             state[s, REL_CHART] = 0.0
             state[s, REL_CHART_VAR] = 0.0
+            state[s, QUIET_UNTIL] = 0.0
+            state[s, QUIET_SCORE] = 0.0
             state[s, LAST_VALUE] = 0.0
             state[s, LAST_TS] = ts[i]
             state[s, COUNT] = 1.0
@@ -922,6 +929,11 @@ def relation_batch(
         scale = MEAN_ABS_TO_SD * spread + 1e-9 + 1e-3 * abs(prediction)
         u = min(RELATION_INPUT_CLIP, max(-RELATION_INPUT_CLIP, residual / scale))
         chart += rate_chart * (u - chart)
+        if not (math.isfinite(residual) and math.isfinite(scale) and math.isfinite(chart)):
+            # Values so extreme that the relation cannot be computed (a reference mean of 1e-320, a
+            # value of 1e308): it starts learning again from the next pair, and judges nothing now.
+            state[s, COUNT] = 0.0
+            continue
         warm = n >= p.relation_warmup
         if warm:
             sd = math.sqrt(max(chart_var, independent_var))
@@ -945,6 +957,16 @@ def relation_batch(
             reference_mean += rate * (b - reference_mean)
         else:
             primary_mean += rate * ((learnt - b) - primary_mean)
+        if not (
+            math.isfinite(primary_mean)
+            and math.isfinite(reference_mean)
+            and math.isfinite(spread)
+            and math.isfinite(chart_var)
+        ):
+            state[s, COUNT] = 0.0  # as above: learnt again from the next pair
+            scores[i] = 0.0
+            reasons[i] = NONE
+            continue
         state[s, REL_PRIMARY] = primary_mean
         state[s, REL_REFERENCE] = reference_mean
         state[s, REL_SPREAD] = spread

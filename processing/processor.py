@@ -452,7 +452,9 @@ class Processor:
                 for r in readings
                 if not self._policy.is_late(r)
             ]
-            ids, scores, reasons, found = detectors.score_readings([r for _, r in rows], now_ms)
+            ids, scores, reasons, found = detectors.score_readings(
+                [r for _, r in rows], now_ms, records=[offset for offset, _ in rows]
+            )
             anomalies.extend(self._silences_inside(s.partition, partition, rows, ids, found))
             for i in np.flatnonzero((scores >= threshold) | (reasons == kernels.REPEAT)):
                 offset, r = rows[i]

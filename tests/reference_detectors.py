@@ -261,12 +261,16 @@ def reference_relation_scores(
             out.append((0.0, k.NONE))
             continue
         if ratio:
-            prediction = st.primary / st.reference * b if st.reference > 0 else st.primary
+            prediction = st.primary / st.reference * b if st.reference > 1e-9 * abs(st.primary) else st.primary
         else:
             prediction = b + st.primary
         residual = a - prediction
         scale = math.sqrt(math.pi / 2) * st.spread + 1e-9 + 1e-3 * abs(prediction)
         st.chart += rate_chart * (min(5.0, max(-5.0, residual / scale)) - st.chart)
+        if not all(map(math.isfinite, (residual, scale, st.chart))):
+            states[key] = RelationState()  # beyond computing: learnt again from the next pair
+            out.append((0.0, k.NONE))
+            continue
         result = (0.0, k.NONE)
         if st.count >= p.relation_warmup:
             floor_var = max(st.chart_var, independent_var)
@@ -287,7 +291,6 @@ def reference_relation_scores(
                 min(st.chart**2, 4 * floor_var) - st.chart_var
             )
             residual = min(3 * scale, max(-3 * scale, residual))
-        out.append(result)
         rate = max(1 / (st.count + 1), 1 / p.relation_memory)
         st.spread += rate * (abs(residual) - st.spread)
         if ratio:
@@ -295,5 +298,10 @@ def reference_relation_scores(
             st.reference += rate * (b - st.reference)
         else:
             st.primary += rate * (prediction + residual - b - st.primary)
+        if not all(map(math.isfinite, (st.primary, st.reference, st.spread, st.chart_var))):
+            states[key] = RelationState()
+            out.append((0.0, k.NONE))
+            continue
+        out.append(result)
         st.count += 1
     return out

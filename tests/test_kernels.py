@@ -806,7 +806,8 @@ def random_paired_stream(seed, ticks=1500):
 
 def reference_with_relations(readings, params, relations):
     """Each reading's own score (reference_scores), then each pair's (reference_relation_scores),
-    merged as the detectors merge them: a pair's higher score, or its repeat where the reading has none."""
+    merged as the detectors merge them: the higher score with its reason, a REPEAT where that is under
+    `repeat_below` and either said REPEAT."""
     own = reference_scores([((r.device_id, r.metric), r.ts_ms, r.value) for r in readings], params, {}, {})
     merged = [list(x) for x in own]
     forms, pairs, primaries = {}, [], []
@@ -822,9 +823,15 @@ def reference_with_relations(readings, params, relations):
                 i, j = metrics[relation.primary], metrics[relation.reference]
                 pairs.append((key, ts, readings[i].value, readings[j].value))
                 primaries.append(i)
+    repeat_below = params[k.P_REPEAT_BELOW]
     for i, (score, reason) in zip(primaries, reference_relation_scores(pairs, params, forms, {}), strict=True):
-        if reason != k.NONE and (score > merged[i][0] or (reason == k.REPEAT and merged[i][1] == k.NONE)):
-            merged[i] = [score, reason]
+        if reason == k.NONE:
+            continue
+        own = tuple(merged[i])
+        best = [score, reason] if score > own[0] else list(own)
+        if best[0] < repeat_below and k.REPEAT in (own[1], reason):
+            best[1] = k.REPEAT
+        merged[i] = best
     return [tuple(x) for x in merged]
 
 

@@ -11,12 +11,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kota.contract import RELATIONS, Relation
+from kota.contract import METRICS, RELATIONS, Relation
 from processing import kernels as k
 from processing.detect import Detectors, deserialize, serialize
 from processing.processor import new_detectors
 from processing.rules import detector_signal
 from processing.settings import ProcessorSettings
+from tests.reference_detectors import reference_relation_scores
 
 MINUTE = 60_000
 START = 1_764_000_000_000
@@ -132,7 +133,7 @@ def test_pairs_form_only_within_one_device_at_one_time():
     assert made == [("air-5", "pm25~pm10")]
 
 
-def test_relation_series_are_never_silent_are_evicted_with_their_device_and_survive_a_checkpoint():
+def test_relation_series_are_never_silent_and_survive_a_checkpoint_without_relations():
     signals, detectors = run(station(300, np.random.default_rng(7)))
     relation = detectors.series_ids([("air-1", "pm25~pm10")])[0]
     assert detectors.measured[relation] == k.RELATION_RATIO
@@ -143,8 +144,6 @@ def test_relation_series_are_never_silent_are_evicted_with_their_device_and_surv
     bare.restore(deserialize(*serialize(detectors.snapshot())))
     assert bare.measured[relation] == k.RELATION_RATIO
     assert bare.silence(START + 10 * 1440 * MINUTE)[relation] == 0.0
-    detectors.evict(before_ms=START + 400 * MINUTE)  # the device silent since: its metrics and relation go
-    assert detectors.n_series == 0
 
 
 def test_a_restored_checkpoint_judges_relations_exactly_as_before():
@@ -157,18 +156,45 @@ def test_a_restored_checkpoint_judges_relations_exactly_as_before():
     assert first + rest == whole and inconsistent(rest)
 
 
-finite = st.floats(-1e12, 1e12, allow_nan=False)
+any_value = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),  # every finite float: subnormals, 0, -0, 1.7e308
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e308, -1e308]),
+    st.floats(0, 100),
+)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
-    pairs=st.lists(st.tuples(finite, finite), min_size=1, max_size=400),
+    pairs=st.lists(st.tuples(any_value, any_value), min_size=1, max_size=300),
     form=st.sampled_from(["ratio", "offset"]),
     warmup=st.integers(1, 50),
 )
-def test_any_pairs_score_in_range_and_survive_a_checkpoint_bit_for_bit(pairs, form, warmup):
+def test_any_pairs_score_in_range_as_the_reference_does_and_survive_a_checkpoint_bit_for_bit(pairs, form, warmup):
     relation = Relation("a", "b", form)
     params = k.params_with(relation_warmup=float(warmup))
+    # The kernel against its plain reference, pair by pair.
+    state = np.zeros((1, k.STATE_COLUMNS))
+    measured = np.array([k.RELATION_RATIO if form == "ratio" else k.RELATION_OFFSET])
+    n = len(pairs)
+    kernel_scores, kernel_reasons = np.zeros(n), np.zeros(n, np.int64)
+    k.relation_batch(
+        np.zeros(n, np.int64),
+        START + np.arange(n) * float(MINUTE),
+        np.array([a for a, _ in pairs]),
+        np.array([b for _, b in pairs]),
+        measured,
+        state,
+        k.Params(*params.tolist()),
+        kernel_scores,
+        kernel_reasons,
+    )
+    reference = reference_relation_scores(
+        [("d", START + i * MINUTE, a, b) for i, (a, b) in enumerate(pairs)], params, {"d": form}, {}
+    )
+    np.testing.assert_allclose(kernel_scores, [r[0] for r in reference], rtol=1e-9, atol=1e-12)
+    assert list(kernel_reasons) == [r[1] for r in reference]
+    assert np.all(np.isfinite(kernel_scores)) and np.all((kernel_scores >= 0) & (kernel_scores <= 1))
+    # Through the detectors, and a checkpoint half way: the same scores, the same state.
     readings = [
         [R("d", "a", START + i * MINUTE, x), R("d", "b", START + i * MINUTE, y)] for i, (x, y) in enumerate(pairs)
     ]
@@ -188,6 +214,101 @@ def test_any_pairs_score_in_range_and_survive_a_checkpoint_bit_for_bit(pairs, fo
     np.testing.assert_array_equal(restored.state[: restored.n_series], whole.state[: whole.n_series])
 
 
+def catalogue_range(key):
+    metric = METRICS.get(key[1])
+    return (metric.low, metric.high) if metric else (-np.inf, np.inf)
+
+
+def test_extreme_pairs_inside_the_declared_ranges_do_not_blind_the_relation():
+    # A new device's first pairs: PM10 5e-324 then 0, then PM2.5 at the top of its range with PM10 at
+    # 0 and the other way round (all inside the catalogue's ranges, which the gateway holds values
+    # to); the same again after two days. The relation stays finite and finds the drift that follows.
+    hostile = [(30.0, 5e-324), (30.0, 0.0), (2000.0, 0.0), (0.0, 3000.0)]
+    drift_from = 2 * 1440 + 720
+    ticks = list(
+        station(drift_from + 360, np.random.default_rng(12), pm25_extra=lambda t: 60 * max(0, t - drift_from) / 360)
+    )
+    for at in (0, 2 * 1440):
+        for j, (pm25, pm10) in enumerate(hostile):
+            ticks[at + j] = [
+                R("air-1", "pm25", START + (at + j) * MINUTE, pm25),
+                R("air-1", "pm10", START + (at + j) * MINUTE, pm10),
+            ]
+    detectors = new_detectors(ProcessorSettings(), range_of=catalogue_range)
+    signals, _ = run(ticks, detectors=detectors)
+    relation = detectors.series_ids([("air-1", "pm25~pm10")])[0]
+    assert np.all(np.isfinite(detectors.state[relation]))
+    found = inconsistent(signals, after=drift_from)
+    assert found and found[0][0] - drift_from <= 120, found
+
+
+def test_readings_pair_only_within_one_record_and_inside_their_declared_ranges():
+    detectors = new_detectors(ProcessorSettings(), range_of=lambda key: (0.0, 1000.0))
+    batch = [
+        R("air-1", "pm25", START, 30.0),
+        R("air-1", "pm10", START, 48.0),  # one time, but another record (below)
+        R("air-2", "pm25", START, 30.0),
+        R("air-2", "pm10", START, 48.0),  # one record
+        R("air-3", "pm25", START, 30.0),
+        R("air-3", "pm10", START, 4800.0),  # outside its range
+    ]
+    detectors.score_readings(batch, now_ms=START, records=[1, 2, 3, 3, 4, 4])
+    assert [key for key in detectors.keys() if "~" in key[1]] == [("air-2", "pm25~pm10")]
+
+
+def test_a_drifting_reference_or_pm1_breaks_its_relation_too():
+    def three_sizes(minutes, rng, pm10_extra, pm1_extra):
+        for t in range(minutes):
+            pm25 = 30 + 15 * np.sin(t / 1440 * 2 * np.pi) + rng.normal(0, 3)
+            ts = START + t * MINUTE
+            yield [
+                R("air-1", "pm1", ts, 0.6 * pm25 + rng.normal(0, 1) + pm1_extra(t)),
+                R("air-1", "pm25", ts, pm25),
+                R("air-1", "pm10", ts, 1.6 * pm25 + rng.normal(0, 3) + pm10_extra(t)),
+            ]
+
+    drift_from = 2 * 1440
+    ramp = lambda size: lambda t: size * max(0, t - drift_from) / 360  # noqa: E731
+    still = lambda t: 0.0  # noqa: E731
+    # PM10 drifts down: PM2.5 no longer agrees with it (stored on the primary, pm25).
+    found = inconsistent(run(three_sizes(drift_from + 360, np.random.default_rng(13), ramp(-60), still))[0])
+    assert found and found[0][1] == "pm25" and drift_from <= found[0][0] <= drift_from + 120, found
+    # PM1 drifts up: it no longer agrees with PM2.5.
+    found = inconsistent(run(three_sizes(drift_from + 360, np.random.default_rng(14), still, ramp(30)))[0])
+    assert found and found[0][1] == "pm1" and drift_from <= found[0][0] <= drift_from + 120, found
+
+
+def test_a_relation_is_evicted_with_its_own_device_and_others_stay():
+    _, detectors = run(station(60, np.random.default_rng(15), device="air-old"))
+    later = [
+        [r._replace(ts_ms=r.ts_ms + 90 * MINUTE) for r in tick]
+        for tick in station(60, np.random.default_rng(16), device="air-new")
+    ]
+    run(later, detectors=detectors)
+    detectors.evict(before_ms=START + 80 * MINUTE)
+    assert sorted(detectors.keys()) == [("air-new", "pm10"), ("air-new", "pm25"), ("air-new", "pm25~pm10")]
+
+
+def test_a_primary_reading_takes_the_higher_judgement_and_a_repeat_under_the_threshold():
+    from processing.detect import _merged
+
+    below = 0.3
+    assert _merged(0.1, k.LEVEL_SHIFT, 0.0, k.REPEAT, below) == (0.1, k.REPEAT)  # the relation holds its alert
+    assert _merged(0.0, k.REPEAT, 0.1, k.INCONSISTENT, below) == (0.1, k.REPEAT)  # and the reading's own
+    assert _merged(0.5, k.SPIKE, 0.2, k.REPEAT, below) == (0.5, k.SPIKE)  # an anomaly stays one
+    assert _merged(0.1, k.SPIKE, 0.4, k.INCONSISTENT, below) == (0.4, k.INCONSISTENT)
+    assert _merged(0.4, k.SPIKE, 0.4, k.INCONSISTENT, below) == (0.4, k.SPIKE)  # a tie: the reading's own
+
+
+def test_a_relation_whose_form_changed_learns_again_after_a_restore():
+    _, detectors = run(station(300, np.random.default_rng(17)))
+    snapshot = deserialize(*serialize(detectors.snapshot()))
+    as_offset = Detectors(detectors.params, relations=[Relation("pm25", "pm10", "offset")])
+    as_offset.restore(snapshot)
+    relation = as_offset.series_ids([("air-1", "pm25~pm10")])[0]
+    assert as_offset.measured[relation] == k.RELATION_OFFSET and as_offset.state[relation, k.COUNT] == 0
+
+
 def test_an_unknown_relation_form_is_refused():
     try:
         Detectors(relations=[Relation("a", "b", "square")])
@@ -198,8 +319,6 @@ def test_an_unknown_relation_form_is_refused():
 
 
 def test_the_catalogue_pairs_real_metrics_and_their_alert_names_the_partner():
-    from kota.contract import METRICS
-
     assert all(r.primary in METRICS and r.reference in METRICS and "~" not in r.primary for r in RELATIONS)
     signal = detector_signal("air-1", "pm25", START, 81.0, 0.42, "inconsistent")
     assert signal.severity == "warning" and "pm10" in signal.message and signal.alert_type == "inconsistent"
