@@ -1,6 +1,7 @@
 """Detection, domain rules and alerts through the real pipeline (MQTT -> gateway -> Kafka -> processor -> DB)."""
 
 import asyncio
+import math
 import time
 
 import psycopg
@@ -318,3 +319,42 @@ def test_a_street_light_switching_off_and_on_is_not_an_anomaly(pipeline):
     assert ("powerConsumption", "stuck") not in reasons, reasons
     # powerConsumption is a switched load: switching off at dawn is not a dip (kernels.SWITCHED).
     assert not [r for r in reasons if r[0] == "powerConsumption"], reasons
+
+
+def test_a_pm25_sensor_drifting_away_from_pm10_raises_an_inconsistent_warning_within_two_hours(pipeline):
+    # Four hours of a station sending both sizes in each message every 10 s (within the processor's
+    # allowed lateness), then PM2.5 alone drifts +60 ug/m3 over an hour: the relation between the
+    # two (kota.contract.RELATIONS) breaks as it builds.
+    station = provision(pipeline, "air_quality")
+    step = 10_000
+    start = (int(time.time() * 1000) // MINUTE - 6 * 60) * MINUTE
+    drift_from, drift_ticks = 4 * 360, 360
+    points = []
+    for t in range(drift_from + drift_ticks):
+        minutes = t * step / MINUTE
+        air = 30 + 15 * math.sin(minutes / 1440 * 2 * math.pi) + 3 * math.sin(t * 1.7)  # a day's cycle and wiggles
+        pm25 = air + 60 * max(0, t - drift_from) / drift_ticks
+        pm10 = 1.6 * air + 2 * math.cos(t * 2.3)
+        points.append({"ts": start + t * step, "values": {"pm25": round(pm25, 2), "pm10": round(pm10, 2)}})
+    client = mqtt_client(pipeline, station.device_id)
+    try:
+        for first in range(0, len(points), 200):
+            publish(client, station, points[first : first + 200])
+    finally:
+        client.disconnect()
+    wait_for(
+        lambda: len(stored_readings(pipeline, station.device_id)) == 2 * len(points), what="the readings", timeout_s=120
+    )
+    [(metric, ts_ms, score)] = wait_for(
+        lambda: query(
+            pipeline,
+            "SELECT metric, (extract(epoch FROM ts) * 1000)::bigint, score FROM anomalies "
+            "WHERE device_id = %s AND reason = 'inconsistent' ORDER BY ts LIMIT 1",
+            (station.device_id,),
+        ),
+        what="the inconsistent anomaly",
+    )
+    assert metric == "pm25" and score >= 0.3
+    assert 0 <= ts_ms - (start + drift_from * step) <= 60 * MINUTE
+    warnings = [a for a in _alerts(pipeline, station.device_id) if a[1] == "inconsistent"]
+    assert len(warnings) == 1 and warnings[0][2] == "warning" and "pm10" in warnings[0][6], warnings
