@@ -928,13 +928,14 @@ def relation_batch(
         residual = a - prediction
         scale = MEAN_ABS_TO_SD * spread + 1e-9 + 1e-3 * abs(prediction)
         u = min(RELATION_INPUT_CLIP, max(-RELATION_INPUT_CLIP, residual / scale))
-        chart += rate_chart * (u - chart)
+        warm = n >= p.relation_warmup
+        if warm:  # the chart starts at 0 once the relation is learnt (residuals before are its learning)
+            chart += rate_chart * (u - chart)
         if not (math.isfinite(residual) and math.isfinite(scale) and math.isfinite(chart)):
             # Values so extreme that the relation cannot be computed (a reference mean of 1e-320, a
             # value of 1e308): it starts learning again from the next pair, and judges nothing now.
             state[s, COUNT] = 0.0
             continue
-        warm = n >= p.relation_warmup
         if warm:
             sd = math.sqrt(max(chart_var, independent_var))
             score = _score(abs(chart) / sd, floor, p.z_scale)

@@ -266,7 +266,8 @@ def reference_relation_scores(
             prediction = b + st.primary
         residual = a - prediction
         scale = math.sqrt(math.pi / 2) * st.spread + 1e-9 + 1e-3 * abs(prediction)
-        st.chart += rate_chart * (min(5.0, max(-5.0, residual / scale)) - st.chart)
+        if st.count >= p.relation_warmup:  # the chart runs once the relation is learnt
+            st.chart += rate_chart * (min(5.0, max(-5.0, residual / scale)) - st.chart)
         if not all(map(math.isfinite, (residual, scale, st.chart))):
             states[key] = RelationState()  # beyond computing: learnt again from the next pair
             out.append((0.0, k.NONE))

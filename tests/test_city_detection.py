@@ -5,7 +5,7 @@ nine in ten of their signals are true, and the point anomalies they exist for ar
 seed, with the rules' alerts: `python -m bench.city_weeks`, minutes a seed). This holds the
 detectors alone in seconds, so a change that costs the simulated city its precision or recall fails
 here first. Alone they see neither alerts nor dropouts, so their bar is over the three weeks
-together: precision 0.9 (0.918 on 2026-12-05, seeds 1-3 from Saturday 06:00 WIB), and 85% of the
+together: precision 0.9 (0.915 on 2026-12-05, seeds 1-3 from Saturday 06:00 WIB), and 85% of the
 spikes, level shifts and stuck runs (90.3%, 56 of 62; of the five missed on 2026-12-04 in seeds 2
 and 3, traced, a 25 dB noise spike scored 0.294, under the 0.3 threshold, its series' spread
 widened by the evening's fast fall; bench.city_offline shows the others). Slow drift (issue 22:
