@@ -763,6 +763,10 @@ def poison(readings: list[Reading]) -> tuple[str, str] | None:
         type(r.metric) is str and type(r.unit) is str for r in readings
     ):
         return UNDECODABLE, "a device, city, domain, source, metric or unit that is not a string"
+    if any("~" in r.metric for r in readings):
+        # The gateway takes only catalogue metrics; past it, a name with "~" would be taken for a
+        # relation between two of the device's metrics (kota.contract.Relation.series_name).
+        return UNDECODABLE, "a metric name with '~', which relations between metrics keep for themselves"
     times = [r.ts_ms for r in readings]
     low, high = min(times), max(times)
     if low < TS_MIN_MS or high >= TS_MAX_MS:

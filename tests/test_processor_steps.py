@@ -99,3 +99,15 @@ def test_a_metric_silent_while_later_records_of_its_device_go_on_is_a_dropout():
         for r in pair
     ]
     assert _silences([both, _readings("meter", "pressure", range(60, 120))]) == [("meter", "waterConsumption")]
+
+
+def test_a_record_naming_a_metric_as_a_relation_is_refused_whole():
+    from processing.processor import poison
+    from processing.store import UNDECODABLE
+
+    def reading(metric: str) -> Reading:
+        return Reading(1_764_000_000_000, "kota", "environment", "air-1", metric, 30.0, "ug/m3", 1_764_000_000_000, "x")
+
+    assert poison([reading("pm25"), reading("pm10")]) is None
+    reason, message = poison([reading("pm25"), reading("pm25~pm10")])
+    assert reason == UNDECODABLE and "~" in message
