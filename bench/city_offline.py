@@ -18,11 +18,11 @@ import argparse
 import datetime as dt
 import statistics
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import numpy as np
 
 from processing import kernels
+from processing.detect import PlainReading
 from processing.processor import new_detectors
 from processing.settings import ProcessorSettings
 from simulators import scorecard
@@ -33,15 +33,6 @@ from simulators.stream import MISSING_SHARE
 MINUTE_MS = 60_000
 # Saturday 06:00 WIB (UTC+7), as the documented weeks (docs/testing_streams.md)
 DEFAULT_START = dt.datetime(2026, 11, 28, 6, tzinfo=dt.timezone(dt.timedelta(hours=7)))
-
-
-class OfflineReading(NamedTuple):
-    """What the detectors read of a reading (processing.detect.SeriesReading)."""
-
-    device_id: str
-    metric: str
-    ts_ms: int
-    value: float
 
 
 def city_readings(
@@ -82,7 +73,7 @@ def detect_city(
     settings = ProcessorSettings()
     detectors = new_detectors(settings, range_of=lambda key: ranges.get(key, (-np.inf, np.inf)))
     signals: list[tuple[str, str, int, str]] = []
-    pending: list[OfflineReading] = []
+    pending: list[PlainReading] = []
 
     def flush() -> None:
         # The processor's entry point (score_readings), so relations between metrics are judged too.
@@ -94,7 +85,7 @@ def detect_city(
 
     ticks = int((end_ms - start_ms) // interval_ms)
     for tick, (ts_ms, readings) in enumerate(city_readings(city, Injector(anomalies), start_ms, ticks, interval_ms)):
-        pending += [OfflineReading(d, m, ts_ms, v) for d, m, v in readings]
+        pending += [PlainReading(d, m, ts_ms, v) for d, m, v in readings]
         if (tick + 1) % batch_ticks == 0:
             flush()
     if pending:

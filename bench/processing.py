@@ -28,7 +28,6 @@ import datetime as dt
 import os
 import statistics
 import time
-from typing import NamedTuple
 
 import numpy as np
 import psycopg
@@ -38,7 +37,7 @@ from kota.contract import RELATIONS
 from kota.schema import partition_name
 from kota.settings import StackSettings
 from processing import kernels
-from processing.detect import Detectors
+from processing.detect import Detectors, PlainReading
 from processing.processor import apply_settings
 from processing.settings import ProcessorSettings
 
@@ -158,13 +157,6 @@ def bench_kernels(
     return results
 
 
-class _Reading(NamedTuple):
-    device_id: str
-    metric: str
-    ts_ms: int
-    value: float
-
-
 def bench_relations(devices: int = 3_000, ticks: int = 20, batch_ticks: int = 2, passes: int = 3) -> dict[str, float]:
     """What judging relations between metrics costs the processor's entry point (`score_readings`,
     with the pairing in Python and `kernels.relation_batch`), against the same readings without
@@ -176,7 +168,7 @@ def bench_relations(devices: int = 3_000, ticks: int = 20, batch_ticks: int = 2,
         ("noise", ("LAeq", "LAmax")),
         ("water", ("pressure", "waterConsumption")),
     )
-    batches: list[list[_Reading]] = []
+    batches: list[list[PlainReading]] = []
     for tick in range(ticks):
         if tick % batch_ticks == 0:
             batches.append([])
@@ -185,7 +177,8 @@ def bench_relations(devices: int = 3_000, ticks: int = 20, batch_ticks: int = 2,
             name, metrics = kinds[d % 3]
             level = 20.0 + d % 50
             batches[-1] += [
-                _Reading(f"{name}-{d}", m, ts, level * (1 + 0.1 * i) + rng.normal(0, 2)) for i, m in enumerate(metrics)
+                PlainReading(f"{name}-{d}", m, ts, level * (1 + 0.1 * i) + rng.normal(0, 2))
+                for i, m in enumerate(metrics)
             ]
     readings = sum(len(b) for b in batches)
     params = apply_settings(kernels.LIKELIHOOD_PARAMS.copy(), ProcessorSettings())

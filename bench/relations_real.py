@@ -22,12 +22,12 @@ from __future__ import annotations
 import csv
 import datetime as dt
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from kota.settings import PROJECT_ROOT
 from processing import kernels
+from processing.detect import PlainReading
 from processing.processor import new_detectors
 from processing.settings import ProcessorSettings
 
@@ -36,14 +36,7 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
 
-class Reading(NamedTuple):
-    device_id: str
-    metric: str
-    ts_ms: int
-    value: float
-
-
-def station_readings(path: Path) -> list[list[Reading]]:
+def station_readings(path: Path) -> list[list[PlainReading]]:
     """Each hour's PM2.5 and PM10 of one station, as one message (missing values left out)."""
     hours = []
     with path.open() as f:
@@ -56,7 +49,7 @@ def station_readings(path: Path) -> list[list[Reading]]:
             )
             device = row["station"]
             hour = [
-                Reading(device, metric, ts, float(row[column]))
+                PlainReading(device, metric, ts, float(row[column]))
                 for metric, column in (("pm25", "PM2.5"), ("pm10", "PM10"))
                 if row[column] not in ("", "NA")
             ]
@@ -76,7 +69,7 @@ def detections(times: list[int], gap_ms: int = DAY_MS) -> list[int]:
     return firsts
 
 
-def run_station(hours: list[list[Reading]], settings: ProcessorSettings) -> dict[str, list[int]]:
+def run_station(hours: list[list[PlainReading]], settings: ProcessorSettings) -> dict[str, list[int]]:
     """Signal times by kind: `inconsistent` (the relation), or each metric judged alone."""
     detectors = new_detectors(settings)
     signals: dict[str, list[int]] = {"inconsistent": [], "pm25 alone": [], "pm10 alone": []}
@@ -90,8 +83,8 @@ def run_station(hours: list[list[Reading]], settings: ProcessorSettings) -> dict
 
 
 def with_drift(
-    hours: list[list[Reading]], first: int, ramp_hours: int, size: float, hold_hours: int
-) -> list[list[Reading]]:
+    hours: list[list[PlainReading]], first: int, ramp_hours: int, size: float, hold_hours: int
+) -> list[list[PlainReading]]:
     """The station's PM2.5 sensor drifting from hour `first`: + `size` reached over `ramp_hours`,
     then held for `hold_hours`; PM10 as it was."""
     out = list(hours)

@@ -71,6 +71,16 @@ FOUND_COLUMNS = (kernels.COUNT, kernels.LAST_TS, kernels.INTERVAL, kernels.LAST_
 FOUND_COUNT, FOUND_LAST_TS, FOUND_INTERVAL, FOUND_LAST_VALUE = range(len(FOUND_COLUMNS))
 
 
+class PlainReading(NamedTuple):
+    """The least a reading needs to be scored (a SeriesReading), for tests and benchmarks that build
+    readings without the wire format's other fields."""
+
+    device_id: str
+    metric: str
+    ts_ms: int
+    value: float
+
+
 class RelationSpec(Protocol):
     """What the detectors read of a relation (kota.contract.Relation has it)."""
 
@@ -204,8 +214,7 @@ class Detectors:
         reading came in, where relations pair readings only within one (so how records fall into
         batches changes nothing); None: the batch is one record."""
         n = len(readings)
-        ids = self.series_ids([(r.device_id, r.metric) for r in readings])
-        self._grow(self.n_series)
+        ids = self.series_ids([(r.device_id, r.metric) for r in readings])  # grows the state as needed
         found = self.state[ids[:, None], FOUND_COLUMNS]
         ts = np.fromiter((r.ts_ms for r in readings), np.float64, n)
         values = np.fromiter((r.value for r in readings), np.float64, n)
@@ -253,7 +262,6 @@ class Detectors:
         primary, reference = primary[order], reference[order]
         keys = [pairs[k][0] for k in order.tolist()]
         relation_ids = self.series_ids(keys, dict.fromkeys(keys, (-np.inf, np.inf)))
-        self._grow(self.n_series)
         pair_scores = np.zeros(len(keys))
         pair_reasons = np.zeros(len(keys), np.int64)
         kernels.relation_batch(

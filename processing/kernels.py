@@ -111,7 +111,7 @@ STATE_CODE, MEASURED, SWITCHED = 0.0, 1.0, 2.0
 # reference as a share of it (PM2.5 of PM10) or at an offset from it (LAeq below LAmax). Only the
 # relation kernel judges it; `detect_batch` never sees one.
 RELATION_RATIO, RELATION_OFFSET = 3.0, 4.0
-# A relation series' state row reuses the columns COUNT, LAST_VALUE (its newest residual), LAST_TS,
+# A relation series' state row reuses the columns COUNT, LAST_TS (for eviction),
 # QUIET_UNTIL and QUIET_SCORE, and these:
 REL_PRIMARY = MEAN  # EW mean of the primary as learnt (ratio), or of primary - reference (offset)
 REL_REFERENCE = SLOW  # EW mean of the reference (ratio)
@@ -913,7 +913,6 @@ def relation_batch(
             state[s, REL_CHART_VAR] = 0.0
             state[s, QUIET_UNTIL] = 0.0
             state[s, QUIET_SCORE] = 0.0
-            state[s, LAST_VALUE] = 0.0
             state[s, LAST_TS] = ts[i]
             state[s, COUNT] = 1.0
             continue
@@ -975,7 +974,6 @@ def relation_batch(
         state[s, REL_CHART_VAR] = chart_var
         state[s, QUIET_UNTIL] = quiet_until
         state[s, QUIET_SCORE] = quiet_score
-        state[s, LAST_VALUE] = a - prediction
         state[s, LAST_TS] = ts[i]
         state[s, COUNT] = n + 1.0
 

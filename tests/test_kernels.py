@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import zlib
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from kota.contract import RELATIONS
 from processing import kernels as k
-from processing.detect import Detectors, deserialize, serialize
+from processing.detect import Detectors, PlainReading, deserialize, serialize
 from processing.processor import apply_settings, new_detectors
 from processing.settings import ProcessorSettings
 from tests.reference_detectors import reference_relation_scores, reference_scores
@@ -765,13 +764,6 @@ def test_an_hour_profile_follows_a_small_shift_of_a_reading_a_second():
     assert (means > 1013.1).all(), means
 
 
-class _Reading(NamedTuple):
-    device_id: str
-    metric: str
-    ts_ms: int
-    value: float
-
-
 def random_paired_stream(seed, ticks=1500):
     """Three devices a minute apart in time order, each tick's metrics together (as one message):
     an air station (pm1, pm25, pm10), a noise meter (LAeq, LAmax) and a station that drifts; some
@@ -800,7 +792,7 @@ def random_paired_stream(seed, ticks=1500):
                     value = float("nan")
                 elif roll < 0.05:
                     value += rng.choice([-30.0, 30.0])
-                readings.append(_Reading(device, metric, ts, float(value)))
+                readings.append(PlainReading(device, metric, ts, float(value)))
     return readings
 
 

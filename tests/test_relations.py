@@ -5,8 +5,6 @@ and evicted with the device's metrics and are never silent themselves."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 from kota.contract import METRICS, RELATIONS, Relation
 from processing import kernels as k
 from processing.detect import Detectors, deserialize, serialize
+from processing.detect import PlainReading as R
 from processing.processor import new_detectors
 from processing.rules import detector_signal
 from processing.settings import ProcessorSettings
@@ -21,13 +20,6 @@ from tests.reference_detectors import reference_relation_scores
 
 MINUTE = 60_000
 START = 1_764_000_000_000
-
-
-class R(NamedTuple):
-    device_id: str
-    metric: str
-    ts_ms: int
-    value: float
 
 
 def station(minutes, rng, pm25_extra=lambda t: 0.0, both_extra=lambda t: 0.0, device="air-1"):
