@@ -490,6 +490,9 @@ def test_the_api_manages_channels_per_city_never_returns_secrets_and_sends_a_tes
     receiver = WebhookReceiver(secret="whsec-api-" + unique_id("k"))
     webhook_server = receiver.start()
     base = f"{notifier.api_url}/api/v1/notifications"
+    # One client with a generous timeout: the suite loads both cores and one POST once took over
+    # httpx's default 5 s to answer.
+    api = httpx.Client(timeout=30)
     try:
         channel = {
             "city": city,
@@ -498,52 +501,52 @@ def test_the_api_manages_channels_per_city_never_returns_secrets_and_sends_a_tes
             "config": {"url": f"http://127.0.0.1:{receiver.port}/"},
             "secret": receiver.secret,
         }
-        assert httpx.post(f"{base}/channels", json=channel, headers=integrator).status_code == 403
-        assert httpx.post(f"{base}/channels", json=channel, headers=stranger).status_code == 404
-        bad = httpx.post(f"{base}/channels", json={**channel, "config": {"url": "ftp://x"}}, headers=operator)
+        assert api.post(f"{base}/channels", json=channel, headers=integrator).status_code == 403
+        assert api.post(f"{base}/channels", json=channel, headers=stranger).status_code == 404
+        bad = api.post(f"{base}/channels", json={**channel, "config": {"url": "ftp://x"}}, headers=operator)
         assert bad.status_code == 422
-        made = httpx.post(f"{base}/channels", json=channel, headers=operator)
+        made = api.post(f"{base}/channels", json=channel, headers=operator)
         assert made.status_code == 201, made.text
         channel_id = made.json()["channel_id"]
         assert made.json()["has_secret"] is True
-        assert httpx.post(f"{base}/channels", json=channel, headers=operator).status_code == 409
-        listed = httpx.get(f"{base}/channels", headers=integrator)
+        assert api.post(f"{base}/channels", json=channel, headers=operator).status_code == 409
+        listed = api.get(f"{base}/channels", headers=integrator)
         assert [c["channel_id"] for c in listed.json()] == [channel_id]
         assert receiver.secret not in listed.text and receiver.secret not in made.text
-        assert httpx.get(f"{base}/channels", headers=stranger).json() == []
+        assert api.get(f"{base}/channels", headers=stranger).json() == []
         [(stored,)] = query(notifier, "SELECT secret FROM notification_channels WHERE channel_id = %s", (channel_id,))
         assert receiver.secret.encode() not in bytes(stored), "encrypted at rest"
 
-        sub = httpx.post(
+        sub = api.post(
             f"{base}/subscriptions",
             json={"channel_id": channel_id, "min_severity": "major", "alert_types": ["flood_siaga"], "language": "en"},
             headers=operator,
         )
         assert sub.status_code == 201, sub.text
-        assert httpx.get(f"{base}/subscriptions", headers=stranger).json() == []
-        assert httpx.post(f"{base}/channels/{channel_id}/test", headers=stranger).status_code == 404
-        queued = httpx.post(f"{base}/channels/{channel_id}/test", json={"language": "en"}, headers=operator)
+        assert api.get(f"{base}/subscriptions", headers=stranger).json() == []
+        assert api.post(f"{base}/channels/{channel_id}/test", headers=stranger).status_code == 404
+        queued = api.post(f"{base}/channels/{channel_id}/test", json={"language": "en"}, headers=operator)
         assert queued.status_code == 202, queued.text
         wait_for(lambda: [b for b in receiver.verified if b["kind"] == "test"], what="the test message")
         [delivery] = wait_for(
             lambda: [
                 d
-                for d in httpx.get(f"{base}/deliveries", params={"channel_id": channel_id}, headers=integrator).json()
+                for d in api.get(f"{base}/deliveries", params={"channel_id": channel_id}, headers=integrator).json()
                 if d["status"] == "sent"
             ],
             what="the test's delivery",
         )
         assert delivery["kind"] == "test" and [a["outcome"] for a in delivery["history"]] == ["sent"]
-        assert httpx.get(f"{base}/deliveries", params={"channel_id": channel_id}, headers=stranger).json() == []
+        assert api.get(f"{base}/deliveries", params={"channel_id": channel_id}, headers=stranger).json() == []
 
         # A channel whose endpoint is gone: the give-up and its reason show in /deliveries.
-        broken = httpx.patch(
+        broken = api.patch(
             f"{base}/channels/{channel_id}", json={"config": {"url": "http://127.0.0.1:9/"}}, headers=operator
         )
         assert broken.status_code == 200, broken.text
-        httpx.post(f"{base}/channels/{channel_id}/test", headers=operator)
+        api.post(f"{base}/channels/{channel_id}/test", headers=operator)
         [failed] = wait_for(
-            lambda: httpx.get(f"{base}/deliveries", params={"status": "failed"}, headers=operator).json(),
+            lambda: api.get(f"{base}/deliveries", params={"status": "failed"}, headers=operator).json(),
             timeout_s=60,
             what="the give-up",
         )
@@ -559,9 +562,10 @@ def test_the_api_manages_channels_per_city_never_returns_secrets_and_sends_a_tes
             "notification.channel.change",
             "notification.channel.test",
         ]
-        assert httpx.delete(f"{base}/channels/{channel_id}", headers=stranger).status_code == 404
-        assert httpx.delete(f"{base}/channels/{channel_id}", headers=operator).status_code == 204
+        assert api.delete(f"{base}/channels/{channel_id}", headers=stranger).status_code == 404
+        assert api.delete(f"{base}/channels/{channel_id}", headers=operator).status_code == 204
     finally:
+        api.close()
         webhook_server.shutdown()
 
 
