@@ -118,6 +118,9 @@ def _merged(own: float, own_reason: int, pair: float, pair_reason: int, repeat_b
     return score, reason
 
 
+UNKNOWN_ROLE = -2  # a series' part in relations not looked up yet (Detectors.pairs)
+
+
 def _any_range(key: Any) -> tuple[float, float]:
     return -np.inf, np.inf
 
@@ -150,7 +153,10 @@ class Detectors:
         if unknown:
             raise ValueError(f"unknown relation forms {sorted(unknown)}: use {sorted(RELATION_FORMS)}")
         self._relation_kind = {r.series_name: RELATION_FORMS[r.form] for r in self._relations}
-        self._paired = {m for r in self._relations for m in (r.primary, r.reference)}
+        # Each metric of a relation gets a column of the pairing table (`_score_relations`).
+        paired = sorted({m for r in self._relations for m in (r.primary, r.reference)})
+        self._paired_index = {m: i for i, m in enumerate(paired)}
+        self._pair_columns = [(self._paired_index[r.primary], self._paired_index[r.reference]) for r in self._relations]
         self._reset(initial_series)
 
     def _kind(self, key: Any) -> float | None:
@@ -173,6 +179,14 @@ class Detectors:
         # Wall-clock ms of each series' newest arrival (score_readings, mark_arrivals), for dropouts
         # on a live feed; not part of snapshots. NaN: not seen since this object was made.
         self.arrivals = np.full(initial_series, np.nan)
+        # What pairing needs of each series (`pairs`), noted the first time it is paired, so a batch
+        # is paired without a loop over its readings; ids change only here (evict, restore), so these
+        # start again with them. Its metric's column in the pairing table (-1: in no relation; -2:
+        # not known yet), its device as a number, and the relation series it is the primary of.
+        self._pair_role = np.full(initial_series, UNKNOWN_ROLE, np.int64)
+        self._device_code = np.full(initial_series, -1, np.int64)
+        self._device_codes: dict[str, int] = {}
+        self._relation_series = np.full((initial_series, max(1, len(self._relations))), -1, np.int64)
 
     @property
     def n_series(self) -> int:
@@ -236,34 +250,20 @@ class Detectors:
         scores: np.ndarray,
         reasons: np.ndarray,
     ) -> None:
-        """Judge the batch's pairs (both metrics of a relation, one device, one time, one record,
-        each value finite and inside its series' declared range) in event-time order, and merge
-        each pair's judgement into its primary reading's (`_merged`)."""
-        at: dict[tuple[str, float, int], dict[str, int]] = {}  # (device, time, record) -> metric -> index
-        paired = self._paired
-        usable = (np.isfinite(ts) & (values >= self.low[ids]) & (values <= self.high[ids])).tolist()
-        times = ts.tolist()
-        for i, r in enumerate(readings):
-            if r.metric in paired and usable[i]:
-                record = records[i] if records is not None else 0
-                at.setdefault((r.device_id, times[i], record), {})[r.metric] = i  # a repeated reading: the last
-        pairs: list[tuple[tuple[str, str], int, int]] = []  # relation key, primary index, reference index
-        for (device_id, _, _), metrics in at.items():
-            for relation in self._relations:
-                p = metrics.get(relation.primary)
-                q = metrics.get(relation.reference)
-                if p is not None and q is not None:
-                    pairs.append(((device_id, relation.series_name), p, q))
-        if not pairs:
+        """Judge the batch's pairs (`pairs`) in that order, and merge each pair's judgement into its
+        primary reading's (`_merged`)."""
+        primary, reference, relation = self.pairs(readings, records, ids, ts, values)
+        if primary.size == 0:
             return
-        primary = np.fromiter((i for _, i, _ in pairs), np.int64, len(pairs))
-        reference = np.fromiter((j for _, _, j in pairs), np.int64, len(pairs))
-        order = np.argsort(ts[primary], kind="stable")
-        primary, reference = primary[order], reference[order]
-        keys = [pairs[k][0] for k in order.tolist()]
-        relation_ids = self.series_ids(keys, dict.fromkeys(keys, (-np.inf, np.inf)))
-        pair_scores = np.zeros(len(keys))
-        pair_reasons = np.zeros(len(keys), np.int64)
+        relation_ids = self._relation_series[ids[primary], relation]
+        new = np.flatnonzero(relation_ids < 0)
+        if new.size:  # relation series not met since these ids were given: made, or found by key
+            names = [r.series_name for r in self._relations]
+            keys = [(readings[int(primary[k])].device_id, names[int(relation[k])]) for k in new.tolist()]
+            relation_ids[new] = self.series_ids(keys, dict.fromkeys(keys, (-np.inf, np.inf)))
+            self._relation_series[ids[primary[new]], relation[new]] = relation_ids[new]
+        pair_scores = np.zeros(relation_ids.size)
+        pair_reasons = np.zeros(relation_ids.size, np.int64)
         kernels.relation_batch(
             relation_ids,
             np.ascontiguousarray(ts[primary]),
@@ -282,6 +282,58 @@ class Detectors:
                 float(scores[i]), int(reasons[i]), float(pair_scores[k]), int(pair_reasons[k]), repeat_below
             )
 
+    def pairs(
+        self,
+        readings: Sequence[SeriesReading],
+        records: Sequence[int] | None,
+        ids: np.ndarray,
+        ts: np.ndarray,
+        values: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's pairs, as indices of their primary and reference readings and of their
+        relation (in `relations`), in the order they are judged: by time, then by where their
+        (device, time, record) first appeared in the batch, then by relation. A pair is both metrics
+        of a relation from one device at one time in one record, each value finite and inside its
+        series' declared range; where a metric repeats there, its last reading stands for it.
+        Paired in NumPy: a loop in Python over every reading cost a worker more than the kernel
+        (docs/processing.md, "Relations between a device's metrics")."""
+        nothing = np.zeros(0, np.int64)
+        role = self._pair_role[ids]
+        for i in np.flatnonzero(role == UNKNOWN_ROLE).tolist():  # a series' first batch
+            sid, reading = int(ids[i]), readings[i]
+            self._pair_role[sid] = self._paired_index.get(reading.metric, -1)
+            if self._pair_role[sid] >= 0:
+                self._device_code[sid] = self._device_codes.setdefault(reading.device_id, len(self._device_codes))
+            role[i] = self._pair_role[sid]
+        usable = np.isfinite(ts) & np.isfinite(values) & (values >= self.low[ids]) & (values <= self.high[ids])
+        candidates = np.flatnonzero((role >= 0) & usable)
+        if candidates.size < 2:
+            return nothing, nothing, nothing
+        device = self._device_code[ids[candidates]]
+        record = np.zeros(candidates.size, np.int64) if records is None else np.asarray(records)[candidates]
+        time = ts[candidates]
+        metric = role[candidates]
+        # Sorted by device, time, record, metric, then arrival: each (device, time, record) is a run
+        # (a group), within it each metric's last reading ends its own run.
+        order = np.lexsort((candidates, metric, record, time, device))
+        device, time, record = device[order], time[order], record[order]
+        metric, index = metric[order], candidates[order]
+        starts = np.concatenate(
+            ([True], (device[1:] != device[:-1]) | (time[1:] != time[:-1]) | (record[1:] != record[:-1]))
+        )
+        group = np.cumsum(starts) - 1
+        first_seen = np.minimum.reduceat(index, np.flatnonzero(starts))  # where each group began
+        last = np.concatenate(((group[1:] != group[:-1]) | (metric[1:] != metric[:-1]), [True]))
+        table = np.full((int(group[-1]) + 1, len(self._paired_index)), -1, np.int64)  # group x metric -> reading
+        table[group[last], metric[last]] = index[last]
+        found = []
+        for k, (p, q) in enumerate(self._pair_columns):
+            both = (table[:, p] >= 0) & (table[:, q] >= 0)
+            found.append((table[both, p], table[both, q], np.full(int(both.sum()), k), first_seen[both]))
+        primary, reference, relation, began = (np.concatenate(column) for column in zip(*found, strict=True))
+        order = np.lexsort((relation, began, ts[primary]))
+        return primary[order], reference[order], relation[order]
+
     def _grow(self, needed: int) -> None:
         size = self.state.shape[0]
         if needed <= size:
@@ -295,6 +347,11 @@ class Detectors:
         self.high = np.concatenate([self.high, np.full(new - size, np.inf)])
         self.measured = np.concatenate([self.measured, np.full(new - size, kernels.MEASURED)])
         self.arrivals = np.concatenate([self.arrivals, np.full(new - size, np.nan)])
+        self._pair_role = np.concatenate([self._pair_role, np.full(new - size, UNKNOWN_ROLE, np.int64)])
+        self._device_code = np.concatenate([self._device_code, np.full(new - size, -1, np.int64)])
+        self._relation_series = np.concatenate(
+            [self._relation_series, np.full((new - size, self._relation_series.shape[1]), -1, np.int64)]
+        )
 
     def score(self, series: np.ndarray, ts_ms: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores in [0, 1] and reason codes for a batch in arrival order. NaN scores 0 and teaches nothing."""

@@ -306,3 +306,25 @@ def reference_relation_scores(
         out.append(result)
         st.count += 1
     return out
+
+
+def reference_pairs(readings, records, relations, low, high) -> list[tuple[int, int, int]]:
+    """(primary index, reference index, relation index) of a batch's pairs, in the order they are
+    judged, one reading at a time in plain Python: both metrics of a relation from one device at one
+    time in one record, each value finite and inside [low, high] of its reading; a metric repeated
+    there counts its last reading. Ordered by time, then by where the (device, time, record) first
+    appeared, then by relation."""
+    wanted = {m for r in relations for m in (r.primary, r.reference)}
+    at: dict[tuple[str, float, int], dict[str, int]] = {}
+    for i, r in enumerate(readings):
+        ok = math.isfinite(r.ts_ms) and math.isfinite(r.value) and low[i] <= r.value <= high[i]
+        if r.metric in wanted and ok:
+            record = records[i] if records is not None else 0
+            at.setdefault((r.device_id, float(r.ts_ms), record), {})[r.metric] = i
+    pairs = []
+    for (_, ts, _), metrics in at.items():  # insertion order: where each group first appeared
+        for which, relation in enumerate(relations):
+            if relation.primary in metrics and relation.reference in metrics:
+                pairs.append((ts, metrics[relation.primary], metrics[relation.reference], which))
+    pairs.sort(key=lambda p: p[0])  # stable: groups and relations keep their order within a time
+    return [(p, q, k) for _, p, q, k in pairs]

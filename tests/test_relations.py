@@ -6,7 +6,7 @@ and evicted with the device's metrics and are never silent themselves."""
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kota.contract import METRICS, RELATIONS, Relation
@@ -16,7 +16,7 @@ from processing.detect import PlainReading as R
 from processing.processor import new_detectors
 from processing.rules import detector_signal
 from processing.settings import ProcessorSettings
-from tests.reference_detectors import reference_relation_scores
+from tests.reference_detectors import reference_pairs, reference_relation_scores
 
 MINUTE = 60_000
 START = 1_764_000_000_000
@@ -345,3 +345,66 @@ def test_residuals_heavy_tailed_autocorrelated_or_growing_with_the_level_raise_a
         for seed in (1, 2, 3):
             signals, _ = run(pairs_with_residuals(kind, 30 * 1440, seed))
             assert len(inconsistent(signals)) <= 2, (kind, seed, inconsistent(signals))
+
+
+a_value = st.one_of(st.floats(0.0, 1000.0), st.sampled_from([float("nan"), float("inf"), -float("inf"), -1.0, 2000.0]))
+a_reading = st.tuples(
+    st.sampled_from(["d1", "d2", "d3"]),
+    st.sampled_from(["pm1", "pm25", "pm10", "LAeq", "LAmax", "no2"]),
+    st.integers(0, 2),  # minute
+    a_value,
+    st.integers(0, 2),  # record
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    batches=st.lists(st.lists(a_reading, max_size=40), min_size=1, max_size=4),
+    use_records=st.booleans(),
+    restore_before=st.integers(0, 4),
+)
+# One device at one time in two records, the later record first: judged in the order they came.
+@example(
+    [[("d1", "pm25", 0, 30.0, 2), ("d1", "pm10", 0, 50.0, 2), ("d1", "pm25", 0, 31.0, 1), ("d1", "pm10", 0, 51.0, 1)]],
+    True,
+    4,
+)
+# Devices first paired in one order, then met in the other.
+@example(
+    [
+        [
+            ("d2", "pm25", 0, 30.0, 0),
+            ("d2", "pm10", 0, 50.0, 0),
+            ("d1", "pm25", 0, 30.0, 0),
+            ("d1", "pm10", 0, 50.0, 0),
+        ],
+        [
+            ("d1", "pm25", 1, 30.0, 0),
+            ("d1", "pm10", 1, 50.0, 0),
+            ("d2", "pm25", 1, 30.0, 0),
+            ("d2", "pm10", 1, 50.0, 0),
+        ],
+    ],
+    False,
+    4,
+)
+def test_a_batch_pairs_exactly_as_a_plain_loop_pairs_it(batches, use_records, restore_before):
+    # Detectors.pairs (NumPy, with what it notes per series between batches) against a loop over the
+    # readings: repeats, other records, other times, values out of range or not finite, metrics in no
+    # relation, in any order; across batches, and after a restore that numbers the series again.
+    detectors = Detectors(k.LIKELIHOOD_PARAMS, range_of=lambda key: (0.0, 1000.0), relations=RELATIONS)
+    made: set[tuple[str, str]] = set()
+    for b, batch in enumerate(batches):
+        if b == restore_before:
+            detectors.restore(deserialize(*serialize(detectors.snapshot())))
+        readings = [R(d, m, START + t * MINUTE, v) for d, m, t, v, _ in batch]
+        records = [rec for *_, rec in batch] if use_records else None
+        ids = detectors.series_ids([(r.device_id, r.metric) for r in readings])
+        ts = np.array([r.ts_ms for r in readings], dtype=np.float64)
+        values = np.array([r.value for r in readings], dtype=np.float64)
+        got = [tuple(x) for x in np.column_stack(detectors.pairs(readings, records, ids, ts, values)).tolist()]
+        expected = reference_pairs(readings, records, RELATIONS, detectors.low[ids], detectors.high[ids])
+        assert got == expected
+        detectors.score_readings(readings, now_ms=0, records=records)
+        made |= {(readings[p].device_id, RELATIONS[r].series_name) for p, _, r in expected}
+        assert {key for key in detectors.keys() if "~" in key[1]} == made
