@@ -2,7 +2,7 @@
 database with exactly-once on, and the database write paths.
 
     (River, the baseline, is installed by ./bootstrap.sh with the project's bench extra)
-    .venv/bin/python -m bench.processing [--quick] [--only kernels|processor|writes]
+    .venv/bin/python -m bench.processing [--quick] [--only kernels|processor|writes|relations]
 
 1. Kernels, one core: 1M readings over 10k series, micro-batches of 10k, through every detector
    (rate of change on too) and one-minute partials. Baselines in the same run: the same detector
@@ -14,7 +14,10 @@ database with exactly-once on, and the database write paths.
    the rate is taken between the polls past 10% and past 90% stored, which leaves start-up out.
    Each run is a consumer group of its own, started at the topic's end: a city of 2,000 stations
    (pm25 every 10 s, records of 50 readings), whatever earlier runs left in the database.
-3. Database writes: the same rows into a fresh table by COPY (text and binary) and by executemany,
+3. Relations on the stack: stations reporting PM2.5 and PM10 in one record, one worker, with the
+   detectors' relations off and on back to back six times, which goes first alternating: medians,
+   ranges and the median of each pair's ratio.
+4. Database writes: the same rows into a fresh table by COPY (text and binary) and by executemany,
    interleaved; and columns sent as array parameters in text against binary, as the store sends them.
 
 Runs its own stack (.kota-bench/, ports shifted by 200), shared with bench.ingest.
@@ -342,7 +345,11 @@ def drain_into_the_default_group(stack: StackSettings, group: str) -> None:
             conn.execute(f"DELETE FROM {table} WHERE consumer_group = %s", (group,))  # noqa: S608 (names above)
 
 
-def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> float:
+def bench_processor(
+    stack: StackSettings, readings: int, workers: int = 1, pairs: bool = False, relations: bool = True
+) -> float:
+    """Readings per second stored by `kota processor` with `workers` workers. `pairs`: each station
+    reports PM2.5 and PM10 together (a relation the detectors judge, when `relations` is on)."""
     from aiokafka import AIOKafkaProducer
 
     from deploy import components, procs
@@ -364,20 +371,37 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
             for offset in range(0, per_device, per_record):
                 for d in range(n_devices):
                     device = f"{run}-{d:05d}"
-                    batch = [
-                        Reading(
-                            now - 3_600_000 + (offset + i) * 10_000,
-                            "benchkota",
-                            "environment",
-                            device,
-                            "pm25",
-                            float(20 + (d + offset + i) % 17),
-                            "ug/m3",
-                            now,
-                            "bench",
-                        )
-                        for i in range(per_record)
-                    ]
+                    if pairs:  # half the ticks, each with both sizes: the same readings a record
+                        batch = [
+                            Reading(
+                                now - 3_600_000 + (offset + i) * 20_000,
+                                "benchkota",
+                                "environment",
+                                device,
+                                metric,
+                                float(20 + (d + offset + i) % 17) / share,
+                                "ug/m3",
+                                now,
+                                "bench",
+                            )
+                            for i in range(per_record // 2)
+                            for metric, share in (("pm25", 1.0), ("pm10", 0.6 + 0.01 * ((d + i) % 5)))
+                        ]
+                    else:
+                        batch = [
+                            Reading(
+                                now - 3_600_000 + (offset + i) * 10_000,
+                                "benchkota",
+                                "environment",
+                                device,
+                                "pm25",
+                                float(20 + (d + offset + i) % 17),
+                                "ug/m3",
+                                now,
+                                "bench",
+                            )
+                            for i in range(per_record)
+                        ]
                     pending.append(await producer.send(READINGS_TOPIC, encode_device_batch(batch), key=device.encode()))
             await asyncio.gather(*pending)
         finally:
@@ -396,7 +420,13 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
     # Workers of one `kota processor` share the topic's partitions, each with its own database
     # connection: one worker and its database backend take turns, so one leaves a core idle.
     components.start_component(
-        stack, "processor", env={"KOTA_PROCESSOR_WORKERS": str(workers), "KOTA_PROCESSOR_GROUP_ID": group}
+        stack,
+        "processor",
+        env={
+            "KOTA_PROCESSOR_WORKERS": str(workers),
+            "KOTA_PROCESSOR_GROUP_ID": group,
+            "KOTA_PROCESSOR_RELATIONS": "true" if relations else "false",
+        },
     )
     # (time, stored count) at the first poll past 10% and the first past 90%. The rate is the readings
     # stored between those two polls over the time between them, not 80% of the run: the processor
@@ -416,14 +446,41 @@ def bench_processor(stack: StackSettings, readings: int, workers: int = 1) -> fl
     rate = (n_to - n_from) / (t_to - t_from)
     procs.stop(stack, "processor")  # the next user starts it with its own settings
     drain_into_the_default_group(stack, group)
+    what = f", PM2.5 with PM10, relations {'on' if relations else 'off'}" if pairs else ""
     say(
-        f"processor with {workers} worker{'s' if workers > 1 else ''}, Kafka to database with exactly-once on: "
+        f"processor with {workers} worker{'s' if workers > 1 else ''}{what}, Kafka to database with exactly-once on: "
         f"{rate:,.0f} readings/s "
         f"({n_to - n_from:,} readings stored in {t_to - t_from:.1f} s, from past 10% to past 90% of {readings:,}; "
         f"goal 100,000)"
     )
     say(database_state(stack, now - 3_600_000))
     return rate
+
+
+def bench_processor_relations(stack: StackSettings, readings: int, pairs: int) -> float:
+    """What judging relations costs a processor worker on the stack: PM2.5 and PM10 reported
+    together, one worker, relations off and on back to back `pairs` times, which goes first
+    alternating (each run adds its readings to the same day's partition, and inserts slow as it
+    grows). The machine is shared and noisy: medians and ranges, and the median of each pair's
+    ratio. Returns that ratio (time a reading with relations over time without)."""
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    ratios = []
+    for n in range(pairs):
+        run: dict[bool, float] = {}
+        for relations in (False, True) if n % 2 == 0 else (True, False):
+            run[relations] = bench_processor(stack, readings, 1, pairs=True, relations=relations)
+            rates[relations].append(run[relations])
+        ratios.append(run[False] / run[True])
+    for relations, label in ((False, "off"), (True, "on")):
+        r = rates[relations]
+        spread = f"range {min(r):,.0f}-{max(r):,.0f}, {pairs} runs"
+        say(f"relations {label}: median {statistics.median(r):,.0f} readings/s ({spread})")
+    ratio = statistics.median(ratios)
+    say(
+        f"relations cost a worker {ratio:.3f}x the time per reading (median of {pairs} pairs' ratios, "
+        f"range {min(ratios):.3f}-{max(ratios):.3f})"
+    )
+    return ratio
 
 
 def database_state(stack: StackSettings, ts_ms: int) -> str:
@@ -448,7 +505,7 @@ def database_state(stack: StackSettings, ts_ms: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--only", choices=("kernels", "processor", "writes"))
+    parser.add_argument("--only", choices=("kernels", "processor", "writes", "relations"))
     parser.add_argument(
         "--workers",
         type=int,
@@ -465,8 +522,10 @@ def main() -> None:
             3_000 if args.quick else 20_000,
             1_000 if args.quick else 5_000,
         )
-    if args.only in (None, "processor", "writes"):
+    if args.only in (None, "processor", "writes", "relations"):
         stack = start_bench_stack(say)
+        if args.only in (None, "relations"):
+            bench_processor_relations(stack, 20_000 if args.quick else 400_000, 1 if args.quick else 6)
         if args.only in (None, "processor"):
             for workers in range(1, args.workers + 1):
                 bench_processor(stack, 50_000 if args.quick else 400_000, workers)
