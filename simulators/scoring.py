@@ -250,7 +250,9 @@ class CandidateResults:
         folds = []
         for test in held_out_folds:
             held = set(test)
-            train = [i for i in range(len(self.names)) if i not in held] or list(test)  # in-sample: one fold, all
+            train = [i for i in range(len(self.names)) if i not in held]
+            if not train:  # a cross-validated score with nothing to choose on is not one: use in_sample()
+                raise ValueError("a held-out fold needs other files to choose its setting on")
             choice = self.choose(train)
             folds.append(Fold(tuple(self.names[i] for i in test), choice, *self.score(choice, test)))
         everything = sorted({i for test in held_out_folds for i in test})

@@ -49,15 +49,42 @@ def test_the_setting_chosen_for_a_fold_never_sees_the_fold():
     changed = corpus({"one": files[:3] + [{1010: 0.9, 100: 0.95, 1600: 0.1}]})
     assert changed.evaluate([[3]]).folds[0].choice == held_out_3.choice
     assert changed.choose([0, 1, 2]) == results.choose([0, 1, 2]) == held_out_3.choice
-    # Candidates too: "late" is best on files 0-2, "early" only on file 3.
-    two = corpus(
+    # Candidates too: "late" is best on files 0-2, "early" on file 3, whose four windows outweigh
+    # them, so the choice with file 3 ("early", in-sample) is not the choice without it ("late").
+    four = [(1000 + 200 * w, 1199 + 200 * w) for w in range(4)]
+    two = CandidateResults(
         {
-            "early": [{1190: 0.6} for _ in range(3)] + [{1010: 0.6}],
-            "late": [{1010: 0.6} for _ in range(3)] + [{1190: 0.6}],
+            "early": [synthetic(f"c/f{i}.csv", {1190: 0.6}) for i in range(3)]
+            + [synthetic("c/f3.csv", {a + 10: 0.6 for a, _ in four}, four)],
+            "late": [synthetic(f"c/f{i}.csv", {1010: 0.6}) for i in range(3)] + [synthetic("c/f3.csv", {}, four)],
         }
     )
+    assert two.in_sample().folds[0].choice.candidate == "early"
     assert two.evaluate([[3]]).folds[0].choice.candidate == "late"
-    assert two.in_sample().folds[0].choice.candidate == "late"
+
+
+def test_a_fold_never_sees_the_held_out_files_unlabelled_scores(monkeypatch):
+    # The thresholds a fold tries come from its training files' scores only (threshold_grid).
+    from simulators import scoring
+
+    seen: list[int] = []
+    real_grid = scoring.threshold_grid
+
+    def spy(scores, max_thresholds=400):
+        seen.extend(id(s) for s in scores)
+        return real_grid(scores, max_thresholds)
+
+    monkeypatch.setattr(scoring, "threshold_grid", spy)
+    results = corpus({"one": [{1010: 0.6, 1500: 0.4} for _ in range(3)] + [{1010: 0.3, 10: 0.35}]})
+    results.evaluate([[3]])
+    assert seen and id(results.sweeps["one"][3].scorable_scores) not in seen
+    assert {id(results.sweeps["one"][i].scorable_scores) for i in range(3)} <= set(seen)
+
+
+def test_a_single_fold_is_refused_rather_than_scored_in_sample():
+    results = corpus({"one": [{1010: 0.6} for _ in range(2)]})
+    with pytest.raises(ValueError, match="other files"):
+        results.leave_one_out(["a", "a"])
 
 
 def test_the_cross_validated_score_sums_held_out_raw_scores_and_normalises_over_the_corpus():
@@ -116,8 +143,8 @@ def test_bench_nab_scores_the_detectors_the_processor_runs():
     defaults, through processing.detect; its processor rows add exactly the processor's settings."""
     from bench import nab
     from processing import kernels
-    from processing.detect import Detectors
-    from processing.processor import apply_settings
+    from processing.detect import PlainReading
+    from processing.processor import apply_settings, new_detectors
     from processing.settings import ProcessorSettings
 
     processor = apply_settings(kernels.DEFAULT_PARAMS.copy(), ProcessorSettings())
@@ -128,17 +155,17 @@ def test_bench_nab_scores_the_detectors_the_processor_runs():
     city = {kernels.P_WEEKENDS, kernels.P_UTC_OFFSET_HOURS, kernels.P_REPEAT_BELOW}
     differs = {i for i in range(len(processor)) if processor[i] != kernels.LIKELIHOOD_PARAMS[i]}
     assert differs <= city
-    at_nab_time = apply_settings(kernels.DEFAULT_PARAMS.copy(), ProcessorSettings(utc_offset_hours=0.0))
-    np.testing.assert_array_equal(nab.PROCESSOR_PARAMS, at_nab_time)
-    # The rows score through Detectors, as the processor does: the same scores for the same stream.
+    # The processor's rows score what the processor's own detectors (new_detectors, at NAB's local
+    # time) score through its entry point, score_readings: the same scores for the same stream.
+    processor_detectors = new_detectors(ProcessorSettings(utc_offset_hours=0.0))
+    np.testing.assert_array_equal(nab.PROCESSOR_PARAMS, processor_detectors.params)
     rng = np.random.default_rng(4)
     ts = np.arange(3000) * 300_000.0
     values = rng.normal(10, 1, ts.size)
     values[2500] += 12
-    detectors = Detectors(nab.PROCESSOR_PARAMS)
-    ids = detectors.series_ids(["series"])
+    readings = [PlainReading("nab", "value", int(t), float(v)) for t, v in zip(ts, values, strict=True)]
     direct = np.concatenate(
-        [detectors.score(np.repeat(ids, 100), ts[i : i + 100], values[i : i + 100])[0] for i in range(0, ts.size, 100)]
+        [processor_detectors.score_readings(readings[i : i + 100], now_ms=0).scores for i in range(0, ts.size, 100)]
     )
     np.testing.assert_array_equal(nab.kota_scores(ts, values, params=nab.PROCESSOR_PARAMS), direct)
     assert direct[2500] >= ProcessorSettings().anomaly_threshold
