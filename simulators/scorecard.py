@@ -6,11 +6,13 @@ reached an operator).
 
 - A detection is a run of anomalies and alerts (the domain rules: ISPU, Siaga) on one device with
   no gap longer than `merge_gap_ms`; an alert counts as reason `alert:<type>`.
-- A label is detected when a detection on its device overlaps its window, extended by `grace_ms`
-  after it ends (a detector may only be sure once a level shift has lasted a while).
+- A label is detected when a detection on its device that holds the label's metric (any metric, for
+  a dropout) overlaps its window, extended by `grace_ms` after it ends (a detector may only be sure
+  once a level shift has lasted a while): a PM10 signal does not find a drifting PM2.5 sensor.
 - Precision: detections that touch a label / all detections. Recall: labels detected / labels.
-- Time to detect: the first anomaly's event time minus the label's start; time to alert the same
-  for the first alert on the device inside the extended window.
+- Time to detect: the event time of the detection's first anomaly or alert on the label's metric
+  (on any, for a dropout) minus the label's start; time to alert the same for the first alert on
+  the device inside the extended window.
 - NAB standard profile over the labelled series, scored as `simulators.scoring` does, with each
   window at least `nab_window_ms` long (a one-reading spike has no room for NAB's early reward).
 """
@@ -47,6 +49,13 @@ class Detection:
     last_ms: int
     reasons: frozenset[str]
     metrics: frozenset[str]
+    first_of_metric: tuple[tuple[str, int], ...] = ()  # (metric, its first event time in the run)
+
+    def first_on(self, metric: str | None) -> int | None:
+        """When the run first signalled `metric` (None: any metric); None if it never did."""
+        if metric is None:
+            return self.first_ms
+        return dict(self.first_of_metric).get(metric)
 
 
 @dataclass
@@ -114,7 +123,17 @@ def group_detections(rows: list[tuple[str, str, int, str]], merge_gap_ms: int) -
 
 
 def _detection(device_id: str, run: list[tuple[int, str, str]]) -> Detection:
-    return Detection(device_id, run[0][0], run[-1][0], frozenset(r for _, _, r in run), frozenset(m for _, m, _ in run))
+    firsts: dict[str, int] = {}
+    for ts, metric, _ in run:  # in time order
+        firsts.setdefault(metric, ts)
+    return Detection(
+        device_id,
+        run[0][0],
+        run[-1][0],
+        frozenset(r for _, _, r in run),
+        frozenset(firsts),
+        tuple(sorted(firsts.items())),
+    )
 
 
 def score(
@@ -136,12 +155,15 @@ def score(
         hits = [
             i
             for i, d in enumerate(detections)
-            if d.device_id == label.device_id and d.first_ms < end and d.last_ms >= label.start_ms
+            if d.device_id == label.device_id
+            and d.first_ms < end
+            and d.last_ms >= label.start_ms
+            and d.first_on(label.metric) is not None
         ]
         if hits:
             kind.detected += 1
             touched.update(hits)
-            first = min(max(detections[i].first_ms, label.start_ms) for i in hits)
+            first = min(max(int(detections[i].first_on(label.metric) or 0), label.start_ms) for i in hits)
             kind.detect_delays_ms.append(first - label.start_ms)
         raised = [ts for device_id, ts in alerts if device_id == label.device_id and label.start_ms <= ts < end]
         if raised:

@@ -36,6 +36,26 @@ def test_detections_are_runs_and_labels_match_by_device_and_extended_window():
     assert card.false_by_reason == {"spike": 2}
 
 
+def test_a_label_is_found_only_by_a_detection_on_its_own_metric_and_timed_from_it():
+    rows = [
+        ("air", "pm10", 100 * MIN, "spike"),  # the partner sensor, in the window: not the drift
+        ("air", "pm25", 110 * MIN, "inconsistent"),  # the same run: the drifting sensor, 10 min later
+        ("noise", "LAmax", 100 * MIN, "spike"),  # only the partner: the LAeq drift is not found
+        ("water", "pressure", 100 * MIN, "dropout"),  # any metric finds a dropout (no metric)
+    ]
+    detections = group_detections(rows, merge_gap_ms=15 * MIN)
+    labels = [
+        Label("drift", "air", "pm25", 90 * MIN, 200 * MIN),
+        Label("drift", "noise", "LAeq", 90 * MIN, 200 * MIN),
+        Label("dropout", "water", None, 95 * MIN, 155 * MIN),
+    ]
+    card = score(labels, detections, alerts=[], city="x", grace_ms=30 * MIN)
+    assert card.by_kind["drift"].detected == 1 and card.by_kind["drift"].detect_delays_ms == [20 * MIN]
+    assert card.by_kind["dropout"].detected == 1 and card.by_kind["dropout"].detect_delays_ms == [5 * MIN]
+    assert (card.detections, card.true_detections) == (3, 2)
+    assert card.false_by_reason == {"spike": 1}
+
+
 def test_the_streams_own_end_is_not_a_dropout():
     last_tick = 10_000
     signals = [
