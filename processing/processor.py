@@ -649,11 +649,33 @@ class Processor:
         # Missing from the registry, or sending a metric it does not declare: not asked again for a while.
         self._absent |= {d for d, metrics in metrics_of.items() if not metrics <= self._ranges.get(d, {}).keys()}
 
-    async def _check_dropouts(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
-        """Signal series silent for much longer than their usual interval (wall clock since last arrival)."""
-        now_ms = time.time() * 1000
+    async def _caught_up(self) -> set[int]:
+        """The assigned partitions with nothing waiting in Kafka: consumed up to their high watermark.
+        A partition whose readings wait there (a backlog after an outage or a restart, or one
+        partition served while another waits its turn) has no silent devices on the wall clock: the
+        silence is the processor's own, and the event-time check finds real ones as it catches up."""
+        assert self._consumer is not None
+        caught_up = set()
+        for partition_id in list(self._partitions):
+            tp = TopicPartition(READINGS_TOPIC, partition_id)
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:  # nothing fetched yet: cannot tell
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except (IllegalStateError, KafkaError):  # revoked meanwhile
+                continue
+            if position >= highwater:
+                caught_up.add(partition_id)
+        return caught_up
+
+    def _timer_silences(self, now_ms: float, caught_up: set[int]) -> list[Signal]:
+        """Dropouts on the wall clock: series of caught-up partitions silent for much longer than
+        their usual interval since their last arrival, each signalled once."""
         signals: list[Signal] = []
-        for partition in self._partitions.values():
+        for partition_id, partition in self._partitions.items():
+            if partition_id not in caught_up:
+                continue
             detectors = partition.detectors
             silence = detectors.silence(now_ms, self._settings.dropout_factor, since_arrival=True)
             newly_silent = [sid for sid in np.flatnonzero(silence > 0).tolist() if sid not in partition.silent]
@@ -664,6 +686,12 @@ class Processor:
                 last_ts = int(detectors.state[sid, kernels.LAST_TS])
                 last_value = float(detectors.state[sid, kernels.LAST_VALUE])
                 signals.append(detector_signal(device_id, metric, last_ts, last_value, 1.0, "dropout"))
+        return signals
+
+    async def _check_dropouts(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
+        """Signal series silent for much longer than their usual interval (wall clock since last
+        arrival), on partitions the processor has caught up with."""
+        signals = self._timer_silences(time.time() * 1000, await self._caught_up())
         if not signals:
             return conn
         try:

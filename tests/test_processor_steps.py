@@ -111,3 +111,38 @@ def test_a_record_naming_a_metric_as_a_relation_is_refused_whole():
     assert poison([reading("pm25"), reading("pm10")]) is None
     reason, message = poison([reading("pm25"), reading("pm25~pm10")])
     assert reason == UNDECODABLE and "~" in message
+
+
+class OffsetsConsumer:
+    """Reports a high watermark and a position per partition, as aiokafka's consumer does."""
+
+    def __init__(self, highwater: dict[int, int | None], position: dict[int, int]) -> None:
+        self._highwater, self._position = highwater, position
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self._highwater[tp.partition]
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self._position[tp.partition]
+
+
+async def test_devices_are_silent_on_the_wall_clock_only_where_nothing_waits_in_kafka():
+    """Each of three partitions holds a device whose last reading arrived ten minutes ago (usual
+    interval a minute): one partition consumed to its end, one with readings waiting (a backlog, or
+    its turn not come), one not fetched yet. Only the first device is a dropout."""
+    processor = Processor(stack=StackSettings(), settings=ProcessorSettings())
+    now_ms = 1_796_000_000_000.0
+    for partition_id, device in enumerate(("caught-up", "behind", "unknown")):
+        state = PartitionState(new_detectors(ProcessorSettings()), None)
+        readings = _readings(device, "waterConsumption", range(30))
+        batch = state.detectors.score_readings(readings, now_ms - 600_000)
+        assert batch.scores.size == 30
+        processor._partitions[partition_id] = state
+    processor._consumer = OffsetsConsumer({0: 500, 1: 900, 2: None}, {0: 500, 1: 400, 2: 0})  # type: ignore[assignment]
+    caught_up = await processor._caught_up()
+    assert caught_up == {0}
+    assert [s.device_id for s in processor._timer_silences(now_ms, caught_up)] == ["caught-up"]
+    assert processor._timer_silences(now_ms, caught_up) == [], "signalled once"
+    # Once the backlog is consumed, the device still silent is a dropout there too.
+    processor._consumer = OffsetsConsumer({0: 500, 1: 900, 2: None}, {0: 500, 1: 900, 2: 0})  # type: ignore[assignment]
+    assert [s.device_id for s in processor._timer_silences(now_ms, await processor._caught_up())] == ["behind"]
