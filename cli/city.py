@@ -252,7 +252,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"no labels file at {labels_path}: run `kota simulate` (or `kota replay`) first, or pass --labels"
         )
     document = read_labels(labels_path)
-    card = scorecard.load(stack.postgres_dsn, document)
+    from processing.settings import ProcessorSettings
+
+    card = scorecard.load(stack.postgres_dsn, document, dropout_factor=ProcessorSettings().dropout_factor)
     text = scorecard.report(card)
     out = Path(args.out or stack.state_dir / "scorecards")
     out.mkdir(parents=True, exist_ok=True)

@@ -198,17 +198,26 @@ def nab_score(
     return scoring.corpus_score(files) if files else None
 
 
-def without_the_end(signals: list[Any], last_tick: int) -> list[Any]:
-    """Signals (device, metric, ms, reason) less the dropouts dated at or after the stream's last tick:
-    once a simulation or replay stops, every series falls silent, and the processor's timer rightly
-    says so, dated at each series' last reading. The stream's own end is not an anomaly."""
-    return [x for x in signals if not (str(x[3]).endswith("dropout") and int(x[2]) >= last_tick)]
+def without_the_end(signals: list[Any], end_from_ms: int) -> list[Any]:
+    """Signals (device, metric, ms, reason) less the dropouts dated at or after `end_from_ms`: once a
+    simulation or replay stops, every series falls silent, and the processor's timer rightly says so,
+    dated at each series' last reading. The stream's own end is not an anomaly, and neither is a
+    silence that began too near it to have lasted a dropout's length (`dropout_factor` intervals)
+    before it: a series whose last reading or two happened not to arrive ends a little early."""
+    return [x for x in signals if not (str(x[3]).endswith("dropout") and int(x[2]) >= end_from_ms)]
 
 
 # -- the database side --------------------------------------------------------------------------------
 def load(
-    dsn: str, document: dict[str, Any], *, merge_gap_ms: int = 15 * MINUTE_MS, grace_ms: int = 30 * MINUTE_MS
+    dsn: str,
+    document: dict[str, Any],
+    *,
+    merge_gap_ms: int = 15 * MINUTE_MS,
+    grace_ms: int = 30 * MINUTE_MS,
+    dropout_factor: float = 5.0,
 ) -> Scorecard:
+    """The scorecard of a simulated or replayed city from the database. `dropout_factor`: the
+    processor's (silent for this many usual intervals is a dropout), for the stream's end."""
     labels = labels_from(document)
     city, start, end = document["city"], int(document["start_ms"]), int(document["end_ms"]) + grace_ms
     with psycopg.connect(dsn) as conn:
@@ -235,8 +244,9 @@ def load(
             ).fetchall()
             if points:
                 series[(device_id, metric)] = (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
-    last_tick = int(document["end_ms"]) - int(document.get("interval_ms") or 0)
-    rows, alerts = without_the_end(rows, last_tick), without_the_end(alerts, last_tick)
+    interval = int(document.get("interval_ms") or 0)
+    end_from = int(document["end_ms"]) - interval - int(dropout_factor * interval)
+    rows, alerts = without_the_end(rows, end_from), without_the_end(alerts, end_from)
     signals = [(d, m, int(t), r) for d, m, t, r in rows + alerts]
     detections = group_detections(signals, merge_gap_ms) if signals else []
     return score(

@@ -57,11 +57,11 @@ def test_a_label_is_found_only_by_a_detection_on_its_own_metric_and_timed_from_i
 
 
 def test_the_streams_own_end_is_not_a_dropout():
-    last_tick = 10_000
+    end_from = 10_000  # the last tick less the intervals a silence needs to be a dropout
     signals = [
-        ("a", "pm25", 9_999, "alert:dropout"),  # a silence during the stream
-        ("a", "pm25", 10_000, "alert:dropout"),  # every series at the end
-        ("b", "LAeq", 10_000, "dropout"),
-        ("b", "LAeq", 10_000, "spike"),  # an anomaly on the last tick is still one
+        ("a", "pm25", 9_999, "alert:dropout"),  # a silence long enough before the stream ended
+        ("a", "pm25", 10_000, "alert:dropout"),  # a series whose last reading came a little early
+        ("b", "LAeq", 10_300, "dropout"),  # every series at the end
+        ("b", "LAeq", 10_300, "spike"),  # an anomaly at the end is still one
     ]
-    assert scorecard.without_the_end(signals, last_tick) == [signals[0], signals[3]]
+    assert scorecard.without_the_end(signals, end_from) == [signals[0], signals[3]]
