@@ -123,6 +123,8 @@ class PartitionState:
     # not seen since a restart is judged again from its next reading on.
     path_of: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     next_eviction: float = -math.inf  # time.monotonic() of the next look for series to evict
+    # Kafka's high watermark at the previous wall-clock dropout check (`Processor._caught_up`).
+    highwater_then: int | None = None
 
     def evict_if_due(self, now_ms: float, settings: ProcessorSettings) -> int:
         """Every `evict_check_s`, evict the series silent for `evict_after_days` of event time (0:
@@ -649,23 +651,24 @@ class Processor:
         # Missing from the registry, or sending a metric it does not declare: not asked again for a while.
         self._absent |= {d for d, metrics in metrics_of.items() if not metrics <= self._ranges.get(d, {}).keys()}
 
-    async def _caught_up(self) -> set[int]:
-        """The assigned partitions with nothing waiting in Kafka: consumed up to their high watermark.
-        A partition whose readings wait there (a backlog after an outage or a restart, or one
-        partition served while another waits its turn) has no silent devices on the wall clock: the
-        silence is the processor's own, and the event-time check finds real ones as it catches up."""
+    def _caught_up(self) -> set[int]:
+        """The assigned partitions whose detectors have scored everything Kafka held for them at the
+        previous check (its high watermark then). A partition whose readings wait there (a backlog
+        after an outage or a restart, or one partition served while another waits its turn) has no
+        silent devices on the wall clock: the silence is the processor's own, and the event-time check
+        finds real ones as it catches up. Against the high watermark of the check before, not of now:
+        on a busy partition new readings arrive while a batch is stored, so "nothing waiting now" is
+        seldom true of a processor that keeps up. Reads only what the consumer already knows: no
+        request to Kafka, so no wait, and no rebalance between looking and judging."""
         assert self._consumer is not None
+        assigned = self._consumer.assignment()
         caught_up = set()
-        for partition_id in list(self._partitions):
+        for partition_id, partition in self._partitions.items():
             tp = TopicPartition(READINGS_TOPIC, partition_id)
-            highwater = self._consumer.highwater(tp)
-            if highwater is None:  # nothing fetched yet: cannot tell
+            if tp not in assigned:
                 continue
-            try:
-                position = await self._consumer.position(tp)
-            except (IllegalStateError, KafkaError):  # revoked meanwhile
-                continue
-            if position >= highwater:
+            before, partition.highwater_then = partition.highwater_then, self._consumer.highwater(tp)
+            if before is not None and partition.detected_until is not None and partition.detected_until >= before:
                 caught_up.add(partition_id)
         return caught_up
 
@@ -691,7 +694,7 @@ class Processor:
     async def _check_dropouts(self, conn: psycopg.AsyncConnection) -> psycopg.AsyncConnection:
         """Signal series silent for much longer than their usual interval (wall clock since last
         arrival), on partitions the processor has caught up with."""
-        signals = self._timer_silences(time.time() * 1000, await self._caught_up())
+        signals = self._timer_silences(time.time() * 1000, self._caught_up())
         if not signals:
             return conn
         try:

@@ -114,35 +114,43 @@ def test_a_record_naming_a_metric_as_a_relation_is_refused_whole():
 
 
 class OffsetsConsumer:
-    """Reports a high watermark and a position per partition, as aiokafka's consumer does."""
+    """Reports its assignment and a high watermark per partition, as aiokafka's consumer does."""
 
-    def __init__(self, highwater: dict[int, int | None], position: dict[int, int]) -> None:
-        self._highwater, self._position = highwater, position
+    def __init__(self, highwater: dict[int, int | None]) -> None:
+        self._highwater = highwater
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(READINGS_TOPIC, p) for p in self._highwater}
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self._highwater[tp.partition]
 
-    async def position(self, tp: TopicPartition) -> int:
-        return self._position[tp.partition]
 
-
-async def test_devices_are_silent_on_the_wall_clock_only_where_nothing_waits_in_kafka():
-    """Each of three partitions holds a device whose last reading arrived ten minutes ago (usual
-    interval a minute): one partition consumed to its end, one with readings waiting (a backlog, or
-    its turn not come), one not fetched yet. Only the first device is a dropout."""
+def test_devices_are_silent_on_the_wall_clock_only_where_what_kafka_held_has_been_scored():
+    """Each of four partitions holds a device whose last reading arrived ten minutes ago (usual
+    interval a minute). At each check a partition counts as caught up when its detectors have scored
+    up to the high watermark Kafka reported at the check before: a busy partition whose watermark
+    moves on while the processor keeps up counts; one whose backlog has not been scored, or not
+    fetched yet, does not. Only their devices wait."""
     processor = Processor(stack=StackSettings(), settings=ProcessorSettings())
     now_ms = 1_796_000_000_000.0
-    for partition_id, device in enumerate(("caught-up", "behind", "unknown")):
-        state = PartitionState(new_detectors(ProcessorSettings()), None)
-        readings = _readings(device, "waterConsumption", range(30))
-        batch = state.detectors.score_readings(readings, now_ms - 600_000)
+    scored_up_to = {0: 500, 1: 400, 2: 0, 3: 700}
+    for partition_id, device in enumerate(("idle", "behind", "unfetched", "busy")):
+        state = PartitionState(new_detectors(ProcessorSettings()), scored_up_to[partition_id])
+        batch = state.detectors.score_readings(_readings(device, "waterConsumption", range(30)), now_ms - 600_000)
         assert batch.scores.size == 30
         processor._partitions[partition_id] = state
-    processor._consumer = OffsetsConsumer({0: 500, 1: 900, 2: None}, {0: 500, 1: 400, 2: 0})  # type: ignore[assignment]
-    caught_up = await processor._caught_up()
-    assert caught_up == {0}
-    assert [s.device_id for s in processor._timer_silences(now_ms, caught_up)] == ["caught-up"]
+    processor._consumer = OffsetsConsumer({0: 500, 1: 900, 2: None, 3: 700})  # type: ignore[assignment]
+    assert processor._caught_up() == set(), "the first check only notes where Kafka stood"
+    # Ten seconds on: the busy partition got 50 readings more while it scored what was there before.
+    processor._consumer = OffsetsConsumer({0: 500, 1: 900, 2: None, 3: 750})  # type: ignore[assignment]
+    caught_up = processor._caught_up()
+    assert caught_up == {0, 3}
+    assert sorted(s.device_id for s in processor._timer_silences(now_ms, caught_up)) == ["busy", "idle"]
     assert processor._timer_silences(now_ms, caught_up) == [], "signalled once"
-    # Once the backlog is consumed, the device still silent is a dropout there too.
-    processor._consumer = OffsetsConsumer({0: 500, 1: 900, 2: None}, {0: 500, 1: 900, 2: 0})  # type: ignore[assignment]
-    assert [s.device_id for s in processor._timer_silences(now_ms, await processor._caught_up())] == ["behind"]
+    # Once the backlog is scored, the device still silent is a dropout there too.
+    processor._partitions[1].detected_until = 900
+    assert [s.device_id for s in processor._timer_silences(now_ms, processor._caught_up())] == ["behind"]
+    # A partition revoked from the consumer is not judged.
+    processor._consumer = OffsetsConsumer({0: 500})  # type: ignore[assignment]
+    assert processor._caught_up() == {0}
