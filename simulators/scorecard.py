@@ -48,8 +48,11 @@ class Detection:
     first_ms: int
     last_ms: int
     reasons: frozenset[str]
-    metrics: frozenset[str]
-    first_of_metric: tuple[tuple[str, int], ...] = ()  # (metric, its first event time in the run)
+    first_of_metric: tuple[tuple[str, int], ...]  # (metric, its first event time in the run), by metric
+
+    @property
+    def metrics(self) -> frozenset[str]:
+        return frozenset(m for m, _ in self.first_of_metric)
 
     def first_on(self, metric: str | None) -> int | None:
         """When the run first signalled `metric` (None: any metric); None if it never did."""
@@ -126,14 +129,7 @@ def _detection(device_id: str, run: list[tuple[int, str, str]]) -> Detection:
     firsts: dict[str, int] = {}
     for ts, metric, _ in run:  # in time order
         firsts.setdefault(metric, ts)
-    return Detection(
-        device_id,
-        run[0][0],
-        run[-1][0],
-        frozenset(r for _, _, r in run),
-        frozenset(firsts),
-        tuple(sorted(firsts.items())),
-    )
+    return Detection(device_id, run[0][0], run[-1][0], frozenset(r for _, _, r in run), tuple(sorted(firsts.items())))
 
 
 def score(
@@ -152,18 +148,18 @@ def score(
         kind = by_kind[label.kind]
         kind.labels += 1
         end = label.end_ms + grace_ms
-        hits = [
-            i
+        hits = {  # detection -> when it first signalled the label's metric
+            i: first
             for i, d in enumerate(detections)
             if d.device_id == label.device_id
             and d.first_ms < end
             and d.last_ms >= label.start_ms
-            and d.first_on(label.metric) is not None
-        ]
+            and (first := d.first_on(label.metric)) is not None
+        }
         if hits:
             kind.detected += 1
             touched.update(hits)
-            first = min(max(int(detections[i].first_on(label.metric) or 0), label.start_ms) for i in hits)
+            first = min(max(t, label.start_ms) for t in hits.values())
             kind.detect_delays_ms.append(first - label.start_ms)
         raised = [ts for device_id, ts in alerts if device_id == label.device_id and label.start_ms <= ts < end]
         if raised:
