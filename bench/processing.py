@@ -362,6 +362,13 @@ def bench_processor(
     n_devices, per_record = 2_000, 50
     now = int(time.time() * 1000)
 
+    # Each tick a record holds: PM2.5 alone, or with PM10 (half the ticks, so the same readings a record).
+    ticks, tick_ms = (per_record // 2, 20_000) if pairs else (per_record, 10_000)
+
+    def sizes(d: int, i: int) -> tuple[tuple[str, float], ...]:
+        """Each metric of a tick and its share of PM2.5's value."""
+        return (("pm25", 1.0), ("pm10", 0.6 + 0.01 * ((d + i) % 5))) if pairs else (("pm25", 1.0),)
+
     async def produce() -> None:
         producer = AIOKafkaProducer(**stack.kafka_client_options(), acks="all", linger_ms=20, max_batch_size=1 << 20)
         await producer.start()
@@ -371,37 +378,21 @@ def bench_processor(
             for offset in range(0, per_device, per_record):
                 for d in range(n_devices):
                     device = f"{run}-{d:05d}"
-                    if pairs:  # half the ticks, each with both sizes: the same readings a record
-                        batch = [
-                            Reading(
-                                now - 3_600_000 + (offset + i) * 20_000,
-                                "benchkota",
-                                "environment",
-                                device,
-                                metric,
-                                float(20 + (d + offset + i) % 17) / share,
-                                "ug/m3",
-                                now,
-                                "bench",
-                            )
-                            for i in range(per_record // 2)
-                            for metric, share in (("pm25", 1.0), ("pm10", 0.6 + 0.01 * ((d + i) % 5)))
-                        ]
-                    else:
-                        batch = [
-                            Reading(
-                                now - 3_600_000 + (offset + i) * 10_000,
-                                "benchkota",
-                                "environment",
-                                device,
-                                "pm25",
-                                float(20 + (d + offset + i) % 17),
-                                "ug/m3",
-                                now,
-                                "bench",
-                            )
-                            for i in range(per_record)
-                        ]
+                    batch = [
+                        Reading(
+                            now - 3_600_000 + (offset + i) * tick_ms,
+                            "benchkota",
+                            "environment",
+                            device,
+                            metric,
+                            float(20 + (d + offset + i) % 17) / share,
+                            "ug/m3",
+                            now,
+                            "bench",
+                        )
+                        for i in range(ticks)
+                        for metric, share in sizes(d, i)
+                    ]
                     pending.append(await producer.send(READINGS_TOPIC, encode_device_batch(batch), key=device.encode()))
             await asyncio.gather(*pending)
         finally:
@@ -525,7 +516,7 @@ def main() -> None:
     if args.only in (None, "processor", "writes", "relations"):
         stack = start_bench_stack(say)
         if args.only in (None, "relations"):
-            bench_processor_relations(stack, 20_000 if args.quick else 400_000, 1 if args.quick else 6)
+            bench_processor_relations(stack, 100_000 if args.quick else 400_000, 1 if args.quick else 6)
         if args.only in (None, "processor"):
             for workers in range(1, args.workers + 1):
                 bench_processor(stack, 50_000 if args.quick else 400_000, workers)
