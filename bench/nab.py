@@ -9,7 +9,8 @@ scoreboard (all 58 NAB files): ARTime 74.9, Numenta HTM 70.5, CAD OSE 69.9, Skyl
 KNN CAD 58.0, Windowed Gaussian 39.6, random 11.0. This folder holds 25 of the 58 files, so the
 figures are indicative, not comparable one to one. The first row is the processor's detectors:
 Numenta's anomaly likelihood over graded raw scores (kernels.LIKELIHOOD_PARAMS; docs/processing.md,
-"Anomaly likelihood"), with spikes and dips also judged raw beside it; then two ablations; then with
+"Anomaly likelihood"), with spikes and dips also judged raw beside it; then two ablations and the
+same detectors on every value plus 10,000 (units must change no score); then with
 the processor's settings (weekend profiles), and at its fixed threshold; then the raw scores it ran
 before, whose defaults were chosen on these files.
 
@@ -111,6 +112,9 @@ def methods() -> dict[str, Method]:
         # they last instead, and NAB's silences are not labelled).
         "kota, likelihood alone": {"no raw points": lambda ts, v: kota_scores(ts, v, params=raw_points_off)},
         "kota, + gaps at return": {"gaps": lambda ts, v: kota_scores(ts, v, params=with_gaps)},
+        # The same files from another zero (kelvin for degrees, absolute for gauge pressure): a
+        # series' units must change no score, so this row must equal the first.
+        "kota, values + 10,000": {"offset": lambda ts, v: kota_scores(ts, v + 10_000.0, params=likelihood)},
         # What the processor adds for a city: weekend profiles (apply_settings), at NAB's local
         # time; then at its fixed threshold.
         "kota, processor settings": {"processor": lambda ts, v: kota_scores(ts, v, params=PROCESSOR_PARAMS)},

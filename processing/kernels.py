@@ -134,6 +134,10 @@ MEAN_ABS_TO_SD = 1.2533141373155003
 # raw score under one (where the floor is 0).
 STUCK_ONSET_Z = 3.0
 SPIKE_MAX_RUN = 3.0  # readings: a longer excursion is a change of level, not a spike
+# The robust scale's floor (`_scale_floor`): relative to the series' level at float64's rounding
+# times 1e4, and an absolute floor that only keeps a series resting at exactly 0 from dividing by 0.
+SCALE_FLOOR_RELATIVE = 1e-12
+SCALE_FLOOR_ABSOLUTE = 1e-30
 PREFETCH_AHEAD = 12  # readings ahead whose state is fetched into cache (docs/processing.md)
 HOUR_MEAN, HOUR_MAD, HOUR_COUNT = range(3)
 
@@ -364,6 +368,16 @@ def _profile_slot(t_ms: float, offset_ms: float, weekends: bool) -> int:
 def _profile_row(s: int, slot: int, n_series: int) -> int:
     """The row of series `s`'s profile slot in the (DAY_KINDS * series * HOURS, 3) view of the profiles."""
     return ((slot // HOURS) * n_series + s) * HOURS + slot % HOURS
+
+
+@helper
+def _scale_floor(mean: float) -> float:
+    """The least spread a series is judged in, for one that has not varied: float64's rounding at
+    the series' level (times 1e4, SCALE_FLOOR_RELATIVE), so a reading differing from a constant
+    series only by the rounding of a unit conversion is not news, while any real move is. It scales
+    with the units and no offset that leaves the series' spread above it moves it, so neither
+    changes an anomaly (docs/processing.md, "A series' units": a floor of 0.1% of the mean did)."""
+    return SCALE_FLOOR_RELATIVE * abs(mean) + SCALE_FLOOR_ABSOLUTE
 
 
 @helper
@@ -735,7 +749,7 @@ def detect_batch(
         hour_mad = hour_rows[hr, HOUR_MAD]
         hn = hour_rows[hr, HOUR_COUNT]
 
-        eps = 1e-9 + 1e-3 * abs(mean)
+        eps = _scale_floor(mean)
         scale = _robust_scale(mad, eps)
         dt = t - last_ts
         rate = abs(x - last_value) / dt if dt > 0 else 0.0
@@ -777,7 +791,13 @@ def detect_batch(
                 )
                 ll_count += 1.0
                 undamped = best  # what is news is judged on the calibrated scores
-            if shift_score > best:
+            # A level shift needs a level to shift from: the slow mean's span of readings
+            # (1/slow_alpha). Before that its spread is still growing from 0, and a distance from it
+            # is not reported. The likelihood learns from it all the same: it calibrates against
+            # what the detectors produce from a series' first readings (docs/processing.md, "A
+            # series' units").
+            shift_ready = n * p.slow_alpha >= 1.0
+            if shift_score > best and (shift_ready or p.likelihood == 1.0):
                 best, reason = shift_score, LEVEL_SHIFT
             stuck_score = _stuck(run, longest_run, mad, eps, x, floor, p)
             rate_score = _rate_of_change(rate, typical_rate, dt, p)
@@ -790,10 +810,14 @@ def detect_batch(
                 if rate_score > best:
                     best, reason = rate_score, RATE_OF_CHANGE
                 raw_best = best
+                if reason == LEVEL_SHIFT and not shift_ready:
+                    raw_best = 0.0
                 best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
                     best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
                 )
                 ll_count += 1.0
+                if reason == LEVEL_SHIFT and not shift_ready:  # learnt from, not reported (above)
+                    best, reason = 0.0, NONE
                 # A point anomaly, one reading far from its expected value, moves the likelihood's
                 # short mean by 2/11 of its score at most: it is judged as the raw detectors judge
                 # it, beside the likelihood, which answers for what lasts (Ahmad et al. 2017 built

@@ -126,7 +126,7 @@ def reference_scores(
             st.hours[hour] = [x, 0.0, 1.0]
             out.append((0.0, k.NONE))
             continue
-        eps = 1e-9 + 1e-3 * abs(st.mean)
+        eps = k.SCALE_FLOOR_RELATIVE * abs(st.mean) + k.SCALE_FLOOR_ABSOLUTE
         scale = 1.4826 * st.mad + eps
         hm, hmad, hn = st.hours.get(hour, [0.0, 0.0, 0.0])
         hour_scale = 1.4826 * hmad + eps
@@ -172,6 +172,9 @@ def reference_scores(
                 candidates[1] = (likelihood(st.ll_shift, candidates[1], st.ll_count, p)[0], k.LEVEL_SHIFT)
                 st.ll_count += 1
                 undamped = candidates[0][0]
+            shift_ready = st.count * p.slow_alpha >= 1  # a level to shift from: learnt, not reported before
+            if not shift_ready and p.likelihood != 1:
+                candidates[1] = (0.0, k.LEVEL_SHIFT)
             stuck = (0.0, k.STUCK)
             stuck_after = max(p.stuck_min, 2 * st.longest_run)
             if st.mad > eps and st.run >= stuck_after and x > low:
@@ -189,6 +192,10 @@ def reference_scores(
                 raw_best = first_highest([*candidates, rate_of_change])
                 best = likelihood(st.ll, raw_best, st.ll_count, p)
                 st.ll_count += 1
+                if not shift_ready and raw_best[1] == k.LEVEL_SHIFT:
+                    raw_best = (0.0, k.LEVEL_SHIFT)
+                    if best[1] == k.LEVEL_SHIFT:
+                        best = (0.0, k.NONE)
                 point = (refloored(point_score, p) * p.raw_points, candidates[0][1])  # spikes and dips, raw
                 best = first_highest([best, point, (refloored(stuck[0], p), k.STUCK), gap])
                 # what the raw detectors would call an anomaly, but the series does routinely: a repeat
