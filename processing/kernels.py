@@ -393,6 +393,8 @@ def _score(z: float, floor: float, scale: float) -> float:
     excess = z - floor
     if excess <= 0.0:
         return 0.0
+    if excess == math.inf:  # a distance past a double's range (1e300 after a series resting at 0)
+        return 1.0
     return excess / (excess + scale)
 
 

@@ -45,7 +45,9 @@ class SeriesState:
 
 
 def score_of(z: float, floor: float, scale: float) -> float:
-    return 0.0 if z <= floor else (z - floor) / (z - floor + scale)
+    if z <= floor:
+        return 0.0
+    return 1.0 if z - floor == math.inf else (z - floor) / (z - floor + scale)
 
 
 def first_highest(candidates: list[tuple[float, int]]) -> tuple[float, int]:
@@ -102,6 +104,7 @@ def reference_scores(
     p = k.Params(*(float(v) for v in params))  # by name: the same table as the kernels
     out = []
     for sid, t, x in readings:
+        t, x = float(t), float(x)  # plain floats: a distance past a double's range is inf, as in the kernel
         if not (math.isfinite(x) and math.isfinite(t)):
             out.append((0.0, k.NONE))
             continue

@@ -923,3 +923,22 @@ def test_no_level_shift_is_reported_before_the_slow_mean_has_a_level(params):
     slow_span = int(1 / k.Params(*params).slow_alpha)
     assert k.LEVEL_SHIFT not in set(reasons[:slow_span])
     assert (scores[300:320] >= 0.3).any()
+
+
+# Without the JIT the kernels' arithmetic is on NumPy scalars, which warn as the distance overflows
+# to inf; compiled, it overflows silently: the same IEEE inf either way, which `_score` handles.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("params", [k.DEFAULT_PARAMS, k.LIKELIHOOD_PARAMS], ids=["raw", "likelihood"])
+@pytest.mark.parametrize("value", [1e300, -1e308, 1e12])
+def test_a_reading_past_any_distance_a_double_holds_is_an_anomaly(params, value):
+    """After a series resting at exactly 0 (its spread the scale's floor, 1e-30), a reading of 1e300
+    is a distance past a double's range: it scored NaN, which compares false with everything, so
+    the wildest reading a sensor can send scored 0."""
+    n = 400
+    values = np.zeros(n)
+    values[350] = value
+    scores, reasons, reference = run_both([0] * n, np.arange(n) * 60_000.0, values, params=params)
+    assert_agree(scores, reasons, reference)
+    assert not np.isnan(scores).any()
+    assert scores[350] >= ProcessorSettings().anomaly_threshold
+    assert reasons[350] in (k.SPIKE, k.DIP)
