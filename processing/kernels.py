@@ -376,7 +376,9 @@ def _scale_floor(mean: float) -> float:
     the series' level (times 1e4, SCALE_FLOOR_RELATIVE), so a reading differing from a constant
     series only by the rounding of a unit conversion is not news, while any real move is. It scales
     with the units and no offset that leaves the series' spread above it moves it, so neither
-    changes an anomaly (docs/processing.md, "A series' units": a floor of 0.1% of the mean did)."""
+    changes an anomaly (docs/processing.md, "A series' units": a floor of 0.1% of the mean did). A
+    series resting at exactly 0 has no level to round at: any reading off 0 is news there, however
+    small, so a difference of two large readings should be rounded where it is made."""
     return SCALE_FLOOR_RELATIVE * abs(mean) + SCALE_FLOOR_ABSOLUTE
 
 
@@ -389,7 +391,8 @@ def _robust_scale(mad: float, eps: float) -> float:
 
 @helper
 def _score(z: float, floor: float, scale: float) -> float:
-    """Map a robust z-like distance to [0, 1): 0 up to `floor`, 0.5 at `floor + scale`."""
+    """Map a robust z-like distance to [0, 1]: 0 up to `floor`, 0.5 at `floor + scale`, 1 only for a
+    distance past a double's range (or one so large that the ratio rounds to 1)."""
     excess = z - floor
     if excess <= 0.0:
         return 0.0
@@ -516,7 +519,7 @@ def _refloored(raw: float, p: Params) -> float:
     z_scale), excess = z - floor, so the distance is recovered exactly and judged again."""
     if p.learning_floor <= p.z_floor or raw <= 0.0:
         return raw
-    if raw >= 1.0:  # pragma: no cover - every score here is below 1
+    if raw >= 1.0:  # a distance past a double's range, or one whose ratio rounds to 1
         return 1.0
     z = p.z_floor + p.z_scale * raw / (1.0 - raw)
     return _score(z, p.learning_floor, p.z_scale)

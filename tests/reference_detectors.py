@@ -195,10 +195,10 @@ def reference_scores(
                 raw_best = first_highest([*candidates, rate_of_change])
                 best = likelihood(st.ll, raw_best, st.ll_count, p)
                 st.ll_count += 1
-                if not shift_ready and raw_best[1] == k.LEVEL_SHIFT:
+                if not shift_ready and raw_best[1] == k.LEVEL_SHIFT:  # learnt from, not reported
                     raw_best = (0.0, k.LEVEL_SHIFT)
-                    if best[1] == k.LEVEL_SHIFT:
-                        best = (0.0, k.NONE)
+                if not shift_ready and best[1] == k.LEVEL_SHIFT:  # nor when the likelihood names it
+                    best = (0.0, k.NONE)
                 point = (refloored(point_score, p) * p.raw_points, candidates[0][1])  # spikes and dips, raw
                 best = first_highest([best, point, (refloored(stuck[0], p), k.STUCK), gap])
                 # what the raw detectors would call an anomaly, but the series does routinely: a repeat
