@@ -518,10 +518,13 @@ def deserialize(series: list[list[str]], blob: bytes) -> DetectorSnapshot:
         ids: dict[Hashable, int] = {tuple(key): i for i, key in enumerate(series)}
         # Checkpoints written before state codes existed have no "measured": every series was measured.
         measured = arrays["measured"] if "measured" in arrays.files else np.ones(len(ids))
-        params = arrays["params"]
+        # Parameters and state columns are only ever appended, so a checkpoint from an older version
+        # lacks the newest (their defaults, and 0), and one from a newer version (a rollback) has
+        # some this version does not know, which it sets aside rather than crash on every restart.
+        params = arrays["params"][: kernels.DEFAULT_PARAMS.shape[0]]
         if params.shape[0] < kernels.DEFAULT_PARAMS.shape[0]:  # written before newer parameters: their defaults
             params = np.concatenate([params, kernels.DEFAULT_PARAMS[params.shape[0] :]])
-        state = arrays["state"]
+        state = arrays["state"][:, : kernels.STATE_COLUMNS]
         if state.shape[1] < kernels.STATE_COLUMNS:  # written before newer state columns: they start at 0
             state = np.concatenate([state, np.zeros((state.shape[0], kernels.STATE_COLUMNS - state.shape[1]))], axis=1)
         hourly = arrays["hourly"]
