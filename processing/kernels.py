@@ -205,6 +205,12 @@ PARAMETERS: tuple[Param, ...] = (
     Param("relation_span", 30.0, "readings in a relation's EWMA chart (its span: EW rate 2/(this+1))"),
     Param("relation_memory", 1440.0, "readings a relation's coefficient and spreads remember (EW rate 1/this)"),
     Param("relation_warmup", 120.0, "paired readings a relation learns from before it is judged"),
+    Param(
+        "likelihood_interval_ms",
+        300_000.0,
+        "the reporting interval the likelihood's windows are counted at (Numenta's 5 minutes): a series"
+        " reporting at another keeps them in time (50 minutes, 30 days, a day); 0: counted in readings",
+    ),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMETERS)
 
@@ -249,6 +255,7 @@ class Params(NamedTuple):
     relation_span: float
     relation_memory: float
     relation_warmup: float
+    likelihood_interval_ms: float
 
 
 if Params._fields != PARAM_NAMES:
@@ -527,7 +534,15 @@ def _refloored(raw: float, p: Params) -> float:
 
 @helper
 def _likelihood(
-    raw: float, reason: int, k: float, short: float, mean: float, var: float, last_reason: float, p: Params
+    raw: float,
+    reason: int,
+    k: float,
+    short: float,
+    mean: float,
+    var: float,
+    last_reason: float,
+    interval: float,
+    p: Params,
 ) -> tuple[float, int, float, float, float, float]:
     """Numenta's anomaly likelihood (Ahmad, Lavin, Purdy, Agha, "Unsupervised real-time anomaly
     detection for streaming data", Neurocomputing 262, 2017; NAB's `anomaly_likelihood`) over the
@@ -550,24 +565,34 @@ def _likelihood(
     `likelihood_learning` raw scores (Numenta's 288-record learning period) the raw score is
     reported as it is: Numenta reports nothing there (0.5) because HTM itself is still learning,
     while these detectors are warm after `warmup` readings, and a new sensor must alert from its
-    first day (288 readings are 4.8 hours at one a minute).
+    first day.
+
+    Numenta's windows are counted in records of NAB's usual 5 minutes (`likelihood_interval_ms`):
+    50 minutes, 30 days and a day. A series with a usual `interval` of its own keeps them in time,
+    the short window never under one reading: one reading an hour judges its newest surprise alone,
+    one a minute averages fifty and learns for a day (1,440 readings).
     """
-    short = raw if k <= 0.0 else short + 2.0 / (p.likelihood_short + 1.0) * (raw - short)
+    readings = 1.0  # of this series' interval in one of the windows' records
+    if p.likelihood_interval_ms > 0.0 and interval > 0.0:
+        readings = max(1.0, p.likelihood_interval_ms / interval)
+    short_span = max(1.0, p.likelihood_short * readings)
+    learning = p.likelihood_learning * readings
+    short = raw if k <= 0.0 else short + 2.0 / (short_span + 1.0) * (raw - short)
     if raw > 0.0:
         last_reason = float(reason)
     score = _refloored(raw, p)  # until the likelihood has learnt: the raw score, as the raw detectors judge
-    if k >= p.likelihood_learning:
+    if k >= learning:
         score = 0.0
         centre = max(mean, LIKELIHOOD_MIN_MEAN)
         z = (short - centre) / math.sqrt(max(var, LIKELIHOOD_MIN_VARIANCE))
         if z > 0.0:  # at or below the usual mean the log score is under 0.03: nothing to report
             tail = 0.5 * math.erfc(z / math.sqrt(2.0))
             score = min(1.0, math.log(tail + LIKELIHOOD_EPSILON) / math.log(LIKELIHOOD_EPSILON))
-    rate = max(1.0 / (k + 1.0), 2.0 / (p.likelihood_long + 1.0))
+    rate = max(1.0 / (k + 1.0), 2.0 / (p.likelihood_long * readings + 1.0))
     deviation = short - mean
     mean += rate * deviation
     var = (1.0 - rate) * (var + rate * deviation * deviation)
-    if k < p.likelihood_learning:
+    if k < learning:
         return score, reason, short, mean, var, last_reason
     return score, int(last_reason) if score > 0.0 else NONE, short, mean, var, last_reason
 
@@ -789,10 +814,10 @@ def detect_batch(
             shift_score = _level_shift(fast, slow, slow_mad, eps, p)
             if p.likelihood == 2.0:  # an ensemble: spikes and level shifts, each against its own usual
                 best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
-                    best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
+                    best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, interval, p
                 )
                 shift_score, _, sh_short, sh_mean, sh_var, _ = _likelihood(
-                    shift_score, LEVEL_SHIFT, ll_count, sh_short, sh_mean, sh_var, float(LEVEL_SHIFT), p
+                    shift_score, LEVEL_SHIFT, ll_count, sh_short, sh_mean, sh_var, float(LEVEL_SHIFT), interval, p
                 )
                 ll_count += 1.0
                 undamped = best  # what is news is judged on the calibrated scores
@@ -818,7 +843,7 @@ def detect_batch(
                 if reason == LEVEL_SHIFT and not shift_ready:
                     raw_best = 0.0
                 best, reason, ll_short, ll_mean, ll_var, ll_reason = _likelihood(
-                    best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, p
+                    best, reason, ll_count, ll_short, ll_mean, ll_var, ll_reason, interval, p
                 )
                 ll_count += 1.0
                 if reason == LEVEL_SHIFT and not shift_ready:  # learnt from, not reported (above)

@@ -68,25 +68,30 @@ def refloored(raw: float, p) -> float:
     return score_of(p.z_floor + p.z_scale * raw / (1 - raw), p.learning_floor, p.z_scale)
 
 
-def likelihood(m: Moments, raw: tuple[float, int], judged: float, p) -> tuple[float, int]:
+def likelihood(m: Moments, raw: tuple[float, int], judged: float, interval: float, p) -> tuple[float, int]:
     """The short EW mean of the raw scores, its upper-tail probability against the long EW mean and
-    variance of that mean (Numenta's floors), as NAB's log score; the raw score while learning."""
+    variance of that mean (Numenta's floors), as NAB's log score; the raw score while learning. The
+    windows are counted in records of `likelihood_interval_ms`: at the series' usual `interval`,
+    that many times as many readings (the short window never under one)."""
     score, reason = raw
-    m.short = score if judged <= 0 else m.short + 2 / (p.likelihood_short + 1) * (score - m.short)
+    per_record = max(1.0, p.likelihood_interval_ms / interval) if p.likelihood_interval_ms > 0 and interval > 0 else 1.0
+    short_span = max(1.0, p.likelihood_short * per_record)
+    learning = p.likelihood_learning * per_record
+    m.short = score if judged <= 0 else m.short + 2 / (short_span + 1) * (score - m.short)
     if score > 0:
         m.reason = reason
     out = refloored(score, p)
-    if judged >= p.likelihood_learning:
+    if judged >= learning:
         out = 0.0
         z = (m.short - max(m.mean, k.LIKELIHOOD_MIN_MEAN)) / math.sqrt(max(m.var, k.LIKELIHOOD_MIN_VARIANCE))
         if z > 0:
             tail = 0.5 * math.erfc(z / math.sqrt(2))
             out = min(1.0, math.log(tail + k.LIKELIHOOD_EPSILON) / math.log(k.LIKELIHOOD_EPSILON))
-    rate = max(1 / (judged + 1), 2 / (p.likelihood_long + 1))
+    rate = max(1 / (judged + 1), 2 / (p.likelihood_long * per_record + 1))
     deviation = m.short - m.mean
     m.mean += rate * deviation
     m.var = (1 - rate) * (m.var + rate * deviation * deviation)
-    if judged < p.likelihood_learning:
+    if judged < learning:
         return out, reason
     return out, m.reason if out > 0 else k.NONE
 
@@ -171,8 +176,8 @@ def reference_scores(
             shift = abs(st.fast - st.slow) / (1.4826 * st.slow_mad + eps)
             candidates.append((score_of(p.w_shift * shift, p.z_floor, p.z_scale), k.LEVEL_SHIFT))
             if p.likelihood == 2:  # the ensemble: spikes and level shifts, each against its own usual
-                candidates[0] = likelihood(st.ll, candidates[0], st.ll_count, p)
-                candidates[1] = (likelihood(st.ll_shift, candidates[1], st.ll_count, p)[0], k.LEVEL_SHIFT)
+                candidates[0] = likelihood(st.ll, candidates[0], st.ll_count, st.interval, p)
+                candidates[1] = (likelihood(st.ll_shift, candidates[1], st.ll_count, st.interval, p)[0], k.LEVEL_SHIFT)
                 st.ll_count += 1
                 undamped = candidates[0][0]
             shift_ready = st.count * p.slow_alpha >= 1  # a level to shift from: learnt, not reported before
@@ -193,7 +198,7 @@ def reference_scores(
                 # Numenta's anomaly likelihood of the highest of spikes, shifts and rates replaces
                 # it; stuck runs and gaps are judged beside it (the first strictly higher wins).
                 raw_best = first_highest([*candidates, rate_of_change])
-                best = likelihood(st.ll, raw_best, st.ll_count, p)
+                best = likelihood(st.ll, raw_best, st.ll_count, st.interval, p)
                 st.ll_count += 1
                 if not shift_ready and raw_best[1] == k.LEVEL_SHIFT:  # learnt from, not reported
                     raw_best = (0.0, k.LEVEL_SHIFT)

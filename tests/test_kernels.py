@@ -951,7 +951,8 @@ def test_no_level_shift_is_reported_before_the_slow_mean_has_a_level(params):
     values[45:] += 4.0  # two spreads, early: without the rule, level shifts from reading 50
     values[200:350] += np.linspace(0.0, 15.0, 150)  # a slow rise once the slow mean has a level
     values[350:] += 15.0
-    scores, reasons, reference = run_both([0] * n, np.arange(n) * 60_000.0, values, params=params)
+    ts = np.arange(n) * 300_000.0  # Numenta's 5-minute records: the likelihood has learnt by the rise
+    scores, reasons, reference = run_both([0] * n, ts, values, params=params)
     assert_agree(scores, reasons, reference)
     slow_span = int(1 / k.Params(*params).slow_alpha)
     assert k.LEVEL_SHIFT not in set(reasons[:slow_span])
@@ -978,3 +979,30 @@ def test_a_reading_past_any_distance_a_double_holds_is_an_anomaly(params, value)
     assert not np.isnan(scores).any()
     assert scores[350] >= ProcessorSettings().anomaly_threshold
     assert reasons[350] == (k.SPIKE if value > 0 else k.DIP)
+
+
+@pytest.mark.parametrize(
+    ("interval_ms", "learnt"), [(1_000.0, False), (60_000.0, False), (300_000.0, True), (3_600_000.0, True)]
+)
+def test_the_likelihood_counts_numentas_windows_in_time_for_series_faster_than_five_minutes(interval_ms, learnt):
+    """Numenta's windows (10, 8,640 and 288 records) are 50 minutes, 30 days and a day of NAB's
+    5-minute records. A series reporting faster keeps them in time: at one reading a minute (or a
+    second) the likelihood is still learning at reading 1,000, and a spike is judged raw; at 5
+    minutes, or slower, the windows stay Numenta's counts, it has learnt, and the same spike is
+    measured against the series' usual surprise (here, the likelihood alone: nothing judged raw)."""
+    params = k.LIKELIHOOD_PARAMS.copy()
+    params[k.param_index("raw_points")] = 0.0
+    rng = np.random.default_rng(1)
+    n = 1200
+    values = rng.normal(50.0, 1.0, n)
+    values[1000] = 56.0
+    scores, reasons, reference = run_both([0] * n, np.arange(n) * interval_ms, values, params=params)
+    assert_agree(scores, reasons, reference)
+    threshold = ProcessorSettings().anomaly_threshold
+    if learnt:
+        assert scores[1000] < threshold and reasons[1000] == k.REPEAT
+    else:
+        assert scores[1000] >= threshold and reasons[1000] == k.SPIKE
+    counted = k.params_with(likelihood=1.0, routine_rate=0.0, z_floor=0.0, w_rate=1.0, raw_points=0.0)
+    counted[k.param_index("likelihood_interval_ms")] = 0.0  # counted in readings, as before
+    assert run_both([0] * n, np.arange(n) * interval_ms, values, params=counted)[1][1000] == k.REPEAT
