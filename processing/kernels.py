@@ -89,10 +89,11 @@ REASONS = (
     LL_SHIFT_SHORT,
     LL_SHIFT_MEAN,
     LL_SHIFT_VAR,
-) = range(24)
-# 24 columns: a row is 192 bytes, three whole cache lines when the wrapper aligns
-# the array, so no row straddles a fourth line (docs/processing.md, "Kernel speed").
-STATE_COLUMNS = 24
+    LEAN,
+) = range(25)
+# 25 columns: a row is 200 bytes; the first three cache lines are prefetched, and LEAN, read under
+# the likelihood, is the fourth line's first column (docs/processing.md, "Kernel speed").
+STATE_COLUMNS = 25
 HOURS = 24
 # The profile has a day of hours for working days and another for weekends (local Saturday and
 # Sunday). Its array is (2, series, HOURS, 3), working days first: each kind of day's profiles lie
@@ -387,6 +388,20 @@ def _scale_floor(mean: float) -> float:
     series resting at exactly 0 has no level to round at: any reading off 0 is news there, however
     small, so a difference of two large readings should be rounded where it is made."""
     return SCALE_FLOOR_RELATIVE * abs(mean) + SCALE_FLOOR_ABSOLUTE
+
+
+@helper
+def _lean(x: float, n: float, mean: float, lean: float, scale: float, p: Params) -> float:
+    """The baseline's lean after learning `x`: the EW mean (at the baseline's own rate, an exact
+    running mean while warming up) of the signed deviation from its mean, clipped as the baseline
+    clips it. A mean lags a series that moves, so while it rises the deviations lean up, and the
+    readings on that side sit further from the mean than its spread says."""
+    warm = n >= p.warmup
+    deviation = x - mean
+    if warm:
+        limit = p.clip * scale
+        deviation = min(max(deviation, -limit), limit)
+    return lean + (p.alpha if warm else 1.0 / (n + 1.0)) * (deviation - lean)
 
 
 @helper
@@ -794,6 +809,13 @@ def detect_batch(
         reason = NONE
         if n >= p.warmup and measured[s] != STATE_CODE:
             z, centre = _distance(x, mean, scale, eps, interval, hour_mean, hour_mad, hn, p)
+            z_leaning = z
+            if likelihood:
+                # The likelihood's input judges a reading in the spread widened, on the side the
+                # baseline lags towards, by its lean; a point is judged in the plain spread.
+                lean = state[s, LEAN]
+                side_scale = _robust_scale(mad + (max(lean, 0.0) if x > mean else max(-lean, 0.0)), eps)
+                z_leaning, _ = _distance(x, mean, side_scale, eps, interval, hour_mean, hour_mad, hn, p)
             if weekends and p.w_spike * z > p.z_floor:
                 other = _profile_row(s, h - HOURS if h >= HOURS else h + HOURS, n_series)
                 z = _usual_on_the_other_day(
@@ -806,8 +828,19 @@ def detect_batch(
                     hour_rows[other, HOUR_COUNT],
                     p,
                 )
-            best, reason = _spike_or_dip(z, x, centre, p)
-            point, point_reason = best, reason
+                if likelihood:
+                    z_leaning = _usual_on_the_other_day(
+                        z_leaning,
+                        x,
+                        eps,
+                        interval,
+                        hour_rows[other, HOUR_MEAN],
+                        hour_rows[other, HOUR_MAD],
+                        hour_rows[other, HOUR_COUNT],
+                        p,
+                    )
+            point, point_reason = _spike_or_dip(z, x, centre, p)
+            best, reason = _spike_or_dip(z_leaning, x, centre, p) if likelihood else (point, point_reason)
             undamped = best
             best, routine, outlier_run = _routine_damping(best, routine, outlier_run, p)
             # The first strictly higher score wins, in this order.
@@ -874,6 +907,8 @@ def detect_batch(
         scores[i] = best
         reasons[i] = reason
 
+        if likelihood:
+            state[s, LEAN] = _lean(x, n, mean, state[s, LEAN], scale, p)
         mean, mad, fast, slow, slow_mad = _baseline(x, n, mean, mad, fast, slow, slow_mad, scale, p)
         hour_mean, hour_mad, hn = _hour_profile(x, interval, hour_mean, hour_mad, hn, p)
         hour_rows[hr, HOUR_MAD] = hour_mad

@@ -41,6 +41,7 @@ class SeriesState:
     ll: Moments = field(default_factory=Moments)  # the likelihood of the highest raw score, or of spikes
     ll_shift: Moments = field(default_factory=Moments)  # of level shifts (the ensemble)
     ll_count: int = 0  # raw scores the likelihood has judged
+    lean: float = 0.0  # EW mean of the clipped signed deviation from the mean (under the likelihood)
     hours: dict[int, list[float]] = field(default_factory=dict)  # hour (+24 at weekends) → [mean, mad, count]
 
 
@@ -149,10 +150,25 @@ def reference_scores(
             z, centre = abs(x - st.mean) / scale, st.mean
             if hn >= p.hour_warmup and hn * st.interval >= 3_600_000:
                 z = min(z, abs(x - hm) / hour_scale)
+        z_leaning = z  # under the likelihood, its input judges in the spread widened by the lean
+        if p.likelihood:
+            side = 1.4826 * (st.mad + (max(st.lean, 0.0) if x > st.mean else max(-st.lean, 0.0))) + eps
+            if (
+                p.daily_tightness > 0
+                and hn >= p.hour_warmup
+                and hn * st.interval >= p.daily_days * 3_600_000
+                and p.daily_tightness * hour_scale < side
+            ):
+                z_leaning = abs(x - hm) / hour_scale
+            else:
+                z_leaning = abs(x - st.mean) / side
+                if hn >= p.hour_warmup and hn * st.interval >= 3_600_000:
+                    z_leaning = min(z_leaning, abs(x - hm) / hour_scale)
         if p.weekends and p.w_spike * z > p.z_floor:  # usual at this hour on the other kind of day
             om, omad, on = st.hours.get(hour - 24 if hour >= 24 else hour + 24, [0.0, 0.0, 0.0])
             if on >= p.hour_warmup and on * st.interval >= 3_600_000:
                 z = min(z, abs(x - om) / (1.4826 * omad + eps))
+                z_leaning = min(z_leaning, abs(x - om) / (1.4826 * omad + eps))
         dt = t - st.last_ts
         rate = abs(x - st.last_value) / dt if dt > 0 else 0.0
         if st.last_value == x:
@@ -163,8 +179,9 @@ def reference_scores(
 
         result = (0.0, k.NONE)
         if st.count >= p.warmup and sid not in codes:
-            spike = score_of(p.w_spike * z, p.z_floor, p.z_scale)
-            undamped = point_score = spike
+            spike = score_of(p.w_spike * z_leaning, p.z_floor, p.z_scale)
+            undamped = spike
+            point_score = score_of(p.w_spike * z, p.z_floor, p.z_scale)  # a point, in the plain spread
             big = spike > p.routine_level
             spike_ended = 1.0 if not big and 0 < st.outlier_run <= k.SPIKE_MAX_RUN else 0.0
             if p.routine_rate > 0 and spike > 0:
@@ -224,6 +241,11 @@ def reference_scores(
         out.append(result)
 
         warm = st.count >= p.warmup
+        if p.likelihood:
+            lean_deviation = x - st.mean
+            if warm:
+                lean_deviation = min(max(lean_deviation, -p.clip * scale), p.clip * scale)
+            st.lean += (p.alpha if warm else 1 / (st.count + 1)) * (lean_deviation - st.lean)
         limit = p.clip * scale
         clipped = st.mean + min(max(x - st.mean, -limit), limit) if warm else x
         old_mean = st.mean
