@@ -13,7 +13,7 @@ series' state (scalars) and the parameters, inlined by numba:
   per hour of the day (and per kind of day: working day or weekend);
 - `_distance` and `_spike_or_dip`: the distance from that baseline, judged against the hour-of-day
   profile where a daily cycle explains the spread, excused where it is usual for the hour (or for
-  the hour on the other kind of day, `_usual_on_the_other_day`); `_routine_damping` scores a spike
+  the hour on the other kind of day, `_distance_on_the_other_day`); `_routine_damping` scores a spike
   the series shows routinely less (in the spirit of HTM's anomaly likelihood);
 - `_level_shift`: a fast/slow mean crossover (an EW CUSUM in spirit);
 - `_stuck`: runs of identical values longer than twice any the series has shown before (so a
@@ -91,8 +91,8 @@ REASONS = (
     LL_SHIFT_VAR,
     LEAN,
 ) = range(25)
-# 25 columns: a row is 200 bytes; the first three cache lines are prefetched, and LEAN, read under
-# the likelihood, is the fourth line's first column (docs/processing.md, "Kernel speed").
+# 25 columns: a row is 200 bytes, four cache lines or five wherever it starts; the columns from
+# LL_SHORT on, LEAN last, are read only under the likelihood (docs/processing.md, "Kernel speed").
 STATE_COLUMNS = 25
 HOURS = 24
 # The profile has a day of hours for working days and another for weekends (local Saturday and
@@ -210,7 +210,7 @@ PARAMETERS: tuple[Param, ...] = (
         "likelihood_interval_ms",
         300_000.0,
         "the reporting interval the likelihood's windows are counted at (Numenta's 5 minutes): a series"
-        " reporting at another keeps them in time (50 minutes, 30 days, a day); 0: counted in readings",
+        " reporting faster keeps them in time (50 minutes, 30 days, a day); 0: counted in readings",
     ),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMETERS)
@@ -391,17 +391,23 @@ def _scale_floor(mean: float) -> float:
 
 
 @helper
+def _clipped(x: float, n: float, mean: float, scale: float, p: Params) -> float:
+    """`x` as the baseline learns it: clipped to `clip` robust scales of the mean once warm, so one
+    outlier cannot drag the baseline far."""
+    if n < p.warmup:
+        return x
+    limit = p.clip * scale
+    return mean + min(max(x - mean, -limit), limit)
+
+
+@helper
 def _lean(x: float, n: float, mean: float, lean: float, scale: float, p: Params) -> float:
     """The baseline's lean after learning `x`: the EW mean (at the baseline's own rate, an exact
-    running mean while warming up) of the signed deviation from its mean, clipped as the baseline
-    clips it. A mean lags a series that moves, so while it rises the deviations lean up, and the
-    readings on that side sit further from the mean than its spread says."""
-    warm = n >= p.warmup
-    deviation = x - mean
-    if warm:
-        limit = p.clip * scale
-        deviation = min(max(deviation, -limit), limit)
-    return lean + (p.alpha if warm else 1.0 / (n + 1.0)) * (deviation - lean)
+    running mean while warming up) of the signed deviation from its mean of `x` as the baseline
+    learns it (`_clipped`). A mean lags a series that moves, so while it rises the deviations lean
+    up, and the readings on that side sit further from the mean than its spread says."""
+    rate = p.alpha if n >= p.warmup else 1.0 / (n + 1.0)
+    return lean + rate * (_clipped(x, n, mean, scale, p) - mean - lean)
 
 
 @helper
@@ -459,15 +465,15 @@ def _distance(
 
 
 @helper
-def _usual_on_the_other_day(
-    z: float, x: float, eps: float, interval: float, other_mean: float, other_mad: float, other_n: float, p: Params
+def _distance_on_the_other_day(
+    x: float, eps: float, interval: float, other_mean: float, other_mad: float, other_n: float, p: Params
 ) -> float:
-    """`z`, or less if `x` is usual at this hour on the other kind of day (weekend or working day)."""
+    """How far `x` is from this hour's usual on the other kind of day (weekend or working day), in
+    that hour's spread; inf until that profile holds an hour of readings. A distance is taken as
+    the lesser of its own and this one: a value usual at this hour on the other day is not far."""
     if other_n >= p.hour_warmup and other_n * interval >= HOUR_MS:
-        z_other = abs(x - other_mean) / _robust_scale(other_mad, eps)
-        if z_other < z:
-            return z_other
-    return z
+        return abs(x - other_mean) / _robust_scale(other_mad, eps)
+    return math.inf
 
 
 @helper
@@ -583,9 +589,9 @@ def _likelihood(
     first day.
 
     Numenta's windows are counted in records of NAB's usual 5 minutes (`likelihood_interval_ms`):
-    50 minutes, 30 days and a day. A series with a usual `interval` of its own keeps them in time,
-    the short window never under one reading: one reading an hour judges its newest surprise alone,
-    one a minute averages fifty and learns for a day (1,440 readings).
+    50 minutes, 30 days and a day. A series whose usual `interval` is shorter keeps them in time (one
+    a minute averages fifty readings and learns for a day, 1,440); one reporting every 5 minutes or
+    slower keeps Numenta's counts, never fewer readings.
     """
     readings = 1.0  # of this series' interval in one of the windows' records
     if p.likelihood_interval_ms > 0.0 and interval > 0.0:
@@ -646,9 +652,7 @@ def _baseline(
     then EW at `alpha`), fast and slow means and the slow MAD, each from `x` clipped to `clip`
     robust scales of the mean, so one outlier cannot drag them far."""
     warm = n >= p.warmup
-    deviation = x - mean
-    limit = p.clip * scale
-    clipped = mean + min(max(deviation, -limit), limit) if warm else x
+    clipped = _clipped(x, n, mean, scale, p)
     new_mean = mean + p.alpha * (clipped - mean) if warm else mean + (x - mean) / (n + 1.0)
     new_mad = mad + (p.alpha if warm else 1.0 / (n + 1.0)) * (abs(clipped - mean) - mad)
     new_fast = fast + p.fast_alpha * (clipped - fast)
@@ -724,12 +728,14 @@ def detect_batch(
     for i in range(count):
         if i + PREFETCH_AHEAD < count:
             coming = series[i + PREFETCH_AHEAD]
-            # A state row is 192 bytes: three cache lines when it starts on one (the wrapper aligns
-            # the array), and all are wanted.
+            # A state row is 200 bytes and need not start on a cache line: an address every 64
+            # bytes of the columns read, and the last of them, touch every line they span.
             _prefetch(state_lines, coming * STATE_COLUMNS)
             _prefetch(state_lines, coming * STATE_COLUMNS + 8)
-            if likelihood:  # the third line holds only the likelihood's columns
-                _prefetch(state_lines, coming * STATE_COLUMNS + 16)
+            _prefetch(state_lines, coming * STATE_COLUMNS + OUTLIER_RUN)
+            if likelihood:  # the columns from LL_SHORT on are read only under the likelihood
+                _prefetch(state_lines, coming * STATE_COLUMNS + LL_SHORT)
+                _prefetch(state_lines, coming * STATE_COLUMNS + LEAN)
             _prefetch(measured, coming)
             slots[i + PREFETCH_AHEAD] = _profile_slot(ts[i + PREFETCH_AHEAD], offset_ms, weekends)
             _prefetch(hour_rows, _profile_row(coming, slots[i + PREFETCH_AHEAD], n_series))
@@ -818,8 +824,7 @@ def detect_batch(
                 z_leaning, _ = _distance(x, mean, side_scale, eps, interval, hour_mean, hour_mad, hn, p)
             if weekends and p.w_spike * z > p.z_floor:
                 other = _profile_row(s, h - HOURS if h >= HOURS else h + HOURS, n_series)
-                z = _usual_on_the_other_day(
-                    z,
+                z_other = _distance_on_the_other_day(
                     x,
                     eps,
                     interval,
@@ -828,17 +833,8 @@ def detect_batch(
                     hour_rows[other, HOUR_COUNT],
                     p,
                 )
-                if likelihood:
-                    z_leaning = _usual_on_the_other_day(
-                        z_leaning,
-                        x,
-                        eps,
-                        interval,
-                        hour_rows[other, HOUR_MEAN],
-                        hour_rows[other, HOUR_MAD],
-                        hour_rows[other, HOUR_COUNT],
-                        p,
-                    )
+                z = min(z, z_other)
+                z_leaning = min(z_leaning, z_other)
             point, point_reason = _spike_or_dip(z, x, centre, p)
             best, reason = _spike_or_dip(z_leaning, x, centre, p) if likelihood else (point, point_reason)
             undamped = best

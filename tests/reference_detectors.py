@@ -97,6 +97,23 @@ def likelihood(m: Moments, raw: tuple[float, int], judged: float, interval: floa
     return out, m.reason if out > 0 else k.NONE
 
 
+def distance(
+    x: float, mean: float, spread: float, hour_mean: float, hour_scale: float, hn: float, interval: float, p
+) -> tuple[float, float]:
+    """How far x is, in `spread`, from its usual level, and that level (the kernel's `_distance`)."""
+    if (
+        p.daily_tightness > 0
+        and hn >= p.hour_warmup
+        and hn * interval >= p.daily_days * 3_600_000
+        and p.daily_tightness * hour_scale < spread
+    ):
+        return abs(x - hour_mean) / hour_scale, hour_mean  # a daily cycle: against this hour's usual
+    z = abs(x - mean) / spread
+    if hn >= p.hour_warmup and hn * interval >= 3_600_000:
+        z = min(z, abs(x - hour_mean) / hour_scale)
+    return z, mean
+
+
 def reference_scores(
     readings: list[tuple[int, float, float]],
     params,
@@ -139,31 +156,11 @@ def reference_scores(
         scale = 1.4826 * st.mad + eps
         hm, hmad, hn = st.hours.get(hour, [0.0, 0.0, 0.0])
         hour_scale = 1.4826 * hmad + eps
-        if (
-            p.daily_tightness > 0
-            and hn >= p.hour_warmup
-            and hn * st.interval >= p.daily_days * 3_600_000
-            and p.daily_tightness * hour_scale < scale
-        ):
-            z, centre = abs(x - hm) / hour_scale, hm  # a daily cycle: against this hour's usual
-        else:
-            z, centre = abs(x - st.mean) / scale, st.mean
-            if hn >= p.hour_warmup and hn * st.interval >= 3_600_000:
-                z = min(z, abs(x - hm) / hour_scale)
+        z, centre = distance(x, st.mean, scale, hm, hour_scale, hn, st.interval, p)
         z_leaning = z  # under the likelihood, its input judges in the spread widened by the lean
         if p.likelihood:
             side = 1.4826 * (st.mad + (max(st.lean, 0.0) if x > st.mean else max(-st.lean, 0.0))) + eps
-            if (
-                p.daily_tightness > 0
-                and hn >= p.hour_warmup
-                and hn * st.interval >= p.daily_days * 3_600_000
-                and p.daily_tightness * hour_scale < side
-            ):
-                z_leaning = abs(x - hm) / hour_scale
-            else:
-                z_leaning = abs(x - st.mean) / side
-                if hn >= p.hour_warmup and hn * st.interval >= 3_600_000:
-                    z_leaning = min(z_leaning, abs(x - hm) / hour_scale)
+            z_leaning = distance(x, st.mean, side, hm, hour_scale, hn, st.interval, p)[0]
         if p.weekends and p.w_spike * z > p.z_floor:  # usual at this hour on the other kind of day
             om, omad, on = st.hours.get(hour - 24 if hour >= 24 else hour + 24, [0.0, 0.0, 0.0])
             if on >= p.hour_warmup and on * st.interval >= 3_600_000:
@@ -241,13 +238,10 @@ def reference_scores(
         out.append(result)
 
         warm = st.count >= p.warmup
-        if p.likelihood:
-            lean_deviation = x - st.mean
-            if warm:
-                lean_deviation = min(max(lean_deviation, -p.clip * scale), p.clip * scale)
-            st.lean += (p.alpha if warm else 1 / (st.count + 1)) * (lean_deviation - st.lean)
         limit = p.clip * scale
         clipped = st.mean + min(max(x - st.mean, -limit), limit) if warm else x
+        if p.likelihood:  # the lean: EW mean of the deviation of what the baseline learns
+            st.lean += (p.alpha if warm else 1 / (st.count + 1)) * (clipped - st.mean - st.lean)
         old_mean = st.mean
         st.mean = old_mean + p.alpha * (clipped - old_mean) if warm else old_mean + (x - old_mean) / (st.count + 1)
         st.mad += (p.alpha if warm else 1 / (st.count + 1)) * (abs(clipped - old_mean) - st.mad)
