@@ -5,12 +5,13 @@ nine in ten of their signals are true, and the point anomalies they exist for ar
 seed, with the rules' alerts: `python -m bench.city_weeks`, minutes a seed). This holds the
 detectors alone in seconds, so a change that costs the simulated city its precision or recall fails
 here first. Alone they see neither alerts nor dropouts, so their bar is over the three weeks
-together: precision 0.9 (0.952 on 2026-12-05 with the likelihood's windows kept in time, 0.915
-before; seeds 1-3 from Saturday 06:00 WIB), and 85% of the spikes, level shifts and stuck runs
-(88.7%, 55 of 62; 56 before; of the five missed on 2026-12-04 in seeds 2 and 3, traced, a 25 dB
-noise spike scored 0.294, under the 0.3 threshold, its series' spread widened by the evening's fast
-fall; bench.city_offline shows the others; the baseline's lean, tried, found 51). Slow drift (issue
-22: found within two hours) on each seed: its median delay within 120 minutes (35, 33 and 95.5 on
+together: precision 0.9 (0.942 on 2026-12-05 with the likelihood's windows in time and its input
+widened by the baseline's lean, 0.952 with the windows alone, 0.915 before; seeds 1-3 from Saturday
+06:00 WIB), and 85% of the spikes, level shifts and stuck runs (87.1%, 54 of 62; 55 with the windows
+alone, 56 before; of the five missed on 2026-12-04 in seeds 2 and 3, traced, a 25 dB noise spike
+scored 0.294, under the 0.3 threshold, its series' spread widened by the evening's fast fall;
+bench.city_offline shows the others; the lean judging spikes too found 51). Slow drift (issue 22:
+found within two hours) on each seed: its median delay within 120 minutes (35, 31 and 69 on
 2026-12-05; 46, 32 and 94 before the windows in time; with relations between a device's metrics
 judged: 256, 153 and 180 without them), and three in four drifts found (24 of 29; 25 before)."""
 
