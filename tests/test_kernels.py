@@ -23,6 +23,13 @@ from processing.processor import apply_settings, new_detectors
 from processing.settings import ProcessorSettings
 from tests.reference_detectors import reference_relation_scores, reference_scores
 
+# Properties of the detectors' behaviour over long streams (a million readings and more), not of
+# the kernels' Python: the run with the JIT holds them, and the code they run is the code the
+# other tests cover without it, where they would take three quarters of that run's minute.
+behaviour_at_jit_speed = pytest.mark.skipif(
+    os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="a long stream's behaviour, held by the run with the JIT"
+)
+
 
 def run_both(
     series, ts, values, ranges=None, batches=1, params=k.DEFAULT_PARAMS, codes=frozenset(), switched=frozenset()
@@ -777,6 +784,7 @@ def test_any_snapshot_survives_a_checkpoint_bit_for_bit(n, seed, specials):
         assert got.tobytes() == expected.tobytes(), name
 
 
+@behaviour_at_jit_speed
 def test_an_hour_profile_follows_a_small_shift_of_a_reading_a_second():
     """An hour's mean learns at `hour_alpha` per hour of readings: at a reading a second each step is
     3e-5 of the distance, which a float32 profile rounds away at a level of 1,000 (its mean stayed at
@@ -896,6 +904,7 @@ def unit_streams(seed):
 THRESHOLD = ProcessorSettings().anomaly_threshold
 
 
+@behaviour_at_jit_speed
 @settings(max_examples=25, deadline=None)
 @given(
     scale=st.floats(1e-6, 1e6).flatmap(lambda a: st.sampled_from([a, -a])),
