@@ -56,7 +56,7 @@ class ParseLimits:
 
     max_payload_bytes: int = 256 * 1024
     max_future_ms: int = 5 * 60 * 1000  # clocks drift; more than this ahead is a device bug
-    max_age_ms: int = 7 * 24 * 3600 * 1000  # older readings belong in a replay, not live ingest
+    max_age_ms: int = 7 * 24 * 3600 * 1000  # older history has no way in yet (docs/integrators.md)
     # The deepest accepted shape (a gateway's {"device": [{"ts", "values": {...}}]}) nests 4 deep.
     max_depth: int = 8
     # A gateway batch of 100 devices with 8 metrics and 10 times each is 8,000 values.
@@ -454,7 +454,8 @@ def _check_value(
     if ts < received_ms - limits.max_age_ms:
         result.reject(
             Reason.TIME_TOO_OLD,
-            f"{printable(metric)} at ts {ts} is older than {limits.max_age_ms // 3_600_000} h; use `kota replay`",
+            f"{printable(metric)} at ts {ts} is older than {limits.max_age_ms // 3_600_000} h "
+            "(a JSON `ts` in seconds? it is epoch milliseconds)",
         )
         return
     spec = device.metrics.get(metric)
