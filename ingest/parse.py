@@ -258,7 +258,9 @@ def _resolve_device(
 
 
 # -- the JSON forms ------------------------------------------------------------------------------
-_DEVICE_SHAPE = 'expected {"ts": ms, "values": {...}}, {"metric": value, ...} or a list of {"ts", "values"}'
+_DEVICE_SHAPE = (
+    'expected {"ts": ms, "values": {...}}, {"metric": value, ...} (with or without "ts") or a list of {"ts", "values"}'
+)
 
 
 def _entries(body: Any) -> list[tuple[Any, dict[str, Any]]]:
@@ -275,6 +277,13 @@ def _entries(body: Any) -> list[tuple[Any, dict[str, Any]]]:
             entries.append((item.get("ts"), values))
         elif isinstance(body, list):
             raise _bad_shape(_DEVICE_SHAPE)  # inside a list each entry says its ts and values
+        elif "ts" in item:
+            # Flat with its time, {"ts": ms, "pm25": 31.5}: the time is the reading's (as FIWARE's
+            # TimeInstant), not a metric, and the values are not stamped with the receive time.
+            values = {key: value for key, value in item.items() if key != "ts"}
+            if not values:
+                raise _bad_shape(_DEVICE_SHAPE)
+            entries.append((item["ts"], values))
         else:
             entries.append((None, item))
     return entries

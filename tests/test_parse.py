@@ -53,6 +53,22 @@ def test_values_alone_take_the_receive_time():
     assert [(r.ts_ms, r.metric, r.unit) for r in result.readings] == [(NOW, "temperature", "Cel")]
 
 
+def test_a_flat_payload_with_a_time_is_stored_at_that_time():
+    # {"ts", metric...} once stored its values at the receive time and rejected "ts" as a metric.
+    result = parse({"ts": NOW - 5000, "pm25": 31.5, "pm10": 48})
+    assert reasons(result) == []
+    assert sorted((r.ts_ms, r.metric, r.value) for r in result.readings) == [
+        (NOW - 5000, "pm10", 48.0),
+        (NOW - 5000, "pm25", 31.5),
+    ]
+    # Its time is checked as any other: a bad one spoils only itself.
+    assert reasons(parse({"ts": "yesterday", "pm25": 1})) == [Reason.WRONG_TYPE]
+    assert reasons(parse({"ts": NOW - 30 * 86_400_000, "pm25": 1})) == [Reason.TIME_TOO_OLD]
+    assert reasons(parse({"ts": NOW})) == [Reason.BAD_SHAPE]  # a time of nothing
+    batch = parse({"gate-1": {"ts": NOW - 1000, "currentLevel": 92}}, GW_TOPIC)
+    assert [(r.device_id, r.ts_ms, r.metric) for r in batch.readings] == [("gate-1", NOW - 1000, "currentLevel")]
+
+
 def test_list_of_timestamps():
     result = parse([{"ts": NOW - 2000, "values": {"pm25": 1}}, {"ts": NOW - 1000, "values": {"pm25": 2}}])
     assert [(r.ts_ms, r.value) for r in result.readings] == [(NOW - 2000, 1.0), (NOW - 1000, 2.0)]

@@ -57,7 +57,8 @@ times = st.one_of(st.none(), st.integers(min_value=NOW - 10**10, max_value=NOW +
 def device_payloads() -> st.SearchStrategy[object]:
     values = st.dictionaries(metric_names, st.one_of(numbers, json_values), max_size=6)
     entry = st.fixed_dictionaries({"values": values}, optional={"ts": times})
-    return st.one_of(values, entry, st.lists(entry, max_size=4), json_values)
+    flat_with_time = st.builds(lambda ts, flat: {**flat, "ts": ts}, times, values)
+    return st.one_of(values, flat_with_time, entry, st.lists(entry, max_size=4), json_values)
 
 
 def senml_records() -> st.SearchStrategy[object]:
@@ -130,6 +131,7 @@ def check_invariants(topic: str, payload: bytes) -> None:
 @example((TOPICS[0], b'{"pm25": 1' + b"0" * 400 + b"}"))  # OverflowError in math.isfinite, once
 @example((TOPICS[0], b'{"pm25": 1' + b"0" * 5000 + b"}"))  # ValueError from Python's int parser, once
 @example((TOPICS[0], b'{"ts": 1' + b"0" * 300 + b', "values": {"pm25": 1}}'))
+@example((TOPICS[0], b'{"pm25": 1, "ts": 1' + b"0" * 300 + b"}"))
 @example((TOPICS[1], b'[{"n": "pm25", "v": 1, "t": 1' + b"0" * 300 + b"}]"))
 @example((TOPICS[1], b'[{"n": "pm25", "v": 1, "bt": 1e308, "t": 1e308}]'))  # bt + t overflows
 @example((TOPICS[1], b'[{"n": "pm25", "v": 1e308, "bv": 1e308}]'))
