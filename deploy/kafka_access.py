@@ -4,7 +4,8 @@ Users (SASL/SCRAM-SHA-512), each with its password in the secrets folder (`kafka
     kota-admin      super user (super.users): deploy, the CLI, tests
     kota-gateway    writes kota.readings and kota.deadletter (idempotent producer)
     kota-processor  reads kota.readings in consumer groups whose id starts with kota-processor
-    kota-api        reads kota.readings without a group (live feed, /health's lag)
+    kota-api        reads kota.readings and kota.deadletter without a group (live feed, /health's
+                    lag, a device's rejections)
 
 aiokafka has no admin call for SCRAM credentials, and only ACL request versions Kafka 4 no longer
 accepts (KIP-896), and the broker libraries deploy resolves hold no AclCommand: the two requests are
@@ -75,8 +76,9 @@ ACLS = (
     # The processor reads readings as a consumer group (and commits there, for lag tools).
     *(Acl(PROCESSOR, TOPIC, READINGS_TOPIC, op) for op in (READ, DESCRIBE)),
     *(Acl(PROCESSOR, GROUP, PROCESSOR_GROUP_PREFIX, op, PREFIXED) for op in (READ, DESCRIBE)),
-    # The API reads readings without a group: the live feed and /health's end offsets.
-    *(Acl(API, TOPIC, READINGS_TOPIC, op) for op in (READ, DESCRIBE)),
+    # The API reads without a group: readings for the live feed and /health's end offsets, dead
+    # letters for a device's rejections (ops_api/rejections.py).
+    *(Acl(API, TOPIC, topic, op) for topic in (READINGS_TOPIC, DEADLETTER_TOPIC) for op in (READ, DESCRIBE)),
 )
 
 

@@ -31,6 +31,7 @@ from kota.settings import StackSettings
 from ops_api.api.routes import access, alerts, cities, commands, devices, health, live, notifications, rules
 from ops_api.auth import Caller, TokenCache, require
 from ops_api.live import LiveHub
+from ops_api.rejections import RecentRejections, RejectionReader
 from ops_api.series_cache import BACKGROUND_CHECKS, SeriesCache
 from ops_api.settings import ApiSettings
 
@@ -241,6 +242,8 @@ def create_app(
             app.state.pool = pool
             app.state.series_cache.background = checks.connection
             await app.state.hub.start()
+            if settings.live_kafka_enabled:
+                await app.state.rejection_reader.start()
             watcher = asyncio.create_task(app.state.watch.run())
             try:
                 yield
@@ -250,6 +253,7 @@ def create_app(
                     await watcher
                 await app.state.health.close()
                 await app.state.hub.stop()
+                await app.state.rejection_reader.stop()
 
     app = FastAPI(title="kotacerdas ops API", version="1", lifespan=lifespan, description=DESCRIPTION)
     app.state.stack = stack
@@ -262,6 +266,11 @@ def create_app(
         int(settings.series_cache_mib * 2**20), settings.series_fresh_s, settings.series_stale_s
     )
     app.state.hub = LiveHub(stack, queue_events=settings.live_queue_events, kafka_enabled=settings.live_kafka_enabled)
+    app.state.rejection_reader = RejectionReader(
+        stack,
+        RecentRejections(settings.rejections_per_sender, settings.rejections_senders),
+        window_s=settings.rejections_window_s,
+    )
     app.state.watch = health.ProcessorWatch(stack)
     app.state.health = health.HealthProbe(stack, settings.health_cache_s, settings.processor_group_id)
     live.watch_access(app)

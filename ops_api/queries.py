@@ -137,6 +137,16 @@ async def device_city(conn: AsyncConnection, scope: list[str] | None, device_id:
     return row["city"] if row else None
 
 
+async def gateway_city(conn: AsyncConnection, scope: list[str] | None, gateway_id: str) -> str | None:
+    """The gateway's city if the caller may see it."""
+    row = await _one(
+        conn,
+        "SELECT city FROM gateways WHERE gateway_id = %s AND (%s::text[] IS NULL OR city = ANY(%s))",
+        (gateway_id, scope, scope),
+    )
+    return row["city"] if row else None
+
+
 async def latest_values_in_scope(conn: AsyncConnection, scope: list[str] | None, device_id: str) -> list[Row] | None:
     """The device's latest values, or None when the caller may not see the device: one round trip."""
     rows = await _all(

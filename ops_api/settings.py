@@ -55,7 +55,12 @@ class ApiSettings(BaseSettings):
     # Live feed: events a client may have waiting before it is dropped as too slow (a few seconds of
     # a busy city; the frames waiting are shared by the clients of one filter, so this costs little).
     live_queue_events: int = 5000
-    live_kafka_enabled: bool = True
+    live_kafka_enabled: bool = True  # and the rejections' reader (ops_api/rejections.py)
+    # A device's rejections (GET /devices/{id}/rejections): read from the dead-letter topic this far
+    # back when the API starts; the newest this many of each device or gateway, for this many of them.
+    rejections_window_s: float = 86_400.0
+    rejections_per_sender: int = 10
+    rejections_senders: int = 1000  # at worst about 50 MB a process (5 KB a dead letter kept)
     # /health reports Kafka lag against the offsets this consumer group stored: the processor's own
     # setting, read here without importing the processor (which loads numba).
     processor_group_id: str = Field(default=PROCESSOR_GROUP, validation_alias="KOTA_PROCESSOR_GROUP_ID")

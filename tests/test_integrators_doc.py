@@ -39,6 +39,7 @@ def test_every_example_in_the_integrators_guide_works(pipeline):
         "KOTA_MQTT_PORT": str(pipeline.mqtt_port),
         "KOTA_MQTT_TLS_PORT": str(pipeline.mqtt_tls_port),
         "KOTA_MQTT_MTLS_PORT": str(pipeline.mqtt_mtls_port),
+        "KOTA_API": pipeline.api_url,
     }
     script = "set -euo pipefail\n" + "\n".join(shell_blocks())
     result = subprocess.run(
@@ -46,6 +47,9 @@ def test_every_example_in_the_integrators_guide_works(pipeline):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"out_of_range\s+kota/bandung/environment/bandung-aq-101/telemetry\s+pm25 = -4", result.stdout)
+    # The API's view of the same refusal, for the integrator's token.
+    assert '"reasons":{"out_of_range":1}' in result.stdout
+    assert '"message":"pm25 = -4 is outside [0, 2000] ug/m3"' in result.stdout
 
     def since_start(device: str) -> list[tuple[str, float]]:
         return sorted(

@@ -34,17 +34,17 @@ async def produce(options: dict[str, Any], topic: str, value: bytes, **extra: An
         await producer.stop()
 
 
-async def consume(options: dict[str, Any], group_id: str | None) -> None:
-    """Read kota.readings once: as a member of `group_id`, or assigned partition 0 without a group."""
+async def consume(options: dict[str, Any], group_id: str | None, topic: str = READINGS_TOPIC) -> None:
+    """Read `topic` once: as a member of `group_id`, or assigned partition 0 without a group."""
     consumer = AIOKafkaConsumer(
         **options, group_id=group_id, enable_auto_commit=False, request_timeout_ms=5000, auto_offset_reset="latest"
     )
     try:
         await asyncio.wait_for(consumer.start(), 10)
         if group_id is None:
-            consumer.assign([TopicPartition(READINGS_TOPIC, 0)])
+            consumer.assign([TopicPartition(topic, 0)])
         else:
-            consumer.subscribe([READINGS_TOPIC])
+            consumer.subscribe([topic])
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline:  # a group refusal comes at join, an ACL refusal at fetch
             await consumer.getmany(timeout_ms=500)
@@ -84,6 +84,7 @@ def test_only_the_gateway_produces(stack):
 def test_only_the_processor_group_and_the_api_consume(stack):
     asyncio.run(consume(as_user(stack, kafka_access.PROCESSOR), "kota-processor-access-test"))
     asyncio.run(consume(as_user(stack, kafka_access.API), None))
+    asyncio.run(consume(as_user(stack, kafka_access.API), None, DEADLETTER_TOPIC))  # a device's rejections
     with pytest.raises(GroupAuthorizationFailedError):  # the processor's user, in a group not its own
         asyncio.run(consume(as_user(stack, kafka_access.PROCESSOR), "access-test"))
     with pytest.raises(GroupAuthorizationFailedError):  # the gateway reads nothing, in a group or not

@@ -8,6 +8,7 @@ Users are real accounts with real tokens; every answer comes from what the proce
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
 import time
@@ -170,6 +171,7 @@ def _endpoints(world: World) -> list[tuple[str, str]]:
         ("GET", f"/api/v1/devices/{air}"),
         ("GET", f"/api/v1/devices/{air}/latest"),
         ("GET", f"/api/v1/devices/{air}/series?metric=pm25"),
+        ("GET", f"/api/v1/devices/{air}/rejections"),
         ("POST", "/api/v1/devices"),
         ("PATCH", f"/api/v1/devices/{air}"),
         ("GET", "/api/v1/alerts"),
@@ -203,6 +205,7 @@ def test_another_citys_data_answers_404_as_if_it_did_not_exist(world):
             (f"/api/v1/devices/{air_a}", "device not found"),
             (f"/api/v1/devices/{air_a}/latest", "device not found"),
             (f"/api/v1/devices/{air_a}/series?metric=pm25", "device not found"),
+            (f"/api/v1/devices/{air_a}/rejections", "device not found"),
             (f"/api/v1/cities/{world.city_a}/environment", "city not found"),
             (f"/api/v1/cities/{world.city_a}/living", "city not found"),
             (f"/api/v1/alerts/{alert_id}", "alert not found"),
@@ -297,6 +300,31 @@ def test_an_integrator_manages_devices_of_their_city_only_and_each_change_is_aud
 
 
 # -- views ---------------------------------------------------------------------------------------
+def test_an_integrator_sees_why_their_devices_messages_were_refused(world):
+    """What `kota deadletters --device` shows, for whoever holds a token of the device's city: the
+    device's dead letters, newest first, with their reasons counted and what to fix."""
+    air, gate = world.devices["air"], world.devices["gate"]
+    send(world.stack, air, {"pm25": -4, "pm10": 40, "rainbow": 1})
+    send(world.stack, air, b"\x1b[2J not json")
+    with world.client("integrator_a") as integrator:
+
+        def letters() -> list[dict]:
+            return integrator.get(f"/api/v1/devices/{air.device_id}/rejections").json()["dead_letters"]
+
+        newest, older = wait_for(lambda: (got := letters()) and len(got) >= 2 and got, what="two dead letters")[:2]
+        assert newest["reasons"] == {"malformed_json": 1}
+        assert base64.b64decode(newest["payload_start_b64"]) == b"\x1b[2J not json"
+        assert older["reasons"] == {"out_of_range": 1, "unknown_metric": 1}
+        assert older["topic"] == f"kota/{world.city_a}/environment/{air.device_id}/telemetry"
+        assert any("pm25 = -4 is outside" in r["message"] for r in older["rejections"])
+        # A device with nothing refused has an empty list; another city's device does not exist.
+        assert integrator.get(f"/api/v1/devices/{gate.device_id}/rejections").json() == {
+            "device_id": gate.device_id,
+            "dead_letters": [],
+        }
+        assert integrator.get(f"/api/v1/devices/{world.devices['air_b'].device_id}/rejections").status_code == 404
+
+
 def test_devices_are_a_geojson_map_with_status_latest_values_and_ispu(world):
     with world.client("operator_a") as operator:
         collection = operator.get("/api/v1/devices", params={"city": world.city_a}).json()

@@ -28,3 +28,4 @@ acl kota-gateway --operation IdempotentWrite --cluster
 acl kota-processor --operation Read --operation Describe --topic kota.readings
 acl kota-processor --operation Read --operation Describe --group kota-processor --resource-pattern-type prefixed
 acl kota-api --operation Read --operation Describe --topic kota.readings
+acl kota-api --operation Read --operation Describe --topic kota.deadletter

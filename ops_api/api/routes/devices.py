@@ -124,6 +124,27 @@ class DeviceLatest(BaseModel):
     values: list[LatestValue]
 
 
+class Rejection(BaseModel):
+    reason: str = Field(description="a stable reason code (docs/integrators.md, section 7)")
+    message: str = Field(description="what was wrong, for a person")
+
+
+class DeadLetter(BaseModel):
+    received_at: dt.datetime = Field(description="when the gateway received the message")
+    topic: str
+    reasons: dict[str, int] = Field(description="every rejection of the message, counted by reason")
+    rejections: list[Rejection] = Field(description="the first few, with what to fix")
+    rejections_total: int
+    payload_bytes: int
+    payload_sha256: str
+    payload_start_b64: str = Field(description="the payload's first 512 bytes, base64")
+
+
+class DeviceRejections(BaseModel):
+    device_id: str
+    dead_letters: list[DeadLetter] = Field(description="newest first: the last few the platform rejected")
+
+
 class Series(BaseModel):
     device_id: str
     metric: str
@@ -293,6 +314,22 @@ async def device_latest(device_id: str, caller: Caller, conn: Connection) -> Res
     if rows is None:
         raise HTTPException(404, "device not found")
     return _json({"device_id": device_id, "values": rows})
+
+
+@router.get("/{device_id}/rejections", response_model=DeviceRejections, responses=READ)
+async def device_rejections(request: Request, device_id: str, caller: Caller, conn: Connection) -> Response:
+    """What the platform refused of this device's messages lately, newest first: each message's
+    reasons, counted, what to fix, and the payload's first bytes (`kota deadletters --device`, for
+    whoever holds an API token). Kept per API process from the dead-letter topic: the last day when
+    it started, then as the gateway writes; the newest few per device. A gateway's messages are
+    under the gateway's id, which this route takes too."""
+    scope = caller.city_filter()
+    if await queries.device_city(conn, scope, device_id) is None and (
+        await queries.gateway_city(conn, scope, device_id) is None
+    ):
+        raise HTTPException(404, "device not found")
+    recent = request.app.state.rejection_reader.recent
+    return _json({"device_id": device_id, "dead_letters": recent.of(device_id)})
 
 
 @router.get("/{device_id}/series", response_model=Series, responses=READ)

@@ -1,0 +1,74 @@
+"""A device's recent rejections (ops_api/rejections.py): bounded whatever is sent, newest first,
+and made of text and numbers only, whatever a dead letter holds."""
+
+import base64
+import datetime as dt
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kota.contract import Reason, Rejection, decode_dead_letter, encode_dead_letter
+from ops_api.rejections import KEPT_MESSAGES, KEPT_PAYLOAD_BYTES, RecentRejections, summary
+
+SENDERS = [f"dev-{i}" for i in range(12)]
+
+
+def letter(topic: str, payload: bytes = b"{}", reasons: int = 1, received_ms: int = 1_795_000_000_000) -> dict:
+    rejections = [Rejection(Reason.OUT_OF_RANGE, f"value {i} is outside") for i in range(reasons)]
+    return decode_dead_letter(
+        encode_dead_letter(topic=topic, payload=payload, rejections=rejections, received_ms=received_ms)
+    )
+
+
+topics = st.one_of(
+    st.sampled_from(SENDERS).map(lambda d: f"kota/bandung/environment/{d}/telemetry"),
+    st.sampled_from(SENDERS).map(lambda g: f"kota/bandung/gateway/{g}/senml"),
+    st.text(max_size=40),  # not a telemetry topic: kept under nobody
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(topics, st.binary(max_size=2000), st.integers(1, 30)), max_size=120),
+    st.integers(1, 5),
+    st.integers(1, 6),
+)
+def test_kept_dead_letters_stay_bounded_newest_first(sent, per_sender, senders):
+    recent = RecentRejections(per_sender=per_sender, senders=senders)
+    kept_by_sender: dict[str, list[int]] = {}
+    for number, (topic, payload, reasons) in enumerate(sent):
+        if recent.add(letter(topic, payload, reasons, received_ms=1_795_000_000_000 + number)):
+            sender = topic.split("/")[3]
+            kept_by_sender.setdefault(sender, []).append(number)
+    assert len(recent) <= senders
+    for sender, numbers in kept_by_sender.items():
+        shown = recent.of(sender)
+        assert len(shown) <= per_sender
+        # Newest first, and always the newest: a sender forgotten and rejected again keeps only what
+        # came since, which is the start of the same list.
+        expected = [1_795_000_000_000 + n for n in reversed(numbers[-per_sender:])]
+        got = [round(s["received_at"].timestamp() * 1000) for s in shown]
+        assert got == expected[: len(got)]
+        for s in shown:
+            assert len(s["rejections"]) <= KEPT_MESSAGES
+            assert len(s["payload_start_b64"]) <= 4 * ((KEPT_PAYLOAD_BYTES + 2) // 3)
+    assert recent.of("nobody-at-all") == []
+
+
+def test_a_summary_counts_every_reason_but_keeps_few_messages_and_little_payload():
+    payload = b"\x1b[2J" + b"x" * 5000
+    shown = summary(letter("kota/bandung/environment/dev-1/telemetry", payload, reasons=12))
+    assert shown["reasons"] == {"out_of_range": 12}
+    assert shown["rejections_total"] == 12
+    assert [r["reason"] for r in shown["rejections"]] == ["out_of_range"] * KEPT_MESSAGES
+    assert shown["payload_bytes"] == len(payload)
+    assert shown["received_at"] == dt.datetime.fromtimestamp(1_795_000_000, dt.UTC)
+    assert base64.b64decode(shown["payload_start_b64"]) == payload[:KEPT_PAYLOAD_BYTES]
+
+
+def test_the_least_recently_rejected_sender_is_forgotten_first():
+    recent = RecentRejections(per_sender=2, senders=2)
+    for device in ("dev-1", "dev-2", "dev-1", "dev-3"):  # dev-2 is then the least recently rejected
+        recent.add(letter(f"kota/bandung/environment/{device}/telemetry"))
+    assert recent.of("dev-2") == []
+    assert len(recent.of("dev-1")) == 2 and len(recent.of("dev-3")) == 1
