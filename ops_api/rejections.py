@@ -1,11 +1,13 @@
 """A device's recent rejections, from the dead-letter topic: "why was my message refused?" over the API.
 
 Every API process reads `kota.deadletter` without a group, as the live feed reads the readings:
-from `window_s` back at start, then as the gateway writes. Each dead letter is kept under the
-device or gateway that published it (its topic's sender; the broker lets an account publish only
-on its own topics), the newest `per_sender` of each, for at most `senders` senders (the least
-recently rejected forgotten first), each cut to what a person reads: its reasons counted, the
-first few messages, and the payload's first bytes. So memory is bounded whatever devices send.
+from `window_s` back at start (at most `replay_records` records a partition, since devices set the
+topic's volume), then as the gateway writes. Each dead letter is kept under the city and the
+device or gateway that published it (its topic's; the broker lets an account publish only on its
+own topics), the newest `per_sender` of each, for at most `senders` senders (the least recently
+rejected forgotten first), each cut to what a person reads: its reasons counted, the first few
+messages, shortened, and the payload's first bytes. So memory is bounded whatever devices send,
+and an id moved to another city does not take its old city's letters along.
 """
 
 from __future__ import annotations
@@ -19,34 +21,45 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from kota.contract import DEADLETTER_TOPIC, decode_dead_letter, parse_telemetry_topic
+from kota.contract import DEADLETTER_TOPIC, parse_telemetry_topic
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.api.rejections")
 
 KEPT_MESSAGES = 5  # of a dead letter's rejections, with their messages (all are counted)
-KEPT_PAYLOAD_BYTES = 512  # the payload's first bytes, base64 (the dead letter keeps 16 KiB)
+KEPT_MESSAGE_CHARS = 300  # of each message (escaped device text can make one 1,300 characters)
+KEPT_PAYLOAD_BYTES = 512  # the payload's first bytes (the dead letter keeps 16 KiB)
+_KEPT_PAYLOAD_B64 = 4 * ((KEPT_PAYLOAD_BYTES + 2) // 3)  # base64 characters that hold them, decoded alone
+
+Key = tuple[str, str]  # (city, sender id)
 
 
 def summary(letter: dict[str, Any]) -> dict[str, Any]:
-    """A decoded dead letter as the API shows it: small, and all of it text or numbers."""
-    payload: bytes = letter.get("payload") or b""
+    """A dead-letter record's JSON as the API shows it: small, and all of it text or numbers. Only
+    the payload's first bytes are decoded (a record may carry 16 KiB of them)."""
     reasons = letter.get("reasons")
+    rejections = letter.get("rejections")
+    if not isinstance(rejections, list):  # a record of before version 2: one reason each
+        rejections = [{"reason": letter.get("reason", ""), "message": letter.get("message", "")}]
+    if not isinstance(reasons, dict):
+        reasons = {str(letter.get("reason", "")): 1}
+    start = str(letter.get("payload_b64", ""))[:_KEPT_PAYLOAD_B64]
     return {
         "received_at": dt.datetime.fromtimestamp(int(letter.get("received_ms", 0)) / 1000, dt.UTC),
         "topic": str(letter.get("topic", "")),
-        "reasons": {str(k): int(v) for k, v in reasons.items()} if isinstance(reasons, dict) else {},
+        "reasons": {str(k): int(v) for k, v in reasons.items()},
         "rejections": [
-            {"reason": str(r.get("reason", "")), "message": str(r.get("message", ""))}
-            for r in list(letter.get("rejections") or [])[:KEPT_MESSAGES]
+            {"reason": str(r.get("reason", "")), "message": str(r.get("message", ""))[:KEPT_MESSAGE_CHARS]}
+            for r in rejections[:KEPT_MESSAGES]
             if isinstance(r, dict)
         ],
-        "rejections_total": int(letter.get("rejections_total", 0)),
-        "payload_bytes": int(letter.get("payload_bytes", len(payload))),
+        "rejections_total": int(letter.get("rejections_total", 1)),
+        "payload_bytes": int(letter.get("payload_bytes", 0)),
         "payload_sha256": str(letter.get("payload_sha256", "")),
-        "payload_start_b64": base64.b64encode(payload[:KEPT_PAYLOAD_BYTES]).decode(),
+        "payload_start_b64": base64.b64encode(base64.b64decode(start)[:KEPT_PAYLOAD_BYTES]).decode(),
     }
 
 
@@ -56,36 +69,46 @@ class RecentRejections:
     def __init__(self, per_sender: int = 10, senders: int = 1000) -> None:
         self.per_sender = per_sender
         self.senders = senders
-        self._kept: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._kept: OrderedDict[Key, deque[dict[str, Any]]] = OrderedDict()
 
     def add(self, letter: dict[str, Any]) -> bool:
-        """Keep a decoded dead letter under its sender; False if its topic names none."""
+        """Keep a dead letter (its record's JSON) under its city and sender; False if its topic names none."""
         where = parse_telemetry_topic(str(letter.get("topic", "")))
         if where is None:
             return False
-        kept = self._kept.pop(where.sender_id, None) or deque(maxlen=self.per_sender)
-        kept.append(summary(letter))
-        self._kept[where.sender_id] = kept  # the most recently rejected last
+        shown = summary(letter)
+        key = (where.city, where.sender_id)
+        kept = self._kept.pop(key, None) or deque(maxlen=self.per_sender)
+        kept.append(shown)
+        self._kept[key] = kept  # the most recently rejected last
         while len(self._kept) > self.senders:
             self._kept.popitem(last=False)
         return True
 
-    def of(self, sender_id: str) -> list[dict[str, Any]]:
-        """The sender's kept dead letters, newest first."""
-        return list(reversed(self._kept.get(sender_id, ())))
+    def of(self, city: str, sender_id: str, since: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """The sender's kept dead letters in `city`, received at or after `since`, newest first."""
+        kept = reversed(self._kept.get((city, sender_id), ()))
+        return [s for s in kept if since is None or s["received_at"] >= since]
 
     def __len__(self) -> int:
         return len(self._kept)
 
 
 class RejectionReader:
-    """Feeds a RecentRejections from the dead-letter topic for as long as the API runs."""
+    """Feeds a RecentRejections from the dead-letter topic for as long as the API runs. `state`:
+    "starting", "catching up" (reading the window back, the answers still incomplete), "live", or
+    "unavailable" (Kafka not answering: the answers are what was kept so far)."""
 
-    def __init__(self, stack: StackSettings, recent: RecentRejections, *, window_s: float) -> None:
+    def __init__(
+        self, stack: StackSettings, recent: RecentRejections, *, window_s: float, replay_records: int = 100_000
+    ) -> None:
         self._stack = stack
         self.recent = recent
-        self._window_s = window_s
+        self.window_s = window_s
+        self._replay_records = replay_records
         self._task: asyncio.Task[None] | None = None
+        self._next: dict[TopicPartition, int] = {}  # the next offset to read: a reconnect resumes there
+        self.state = "starting"
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._read(), name="rejections")
@@ -98,42 +121,61 @@ class RejectionReader:
 
     async def _read(self) -> None:
         while True:
-            consumer = AIOKafkaConsumer(
-                DEADLETTER_TOPIC,
-                **self._stack.kafka_client_options(),
-                group_id=None,
-                auto_offset_reset="latest",
-                enable_auto_commit=False,
-            )
+            consumer: AIOKafkaConsumer | None = None
             try:
+                consumer = AIOKafkaConsumer(
+                    DEADLETTER_TOPIC,
+                    **self._stack.kafka_client_options(),
+                    group_id=None,
+                    auto_offset_reset="latest",
+                    enable_auto_commit=False,
+                )
                 await consumer.start()
+                waited = time.monotonic()
                 while not consumer.assignment():  # without a group: every partition, once metadata is in
+                    if time.monotonic() - waited > 30:
+                        raise TimeoutError(f"no partition of {DEADLETTER_TOPIC} assigned in 30 s")
                     await asyncio.sleep(0.05)
-                partitions = consumer.assignment()
-                since_ms = int((time.time() - self._window_s) * 1000)
-                found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
-                for partition in partitions:
-                    at = found.get(partition)
-                    if at is None:
-                        await consumer.seek_to_end(partition)
-                    else:
-                        consumer.seek(partition, at.offset)
+                ends = await self._position(consumer)
                 while True:
                     batches = await consumer.getmany(timeout_ms=500, max_records=1000)
-                    for records in batches.values():
+                    for partition, records in batches.items():
                         for record in records:
                             self._take(record.value)
+                        self._next[partition] = records[-1].offset + 1
+                    if self.state != "live" and all(self._next.get(p, 0) >= end for p, end in ends.items()):
+                        self.state = "live"
+                    await asyncio.sleep(0)  # a long catch-up shares the loop with requests
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the API outlives a Kafka restart
+            except Exception:  # noqa: BLE001 - the API outlives a Kafka restart or a missing secret
+                self.state = "unavailable"
                 log.exception("rejections: Kafka reader failed; retrying in 2 s")
                 await asyncio.sleep(2)
             finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
+
+    async def _position(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+        """Seek each partition where reading resumes (a reconnect), or `window_s` back but at most
+        `replay_records` before its end; return the ends, which mark being caught up."""
+        partitions = consumer.assignment()
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(list(partitions))
+        since_ms = int((time.time() - self.window_s) * 1000)
+        found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+        for partition in partitions:
+            at = found.get(partition)
+            start = ends[partition] if at is None else max(at.offset, ends[partition] - self._replay_records)
+            consumer.seek(partition, self._next.get(partition, start))
+        if self.state != "live":
+            self.state = "catching up"
+        return ends
 
     def _take(self, value: bytes | None) -> None:
         try:
-            self.recent.add(decode_dead_letter(value or b""))
+            letter = orjson.loads(value or b"")
+            if isinstance(letter, dict):
+                self.recent.add(letter)
         except Exception:  # noqa: BLE001 - only the gateway writes here, but one bad record must not stop the rest
             log.warning("rejections: skipped a dead letter that does not decode")

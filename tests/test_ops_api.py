@@ -317,9 +317,11 @@ def test_an_integrator_sees_why_their_devices_messages_were_refused(world):
         assert older["reasons"] == {"out_of_range": 1, "unknown_metric": 1}
         assert older["topic"] == f"kota/{world.city_a}/environment/{air.device_id}/telemetry"
         assert any("pm25 = -4 is outside" in r["message"] for r in older["rejections"])
-        # A device with nothing refused has an empty list; another city's device does not exist.
+        # A device with nothing refused has an empty list, from a reader that has caught up;
+        # another city's device does not exist.
         assert integrator.get(f"/api/v1/devices/{gate.device_id}/rejections").json() == {
             "device_id": gate.device_id,
+            "reader": "live",
             "dead_letters": [],
         }
         assert integrator.get(f"/api/v1/devices/{world.devices['air_b'].device_id}/rejections").status_code == 404

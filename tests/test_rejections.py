@@ -4,18 +4,19 @@ and made of text and numbers only, whatever a dead letter holds."""
 import base64
 import datetime as dt
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kota.contract import Reason, Rejection, decode_dead_letter, encode_dead_letter
-from ops_api.rejections import KEPT_MESSAGES, KEPT_PAYLOAD_BYTES, RecentRejections, summary
+from kota.contract import Reason, Rejection, encode_dead_letter
+from ops_api.rejections import KEPT_MESSAGE_CHARS, KEPT_MESSAGES, KEPT_PAYLOAD_BYTES, RecentRejections, summary
 
 SENDERS = [f"dev-{i}" for i in range(12)]
 
 
 def letter(topic: str, payload: bytes = b"{}", reasons: int = 1, received_ms: int = 1_795_000_000_000) -> dict:
     rejections = [Rejection(Reason.OUT_OF_RANGE, f"value {i} is outside") for i in range(reasons)]
-    return decode_dead_letter(
+    return orjson.loads(
         encode_dead_letter(topic=topic, payload=payload, rejections=rejections, received_ms=received_ms)
     )
 
@@ -42,7 +43,7 @@ def test_kept_dead_letters_stay_bounded_newest_first(sent, per_sender, senders):
             kept_by_sender.setdefault(sender, []).append(number)
     assert len(recent) <= senders
     for sender, numbers in kept_by_sender.items():
-        shown = recent.of(sender)
+        shown = recent.of("bandung", sender)
         assert len(shown) <= per_sender
         # Newest first, and always the newest: a sender forgotten and rejected again keeps only what
         # came since, which is the start of the same list.
@@ -52,7 +53,7 @@ def test_kept_dead_letters_stay_bounded_newest_first(sent, per_sender, senders):
         for s in shown:
             assert len(s["rejections"]) <= KEPT_MESSAGES
             assert len(s["payload_start_b64"]) <= 4 * ((KEPT_PAYLOAD_BYTES + 2) // 3)
-    assert recent.of("nobody-at-all") == []
+    assert recent.of("bandung", "nobody-at-all") == []
 
 
 def test_a_summary_counts_every_reason_but_keeps_few_messages_and_little_payload():
@@ -70,5 +71,33 @@ def test_the_least_recently_rejected_sender_is_forgotten_first():
     recent = RecentRejections(per_sender=2, senders=2)
     for device in ("dev-1", "dev-2", "dev-1", "dev-3"):  # dev-2 is then the least recently rejected
         recent.add(letter(f"kota/bandung/environment/{device}/telemetry"))
-    assert recent.of("dev-2") == []
-    assert len(recent.of("dev-1")) == 2 and len(recent.of("dev-3")) == 1
+    assert recent.of("bandung", "dev-2") == []
+    assert len(recent.of("bandung", "dev-1")) == 2 and len(recent.of("bandung", "dev-3")) == 1
+
+
+def test_an_id_moved_to_another_city_does_not_take_its_letters_along():
+    recent = RecentRejections()
+    recent.add(letter("kota/bandung/environment/dev-1/telemetry", b"bandung's"))
+    assert recent.of("surabaya", "dev-1") == []
+    assert len(recent.of("bandung", "dev-1")) == 1
+
+
+def test_letters_older_than_asked_are_not_shown():
+    recent = RecentRejections()
+    for ms in (1_795_000_000_000, 1_795_000_100_000):
+        recent.add(letter("kota/bandung/environment/dev-1/telemetry", received_ms=ms))
+    since = dt.datetime.fromtimestamp(1_795_000_050, dt.UTC)
+    assert [s["received_at"] for s in recent.of("bandung", "dev-1", since)] == [
+        dt.datetime.fromtimestamp(1_795_000_100, dt.UTC)
+    ]
+
+
+def test_a_summary_of_any_record_is_small_text_and_numbers_or_refused():
+    """What the gateway never writes, if it ever did: a summary is made or add raises (which the
+    reader logs and skips), and what is made is cut."""
+    long = "\\U000e0001" * 200
+    shown = summary({"topic": "kota/b/environment/d/telemetry", "rejections": [{"reason": "x", "message": long}] * 9})
+    assert len(shown["rejections"]) == KEPT_MESSAGES
+    assert all(len(r["message"]) <= KEPT_MESSAGE_CHARS for r in shown["rejections"])
+    old = summary({"v": 1, "reason": "out_of_range", "message": "m", "topic": "t", "payload_b64": "e30="})
+    assert old["reasons"] == {"out_of_range": 1} and base64.b64decode(old["payload_start_b64"]) == b"{}"

@@ -142,6 +142,9 @@ class DeadLetter(BaseModel):
 
 class DeviceRejections(BaseModel):
     device_id: str
+    reader: Literal["starting", "catching up", "live", "unavailable"] = Field(
+        description="this API process's reader of the dead-letter topic: the list is complete only when live"
+    )
     dead_letters: list[DeadLetter] = Field(description="newest first: the last few the platform rejected")
 
 
@@ -321,15 +324,17 @@ async def device_rejections(request: Request, device_id: str, caller: Caller, co
     """What the platform refused of this device's messages lately, newest first: each message's
     reasons, counted, what to fix, and the payload's first bytes (`kota deadletters --device`, for
     whoever holds an API token). Kept per API process from the dead-letter topic: the last day when
-    it started, then as the gateway writes; the newest few per device. A gateway's messages are
-    under the gateway's id, which this route takes too."""
+    it started, then as the gateway writes; the newest few per device, of its present city. A
+    gateway's messages, its devices' values in them included, are under the gateway's id, which
+    this route takes too."""
     scope = caller.city_filter()
-    if await queries.device_city(conn, scope, device_id) is None and (
-        await queries.gateway_city(conn, scope, device_id) is None
-    ):
+    city = await queries.device_city(conn, scope, device_id) or await queries.gateway_city(conn, scope, device_id)
+    if city is None:
         raise HTTPException(404, "device not found")
-    recent = request.app.state.rejection_reader.recent
-    return _json({"device_id": device_id, "dead_letters": recent.of(device_id)})
+    reader = request.app.state.rejection_reader
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=reader.window_s)
+    letters = reader.recent.of(city, device_id, since)
+    return _json({"device_id": device_id, "reader": reader.state, "dead_letters": letters})
 
 
 @router.get("/{device_id}/series", response_model=Series, responses=READ)
