@@ -231,23 +231,46 @@ async def kafka_answers(stack: StackSettings, options: dict[str, Any] | None = N
         await admin.close()
 
 
+def deadletter_topic_config(stack: StackSettings) -> dict[str, str]:
+    """The dead-letter topic's own settings: its disk capped, in segments small enough for the cap to
+    bite (retention deletes whole segments only)."""
+    return {"retention.bytes": str(stack.kafka_deadletter_max_bytes), "segment.bytes": str(64 << 20)}
+
+
 async def create_topics(stack: StackSettings) -> None:
+    """Create the topics that are missing; bring the dead-letter topic's settings to
+    `deadletter_topic_config` where an older deploy created it without them."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
     admin = AIOKafkaAdminClient(request_timeout_ms=10000, **kafka_admin_options(stack))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        config = deadletter_topic_config(stack)
         wanted = [
             NewTopic(
                 name,
                 num_partitions=stack.kafka_partitions if name != DEADLETTER_TOPIC else 1,
                 replication_factor=stack.kafka_replication,
+                topic_configs=config if name == DEADLETTER_TOPIC else {},
             )
             for name in KAFKA_TOPICS
             if name not in existing
         ]
         if wanted:
             await admin.create_topics(wanted)
+        if DEADLETTER_TOPIC in existing and await topic_config(admin, DEADLETTER_TOPIC, list(config)) != config:
+            # AlterConfigs sets a topic's whole override set: this topic has no others.
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, DEADLETTER_TOPIC, config)])
     finally:
         await admin.close()
+
+
+async def topic_config(admin: Any, topic: str, names: list[str]) -> dict[str, str]:
+    """The values of `names` set on `topic` (as the broker reports them, defaults included)."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(names))])
+    [resource] = response.resources
+    return {entry[0]: entry[1] for entry in resource[4]}

@@ -123,6 +123,10 @@ class StackSettings(BaseSettings):
     kafka_password: SecretStr | None = None
     kafka_partitions: int = 4
     kafka_replication: int = 1  # 3 on a cluster of brokers (deploy/k8s)
+    # The dead-letter topic's disk, capped (retention.bytes, in 64 MiB segments): devices set its
+    # volume (one at its 20 refused messages a second of 16 KiB kept writes ~38 GB a day), so a
+    # flood deletes the oldest dead letters rather than fill the broker's disk.
+    kafka_deadletter_max_bytes: int = 1 << 30
     kafka_heap: str = "512m"
     database: str = "kota"
     # Encrypts notification channels' secrets and signs acknowledge links (kota/notifications.py):

@@ -93,3 +93,37 @@ def test_only_the_processor_group_and_the_api_consume(stack):
         asyncio.run(consume(as_user(stack, kafka_access.GATEWAY), None))
     with pytest.raises(GroupAuthorizationFailedError):  # the API reads without a group only
         asyncio.run(consume(as_user(stack, kafka_access.API), "kota-processor-api"))
+
+
+def test_the_dead_letter_topic_has_a_capped_disk_and_deploy_restores_the_cap(stack):
+    """Devices set the dead-letter topic's volume: its disk is capped (a flood deletes the oldest)
+    from its creation, and a topic created without the cap (an older deploy) gets it at start."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from deploy.kafka import create_topics, deadletter_topic_config, kafka_admin_options, topic_config
+
+    wanted = deadletter_topic_config(stack)
+    assert int(wanted["retention.bytes"]) == stack.kafka_deadletter_max_bytes > 0
+
+    async def config() -> dict[str, str]:
+        admin = AIOKafkaAdminClient(request_timeout_ms=10000, **kafka_admin_options(stack))
+        await admin.start()
+        try:
+            return await topic_config(admin, DEADLETTER_TOPIC, list(wanted))
+        finally:
+            await admin.close()
+
+    async def uncap() -> None:
+        admin = AIOKafkaAdminClient(request_timeout_ms=10000, **kafka_admin_options(stack))
+        await admin.start()
+        try:
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, DEADLETTER_TOPIC, {})])
+        finally:
+            await admin.close()
+
+    assert asyncio.run(config()) == wanted
+    asyncio.run(uncap())  # as an older deploy left it: the broker's defaults, no cap
+    assert asyncio.run(config())["retention.bytes"] == "-1"
+    asyncio.run(create_topics(stack))
+    assert asyncio.run(config()) == wanted
