@@ -411,6 +411,12 @@ def decode_dead_letter(value: bytes) -> dict[str, Any]:
     """A dead-letter record → a dict with `payload` as bytes (version 1 records too: one reason each)."""
     body: dict[str, Any] = orjson.loads(value)
     body["payload"] = base64.b64decode(str(body.pop("payload_b64")))
+    return upgraded_dead_letter(body)
+
+
+def upgraded_dead_letter(body: dict[str, Any]) -> dict[str, Any]:
+    """A dead letter's JSON, its payload still base64, with a version 1 record's one reason said as
+    later versions say every reason (in place; returned). For readers that decode no payload."""
     if body.get("v") == WIRE_VERSION:  # before version 2: one record per rejected value
         body.setdefault("rejections", [{"reason": body["reason"], "message": body["message"]}])
         body.setdefault("reasons", {str(body["reason"]): 1})

@@ -137,12 +137,15 @@ async def device_city(conn: AsyncConnection, scope: list[str] | None, device_id:
     return row["city"] if row else None
 
 
-async def gateway_city(conn: AsyncConnection, scope: list[str] | None, gateway_id: str) -> str | None:
-    """The gateway's city if the caller may see it."""
+async def sender_city(conn: AsyncConnection, scope: list[str] | None, sender_id: str) -> str | None:
+    """The city of the device or gateway `sender_id` (one id namespace) if the caller may see it:
+    one round trip."""
     row = await _one(
         conn,
-        "SELECT city FROM gateways WHERE gateway_id = %s AND (%s::text[] IS NULL OR city = ANY(%s))",
-        (gateway_id, scope, scope),
+        "SELECT city FROM (SELECT city FROM devices WHERE device_id = %(id)s "
+        "UNION ALL SELECT city FROM gateways WHERE gateway_id = %(id)s) s "
+        "WHERE %(scope)s::text[] IS NULL OR city = ANY(%(scope)s) LIMIT 1",
+        {"id": sender_id, "scope": scope},
     )
     return row["city"] if row else None
 

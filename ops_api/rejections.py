@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from kota.contract import DEADLETTER_TOPIC, parse_telemetry_topic
+from kota.contract import DEADLETTER_TOPIC, parse_telemetry_topic, upgraded_dead_letter
 from kota.settings import StackSettings
 
 log = logging.getLogger("kota.api.rejections")
@@ -40,12 +40,13 @@ Key = tuple[str, str]  # (city, sender id)
 def summary(letter: dict[str, Any]) -> dict[str, Any]:
     """A dead-letter record's JSON as the API shows it: small, and all of it text or numbers. Only
     the payload's first bytes are decoded (a record may carry 16 KiB of them)."""
+    letter = upgraded_dead_letter(letter)
     reasons = letter.get("reasons")
     rejections = letter.get("rejections")
-    if not isinstance(rejections, list):  # a record of before version 2: one reason each
-        rejections = [{"reason": letter.get("reason", ""), "message": letter.get("message", "")}]
-    if not isinstance(reasons, dict):
-        reasons = {str(letter.get("reason", "")): 1}
+    if not isinstance(reasons, dict):  # no record the gateway writes: shown as saying nothing
+        reasons = {}
+    if not isinstance(rejections, list):
+        rejections = []
     start = str(letter.get("payload_b64", ""))[:_KEPT_PAYLOAD_B64]
     return {
         "received_at": dt.datetime.fromtimestamp(int(letter.get("received_ms", 0)) / 1000, dt.UTC),

@@ -327,8 +327,7 @@ async def device_rejections(request: Request, device_id: str, caller: Caller, co
     it started, then as the gateway writes; the newest few per device, of its present city. A
     gateway's messages, its devices' values in them included, are under the gateway's id, which
     this route takes too."""
-    scope = caller.city_filter()
-    city = await queries.device_city(conn, scope, device_id) or await queries.gateway_city(conn, scope, device_id)
+    city = await queries.sender_city(conn, caller.city_filter(), device_id)
     if city is None:
         raise HTTPException(404, "device not found")
     reader = request.app.state.rejection_reader
