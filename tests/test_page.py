@@ -86,7 +86,15 @@ def test_operator_sees_map_live_values_and_acknowledges_an_alert(pipeline):
         alert_row = page.locator("#alerts li", has_text=gate.device_id).first
         expect(alert_row).to_contain_text("flood_siaga")
         alert_row.locator("button.ack").click()
-        expect(page.locator("#alerts li.acknowledged", has_text=gate.device_id)).to_have_count(1, timeout=10_000)
+        acknowledged = page.locator("#alerts li.acknowledged", has_text=gate.device_id)
+        expect(acknowledged).to_have_count(1, timeout=10_000)
+        # The list refreshes every 10 s but is drawn again only when it changes: a row stays the
+        # same node, so a click never falls between an old list and a new one.
+        acknowledged.evaluate("row => { row.dataset.seen = 'yes'; }")
+        for _ in range(2):  # after the second answer, the first has certainly been drawn
+            with page.expect_response(lambda r: "/api/v1/alerts?" in r.url, timeout=15_000):
+                pass
+        expect(page.locator("#alerts li.acknowledged[data-seen=yes]")).to_have_count(1)
 
         page.locator("#colour-by").select_option("ispu")
         page.locator("#lang").click()

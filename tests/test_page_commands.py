@@ -40,6 +40,12 @@ def test_an_operator_commands_a_light_and_approves_a_siren_from_the_page(pipelin
             panel = page.locator("#commands-panel")
             panel.locator("#command-device").select_option(light.device_id)
             panel.locator('input[data-param="level"]').fill("30")
+            # The panel looks again every 3 s; what an operator is typing must outlive that. After
+            # the second answer has arrived the first has certainly been drawn.
+            for _ in range(2):
+                with page.expect_response(lambda r: "/commands?limit=" in r.url, timeout=10_000):
+                    pass
+            expect(panel.locator('input[data-param="level"]')).to_have_value("30")
             panel.locator('button[data-command="dim"]').click()
             wait_for(lambda: device.received, what="the light's command from the page")
             command = device.received[0][1]
@@ -60,8 +66,18 @@ def test_an_operator_commands_a_light_and_approves_a_siren_from_the_page(pipelin
             other.goto(f"{pipeline.api_url}/#token={second}")
             panel = other.locator("#commands-panel")
             panel.locator("#command-device").select_option(siren.device_id)
-            panel.locator('li[data-status="awaiting_approval"] button.command-approve').click()
+            approve = panel.locator('li[data-status="awaiting_approval"] button.command-approve')
+            expect(approve).to_have_count(1, timeout=10_000)
+            # Drawn once, the button stays the same node across refreshes: a click cannot fall
+            # between an old list and a new one.
+            approve.evaluate("button => { button.dataset.seen = 'yes'; }")
+            for _ in range(2):
+                with other.expect_response(lambda r: "/commands?limit=" in r.url, timeout=10_000):
+                    pass
+            expect(panel.locator("button.command-approve[data-seen=yes]")).to_have_count(1)
+            approve.click()
             expect(panel.locator('li[data-status="awaiting_approval"]')).to_have_count(0, timeout=10_000)
+            expect(panel.locator("#command-message")).to_have_text("")
             browser.close()
         assert errors == []
         with psycopg.connect(pipeline.postgres_dsn) as conn:

@@ -153,8 +153,15 @@ function renderLiving(living) {
     el("td", { class: d.offline ? "warn" : "muted" }, `${t("offline")} ${d.offline}`))));
 }
 
+// The open alerts as last drawn: redrawn only when they change, so the refresh every 10 s never
+// swallows a click on Acknowledge that lands while the list is being replaced.
+let shownAlerts = null;
+
 function renderAlerts(alerts) {
   $("alert-count").textContent = alerts.length;
+  const shown = JSON.stringify([language(), alerts]);
+  if (shown === shownAlerts) return;
+  shownAlerts = shown;
   $("alerts").replaceChildren(...(alerts.length ? alerts.map((a) => el("li", { class: a.state, "data-alert": a.alert_id },
     el("div", {}, el("span", { class: `chip sev-${a.severity}` }, a.severity), " ", el("b", {}, a.alert_type), " · ",
        a.device_id, el("div", { class: "muted" }, `${a.message} · ×${a.count} · ${time(a.last_ts)} · ${t(a.state)}`)),

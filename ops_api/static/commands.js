@@ -15,6 +15,9 @@ export class CommandsPanel {
   // api(path, options) answers JSON or throws Error("STATUS detail"); el(tag, attrs, ...children) makes a node.
   constructor(root, api, el) {
     this.root = root; this.api = api; this.el = el; this.deviceId = null;
+    // What each part last showed: a part is drawn again only when that changes, so the refresh
+    // every few seconds neither wipes a value being typed nor swallows a click on Approve.
+    this.shown = { controls: null, history: null };
     this.select = root.querySelector("#command-device");
     this.controls = root.querySelector("#command-controls");
     this.history = root.querySelector("#command-history");
@@ -32,12 +35,24 @@ export class CommandsPanel {
   }
 
   async refresh() {
-    if (!this.deviceId) { this.controls.replaceChildren(); this.history.replaceChildren(); return; }
+    if (!this.deviceId) {
+      this.controls.replaceChildren(); this.history.replaceChildren();
+      this.shown = { controls: null, history: null };
+      return;
+    }
     const listing = await this.api(`/api/v1/devices/${encodeURIComponent(this.deviceId)}/commands?limit=10`);
     if (listing.device_id !== this.deviceId) return;  // another device was picked meanwhile
-    this.controls.replaceChildren(...listing.catalogue.map((spec) => this.control(spec)));
-    this.history.replaceChildren(...(listing.commands.length ? listing.commands.map((c) => this.row(c))
-      : [this.el("li", { class: "muted" }, w("none"))]));
+    const controls = JSON.stringify([listing.device_id, language(), listing.catalogue]);
+    if (controls !== this.shown.controls) {
+      this.controls.replaceChildren(...listing.catalogue.map((spec) => this.control(spec)));
+      this.shown.controls = controls;
+    }
+    const history = JSON.stringify([listing.device_id, language(), listing.commands]);
+    if (history !== this.shown.history) {
+      this.history.replaceChildren(...(listing.commands.length ? listing.commands.map((c) => this.row(c))
+        : [this.el("li", { class: "muted" }, w("none"))]));
+      this.shown.history = history;
+    }
   }
 
   control(spec) {
