@@ -128,6 +128,8 @@ class IngestGateway:
         self._device_rate = RateLimit.of(settings.device_rate_per_s, settings.rate_burst_s)
         self._gateway_rate = RateLimit.of(settings.gateway_rate_per_s, settings.rate_burst_s)
         self._rate_overrides: dict[str, RateLimit] = {}  # registry rows with a rate of their own
+        self._reading_buckets = SenderBuckets()
+        self._reading_limits: dict[RateLimit, RateLimit] = {}  # message limit → its readings budget
         self._registry_rechecked = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -250,7 +252,7 @@ class IngestGateway:
                 throttled.setdefault(sender, []).append(msg)
                 continue
             try:
-                accepted += await self._check_one(msg, records, rejected)
+                accepted += await self._check_one(msg, records, rejected, now_s)
             except Exception as exc:  # noqa: BLE001 - the boundary: one message never stops ingest
                 # A bug in checking this message, not the sender's fault: it is dead-lettered with its
                 # bytes, so nothing is lost and it can be replayed once fixed; the batch goes on. The
@@ -277,7 +279,7 @@ class IngestGateway:
             REJECTED.labels(reason).inc(count)
 
     async def _check_one(
-        self, msg: InboundMessage, records: list[tuple[str, bytes, bytes]], rejected: Counter[str]
+        self, msg: InboundMessage, records: list[tuple[str, bytes, bytes]], rejected: Counter[str], now_s: float
     ) -> int:
         """Parse one message and append its Kafka records (readings by device, and at most one dead
         letter); return how many readings it adds."""
@@ -294,6 +296,10 @@ class IngestGateway:
             self._registry_rechecked = True
             if await self._refresh_devices():
                 result = self._parse(msg)
+        if result.readings and not self._within_reading_budget(msg, len(result.readings), now_s):
+            records.append(self._reading_limited_letter(msg, len(result.readings)))
+            rejected[Reason.RATE_LIMITED.value] += 1
+            return 0
         new, duplicates = self._recent.split_new(result.readings)
         for dup in duplicates:
             result.reject(Reason.DUPLICATE, f"{dup.device_id} {dup.metric} at ts {dup.ts_ms} was already accepted")
@@ -327,6 +333,31 @@ class IngestGateway:
         is_gateway = topic.split("/", 3)[2:3] == [GATEWAY_SEGMENT]
         default = self._gateway_rate if is_gateway else self._device_rate
         return default if override is None else override
+
+    def _reading_limit_of(self, sender: str, topic: str) -> RateLimit:
+        limit = self._rate_limit_of(sender, topic)
+        readings = self._reading_limits.get(limit)
+        if readings is None:
+            readings = self._reading_limits[limit] = limit.in_readings(
+                self._settings.readings_per_message, self._limits.max_values
+            )
+        return readings
+
+    def _within_reading_budget(self, msg: InboundMessage, readings: int, now_s: float) -> bool:
+        sender = _sender_of(msg.topic)
+        return self._reading_buckets.allow(sender, self._reading_limit_of(sender, msg.topic), now_s, cost=readings)
+
+    def _reading_limited_letter(self, msg: InboundMessage, readings: int) -> tuple[str, bytes, bytes]:
+        """A message whose readings would overdraw its sender's readings budget → refused whole."""
+        sender = _sender_of(msg.topic)
+        limit = self._reading_limit_of(sender, msg.topic)
+        rejection = Rejection(
+            Reason.RATE_LIMITED,
+            f"this message's {readings} reading(s) from {printable(sender)} are over its limit of "
+            f"{limit.per_s:g} readings/s (burst {limit.burst:g}); none of them was accepted",
+        )
+        self._burst.warning(f"reject:{Reason.RATE_LIMITED}", f"rate limited {escaped(sender, 64)}: {rejection.message}")
+        return _dead_letter(msg, [rejection], {Reason.RATE_LIMITED.value: 1})
 
     def _rate_limited_letter(self, sender: str, messages: list[InboundMessage]) -> tuple[str, bytes, bytes]:
         """A sender's messages over its limit in one batch → one dead letter with the first one's bytes."""

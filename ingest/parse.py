@@ -245,10 +245,12 @@ def _resolve_device(
     device = devices.get(device_id)
     if not where.is_gateway:
         return device  # the sender itself, checked already
-    if device is None:
-        result.reject(Reason.UNKNOWN_DEVICE, f"device {printable(device_id)} is not registered")
+    if device is None or device.city != where.city:
+        # Another city's device is unknown here, in the same words: a gateway must not learn which
+        # ids another city has registered.
+        result.reject(Reason.UNKNOWN_DEVICE, f"device {printable(device_id)} is not registered in {where.city}")
         return None
-    if device.gateway_id != where.sender_id or device.city != where.city:
+    if device.gateway_id != where.sender_id:
         result.reject(Reason.NOT_BOUND, f"device {printable(device_id)} is not bound to gateway {where.sender_id!r}")
         return None
     if not device.enabled:

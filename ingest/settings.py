@@ -35,6 +35,9 @@ class GatewaySettings(BaseSettings):
     device_rate_per_s: float = 20.0
     gateway_rate_per_s: float = 1000.0
     rate_burst_s: float = 60.0
+    # Readings per second per account: its message rate times this (ingest/ratelimit.py), so the
+    # volume written to Kafka is bounded in readings, not only in messages. 0 turns it off.
+    readings_per_message: float = 10.0
     # The inbox holds at most this many payload bytes (and queue_size messages): memory stays flat
     # whatever size devices send, up to the broker's max_packet_size each.
     queue_max_bytes: int = 64 * 1024 * 1024

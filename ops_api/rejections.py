@@ -4,10 +4,12 @@ Every API process reads `kota.deadletter` without a group, as the live feed read
 from `window_s` back at start (at most `replay_records` records a partition, since devices set the
 topic's volume), then as the gateway writes. Each dead letter is kept under the city and the
 device or gateway that published it (its topic's; the broker lets an account publish only on its
-own topics), the newest `per_sender` of each, for at most `senders` senders (the least recently
-rejected forgotten first), each cut to what a person reads: its reasons counted, the first few
-messages, shortened, and the payload's first bytes. So memory is bounded whatever devices send,
-and an id moved to another city does not take its old city's letters along.
+own topics), the newest `per_sender` of each, for at most `senders` senders in all. Over that, the
+city holding the most senders forgets its least recently rejected one: a city whose devices flood
+pushes out its own letters, not another city's. Each letter is cut to what a person reads: its
+reasons counted, the first few messages, shortened, and the payload's first bytes. So memory is
+bounded whatever devices send, and an id moved to another city does not take its old city's
+letters along.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ KEPT_MESSAGES = 5  # of a dead letter's rejections, with their messages (all are
 KEPT_MESSAGE_CHARS = 300  # of each message (escaped device text can make one 1,300 characters)
 KEPT_PAYLOAD_BYTES = 512  # the payload's first bytes (the dead letter keeps 16 KiB)
 _KEPT_PAYLOAD_B64 = 4 * ((KEPT_PAYLOAD_BYTES + 2) // 3)  # base64 characters that hold them, decoded alone
-
-Key = tuple[str, str]  # (city, sender id)
 
 
 def summary(letter: dict[str, Any]) -> dict[str, Any]:
@@ -65,12 +65,15 @@ def summary(letter: dict[str, Any]) -> dict[str, Any]:
 
 
 class RecentRejections:
-    """The newest `per_sender` dead letters of each of at most `senders` senders."""
+    """The newest `per_sender` dead letters of each of at most `senders` senders, shared fairly
+    between cities."""
 
     def __init__(self, per_sender: int = 10, senders: int = 1000) -> None:
         self.per_sender = per_sender
         self.senders = senders
-        self._kept: OrderedDict[Key, deque[dict[str, Any]]] = OrderedDict()
+        # city → sender → its letters, the most recently rejected sender last
+        self._kept: dict[str, OrderedDict[str, deque[dict[str, Any]]]] = {}
+        self._count = 0
 
     def add(self, letter: dict[str, Any]) -> bool:
         """Keep a dead letter (its record's JSON) under its city and sender; False if its topic names none."""
@@ -78,21 +81,36 @@ class RecentRejections:
         if where is None:
             return False
         shown = summary(letter)
-        key = (where.city, where.sender_id)
-        kept = self._kept.pop(key, None) or deque(maxlen=self.per_sender)
+        city = self._kept.setdefault(where.city, OrderedDict())
+        kept = city.pop(where.sender_id, None)
+        if kept is None:
+            kept = deque(maxlen=self.per_sender)
+            self._count += 1
         kept.append(shown)
-        self._kept[key] = kept  # the most recently rejected last
-        while len(self._kept) > self.senders:
-            self._kept.popitem(last=False)
+        city[where.sender_id] = kept
+        while self._count > self.senders:
+            self._forget_one()
         return True
+
+    def _forget_one(self) -> None:
+        """The least recently rejected sender of the city with the most (ties: the first city seen)."""
+        name, fullest = max(self._kept.items(), key=lambda item: len(item[1]))
+        fullest.popitem(last=False)
+        self._count -= 1
+        if not fullest:
+            del self._kept[name]
 
     def of(self, city: str, sender_id: str, since: dt.datetime | None = None) -> list[dict[str, Any]]:
         """The sender's kept dead letters in `city`, received at or after `since`, newest first."""
-        kept = reversed(self._kept.get((city, sender_id), ()))
-        return [s for s in kept if since is None or s["received_at"] >= since]
+        in_city = self._kept.get(city)
+        kept = in_city.get(sender_id) if in_city is not None else None
+        return [s for s in reversed(kept or ()) if since is None or s["received_at"] >= since]
+
+    def senders_of(self, city: str) -> int:
+        return len(self._kept.get(city, ()))
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return self._count
 
 
 class RejectionReader:

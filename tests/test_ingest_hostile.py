@@ -301,6 +301,46 @@ def test_a_device_over_its_rate_is_dead_lettered_and_counted_not_stored(pipeline
     assert 'kota_gateway_rejected_total{reason="rate_limited"}' in metrics
 
 
+def test_a_device_over_its_readings_budget_has_the_message_refused_whole(pipeline):
+    """A message rate alone lets one device write 10,000 readings a message: the readings budget
+    (message rate × KOTA_GATEWAY_READINGS_PER_MESSAGE, burst at least one full message) refuses the
+    message that would overdraw it, whole, with one dead letter."""
+    device = provision(pipeline, "noise")
+    with psycopg.connect(pipeline.postgres_dsn) as conn:
+        set_rate_limit(conn, device.device_id, 1)  # 10 readings/s, a burst of 10,000 (one full message)
+    time.sleep(12)  # the gateway reads rate limits with the registry (every 10 s, or on an unknown sender)
+    since_ms = int(time.time() * 1000) - 1000
+    base = int(time.time() * 1000) - 4 * 3_600_000
+    per_message, messages = 4_000, 3  # 4,000 + 4,000 fit the burst; the third overdraws it
+    payloads = [
+        json.dumps(
+            [{"ts": base + (m * per_message + i) * 1000, "values": {"LAeq": 40.0 + i % 7}} for i in range(per_message)]
+        ).encode()
+        for m in range(messages)
+    ]
+    client = mqtt_client(pipeline, device.device_id)
+    try:
+        for payload in payloads:
+            topic = device_telemetry_topic(device.city, device.domain, device.device_id)
+            client.publish(topic, payload, qos=1).wait_for_publish(timeout=30)
+    finally:
+        client.disconnect()
+
+    def count() -> int:
+        return int(query(pipeline, "SELECT count(*) FROM readings WHERE device_id = %s", (device.device_id,))[0][0])
+
+    wait_for(lambda: count() >= 2 * per_message, timeout_s=60, what="the two messages within the budget")
+    hashes = [hashlib.sha256(payload).hexdigest() for payload in payloads]
+    letters = asyncio.run(_dead_letters_since(pipeline, since_ms, {hashes[2]}, timeout_s=30))
+    assert set(letters) & set(hashes) == {hashes[2]}, "the third message has its dead letter, the first two none"
+    letter = letters[hashes[2]]
+    assert letter["reasons"] == {"rate_limited": 1}
+    assert "readings/s" in letter["rejections"][0]["message"]
+    assert count() == 2 * per_message  # the third message stored nothing
+    stored_first = query(pipeline, "SELECT min(ts), max(ts) FROM readings WHERE device_id = %s", (device.device_id,))[0]
+    assert [int(t.timestamp() * 1000) for t in stored_first] == [base, base + (2 * per_message - 1) * 1000]
+
+
 def local_metrics(stack) -> str:
     import httpx
 

@@ -13,7 +13,8 @@ AQ = new_device("aq-1", "bandung", "air_quality")
 OFF = new_device("aq-off", "bandung", "air_quality", enabled=False)
 GATE = new_device("gate-1", "bandung", "water_level", gateway_id="gw-1")
 CORRIDOR = new_device("corridor-1", "bandung", "traffic_corridor", gateway_id="gw-1")
-DEVICES = {d.device_id: d for d in (AQ, OFF, GATE, CORRIDOR)}
+ELSEWHERE = new_device("jkt-gate", "jakarta", "water_level", gateway_id="gw-1")
+DEVICES = {d.device_id: d for d in (AQ, OFF, GATE, CORRIDOR, ELSEWHERE)}
 GATEWAYS = {
     "gw-1": Gateway("gw-1", "bandung"),
     "gw-2": Gateway("gw-2", "bandung"),
@@ -110,6 +111,8 @@ def test_booleans_are_zero_and_one():
         ({"gate-1": {"currentLevel": 1}}, gateway_telemetry_topic("bandung", "gw-2"), Reason.NOT_BOUND),
         ({"aq-1": {"pm25": 1}}, GW_TOPIC, Reason.NOT_BOUND),
         ({"ghost": {"pm25": 1}}, GW_TOPIC, Reason.UNKNOWN_DEVICE),
+        # Another city's device, even one naming this gateway's id: unknown here, not "not bound".
+        ({"jkt-gate": {"currentLevel": 1}}, GW_TOPIC, Reason.UNKNOWN_DEVICE),
         ({"gate-1": {"currentLevel": 1}}, gateway_telemetry_topic("bandung", "gw-9"), Reason.UNKNOWN_DEVICE),
         ({"gate-1": {"currentLevel": 1}}, gateway_telemetry_topic("bandung", "gw-off"), Reason.DEVICE_DISABLED),
         ({"gate-1": {"currentLevel": 1}}, gateway_telemetry_topic("jakarta", "gw-1"), Reason.WRONG_CITY_OR_DOMAIN),

@@ -21,9 +21,12 @@ def letter(topic: str, payload: bytes = b"{}", reasons: int = 1, received_ms: in
     )
 
 
+CITIES = ["bandung", "jakarta", "bogor"]
 topics = st.one_of(
-    st.sampled_from(SENDERS).map(lambda d: f"kota/bandung/environment/{d}/telemetry"),
-    st.sampled_from(SENDERS).map(lambda g: f"kota/bandung/gateway/{g}/senml"),
+    st.tuples(st.sampled_from(CITIES), st.sampled_from(SENDERS)).map(
+        lambda cd: f"kota/{cd[0]}/environment/{cd[1]}/telemetry"
+    ),
+    st.tuples(st.sampled_from(CITIES), st.sampled_from(SENDERS)).map(lambda cg: f"kota/{cg[0]}/gateway/{cg[1]}/senml"),
     st.text(max_size=40),  # not a telemetry topic: kept under nobody
 )
 
@@ -36,14 +39,15 @@ topics = st.one_of(
 )
 def test_kept_dead_letters_stay_bounded_newest_first(sent, per_sender, senders):
     recent = RecentRejections(per_sender=per_sender, senders=senders)
-    kept_by_sender: dict[str, list[int]] = {}
+    kept_by_sender: dict[tuple[str, str], list[int]] = {}
     for number, (topic, payload, reasons) in enumerate(sent):
         if recent.add(letter(topic, payload, reasons, received_ms=1_795_000_000_000 + number)):
-            sender = topic.split("/")[3]
-            kept_by_sender.setdefault(sender, []).append(number)
+            _, city, _, sender, *_ = topic.split("/")
+            kept_by_sender.setdefault((city, sender), []).append(number)
     assert len(recent) <= senders
-    for sender, numbers in kept_by_sender.items():
-        shown = recent.of("bandung", sender)
+    assert len(recent) == sum(1 for city, sender in kept_by_sender if recent.of(city, sender))
+    for (city, sender), numbers in kept_by_sender.items():
+        shown = recent.of(city, sender)
         assert len(shown) <= per_sender
         # Newest first, and always the newest: a sender forgotten and rejected again keeps only what
         # came since, which is the start of the same list.
@@ -73,6 +77,32 @@ def test_the_least_recently_rejected_sender_is_forgotten_first():
         recent.add(letter(f"kota/bandung/environment/{device}/telemetry"))
     assert recent.of("bandung", "dev-2") == []
     assert len(recent.of("bandung", "dev-1")) == 2 and len(recent.of("bandung", "dev-3")) == 1
+
+
+def test_a_city_whose_devices_flood_pushes_out_its_own_letters_not_another_citys():
+    recent = RecentRejections(per_sender=2, senders=10)
+    for device in ("dev-1", "dev-2", "dev-3"):
+        recent.add(letter(f"kota/bogor/environment/{device}/telemetry"))
+    for i in range(500):  # one city's many devices, all refused, all more recent than bogor's
+        recent.add(letter(f"kota/bandung/environment/flood-{i}/telemetry"))
+    assert len(recent) == 10
+    assert all(len(recent.of("bogor", device)) == 1 for device in ("dev-1", "dev-2", "dev-3"))
+    assert recent.senders_of("bandung") == 7
+    assert recent.of("bandung", "flood-499") and not recent.of("bandung", "flood-492")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(CITIES), st.sampled_from(SENDERS)), max_size=300), st.integers(1, 12))
+def test_no_city_is_pushed_below_its_fair_share(rejected, senders):
+    """A city is forgotten from only while it holds the most senders: one that has kept fewer than
+    an even share (of the cities seen) never loses a sender to another city's letters."""
+    recent = RecentRejections(per_sender=1, senders=senders)
+    for city, sender in rejected:
+        before = {c: recent.senders_of(c) for c in CITIES}
+        recent.add(letter(f"kota/{city}/environment/{sender}/telemetry"))
+        for other in CITIES:
+            if other != city and recent.senders_of(other) < before[other]:
+                assert before[other] >= max(before.values()), (other, before)
 
 
 def test_an_id_moved_to_another_city_does_not_take_its_letters_along():
