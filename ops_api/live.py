@@ -29,12 +29,13 @@ from typing import Any
 
 import orjson
 import psycopg
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from kota.contract import READINGS_TOPIC
 from kota.settings import StackSettings
 from ops_api.auth import BAD_TOKEN, Principal
+from ops_api.topic_reader import Batches, TopicReader
 
 log = logging.getLogger("kota.api.live")
 
@@ -163,7 +164,15 @@ class LiveHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None  # the Kafka reader, only while someone wants readings
         self._positioned = asyncio.Event()
-        self.consumer: AIOKafkaConsumer | None = None
+        self._readings = TopicReader(
+            stack,
+            READINGS_TOPIC,
+            place=self._place_at_end,
+            take=self._take_readings,
+            lost=self._positioned.clear,
+            max_records=2000,
+            consumer_options={"fetch_max_wait_ms": 50},
+        )
         # Changes of access heard on the LISTEN connection (the user, or None: anyone's, after a
         # reconnect that may have missed some), and whether they are being heard at all.
         self.access_changed: Callable[[str | None], None] | None = None
@@ -181,7 +190,7 @@ class LiveHub:
         self._groups.setdefault(live_filter, _Group()).subscribers.add(subscriber)
         CLIENTS.set(self.clients)
         if "readings" in live_filter.types and self._kafka_enabled and self._reader is None:
-            self._reader = asyncio.create_task(self._read_kafka(), name="live-readings")
+            self._reader = asyncio.create_task(self._readings.run(), name="live-readings")
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
@@ -246,6 +255,11 @@ class LiveHub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The live feed's Kafka consumer while it reads (the health check asks it for end offsets)."""
+        return self._readings.consumer
+
     async def live_for(self, live_filter: Filter, timeout_s: float = 5.0) -> bool:
         """Wait, for a client that wants readings, until the Kafka reader has fixed its place at the
         end of the stream: from then on no accepted reading can pass it by. A client (the page)
@@ -258,41 +272,16 @@ class LiveHub:
             await asyncio.wait_for(self._positioned.wait(), timeout_s)
         return self._positioned.is_set()
 
-    async def _read_kafka(self) -> None:
-        while True:
-            consumer = AIOKafkaConsumer(
-                READINGS_TOPIC,
-                **self._stack.kafka_client_options(),
-                group_id=None,
-                auto_offset_reset="latest",
-                enable_auto_commit=False,
-                fetch_max_wait_ms=50,
-            )
-            try:
-                await consumer.start()
-                self.consumer = consumer
-                while not consumer.assignment():  # without a group: every partition, once metadata is in
-                    await asyncio.sleep(0.01)
-                partitions = consumer.assignment()
-                await consumer.seek_to_end(*partitions)
-                for partition in partitions:
-                    await consumer.position(partition)  # asks the broker now, not at the first fetch
-                self._positioned.set()
-                while True:
-                    batches = await consumer.getmany(timeout_ms=500, max_records=2000)
-                    for records in batches.values():
-                        self._collect_records(r.value for r in records)
-                    self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the feed outlives a Kafka restart
-                log.exception("live feed: Kafka reader failed; retrying in 2 s")
-                await asyncio.sleep(2)
-            finally:
-                self._positioned.clear()
-                self.consumer = None
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+    async def _place_at_end(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        await consumer.seek_to_end(*partitions)
+        for partition in partitions:
+            await consumer.position(partition)  # asks the broker now, not at the first fetch
+        self._positioned.set()
+
+    def _take_readings(self, batches: Batches) -> None:
+        for records in batches.values():
+            self._collect_records(r.value for r in records)
+        self.flush()
 
     def _collect_records(self, values: Iterable[bytes | None]) -> None:
         # A record's event is built and serialised only when some group wants it: every API process

@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from kota.contract import DEADLETTER_TOPIC, parse_telemetry_topic, upgraded_dead_letter
 from kota.settings import StackSettings
+from ops_api.topic_reader import Batches, TopicReader
 
 log = logging.getLogger("kota.api.rejections")
 
@@ -127,10 +128,14 @@ class RejectionReader:
         self._replay_records = replay_records
         self._task: asyncio.Task[None] | None = None
         self._next: dict[TopicPartition, int] = {}  # the next offset to read: a reconnect resumes there
+        self._ends: dict[TopicPartition, int] = {}  # where each partition ended when reading began
         self.state = "starting"
+        self._reader = TopicReader(
+            stack, DEADLETTER_TOPIC, place=self._position, take=self._take_batches, lost=self._lost
+        )
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._read(), name="rejections")
+        self._task = asyncio.create_task(self._reader.run(), name="rejections")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -138,58 +143,30 @@ class RejectionReader:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
-    async def _read(self) -> None:
-        while True:
-            consumer: AIOKafkaConsumer | None = None
-            try:
-                consumer = AIOKafkaConsumer(
-                    DEADLETTER_TOPIC,
-                    **self._stack.kafka_client_options(),
-                    group_id=None,
-                    auto_offset_reset="latest",
-                    enable_auto_commit=False,
-                )
-                await consumer.start()
-                waited = time.monotonic()
-                while not consumer.assignment():  # without a group: every partition, once metadata is in
-                    if time.monotonic() - waited > 30:
-                        raise TimeoutError(f"no partition of {DEADLETTER_TOPIC} assigned in 30 s")
-                    await asyncio.sleep(0.05)
-                ends = await self._position(consumer)
-                while True:
-                    batches = await consumer.getmany(timeout_ms=500, max_records=1000)
-                    for partition, records in batches.items():
-                        for record in records:
-                            self._take(record.value)
-                        self._next[partition] = records[-1].offset + 1
-                    if self.state != "live" and all(self._next.get(p, 0) >= end for p, end in ends.items()):
-                        self.state = "live"
-                    await asyncio.sleep(0)  # a long catch-up shares the loop with requests
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the API outlives a Kafka restart or a missing secret
-                self.state = "unavailable"
-                log.exception("rejections: Kafka reader failed; retrying in 2 s")
-                await asyncio.sleep(2)
-            finally:
-                if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        await consumer.stop()
-
-    async def _position(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+    async def _position(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
         """Seek each partition where reading resumes (a reconnect), or `window_s` back but at most
-        `replay_records` before its end; return the ends, which mark being caught up."""
-        partitions = consumer.assignment()
-        ends: dict[TopicPartition, int] = await consumer.end_offsets(list(partitions))
+        `replay_records` before its end; note the ends, which mark being caught up."""
+        self._ends = await consumer.end_offsets(list(partitions))
         since_ms = int((time.time() - self.window_s) * 1000)
         found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
         for partition in partitions:
             at = found.get(partition)
-            start = ends[partition] if at is None else max(at.offset, ends[partition] - self._replay_records)
+            end = self._ends[partition]
+            start = end if at is None else max(at.offset, end - self._replay_records)
             consumer.seek(partition, self._next.get(partition, start))
         if self.state != "live":
             self.state = "catching up"
-        return ends
+
+    def _take_batches(self, batches: Batches) -> None:
+        for partition, records in batches.items():
+            for record in records:
+                self._take(record.value)
+            self._next[partition] = records[-1].offset + 1
+        if self.state != "live" and all(self._next.get(p, 0) >= end for p, end in self._ends.items()):
+            self.state = "live"
+
+    def _lost(self) -> None:
+        self.state = "unavailable"
 
     def _take(self, value: bytes | None) -> None:
         try:
