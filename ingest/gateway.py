@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections import Counter, defaultdict
@@ -24,7 +25,7 @@ from prometheus_client import Gauge, Histogram, start_http_server
 from ingest.dedupe import RecentReadings
 from ingest.mqtt_inbox import InboundMessage, MqttInbox
 from ingest.parse import ParseLimits, ParseResult, parse_message
-from ingest.ratelimit import RateLimit, SenderBuckets
+from ingest.ratelimit import AccountBudgets, RateLimit
 from ingest.settings import GatewaySettings
 from kota.contract import (
     DEADLETTER_TOPIC,
@@ -124,12 +125,16 @@ class IngestGateway:
         self._partition_of: dict[tuple[str, bytes], int] = {}
         self._partitions: dict[str, list[int]] = {}
         self._partitioner = DefaultPartitioner()
-        self._buckets = SenderBuckets()
+        self._budgets = AccountBudgets(
+            bytes_per_message=settings.bytes_per_message,
+            readings_per_message=settings.readings_per_message,
+            volume_burst_s=settings.volume_burst_s,
+            largest_payload=self._limits.max_payload_bytes,
+            most_readings=self._limits.max_values,
+        )
         self._device_rate = RateLimit.of(settings.device_rate_per_s, settings.rate_burst_s)
         self._gateway_rate = RateLimit.of(settings.gateway_rate_per_s, settings.rate_burst_s)
         self._rate_overrides: dict[str, RateLimit] = {}  # registry rows with a rate of their own
-        self._reading_buckets = SenderBuckets()
-        self._reading_limits: dict[RateLimit, RateLimit] = {}  # message limit → its readings budget
         self._registry_rechecked = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -197,6 +202,7 @@ class IngestGateway:
             self._rate_overrides = {
                 sender: RateLimit.of(per_s, self._settings.rate_burst_s)
                 for sender, per_s in load_rate_limits(conn).items()
+                if math.isfinite(per_s) and per_s >= 0  # the column's CHECK lets NaN through
             }
             return load_devices(conn), load_gateways(conn)
 
@@ -248,8 +254,13 @@ class IngestGateway:
                 PROBES.inc()
                 continue
             sender = _sender_of(msg.topic)
-            if not self._buckets.allow(sender, self._rate_limit_of(sender, msg.topic), now_s):
+            over = self._budgets.admit(sender, self._rate_limit_of(sender, msg.topic), len(msg.payload), now_s)
+            if over == "messages":
                 throttled.setdefault(sender, []).append(msg)
+                continue
+            if over is not None:
+                records.append(self._over_budget_letter(msg, over, len(msg.payload)))
+                rejected[Reason.RATE_LIMITED.value] += 1
                 continue
             try:
                 accepted += await self._check_one(msg, records, rejected, now_s)
@@ -296,8 +307,9 @@ class IngestGateway:
             self._registry_rechecked = True
             if await self._refresh_devices():
                 result = self._parse(msg)
-        if result.readings and not self._within_reading_budget(msg, len(result.readings), now_s):
-            records.append(self._reading_limited_letter(msg, len(result.readings)))
+        sender, count = _sender_of(msg.topic), len(result.readings)
+        if not self._budgets.admit_readings(sender, self._rate_limit_of(sender, msg.topic), count, now_s):
+            records.append(self._over_budget_letter(msg, "readings", count))
             rejected[Reason.RATE_LIMITED.value] += 1
             return 0
         new, duplicates = self._recent.split_new(result.readings)
@@ -334,27 +346,14 @@ class IngestGateway:
         default = self._gateway_rate if is_gateway else self._device_rate
         return default if override is None else override
 
-    def _reading_limit_of(self, sender: str, topic: str) -> RateLimit:
-        limit = self._rate_limit_of(sender, topic)
-        readings = self._reading_limits.get(limit)
-        if readings is None:
-            readings = self._reading_limits[limit] = limit.in_readings(
-                self._settings.readings_per_message, self._limits.max_values
-            )
-        return readings
-
-    def _within_reading_budget(self, msg: InboundMessage, readings: int, now_s: float) -> bool:
+    def _over_budget_letter(self, msg: InboundMessage, unit: str, amount: int) -> tuple[str, bytes, bytes]:
+        """A message that would overdraw its sender's budget in bytes or readings → refused whole."""
         sender = _sender_of(msg.topic)
-        return self._reading_buckets.allow(sender, self._reading_limit_of(sender, msg.topic), now_s, cost=readings)
-
-    def _reading_limited_letter(self, msg: InboundMessage, readings: int) -> tuple[str, bytes, bytes]:
-        """A message whose readings would overdraw its sender's readings budget → refused whole."""
-        sender = _sender_of(msg.topic)
-        limit = self._reading_limit_of(sender, msg.topic)
+        budget = self._budgets.budget(unit, self._rate_limit_of(sender, msg.topic))
         rejection = Rejection(
             Reason.RATE_LIMITED,
-            f"this message's {readings} reading(s) from {printable(sender)} are over its limit of "
-            f"{limit.per_s:g} readings/s (burst {limit.burst:g}); none of them was accepted",
+            f"this message's {amount} {unit} from {printable(sender)} are over its limit of "
+            f"{budget.per_s:g} {unit}/s (burst {budget.burst:g}); none of it was accepted",
         )
         self._burst.warning(f"reject:{Reason.RATE_LIMITED}", f"rate limited {escaped(sender, 64)}: {rejection.message}")
         return _dead_letter(msg, [rejection], {Reason.RATE_LIMITED.value: 1})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+import math
+
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,10 +37,28 @@ class GatewaySettings(BaseSettings):
     device_rate_per_s: float = 20.0
     gateway_rate_per_s: float = 1000.0
     rate_burst_s: float = 60.0
-    # Readings per second per account: its message rate times this (ingest/ratelimit.py), so the
-    # volume written to Kafka is bounded in readings, not only in messages. 0 turns it off.
+    # Bytes and readings per second per account: its message rate times these (ingest/ratelimit.py),
+    # so what one account makes the gateway parse and write to Kafka is bounded too, with a burst
+    # of volume_burst_s. 0 turns that budget off.
+    bytes_per_message: float = 16 * 1024
     readings_per_message: float = 10.0
+    volume_burst_s: float = 3600.0
     # The inbox holds at most this many payload bytes (and queue_size messages): memory stays flat
     # whatever size devices send, up to the broker's max_packet_size each.
     queue_max_bytes: int = 64 * 1024 * 1024
     batch_max_bytes: int = 4 * 1024 * 1024
+
+    @field_validator(
+        "device_rate_per_s",
+        "gateway_rate_per_s",
+        "rate_burst_s",
+        "bytes_per_message",
+        "readings_per_message",
+        "volume_burst_s",
+    )
+    @classmethod
+    def _finite_and_not_negative(cls, value: float) -> float:
+        # nan would pass every comparison the buckets make and turn a limit off unseen.
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError("must be a finite number, 0 or more")
+        return value

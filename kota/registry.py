@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets
 from dataclasses import asdict, dataclass, field
 
@@ -291,8 +292,8 @@ def registry_version(conn: psycopg.Connection) -> tuple[int, ...]:
 # -- rate limits -------------------------------------------------------------------------------
 def set_rate_limit(conn: psycopg.Connection, identity: str, per_s: float | None) -> bool:
     """Give a device or gateway a message rate of its own (None: the default; 0: no limit)."""
-    if per_s is not None and not per_s >= 0:
-        raise ValueError("a rate limit is a number of messages per second, 0 or more")
+    if per_s is not None and not (math.isfinite(per_s) and per_s >= 0):
+        raise ValueError("a rate limit is a finite number of messages per second, 0 or more")
     return _set_on_account(conn, identity, "rate_limit_per_s", per_s)
 
 

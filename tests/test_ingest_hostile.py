@@ -303,11 +303,13 @@ def test_a_device_over_its_rate_is_dead_lettered_and_counted_not_stored(pipeline
 
 def test_a_device_over_its_readings_budget_has_the_message_refused_whole(pipeline):
     """A message rate alone lets one device write 10,000 readings a message: the readings budget
-    (message rate × KOTA_GATEWAY_READINGS_PER_MESSAGE, burst at least one full message) refuses the
-    message that would overdraw it, whole, with one dead letter."""
+    (message rate × KOTA_GATEWAY_READINGS_PER_MESSAGE, an hour's burst but at least one full
+    message) refuses the message that would overdraw it, whole, with one dead letter."""
     device = provision(pipeline, "noise")
     with psycopg.connect(pipeline.postgres_dsn) as conn:
-        set_rate_limit(conn, device.device_id, 1)  # 10 readings/s, a burst of 10,000 (one full message)
+        # 6 messages at once, then one every 10 s; 1 reading a second, a burst of 10,000 (one full
+        # message, more than the hour's 3,600)
+        set_rate_limit(conn, device.device_id, 0.1)
     time.sleep(12)  # the gateway reads rate limits with the registry (every 10 s, or on an unknown sender)
     since_ms = int(time.time() * 1000) - 1000
     base = int(time.time() * 1000) - 4 * 3_600_000
