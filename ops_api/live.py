@@ -164,15 +164,7 @@ class LiveHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None  # the Kafka reader, only while someone wants readings
         self._positioned = asyncio.Event()
-        self._readings = TopicReader(
-            stack,
-            READINGS_TOPIC,
-            place=self._place_at_end,
-            take=self._take_readings,
-            lost=self._positioned.clear,
-            max_records=2000,
-            consumer_options={"fetch_max_wait_ms": 50},
-        )
+        self._readings: TopicReader | None = None  # the reader of the running task
         # Changes of access heard on the LISTEN connection (the user, or None: anyone's, after a
         # reconnect that may have missed some), and whether they are being heard at all.
         self.access_changed: Callable[[str | None], None] | None = None
@@ -190,7 +182,7 @@ class LiveHub:
         self._groups.setdefault(live_filter, _Group()).subscribers.add(subscriber)
         CLIENTS.set(self.clients)
         if "readings" in live_filter.types and self._kafka_enabled and self._reader is None:
-            self._reader = asyncio.create_task(self._readings.run(), name="live-readings")
+            self._reader = asyncio.create_task(self._new_reader().run(), name="live-readings")
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
@@ -206,6 +198,8 @@ class LiveHub:
             # Nobody wants readings: stop reading the whole stream (it costs a core on a busy city).
             self._reader.cancel()
             self._reader = None
+            self._readings = None  # its last words (lost) no longer speak for the feed
+            self._positioned.clear()
 
     @property
     def clients(self) -> int:
@@ -258,7 +252,7 @@ class LiveHub:
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
         """The live feed's Kafka consumer while it reads (the health check asks it for end offsets)."""
-        return self._readings.consumer
+        return self._readings.consumer if self._readings is not None else None
 
     async def live_for(self, live_filter: Filter, timeout_s: float = 5.0) -> bool:
         """Wait, for a client that wants readings, until the Kafka reader has fixed its place at the
@@ -272,11 +266,32 @@ class LiveHub:
             await asyncio.wait_for(self._positioned.wait(), timeout_s)
         return self._positioned.is_set()
 
-    async def _place_at_end(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
-        await consumer.seek_to_end(*partitions)
-        for partition in partitions:
-            await consumer.position(partition)  # asks the broker now, not at the first fetch
-        self._positioned.set()
+    def _new_reader(self) -> TopicReader:
+        """A reader for one reading task. A task cancelled when the last client left may still be
+        letting go while the next one starts: only the newest reader's place or loss counts."""
+
+        async def place(consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+            await consumer.seek_to_end(*partitions)
+            for partition in partitions:
+                await consumer.position(partition)  # asks the broker now, not at the first fetch
+            if self._readings is reader:
+                self._positioned.set()
+
+        def lost() -> None:
+            if self._readings is reader:
+                self._positioned.clear()
+
+        reader = TopicReader(
+            self._stack,
+            READINGS_TOPIC,
+            place=place,
+            take=self._take_readings,
+            lost=lost,
+            max_records=2000,
+            consumer_options={"fetch_max_wait_ms": 50},
+        )
+        self._readings = reader
+        return reader
 
     def _take_readings(self, batches: Batches) -> None:
         for records in batches.values():

@@ -6,10 +6,10 @@ topic's volume), then as the gateway writes. Each dead letter is kept under the 
 device or gateway that published it (its topic's; the broker lets an account publish only on its
 own topics), the newest `per_sender` of each, for at most `senders` senders in all. Over that, the
 city holding the most senders forgets its least recently rejected one: a city whose devices flood
-pushes out its own letters, not another city's. Each letter is cut to what a person reads: its
-reasons counted, the first few messages, shortened, and the payload's first bytes. So memory is
-bounded whatever devices send, and an id moved to another city does not take its old city's
-letters along.
+pushes out its own letters, and other cities' only down to its own count, so a city below an
+even share keeps all of its own. Each letter is cut to what a person reads: its reasons counted,
+the first few messages, shortened, and the payload's first bytes. So memory is bounded whatever
+devices send, and an id moved to another city does not take its old city's letters along.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ class RejectionReader:
             at = found.get(partition)
             end = self._ends[partition]
             start = end if at is None else max(at.offset, end - self._replay_records)
-            consumer.seek(partition, self._next.get(partition, start))
+            # Noted now, so a partition with nothing in the window counts as caught up at once.
+            consumer.seek(partition, self._next.setdefault(partition, start))
         if self.state != "live":
             self.state = "catching up"
 

@@ -64,26 +64,34 @@ def test_an_operator_commands_a_light_and_approves_a_siren_from_the_page(pipelin
             other = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
             other.on("pageerror", lambda exc: errors.append(str(exc)))
             other.goto(f"{pipeline.api_url}/#token={second}")
-            panel = other.locator("#commands-panel")
-            panel.locator("#command-device").select_option(siren.device_id)
-            approve = panel.locator('li[data-status="awaiting_approval"] button.command-approve')
+            second_panel = other.locator("#commands-panel")
+            second_panel.locator("#command-device").select_option(siren.device_id)
+            approve = second_panel.locator('li[data-status="awaiting_approval"] button.command-approve')
             expect(approve).to_have_count(1, timeout=10_000)
-            # Drawn once, the button stays the same node across refreshes: a click cannot fall
-            # between an old list and a new one.
+            # Drawn once, the button stays the same node across refreshes, and when another command
+            # comes into the list: a click cannot fall between an old list and a new one.
             approve.evaluate("button => { button.dataset.seen = 'yes'; }")
             for _ in range(2):
                 with other.expect_response(lambda r: "/commands?limit=" in r.url, timeout=10_000):
                     pass
-            expect(panel.locator("button.command-approve[data-seen=yes]")).to_have_count(1)
-            approve.click()
-            expect(panel.locator('li[data-status="awaiting_approval"]')).to_have_count(0, timeout=10_000)
-            expect(panel.locator("#command-message")).to_have_text("")
+            panel.locator('button[data-command="sound"]').click()  # the first operator asks again
+            pending = second_panel.locator('li[data-status="awaiting_approval"]')
+            expect(pending).to_have_count(2, timeout=10_000)
+            marked = second_panel.locator("button.command-approve[data-seen=yes]")
+            expect(marked).to_have_count(1)
+            marked.click()
+            expect(pending).to_have_count(1, timeout=10_000)
+            expect(second_panel.locator("#command-message")).to_have_text("")
             browser.close()
         assert errors == []
         with psycopg.connect(pipeline.postgres_dsn) as conn:
-            ((asked, approved),) = conn.execute(
-                "SELECT requested_by, approved_by FROM device_commands WHERE device_id = %s", (siren.device_id,)
+            commands = conn.execute(
+                "SELECT requested_by, approved_by, status FROM device_commands WHERE device_id = %s "
+                "ORDER BY created_at",
+                (siren.device_id,),
             ).fetchall()
-        assert asked != approved and approved is not None
+        (asked, approved, _), (_, still_unapproved, status) = commands
+        assert asked != approved and approved is not None  # the first, marked and clicked, was approved
+        assert (still_unapproved, status) == (None, "awaiting_approval")
     finally:
         device.close()

@@ -47,7 +47,7 @@ async def test_the_live_feed_keeps_trying_and_says_it_is_not_live(tmp_path):
     hub = LiveHub(_without_kafka_secret(tmp_path), queue_events=10)
     subscriber = hub.subscribe(Filter(None))  # wants readings: the Kafka reader starts
     try:
-        await _until(lambda: hub._readings.failures >= 1)
+        await _until(lambda: hub._readings is not None and hub._readings.failures >= 1)
         assert not await hub.live_for(subscriber.filter, timeout_s=0.2)
         assert hub._reader is not None and not hub._reader.done()  # before: died at its first line
     finally:
@@ -63,3 +63,26 @@ async def test_the_rejections_reader_says_it_is_unavailable_and_keeps_trying(tmp
         assert reader._task is not None and not reader._task.done()
     finally:
         await reader.stop()
+
+
+class _AtTheEnd:
+    """Just enough of a consumer for placing a reader at the end of its partitions."""
+
+    async def seek_to_end(self, *partitions) -> None:
+        return None
+
+    async def position(self, partition) -> int:
+        return 0
+
+
+async def test_a_cancelled_readers_late_words_do_not_speak_for_the_next_one(tmp_path):
+    hub = LiveHub(_without_kafka_secret(tmp_path), queue_events=10, kafka_enabled=False)
+    old = hub._new_reader()
+    new = hub._new_reader()  # the last client left and the next came before the old task let go
+    await new._place(_AtTheEnd(), set())
+    assert hub._positioned.is_set()
+    old._lost()  # the old task's cleanup runs late
+    await old._place(_AtTheEnd(), set())
+    assert hub._positioned.is_set() and hub._readings is new
+    new._lost()
+    assert not hub._positioned.is_set()

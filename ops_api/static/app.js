@@ -161,13 +161,14 @@ function renderAlerts(alerts) {
   $("alert-count").textContent = alerts.length;
   const shown = JSON.stringify([language(), alerts]);
   if (shown === shownAlerts) return;
-  shownAlerts = shown;
+  shownAlerts = null;  // until drawn: a draw that throws is tried again at the next refresh
   $("alerts").replaceChildren(...(alerts.length ? alerts.map((a) => el("li", { class: a.state, "data-alert": a.alert_id },
     el("div", {}, el("span", { class: `chip sev-${a.severity}` }, a.severity), " ", el("b", {}, a.alert_type), " · ",
        a.device_id, el("div", { class: "muted" }, `${a.message} · ×${a.count} · ${time(a.last_ts)} · ${t(a.state)}`)),
     el("div", {}, a.state === "active" ? el("button", { class: "ack", onclick: () => act(a.alert_id, "acknowledge") },
       t("acknowledge")) : "", " ", el("button", { class: "clear", onclick: () => act(a.alert_id, "clear") }, t("clear")))))
     : [el("li", { class: "muted" }, t("no_alerts"))]));
+  shownAlerts = shown;
 }
 
 function renderProvince(cities) {

@@ -49,10 +49,27 @@ export class CommandsPanel {
     }
     const history = JSON.stringify([listing.device_id, language(), listing.commands]);
     if (history !== this.shown.history) {
-      this.history.replaceChildren(...(listing.commands.length ? listing.commands.map((c) => this.row(c))
-        : [this.el("li", { class: "muted" }, w("none"))]));
+      this.drawHistory(listing.commands);
       this.shown.history = history;
     }
+  }
+
+  // Row by row: a command whose row says the same keeps its node, so a click on one command's
+  // Approve is not lost when another command's status changes meanwhile.
+  drawHistory(commands) {
+    if (!commands.length) { this.history.replaceChildren(this.el("li", { class: "muted" }, w("none"))); return; }
+    const kept = new Map([...this.history.children].filter((li) => li.dataset.shown).map((li) => [li.dataset.shown, li]));
+    const rows = commands.map((c) => {
+      const shown = JSON.stringify([language(), c]);
+      const row = kept.get(shown) ?? this.row(c);
+      row.dataset.shown = shown;
+      return row;
+    });
+    const wanted = new Set(rows);
+    for (const li of [...this.history.children]) if (!wanted.has(li)) li.remove();
+    rows.forEach((row, i) => {  // insert what is new; rows kept stay where they are
+      if (this.history.children[i] !== row) this.history.insertBefore(row, this.history.children[i] ?? null);
+    });
   }
 
   control(spec) {
