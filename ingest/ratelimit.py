@@ -98,10 +98,14 @@ class AccountBudgets:
         if account.messages < 1.0:
             return "messages"
         account.messages -= 1.0
-        if account.shape[1].per_s > 0:
-            if account.bytes < payload_bytes:
+        in_bytes = account.shape[1]
+        if in_bytes.per_s > 0:
+            # A payload over the largest allowed costs a full bucket, so a full bucket lets it on
+            # to the parser, which calls it `oversized`.
+            cost = payload_bytes if payload_bytes < in_bytes.burst else in_bytes.burst
+            if account.bytes < cost:
                 return "bytes"
-            account.bytes -= payload_bytes
+            account.bytes -= cost
         return None
 
     def admit_readings(self, sender: str, limit: RateLimit, readings: int, now_s: float) -> bool:
@@ -148,9 +152,14 @@ class AccountBudgets:
         return account
 
     def _forget_full(self, now_s: float) -> None:
-        """Bounded memory: drop accounts quiet longer than the volume burst (by then their buckets
-        are full or nearly), or else the older half. The ACL lets only registered accounts
-        publish, so this is a backstop, not the usual path."""
-        idle = [s for s, account in self._accounts.items() if now_s - account.last > self._volume_burst_s]
+        """Bounded memory: drop accounts quiet long enough that every bucket of theirs is full again
+        (forgetting them gives nothing away), or else the older half. The ACL lets only registered
+        accounts publish, so this is a backstop, not the usual path."""
+        idle = [s for s, account in self._accounts.items() if now_s - account.last > _refill_s(account.shape)]
         for sender in idle or list(self._accounts)[: len(self._accounts) // 2]:
             del self._accounts[sender]
+
+
+def _refill_s(shape: tuple[RateLimit, RateLimit, RateLimit]) -> float:
+    """Seconds an empty account takes to fill every bucket again."""
+    return max(limit.burst / limit.per_s for limit in shape if limit.per_s > 0)

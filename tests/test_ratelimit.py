@@ -139,3 +139,21 @@ def test_accounts_are_separate_and_memory_is_bounded():
     for i in range(1000):
         budgets.admit(f"s{i}", limit, 10, 1.0 + i)
     assert len(budgets) <= 100
+
+
+def test_a_payload_over_the_largest_is_left_to_the_parser_to_call_oversized():
+    budgets = _budgets()
+    slow = RateLimit.of(0.001, 60)  # its bytes burst is the least: one largest payload, 262,144
+    assert budgets.budget("bytes", slow).burst == 262_144
+    assert budgets.admit("sender", slow, 262_145, 0.0) is None  # on to the parser: `oversized`
+
+
+def test_only_accounts_whose_buckets_are_full_again_are_forgotten_first():
+    budgets = _budgets(max_senders=3, volume_burst_s=60)
+    slow = RateLimit.of(0.01, 60)  # its readings bucket (at least 10,000) refills in 100,000 s
+    fast = RateLimit.of(10, 60)  # every bucket refills in 60 s
+    assert budgets.admit_readings("slow", slow, 10_000, 0.0)  # emptied
+    budgets.admit("fast", fast, 10, 0.0)
+    budgets.admit("other", fast, 10, 0.0)
+    budgets.admit("new", fast, 10, 1_000.0)  # full: the quiet fast accounts go, the slow one stays
+    assert not budgets.admit_readings("slow", slow, 10_000, 1_000.0)  # still nearly empty
