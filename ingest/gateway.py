@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import socket
 import time
 from collections import Counter, defaultdict
@@ -25,7 +24,7 @@ from prometheus_client import Gauge, Histogram, start_http_server
 from ingest.dedupe import RecentReadings
 from ingest.mqtt_inbox import InboundMessage, MqttInbox
 from ingest.parse import ParseLimits, ParseResult, parse_message
-from ingest.ratelimit import AccountBudgets, RateLimit
+from ingest.ratelimit import AccountBudgets, RateLimit, is_rate
 from ingest.settings import GatewaySettings
 from kota.contract import (
     DEADLETTER_TOPIC,
@@ -202,7 +201,7 @@ class IngestGateway:
             self._rate_overrides = {
                 sender: RateLimit.of(per_s, self._settings.rate_burst_s)
                 for sender, per_s in load_rate_limits(conn).items()
-                if math.isfinite(per_s) and per_s >= 0  # the column's CHECK lets NaN through
+                if is_rate(per_s)  # the column's CHECK lets NaN and infinity through
             }
             return load_devices(conn), load_gateways(conn)
 
@@ -254,16 +253,17 @@ class IngestGateway:
                 PROBES.inc()
                 continue
             sender = _sender_of(msg.topic)
-            over = self._budgets.admit(sender, self._rate_limit_of(sender, msg.topic), len(msg.payload), now_s)
+            limit = self._rate_limit_of(sender, msg.topic)
+            over = self._budgets.admit(sender, limit, len(msg.payload), now_s)
             if over == "messages":
                 throttled.setdefault(sender, []).append(msg)
                 continue
             if over is not None:
-                records.append(self._over_budget_letter(msg, over, len(msg.payload)))
+                records.append(self._over_budget_letter(msg, sender, limit, over, len(msg.payload)))
                 rejected[Reason.RATE_LIMITED.value] += 1
                 continue
             try:
-                accepted += await self._check_one(msg, records, rejected, now_s)
+                accepted += await self._check_one(msg, records, rejected, sender, limit, now_s)
             except Exception as exc:  # noqa: BLE001 - the boundary: one message never stops ingest
                 # A bug in checking this message, not the sender's fault: it is dead-lettered with its
                 # bytes, so nothing is lost and it can be replayed once fixed; the batch goes on. The
@@ -290,10 +290,16 @@ class IngestGateway:
             REJECTED.labels(reason).inc(count)
 
     async def _check_one(
-        self, msg: InboundMessage, records: list[tuple[str, bytes, bytes]], rejected: Counter[str], now_s: float
+        self,
+        msg: InboundMessage,
+        records: list[tuple[str, bytes, bytes]],
+        rejected: Counter[str],
+        sender: str,
+        limit: RateLimit,
+        now_s: float,
     ) -> int:
-        """Parse one message and append its Kafka records (readings by device, and at most one dead
-        letter); return how many readings it adds."""
+        """Parse one message of `sender`, whose message limit is `limit`, and append its Kafka records
+        (readings by device, and at most one dead letter); return how many readings it adds."""
         result = self._parse(msg)
         if (
             not self._registry_rechecked
@@ -307,9 +313,9 @@ class IngestGateway:
             self._registry_rechecked = True
             if await self._refresh_devices():
                 result = self._parse(msg)
-        sender, count = _sender_of(msg.topic), len(result.readings)
-        if not self._budgets.admit_readings(sender, self._rate_limit_of(sender, msg.topic), count, now_s):
-            records.append(self._over_budget_letter(msg, "readings", count))
+        count = len(result.readings)
+        if not self._budgets.admit_readings(sender, limit, count, now_s):
+            records.append(self._over_budget_letter(msg, sender, limit, "readings", count))
             rejected[Reason.RATE_LIMITED.value] += 1
             return 0
         new, duplicates = self._recent.split_new(result.readings)
@@ -346,10 +352,11 @@ class IngestGateway:
         default = self._gateway_rate if is_gateway else self._device_rate
         return default if override is None else override
 
-    def _over_budget_letter(self, msg: InboundMessage, unit: str, amount: int) -> tuple[str, bytes, bytes]:
+    def _over_budget_letter(
+        self, msg: InboundMessage, sender: str, limit: RateLimit, unit: str, amount: int
+    ) -> tuple[str, bytes, bytes]:
         """A message that would overdraw its sender's budget in bytes or readings → refused whole."""
-        sender = _sender_of(msg.topic)
-        budget = self._budgets.budget(unit, self._rate_limit_of(sender, msg.topic))
+        budget = self._budgets.budget(unit, limit)
         rejection = Rejection(
             Reason.RATE_LIMITED,
             f"this message's {amount} {unit} from {printable(sender)} are over its limit of "

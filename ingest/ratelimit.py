@@ -26,6 +26,12 @@ import math
 from dataclasses import dataclass
 
 
+def is_rate(value: float) -> bool:
+    """A finite number, 0 or more. NaN passes every comparison a bucket makes, and infinity never
+    runs out: either would turn a limit off unseen."""
+    return math.isfinite(value) and value >= 0
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimit:
     """A token bucket's shape: the sustained rate and the burst."""
@@ -36,7 +42,7 @@ class RateLimit:
     @classmethod
     def of(cls, per_s: float, burst_s: float) -> RateLimit:
         """A limit of `per_s` whose burst is `burst_s` seconds of sending at that rate."""
-        if not (math.isfinite(per_s) and per_s >= 0 and math.isfinite(burst_s) and burst_s >= 0):
+        if not (is_rate(per_s) and is_rate(burst_s)):
             raise ValueError(f"a rate and its burst are finite numbers, 0 or more (not {per_s!r}, {burst_s!r})")
         return cls(per_s, max(1.0, per_s * burst_s))
 

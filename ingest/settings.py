@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ingest.ratelimit import is_rate
 
 
 class GatewaySettings(BaseSettings):
@@ -58,7 +58,6 @@ class GatewaySettings(BaseSettings):
     )
     @classmethod
     def _finite_and_not_negative(cls, value: float) -> float:
-        # nan would pass every comparison the buckets make and turn a limit off unseen.
-        if not (math.isfinite(value) and value >= 0):
+        if not is_rate(value):
             raise ValueError("must be a finite number, 0 or more")
         return value
