@@ -17,7 +17,7 @@ export class CommandsPanel {
     this.root = root; this.api = api; this.el = el; this.deviceId = null;
     // What each part last showed: a part is drawn again only when that changes, so the refresh
     // every few seconds neither wipes a value being typed nor swallows a click on Approve.
-    this.shown = { controls: null, history: null };
+    this.shown = { controls: null };
     this.select = root.querySelector("#command-device");
     this.controls = root.querySelector("#command-controls");
     this.history = root.querySelector("#command-history");
@@ -37,7 +37,7 @@ export class CommandsPanel {
   async refresh() {
     if (!this.deviceId) {
       this.controls.replaceChildren(); this.history.replaceChildren();
-      this.shown = { controls: null, history: null };
+      this.shown = { controls: null };
       return;
     }
     const listing = await this.api(`/api/v1/devices/${encodeURIComponent(this.deviceId)}/commands?limit=10`);
@@ -47,21 +47,16 @@ export class CommandsPanel {
       this.controls.replaceChildren(...listing.catalogue.map((spec) => this.control(spec)));
       this.shown.controls = controls;
     }
-    const history = JSON.stringify([listing.device_id, language(), listing.commands]);
-    if (history !== this.shown.history) {
-      this.drawHistory(listing.commands);
-      this.shown.history = history;
-    }
+    this.drawHistory(listing.commands);
   }
 
-  // Row by row: a command whose row says the same keeps its node, so a click on one command's
-  // Approve is not lost when another command's status changes meanwhile.
+  // Row by row: a row that says the same keeps its node, so a click on one command's Approve is
+  // not lost when another command's status changes meanwhile; nothing changed, nothing is touched.
   drawHistory(commands) {
-    if (!commands.length) { this.history.replaceChildren(this.el("li", { class: "muted" }, w("none"))); return; }
-    const kept = new Map([...this.history.children].filter((li) => li.dataset.shown).map((li) => [li.dataset.shown, li]));
-    const rows = commands.map((c) => {
+    const kept = new Map([...this.history.children].map((li) => [li.dataset.shown, li]));
+    const rows = (commands.length ? commands : [null]).map((c) => {
       const shown = JSON.stringify([language(), c]);
-      const row = kept.get(shown) ?? this.row(c);
+      const row = kept.get(shown) ?? (c ? this.row(c) : this.el("li", { class: "muted" }, w("none")));
       row.dataset.shown = shown;
       return row;
     });
